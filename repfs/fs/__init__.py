@@ -1,0 +1,1 @@
+"""The repfs on-volume file system: format, transactions, core operations and the FUSE adapter."""

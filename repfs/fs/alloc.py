@@ -1,0 +1,189 @@
+"""Bitmap allocation of blocks and inodes.
+
+The bitmaps live in volume blocks and are read and modified through the metadata cache, one
+4 KiB bitmap block (32768 bits) at a time, with numpy doing the bit work. A next-fit cursor
+keeps sequential files contiguous; nothing is held in memory per block of the volume.
+
+Freed blocks are not reusable until the transaction that freed them has committed: they are
+queued in ``pending`` and cleared in the bitmap by ``apply_pending`` at the commit. Otherwise a
+crash could leave a committed file pointing at a block that new, uncommitted data overwrote.
+"""
+
+from __future__ import annotations
+
+import errno
+
+import numpy as np
+
+from .errors import FSError
+from .format import BLOCK_SIZE, INODES_PER_BLOCK
+
+BITS_PER_BLOCK = BLOCK_SIZE * 8
+
+
+NoSpace = FSError  # raised with errno ENOSPC
+
+
+def runs(values: np.ndarray) -> list[tuple[int, int, int]]:
+    """Split an array of block numbers into runs of consecutive numbers.
+
+    Returns (index, start value, length) for each run.
+    """
+    n = len(values)
+    if n == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(values.astype(np.int64)) != 1) + 1
+    starts = np.concatenate(([0], breaks))
+    ends = np.concatenate((breaks, [n]))
+    return [(int(s), int(values[s]), int(e - s)) for s, e in zip(starts, ends)]
+
+
+def mapped_runs(phys: np.ndarray) -> list[tuple[int, int, int]]:
+    """Runs of a block-map slice that are mapped (non-zero) and contiguous on the volume.
+
+    Returns (index in the slice, first volume block, length); holes are skipped.
+    """
+    nz = np.flatnonzero(phys)
+    if len(nz) == 0:
+        return []
+    vals = phys[nz].astype(np.int64)
+    breaks = np.flatnonzero((np.diff(nz) != 1) | (np.diff(vals) != 1)) + 1
+    starts = np.concatenate(([0], breaks))
+    ends = np.concatenate((breaks, [len(nz)]))
+    return [(int(nz[s]), int(vals[s]), int(e - s)) for s, e in zip(starts, ends)]
+
+
+class Bitmap:
+    """A bitmap spread over consecutive metadata blocks, covering `nbits` bits."""
+
+    def __init__(self, meta, start_block: int, nbits: int, first_usable: int):
+        self.meta = meta
+        self.start = start_block
+        self.nbits = nbits
+        self.first = first_usable
+        self.cursor = first_usable
+
+    def _bits(self, idx: int) -> np.ndarray:
+        return np.frombuffer(self.meta.read(self.start + idx), dtype=np.uint8)
+
+    def test(self, bit: int) -> bool:
+        buf = self.meta.read(self.start + bit // BITS_PER_BLOCK)
+        off = bit % BITS_PER_BLOCK
+        return bool(buf[off >> 3] >> (off & 7) & 1)
+
+    def set_range(self, bit: int, count: int, value: bool) -> None:
+        """Set or clear `count` bits from `bit`; the caller knows they are all the other value."""
+        while count:
+            idx, off = divmod(bit, BITS_PER_BLOCK)
+            n = min(count, BITS_PER_BLOCK - off)
+            buf = self.meta.modify(self.start + idx)
+            arr = np.unpackbits(np.frombuffer(buf, dtype=np.uint8), bitorder="little")
+            arr[off: off + n] = 1 if value else 0
+            buf[:] = np.packbits(arr, bitorder="little").tobytes()
+            bit += n
+            count -= n
+
+    def find_free(self, want: int, goal: int | None = None) -> list[tuple[int, int]]:
+        """Up to `want` free bits as extents (start, count), searching next-fit from `goal`.
+
+        Does not mark them; returns fewer than `want` only when the bitmap is full.
+        """
+        if goal is None or not (self.first <= goal < self.nbits):
+            goal = self.cursor
+        nblk = -(-self.nbits // BITS_PER_BLOCK)
+        got: list[tuple[int, int]] = []
+        need = want
+        start_idx = goal // BITS_PER_BLOCK
+        for step in range(nblk + 1):
+            idx = (start_idx + step) % nblk
+            raw = self._bits(idx)
+            lo = idx * BITS_PER_BLOCK
+            # skip a full bitmap block cheaply
+            if raw.min() == 0xFF:
+                continue
+            bits = np.unpackbits(raw, bitorder="little")
+            lo_bit = max(self.first - lo, 0)
+            hi_bit = min(self.nbits - lo, BITS_PER_BLOCK)
+            if step == 0:
+                lo_bit = max(lo_bit, goal - lo)
+            elif step == nblk:  # wrapped around to the goal's block: search below the goal
+                hi_bit = min(hi_bit, goal - lo)
+            if hi_bit <= lo_bit:
+                continue
+            free = np.flatnonzero(bits[lo_bit:hi_bit] == 0)
+            if len(free) == 0:
+                continue
+            free = free[:need] + lo + lo_bit
+            for _, s, n in runs(free):
+                got.append((s, n))
+            need -= len(free)
+            if need == 0:
+                break
+        if got:
+            last_s, last_n = got[-1]
+            self.cursor = last_s + last_n if last_s + last_n < self.nbits else self.first
+        return got
+
+    def count_set(self) -> int:
+        nblk = -(-self.nbits // BITS_PER_BLOCK)
+        total = 0
+        for idx in range(nblk):
+            bits = np.unpackbits(self._bits(idx), bitorder="little")
+            hi = min(self.nbits - idx * BITS_PER_BLOCK, BITS_PER_BLOCK)
+            total += int(bits[:hi].sum())
+        return total
+
+
+class Allocator:
+    """Allocates volume blocks and inode numbers; keeps the superblock's free counts exact."""
+
+    def __init__(self, meta, sb, reserve_blocks: int):
+        self.sb = sb
+        self.blocks = Bitmap(meta, sb.bbitmap_start, sb.nblocks, sb.data_start)
+        self.inodes = Bitmap(meta, sb.ibitmap_start, sb.ninodes, 1)
+        self.reserve = reserve_blocks
+        self.pending: list[tuple[int, int]] = []  # freed, reusable after commit
+
+    def alloc_blocks(self, count: int, goal: int | None = None, *, data: bool = True):
+        """Allocate `count` blocks as extents. Data allocations leave the metadata reserve."""
+        floor = self.reserve if data else 0
+        if self.sb.free_blocks - count < floor:
+            raise NoSpace(errno.ENOSPC)
+        extents = self.blocks.find_free(count, goal)
+        got = sum(n for _, n in extents)
+        if got < count:  # the free count and the bitmap disagree: never hand out less
+            raise NoSpace(errno.ENOSPC)
+        for s, n in extents:
+            self.blocks.set_range(s, n, True)
+        self.sb.free_blocks -= count
+        return extents
+
+    def free_blocks(self, extents) -> None:
+        self.pending.extend(extents)
+
+    def apply_pending(self) -> None:
+        """At commit: the freed blocks become free in this transaction."""
+        for s, n in self.pending:
+            self.blocks.set_range(s, n, False)
+            self.sb.free_blocks += n
+        self.pending = []
+
+    def alloc_inode(self) -> int:
+        if self.sb.free_inodes <= 0:
+            raise NoSpace(errno.ENOSPC)
+        ext = self.inodes.find_free(1)
+        if not ext:
+            raise NoSpace(errno.ENOSPC)
+        ino = ext[0][0]
+        self.inodes.set_range(ino, 1, True)
+        self.sb.free_inodes -= 1
+        # Inode-table blocks count as valid data (block bitmap) once an inode in them was
+        # used, so snapshots and replication skip the never-used part of the table.
+        tblk = self.sb.itable_start + ino // INODES_PER_BLOCK
+        if not self.blocks.test(tblk):
+            self.blocks.set_range(tblk, 1, True)
+        return ino
+
+    def free_inode(self, ino: int) -> None:
+        self.inodes.set_range(ino, 1, False)
+        self.sb.free_inodes += 1

@@ -1,0 +1,251 @@
+"""File block maps: logical block -> volume block, with holes (pointer 0).
+
+The map of an inode is a radix tree rooted in ``Inode.map``: 12 direct pointers, then a single,
+double and triple indirect tree of 1024-pointer blocks (``format.MAP_LEVEL_SPAN``). Every
+operation works on ranges: a range is cut into segments that fall in one leaf (the direct
+pointers or one bottom-level indirect block), and each segment is handled as a numpy slice, so
+no Python loop runs per data block.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .alloc import runs
+from .format import MAP_LEVEL_SPAN, N_DIRECT, PTRS_PER_BLOCK
+
+_LEVEL_START = [0]
+for _span in MAP_LEVEL_SPAN[:-1]:
+    _LEVEL_START.append(_LEVEL_START[-1] + _span)
+
+
+def _level_of(lblk: int) -> int:
+    for k in (3, 2, 1):
+        if lblk >= _LEVEL_START[k]:
+            return k
+    return 0
+
+
+def _extents_to_array(extents) -> np.ndarray:
+    return np.concatenate([np.arange(s, s + n, dtype=np.uint32) for s, n in extents])
+
+
+def _segments(first: int, count: int):
+    """Yield (level, lblk, n): pieces of [first, first+count) that each lie in one leaf."""
+    end = first + count
+    pos = first
+    while pos < end:
+        k = _level_of(pos)
+        if k == 0:
+            n = min(end, N_DIRECT) - pos
+        else:
+            rel = pos - _LEVEL_START[k]
+            n = min(end - pos, PTRS_PER_BLOCK - rel % PTRS_PER_BLOCK)
+        yield k, pos, n
+        pos += n
+
+
+def _digits(rel: int, depth: int) -> list[int]:
+    """Indices from the top indirect block down to the leaf for a relative logical block."""
+    out = []
+    for d in range(depth - 1, -1, -1):
+        out.append(rel // PTRS_PER_BLOCK**d % PTRS_PER_BLOCK)
+    return out
+
+
+class BlockMap:
+    def __init__(self, meta, alloc):
+        self.meta = meta
+        self.alloc = alloc
+
+    # ------------------------------------------------------------------ lookups
+
+    def _leaf_block(self, inode, k: int, lblk: int) -> tuple[int, int]:
+        """(leaf indirect block or 0 for a hole, index in it) for level k >= 1."""
+        rel = lblk - _LEVEL_START[k]
+        digits = _digits(rel, k)
+        ptr = inode.map[N_DIRECT + k - 1]
+        for d in digits[:-1]:
+            if ptr == 0:
+                return 0, digits[-1]
+            ptr = int(np.frombuffer(self.meta.read(ptr), dtype=np.uint32)[d])
+        return ptr, digits[-1]
+
+    def lookup(self, inode, first: int, count: int) -> np.ndarray:
+        """Volume block of each logical block in the range (0 for a hole)."""
+        out = np.zeros(count, dtype=np.uint32)
+        for k, pos, n in _segments(first, count):
+            o = pos - first
+            if k == 0:
+                out[o: o + n] = inode.map[pos: pos + n]
+                continue
+            leaf, idx = self._leaf_block(inode, k, pos)
+            if leaf:
+                out[o: o + n] = np.frombuffer(self.meta.read(leaf), dtype=np.uint32)[idx: idx + n]
+        return out
+
+    # ------------------------------------------------------------------ allocation
+
+    def _new_meta_block(self, inode, goal) -> int:
+        (s, _), = self.alloc.alloc_blocks(1, goal, data=False)
+        self.meta.new(s)
+        inode.blocks += 1
+        return s
+
+    def _leaf_for_write(self, inode, k: int, lblk: int, goal) -> tuple[bytearray, int]:
+        rel = lblk - _LEVEL_START[k]
+        digits = _digits(rel, k)
+        slot = N_DIRECT + k - 1
+        ptr = inode.map[slot]
+        if ptr == 0:
+            ptr = inode.map[slot] = self._new_meta_block(inode, goal)
+        for d in digits[:-1]:
+            arr = np.frombuffer(self.meta.read(ptr), dtype=np.uint32)
+            child = int(arr[d])
+            if child == 0:
+                child = self._new_meta_block(inode, goal)
+                np.frombuffer(self.meta.modify(ptr), dtype=np.uint32)[d] = child
+            ptr = child
+        return self.meta.modify(ptr), digits[-1]
+
+    def ensure(self, inode, first: int, count: int, *, data: bool = True, goal=None):
+        """Map every logical block of the range, allocating holes.
+
+        Returns (volume blocks, mask of blocks newly allocated by this call). Raises
+        alloc.NoSpace when the volume is full; blocks mapped before that stay mapped.
+        """
+        phys = np.zeros(count, dtype=np.uint32)
+        new = np.zeros(count, dtype=bool)
+        if goal is None and first > 0:
+            prev = int(self.lookup(inode, first - 1, 1)[0])
+            goal = prev + 1 if prev else None
+        for k, pos, n in _segments(first, count):
+            o = pos - first
+            if k == 0:
+                cur = np.array(inode.map[pos: pos + n], dtype=np.uint32)
+                holes = np.flatnonzero(cur == 0)
+                if len(holes):
+                    blocks = _extents_to_array(self.alloc.alloc_blocks(len(holes), goal, data=data))
+                    inode.blocks += len(holes)
+                    cur[holes] = blocks
+                    inode.map[pos: pos + n] = cur.tolist()
+                    new[o + holes] = True
+                phys[o: o + n] = cur
+            else:
+                cur_ro = self.lookup(inode, pos, n)
+                holes = np.flatnonzero(cur_ro == 0)
+                if len(holes):
+                    buf, idx = self._leaf_for_write(inode, k, pos, goal)
+                    leaf = np.frombuffer(buf, dtype=np.uint32)
+                    seg_goal = goal
+                    blocks = _extents_to_array(
+                        self.alloc.alloc_blocks(len(holes), seg_goal, data=data))
+                    inode.blocks += len(holes)
+                    leaf[idx + holes] = blocks
+                    cur_ro = leaf[idx: idx + n].copy()
+                    new[o + holes] = True
+                phys[o: o + n] = cur_ro
+            if n and phys[o + n - 1]:
+                goal = int(phys[o + n - 1]) + 1
+        return phys, new
+
+    # ------------------------------------------------------------------ freeing
+
+    def _free_data(self, inode, blocks: np.ndarray, discard: bool) -> None:
+        blocks = blocks[blocks != 0]
+        if not len(blocks):
+            return
+        blocks = np.sort(blocks)
+        self.alloc.free_blocks([(s, n) for _, s, n in runs(blocks)])
+        inode.blocks -= len(blocks)
+        if discard:
+            for b in blocks.tolist():
+                self.meta.discard(b)
+
+    def _free_meta(self, inode, blk: int) -> None:
+        self.alloc.free_blocks([(blk, 1)])
+        self.meta.discard(blk)
+        inode.blocks -= 1
+
+    def _free_tree(self, inode, ptr: int, depth: int, discard: bool) -> None:
+        arr = np.frombuffer(self.meta.read(ptr), dtype=np.uint32)
+        if depth == 1:
+            self._free_data(inode, arr.copy(), discard)
+        else:
+            for child in arr[arr != 0].tolist():
+                self._free_tree(inode, child, depth - 1, discard)
+        self._free_meta(inode, ptr)
+
+    def _cut_tree(self, inode, ptr: int, depth: int, keep: int, discard: bool) -> bool:
+        """Free entries of the subtree at relative logical block >= keep; True if now empty."""
+        if depth == 1:
+            if not np.frombuffer(self.meta.read(ptr), dtype=np.uint32)[keep:].any():
+                return not np.frombuffer(self.meta.read(ptr), dtype=np.uint32).any()
+            arr = np.frombuffer(self.meta.modify(ptr), dtype=np.uint32)
+            self._free_data(inode, arr[keep:].copy(), discard)
+            arr[keep:] = 0
+            return not arr.any()
+        span = PTRS_PER_BLOCK ** (depth - 1)
+        ci, crel = divmod(keep, span)
+        ro = np.frombuffer(self.meta.read(ptr), dtype=np.uint32)
+        start = ci + 1 if crel else ci
+        later = ro[start:]
+        if crel and ro[ci]:
+            child = int(ro[ci])
+            if self._cut_tree(inode, child, depth - 1, crel, discard):
+                self._free_meta(inode, child)
+                np.frombuffer(self.meta.modify(ptr), dtype=np.uint32)[ci] = 0
+        if later.any():
+            for child in later[later != 0].tolist():
+                self._free_tree(inode, child, depth - 1, discard)
+            np.frombuffer(self.meta.modify(ptr), dtype=np.uint32)[start:] = 0
+        return not np.frombuffer(self.meta.read(ptr), dtype=np.uint32).any()
+
+    def truncate(self, inode, keep: int, *, discard: bool = False) -> None:
+        """Unmap and free every logical block >= keep (and indirect blocks left empty).
+
+        `discard` also drops freed data blocks from the metadata cache (directories and
+        symlinks keep their content there).
+        """
+        if keep < N_DIRECT:
+            cur = np.array(inode.map[keep:N_DIRECT], dtype=np.uint32)
+            self._free_data(inode, cur, discard)
+            inode.map[keep:N_DIRECT] = [0] * (N_DIRECT - keep)
+        for k in (1, 2, 3):
+            slot = N_DIRECT + k - 1
+            ptr = inode.map[slot]
+            if ptr == 0:
+                continue
+            start = _LEVEL_START[k]
+            if keep <= start:
+                self._free_tree(inode, ptr, k, discard)
+                inode.map[slot] = 0
+            elif keep < start + MAP_LEVEL_SPAN[k]:
+                if self._cut_tree(inode, ptr, k, keep - start, discard):
+                    self._free_meta(inode, ptr)
+                    inode.map[slot] = 0
+
+    # ------------------------------------------------------------------ walking (fsck)
+
+    def walk(self, inode):
+        """Yield ('data', lblk_array, phys_array) and ('meta', None, block) for the whole map."""
+        d = np.array(inode.map[:N_DIRECT], dtype=np.uint32)
+        nz = np.flatnonzero(d)
+        if len(nz):
+            yield "data", nz, d[nz]
+        for k in (1, 2, 3):
+            ptr = inode.map[N_DIRECT + k - 1]
+            if ptr:
+                yield from self._walk_tree(ptr, k, _LEVEL_START[k])
+
+    def _walk_tree(self, ptr: int, depth: int, base: int):
+        yield "meta", None, ptr
+        arr = np.frombuffer(self.meta.read(ptr), dtype=np.uint32).copy()
+        nz = np.flatnonzero(arr)
+        if depth == 1:
+            if len(nz):
+                yield "data", nz + base, arr[nz]
+            return
+        span = PTRS_PER_BLOCK ** (depth - 1)
+        for i in nz.tolist():
+            yield from self._walk_tree(int(arr[i]), depth - 1, base + i * span)

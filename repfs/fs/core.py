@@ -1,0 +1,803 @@
+"""The file-system core: POSIX operations on inodes, driven by the FUSE adapter or by tests.
+
+The core is synchronous and single-threaded: every call runs to completion, so calls never
+interleave. It keeps the kernel's lookup counts, the in-memory inode cache and the running
+transaction. Commits are split in three steps so the adapter can run the slow middle one in a
+worker thread while the next transaction goes on (see docs/crash-safety.md):
+
+* ``prepare_commit()`` (caller's thread) packs dirty inodes, applies deferred frees and the
+  superblock into the metadata cache and sets the transaction's blocks aside;
+* ``write_commit(txn)`` (any thread) flushes the device (data first: ordered mode), writes and
+  syncs the redo-log record (the commit point), then writes the blocks into the volume;
+* ``finish_commit()`` (caller's thread) moves the blocks into the clean cache.
+
+File data is written straight to the device below (ordered mode); metadata goes through the
+metadata cache and the redo log. Permission checks on paths are the kernel's (the mount uses
+``default_permissions``); the core implements what the kernel leaves to file systems: set-gid
+directory inheritance, clearing set-uid/set-gid on chown, the sticky bit is the kernel's too.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from .alloc import Allocator, mapped_runs, runs
+from .blockmap import BlockMap
+from .cache import MetaCache
+from .dirs import Directories
+from .errors import FSError
+from .format import (
+    BLOCK_SIZE, DIR_OFFSET_BASE, INODE_SIZE, INODES_PER_BLOCK, LINK_MAX, MAX_FILE_SIZE,
+    MAX_NAME, MAX_SYMLINK, PTRS_PER_BLOCK, ROOT_INO, XATTR_CAPACITY, FormatError, Inode,
+    Superblock, pack_xattrs, unpack_xattrs, xattrs_size,
+)
+from .journal import Journal
+
+BS = BLOCK_SIZE
+ORPHAN_FLAG = 1  # Inode.flags: the inode is on the superblock's orphan list
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+XATTR_CREATE = 1
+XATTR_REPLACE = 2
+XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
+
+
+@dataclass
+class Ctx:
+    """Who asks: the fields of pyfuse3's RequestContext that the core uses."""
+
+    uid: int = 0
+    gid: int = 0
+    pid: int = 0
+    umask: int = 0o022
+
+
+ROOT = Ctx()
+
+
+def _now() -> int:
+    return time.time_ns()
+
+
+def _sup_groups(pid: int) -> set[int]:
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Groups:"):
+                    return {int(g) for g in line.split()[1:]}
+    except OSError:
+        pass
+    return set()
+
+
+class FileSystem:
+    # commit once this many metadata blocks are dirty (bounds memory and the redo log)
+    COMMIT_DIRTY_BLOCKS = 8192
+    INODE_CACHE = 20000
+
+    def __init__(self, dev, journal_path, *, readonly: bool = False,
+                 cache_blocks: int = 16384):
+        self.dev = dev
+        self.readonly = readonly
+        self.journal = Journal(journal_path)
+        self.replayed = self.replay_journal(dev, self.journal)
+        self.sb = Superblock.unpack(dev.read(0, 1))
+        if self.sb.nblocks != dev.nblocks:
+            raise FormatError(f"superblock says {self.sb.nblocks} blocks, the volume has "
+                              f"{dev.nblocks}")
+        self.meta = MetaCache(dev, cache_blocks)
+        reserve = min(max(16, self.sb.nblocks // 200), 32768)
+        self.alloc = Allocator(self.meta, self.sb, reserve)
+        self.bmap = BlockMap(self.meta, self.alloc)
+        self.dirs = Directories(self.meta, self.bmap)
+        self.inodes: dict[int, Inode] = {}
+        self.dirty_inodes: set[int] = set()
+        self.open_count: dict[int, int] = {}
+        self.data_dirty = False
+        self.sb_dirty = False
+        self.committing_seq = 0
+        if not readonly and self.sb.orphan_head:
+            self._reap_orphans()
+            self.commit()
+
+    # ================================================================= journal and commit
+
+    @staticmethod
+    def replay_journal(dev, journal: Journal) -> int:
+        """Apply the committed transaction in the redo log to the volume; idempotent."""
+        rec = journal.read()
+        if rec is None:
+            return 0
+        _, blocks = rec
+        for blk in sorted(blocks):
+            dev.write(blk, blocks[blk])
+        dev.flush()
+        journal.clear()
+        return len(blocks)
+
+    def has_changes(self) -> bool:
+        return bool(self.meta.dirty or self.dirty_inodes or self.alloc.pending
+                    or self.data_dirty or self.sb_dirty)
+
+    def commit_due(self) -> bool:
+        return len(self.meta.dirty) >= self.COMMIT_DIRTY_BLOCKS
+
+    def prepare_commit(self):
+        """Close the running transaction; returns it for write_commit (None: nothing to do)."""
+        if not self.has_changes():
+            return None
+        for ino in self.dirty_inodes:
+            inode = self.inodes[ino]
+            blk, off = self._inode_pos(ino)
+            inode.pack_into(self.meta.modify(blk), off)
+            inode.dirty = False
+        self.dirty_inodes.clear()
+        self.alloc.apply_pending()
+        self.sb.commit_seq += 1
+        self.meta.modify(0)[:] = self.sb.pack()
+        self.sb_dirty = False
+        self.data_dirty = False
+        return self.sb.commit_seq, self.meta.begin_commit()
+
+    def write_commit(self, txn) -> None:
+        """Make the transaction durable (may run in a worker thread)."""
+        seq, blocks = txn
+        self.dev.flush()  # data and the previous checkpoint first: ordered mode
+        self.journal.write(seq, blocks)  # the commit point
+        numbers = np.array(sorted(blocks), dtype=np.uint32)
+        for _, start, n in runs(numbers):
+            if n == 1:
+                self.dev.write(start, blocks[start])
+            else:
+                self.dev.write(start, b"".join(blocks[b] for b in range(start, start + n)))
+
+    def finish_commit(self) -> None:
+        self.meta.end_commit()
+        self._evict_inodes()
+
+    def commit(self) -> None:
+        """Commit synchronously (tests, mount and unmount)."""
+        txn = self.prepare_commit()
+        if txn is not None:
+            self.write_commit(txn)
+            self.finish_commit()
+
+    def checkpoint(self) -> None:
+        """Commit and make the volume alone hold the file system (the redo log empty)."""
+        self.commit()
+        if not self.readonly:
+            self.dev.flush()
+            self.journal.clear()
+
+    def close(self) -> None:
+        if not self.readonly:
+            self.checkpoint()
+        self.journal.close()
+
+    # ================================================================= inodes
+
+    def _inode_pos(self, ino: int) -> tuple[int, int]:
+        return self.sb.itable_start + ino // INODES_PER_BLOCK, (ino % INODES_PER_BLOCK) * INODE_SIZE
+
+    def iget(self, ino: int) -> Inode:
+        inode = self.inodes.get(ino)
+        if inode is not None and inode.mode:
+            return inode
+        if inode is None and 1 <= ino < self.sb.ninodes and self.alloc.inodes.test(ino):
+            blk, off = self._inode_pos(ino)
+            inode = Inode.unpack_from(ino, self.meta.read(blk), off)
+            if inode.mode:
+                self.inodes[ino] = inode
+                return inode
+        raise FSError(errno.ENOENT, f"inode {ino} does not exist")
+
+    def _dirty(self, inode: Inode) -> None:
+        inode.dirty = True
+        self.dirty_inodes.add(inode.ino)
+
+    def _evict_inodes(self) -> None:
+        if len(self.inodes) <= self.INODE_CACHE:
+            return
+        for ino in [i for i, n in self.inodes.items()
+                    if not n.dirty and n.lookups == 0 and ino_closed(self, i)]:
+            del self.inodes[ino]
+            if len(self.inodes) <= self.INODE_CACHE // 2:
+                break
+
+    def _dir(self, ino: int) -> Inode:
+        inode = self.iget(ino)
+        if not stat.S_ISDIR(inode.mode):
+            raise FSError(errno.ENOTDIR)
+        return inode
+
+    def _writable(self) -> None:
+        if self.readonly:
+            raise FSError(errno.EROFS)
+
+    @staticmethod
+    def _check_name(name: bytes) -> None:
+        if len(name) > MAX_NAME:
+            raise FSError(errno.ENAMETOOLONG)
+        if not name or b"/" in name or b"\0" in name:
+            raise FSError(errno.EINVAL)
+
+    def ref(self, ino: int, n: int = 1) -> None:
+        """The kernel took `n` more references (e.g. a readdirplus entry it accepted)."""
+        self.iget(ino).lookups += n
+
+    def forget(self, ino: int, n: int) -> None:
+        inode = self.inodes.get(ino)
+        if inode is None:
+            return
+        inode.lookups = max(0, inode.lookups - n)
+        if inode.lookups == 0 and inode.nlink == 0 and ino_closed(self, ino):
+            self._destroy(inode)
+
+    # ================================================================= queries
+
+    def lookup(self, parent: int, name: bytes, ctx: Ctx = ROOT) -> Inode:
+        d = self._dir(parent)
+        if name == b".":
+            ino = parent
+        elif name == b"..":
+            ino = d.parent
+        else:
+            if len(name) > MAX_NAME:
+                raise FSError(errno.ENAMETOOLONG)
+            found = self.dirs.lookup(d, name)
+            if found is None:
+                raise FSError(errno.ENOENT)
+            ino = found[0]
+        inode = self.iget(ino)
+        inode.lookups += 1
+        return inode
+
+    def getattr(self, ino: int) -> Inode:
+        return self.iget(ino)
+
+    def readlink(self, ino: int) -> bytes:
+        inode = self.iget(ino)
+        if not stat.S_ISLNK(inode.mode):
+            raise FSError(errno.EINVAL)
+        p = int(self.bmap.lookup(inode, 0, 1)[0])
+        return bytes(self.meta.read(p)[: inode.size]) if p else b""
+
+    def readdir(self, ino: int, start: int):
+        """Yield (name, inode, next offset) from readdir offset `start` ('.' and '..' first)."""
+        d = self._dir(ino)
+        if start < 1:
+            yield b".", d, 1
+        if start < 2:
+            yield b"..", self.iget(d.parent), 2
+        after = start - DIR_OFFSET_BASE if start >= DIR_OFFSET_BASE else None
+        for h, name, child, _ in self.dirs.iter_from(d, after):
+            yield name, self.iget(child), DIR_OFFSET_BASE + h
+
+    def statfs(self) -> dict:
+        free = self.sb.free_blocks
+        return dict(
+            f_bsize=BS, f_frsize=BS, f_blocks=self.sb.nblocks - self.sb.data_start, f_bfree=free,
+            f_bavail=max(0, free - self.alloc.reserve), f_files=self.sb.ninodes - 1,
+            f_ffree=self.sb.free_inodes, f_favail=self.sb.free_inodes, f_namemax=MAX_NAME,
+        )
+
+    def access(self, ino: int, mode: int, ctx: Ctx) -> bool:
+        inode = self.iget(ino)
+        if mode == os.F_OK:
+            return True
+        if ctx.uid == 0:
+            # root may do anything but execute a file that nobody may execute
+            return not (mode & os.X_OK) or stat.S_ISDIR(inode.mode) or bool(inode.mode & 0o111)
+        if ctx.uid == inode.uid:
+            bits = inode.mode >> 6
+        elif ctx.gid == inode.gid or inode.gid in _sup_groups(ctx.pid):
+            bits = inode.mode >> 3
+        else:
+            bits = inode.mode
+        return (bits & mode & 7) == mode
+
+    # ================================================================= data
+
+    def read(self, ino: int, off: int, size: int) -> bytes:
+        inode = self.iget(ino)
+        if off >= inode.size or size <= 0:
+            return b""
+        size = min(size, inode.size - off)
+        b0 = off // BS
+        nb = (off + size - 1) // BS + 1 - b0
+        phys = self.bmap.lookup(inode, b0, nb)
+        head = off - b0 * BS
+        rr = mapped_runs(phys)
+        if len(rr) == 1 and rr[0][0] == 0 and rr[0][2] == nb:
+            data = self.dev.read(rr[0][1], nb)
+            return data if head == 0 and size == len(data) else data[head: head + size]
+        buf = bytearray(nb * BS)
+        for idx, start, n in rr:
+            buf[idx * BS: (idx + n) * BS] = self.dev.read(start, n)
+        return bytes(memoryview(buf)[head: head + size])
+
+    def write(self, ino: int, off: int, data) -> int:
+        self._writable()
+        inode = self.iget(ino)
+        if not stat.S_ISREG(inode.mode):
+            raise FSError(errno.EINVAL)
+        n = len(data)
+        if n == 0:
+            return 0
+        if off + n > MAX_FILE_SIZE:
+            if off >= MAX_FILE_SIZE:
+                raise FSError(errno.EFBIG)
+            n = MAX_FILE_SIZE - off
+        b0 = off // BS
+        nb = (off + n - 1) // BS + 1 - b0
+        cur = self.bmap.lookup(inode, b0, nb)
+        holes = cur == 0
+        nholes = int(holes.sum())
+        if nholes:
+            avail = self.sb.free_blocks - self.alloc.reserve
+            if nholes + nholes // PTRS_PER_BLOCK + 4 > avail:
+                # fill what fits, then ENOSPC on the next write (as other file systems do)
+                allowed = avail - avail // PTRS_PER_BLOCK - 4
+                if allowed <= 0:
+                    raise FSError(errno.ENOSPC)
+                fit = int(np.searchsorted(np.cumsum(holes), allowed, side="right"))
+                if fit == 0:
+                    raise FSError(errno.ENOSPC)
+                n = min(n, (b0 + fit) * BS - off)
+                nb = (off + n - 1) // BS + 1 - b0
+            phys, new = self.bmap.ensure(inode, b0, nb)
+        else:
+            phys, new = cur, holes
+        head = off - b0 * BS
+        end = head + n
+        mv = memoryview(data)[:n]
+        if head == 0 and n % BS == 0:
+            buf = mv
+        else:
+            buf = bytearray(nb * BS)
+            if head and not new[0]:
+                buf[:BS] = self.dev.read(int(phys[0]), 1)
+            if end % BS and not new[-1] and (nb > 1 or not head):
+                buf[-BS:] = self.dev.read(int(phys[-1]), 1)
+            buf[head:end] = mv
+        for idx, start, cnt in mapped_runs(phys):
+            self.dev.write(start, buf[idx * BS: (idx + cnt) * BS])
+        now = _now()
+        if off + n > inode.size:
+            inode.size = off + n
+        inode.mtime_ns = inode.ctime_ns = now
+        self._dirty(inode)
+        self.data_dirty = True
+        return n
+
+    def _truncate(self, inode: Inode, size: int) -> None:
+        if size > MAX_FILE_SIZE:
+            raise FSError(errno.EFBIG)
+        if size < inode.size:
+            keep = -(-size // BS)
+            self.bmap.truncate(inode, keep, discard=not stat.S_ISREG(inode.mode))
+            if size % BS:  # keep the bytes past EOF in the last block zero
+                p = int(self.bmap.lookup(inode, keep - 1, 1)[0])
+                if p:
+                    blk = bytearray(self.dev.read(p, 1))
+                    blk[size % BS:] = bytes(BS - size % BS)
+                    self.dev.write(p, blk)
+                    self.data_dirty = True
+        inode.size = size
+
+    def open(self, ino: int, flags: int = os.O_RDONLY) -> Inode:
+        inode = self.iget(ino)
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC):
+            self._writable()
+        self.open_count[ino] = self.open_count.get(ino, 0) + 1
+        return inode
+
+    def release(self, ino: int) -> None:
+        c = self.open_count.get(ino, 0) - 1
+        if c > 0:
+            self.open_count[ino] = c
+            return
+        self.open_count.pop(ino, None)
+        inode = self.inodes.get(ino)
+        if inode is not None and inode.nlink == 0 and inode.lookups == 0 and inode.mode:
+            self._destroy(inode)
+
+    # ================================================================= attributes
+
+    def setattr(self, ino: int, *, mode=None, uid=None, gid=None, size=None, atime_ns=None,
+                mtime_ns=None, ctime_ns=None, ctx: Ctx = ROOT) -> Inode:
+        self._writable()
+        inode = self.iget(ino)
+        now = _now()
+        if size is not None:
+            if stat.S_ISDIR(inode.mode):
+                raise FSError(errno.EISDIR)
+            if not stat.S_ISREG(inode.mode):
+                raise FSError(errno.EINVAL)
+            if size < 0:
+                raise FSError(errno.EINVAL)
+            if size != inode.size:
+                self._truncate(inode, size)
+                inode.mtime_ns = now
+        if mode is not None:
+            inode.mode = stat.S_IFMT(inode.mode) | (mode & 0o7777)
+        if (uid is not None and uid != inode.uid) or (gid is not None and gid != inode.gid):
+            if mode is None and not stat.S_ISDIR(inode.mode):
+                inode.mode &= ~stat.S_ISUID
+                if inode.mode & stat.S_IXGRP:
+                    inode.mode &= ~stat.S_ISGID
+        if uid is not None:
+            inode.uid = uid
+        if gid is not None:
+            inode.gid = gid
+        if atime_ns is not None:
+            inode.atime_ns = atime_ns
+        if mtime_ns is not None:
+            inode.mtime_ns = mtime_ns
+        inode.ctime_ns = ctime_ns if ctime_ns is not None else now
+        self._dirty(inode)
+        return inode
+
+    # ================================================================= namespace
+
+    def _make(self, parent: int, name: bytes, mode: int, ctx: Ctx, *, rdev: int = 0,
+              target: bytes | None = None) -> Inode:
+        self._writable()
+        self._check_name(name)
+        d = self._dir(parent)
+        if d.nlink == 0:
+            raise FSError(errno.ENOENT)  # the directory was removed while open
+        if self.dirs.lookup(d, name) is not None:
+            raise FSError(errno.EEXIST)
+        is_dir = stat.S_ISDIR(mode)
+        if is_dir and d.nlink >= LINK_MAX:
+            raise FSError(errno.EMLINK)
+        if not stat.S_ISLNK(mode):
+            mode = stat.S_IFMT(mode) | (mode & 0o7777 & ~ctx.umask)
+        gid = ctx.gid
+        if d.mode & stat.S_ISGID:
+            gid = d.gid
+            if is_dir:
+                mode |= stat.S_ISGID
+        if (mode & stat.S_ISGID and not is_dir and ctx.uid != 0 and gid != ctx.gid
+                and gid not in _sup_groups(ctx.pid)):
+            mode &= ~stat.S_ISGID
+        ino = self.alloc.alloc_inode()
+        now = _now()
+        inode = Inode(ino, mode=mode, uid=ctx.uid, gid=gid, nlink=2 if is_dir else 1,
+                      generation=self.sb.next_generation, rdev=rdev, atime_ns=now,
+                      mtime_ns=now, ctime_ns=now, crtime_ns=now,
+                      parent=parent if is_dir else 0)
+        self.sb.next_generation = (self.sb.next_generation + 1) & 0xFFFFFFFF or 1
+        self.inodes[ino] = inode
+        self._dirty(inode)
+        try:
+            if is_dir:
+                self.dirs.init_dir(inode)
+            elif target is not None:
+                (p,), _ = self.bmap.ensure(inode, 0, 1, data=False)
+                self.meta.new(int(p))[: len(target)] = target
+                inode.size = len(target)
+            self.dirs.add(d, name, ino, mode >> 12)
+        except FSError:
+            self.bmap.truncate(inode, 0, discard=True)
+            self._free_inode(inode)
+            raise
+        if is_dir:
+            d.nlink += 1
+        d.mtime_ns = d.ctime_ns = now
+        self._dirty(d)
+        inode.lookups += 1
+        return inode
+
+    def mknod(self, parent: int, name: bytes, mode: int, rdev: int = 0, ctx: Ctx = ROOT) -> Inode:
+        if stat.S_IFMT(mode) == 0:
+            mode |= stat.S_IFREG
+        if stat.S_ISDIR(mode) or stat.S_ISLNK(mode):
+            raise FSError(errno.EINVAL)
+        return self._make(parent, name, mode, ctx, rdev=rdev)
+
+    def create(self, parent: int, name: bytes, mode: int, ctx: Ctx = ROOT) -> Inode:
+        inode = self._make(parent, name, stat.S_IFREG | (mode & 0o7777), ctx)
+        self.open_count[inode.ino] = self.open_count.get(inode.ino, 0) + 1
+        return inode
+
+    def mkdir(self, parent: int, name: bytes, mode: int, ctx: Ctx = ROOT) -> Inode:
+        return self._make(parent, name, stat.S_IFDIR | (mode & 0o7777), ctx)
+
+    def symlink(self, parent: int, name: bytes, target: bytes, ctx: Ctx = ROOT) -> Inode:
+        if len(target) > MAX_SYMLINK:
+            raise FSError(errno.ENAMETOOLONG)
+        if not target:
+            raise FSError(errno.ENOENT)
+        return self._make(parent, name, stat.S_IFLNK | 0o777, ctx, target=target)
+
+    def link(self, ino: int, parent: int, name: bytes, ctx: Ctx = ROOT) -> Inode:
+        self._writable()
+        self._check_name(name)
+        inode = self.iget(ino)
+        if stat.S_ISDIR(inode.mode):
+            raise FSError(errno.EPERM)
+        d = self._dir(parent)
+        if d.nlink == 0:
+            raise FSError(errno.ENOENT)
+        if inode.nlink >= LINK_MAX:
+            raise FSError(errno.EMLINK)
+        if inode.nlink == 0:
+            raise FSError(errno.ENOENT)
+        if self.dirs.lookup(d, name) is not None:
+            raise FSError(errno.EEXIST)
+        self.dirs.add(d, name, ino, inode.mode >> 12)
+        now = _now()
+        inode.nlink += 1
+        inode.ctime_ns = now
+        d.mtime_ns = d.ctime_ns = now
+        self._dirty(inode)
+        self._dirty(d)
+        inode.lookups += 1
+        return inode
+
+    def unlink(self, parent: int, name: bytes, ctx: Ctx = ROOT) -> None:
+        self._writable()
+        d = self._dir(parent)
+        found = self.dirs.lookup(d, name) if len(name) <= MAX_NAME else None
+        if found is None:
+            raise FSError(errno.ENAMETOOLONG if len(name) > MAX_NAME else errno.ENOENT)
+        inode = self.iget(found[0])
+        if stat.S_ISDIR(inode.mode):
+            raise FSError(errno.EISDIR)
+        self.dirs.remove(d, name)
+        now = _now()
+        d.mtime_ns = d.ctime_ns = now
+        self._dirty(d)
+        inode.ctime_ns = now
+        self._drop_link(inode)
+
+    def rmdir(self, parent: int, name: bytes, ctx: Ctx = ROOT) -> None:
+        self._writable()
+        if name == b".":
+            raise FSError(errno.EINVAL)
+        if name == b"..":
+            raise FSError(errno.ENOTEMPTY)
+        d = self._dir(parent)
+        found = self.dirs.lookup(d, name) if len(name) <= MAX_NAME else None
+        if found is None:
+            raise FSError(errno.ENAMETOOLONG if len(name) > MAX_NAME else errno.ENOENT)
+        inode = self.iget(found[0])
+        if not stat.S_ISDIR(inode.mode):
+            raise FSError(errno.ENOTDIR)
+        if not self.dirs.is_empty(inode):
+            raise FSError(errno.ENOTEMPTY)
+        self.dirs.remove(d, name)
+        now = _now()
+        d.nlink -= 1
+        d.mtime_ns = d.ctime_ns = now
+        self._dirty(d)
+        inode.nlink = 1
+        inode.ctime_ns = now
+        self._drop_link(inode)
+
+    def _drop_link(self, inode: Inode) -> None:
+        inode.nlink -= 1
+        self._dirty(inode)
+        if inode.nlink > 0:
+            return
+        if inode.lookups == 0 and ino_closed(self, inode.ino):
+            self._destroy(inode)
+        else:  # still in use: remember it, so a crash cannot leak it
+            inode.flags |= ORPHAN_FLAG
+            inode.orphan_next = self.sb.orphan_head
+            self.sb.orphan_head = inode.ino
+            self.sb_dirty = True
+
+    def _is_ancestor(self, anc: int, ino: int) -> bool:
+        """True if directory `anc` is `ino` or one of its ancestors."""
+        while True:
+            if ino == anc:
+                return True
+            if ino == ROOT_INO:
+                return False
+            ino = self.iget(ino).parent
+
+    def rename(self, p_old: int, n_old: bytes, p_new: int, n_new: bytes, flags: int = 0,
+               ctx: Ctx = ROOT) -> None:
+        self._writable()
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == (
+                RENAME_NOREPLACE | RENAME_EXCHANGE):
+            raise FSError(errno.EINVAL)
+        self._check_name(n_new)
+        if n_old in (b".", b"..") or n_new in (b".", b".."):
+            raise FSError(errno.EBUSY)
+        dold = self._dir(p_old)
+        dnew = self._dir(p_new)
+        found = self.dirs.lookup(dold, n_old) if len(n_old) <= MAX_NAME else None
+        if found is None:
+            raise FSError(errno.ENOENT)
+        src = self.iget(found[0])
+        dst_found = self.dirs.lookup(dnew, n_new)
+        dst = self.iget(dst_found[0]) if dst_found else None
+        src_dir = stat.S_ISDIR(src.mode)
+        now = _now()
+        if flags & RENAME_EXCHANGE:
+            if dst is None:
+                raise FSError(errno.ENOENT)
+            if src.ino == dst.ino:
+                return
+            dst_dir = stat.S_ISDIR(dst.mode)
+            if p_old != p_new:
+                if src_dir and self._is_ancestor(src.ino, p_new):
+                    raise FSError(errno.EINVAL)
+                if dst_dir and self._is_ancestor(dst.ino, p_old):
+                    raise FSError(errno.EINVAL)
+            self.dirs.replace(dold, n_old, dst.ino, dst.mode >> 12)
+            self.dirs.replace(dnew, n_new, src.ino, src.mode >> 12)
+            if p_old != p_new:
+                if src_dir:
+                    src.parent = p_new
+                if dst_dir:
+                    dst.parent = p_old
+                delta = int(src_dir) - int(dst_dir)
+                dold.nlink -= delta
+                dnew.nlink += delta
+            for x in (src, dst):
+                x.ctime_ns = now
+                self._dirty(x)
+            for x in (dold, dnew):
+                x.mtime_ns = x.ctime_ns = now
+                self._dirty(x)
+            return
+        if dst is not None and flags & RENAME_NOREPLACE:
+            raise FSError(errno.EEXIST)
+        if src_dir and p_old != p_new and self._is_ancestor(src.ino, p_new):
+            raise FSError(errno.EINVAL)
+        if dst is not None:
+            if dst.ino == src.ino:
+                return  # both names are links to one file: POSIX says do nothing
+            dst_dir = stat.S_ISDIR(dst.mode)
+            if src_dir and not dst_dir:
+                raise FSError(errno.ENOTDIR)
+            if not src_dir and dst_dir:
+                raise FSError(errno.EISDIR)
+            if dst_dir and not self.dirs.is_empty(dst):
+                raise FSError(errno.ENOTEMPTY)
+            self.dirs.replace(dnew, n_new, src.ino, src.mode >> 12)
+            dst.ctime_ns = now
+            if dst_dir:
+                dnew.nlink -= 1
+                dst.nlink = 1
+            self._drop_link(dst)
+        else:
+            if src_dir and p_old != p_new and dnew.nlink >= LINK_MAX:
+                raise FSError(errno.EMLINK)
+            self.dirs.add(dnew, n_new, src.ino, src.mode >> 12)
+        self.dirs.remove(dold, n_old)
+        if src_dir and p_old != p_new:
+            src.parent = p_new
+            dold.nlink -= 1
+            dnew.nlink += 1
+        src.ctime_ns = now
+        self._dirty(src)
+        for x in (dold, dnew):
+            x.mtime_ns = x.ctime_ns = now
+            self._dirty(x)
+
+    # ================================================================= freeing inodes
+
+    def _destroy(self, inode: Inode) -> None:
+        """Free an inode with no names and no users, with all its blocks."""
+        self.bmap.truncate(inode, 0, discard=not stat.S_ISREG(inode.mode))
+        if inode.xattr:
+            self.alloc.free_blocks([(inode.xattr, 1)])
+            self.meta.discard(inode.xattr)
+            inode.xattr = 0
+        if inode.flags & ORPHAN_FLAG:
+            self._unlist_orphan(inode)
+        self._free_inode(inode)
+
+    def _free_inode(self, inode: Inode) -> None:
+        keep_gen = inode.generation
+        fresh = Inode(inode.ino, generation=keep_gen)
+        for f in ("mode", "uid", "gid", "nlink", "flags", "size", "blocks", "rdev",
+                  "parent", "xattr", "orphan_next", "map"):
+            setattr(inode, f, getattr(fresh, f))
+        self._dirty(inode)
+        self.alloc.free_inode(inode.ino)
+
+    def _unlist_orphan(self, inode: Inode) -> None:
+        if self.sb.orphan_head == inode.ino:
+            self.sb.orphan_head = inode.orphan_next
+        else:
+            prev = self.iget(self.sb.orphan_head)
+            while prev.orphan_next and prev.orphan_next != inode.ino:
+                prev = self.iget(prev.orphan_next)
+            prev.orphan_next = inode.orphan_next
+            self._dirty(prev)
+        inode.orphan_next = 0
+        inode.flags &= ~ORPHAN_FLAG
+        self.sb_dirty = True
+
+    def _reap_orphans(self) -> None:
+        """At mount: inodes unlinked while open before a crash or unmount are freed now."""
+        ino = self.sb.orphan_head
+        while ino:
+            inode = self.iget(ino)
+            nxt = inode.orphan_next
+            if inode.nlink == 0:
+                self._destroy(inode)
+            else:  # linked again (cannot happen today, but never free a named inode)
+                self._unlist_orphan(inode)
+            ino = nxt
+
+    # ================================================================= extended attributes
+
+    def _xattrs(self, inode: Inode) -> dict[bytes, bytes]:
+        return unpack_xattrs(self.meta.read(inode.xattr)) if inode.xattr else {}
+
+    @staticmethod
+    def _check_xname(name: bytes) -> None:
+        if not name.startswith(XATTR_NAMESPACES):
+            raise FSError(errno.EOPNOTSUPP)
+        if len(name) > 255:
+            raise FSError(errno.ERANGE)
+
+    def getxattr(self, ino: int, name: bytes) -> bytes:
+        inode = self.iget(ino)
+        self._check_xname(name)
+        try:
+            return self._xattrs(inode)[name]
+        except KeyError:
+            raise FSError(errno.ENODATA) from None
+
+    def listxattr(self, ino: int) -> list[bytes]:
+        return list(self._xattrs(self.iget(ino)))
+
+    def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
+        self._writable()
+        inode = self.iget(ino)
+        self._check_xname(name)
+        attrs = self._xattrs(inode)
+        if flags & XATTR_CREATE and name in attrs:
+            raise FSError(errno.EEXIST)
+        if flags & XATTR_REPLACE and name not in attrs:
+            raise FSError(errno.ENODATA)
+        attrs[name] = bytes(value)
+        if xattrs_size(attrs) > XATTR_CAPACITY:
+            raise FSError(errno.ENOSPC, "extended attributes of one inode must fit 4 KiB")
+        self._store_xattrs(inode, attrs)
+
+    def removexattr(self, ino: int, name: bytes) -> None:
+        self._writable()
+        inode = self.iget(ino)
+        self._check_xname(name)
+        attrs = self._xattrs(inode)
+        if name not in attrs:
+            raise FSError(errno.ENODATA)
+        del attrs[name]
+        self._store_xattrs(inode, attrs)
+
+    def _store_xattrs(self, inode: Inode, attrs: dict[bytes, bytes]) -> None:
+        if not attrs:
+            if inode.xattr:
+                self.alloc.free_blocks([(inode.xattr, 1)])
+                self.meta.discard(inode.xattr)
+                inode.xattr = 0
+                inode.blocks -= 1
+        else:
+            if not inode.xattr:
+                (s, _), = self.alloc.alloc_blocks(1, None, data=False)
+                self.meta.new(s)
+                inode.xattr = s
+                inode.blocks += 1
+            self.meta.modify(inode.xattr)[:] = pack_xattrs(attrs)
+        inode.ctime_ns = _now()
+        self._dirty(inode)
+
+
+def ino_closed(fs: FileSystem, ino: int) -> bool:
+    return ino not in fs.open_count

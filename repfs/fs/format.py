@@ -1,0 +1,372 @@
+"""The repfs on-volume format, declared in one place.
+
+A repfs volume is an array of 4 KiB blocks (``repfs.volume``). Block numbers are unsigned
+32-bit integers, so a volume holds at most 2**32 blocks (16 TiB); block 0 is the superblock
+and therefore doubles as the "no block" sentinel in every block pointer.
+
+Layout (all regions are whole blocks, in this order)::
+
+    block 0                      superblock
+    [bbitmap_start, +blocks)     block allocation bitmap: bit b set <=> block b holds valid data
+                                 (metadata regions included). It is also the "meta bit map" of the
+                                 snapshot facility: blocks whose bit is clear are never copied.
+    [ibitmap_start, +blocks)     inode allocation bitmap: bit i set <=> inode i is in use
+                                 (bit 0, "inode 0", is always set and never used)
+    [itable_start, +blocks)      inode table, 16 inodes of 256 bytes per block; inode i lives
+                                 at block itable_start + i // 16, offset (i % 16) * 256
+    [data_start, nblocks)        data: file contents, directory blocks, indirect blocks, xattr
+                                 blocks and symlink targets, allocated through the bitmap
+
+Bits in bitmaps are little-endian within a byte: bit n is ``byte[n >> 3] >> (n & 7) & 1``.
+All integers are little-endian.
+
+Every revision of this format carries ``FORMAT_VERSION``; tools refuse any other.
+The redo log (journal) is not part of the volume: it is the file ``SITE/journal`` (see
+``repfs.fs.journal``), so replicated blocks never carry journal traffic.
+"""
+
+from __future__ import annotations
+
+import struct
+import uuid as uuidlib
+from dataclasses import dataclass, field
+
+import xxhash
+
+BLOCK_SIZE = 4096
+FORMAT_VERSION = 1
+SUPER_MAGIC = b"REPFSVOL"
+
+INODE_SIZE = 256
+INODES_PER_BLOCK = BLOCK_SIZE // INODE_SIZE
+ROOT_INO = 1  # the FUSE root inode number; inode 0 is reserved
+
+PTRS_PER_BLOCK = BLOCK_SIZE // 4  # uint32 block pointers in an indirect block
+N_DIRECT = 12
+# Block map of a file: 12 direct pointers, then one single, one double and one triple
+# indirect pointer. Logical blocks covered by each level:
+MAP_LEVEL_SPAN = (N_DIRECT, PTRS_PER_BLOCK, PTRS_PER_BLOCK**2, PTRS_PER_BLOCK**3)
+MAX_FILE_BLOCKS = sum(MAP_LEVEL_SPAN)
+# The largest file size we accept: 4 TiB (just under what the map can address). A write or
+# truncate past it fails with EFBIG before anything is allocated.
+MAX_FILE_SIZE = 4 << 40
+assert MAX_FILE_SIZE // BLOCK_SIZE <= MAX_FILE_BLOCKS
+
+MAX_NAME = 255  # bytes in one directory entry name
+MAX_SYMLINK = BLOCK_SIZE - 1  # a symlink target fits one block
+LINK_MAX = 65000  # as ext4
+MAX_VOLUME_BLOCKS = 2**32 - 1
+MIN_VOLUME_BLOCKS = 64
+
+
+# --------------------------------------------------------------------------- superblock
+
+_SB = struct.Struct(
+    "<8s"  # magic               SUPER_MAGIC
+    "I"  # version               FORMAT_VERSION
+    "I"  # block_size            always 4096
+    "Q"  # nblocks               blocks in the volume
+    "Q"  # ninodes               inodes in the inode table (numbers 1..ninodes-1 usable)
+    "Q"  # bbitmap_start         first block of the block bitmap
+    "Q"  # bbitmap_blocks
+    "Q"  # ibitmap_start         first block of the inode bitmap
+    "Q"  # ibitmap_blocks
+    "Q"  # itable_start          first block of the inode table
+    "Q"  # itable_blocks
+    "Q"  # data_start            first block that the allocator may hand out
+    "Q"  # free_blocks           blocks whose bitmap bit is clear (exact at every commit)
+    "Q"  # free_inodes           inodes whose bitmap bit is clear (exact at every commit)
+    "I"  # orphan_head           first inode of the orphan list (unlinked but still open), 0: none
+    "I"  # next_generation       generation number for the next inode allocated
+    "q"  # created_ns            mkfs time
+    "Q"  # commit_seq            sequence number of the last committed transaction
+    "16s"  # uuid                volume identity
+    "64s"  # label               NUL-padded UTF-8
+)
+_SB_CSUM = struct.Struct("<Q")  # xxh3_64 of the packed fields above, stored right after them
+
+
+class FormatError(Exception):
+    """The volume does not hold a repfs file system this version understands."""
+
+
+@dataclass
+class Superblock:
+    nblocks: int
+    ninodes: int
+    bbitmap_start: int
+    bbitmap_blocks: int
+    ibitmap_start: int
+    ibitmap_blocks: int
+    itable_start: int
+    itable_blocks: int
+    data_start: int
+    free_blocks: int
+    free_inodes: int
+    orphan_head: int = 0
+    next_generation: int = 1
+    created_ns: int = 0
+    commit_seq: int = 0
+    uuid: bytes = field(default_factory=lambda: uuidlib.uuid4().bytes)
+    label: str = ""
+    version: int = FORMAT_VERSION
+
+    @classmethod
+    def layout(cls, nblocks: int, ninodes: int, *, label: str = "", created_ns: int = 0):
+        """Compute the geometry of a new volume."""
+        bbitmap_blocks = -(-nblocks // (BLOCK_SIZE * 8))
+        ibitmap_blocks = -(-ninodes // (BLOCK_SIZE * 8))
+        itable_blocks = -(-ninodes // INODES_PER_BLOCK)
+        bbitmap_start = 1
+        ibitmap_start = bbitmap_start + bbitmap_blocks
+        itable_start = ibitmap_start + ibitmap_blocks
+        data_start = itable_start + itable_blocks
+        return cls(
+            nblocks=nblocks, ninodes=ninodes,
+            bbitmap_start=bbitmap_start, bbitmap_blocks=bbitmap_blocks,
+            ibitmap_start=ibitmap_start, ibitmap_blocks=ibitmap_blocks,
+            itable_start=itable_start, itable_blocks=itable_blocks,
+            data_start=data_start, free_blocks=nblocks - data_start, free_inodes=ninodes - 1,
+            label=label, created_ns=created_ns,
+        )
+
+    def pack(self) -> bytes:
+        body = _SB.pack(
+            SUPER_MAGIC, self.version, BLOCK_SIZE, self.nblocks, self.ninodes,
+            self.bbitmap_start, self.bbitmap_blocks, self.ibitmap_start, self.ibitmap_blocks,
+            self.itable_start, self.itable_blocks, self.data_start, self.free_blocks,
+            self.free_inodes, self.orphan_head, self.next_generation, self.created_ns,
+            self.commit_seq, self.uuid, self.label.encode()[:64],
+        )
+        out = body + _SB_CSUM.pack(xxhash.xxh3_64_intdigest(body))
+        return out + bytes(BLOCK_SIZE - len(out))
+
+    @classmethod
+    def unpack(cls, block: bytes) -> "Superblock":
+        if block[:8] != SUPER_MAGIC:
+            raise FormatError("not a repfs volume (bad superblock magic)")
+        body = block[: _SB.size]
+        (csum,) = _SB_CSUM.unpack_from(block, _SB.size)
+        if csum != xxhash.xxh3_64_intdigest(body):
+            raise FormatError("superblock checksum mismatch: the volume image is damaged")
+        f = _SB.unpack(body)
+        if f[1] != FORMAT_VERSION:
+            raise FormatError(f"unsupported repfs format version {f[1]} (this is {FORMAT_VERSION})")
+        if f[2] != BLOCK_SIZE:
+            raise FormatError(f"unsupported block size {f[2]}")
+        sb = cls(
+            nblocks=f[3], ninodes=f[4], bbitmap_start=f[5], bbitmap_blocks=f[6],
+            ibitmap_start=f[7], ibitmap_blocks=f[8], itable_start=f[9], itable_blocks=f[10],
+            data_start=f[11], free_blocks=f[12], free_inodes=f[13], orphan_head=f[14],
+            next_generation=f[15], created_ns=f[16], commit_seq=f[17], uuid=f[18],
+            label=f[19].rstrip(b"\0").decode(errors="replace"), version=f[1],
+        )
+        if sb.data_start >= sb.nblocks or sb.itable_start + sb.itable_blocks != sb.data_start:
+            raise FormatError("superblock geometry is inconsistent")
+        return sb
+
+
+# --------------------------------------------------------------------------- inodes
+
+_INODE = struct.Struct(
+    "<I"  # mode          file type and permission bits (st_mode); 0 only for a free inode
+    "I"  # uid
+    "I"  # gid
+    "I"  # nlink          directory entries naming this inode (+1 for '.' and per subdir '..')
+    "I"  # flags          reserved, 0
+    "I"  # generation     raised each time the inode number is reused (NFS-style handles)
+    "Q"  # size           bytes
+    "Q"  # blocks         4 KiB blocks held: data, indirect, xattr and directory blocks
+    "Q"  # rdev           device number of character and block devices
+    "q"  # atime_ns       nanoseconds since the epoch
+    "q"  # mtime_ns
+    "q"  # ctime_ns
+    "q"  # crtime_ns      creation (birth) time
+    "I"  # parent         directories: inode of the parent directory ('..'); root: itself
+    "I"  # xattr          block holding the extended attributes, 0: none
+    "I"  # orphan_next    next inode on the superblock's orphan list, 0: end
+    "I"  # reserved
+    "15I"  # map          12 direct, 1 single, 1 double, 1 triple indirect block pointer
+)
+assert _INODE.size <= INODE_SIZE
+
+
+@dataclass(slots=True)
+class Inode:
+    ino: int
+    mode: int = 0
+    uid: int = 0
+    gid: int = 0
+    nlink: int = 0
+    flags: int = 0
+    generation: int = 0
+    size: int = 0
+    blocks: int = 0
+    rdev: int = 0
+    atime_ns: int = 0
+    mtime_ns: int = 0
+    ctime_ns: int = 0
+    crtime_ns: int = 0
+    parent: int = 0
+    xattr: int = 0
+    orphan_next: int = 0
+    map: list = field(default_factory=lambda: [0] * 15)
+    # in-memory only:
+    dirty: bool = False
+    lookups: int = 0  # the kernel's lookup count
+
+    def pack_into(self, buf, offset: int) -> None:
+        _INODE.pack_into(
+            buf, offset, self.mode, self.uid, self.gid, self.nlink, self.flags, self.generation,
+            self.size, self.blocks, self.rdev, self.atime_ns, self.mtime_ns, self.ctime_ns,
+            self.crtime_ns, self.parent, self.xattr, self.orphan_next, 0, *self.map,
+        )
+
+    @classmethod
+    def unpack_from(cls, ino: int, buf, offset: int) -> "Inode":
+        f = _INODE.unpack_from(buf, offset)
+        return cls(
+            ino, f[0], f[1], f[2], f[3], f[4], f[5], f[6], f[7], f[8], f[9], f[10], f[11],
+            f[12], f[13], f[14], f[15], list(f[17:32]),
+        )
+
+
+# --------------------------------------------------------------------------- directories
+#
+# A directory is a file (its blocks reached through its block map like any file's) holding an
+# extendible hash table:
+#
+#   logical block 0          header (_DIR_HDR)
+#   logical blocks 1..2**d   primary buckets; bucket b holds the names whose 62-bit hash h has
+#                            h >> (62 - d) == b, so bucket order is hash order
+#   further blocks           overflow blocks chained from a bucket, and free overflow blocks
+#
+# Each bucket block starts with _BUCKET_HDR, followed by packed entries (_DIRENT + name).
+# readdir returns entries in hash order, and the offset of an entry is 3 + its hash (1 and 2
+# are '.' and '..'), so offsets stay valid while the directory changes. When the entries'
+# bytes exceed 3/4 of the primary buckets, the table doubles (d += 1) and is rewritten.
+
+DIR_MAGIC = 0x52444952  # "RDIR"
+_DIR_HDR = struct.Struct(
+    "<I"  # magic
+    "I"  # depth        d: 2**d primary buckets
+    "Q"  # count        entries (without '.' and '..')
+    "Q"  # bytes        sum of packed entry sizes
+    "I"  # nblocks      logical blocks in use (header + buckets + overflow, used or free)
+    "I"  # free_head    logical block of the first free overflow block, 0: none
+)
+_BUCKET_HDR = struct.Struct(
+    "<H"  # count        entries in this block
+    "H"  # used         bytes used by entries after the header
+    "I"  # next         logical block of the next overflow block in this chain, 0: end
+)
+_DIRENT = struct.Struct(
+    "<Q"  # hash         62-bit xxh64 of the name (name_hash)
+    "I"  # ino
+    "B"  # type         file type (mode >> 12)
+    "B"  # namelen      followed by the name bytes
+)
+DIRENT_HDR_SIZE = _DIRENT.size
+BUCKET_HDR_SIZE = _BUCKET_HDR.size
+BUCKET_CAPACITY = BLOCK_SIZE - BUCKET_HDR_SIZE
+HASH_BITS = 62
+DIR_OFFSET_BASE = 3  # readdir offset of an entry = DIR_OFFSET_BASE + hash
+
+
+def name_hash(name: bytes) -> int:
+    return xxhash.xxh64_intdigest(name) >> (64 - HASH_BITS)
+
+
+@dataclass
+class DirHeader:
+    depth: int = 0
+    count: int = 0
+    bytes: int = 0
+    nblocks: int = 2
+    free_head: int = 0
+
+    def pack_into(self, buf) -> None:
+        _DIR_HDR.pack_into(buf, 0, DIR_MAGIC, self.depth, self.count, self.bytes,
+                           self.nblocks, self.free_head)
+
+    @classmethod
+    def unpack_from(cls, buf) -> "DirHeader":
+        magic, depth, count, nbytes, nblocks, free_head = _DIR_HDR.unpack_from(buf, 0)
+        if magic != DIR_MAGIC:
+            raise FormatError("directory header has a bad magic number")
+        return cls(depth, count, nbytes, nblocks, free_head)
+
+
+def bucket_header(buf) -> tuple[int, int, int]:
+    """(count, used, next) of a bucket block."""
+    return _BUCKET_HDR.unpack_from(buf, 0)
+
+
+def set_bucket_header(buf, count: int, used: int, nxt: int) -> None:
+    _BUCKET_HDR.pack_into(buf, 0, count, used, nxt)
+
+
+def dirent_size(name: bytes) -> int:
+    return DIRENT_HDR_SIZE + len(name)
+
+
+def iter_bucket(buf):
+    """Yield (offset, hash, ino, type, name) for each entry in a bucket block."""
+    count, used, _ = _BUCKET_HDR.unpack_from(buf, 0)
+    off = BUCKET_HDR_SIZE
+    unpack = _DIRENT.unpack_from
+    hsize = DIRENT_HDR_SIZE
+    for _ in range(count):
+        h, ino, typ, nlen = unpack(buf, off)
+        name = bytes(buf[off + hsize: off + hsize + nlen])
+        yield off, h, ino, typ, name
+        off += hsize + nlen
+
+
+def pack_dirent(buf, off: int, h: int, ino: int, typ: int, name: bytes) -> int:
+    _DIRENT.pack_into(buf, off, h, ino, typ, len(name))
+    end = off + DIRENT_HDR_SIZE + len(name)
+    buf[off + DIRENT_HDR_SIZE: end] = name
+    return end
+
+
+# --------------------------------------------------------------------------- xattr blocks
+#
+# One block per inode: _XHDR, then entries (_XENT + name + value). Names carry their namespace
+# prefix ("user.", "trusted.", "security."). The whole set must fit in one block.
+
+_XHDR = struct.Struct("<HH")  # count, used bytes after the header
+_XENT = struct.Struct("<BH")  # name length, value length
+XATTR_CAPACITY = BLOCK_SIZE - _XHDR.size
+
+
+def unpack_xattrs(buf) -> dict[bytes, bytes]:
+    count, _ = _XHDR.unpack_from(buf, 0)
+    off = _XHDR.size
+    out = {}
+    for _ in range(count):
+        nlen, vlen = _XENT.unpack_from(buf, off)
+        off += _XENT.size
+        name = bytes(buf[off: off + nlen])
+        off += nlen
+        out[name] = bytes(buf[off: off + vlen])
+        off += vlen
+    return out
+
+
+def xattrs_size(attrs: dict[bytes, bytes]) -> int:
+    return sum(_XENT.size + len(k) + len(v) for k, v in attrs.items())
+
+
+def pack_xattrs(attrs: dict[bytes, bytes]) -> bytearray:
+    buf = bytearray(BLOCK_SIZE)
+    off = _XHDR.size
+    for k, v in attrs.items():
+        _XENT.pack_into(buf, off, len(k), len(v))
+        off += _XENT.size
+        buf[off: off + len(k)] = k
+        off += len(k)
+        buf[off: off + len(v)] = v
+        off += len(v)
+    _XHDR.pack_into(buf, 0, len(attrs), off - _XHDR.size)
+    return buf

@@ -1,0 +1,126 @@
+"""The block volume: a fixed array of 4 KiB blocks in one sparse image file.
+
+Everything above this module sees a volume only through the small block-device interface
+`BlockDevice`: read and write of extents (start block, count), flush, and the size in blocks.
+Later layers (the replication change log, the snapshot copy-on-first-write layer) wrap a
+device with the same interface, so the file system never knows what sits below it.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+BLOCK_SIZE = 4096
+
+
+class VolumeError(Exception):
+    """A volume cannot be opened or an extent is out of range."""
+
+
+class BlockDevice:
+    """The interface every layer of the volume stack provides.
+
+    `read(start, count)` returns `count * BLOCK_SIZE` bytes; `write(start, data)` takes a
+    bytes-like object whose length is a multiple of `BLOCK_SIZE`; `flush()` makes every
+    completed write durable. Implementations must accept calls from more than one thread
+    (the file system writes back committed metadata from a worker thread).
+    """
+
+    block_size = BLOCK_SIZE
+    nblocks: int
+
+    def read(self, start: int, count: int) -> bytes:
+        raise NotImplementedError
+
+    def write(self, start: int, data) -> None:
+        raise NotImplementedError
+
+    def flush(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class Layer(BlockDevice):
+    """A device that wraps another one; by default every call passes straight down."""
+
+    def __init__(self, lower: BlockDevice):
+        self.lower = lower
+        self.nblocks = lower.nblocks
+
+    def read(self, start, count):
+        return self.lower.read(start, count)
+
+    def write(self, start, data):
+        self.lower.write(start, data)
+
+    def flush(self):
+        self.lower.flush()
+
+    def close(self):
+        self.lower.close()
+
+
+class Volume(BlockDevice):
+    """The image file itself: the bottom of every stack."""
+
+    def __init__(self, path: str | os.PathLike, *, readonly: bool = False):
+        self.path = os.fspath(path)
+        flags = os.O_RDONLY if readonly else os.O_RDWR
+        try:
+            self.fd = os.open(self.path, flags | os.O_CLOEXEC)
+        except OSError as e:
+            raise VolumeError(f"cannot open volume image {self.path}: {e.strerror}") from None
+        size = os.fstat(self.fd).st_size
+        if size % BLOCK_SIZE:
+            os.close(self.fd)
+            raise VolumeError(f"volume image {self.path} is not a whole number of 4 KiB blocks")
+        self.nblocks = size // BLOCK_SIZE
+        self.readonly = readonly
+        self._closed = False
+        self._lock = threading.Lock()  # guards close() against concurrent I/O only
+
+    @classmethod
+    def create(cls, path: str | os.PathLike, nblocks: int) -> "Volume":
+        """Create a sparse image of `nblocks` blocks (the file must not exist)."""
+        fd = os.open(os.fspath(path), os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(fd, nblocks * BLOCK_SIZE)
+        finally:
+            os.close(fd)
+        return cls(path)
+
+    def _check(self, start: int, count: int) -> None:
+        if start < 0 or count < 0 or start + count > self.nblocks:
+            raise VolumeError(f"extent ({start}, {count}) outside volume of {self.nblocks} blocks")
+
+    def read(self, start: int, count: int) -> bytes:
+        self._check(start, count)
+        want = count * BLOCK_SIZE
+        data = os.pread(self.fd, want, start * BLOCK_SIZE)
+        if len(data) < want:  # cannot happen for a sparse file of the right size, but be exact
+            data += bytes(want - len(data))
+        return data
+
+    def write(self, start: int, data) -> None:
+        n = len(data)
+        if n % BLOCK_SIZE:
+            raise VolumeError("write of a partial block")
+        self._check(start, n // BLOCK_SIZE)
+        off = start * BLOCK_SIZE
+        mv = memoryview(data)
+        while mv:
+            done = os.pwrite(self.fd, mv, off)
+            mv = mv[done:]
+            off += done
+
+    def flush(self) -> None:
+        os.fdatasync(self.fd)
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                os.close(self.fd)
