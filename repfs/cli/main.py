@@ -1,0 +1,200 @@
+"""`repfs`: make, mount, unmount and check repfs sites.
+
+Exit codes: 0 success; 1 the operation failed (the message says why); 2 bad arguments;
+fsck: 0 clean, 1 repaired, 4 problems remain, 8 fsck could not run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+from . import QuietError, parse_size, run_cli
+
+FSCK_OPERATIONAL_ERROR = 8
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2
+        raise QuietError(message, 2)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="repfs", description="A replicating file system on a block volume.")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+
+    m = sub.add_parser("mkfs", help="make a new site with an empty file system")
+    m.add_argument("site", help="site directory (created if missing)")
+    m.add_argument("--size", required=True, help="volume size, e.g. 10G (binary units)")
+    m.add_argument("--inodes", type=int, help="number of inodes (default: one per 16 KiB)")
+    m.add_argument("--label", default="", help="volume label (up to 64 bytes)")
+    m.add_argument("--force", action="store_true", help="replace an existing site's volume")
+
+    m = sub.add_parser("mount", help="mount a site (returns once the mount is ready)")
+    m.add_argument("site")
+    m.add_argument("mountpoint")
+    m.add_argument("--ro", action="store_true", help="read-only: every change gets EROFS")
+    m.add_argument("--foreground", action="store_true", help="stay in the foreground")
+    m.add_argument("--log", help="log file (default: SITE/repfs.log)")
+    m.add_argument("--writeback-cache", action="store_true",
+                   help="let the kernel cache writes (faster small writes)")
+    m.add_argument("-o", dest="options", default="", help="mount(8)-style options: ro, rw, "
+                   "writeback_cache (others that mount(8) handles are ignored)")
+
+    m = sub.add_parser("umount", help="unmount cleanly and wait for the daemon to exit")
+    m.add_argument("mountpoint")
+    m.add_argument("--timeout", type=float, default=120.0, help="seconds to wait (default 120)")
+
+    m = sub.add_parser("fsck", help="check an unmounted site")
+    m.add_argument("site")
+    m.add_argument("--repair", action="store_true", help="fix what has one safe fix")
+    m.add_argument("--quiet", "-q", action="store_true", help="print problems only")
+    return p
+
+
+def _cmd_mkfs(a) -> int:
+    from ..site import Site, SiteError
+    size = parse_size(a.size)
+    if size < 64 * 4096:
+        raise QuietError(f"size {a.size} is too small (at least 256K)", 2)
+    try:
+        site = Site.create(a.site, size, inodes=a.inodes, label=a.label, force=a.force)
+    except SiteError as e:
+        raise QuietError(str(e)) from None
+    sb = site.superblock()
+    print(f"made site {site.path}: {sb.nblocks * 4096 / 2**30:.2f} GiB volume, "
+          f"{sb.ninodes - 1} inodes, label {sb.label or '-'}")
+    return 0
+
+
+_IGNORED_MOUNT_OPTIONS = {"rw", "defaults", "auto", "noauto", "nofail", "_netdev", "user",
+                          "nouser", "users", "exec", "noexec", "suid", "nosuid", "dev", "nodev",
+                          "relatime", "noatime", "atime", "async", "sync", "x-systemd.automount"}
+
+
+def _cmd_mount(a) -> int:
+    from ..daemon import MountError, check_mountpoint, daemonize_and_serve, serve, setup_logging
+    from ..site import Site, SiteError
+    readonly = a.ro
+    writeback = a.writeback_cache
+    for opt in filter(None, a.options.split(",")):
+        if opt == "ro":
+            readonly = True
+        elif opt == "writeback_cache":
+            writeback = True
+        elif opt not in _IGNORED_MOUNT_OPTIONS and not opt.startswith(("x-", "comment=")):
+            raise QuietError(f"unknown mount option {opt!r}", 2)
+    site = Site(a.site)
+    try:
+        site.check()
+        site.superblock()
+        mp = check_mountpoint(a.mountpoint)
+    except (SiteError, MountError) as e:
+        raise QuietError(str(e)) from None
+    who = site.owner()
+    if who:
+        raise QuietError(f"site {site.path} is already mounted at {who[1]} (pid {who[0]})")
+    kw = dict(readonly=readonly, writeback_cache=writeback)
+    if a.foreground:
+        setup_logging(a.log)
+        err = []
+        serve(site, mp, ready=lambda m: m and err.append(m), **kw)
+        if err:
+            raise QuietError(err[0])
+        return 0
+    err = daemonize_and_serve(site, mp, log_file=a.log, **kw)
+    if err:
+        raise QuietError(err)
+    return 0
+
+
+def _cmd_umount(a) -> int:
+    from ..daemon import repfs_mounts
+    from ..site import Site
+    mp = os.path.realpath(a.mountpoint)
+    mounts = repfs_mounts()
+    if mp not in mounts:
+        raise QuietError(f"{a.mountpoint} is not a repfs mount point")
+    site = Site(mounts[mp])
+    who = site.owner()
+    r = subprocess.run(["fusermount3", "-u", mp], capture_output=True, text=True)
+    if r.returncode != 0:
+        msg = (r.stderr.strip().splitlines() or ["fusermount3 failed"])[-1]
+        if who is None:  # the daemon is gone (killed): clear the dead mount
+            subprocess.run(["fusermount3", "-u", "-z", mp], check=False)
+            return 0
+        raise QuietError(f"cannot unmount {a.mountpoint}: {msg.removeprefix('fusermount3: ')}")
+    if who:
+        deadline = time.monotonic() + a.timeout
+        while site.owner() is not None:
+            if time.monotonic() > deadline:
+                raise QuietError(f"unmounted, but daemon pid {who[0]} has not exited after "
+                                 f"{a.timeout:.0f} s")
+            time.sleep(0.05)
+    return 0
+
+
+def _cmd_fsck(a) -> int:
+    from ..fs.fsck import CHECKS, Fsck
+    from ..site import Site, SiteError
+    site = Site(a.site)
+    try:
+        site.lock()
+    except SiteError as e:
+        raise QuietError(str(e), FSCK_OPERATIONAL_ERROR) from None
+    try:
+        try:
+            fs = site.open_fs(readonly=not a.repair)
+        except SiteError as e:
+            raise QuietError(str(e), FSCK_OPERATIONAL_ERROR) from None
+        try:
+            checker = Fsck(fs, repair=a.repair)
+            report = checker.run()
+        finally:
+            fs.close()
+    finally:
+        site.unlock()
+    for note in report.notes:
+        print(f"note: {note}")
+    for name in CHECKS:
+        probs = [p for p in report.problems if p.check == name]
+        if not a.quiet:
+            print(f"{name:22s} {'ok' if not probs else f'{len(probs)} problem(s)'}")
+        for p in probs:
+            print(f"  {'repaired: ' if p.repaired else ''}{p.message}")
+    code = report.exit_code
+    if not a.quiet or code:
+        print({0: "clean", 1: "all problems repaired",
+               4: "problems remain" + ("" if a.repair else " (run with --repair)")}[code])
+    return code
+
+
+def _main(argv) -> int:
+    a = _parser().parse_args(argv)
+    return {"mkfs": _cmd_mkfs, "mount": _cmd_mount, "umount": _cmd_umount,
+            "fsck": _cmd_fsck}[a.cmd](a)
+
+
+def main(argv=None) -> int:
+    sys.exit(run_cli("repfs", _main, sys.argv[1:] if argv is None else argv))
+
+
+def mount_helper(argv=None) -> int:
+    """mount(8) helper: `mount -t fuse.repfs SITE MNT -o OPTS` runs `mount.fuse.repfs SITE MNT
+    -o OPTS`, which becomes `repfs mount SITE MNT -o OPTS`."""
+    args = sys.argv[1:] if argv is None else argv
+    rest = ["mount"]
+    i = 0
+    while i < len(args):
+        if args[i] == "-o" and i + 1 < len(args):
+            rest += ["-o", args[i + 1]]
+            i += 2
+        elif args[i] in ("-n", "-v", "-f", "-s"):  # mount(8) flags: no mtab, verbose, fake...
+            i += 1
+        else:
+            rest.append(args[i])
+            i += 1
+    sys.exit(run_cli("mount.fuse.repfs", _main, rest))

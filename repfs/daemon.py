@@ -1,0 +1,166 @@
+"""The site daemon: one trio run serving the FUSE mount (and, later, the control port and the
+replication tasks), cancelled cleanly on unmount or SIGTERM."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+
+import pyfuse3
+import trio
+
+from .fs.ops import Operations
+from .site import Site, SiteError
+
+log = logging.getLogger("repfs")
+
+
+class MountError(Exception):
+    pass
+
+
+def repfs_mounts() -> dict[str, str]:
+    """Mount point -> site path of every repfs mount on this host (from /proc/mounts)."""
+    out = {}
+    with open("/proc/mounts") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) >= 3 and fields[2] == "fuse.repfs":
+                unesc = [x.replace("\\040", " ").replace("\\011", "\t")
+                         .replace("\\012", "\n").replace("\\134", "\\") for x in fields[:2]]
+                out[unesc[1]] = unesc[0]
+    return out
+
+
+def check_mountpoint(mountpoint: str) -> str:
+    mp = os.path.realpath(mountpoint)
+    if mp in repfs_mounts():
+        try:
+            os.stat(mp)
+        except OSError:  # a dead mount left by a killed daemon: clear it away
+            subprocess.run(["fusermount3", "-u", "-z", mp], check=False)
+    if not os.path.exists(mp):
+        raise MountError(f"mount point {mountpoint} does not exist")
+    if not os.path.isdir(mp):
+        raise MountError(f"mount point {mountpoint} is not a directory")
+    if os.path.ismount(mp):
+        raise MountError(f"{mountpoint} is already a mount point")
+    if os.listdir(mp):
+        raise MountError(f"mount point {mountpoint} is not empty")
+    return mp
+
+
+def setup_logging(path: str | None, level=logging.INFO) -> None:
+    root = logging.getLogger()
+    root.handlers.clear()
+    handler = logging.FileHandler(path) if path else logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(
+        "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(level)
+
+
+async def _commit_loop(ops: Operations, interval: float) -> None:
+    while True:
+        await trio.sleep(interval)
+        await ops.commit()
+
+
+async def _signal_loop(nursery) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+        async for sig in sigs:
+            log.info("signal %d: unmounting", sig)
+            pyfuse3.terminate()
+            return
+
+
+async def _serve(ops: Operations, interval: float) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_commit_loop, ops, interval)
+        nursery.start_soon(_signal_loop, nursery)
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+    await ops.commit()
+
+
+def serve(site: Site, mountpoint: str, *, readonly: bool = False, writeback_cache: bool = False,
+          ready=None) -> None:
+    """Mount and serve until unmounted. `ready(msg)` is called once: None on success, else
+    with the one-line reason the mount failed (then this returns without serving)."""
+    ready = ready or (lambda msg: None)
+    try:
+        site.lock()
+        core = site.open_fs(readonly=readonly)
+    except SiteError as e:
+        ready(str(e))
+        return
+    cfg = site.config().get("fs", {})
+    ops = Operations(core, writeback_cache=writeback_cache,
+                     cache_timeout=float(cfg.get("cache_timeout", 5.0)))
+    options = set(pyfuse3.default_options)
+    options |= {f"fsname={site.path}", "subtype=repfs", "allow_other"}
+    options.add("ro" if readonly else "rw")
+    try:
+        pyfuse3.init(ops, mountpoint, options)
+    except RuntimeError as e:
+        core.close()
+        site.unlock()
+        ready(f"cannot mount at {mountpoint}: {e}")
+        return
+    site.write_pid(mountpoint)
+    log.info("mounted %s at %s%s", site.path, mountpoint, " read-only" if readonly else "")
+    ready(None)
+    unmounted = False
+    try:
+        trio.run(_serve, ops, float(cfg.get("commit_interval", 5.0)))
+        unmounted = True
+    finally:
+        try:
+            pyfuse3.close(unmount=not unmounted)
+        except Exception:  # noqa: BLE001 - best effort while going down
+            log.exception("closing the FUSE session")
+        core.close()
+        site.clear_pid()
+        site.unlock()
+        log.info("unmounted %s; volume checkpointed", site.path)
+
+
+def daemonize_and_serve(site: Site, mountpoint: str, *, log_file: str | None, **kw) -> str | None:
+    """Fork a daemon that mounts and serves; return None once the mount is ready, or the
+    reason it failed."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the daemon
+        os.close(r)
+        try:
+            os.setsid()
+            if os.fork():  # leave the session leader, never regain a terminal
+                os._exit(0)
+            os.chdir("/")
+            setup_logging(log_file or str(site.log_path))
+            null = os.open(os.devnull, os.O_RDWR)
+            logfd = os.open(log_file or str(site.log_path),
+                            os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            os.dup2(null, 0)
+            os.dup2(logfd, 1)
+            os.dup2(logfd, 2)
+
+            def ready(msg):
+                os.write(w, (msg or "ok").encode() + b"\n")
+                os.close(w)
+
+            serve(site, mountpoint, ready=ready, **kw)
+            os._exit(0)
+        except BaseException:  # noqa: BLE001
+            log.exception("daemon failed")
+            os._exit(1)
+    os.close(w)
+    os.waitpid(pid, 0)
+    with os.fdopen(r, "rb") as f:
+        msg = f.read().decode(errors="replace").strip()
+    if msg == "ok":
+        return None
+    return msg or "the daemon exited before the mount was ready (see the site's repfs.log)"

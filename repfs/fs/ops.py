@@ -1,0 +1,278 @@
+"""The pyfuse3 adapter: a thin map from FUSE requests onto the FileSystem core.
+
+Domain errors (FSError) become FUSEError here, in one place; anything else is a bug and is
+left to bring the file system down. The adapter owns the concurrency around the core: the
+group commit (the slow part runs in a worker thread while requests go on), and ``quiesce()``,
+which holds back modifying requests, commits, and hands its caller a volume that holds a
+consistent file system (invariant 2: snapshots and delta sets are taken inside it).
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+from contextlib import asynccontextmanager
+
+import pyfuse3
+import trio
+
+from .core import FileSystem
+from .errors import FSError
+
+log = logging.getLogger(__name__)
+
+
+def _fuse_errors(fn):
+    @functools.wraps(fn)
+    async def wrapper(*args, **kwargs):
+        try:
+            return await fn(*args, **kwargs)
+        except FSError as e:
+            raise pyfuse3.FUSEError(e.errno) from None
+    return wrapper
+
+
+class Operations(pyfuse3.Operations):
+    supports_dot_lookup = True
+    enable_acl = False
+
+    def __init__(self, core: FileSystem, *, writeback_cache: bool = False,
+                 cache_timeout: float = 5.0):
+        super().__init__()
+        self.core = core
+        self.enable_writeback_cache = writeback_cache
+        self.timeout = cache_timeout
+        self.commit_lock = trio.Lock()
+        self.quiesce_lock = trio.Lock()
+        self._gate = trio.Event()
+        self._gate.set()
+        self.commits = 0
+
+    # ------------------------------------------------------------------ consistency points
+
+    async def _modifying(self) -> None:
+        """Wait while a consistency point holds modifying requests back."""
+        if not self._gate.is_set():
+            await self._gate.wait()
+
+    async def commit(self) -> None:
+        """Group commit: every change made so far becomes durable when this returns."""
+        async with self.commit_lock:
+            txn = self.core.prepare_commit()
+            if txn is None:
+                return
+            await trio.to_thread.run_sync(self.core.write_commit, txn)
+            self.core.finish_commit()
+            self.commits += 1
+
+    async def _maybe_commit(self) -> None:
+        if self.core.commit_due() and not self.commit_lock.locked():
+            await self.commit()
+
+    @asynccontextmanager
+    async def quiesce(self):
+        """Block new modifying requests, commit, and yield the consistent volume."""
+        async with self.quiesce_lock:
+            self._gate = trio.Event()
+            try:
+                await self.commit()
+                yield self.core.dev
+            finally:
+                self._gate.set()
+
+    # ------------------------------------------------------------------ attributes
+
+    def _entry(self, inode) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = inode.ino
+        e.generation = inode.generation
+        e.st_mode = inode.mode
+        e.st_nlink = inode.nlink
+        e.st_uid = inode.uid
+        e.st_gid = inode.gid
+        e.st_rdev = inode.rdev
+        e.st_size = inode.size
+        e.st_blksize = 4096
+        e.st_blocks = inode.blocks * 8
+        e.st_atime_ns = inode.atime_ns
+        e.st_mtime_ns = inode.mtime_ns
+        e.st_ctime_ns = inode.ctime_ns
+        e.entry_timeout = self.timeout
+        e.attr_timeout = self.timeout
+        return e
+
+    # ------------------------------------------------------------------ queries
+
+    @_fuse_errors
+    async def lookup(self, parent_inode, name, ctx=None):
+        return self._entry(self.core.lookup(parent_inode, name, ctx))
+
+    async def forget(self, inode_list):
+        for ino, n in inode_list:
+            try:
+                self.core.forget(ino, n)
+            except Exception:  # forget must never fail
+                log.exception("forget(%d, %d) failed", ino, n)
+
+    @_fuse_errors
+    async def getattr(self, inode, ctx=None):
+        return self._entry(self.core.getattr(inode))
+
+    @_fuse_errors
+    async def readlink(self, inode, ctx):
+        return self.core.readlink(inode)
+
+    @_fuse_errors
+    async def opendir(self, inode, ctx):
+        self.core._dir(inode)
+        return inode
+
+    @_fuse_errors
+    async def readdir(self, fh, start_id, token):
+        for name, inode, nxt in self.core.readdir(fh, start_id):
+            if not pyfuse3.readdir_reply(token, name, self._entry(inode), nxt):
+                break
+            if name != b"." and name != b"..":
+                inode.lookups += 1
+
+    async def releasedir(self, fh):
+        pass
+
+    @_fuse_errors
+    async def statfs(self, ctx):
+        s = pyfuse3.StatvfsData()
+        for k, v in self.core.statfs().items():
+            setattr(s, k, v)
+        return s
+
+    @_fuse_errors
+    async def access(self, inode, mode, ctx):
+        return self.core.access(inode, mode, ctx)
+
+    @_fuse_errors
+    async def getxattr(self, inode, name, ctx):
+        return self.core.getxattr(inode, name)
+
+    @_fuse_errors
+    async def listxattr(self, inode, ctx):
+        return self.core.listxattr(inode)
+
+    # ------------------------------------------------------------------ changes
+
+    @_fuse_errors
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        await self._modifying()
+        kw = {}
+        if fields.update_mode:
+            kw["mode"] = attr.st_mode
+        if fields.update_uid:
+            kw["uid"] = attr.st_uid
+        if fields.update_gid:
+            kw["gid"] = attr.st_gid
+        if fields.update_size:
+            kw["size"] = attr.st_size
+        if fields.update_atime:
+            kw["atime_ns"] = attr.st_atime_ns
+        if fields.update_mtime:
+            kw["mtime_ns"] = attr.st_mtime_ns
+        if fields.update_ctime:
+            kw["ctime_ns"] = attr.st_ctime_ns
+        e = self._entry(self.core.setattr(inode, ctx=ctx, **kw))
+        await self._maybe_commit()
+        return e
+
+    @_fuse_errors
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        await self._modifying()
+        return self._entry(self.core.mknod(parent_inode, name, mode, rdev, ctx))
+
+    @_fuse_errors
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        await self._modifying()
+        e = self._entry(self.core.mkdir(parent_inode, name, mode, ctx))
+        await self._maybe_commit()
+        return e
+
+    @_fuse_errors
+    async def symlink(self, parent_inode, name, target, ctx):
+        await self._modifying()
+        return self._entry(self.core.symlink(parent_inode, name, target, ctx))
+
+    @_fuse_errors
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        await self._modifying()
+        return self._entry(self.core.link(inode, new_parent_inode, new_name, ctx))
+
+    @_fuse_errors
+    async def unlink(self, parent_inode, name, ctx):
+        await self._modifying()
+        self.core.unlink(parent_inode, name, ctx)
+        await self._maybe_commit()
+
+    @_fuse_errors
+    async def rmdir(self, parent_inode, name, ctx):
+        await self._modifying()
+        self.core.rmdir(parent_inode, name, ctx)
+        await self._maybe_commit()
+
+    @_fuse_errors
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        await self._modifying()
+        self.core.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx)
+        await self._maybe_commit()
+
+    @_fuse_errors
+    async def setxattr(self, inode, name, value, ctx):
+        await self._modifying()
+        self.core.setxattr(inode, name, value)
+
+    @_fuse_errors
+    async def removexattr(self, inode, name, ctx):
+        await self._modifying()
+        self.core.removexattr(inode, name)
+
+    # ------------------------------------------------------------------ files
+
+    @_fuse_errors
+    async def open(self, inode, flags, ctx):
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC):
+            await self._modifying()
+        self.core.open(inode, flags)
+        return pyfuse3.FileInfo(fh=inode, keep_cache=True)
+
+    @_fuse_errors
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        await self._modifying()
+        inode = self.core.create(parent_inode, name, mode, ctx)
+        e = self._entry(inode)
+        await self._maybe_commit()
+        return pyfuse3.FileInfo(fh=inode.ino, keep_cache=True), e
+
+    @_fuse_errors
+    async def read(self, fh, off, size):
+        return self.core.read(fh, off, size)
+
+    @_fuse_errors
+    async def write(self, fh, off, buf):
+        await self._modifying()
+        n = self.core.write(fh, off, buf)
+        await self._maybe_commit()
+        return n
+
+    async def flush(self, fh):
+        pass
+
+    async def release(self, fh):
+        self.core.release(fh)
+
+    @_fuse_errors
+    async def fsync(self, fh, datasync):
+        await self.commit()
+
+    @_fuse_errors
+    async def fsyncdir(self, fh, datasync):
+        await self.commit()
+
+

@@ -1,0 +1,179 @@
+"""A site: one directory holding the volume image, the redo log and the site's configuration.
+
+    SITE/
+      volume.img   the volume: the file system's blocks (sparse file)
+      journal      the redo log of the file system (outside the volume, not replicated)
+      site.toml    configuration (human-editable)
+      lock         flock()ed by the process that owns the site (a daemon, fsck)
+      repfs.pid    pid of the mounted daemon, and its mount point
+      repfs.log    the daemon's log (unless mount --log says otherwise)
+
+Later issues add meta.lmdb/ and save/ here. The volume stack is built in one place,
+``Site.device()``, so layers (change log, snapshots) slot in without touching the file system.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+import tomllib
+import uuid as uuidlib
+from pathlib import Path
+
+from .fs.core import FileSystem
+from .fs.format import FormatError, Superblock
+from .fs.mkfs import mkfs
+from .volume import BLOCK_SIZE, Volume, VolumeError
+
+
+class SiteError(Exception):
+    """A site cannot be used as asked; the message is one line for the user."""
+
+
+DEFAULT_CONFIG = """\
+# repfs site configuration
+[site]
+name = "{name}"
+uuid = "{uuid}"
+created = "{created}"
+
+[fs]
+# seconds between group commits when nothing asks for one (fsync, a full cache)
+commit_interval = 5.0
+# kernel attribute/entry cache lifetime in seconds
+cache_timeout = 5.0
+"""
+
+
+class Site:
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path).resolve()
+        self.volume_path = self.path / "volume.img"
+        self.journal_path = self.path / "journal"
+        self.config_path = self.path / "site.toml"
+        self.lock_path = self.path / "lock"
+        self.pid_path = self.path / "repfs.pid"
+        self.log_path = self.path / "repfs.log"
+        self._lock_fd: int | None = None
+
+    # ---------------------------------------------------------------- creation
+
+    @classmethod
+    def create(cls, path, size: int, *, inodes: int | None = None, label: str = "",
+               force: bool = False) -> "Site":
+        site = cls(path)
+        if site.path.exists() and not site.path.is_dir():
+            raise SiteError(f"{site.path} exists and is not a directory")
+        if site.volume_path.exists():
+            if not force:
+                raise SiteError(f"{site.path} is already a repfs site (use --force to replace it)")
+            site.lock()
+            for p in (site.volume_path, site.journal_path):
+                p.unlink(missing_ok=True)
+        nblocks = size // BLOCK_SIZE
+        site.path.mkdir(parents=True, exist_ok=True)
+        try:
+            vol = Volume.create(site.volume_path, nblocks)
+        except OSError as e:
+            raise SiteError(f"cannot create {site.volume_path}: {e.strerror}") from None
+        try:
+            mkfs(vol, site.journal_path, ninodes=inodes, label=label)
+        except (FormatError, OSError) as e:
+            vol.close()
+            site.volume_path.unlink(missing_ok=True)
+            site.journal_path.unlink(missing_ok=True)
+            raise SiteError(f"mkfs: {e}") from None
+        finally:
+            vol.close()
+        if not site.config_path.exists():
+            site.config_path.write_text(DEFAULT_CONFIG.format(
+                name=label or site.path.name, uuid=uuidlib.uuid4(),
+                created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())))
+        site.unlock()
+        return site
+
+    # ---------------------------------------------------------------- checks
+
+    def check(self) -> None:
+        if not self.path.is_dir():
+            raise SiteError(f"{self.path} is not a directory (make a site with: repfs mkfs SITE --size SIZE)")
+        if not self.volume_path.is_file():
+            raise SiteError(f"{self.path} is not a repfs site (no volume.img)")
+
+    def config(self) -> dict:
+        try:
+            return tomllib.loads(self.config_path.read_text())
+        except FileNotFoundError:
+            return {}
+        except tomllib.TOMLDecodeError as e:
+            raise SiteError(f"{self.config_path}: {e}") from None
+
+    def superblock(self) -> Superblock:
+        self.check()
+        with open(self.volume_path, "rb") as f:
+            block = f.read(BLOCK_SIZE)
+        try:
+            return Superblock.unpack(block)
+        except FormatError as e:
+            raise SiteError(f"{self.volume_path}: {e}") from None
+
+    # ---------------------------------------------------------------- ownership
+
+    def lock(self) -> None:
+        """Take the site for this process, or fail naming who has it."""
+        self.check()
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            who = self.owner()
+            where = f" (mounted at {who[1]} by pid {who[0]})" if who else ""
+            raise SiteError(f"site {self.path} is in use{where}") from None
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def owner(self) -> tuple[int, str] | None:
+        """(pid, mount point) of the daemon serving this site, if one runs."""
+        try:
+            pid_s, _, mnt = self.pid_path.read_text().partition("\n")
+            pid = int(pid_s)
+        except (OSError, ValueError):
+            return None
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
+        return pid, mnt.strip()
+
+    def write_pid(self, mountpoint: str) -> None:
+        tmp = self.pid_path.with_suffix(".tmp")
+        tmp.write_text(f"{os.getpid()}\n{mountpoint}\n")
+        os.replace(tmp, self.pid_path)
+
+    def clear_pid(self) -> None:
+        self.pid_path.unlink(missing_ok=True)
+
+    # ---------------------------------------------------------------- the stack
+
+    def device(self):
+        """The volume stack the file system writes through (bottom: the image file)."""
+        try:
+            return Volume(self.volume_path)
+        except VolumeError as e:
+            raise SiteError(str(e)) from None
+
+    def open_fs(self, *, readonly: bool = False) -> FileSystem:
+        dev = self.device()
+        try:
+            return FileSystem(dev, self.journal_path, readonly=readonly)
+        except FormatError as e:
+            dev.close()
+            raise SiteError(f"{self.volume_path}: {e}") from None
