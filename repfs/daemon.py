@@ -102,6 +102,8 @@ def serve(site: Site, mountpoint: str, *, readonly: bool = False, writeback_cach
                      cache_timeout=float(cfg.get("cache_timeout", 5.0)))
     options = set(pyfuse3.default_options)
     options |= {f"fsname={site.path}", "subtype=repfs", "allow_other"}
+    if os.geteuid() == 0:  # device nodes and set-uid files work as on any root mount
+        options |= {"dev", "suid"}
     options.add("ro" if readonly else "rw")
     try:
         pyfuse3.init(ops, mountpoint, options)
