@@ -1,0 +1,161 @@
+"""Shared fixtures for every tier.
+
+* ``make_fs`` / ``core_fs``: a FileSystem core on a fresh volume in tmp_path, no mount. After the
+  test the core is checkpointed, reopened and fsck'd; any problem fails the test.
+* ``mount``: a real `repfs mount` (daemonized, as a user would run it) of a fresh site; the
+  teardown requires a clean `repfs umount` (exit 0), a clean fsck and a log without warnings,
+  and always force-unmounts.
+* Any WARNING or worse logged in the test process fails the test.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from repfs.fs.core import FileSystem
+from repfs.fs.fsck import fsck
+from repfs.fs.mkfs import mkfs
+from repfs.volume import Volume
+
+REPFS = [sys.executable, "-m", "repfs"]
+
+
+def run_repfs(*args, check=True, timeout=120, **kw) -> subprocess.CompletedProcess:
+    r = subprocess.run([*REPFS, *map(str, args)], capture_output=True, text=True,
+                       timeout=timeout, **kw)
+    if check and r.returncode != 0:
+        raise AssertionError(f"repfs {' '.join(map(str, args))} exited {r.returncode}: "
+                             f"{r.stderr.strip()}")
+    return r
+
+
+def fsck_clean(site: Path) -> str:
+    r = run_repfs("fsck", site, check=False)
+    assert r.returncode == 0, f"fsck found problems:\n{r.stdout}{r.stderr}"
+    return r.stdout
+
+
+class CoreFactory:
+    def __init__(self, tmp_path: Path):
+        self.tmp = tmp_path
+        self.made: list[tuple[FileSystem, Path, Path]] = []
+
+    def __call__(self, size: int = 256 << 20, inodes: int | None = None) -> FileSystem:
+        n = len(self.made)
+        img, jnl = self.tmp / f"vol{n}.img", self.tmp / f"journal{n}"
+        dev = Volume.create(img, size // 4096)
+        mkfs(dev, jnl, ninodes=inodes)
+        fs = FileSystem(dev, jnl)
+        self.made.append((fs, img, jnl))
+        return fs
+
+    def reopen(self, fs: FileSystem, readonly: bool = False) -> FileSystem:
+        """Close cleanly and open again (what a remount does)."""
+        for i, (f, img, jnl) in enumerate(self.made):
+            if f is fs:
+                fs.close()
+                fs.dev.close()
+                new = FileSystem(Volume(img), jnl, readonly=readonly)
+                self.made[i] = (new, img, jnl)
+                return new
+        raise KeyError(fs)
+
+    def check_all(self) -> None:
+        for fs, img, jnl in self.made:
+            if fs.journal.fd < 0:
+                continue
+            fs.close()
+            fs.dev.close()
+            ro = FileSystem(Volume(img), jnl, readonly=True)
+            report = fsck(ro)
+            ro.journal.close()
+            ro.dev.close()
+            assert report.clean, "fsck: " + "; ".join(p.message for p in report.problems)
+
+
+@pytest.fixture
+def make_fs(tmp_path):
+    factory = CoreFactory(tmp_path)
+    yield factory
+    factory.check_all()
+
+
+@pytest.fixture
+def core_fs(make_fs):
+    return make_fs()
+
+
+class Mount:
+    def __init__(self, site: Path, path: Path):
+        self.site = site
+        self.path = path
+
+    def umount(self) -> None:
+        run_repfs("umount", self.path)
+
+
+def _wait_unmounted(path: Path, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while os.path.ismount(path) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def mount_site(tmp_path):
+    """Factory: mount_site(size='1G', extra mount args...) -> Mount; cleaned up afterwards."""
+    mounts: list[Mount] = []
+
+    def make(size: str = "1G", *args, name: str = "site", mkfs_args=()) -> Mount:
+        site = tmp_path / name
+        mnt = tmp_path / f"{name}-mnt"
+        if not (site / "volume.img").exists():
+            run_repfs("mkfs", site, "--size", size, *mkfs_args)
+        mnt.mkdir(exist_ok=True)
+        run_repfs("mount", site, mnt, *args)
+        assert os.path.ismount(mnt)
+        m = Mount(site, mnt)
+        mounts.append(m)
+        return m
+
+    yield make
+    errors = []
+    for m in mounts:
+        try:
+            if os.path.ismount(m.path):
+                r = run_repfs("umount", m.path, check=False)
+                if r.returncode != 0:
+                    errors.append(f"umount {m.path}: {r.stderr.strip()}")
+        finally:
+            if os.path.ismount(m.path):
+                subprocess.run(["fusermount3", "-u", "-z", str(m.path)], check=False)
+                _wait_unmounted(m.path)
+        log = m.site / "repfs.log"
+        if log.exists():
+            bad = [ln for ln in log.read_text().splitlines()
+                   if " WARNING " in ln or " ERROR " in ln or "Traceback" in ln]
+            if bad:
+                errors.append(f"{log} has warnings: {bad[:3]}")
+        if not errors:
+            r = run_repfs("fsck", m.site, check=False)
+            if r.returncode != 0:
+                errors.append(f"fsck {m.site}: exit {r.returncode}\n{r.stdout}{r.stderr}")
+    assert not errors, "\n".join(errors)
+
+
+@pytest.fixture
+def mount(mount_site):
+    return mount_site()
+
+
+@pytest.fixture(autouse=True)
+def _no_warnings_logged(caplog):
+    yield
+    bad = [r for r in caplog.get_records("call") if r.levelno >= logging.WARNING]
+    assert not bad, "unexpected log records: " + "; ".join(r.getMessage() for r in bad)
