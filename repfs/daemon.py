@@ -77,27 +77,41 @@ async def _signal_loop(nursery) -> None:
             return
 
 
-async def _serve(ops: Operations, interval: float) -> None:
+async def _serve(service, interval: float, control_sock, token: str) -> None:
+    from .control import ControlServer
+    ops = service.ops
     async with trio.open_nursery() as nursery:
+        service.nursery = nursery
         nursery.start_soon(_commit_loop, ops, interval)
         nursery.start_soon(_signal_loop, nursery)
+        nursery.start_soon(ControlServer(service, token).serve, control_sock)
         await pyfuse3.main()
+        await service.close_snapshot_mounts()
         nursery.cancel_scope.cancel()
     await ops.commit()
 
 
 def serve(site: Site, mountpoint: str, *, readonly: bool = False, writeback_cache: bool = False,
-          ready=None) -> None:
+          listen: str | None = None, ready=None) -> None:
     """Mount and serve until unmounted. `ready(msg)` is called once: None on success, else
     with the one-line reason the mount failed (then this returns without serving)."""
+    from .control import bind, ensure_token
+    from .service import SiteService
     ready = ready or (lambda msg: None)
     try:
         site.lock()
+        cfg_all = site.config()
+        listen = listen or cfg_all.get("control", {}).get("listen", "127.0.0.1:0")
+        try:
+            control_sock = bind(listen)
+        except (OSError, ValueError) as e:
+            raise SiteError(f"cannot listen on {listen}: {getattr(e, 'strerror', None) or e}")
         core = site.open_fs(readonly=readonly)
     except SiteError as e:
+        site.unlock()
         ready(str(e))
         return
-    cfg = site.config().get("fs", {})
+    cfg = cfg_all.get("fs", {})
     ops = Operations(core, writeback_cache=writeback_cache,
                      cache_timeout=float(cfg.get("cache_timeout", 5.0)))
     options = set(pyfuse3.default_options)
@@ -109,22 +123,29 @@ def serve(site: Site, mountpoint: str, *, readonly: bool = False, writeback_cach
         pyfuse3.init(ops, mountpoint, options)
     except RuntimeError as e:
         core.close()
+        core.dev.close()
         site.unlock()
         ready(f"cannot mount at {mountpoint}: {e}")
         return
+    token = ensure_token(site.path)
+    host, port = control_sock.getsockname()[:2]
     site.write_pid(mountpoint)
-    log.info("mounted %s at %s%s", site.path, mountpoint, " read-only" if readonly else "")
+    site.write_control(host, port)
+    service = SiteService(site, ops, mountpoint=mountpoint, readonly=readonly)
+    log.info("mounted %s at %s%s; control port %s:%d", site.path, mountpoint,
+             " read-only" if readonly else "", host, port)
     ready(None)
     unmounted = False
     try:
-        trio.run(_serve, ops, float(cfg.get("commit_interval", 5.0)))
+        trio.run(_serve, service, float(cfg.get("commit_interval", 5.0)), control_sock, token)
         unmounted = True
     finally:
         try:
             pyfuse3.close(unmount=not unmounted)
         except Exception:  # noqa: BLE001 - best effort while going down
             log.exception("closing the FUSE session")
-        core.close()
+        ops.core.close()
+        ops.core.dev.close()
         site.clear_pid()
         site.unlock()
         log.info("unmounted %s; volume checkpointed", site.path)

@@ -15,7 +15,10 @@ Later issues add meta.lmdb/ and save/ here. The volume stack is built in one pla
 from __future__ import annotations
 
 import fcntl
+import logging
+import json
 import os
+import shutil
 import time
 import tomllib
 import uuid as uuidlib
@@ -25,6 +28,9 @@ from .fs.core import FileSystem
 from .fs.format import FormatError, Superblock
 from .fs.mkfs import mkfs
 from .volume import BLOCK_SIZE, Volume, VolumeError
+
+
+log = logging.getLogger(__name__)
 
 
 class SiteError(Exception):
@@ -43,6 +49,15 @@ created = "{created}"
 commit_interval = 5.0
 # kernel attribute/entry cache lifetime in seconds
 cache_timeout = 5.0
+
+[control]
+# the daemon's HTTP/JSON control port (repfs-admin); loopback only unless you change it
+listen = "127.0.0.1:0"
+
+[snap]
+# bytes the snapshot save volumes (SITE/save/) may hold, e.g. "50G"; by default a quarter of
+# the free space of the file system holding the site, measured when the site is mounted
+# save_capacity = "50G"
 """
 
 
@@ -71,6 +86,8 @@ class Site:
             site.lock()
             for p in (site.volume_path, site.journal_path):
                 p.unlink(missing_ok=True)
+            shutil.rmtree(site.path / "meta.lmdb", ignore_errors=True)
+            shutil.rmtree(site.path / "save", ignore_errors=True)
         nblocks = size // BLOCK_SIZE
         site.path.mkdir(parents=True, exist_ok=True)
         try:
@@ -160,18 +177,79 @@ class Site:
 
     def clear_pid(self) -> None:
         self.pid_path.unlink(missing_ok=True)
+        (self.path / "control.json").unlink(missing_ok=True)
+
+    def write_control(self, host: str, port: int) -> None:
+        tmp = self.path / "control.json.tmp"
+        tmp.write_text(json.dumps({"host": host, "port": port, "pid": os.getpid()}) + "\n")
+        os.replace(tmp, self.path / "control.json")
+
+    def control_address(self) -> tuple[str, int] | None:
+        """Where this site's daemon listens, if one runs."""
+        if self.owner() is None:
+            return None
+        try:
+            c = json.loads((self.path / "control.json").read_text())
+            return c["host"], int(c["port"])
+        except (OSError, ValueError, KeyError):
+            return None
 
     # ---------------------------------------------------------------- the stack
 
-    def device(self):
-        """The volume stack the file system writes through (bottom: the image file)."""
+    @staticmethod
+    def _finish_interrupted(layer) -> None:
+        """A restore or delete that a crash interrupted is finished before the file system
+        is opened (both are idempotent)."""
+        store = layer.store
+        raw = store.get_state("restoring")
+        if raw:
+            sid = int.from_bytes(raw, "big")
+            snap = next((s for s in store.queue if s.id == sid), None)
+            if snap is not None:
+                log.info("finishing the interrupted restore of snapshot %s", snap.name)
+                layer.restore(snap)
+            store.set_state("restoring", None)
+        for snap in [s for s in store.queue if s.state == "deleting"]:
+            log.info("finishing the interrupted delete of snapshot %s", snap.name)
+            layer.delete(snap)
+
+    def save_capacity(self) -> int:
+        from .cli import QuietError, parse_size
+        raw = self.config().get("snap", {}).get("save_capacity")
+        if raw is not None:
+            try:
+                return parse_size(str(raw))
+            except QuietError:
+                raise SiteError(f"{self.config_path}: bad [snap] save_capacity {raw!r}") from None
+        st = os.statvfs(self.path)
+        return st.f_bavail * st.f_frsize // 4
+
+    def open_store(self):
+        from .snap.store import SnapStore
         try:
-            return Volume(self.volume_path)
+            return SnapStore(self.path, capacity_bytes=self.save_capacity())
+        except Exception as e:  # lmdb.Error and OSError: one line for the user
+            raise SiteError(f"cannot open {self.path / 'meta.lmdb'}: {e}") from None
+
+    def device(self):
+        """The volume stack the file system writes through: the snapped volume (copy-on-first-
+        write for snapshots) over the image file. Later layers (the change log) go on top."""
+        from .snap.layer import SnapLayer
+        try:
+            vol = Volume(self.volume_path)
         except VolumeError as e:
             raise SiteError(str(e)) from None
+        try:
+            sb = Superblock.unpack(vol.read(0, 1))
+        except FormatError as e:
+            vol.close()
+            raise SiteError(f"{self.volume_path}: {e}") from None
+        store = self.open_store()
+        return SnapLayer(vol, store, sb.bbitmap_start)
 
     def open_fs(self, *, readonly: bool = False) -> FileSystem:
         dev = self.device()
+        self._finish_interrupted(dev)  # recovery, like the redo-log replay: even read-only
         try:
             return FileSystem(dev, self.journal_path, readonly=readonly)
         except FormatError as e:

@@ -21,9 +21,10 @@ class VolumeError(Exception):
 class BlockDevice:
     """The interface every layer of the volume stack provides.
 
-    `read(start, count)` returns `count * BLOCK_SIZE` bytes; `write(start, data)` takes a
-    bytes-like object whose length is a multiple of `BLOCK_SIZE`; `flush()` makes every
-    completed write durable. Implementations must accept calls from more than one thread
+    `read(start, count)` returns `count * BLOCK_SIZE` bytes; `write(start, data, meta)` takes a
+    bytes-like object whose length is a multiple of `BLOCK_SIZE` (`meta` marks the checkpoint
+    of committed file-system metadata, which a layer must never refuse: it may only use
+    reserves for it); `flush()` makes every completed write durable. Implementations must accept calls from more than one thread
     (the file system writes back committed metadata from a worker thread).
     """
 
@@ -33,7 +34,7 @@ class BlockDevice:
     def read(self, start: int, count: int) -> bytes:
         raise NotImplementedError
 
-    def write(self, start: int, data) -> None:
+    def write(self, start: int, data, meta: bool = False) -> None:
         raise NotImplementedError
 
     def flush(self) -> None:
@@ -53,8 +54,8 @@ class Layer(BlockDevice):
     def read(self, start, count):
         return self.lower.read(start, count)
 
-    def write(self, start, data):
-        self.lower.write(start, data)
+    def write(self, start, data, meta=False):
+        self.lower.write(start, data, meta)
 
     def flush(self):
         self.lower.flush()
@@ -104,7 +105,7 @@ class Volume(BlockDevice):
             data += bytes(want - len(data))
         return data
 
-    def write(self, start: int, data) -> None:
+    def write(self, start: int, data, meta: bool = False) -> None:
         n = len(data)
         if n % BLOCK_SIZE:
             raise VolumeError("write of a partial block")

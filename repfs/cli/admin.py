@@ -1,11 +1,22 @@
-"""`repfs-admin`: administer a site (this issue: `status` read from the site itself)."""
+"""`repfs-admin --site TARGET VERB ...`: administer a running site over its control port.
+
+TARGET is HOST:PORT, a site directory or a repfs mount point. For a site directory or a mount
+point the address and the token come from the site (``control.json``, ``control.token``); for
+HOST:PORT the token comes from ``--token-file`` or the environment variable REPFS_TOKEN.
+Tables for people; ``--json`` prints one JSON document for scripts. Exit status: 0 success,
+1 the operation failed (the message says why), 2 bad arguments.
+"""
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
+import re
 import sys
+import time
+from urllib.parse import quote
 
 from . import QuietError, run_cli
 
@@ -15,80 +26,231 @@ class _Parser(argparse.ArgumentParser):
         raise QuietError(message, 2)
 
 
-def _resolve_site(target: str):
-    """TARGET is a site directory or a repfs mount point."""
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="repfs-admin", description="Administer a repfs site.")
+    p.add_argument("--site", required=True, metavar="TARGET",
+                   help="HOST:PORT, a site directory or a repfs mount point")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.add_argument("--token-file", help="control token (for a HOST:PORT target)")
+    sub = p.add_subparsers(dest="verb", required=True, parser_class=_Parser)
+    sub.add_parser("status", help="what the site is, how full, its snapshots")
+    snap = sub.add_parser("snapshot", help="snapshots of the file system")
+    ss = snap.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    c = ss.add_parser("create", help="take a snapshot (at a consistency point)")
+    c.add_argument("name")
+    c.add_argument("--attr", action="append", default=[], metavar="KEY=VALUE",
+                   help="an attribute to stamp on the snapshot (repeatable)")
+    ss.add_parser("list", help="the snapshots, oldest first")
+    d = ss.add_parser("delete", help="delete a snapshot (the others read the same after)")
+    d.add_argument("name")
+    r = ss.add_parser("restore", help="bring the live file system back to a snapshot")
+    r.add_argument("name")
+    m = ss.add_parser("mount", help="mount a snapshot read-only")
+    m.add_argument("name")
+    m.add_argument("mountpoint")
+    df = ss.add_parser("diff", help="what changed from snapshot L to snapshot M (or live)")
+    df.add_argument("older")
+    df.add_argument("younger", nargs="?", help="a younger snapshot (default: the live file system)")
+    df.add_argument("--no-paths", action="store_true", help="count blocks only")
+    return p
+
+
+# ----------------------------------------------------------------------------- reaching it
+
+class Target:
+    def __init__(self, site=None, address=None, token=None):
+        self.site = site
+        self.address = address
+        self.token = token
+
+
+def _resolve(target: str, token_file: str | None) -> Target:
     from ..daemon import repfs_mounts
     from ..site import Site
-    real = os.path.realpath(target)
-    mounts = repfs_mounts()
-    if real in mounts:
-        return Site(mounts[real])
-    site = Site(real)
-    if not site.volume_path.is_file():
-        raise QuietError(f"{target} is neither a repfs site directory nor a repfs mount point")
-    return site
+    if os.path.exists(target):
+        real = os.path.realpath(target)
+        mounts = repfs_mounts()
+        if real in mounts:
+            site = Site(mounts[real].split("@")[0])
+        else:
+            site = Site(real)
+            if not site.volume_path.is_file():
+                raise QuietError(f"{target} is neither a repfs site directory nor a repfs "
+                                 "mount point")
+        addr = site.control_address()
+        token = None
+        if addr:
+            try:
+                token = (site.path / "control.token").read_text().strip()
+            except OSError as e:
+                raise QuietError(f"cannot read the control token of {site.path}: "
+                                 f"{e.strerror}") from None
+        return Target(site, addr, token)
+    m = re.fullmatch(r"\[?([\w.\-:]+?)\]?:(\d{1,5})", target)
+    if not m:
+        raise QuietError(f"{target} is not HOST:PORT, a site directory or a mount point", 2)
+    token = os.environ.get("REPFS_TOKEN")
+    if token_file:
+        try:
+            token = open(token_file).read().strip()
+        except OSError as e:
+            raise QuietError(f"cannot read {token_file}: {e.strerror}") from None
+    if not token:
+        raise QuietError("a HOST:PORT target needs the site's control token "
+                         "(--token-file FILE or REPFS_TOKEN)", 2)
+    return Target(None, (m.group(1), int(m.group(2))), token)
 
 
-def status(site) -> dict:
+def call(t: Target, method: str, path: str, body: dict | None = None):
+    if t.address is None:
+        raise QuietError(f"site {t.site.path} is not mounted: no daemon to ask "
+                         f"(mount it with: repfs mount {t.site.path} MOUNTPOINT)")
+    host, port = t.address
+    conn = http.client.HTTPConnection(host, port, timeout=None)
+    data = json.dumps(body).encode() if body is not None else None
+    headers = {"Authorization": f"Bearer {t.token}", "Content-Type": "application/json"}
+    try:
+        conn.request(method, "/v1" + path, body=data, headers=headers)
+        resp = conn.getresponse()
+        raw = resp.read()
+    except OSError as e:
+        raise QuietError(f"cannot reach the daemon at {host}:{port}: "
+                         f"{e.strerror or e}") from None
+    finally:
+        conn.close()
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        raise QuietError(f"the daemon answered {resp.status} with a non-JSON body") from None
+    if resp.status != 200:
+        raise QuietError(doc.get("error", f"HTTP {resp.status}") if isinstance(doc, dict)
+                         else f"HTTP {resp.status}")
+    return doc
+
+
+# ----------------------------------------------------------------------------- printing
+
+def _human(n) -> str:
+    if n is None:
+        return "-"
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if abs(n) < 1024 or unit == "PiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _table(rows: list[list[str]], head: list[str]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    line = lambda r: "  ".join(str(x).ljust(w) for x, w in zip(r, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(head)] + [line(r) for r in rows])
+
+
+def _print_snapshots(snaps: list[dict]) -> None:
+    if not snaps:
+        print("no snapshots")
+        return
+    rows = [[s["name"], s["id"], s["created"], _human(s["save_bytes"]),
+             ",".join(f"{k}={v}" for k, v in s["attrs"].items()) or "-"] for s in snaps]
+    print(_table(rows, ["NAME", "ID", "CREATED (UTC)", "SAVED", "ATTRS"]))
+
+
+def offline_status(site) -> dict:
     from ..site import SiteError
     try:
         sb = site.superblock()
     except SiteError as e:
         raise QuietError(str(e)) from None
-    who = site.owner()
     usable = sb.nblocks - sb.data_start
-    free_blocks, free_inodes = sb.free_blocks, sb.free_inodes
-    if who:
-        try:  # the live numbers from the daemon
-            st = os.statvfs(who[1])
-            free_blocks, free_inodes = st.f_bfree, st.f_ffree
-        except OSError:
-            pass
     return {
-        "site": str(site.path),
-        "label": sb.label,
-        "uuid": sb.uuid.hex(),
-        "state": "mounted" if who else "not mounted",
-        "mountpoint": who[1] if who else None,
-        "pid": who[0] if who else None,
-        "volume_bytes": sb.nblocks * 4096,
-        "used_bytes": (usable - free_blocks) * 4096,
-        "free_bytes": free_blocks * 4096,
-        "inodes": sb.ninodes - 1,
-        "free_inodes": free_inodes,
-        "format_version": sb.version,
+        "site": str(site.path), "label": sb.label, "uuid": sb.uuid.hex(),
+        "state": "not mounted", "mountpoint": None, "pid": None,
+        "volume_bytes": sb.nblocks * 4096, "used_bytes": (usable - sb.free_blocks) * 4096,
+        "free_bytes": sb.free_blocks * 4096, "inodes": sb.ninodes - 1,
+        "free_inodes": sb.free_inodes, "format_version": sb.version,
     }
 
 
-def _human(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
-        n /= 1024
-    return str(n)
-
-
-def _main(argv) -> int:
-    p = _Parser(prog="repfs-admin", description="Administer a repfs site.")
-    p.add_argument("--site", required=True, help="a site directory or a repfs mount point")
-    p.add_argument("--json", action="store_true", help="print one JSON document")
-    sub = p.add_subparsers(dest="verb", required=True, parser_class=_Parser)
-    sub.add_parser("status", help="what the site is and how full it is")
-    a = p.parse_args(argv)
-    site = _resolve_site(a.site)
-    st = status(site)
-    if a.json:
-        print(json.dumps(st, indent=2))
-        return 0
+def _print_status(st: dict) -> None:
     rows = [
-        ("site", st["site"]), ("label", st["label"] or "-"), ("state", st["state"]),
+        ("site", st["site"]), ("label", st["label"] or "-"), ("state", st["state"]
+                                                              + (" (read-only)" if st.get("readonly") else "")),
         ("mount point", st["mountpoint"] or "-"), ("daemon pid", st["pid"] or "-"),
         ("volume", _human(st["volume_bytes"])),
         ("used", f"{_human(st['used_bytes'])} ({_human(st['free_bytes'])} free)"),
         ("inodes", f"{st['inodes'] - st['free_inodes']} used of {st['inodes']}"),
     ]
+    if "snapshots" in st:
+        rows.append(("snapshots", str(len(st["snapshots"]))))
+        rows.append(("save volumes", f"{_human(st['save_used_bytes'])} used of "
+                                     f"{_human(st['save_capacity_bytes'])}"))
     for k, v in rows:
-        print(f"{k:12s} {v}")
+        print(f"{k:13s} {v}")
+    if st.get("snapshots"):
+        print()
+        _print_snapshots(st["snapshots"])
+    for name, mp in (st.get("snapshot_mounts") or {}).items():
+        print(f"snapshot {name} is mounted at {mp}")
+
+
+# ----------------------------------------------------------------------------- verbs
+
+def _main(argv) -> int:
+    a = _parser().parse_args(argv)
+    t = _resolve(a.site, a.token_file)
+    out = None
+    if a.verb == "status":
+        out = call(t, "GET", "/status") if t.address or t.site is None else offline_status(t.site)
+        if not a.json:
+            _print_status(out)
+    elif a.verb == "snapshot":
+        act = a.action
+        if act == "create":
+            attrs = {}
+            for kv in a.attr:
+                k, sep, v = kv.partition("=")
+                if not sep or not k:
+                    raise QuietError(f"bad --attr {kv!r} (want KEY=VALUE)", 2)
+                attrs[k] = v
+            out = call(t, "POST", "/snapshots", {"name": a.name, "attrs": attrs})
+            if not a.json:
+                print(f"snapshot {out['name']} created (id {out['id']}, {out['created']})")
+        elif act == "list":
+            out = call(t, "GET", "/snapshots")
+            if not a.json:
+                _print_snapshots(out)
+        elif act == "delete":
+            out = call(t, "DELETE", f"/snapshots/{quote(a.name, safe='')}")
+            if not a.json:
+                print(f"snapshot {a.name} deleted ({out['moved_blocks']} before-images moved "
+                      "to the next older snapshot)")
+        elif act == "restore":
+            if not a.json:
+                print(f"restoring snapshot {a.name} (writers wait until it is done) ...",
+                      flush=True)
+            t0 = time.monotonic()
+            out = call(t, "POST", f"/snapshots/{quote(a.name, safe='')}/restore")
+            if not a.json:
+                print(f"restored {out['blocks']} blocks in {time.monotonic() - t0:.1f} s; "
+                      "the mount shows the snapshot's tree")
+        elif act == "mount":
+            mp = os.path.abspath(a.mountpoint)
+            out = call(t, "POST", f"/snapshots/{quote(a.name, safe='')}/mount",
+                       {"mountpoint": mp})
+            if not a.json:
+                print(f"snapshot {a.name} mounted read-only at {out['mountpoint']} "
+                      f"(unmount with: repfs umount {out['mountpoint']})")
+        elif act == "diff":
+            q = f"?to={quote(a.younger, safe='')}" if a.younger else "?to=live"
+            q += "&paths=0" if a.no_paths else ""
+            out = call(t, "GET", f"/snapshots/{quote(a.older, safe='')}/diff{q}")
+            if not a.json:
+                print(f"{out['changed_blocks']} blocks changed from {out['from']} to {out['to']}")
+                for p in out.get("paths", []):
+                    print(f"  {p['change']:9s} {p['path']}")
+    if a.json:
+        print(json.dumps(out, indent=2))
     return 0
 
 

@@ -39,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--ro", action="store_true", help="read-only: every change gets EROFS")
     m.add_argument("--foreground", action="store_true", help="stay in the foreground")
     m.add_argument("--log", help="log file (default: SITE/repfs.log)")
+    m.add_argument("--listen", metavar="HOST:PORT",
+                   help="control port address (default: site.toml [control] listen, "
+                   "127.0.0.1 on a free port)")
     m.add_argument("--writeback-cache", action="store_true",
                    help="let the kernel cache writes (faster small writes)")
     m.add_argument("-o", dest="options", default="", help="mount(8)-style options: ro, rw, "
@@ -97,7 +100,7 @@ def _cmd_mount(a) -> int:
     who = site.owner()
     if who:
         raise QuietError(f"site {site.path} is already mounted at {who[1]} (pid {who[0]})")
-    kw = dict(readonly=readonly, writeback_cache=writeback)
+    kw = dict(readonly=readonly, writeback_cache=writeback, listen=a.listen)
     if a.foreground:
         setup_logging(a.log)
         err = []
@@ -155,6 +158,7 @@ def _cmd_fsck(a) -> int:
             report = checker.run()
         finally:
             fs.close()
+            fs.dev.close()
     finally:
         site.unlock()
     for note in report.notes:

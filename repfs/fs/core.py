@@ -85,8 +85,14 @@ class FileSystem:
                  cache_blocks: int = 16384):
         self.dev = dev
         self.readonly = readonly
-        self.journal = Journal(journal_path)
-        self.replayed = self.replay_journal(dev, self.journal)
+        if journal_path is None:  # a snapshot: consistent as it stands, never written
+            if not readonly:
+                raise ValueError("a file system without a redo log must be read-only")
+            self.journal = None
+            self.replayed = 0
+        else:
+            self.journal = Journal(journal_path)
+            self.replayed = self.replay_journal(dev, self.journal)
         self.sb = Superblock.unpack(dev.read(0, 1))
         if self.sb.nblocks != dev.nblocks:
             raise FormatError(f"superblock says {self.sb.nblocks} blocks, the volume has "
@@ -116,7 +122,7 @@ class FileSystem:
             return 0
         _, blocks = rec
         for blk in sorted(blocks):
-            dev.write(blk, blocks[blk])
+            dev.write(blk, blocks[blk], meta=True)
         dev.flush()
         journal.clear()
         return len(blocks)
@@ -153,9 +159,10 @@ class FileSystem:
         numbers = np.array(sorted(blocks), dtype=np.uint32)
         for _, start, n in runs(numbers):
             if n == 1:
-                self.dev.write(start, blocks[start])
+                self.dev.write(start, blocks[start], meta=True)
             else:
-                self.dev.write(start, b"".join(blocks[b] for b in range(start, start + n)))
+                self.dev.write(start, b"".join(blocks[b] for b in range(start, start + n)),
+                               meta=True)
 
     def finish_commit(self) -> None:
         self.meta.end_commit()
@@ -178,7 +185,8 @@ class FileSystem:
     def close(self) -> None:
         if not self.readonly:
             self.checkpoint()
-        self.journal.close()
+        if self.journal is not None:
+            self.journal.close()
 
     # ================================================================= inodes
 

@@ -1,0 +1,195 @@
+"""The daemon's control port: HTTP/1.1 with JSON bodies, authenticated by a bearer token.
+
+The token is ``SITE/control.token`` (mode 0600, made at the first mount); the address the
+daemon listens on is ``SITE/control.json``, so `repfs-admin --site SITE_OR_MOUNTPOINT` needs
+neither at hand. h11 parses HTTP (a well-kept, I/O-free parser); routing and the verbs are
+ours. An unauthenticated or malformed request gets a 4xx and changes nothing.
+
+Routes (all under /v1):
+
+| method | path | body | does |
+|---|---|---|---|
+| GET | /status | | site, mount state, usage, snapshots, save-volume usage |
+| GET | /snapshots | | the snapshot queue, oldest first |
+| POST | /snapshots | {"name", "attrs"?} | create a snapshot (at a consistency point) |
+| DELETE | /snapshots/NAME | | delete it |
+| POST | /snapshots/NAME/restore | | restore the live file system to it, online |
+| POST | /snapshots/NAME/mount | {"mountpoint"} | mount it read-only |
+| GET | /snapshots/NAME/diff?to=OTHER&paths=1 | | changed blocks (and paths) from NAME to OTHER (default: live) |
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import os
+import secrets
+import socket
+from pathlib import Path
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import h11
+import trio
+
+from .snap.store import SnapError
+
+log = logging.getLogger(__name__)
+MAX_BODY = 1 << 20
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def ensure_token(site_path: Path) -> str:
+    path = Path(site_path) / "control.token"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        token = secrets.token_urlsafe(32)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+        return token
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"bad listen address {text!r} (want HOST:PORT)")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def bind(listen: str) -> socket.socket:
+    host, port = parse_listen(listen)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(64)
+    return sock
+
+
+class ControlServer:
+    def __init__(self, service, token: str):
+        self.service = service
+        self.token = token.encode()
+
+    async def serve(self, sock: socket.socket) -> None:
+        listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+        await trio.serve_listeners(self.handle, [listener])
+
+    async def handle(self, stream) -> None:
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=64 * 1024)
+        try:
+            while True:
+                req, body = await self._read_request(conn, stream)
+                if req is None:
+                    return
+                status, payload = await self._dispatch(req, body)
+                await self._send(conn, stream, status, payload)
+                if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
+                    return
+                conn.start_next_cycle()
+        except h11.RemoteProtocolError as e:
+            try:
+                await self._send(conn, stream, 400, {"error": f"malformed request: {e}"})
+            except Exception:  # noqa: BLE001 - the peer is gone or broken
+                pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
+            pass
+        finally:
+            await stream.aclose()
+
+    async def _read_request(self, conn, stream):
+        req = None
+        body = bytearray()
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                data = await stream.receive_some(65536)
+                conn.receive_data(data)
+                continue
+            if isinstance(event, h11.Request):
+                req = event
+            elif isinstance(event, h11.Data):
+                body += event.data
+                if len(body) > MAX_BODY:
+                    raise h11.RemoteProtocolError("request body too large")
+            elif isinstance(event, h11.EndOfMessage):
+                return req, bytes(body)
+            elif isinstance(event, h11.ConnectionClosed):
+                return None, b""
+
+    async def _send(self, conn, stream, status: int, payload) -> None:
+        data = (json.dumps(payload, indent=None) + "\n").encode()
+        headers = [("content-type", "application/json"), ("content-length", str(len(data)))]
+        await stream.send_all(conn.send(h11.Response(status_code=status, headers=headers)))
+        await stream.send_all(conn.send(h11.Data(data=data)))
+        await stream.send_all(conn.send(h11.EndOfMessage()))
+
+    def _authorized(self, req) -> bool:
+        for name, value in req.headers:
+            if name == b"authorization" and value.startswith(b"Bearer "):
+                return hmac.compare_digest(value[7:].strip(), self.token)
+        return False
+
+    async def _dispatch(self, req, body: bytes):
+        if not self._authorized(req):
+            return 401, {"error": "unauthorized: missing or wrong control token"}
+        try:
+            method = req.method.decode()
+            url = urlsplit(req.target.decode())
+            parts = [unquote(p) for p in url.path.split("/") if p]
+            query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+            args = json.loads(body) if body else {}
+            if not isinstance(args, dict):
+                raise HTTPError(400, "the request body must be a JSON object")
+            return 200, await self._route(method, parts, query, args)
+        except json.JSONDecodeError as e:
+            return 400, {"error": f"malformed JSON body: {e}"}
+        except HTTPError as e:
+            return e.status, {"error": str(e)}
+        except SnapError as e:
+            return e.status, {"error": str(e)}
+        except OSError as e:
+            log.exception("control request failed")
+            return 500, {"error": f"{e.strerror or e}"}
+
+    async def _route(self, method: str, parts: list[str], query: dict, args: dict):
+        svc = self.service
+        if not parts or parts[0] != "v1":
+            raise HTTPError(404, "unknown path (the API is under /v1)")
+        parts = parts[1:]
+        if parts == ["status"] and method == "GET":
+            return svc.status()
+        if parts and parts[0] == "snapshots":
+            if len(parts) == 1:
+                if method == "GET":
+                    return svc.snapshot_list()
+                if method == "POST":
+                    name = args.get("name")
+                    attrs = args.get("attrs") or {}
+                    if not isinstance(name, str) or not isinstance(attrs, dict):
+                        raise HTTPError(400, "want {\"name\": string, \"attrs\": object}")
+                    return await svc.snapshot_create(name, attrs)
+            elif len(parts) == 2 and method == "DELETE":
+                return await svc.snapshot_delete(parts[1])
+            elif len(parts) == 3 and parts[2] == "restore" and method == "POST":
+                return await svc.snapshot_restore(parts[1])
+            elif len(parts) == 3 and parts[2] == "mount" and method == "POST":
+                mp = args.get("mountpoint")
+                if not isinstance(mp, str) or not mp:
+                    raise HTTPError(400, "want {\"mountpoint\": string}")
+                return await svc.snapshot_mount(parts[1], mp)
+            elif len(parts) == 3 and parts[2] == "diff" and method == "GET":
+                to = query.get("to") or None
+                if to == "live":
+                    to = None
+                return await svc.snapshot_diff(parts[1], to,
+                                               paths=query.get("paths", "1") != "0")
+        raise HTTPError(404 if method in ("GET", "POST", "DELETE") else 405,
+                        f"no such operation: {method} /v1/{'/'.join(parts)}")

@@ -1,0 +1,297 @@
+"""The snapped volume (FIG. 25): a layer of the volume stack that keeps snapshots.
+
+Writes follow FIG. 26 and FIG. 41: before a clone block Bi is overwritten, walk the snapshot
+queue from the tail toward the head; the first snapshot that already holds a before-image of
+Bi ends the walk (every older snapshot reads through to it); the first that held Bi as valid
+data (its meta bit map) without a before-image gets one, saved into the tail's save volume
+(reads of older snapshots pass through the tail). Blocks no snapshot holds as valid data are
+never saved. Reads of snapshot N follow FIG. 27 — save volume N, else the next younger one,
+else the clone — for a whole extent at once, with numpy masks instead of recursion.
+
+Everything is by extent: bit maps are tested a page at a time, before-images are read and
+written in runs. A lock serialises copy-on-write with snapshot reads, because the file
+system's commit thread writes through this layer too.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import threading
+from collections import OrderedDict
+
+import numpy as np
+
+from ..fs.errors import FSError
+from ..volume import BLOCK_SIZE, Layer
+from . import keys as K
+from .store import SnapError, Snapshot, SnapStore
+
+log = logging.getLogger(__name__)
+BS = BLOCK_SIZE
+
+
+def _runs(idx: np.ndarray) -> list[tuple[int, int]]:
+    """(start, count) of runs of consecutive integers in a sorted index array."""
+    if not len(idx):
+        return []
+    breaks = np.flatnonzero(np.diff(idx) != 1) + 1
+    starts = np.concatenate(([0], breaks))
+    ends = np.concatenate((breaks, [len(idx)]))
+    return [(int(idx[a]), int(b - a)) for a, b in zip(starts, ends)]
+
+
+class SnapLayer(Layer):
+    META_CACHE = 256  # unpacked meta bit map pages (32 KiB each)
+
+    def __init__(self, lower, store: SnapStore, bitmap_start: int, *,
+                 reserve_bytes: int = 64 << 20):
+        super().__init__(lower)
+        self.store = store
+        self.bitmap_start = bitmap_start
+        self.lock = threading.RLock()
+        self._meta: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self.reserve = reserve_bytes
+        self.cow_blocks = 0
+
+    # ---------------------------------------------------------------- writing (FIG. 41)
+
+    def write(self, start: int, data, meta: bool = False) -> None:
+        n = len(data) // BS
+        with self.lock:
+            if self.store.queue:
+                self._copy_on_write(start, n, meta)
+            self.lower.write(start, data)
+
+    def _needed(self, upto: int, s: int, n: int, candidates: np.ndarray) -> np.ndarray:
+        """Which `candidates` among blocks [s, s+n) some snapshot at queue position <= upto
+        still needs a before-image of: walk from `upto` toward the head (FIG. 41). A snapshot
+        that holds a before-image ends the walk for that block (older ones read through to
+        it); one that held the block as valid data needs it."""
+        undecided = candidates.copy()
+        need = np.zeros(n, dtype=bool)
+        for snap in reversed(self.store.queue[: upto + 1]):
+            undecided &= ~self.store.has(snap, s, n)
+            if not undecided.any():
+                break
+            valid = self.meta_bits(snap, s, n) & undecided
+            need |= valid
+            undecided &= ~valid
+            if not undecided.any():
+                break
+        return need
+
+    def _copy_on_write(self, s: int, n: int, meta: bool) -> None:
+        need = self._needed(len(self.store.queue) - 1, s, n, np.ones(n, dtype=bool))
+        idx = np.flatnonzero(need)
+        if not len(idx):
+            return
+        cap = self.store.capacity
+        if cap is not None:
+            after = self.store.usage() + (len(idx) + len(idx) // 1000 + 1) * BS
+            if after > cap - (0 if meta else self.reserve):
+                if not meta:
+                    log.error("save volumes full (%d of %d bytes): refusing a write that would "
+                              "overwrite %d blocks the snapshots still need; delete snapshots or "
+                              "raise [snap] save_capacity", self.store.usage(), cap, len(idx))
+                    raise FSError(errno.ENOSPC, "the snapshot save volumes are full")
+                log.error("save volumes over capacity: saving %d before-images of committed "
+                          "metadata anyway", len(idx))
+        parts = []
+        for a, c in _runs(idx):
+            parts.append(self.lower.read(s + a, c))
+        self.store.add_before_images(self.store.queue[-1], (s + idx).astype(np.uint32),
+                                     b"".join(parts))
+        self.cow_blocks += len(idx)
+
+    def flush(self) -> None:
+        with self.lock:
+            self.store.flush()
+        self.lower.flush()
+
+    def close(self) -> None:
+        with self.lock:
+            self.store.close()
+        self.lower.close()
+
+    # ---------------------------------------------------------------- meta bit maps (FIG. 42)
+
+    def meta_page(self, snap: Snapshot, page: int) -> np.ndarray:
+        """The file system's block bitmap block `page` as it was when `snap` was taken."""
+        key = (snap.id, page)
+        arr = self._meta.get(key)
+        if arr is None:
+            raw = self.read_snapshot(snap, self.bitmap_start + page, 1)
+            arr = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little").astype(bool)
+            self._meta[key] = arr
+            if len(self._meta) > self.META_CACHE:
+                self._meta.popitem(last=False)
+        else:
+            self._meta.move_to_end(key)
+        return arr
+
+    def meta_bits(self, snap: Snapshot, s: int, n: int) -> np.ndarray:
+        out = np.zeros(n, dtype=bool)
+        pos, end = s, s + n
+        while pos < end:
+            page, off = divmod(pos, K.BITS_PER_PAGE)
+            m = min(end - pos, K.BITS_PER_PAGE - off)
+            out[pos - s: pos - s + m] = self.meta_page(snap, page)[off: off + m]
+            pos += m
+        return out
+
+    # ---------------------------------------------------------------- reading (FIG. 27)
+
+    def read_snapshot(self, snap: Snapshot, s: int, n: int) -> bytes:
+        with self.lock:
+            return bytes(self._read_snapshot(snap, s, n))
+
+    def _read_snapshot(self, snap: Snapshot, s: int, n: int) -> bytearray:
+        q = self.store.queue
+        out = bytearray(n * BS)
+        remaining = np.ones(n, dtype=bool)
+        for e in q[self.store.position(snap):]:
+            has = self.store.has(e, s, n) & remaining
+            idx = np.flatnonzero(has)
+            if len(idx):
+                for i, c, data in self.store.read_saved(e, (s + idx).astype(np.uint32)):
+                    a = int(idx[i])
+                    out[a * BS: (a + c) * BS] = data
+                remaining &= ~has
+                if not remaining.any():
+                    return out
+        for a, c in _runs(np.flatnonzero(remaining)):
+            out[a * BS: (a + c) * BS] = self.lower.read(s + a, c)
+        return out
+
+    # ---------------------------------------------------------------- deltas (FIG. 34-35, 39-40)
+
+    def changed_pages(self, older: Snapshot, younger: Snapshot | None):
+        """Yield (page, bool array) of blocks changed between two snapshots (younger None: the
+        live volume), from the union of the bit maps of older .. younger-1. Only pages some
+        bit map holds are visited: the cost follows the changes, not the volume."""
+        q = self.store.queue
+        lo = self.store.position(older)
+        hi = self.store.position(younger) if younger is not None else len(q)
+        if hi < lo:
+            raise SnapError("the first snapshot must be older than the second")
+        span = q[lo:hi]
+        pages = sorted(set().union(*(self.store.bit_pages(e) for e in span))) if span else []
+        for page in pages:
+            acc = np.zeros(K.BITS_PER_PAGE, dtype=bool)
+            for e in span:
+                bits = self.store.page_bits(e, page)
+                if bits is not None:
+                    acc |= bits
+            yield page, acc
+
+    def delta(self, older: Snapshot, younger: Snapshot | None, *, max_run: int = 256):
+        """Yield ((start, count), data) in block order for exactly the blocks that differ
+        between `older` and `younger` (None: live) and are in use in the younger one."""
+        for page, acc in self.changed_pages(older, younger):
+            base = page * K.BITS_PER_PAGE
+            with self.lock:
+                if younger is not None:
+                    acc &= self.meta_page(younger, page)
+                else:
+                    live = self.lower.read(self.bitmap_start + page, 1)
+                    acc &= np.unpackbits(np.frombuffer(live, dtype=np.uint8),
+                                         bitorder="little").astype(bool)
+            for a, c in _runs(np.flatnonzero(acc)):
+                while c:
+                    m = min(c, max_run)
+                    start = base + a
+                    if start + m > self.nblocks:
+                        m = self.nblocks - start
+                        if m <= 0:
+                            break
+                    data = (self.read_snapshot(younger, start, m) if younger is not None
+                            else self.read_live(start, m))
+                    yield (start, m), data
+                    a += m
+                    c -= m
+
+    def read_live(self, s: int, n: int) -> bytes:
+        with self.lock:
+            return self.lower.read(s, n)
+
+    # ---------------------------------------------------------------- delete
+
+    def delete(self, snap: Snapshot) -> int:
+        """Delete a snapshot; before-images the next older snapshot still needs move to it.
+        Returns the number moved. Idempotent: a crash midway leaves the snapshot marked
+        'deleting', and running delete again finishes it."""
+        with self.lock:
+            q = self.store.queue
+            pos = self.store.position(snap)
+            self.store.mark(snap, "deleting")
+            moved = 0
+            if pos > 0:
+                older = q[pos - 1]
+                for page in self.store.bit_pages(snap):
+                    mine = self.store.page_bits(snap, page)
+                    if mine is None:
+                        continue
+                    base = page * K.BITS_PER_PAGE
+                    idx = np.flatnonzero(self._needed(pos - 1, base, K.BITS_PER_PAGE, mine))
+                    if not len(idx):
+                        continue
+                    bis = (page * K.BITS_PER_PAGE + idx).astype(np.uint32)
+                    runs = self.store.read_saved(snap, bis)
+                    self.store.add_before_images(older, bis, b"".join(d for _, _, d in runs))
+                    moved += len(idx)
+                self.store.flush()
+            self._meta = OrderedDict((k, v) for k, v in self._meta.items() if k[0] != snap.id)
+            self.store.remove(snap)
+            return moved
+
+    # ---------------------------------------------------------------- restore
+
+    def restore(self, snap: Snapshot) -> int:
+        """Make the clone volume hold snapshot `snap` again: every block changed since it was
+        taken and in use in it gets its content back. Younger snapshots keep theirs (the
+        writes go through copy-on-write). The caller holds a consistency point, has emptied
+        the file system's redo log, and has recorded the restore as in progress."""
+        todo = []
+        for page, acc in self.changed_pages(snap, None):
+            with self.lock:
+                acc &= self.meta_page(snap, page)
+            idx = np.flatnonzero(acc)
+            if len(idx):
+                todo.append(page * K.BITS_PER_PAGE + idx)
+        n = 0
+        for blocks in todo:
+            for a, c in _runs(blocks):
+                while c:
+                    m = min(c, 256)
+                    with self.lock:
+                        data = self._read_snapshot(snap, a, m)
+                        self.write(a, data, meta=True)
+                    n += m
+                    a += m
+                    c -= m
+        self.flush()
+        return n
+
+
+class SnapshotDevice:
+    """Snapshot N as a read-only block device (for mounting it and for diffs)."""
+
+    block_size = BS
+
+    def __init__(self, layer: SnapLayer, snap: Snapshot):
+        self.layer = layer
+        self.snap = snap
+        self.nblocks = layer.nblocks
+
+    def read(self, start: int, count: int) -> bytes:
+        return self.layer.read_snapshot(self.snap, start, count)
+
+    def write(self, start, data, meta=False):
+        raise FSError(errno.EROFS)
+
+    def flush(self):
+        pass
+
+    def close(self):
+        pass

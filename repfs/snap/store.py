@@ -1,0 +1,438 @@
+"""The snapshot queue, its save volumes and its paged indexes (FIG. 24, 25, 42-44).
+
+* A save volume is a plain file ``SITE/save/<id>.save``: a log of records, each a header block
+  (magic, snapshot id, sequence number, the clone-volume block numbers Bi, an xxh3 checksum
+  over header and data) followed by the before-images. The save-volume address Si of a
+  before-image is its block index in the file. A record is appended and fdatasync'd before the
+  clone blocks it protects are overwritten, so a crash never loses a before-image.
+* The indexes (bit map and block map of each snapshot) are paged and live in LMDB
+  (``repfs.snap.keys``). Changes are kept in memory and written in one durable LMDB
+  transaction at each flush (the file system's group commit calls it), so a write pays one
+  fdatasync, not an LMDB commit. After a crash, records past a snapshot's ``indexed_end`` are
+  read back from its save volume and indexed again; a torn last record is cut off (the clone
+  write it protected had not been issued).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lmdb
+import numpy as np
+import xxhash
+
+from ..volume import BLOCK_SIZE
+from . import keys as K
+
+log = logging.getLogger(__name__)
+BS = BLOCK_SIZE
+
+_REC = struct.Struct("<8sQQI")  # magic, snapshot id, sequence, count
+_REC_MAGIC = b"RSAVEREC"
+_REC_CSUM_OFF = BS - 8
+REC_MAX = (_REC_CSUM_OFF - _REC.size) // 4
+
+
+class SnapError(Exception):
+    """A snapshot operation cannot be done as asked (one line for the user)."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+class SaveVolume:
+    """One snapshot's save volume: an append-only log of before-image records."""
+
+    def __init__(self, path: Path, sid: int):
+        self.path = path
+        self.sid = sid
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self.size = os.fstat(self.fd).st_size // BS  # in blocks
+        self.seq = 0
+
+    def append(self, bis: np.ndarray, data) -> np.ndarray:
+        """Append before-images of blocks `bis`; returns their save addresses. Not synced."""
+        out = np.empty(len(bis), dtype=np.uint32)
+        mv = memoryview(data)
+        done = 0
+        while done < len(bis):
+            n = min(REC_MAX, len(bis) - done)
+            head = bytearray(BS)
+            self.seq += 1
+            _REC.pack_into(head, 0, _REC_MAGIC, self.sid, self.seq, n)
+            head[_REC.size: _REC.size + 4 * n] = bis[done: done + n].astype("<u4").tobytes()
+            body = mv[done * BS: (done + n) * BS]
+            h = xxhash.xxh3_64()
+            h.update(memoryview(head)[:_REC_CSUM_OFF])
+            h.update(body)
+            struct.pack_into("<Q", head, _REC_CSUM_OFF, h.intdigest())
+            off = self.size * BS
+            os.pwrite(self.fd, head, off)
+            _pwrite_all(self.fd, body, off + BS)
+            out[done: done + n] = np.arange(self.size + 1, self.size + 1 + n, dtype=np.uint32)
+            self.size += 1 + n
+            done += n
+        return out
+
+    def sync(self) -> None:
+        os.fdatasync(self.fd)
+
+    def read(self, si: int, count: int) -> bytes:
+        return os.pread(self.fd, count * BS, si * BS)
+
+    def scan(self, start: int):
+        """Yield (first Si, Bi array) for each whole record from block `start` on; stops at the
+        first record that is torn or foreign and sets `self.valid_end` there."""
+        pos = start
+        self.valid_end = start
+        while pos < self.size:
+            head = os.pread(self.fd, BS, pos * BS)
+            if len(head) < BS:
+                break
+            magic, sid, seq, n = _REC.unpack_from(head, 0)
+            if magic != _REC_MAGIC or sid != self.sid or n > REC_MAX or pos + 1 + n > self.size:
+                break
+            body = os.pread(self.fd, n * BS, (pos + 1) * BS)
+            h = xxhash.xxh3_64()
+            h.update(head[:_REC_CSUM_OFF])
+            h.update(body)
+            if struct.unpack_from("<Q", head, _REC_CSUM_OFF)[0] != h.intdigest():
+                break
+            self.seq = max(self.seq, seq)
+            bis = np.frombuffer(head, dtype="<u4", count=n, offset=_REC.size).astype(np.uint32)
+            yield pos + 1, bis
+            pos += 1 + n
+            self.valid_end = pos
+
+    def truncate(self, end: int) -> None:
+        os.ftruncate(self.fd, end * BS)
+        os.fsync(self.fd)
+        self.size = end
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _pwrite_all(fd: int, data, off: int) -> None:
+    mv = memoryview(data)
+    while mv:
+        n = os.pwrite(fd, mv, off)
+        mv = mv[n:]
+        off += n
+
+
+@dataclass
+class Snapshot:
+    id: int
+    name: str
+    created_ns: int
+    attrs: dict = field(default_factory=dict)
+    state: str = "ok"
+    indexed_end: int = 0
+    saved: int = 0
+    save: SaveVolume | None = None
+
+    def record(self) -> bytes:
+        return json.dumps({
+            "id": self.id, "name": self.name, "created_ns": self.created_ns,
+            "attrs": self.attrs, "state": self.state, "indexed_end": self.indexed_end,
+            "saved": self.saved,
+        }).encode()
+
+    def info(self) -> dict:
+        return {"id": self.id, "name": self.name, "created_ns": self.created_ns,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                         time.gmtime(self.created_ns / 1e9)),
+                "attrs": self.attrs, "saved_blocks": self.saved,
+                "save_bytes": (self.save.size if self.save else 0) * BS}
+
+
+class _Pages:
+    """Pages of one LMDB sub-database, cached, with changed pages written at flush."""
+
+    def __init__(self, env, db, page_bytes: int, limit: int = 4096):
+        self.env = env
+        self.db = db
+        self.page_bytes = page_bytes
+        self.limit = limit
+        self.clean: OrderedDict[tuple[int, int], bytes | None] = OrderedDict()
+        self.dirty: dict[tuple[int, int], bytearray] = {}
+
+    def get(self, sid: int, page: int):
+        k = (sid, page)
+        buf = self.dirty.get(k)
+        if buf is not None:
+            return buf
+        if k in self.clean:
+            self.clean.move_to_end(k)
+            return self.clean[k]
+        with self.env.begin(db=self.db) as txn:
+            buf = txn.get(K.page_key(sid, page))
+        self.clean[k] = buf
+        if len(self.clean) > self.limit:
+            self.clean.popitem(last=False)
+        return buf
+
+    def modify(self, sid: int, page: int) -> bytearray:
+        k = (sid, page)
+        buf = self.dirty.get(k)
+        if buf is None:
+            cur = self.get(sid, page)
+            buf = bytearray(cur) if cur is not None else bytearray(self.page_bytes)
+            self.dirty[k] = buf
+            self.clean.pop(k, None)
+        return buf
+
+    def pages(self, sid: int) -> list[int]:
+        """Pages of a snapshot that are not all zero (stored or changed)."""
+        found = set()
+        lo = K.page_key(sid, 0)
+        with self.env.begin(db=self.db) as txn:
+            cur = txn.cursor()
+            if cur.set_range(lo):
+                for key in cur.iternext(values=False):
+                    s, p = K.unpack_page_key(key)
+                    if s != sid:
+                        break
+                    found.add(p)
+        found.update(p for (s, p) in self.dirty if s == sid)
+        return sorted(found)
+
+    def write_dirty(self, txn) -> None:
+        for (sid, page), buf in self.dirty.items():
+            key = K.page_key(sid, page)
+            if any(buf):
+                txn.put(key, bytes(buf), db=self.db)
+                self.clean[(sid, page)] = bytes(buf)
+            else:
+                txn.delete(key, db=self.db)
+                self.clean[(sid, page)] = None
+        self.dirty.clear()
+        while len(self.clean) > self.limit:
+            self.clean.popitem(last=False)
+
+    def drop(self, txn, sid: int) -> None:
+        for p in self.pages(sid):
+            txn.delete(K.page_key(sid, p), db=self.db)
+        for k in [k for k in self.clean if k[0] == sid]:
+            del self.clean[k]
+        for k in [k for k in self.dirty if k[0] == sid]:
+            del self.dirty[k]
+
+
+class SnapStore:
+    """The snapshot queue (oldest first) with each snapshot's save volume and indexes."""
+
+    def __init__(self, site_path: Path, *, capacity_bytes: int | None = None):
+        self.root = Path(site_path)
+        self.save_dir = self.root / "save"
+        self.save_dir.mkdir(exist_ok=True)
+        self.env = lmdb.open(str(self.root / "meta.lmdb"), map_size=1 << 40, max_dbs=32,
+                             subdir=True, lock=True)
+        self.db_snaps = self.env.open_db(K.SNAPS)
+        self.db_names = self.env.open_db(K.NAMES)
+        self.db_state = self.env.open_db(K.STATE)
+        self.bits = _Pages(self.env, self.env.open_db(K.BITS), K.BITS_PAGE_BYTES)
+        self.bmap = _Pages(self.env, self.env.open_db(K.BMAP), K.BMAP_PER_PAGE * 4)
+        self.capacity = capacity_bytes
+        self.queue: list[Snapshot] = []
+        self._load()
+
+    # ---------------------------------------------------------------- state
+
+    def _load(self) -> None:
+        with self.env.begin(db=self.db_snaps) as txn:
+            for key, val in txn.cursor():
+                rec = json.loads(val)
+                snap = Snapshot(rec["id"], rec["name"], rec["created_ns"], rec.get("attrs", {}),
+                                rec.get("state", "ok"), rec.get("indexed_end", 0),
+                                rec.get("saved", 0))
+                snap.save = SaveVolume(self.save_dir / f"{snap.id}.save", snap.id)
+                self.queue.append(snap)
+        self.queue.sort(key=lambda s: s.id)
+        recovered = 0
+        for snap in self.queue:
+            recovered += self._recover(snap)
+        if recovered:
+            log.info("re-indexed %d before-images from save volumes after a crash", recovered)
+            self.flush()
+
+    def _recover(self, snap: Snapshot) -> int:
+        n = 0
+        for si, bis in snap.save.scan(snap.indexed_end):
+            self._index(snap, bis, np.arange(si, si + len(bis), dtype=np.uint32))
+            n += len(bis)
+        if snap.save.valid_end < snap.save.size:
+            log.info("snapshot %s: cutting a torn save-volume record at block %d", snap.name,
+                     snap.save.valid_end)
+            snap.save.truncate(snap.save.valid_end)
+        snap.indexed_end = snap.save.size
+        return n
+
+    def get_state(self, name: str) -> bytes | None:
+        with self.env.begin(db=self.db_state) as txn:
+            return txn.get(name.encode())
+
+    def set_state(self, name: str, value: bytes | None) -> None:
+        with self.env.begin(db=self.db_state, write=True) as txn:
+            if value is None:
+                txn.delete(name.encode())
+            else:
+                txn.put(name.encode(), value)
+
+    def usage(self) -> int:
+        """Bytes held by all save volumes."""
+        return sum(s.save.size for s in self.queue) * BS
+
+    # ---------------------------------------------------------------- queue
+
+    def find(self, name: str) -> Snapshot:
+        for s in self.queue:
+            if s.name == name:
+                return s
+        raise SnapError(f"no snapshot named {name!r}", 404)
+
+    def position(self, snap: Snapshot) -> int:
+        return self.queue.index(snap)
+
+    def create(self, name: str, attrs: dict | None = None) -> Snapshot:
+        """Add a snapshot at the tail of the queue (the caller holds a consistency point)."""
+        if not name or len(name) > 200 or "/" in name or not name.isprintable():
+            raise SnapError(f"bad snapshot name {name!r} (1-200 printable characters, no '/')")
+        if any(s.name == name for s in self.queue):
+            raise SnapError(f"a snapshot named {name!r} exists", 409)
+        raw = self.get_state("next_id")
+        sid = int.from_bytes(raw, "big") if raw else 1
+        snap = Snapshot(sid, name, time.time_ns(), dict(attrs or {}))
+        snap.save = SaveVolume(self.save_dir / f"{sid}.save", sid)
+        if snap.save.size:  # a leftover of a crashed create: start empty
+            snap.save.truncate(0)
+        with self.env.begin(write=True) as txn:
+            txn.put(K.snap_key(sid), snap.record(), db=self.db_snaps)
+            txn.put(name.encode(), K.snap_key(sid), db=self.db_names)
+            txn.put(b"next_id", (sid + 1).to_bytes(8, "big"), db=self.db_state)
+        self.queue.append(snap)
+        return snap
+
+    def set_attrs(self, snap: Snapshot, attrs: dict) -> None:
+        snap.attrs.update(attrs)
+        with self.env.begin(write=True, db=self.db_snaps) as txn:
+            txn.put(K.snap_key(snap.id), snap.record())
+
+    def remove(self, snap: Snapshot) -> None:
+        """Forget a snapshot and its save volume (its before-images must have been moved)."""
+        with self.env.begin(write=True) as txn:
+            self.bits.drop(txn, snap.id)
+            self.bmap.drop(txn, snap.id)
+            txn.delete(K.snap_key(snap.id), db=self.db_snaps)
+            txn.delete(snap.name.encode(), db=self.db_names)
+        snap.save.close()
+        snap.save.path.unlink(missing_ok=True)
+        self.queue.remove(snap)
+
+    def mark(self, snap: Snapshot, state: str) -> None:
+        snap.state = state
+        with self.env.begin(write=True, db=self.db_snaps) as txn:
+            txn.put(K.snap_key(snap.id), snap.record())
+
+    # ---------------------------------------------------------------- indexes
+
+    def has(self, snap: Snapshot, s: int, n: int) -> np.ndarray:
+        """Bool array: which of blocks [s, s+n) have a before-image in this snapshot."""
+        out = np.zeros(n, dtype=bool)
+        pos = s
+        end = s + n
+        while pos < end:
+            page, off = divmod(pos, K.BITS_PER_PAGE)
+            m = min(end - pos, K.BITS_PER_PAGE - off)
+            buf = self.bits.get(snap.id, page)
+            if buf is not None:
+                bits = np.unpackbits(np.frombuffer(buf, dtype=np.uint8), bitorder="little")
+                out[pos - s: pos - s + m] = bits[off: off + m].astype(bool)
+            pos += m
+        return out
+
+    def page_bits(self, snap: Snapshot, page: int) -> np.ndarray | None:
+        buf = self.bits.get(snap.id, page)
+        if buf is None:
+            return None
+        return np.unpackbits(np.frombuffer(buf, dtype=np.uint8), bitorder="little").astype(bool)
+
+    def bit_pages(self, snap: Snapshot) -> list[int]:
+        return self.bits.pages(snap.id)
+
+    def lookup(self, snap: Snapshot, bis: np.ndarray) -> np.ndarray:
+        """Save addresses of blocks (which must have before-images), as an array."""
+        out = np.zeros(len(bis), dtype=np.int64)
+        pages = bis // K.BMAP_PER_PAGE
+        for page in np.unique(pages).tolist():
+            sel = pages == page
+            buf = self.bmap.get(snap.id, page)
+            arr = np.frombuffer(buf, dtype="<u4") if buf is not None else np.zeros(
+                K.BMAP_PER_PAGE, dtype=np.uint32)
+            out[sel] = arr[bis[sel] % K.BMAP_PER_PAGE].astype(np.int64) - 1
+        if (out < 0).any():
+            raise RuntimeError(f"snapshot {snap.name}: block map lacks an entry the bit map has")
+        return out
+
+    def _index(self, snap: Snapshot, bis: np.ndarray, sis: np.ndarray) -> None:
+        bp = bis // K.BITS_PER_PAGE
+        for page in np.unique(bp).tolist():
+            sel = bis[bp == page] % K.BITS_PER_PAGE
+            buf = self.bits.modify(snap.id, page)
+            arr = np.unpackbits(np.frombuffer(buf, dtype=np.uint8), bitorder="little")
+            arr[sel] = 1
+            buf[:] = np.packbits(arr, bitorder="little").tobytes()
+        mp = bis // K.BMAP_PER_PAGE
+        for page in np.unique(mp).tolist():
+            sel = mp == page
+            buf = self.bmap.modify(snap.id, page)
+            arr = np.frombuffer(buf, dtype="<u4")
+            arr[bis[sel] % K.BMAP_PER_PAGE] = sis[sel] + 1
+        snap.saved += len(bis)
+
+    def add_before_images(self, snap: Snapshot, bis: np.ndarray, data) -> None:
+        """Save before-images durably, then index them (the index is written at flush)."""
+        sis = snap.save.append(bis, data)
+        snap.save.sync()
+        self._index(snap, bis, sis)
+
+    def read_saved(self, snap: Snapshot, bis: np.ndarray) -> list[tuple[int, int, bytes]]:
+        """Before-images of the sorted blocks `bis` as (index into bis, count, data) runs, each
+        contiguous in the clone volume and in the save volume."""
+        sis = self.lookup(snap, bis)
+        if not len(bis):
+            return []
+        b64 = bis.astype(np.int64)
+        breaks = np.flatnonzero((np.diff(sis) != 1) | (np.diff(b64) != 1)) + 1
+        starts = np.concatenate(([0], breaks)).tolist()
+        ends = np.concatenate((breaks, [len(bis)])).tolist()
+        return [(i, j - i, snap.save.read(int(sis[i]), j - i)) for i, j in zip(starts, ends)]
+
+    def flush(self) -> None:
+        """Make the indexes durable: one LMDB transaction for everything changed."""
+        if not self.bits.dirty and not self.bmap.dirty and all(
+                s.indexed_end == s.save.size for s in self.queue):
+            return
+        with self.env.begin(write=True) as txn:
+            self.bits.write_dirty(txn)
+            self.bmap.write_dirty(txn)
+            for snap in self.queue:
+                snap.indexed_end = snap.save.size
+                txn.put(K.snap_key(snap.id), snap.record(), db=self.db_snaps)
+
+    def close(self) -> None:
+        self.flush()
+        for s in self.queue:
+            s.save.close()
+        self.env.close()
