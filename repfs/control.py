@@ -32,10 +32,11 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import h11
 import trio
 
+from .repl.receiver import ReceiveError
 from .snap.store import SnapError
 
 log = logging.getLogger(__name__)
-MAX_BODY = 1 << 20
+MAX_BODY = 8 << 20
 
 
 class HTTPError(Exception):
@@ -71,6 +72,21 @@ def bind(listen: str) -> socket.socket:
     sock.bind((host, port))
     sock.listen(64)
     return sock
+
+
+def _num(v):
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+        raise HTTPError(400, f"bad number {v!r}")
+    return v
+
+
+def _binary(args: dict) -> bytes:
+    body = args.get("_body")
+    if body is None:
+        raise HTTPError(400, "want an application/octet-stream body")
+    return body
 
 
 class ControlServer:
@@ -145,15 +161,19 @@ class ControlServer:
             url = urlsplit(req.target.decode())
             parts = [unquote(p) for p in url.path.split("/") if p]
             query = {k: v[-1] for k, v in parse_qs(url.query).items()}
-            args = json.loads(body) if body else {}
-            if not isinstance(args, dict):
-                raise HTTPError(400, "the request body must be a JSON object")
+            ctype = dict(req.headers).get(b"content-type", b"application/json")
+            if ctype.startswith(b"application/octet-stream"):
+                args = {"_body": body}
+            else:
+                args = json.loads(body) if body else {}
+                if not isinstance(args, dict):
+                    raise HTTPError(400, "the request body must be a JSON object")
             return 200, await self._route(method, parts, query, args)
         except json.JSONDecodeError as e:
             return 400, {"error": f"malformed JSON body: {e}"}
         except HTTPError as e:
             return e.status, {"error": str(e)}
-        except SnapError as e:
+        except (SnapError, ReceiveError) as e:
             return e.status, {"error": str(e)}
         except OSError as e:
             log.exception("control request failed")
@@ -191,5 +211,41 @@ class ControlServer:
                     to = None
                 return await svc.snapshot_diff(parts[1], to,
                                                paths=query.get("paths", "1") != "0")
+        if parts and parts[0] == "replicate" and len(parts) == 2 and method == "POST":
+            verb = parts[1]
+            if verb == "start":
+                to = args.get("to")
+                if not isinstance(to, str) or not to:
+                    raise HTTPError(400, "want {\"to\": site directory}")
+                return await svc.replicate_start(to, force=bool(args.get("force")),
+                                                 name=args.get("name"))
+            if verb == "stop":
+                return await svc.replicate_stop(args.get("to"))
+            if verb == "policy":
+                return await svc.replicate_policy({k: _num(args.get(k)) for k in (
+                    "timeout", "hwm", "playback_timeout", "playback_hwm", "retention")})
+            if verb == "deltaset":
+                return await svc.replicate_deltaset(wait=bool(args.get("wait", True)))
+        if parts and parts[0] == "repl" and len(parts) == 2:
+            verb = parts[1]
+            if verb == "receiver" and method == "GET":
+                return svc.receiver_info()
+            if method == "POST":
+                if verb == "attach":
+                    prim, gen = args.get("primary"), args.get("generation")
+                    if not isinstance(prim, dict) or not isinstance(gen, int):
+                        raise HTTPError(400, "want {\"primary\": object, \"generation\": int}")
+                    return await svc.receiver_attach(prim, gen)
+                if verb == "copy":
+                    return await svc.receiver_copy(_binary(args))
+                if verb == "start-playback":
+                    after = args.get("after")
+                    if not isinstance(after, int) or after < 0:
+                        raise HTTPError(400, "want {\"after\": delta set number}")
+                    return await svc.receiver_start_playback(after)
+                if verb == "chunk":
+                    return svc.receiver_chunk(_binary(args))
+                if verb == "commit":
+                    return svc.receiver_commit(args)
         raise HTTPError(404 if method in ("GET", "POST", "DELETE") else 405,
                         f"no such operation: {method} /v1/{'/'.join(parts)}")

@@ -81,7 +81,7 @@ async def _serve(service, interval: float, control_sock, token: str) -> None:
     from .control import ControlServer
     ops = service.ops
     async with trio.open_nursery() as nursery:
-        service.nursery = nursery
+        await service.run(nursery)
         nursery.start_soon(_commit_loop, ops, interval)
         nursery.start_soon(_signal_loop, nursery)
         nursery.start_soon(ControlServer(service, token).serve, control_sock)
@@ -106,6 +106,8 @@ def serve(site: Site, mountpoint: str, *, readonly: bool = False, writeback_cach
             control_sock = bind(listen)
         except (OSError, ValueError) as e:
             raise SiteError(f"cannot listen on {listen}: {getattr(e, 'strerror', None) or e}")
+        if site.role() == "secondary":
+            readonly = True  # a secondary's mount is read-only until failover
         core = site.open_fs(readonly=readonly)
     except SiteError as e:
         site.unlock()

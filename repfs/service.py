@@ -5,6 +5,7 @@ the daemon's trio run, and every snapshot operation happens at a consistency poi
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import secrets
@@ -21,6 +22,11 @@ from .fs.ops import Operations
 from .site import Site
 from .snap.diff import changed_paths
 from .snap.layer import SnapLayer, SnapshotDevice
+from .repl.deltaset import DeltaSets
+from .repl.receiver import Receiver, ReceiveError
+from .repl.sender import (
+    PermanentError, Primary, ReceiverClient, TransientError,
+)
 from .snap.store import SnapError
 
 log = logging.getLogger(__name__)
@@ -35,14 +41,35 @@ class SiteService:
         self.started = time.time()
         self.snapshot_mounts: dict[str, dict] = {}  # name -> {"mountpoint", "process"}
         self.nursery: trio.Nursery | None = None
+        env = self.store.env
+        self.receiver = Receiver(env, site.path)
+        self.primary: Primary | None = None
+        self.sets: DeltaSets | None = None
+        if self.receiver.role == "primary":
+            self.sets = DeltaSets(env, self.clog, site.path, capacity_bytes=site.chunk_capacity())
+            self.primary = Primary(self, self.clog, self.sets)
+        self.playback_wake = trio.Event()
+        self.playback_ms: list[float] = []
+
+    async def run(self, nursery) -> None:
+        """Start the background tasks of the site's role."""
+        self.nursery = nursery
+        if self.primary is not None:
+            await self.primary.run(nursery)
+        else:
+            nursery.start_soon(self._playback_loop)
 
     @property
     def core(self) -> FileSystem:
         return self.ops.core
 
     @property
+    def clog(self):
+        return self.core.dev  # the top of the stack: the change log
+
+    @property
     def layer(self) -> SnapLayer:
-        return self.core.dev
+        return self.core.dev.lower  # the snapped volume under it
 
     @property
     def store(self):
@@ -73,7 +100,281 @@ class SiteService:
             "save_used_bytes": self.store.usage(),
             "save_capacity_bytes": self.store.capacity,
             "snapshot_mounts": {n: m["mountpoint"] for n, m in self.snapshot_mounts.items()},
+            **self.repl_status(),
         }
+
+    def repl_status(self) -> dict:
+        now = time.time_ns()
+        if self.primary is not None:
+            p, sets, clog = self.primary, self.sets, self.clog
+            dests = []
+            for d in p.dests():
+                row = {k: d.get(k) for k in ("name", "site", "state", "error")}
+                row.update(acked_delta_set=d["acked"], played_delta_set=d["played"],
+                           lag_seconds=round(p.lag(d), 3) if d["state"] != "stopped" else None)
+                if d["state"] == "initial-copy":
+                    row["copy_progress"] = {"copied_blocks": d.get("copied", 0),
+                                            "position": d.get("copy_pos", 0),
+                                            "volume_blocks": self.layer.nblocks}
+                dests.append(row)
+            outstanding = [
+                {"delta_set": r["number"], "state": r["state"], "blocks": r["blocks"],
+                 "created": _iso(r["cut_ns"]), "ready": _iso(r["ready_ns"]) if r["ready_ns"] else None}
+                for r in sets.records() if r.get("file", True)]
+            stalls = sorted(p.stall_ms)
+            return {
+                "role": "primary", "generation": sets.generation,
+                "replicating": clog.enabled,
+                "current_delta_set": sets.last_cut + 1,
+                "current_delta_set_blocks": clog.changed_blocks,
+                "last_cut_delta_set": sets.last_cut,
+                "last_played_delta_set": None,
+                "lag_seconds": round(max((p.lag(d) for d in p.dests() if d["state"] != "stopped"),
+                                         default=0.0), 3),
+                "destinations": dests,
+                "outstanding_delta_sets": outstanding,
+                "chunk_area_bytes": sets.usage(), "chunk_area_capacity_bytes": sets.capacity,
+                "flow_control": p.flow_control,
+                "send_rate_bytes_per_s": round(p.rate()),
+                "cut_stall_ms": {"p50": _pct(stalls, 50), "p99": _pct(stalls, 99),
+                                 "count": len(stalls)},
+                "policy": p.policy(),
+            }
+        r = self.receiver
+        incoming = r.incoming()
+        first = min((x["first_change_ns"] for x in incoming if x.get("first_change_ns")),
+                    default=0)
+        return {
+            "role": "secondary", "generation": r.generation, "replication_state": r.state,
+            "primary": r.primary(), "current_delta_set": None, "last_cut_delta_set": None,
+            "last_received_delta_set": r.last_received,
+            "last_played_delta_set": r.last_played,
+            "lag_seconds": round((now - first) / 1e9, 3) if first else 0.0,
+            "outstanding_delta_sets": [
+                {"delta_set": x["number"], "blocks": x["blocks"], "created": _iso(x["cut_ns"]),
+                 "received": _iso(x["received_ns"])} for x in incoming],
+            "played_blocks": r.played_blocks,
+            "playback_ms_p50": _pct(sorted(self.playback_ms), 50),
+            "policy": self._secondary_policy(),
+        }
+
+    # ------------------------------------------------------------------ replication (primary)
+
+    def _need_primary(self) -> Primary:
+        if self.primary is None:
+            raise SnapError("this site is a secondary; run this on its primary", 409)
+        return self.primary
+
+    async def replicate_start(self, to: str, *, force: bool = False, name: str | None = None):
+        from .site import Site
+        p = self._need_primary()
+        self._writable()
+        target = Site(to)
+        if not target.volume_path.is_file():
+            raise SnapError(f"{to} is not a repfs site (make it with repfs mkfs)", 400)
+        if target.path == self.site.path:
+            raise SnapError("a site cannot replicate to itself", 400)
+        name = name or target.path.name
+        old = p.dest(name)
+        if old and old["state"] not in ("stopped", "error") and not force:
+            raise SnapError(f"already replicating to {name} ({old['state']})", 409)
+        client = ReceiverClient(str(target.path))
+        try:
+            info = await trio.to_thread.run_sync(client.info)
+        except (TransientError, PermanentError) as e:
+            raise SnapError(f"cannot reach the daemon of {to}: {e} (mount it first: "
+                            f"repfs mount {to} MOUNTPOINT)", 409) from None
+        me = {"uuid": self.core.sb.uuid.hex(), "site": str(self.site.path)}
+        if info["uuid"] == me["uuid"]:
+            raise SnapError("the target is this very volume", 400)
+        if not force:
+            if info["role"] == "secondary" and info["state"] != "stopped":
+                raise SnapError(f"{to} is already a replicating secondary; --force replaces "
+                                "its content", 409)
+            if info.get("root_entries"):
+                raise SnapError(f"{to} holds files; --force replaces its content", 409)
+            if info["role"] == "primary" and info.get("destinations"):
+                raise SnapError(f"{to} is itself replicating; --force replaces its content", 409)
+        try:
+            await trio.to_thread.run_sync(client.attach, me, p.sets.generation, force)
+        except (TransientError, PermanentError) as e:
+            raise SnapError(f"{to} refused to become a secondary: {e}", 409) from None
+        finally:
+            client.close()
+        snap_name = f"repl-init-{name}"
+        if any(s.name == snap_name for s in self.store.queue):
+            await self.snapshot_delete(snap_name, internal=True)
+        async with p.cut_lock:
+            while p.sets.cutting:
+                await trio.sleep(0.02)
+            async with self.ops.quiesce():
+                self.clog.enabled = True
+                stamp = p.sets.cut()
+                self.store.create(snap_name, {"delta_set": stamp, "purpose": "initial copy",
+                                              "destination": name})
+        p.copy_needed.set()
+        d = {"name": name, "site": str(target.path), "kind": "local", "state": "initial-copy",
+             "snapshot": snap_name, "stamp": stamp, "acked": stamp, "played": stamp,
+             "copy_pos": 0, "copied": 0, "started_ns": time.time_ns()}
+        p.put_dest(d)
+        p.start_sender(self.nursery, name)
+        log.info("replication to %s (%s) started: initial copy of snapshot %s (delta set %d)",
+                 name, target.path, snap_name, stamp)
+        return {"destination": name, "site": str(target.path), "stamp": stamp,
+                "state": "initial-copy"}
+
+    async def replicate_stop(self, to: str | None) -> dict:
+        if self.primary is None:
+            self.receiver.detach()
+            self.playback_wake.set()
+            return {"stopped": "playback"}
+        p = self.primary
+        names = [d["name"] for d in p.dests()] if to is None else [to]
+        for n in names:
+            d = p.dest(n)
+            if d is None:
+                raise SnapError(f"no destination named {n!r}", 404)
+            scope = p.tasks.pop(n, None)
+            if scope is not None:
+                scope.cancel()
+            d["state"] = "stopped"
+            p.put_dest(d)
+            if any(s.name == d.get("snapshot") for s in self.store.queue):
+                await self.snapshot_delete(d["snapshot"], internal=True)
+        if not any(d["state"] != "stopped" for d in p.dests()):
+            async with p.cut_lock:
+                while p.sets.cutting:
+                    await trio.sleep(0.02)
+                self.clog.disable()
+        return {"stopped": names}
+
+    async def replicate_policy(self, changes: dict) -> dict:
+        if self.primary is not None:
+            bad = {"playback_timeout", "playback_hwm"} & {k for k, v in changes.items()
+                                                          if v is not None}
+            if bad:
+                raise SnapError("--playback-timeout and --playback-hwm are set on a secondary")
+            return self.primary.set_policy(**{k: changes.get(k) for k in ("timeout", "hwm",
+                                                                          "retention")})
+        bad = {"timeout", "hwm"} & {k for k, v in changes.items() if v is not None}
+        if bad:
+            raise SnapError("--timeout and --hwm are set on the primary")
+        pol = self._secondary_policy()
+        pol.update({k: v for k, v in changes.items()
+                    if k in ("playback_timeout", "playback_hwm") and v is not None})
+        with self.store.env.begin(write=True) as txn:
+            txn.put(b"playback_policy", json.dumps(pol).encode(),
+                    db=self.store.env.open_db(b"replctx"))
+        self.playback_wake.set()
+        return pol
+
+    def _secondary_policy(self) -> dict:
+        with self.store.env.begin(db=self.store.env.open_db(b"replctx")) as txn:
+            raw = txn.get(b"playback_policy")
+        pol = {"playback_timeout": 0.0, "playback_hwm": 64 << 20}
+        if raw:
+            pol.update(json.loads(raw))
+        return pol
+
+    async def replicate_deltaset(self, wait: bool = True) -> dict:
+        p = self._need_primary()
+        if not self.clog.enabled:
+            raise SnapError("replication is not running (replicate start --to SITE)", 409)
+        n = await p.cut()
+        if wait:
+            while p.sets.record(n)["state"] != "ready":
+                await trio.sleep(0.02)
+        rec = p.sets.record(n)
+        return {"delta_set": n, "blocks": rec["blocks"], "state": rec["state"]}
+
+    # ------------------------------------------------------------------ replication (secondary)
+
+    def receiver_info(self) -> dict:
+        info = self.receiver.info()
+        root = self.core.iget(1)
+        info.update(uuid=self.core.sb.uuid.hex(), site=str(self.site.path),
+                    root_entries=self.core.dirs.header(root).count,
+                    destinations=[d["name"] for d in self.primary.dests()
+                                  if d["state"] != "stopped"] if self.primary else [])
+        return info
+
+    async def receiver_attach(self, primary: dict, generation: int) -> dict:
+        async with self.ops.quiesce():
+            await trio.to_thread.run_sync(self.core.checkpoint)
+            if self.primary is not None:
+                for name in list(self.primary.tasks):
+                    self.primary.tasks.pop(name).cancel()
+                self.clog.disable()
+                self.primary = None
+                self.sets = None
+            self.receiver.attach(primary, generation)
+            self.core.readonly = True
+            self.readonly = True
+        self.nursery.start_soon(self._playback_loop)
+        log.info("this site is now a secondary of %s: its mount is read-only; waiting for the "
+                 "initial copy", primary.get("site"))
+        return self.receiver.info()
+
+    async def receiver_copy(self, body: bytes) -> dict:
+        start, data = self.receiver.check_copy(body)
+        await trio.to_thread.run_sync(self.clog.write, start, data, True)
+        return {"written": len(data) // 4096}
+
+    async def receiver_start_playback(self, after: int) -> dict:
+        async with self.ops.hold_all():
+            await trio.to_thread.run_sync(self.clog.flush)
+            self.receiver.start_playback(after)
+            known = self._known(self.core)
+            names = self._known_names(self.core, known)
+            self.core.reload()
+        await self._invalidate(known, names, self.core)
+        log.info("initial copy received; playback starts after delta set %d", after)
+        return self.receiver.info()
+
+    def receiver_chunk(self, body: bytes) -> dict:
+        return self.receiver.receive_chunk(body)
+
+    def receiver_commit(self, args: dict) -> dict:
+        try:
+            header = bytes.fromhex(args.get("header", ""))
+        except ValueError:
+            raise ReceiveError("the header is not hex", 400) from None
+        out = self.receiver.commit(header, args)
+        self.playback_wake.set()
+        return out
+
+    @staticmethod
+    def _known(core) -> dict:
+        return {ino: (i.lookups, core.open_count.get(ino, 0))
+                for ino, i in core.inodes.items() if i.lookups or ino in core.open_count}
+
+    async def _playback_loop(self) -> None:
+        """Integrate complete delta sets in order, one consistent step at a time (FIG. 9)."""
+        while self.receiver.role == "secondary":
+            with trio.move_on_after(0.2):
+                await self.playback_wake.wait()
+            self.playback_wake = trio.Event()
+            if self.receiver.state != "replicating":
+                continue
+            rec = self.receiver.next_to_play()
+            if rec is None:
+                continue
+            pol = self._secondary_policy()
+            waiting = self.receiver.incoming()
+            age = (time.time_ns() - rec["received_ns"]) / 1e9
+            if age < pol["playback_timeout"] and sum(
+                    x["blocks"] for x in waiting) * 4096 < pol["playback_hwm"]:
+                continue
+            t0 = time.monotonic()
+            async with self.ops.hold_all():
+                await trio.to_thread.run_sync(self.receiver.play, rec, self.clog)
+                known = self._known(self.core)
+                names = self._known_names(self.core, known)
+                self.core.reload()
+            self.playback_ms.append((time.monotonic() - t0) * 1000)
+            del self.playback_ms[:-1000]
+            await self._invalidate(known, names, self.core)
+            self.playback_wake.set()  # maybe more to play
 
     # ------------------------------------------------------------------ snapshots
 
@@ -91,8 +392,9 @@ class SiteService:
     def snapshot_list(self) -> list[dict]:
         return [s.info() for s in self.store.queue]
 
-    async def snapshot_delete(self, name: str) -> dict:
-        self._writable()
+    async def snapshot_delete(self, name: str, internal: bool = False) -> dict:
+        if not internal:
+            self._writable()
         snap = self.store.find(name)
         if name in self.snapshot_mounts:
             raise SnapError(f"snapshot {name!r} is mounted at "
@@ -115,19 +417,10 @@ class SiteService:
             old_names = self._known_names(old, known)
             await trio.to_thread.run_sync(old.checkpoint)  # the redo log must be empty
             self.store.set_state("restoring", snap.id.to_bytes(8, "big"))
-            n = await trio.to_thread.run_sync(self.layer.restore, snap)
+            n = await trio.to_thread.run_sync(self.layer.restore_through, snap, self.clog)
             self.store.set_state("restoring", None)
-            new = FileSystem(self.layer, self.site.journal_path)
-            for ino, (lookups, opened) in known.items():
-                try:
-                    inode = new.iget(ino)
-                except FSError:
-                    continue
-                inode.lookups = lookups
-                if opened:
-                    new.open_count[ino] = opened
-            self.ops.core = new
-            await self._invalidate(known, old_names, new)
+            old.reload()
+        await self._invalidate(known, old_names, old)
         log.info("restored snapshot %s: %d blocks in %.2f s", name, n, time.monotonic() - t0)
         return {"restored": name, "blocks": n, "seconds": round(time.monotonic() - t0, 3)}
 
@@ -288,6 +581,18 @@ def _live_meta(layer: SnapLayer, page: int):
     import numpy as np
     raw = layer.read_live(layer.bitmap_start + page, 1)
     return np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little").astype(bool)
+
+
+def _iso(ns: int) -> str | None:
+    if not ns:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ns / 1e9)) + f".{int(ns % 1e9) // 1000000:03d}Z"
+
+
+def _pct(values: list[float], p: int) -> float | None:
+    if not values:
+        return None
+    return round(values[min(len(values) - 1, int(len(values) * p / 100))], 2)
 
 
 def _invalidate_entry(dino: int, name: bytes) -> None:

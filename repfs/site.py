@@ -197,9 +197,10 @@ class Site:
     # ---------------------------------------------------------------- the stack
 
     @staticmethod
-    def _finish_interrupted(layer) -> None:
+    def _finish_interrupted(top) -> None:
         """A restore or delete that a crash interrupted is finished before the file system
         is opened (both are idempotent)."""
+        layer = top.lower
         store = layer.store
         raw = store.get_state("restoring")
         if raw:
@@ -207,7 +208,7 @@ class Site:
             snap = next((s for s in store.queue if s.id == sid), None)
             if snap is not None:
                 log.info("finishing the interrupted restore of snapshot %s", snap.name)
-                layer.restore(snap)
+                layer.restore_through(snap, top)
             store.set_state("restoring", None)
         for snap in [s for s in store.queue if s.state == "deleting"]:
             log.info("finishing the interrupted delete of snapshot %s", snap.name)
@@ -224,17 +225,28 @@ class Site:
         st = os.statvfs(self.path)
         return st.f_bavail * st.f_frsize // 4
 
-    def open_store(self):
+    def open_store(self, env=None):
         from .snap.store import SnapStore
         try:
-            return SnapStore(self.path, capacity_bytes=self.save_capacity())
+            return SnapStore(self.path, capacity_bytes=self.save_capacity(), env=env)
         except Exception as e:  # lmdb.Error and OSError: one line for the user
             raise SiteError(f"cannot open {self.path / 'meta.lmdb'}: {e}") from None
 
+    def chunk_capacity(self) -> int:
+        from .cli import QuietError, parse_size
+        raw = self.config().get("repl", {}).get("chunk_capacity", "1G")
+        try:
+            return parse_size(str(raw))
+        except QuietError:
+            raise SiteError(f"{self.config_path}: bad [repl] chunk_capacity {raw!r}") from None
+
     def device(self):
-        """The volume stack the file system writes through: the snapped volume (copy-on-first-
-        write for snapshots) over the image file. Later layers (the change log) go on top."""
+        """The volume stack the file system writes through, top to bottom: the change log
+        (replication), the snapped volume (copy-on-first-write for snapshots), the image file.
+        The layers share the site's LMDB environment (SITE/meta.lmdb)."""
+        from .repl.changelog import ChangeLogLayer
         from .snap.layer import SnapLayer
+        from .snap.store import open_env
         try:
             vol = Volume(self.volume_path)
         except VolumeError as e:
@@ -244,8 +256,27 @@ class Site:
         except FormatError as e:
             vol.close()
             raise SiteError(f"{self.volume_path}: {e}") from None
-        store = self.open_store()
-        return SnapLayer(vol, store, sb.bbitmap_start)
+        try:
+            env = open_env(self.path)
+        except Exception as e:  # lmdb.Error: one line for the user
+            vol.close()
+            raise SiteError(f"cannot open {self.path / 'meta.lmdb'}: {e}") from None
+        snap = SnapLayer(vol, self.open_store(env), sb.bbitmap_start)
+        return ChangeLogLayer(snap, env)
+
+    def role(self) -> str:
+        """'primary' or 'secondary' (a site never replicated is a primary)."""
+        from .repl import keys as K
+        from .snap.store import open_env
+        if not (self.path / "meta.lmdb").exists():
+            return "primary"
+        env = open_env(self.path)
+        try:
+            with env.begin(db=env.open_db(K.CTX)) as txn:
+                raw = txn.get(b"role")
+        finally:
+            env.close()
+        return raw.decode() if raw else "primary"
 
     def open_fs(self, *, readonly: bool = False) -> FileSystem:
         dev = self.device()

@@ -52,6 +52,26 @@ def _parser() -> argparse.ArgumentParser:
     df.add_argument("older")
     df.add_argument("younger", nargs="?", help="a younger snapshot (default: the live file system)")
     df.add_argument("--no-paths", action="store_true", help="count blocks only")
+    rp = sub.add_parser("replicate", help="replication to secondary sites")
+    rs = rp.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    st = rs.add_parser("start", help="make SITE a secondary: initial copy, then delta sets")
+    st.add_argument("--to", required=True, metavar="SITE", help="the secondary's site directory")
+    st.add_argument("--name", help="destination name (default: the site directory's name)")
+    st.add_argument("--force", action="store_true",
+                    help="replace the content of a site that holds files or replicates")
+    st.add_argument("--no-wait", action="store_true", help="return before the initial copy ends")
+    sp = rs.add_parser("stop", help="stop replicating (the secondary stays consistent)")
+    sp.add_argument("--to", metavar="NAME", help="one destination (default: all)")
+    po = rs.add_parser("policy", help="show or set when delta sets are cut / played back")
+    po.add_argument("--timeout", type=float, help="primary: cut after this many seconds")
+    po.add_argument("--hwm", help="primary: cut when this much data changed (e.g. 64M)")
+    po.add_argument("--playback-timeout", type=float,
+                    help="secondary: play back a delta set this many seconds after it arrived")
+    po.add_argument("--playback-hwm", help="secondary: or once this much data waits (e.g. 64M)")
+    po.add_argument("--retention", type=float,
+                    help="primary: seconds to keep delta-set block lists (default 7 days)")
+    ds = rs.add_parser("deltaset", help="cut a delta set now")
+    ds.add_argument("--no-wait", action="store_true", help="do not wait until it is ready")
     return p
 
 
@@ -181,12 +201,50 @@ def _print_status(st: dict) -> None:
         ("used", f"{_human(st['used_bytes'])} ({_human(st['free_bytes'])} free)"),
         ("inodes", f"{st['inodes'] - st['free_inodes']} used of {st['inodes']}"),
     ]
+    if "role" in st:
+        rows.append(("role", f"{st['role']} (generation {st['generation']})"))
+        if st["role"] == "primary":
+            rows.append(("delta sets", f"current {st['current_delta_set']} "
+                         f"({st['current_delta_set_blocks']} blocks changed), last cut "
+                         f"{st['last_cut_delta_set']}"))
+            rows.append(("chunk area", f"{_human(st['chunk_area_bytes'])} of "
+                         f"{_human(st['chunk_area_capacity_bytes'])}"
+                         + ("  FLOW CONTROL: cutting paused" if st["flow_control"] else "")))
+            rows.append(("send rate", f"{_human(st['send_rate_bytes_per_s'])}/s"))
+            if st["cut_stall_ms"]["count"]:
+                rows.append(("cut stall", f"p50 {st['cut_stall_ms']['p50']} ms, "
+                             f"p99 {st['cut_stall_ms']['p99']} ms"))
+        else:
+            rows.append(("replication", f"{st['replication_state']} from "
+                         f"{(st.get('primary') or {}).get('site', '-')}"))
+            rows.append(("delta sets", f"received {st['last_received_delta_set']}, played "
+                         f"{st['last_played_delta_set']}"))
+        rows.append(("lag", f"{st['lag_seconds']:.1f} s"))
     if "snapshots" in st:
         rows.append(("snapshots", str(len(st["snapshots"]))))
         rows.append(("save volumes", f"{_human(st['save_used_bytes'])} used of "
                                      f"{_human(st['save_capacity_bytes'])}"))
     for k, v in rows:
         print(f"{k:13s} {v}")
+    if st.get("destinations"):
+        print()
+        rows = []
+        for d in st["destinations"]:
+            state = d["state"]
+            if d.get("copy_progress"):
+                cp = d["copy_progress"]
+                state += f" {100.0 * cp['position'] / max(1, cp['volume_blocks']):.0f}%"
+            if d.get("error"):
+                state += f" ({d['error']})"
+            lag = d["lag_seconds"]
+            rows.append([d["name"], state, d["acked_delta_set"], d["played_delta_set"],
+                         "-" if lag is None else f"{lag:.1f}s", d["site"]])
+        print(_table(rows, ["DESTINATION", "STATE", "ACKED", "PLAYED", "LAG", "SITE"]))
+    if st.get("outstanding_delta_sets"):
+        print()
+        rows = [[x["delta_set"], x.get("state", "received"), x["blocks"], x["created"],
+                 x.get("ready") or x.get("received") or "-"] for x in st["outstanding_delta_sets"]]
+        print(_table(rows, ["DELTA SET", "STATE", "BLOCKS", "CREATED", "READY/RECEIVED"]))
     if st.get("snapshots"):
         print()
         _print_snapshots(st["snapshots"])
@@ -249,9 +307,64 @@ def _main(argv) -> int:
                 print(f"{out['changed_blocks']} blocks changed from {out['from']} to {out['to']}")
                 for p in out.get("paths", []):
                     print(f"  {p['change']:9s} {p['path']}")
+    elif a.verb == "replicate":
+        out = _replicate(t, a)
     if a.json:
         print(json.dumps(out, indent=2))
     return 0
+
+
+def _replicate(t: Target, a):
+    from . import parse_size
+    act = a.action
+    if act == "start":
+        to = os.path.abspath(a.to)
+        out = call(t, "POST", "/replicate/start", {"to": to, "force": a.force, "name": a.name})
+        if not a.json:
+            print(f"replicating to {out['destination']} ({out['site']}): initial copy of the "
+                  f"snapshot at delta set {out['stamp']}")
+        if a.no_wait:
+            return out
+        last = None
+        while True:
+            st = call(t, "GET", "/status")
+            d = next((x for x in st["destinations"] if x["name"] == out["destination"]), None)
+            if d is None or d["state"] != "initial-copy":
+                break
+            cp = d.get("copy_progress") or {}
+            pct = 100.0 * cp.get("position", 0) / max(1, cp.get("volume_blocks", 1))
+            line = f"  initial copy: {pct:5.1f}% ({_human(cp.get('copied_blocks', 0) * 4096)} sent)"
+            if line != last and not a.json:
+                print(line, flush=True)
+                last = line
+            time.sleep(0.5)
+        if d is None or d["state"] == "error":
+            raise QuietError(f"initial copy failed: {(d or {}).get('error', 'destination gone')}")
+        if not a.json:
+            print(f"initial copy done: {d['name']} is a read-only secondary, replicating "
+                  f"(played delta set {d['played_delta_set']})")
+        out = d
+    elif act == "stop":
+        out = call(t, "POST", "/replicate/stop", {"to": a.to})
+        if not a.json:
+            print(f"stopped: {out['stopped']}")
+    elif act == "policy":
+        body = {"timeout": a.timeout, "playback_timeout": a.playback_timeout,
+                "retention": a.retention,
+                "hwm": parse_size(a.hwm) if a.hwm else None,
+                "playback_hwm": parse_size(a.playback_hwm) if a.playback_hwm else None}
+        for k in ("timeout", "playback_timeout", "retention"):
+            if body[k] is not None and body[k] < 0:
+                raise QuietError(f"--{k.replace('_', '-')} must not be negative", 2)
+        out = call(t, "POST", "/replicate/policy", body)
+        if not a.json:
+            for k, v in out.items():
+                print(f"{k:17s} {_human(v) if k.endswith('hwm') else v}")
+    elif act == "deltaset":
+        out = call(t, "POST", "/replicate/deltaset", {"wait": not a.no_wait})
+        if not a.json:
+            print(f"delta set {out['delta_set']} cut ({out['state']}, {out['blocks']} blocks)")
+    return out
 
 
 def main(argv=None) -> int:

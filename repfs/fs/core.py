@@ -182,6 +182,25 @@ class FileSystem:
             self.dev.flush()
             self.journal.clear()
 
+    def reload(self) -> None:
+        """The volume changed underneath (a restore, a playback): forget every cached block
+        and inode and read the superblock again, keeping the kernel's lookup counts and the
+        open files. The caller has committed (or the file system is read-only)."""
+        assert not self.has_changes()
+        self.sb = Superblock.unpack(self.dev.read(0, 1))
+        self.meta = MetaCache(self.dev, self.meta.capacity)
+        self.alloc = Allocator(self.meta, self.sb, self.alloc.reserve)
+        self.bmap = BlockMap(self.meta, self.alloc)
+        self.dirs = Directories(self.meta, self.bmap)
+        known = {ino: i.lookups for ino, i in self.inodes.items() if i.lookups}
+        self.inodes = {}
+        self.dirty_inodes = set()
+        for ino, n in known.items():
+            try:
+                self.iget(ino).lookups = n
+            except FSError:
+                pass
+
     def close(self) -> None:
         if not self.readonly:
             self.checkpoint()

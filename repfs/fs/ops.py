@@ -26,9 +26,11 @@ log = logging.getLogger(__name__)
 
 def _fuse_errors(fn):
     @functools.wraps(fn)
-    async def wrapper(*args, **kwargs):
+    async def wrapper(self, *args, **kwargs):
+        if not self._hold.is_set():  # a playback or restore is changing the volume
+            await self._hold.wait()
         try:
-            return await fn(*args, **kwargs)
+            return await fn(self, *args, **kwargs)
         except FSError as e:
             raise pyfuse3.FUSEError(e.errno) from None
     return wrapper
@@ -48,6 +50,8 @@ class Operations(pyfuse3.Operations):
         self.quiesce_lock = trio.Lock()
         self._gate = trio.Event()
         self._gate.set()
+        self._hold = trio.Event()
+        self._hold.set()
         self.commits = 0
 
     # ------------------------------------------------------------------ consistency points
@@ -80,6 +84,20 @@ class Operations(pyfuse3.Operations):
                 await self.commit()
                 yield self.core.dev
             finally:
+                self._gate.set()
+
+    @asynccontextmanager
+    async def hold_all(self):
+        """Hold back every request (reads too) while the volume changes underneath; the
+        file system is then re-read. Used by playback at a secondary."""
+        async with self.quiesce_lock:
+            self._gate = trio.Event()
+            self._hold = trio.Event()
+            try:
+                await self.commit()
+                yield
+            finally:
+                self._hold.set()
                 self._gate.set()
 
     # ------------------------------------------------------------------ attributes

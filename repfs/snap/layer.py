@@ -111,7 +111,7 @@ class SnapLayer(Layer):
 
     def close(self) -> None:
         with self.lock:
-            self.store.close()
+            self.store.close()  # closes the shared LMDB environment last
         self.lower.close()
 
     # ---------------------------------------------------------------- meta bit maps (FIG. 42)
@@ -248,10 +248,15 @@ class SnapLayer(Layer):
     # ---------------------------------------------------------------- restore
 
     def restore(self, snap: Snapshot) -> int:
+        return self.restore_through(snap, self)
+
+    def restore_through(self, snap: Snapshot, top) -> int:
         """Make the clone volume hold snapshot `snap` again: every block changed since it was
         taken and in use in it gets its content back. Younger snapshots keep theirs (the
         writes go through copy-on-write). The caller holds a consistency point, has emptied
-        the file system's redo log, and has recorded the restore as in progress."""
+        the file system's redo log, and has recorded the restore as in progress. `top` is the
+        device to write through (the change log above this layer, so replication ships the
+        restored blocks)."""
         todo = []
         for page, acc in self.changed_pages(snap, None):
             with self.lock:
@@ -266,11 +271,11 @@ class SnapLayer(Layer):
                     m = min(c, 256)
                     with self.lock:
                         data = self._read_snapshot(snap, a, m)
-                        self.write(a, data, meta=True)
+                    top.write(a, data, meta=True)  # through the change log, if any
                     n += m
                     a += m
                     c -= m
-        self.flush()
+        top.flush()
         return n
 
 

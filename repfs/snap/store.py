@@ -48,6 +48,12 @@ class SnapError(Exception):
         self.status = status
 
 
+def open_env(site_path: Path):
+    """The site's LMDB environment (SITE/meta.lmdb), shared by snapshots and replication."""
+    return lmdb.open(str(Path(site_path) / "meta.lmdb"), map_size=1 << 40, max_dbs=32,
+                     subdir=True, lock=True)
+
+
 class SaveVolume:
     """One snapshot's save volume: an append-only log of before-image records."""
 
@@ -233,12 +239,11 @@ class _Pages:
 class SnapStore:
     """The snapshot queue (oldest first) with each snapshot's save volume and indexes."""
 
-    def __init__(self, site_path: Path, *, capacity_bytes: int | None = None):
+    def __init__(self, site_path: Path, *, capacity_bytes: int | None = None, env=None):
         self.root = Path(site_path)
         self.save_dir = self.root / "save"
         self.save_dir.mkdir(exist_ok=True)
-        self.env = lmdb.open(str(self.root / "meta.lmdb"), map_size=1 << 40, max_dbs=32,
-                             subdir=True, lock=True)
+        self.env = env if env is not None else open_env(self.root)
         self.db_snaps = self.env.open_db(K.SNAPS)
         self.db_names = self.env.open_db(K.NAMES)
         self.db_state = self.env.open_db(K.STATE)

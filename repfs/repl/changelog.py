@@ -1,0 +1,250 @@
+"""The change log (FIG. 8, 10): a layer of the volume stack that logs every changed block in a
+queue of two bit-map tables.
+
+Writes set bits in the *new* table. At a delta-set boundary (a consistency point) the tables
+swap: the new table becomes the *old* one, whose blocks the delta-set cutter copies into the
+chunk area in the background, and a fresh new table starts. A write that hits a block still
+set in the old table first hands it to the cutter (the reference's priority copy), so the delta
+set holds the block as it was at the boundary.
+
+Crash safety (invariant 3: over-marking allowed, under-marking never). Bit maps are paged
+(empty pages cost nothing). The tables are written to LMDB at every flush (the file system's
+group commit); between flushes, a write-intent log covers what is only in memory: before the
+first write into a 4 MiB region after a flush, the region is marked durably in LMDB. Recovery
+marks old ∪ new ∪ every intent region as changed. A flush writes the tables and clears the
+intent marks in one transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import numpy as np
+
+from ..volume import Layer
+from . import keys as K
+
+log = logging.getLogger(__name__)
+
+
+class PagedBits:
+    """A bit map kept as 4 KiB pages of packed bits; all-zero pages are not kept."""
+
+    def __init__(self):
+        self.pages: dict[int, np.ndarray] = {}  # page -> uint8[4096]
+        self.dirty: set[int] = set()
+
+    def __bool__(self) -> bool:
+        return bool(self.pages)
+
+    def set_range(self, start: int, count: int) -> int:
+        """Set bits [start, start+count); returns how many were newly set."""
+        added = 0
+        pos, end = start, start + count
+        while pos < end:
+            page, off = divmod(pos, K.PAGE_BITS)
+            m = min(end - pos, K.PAGE_BITS - off)
+            arr = self.pages.get(page)
+            if arr is None:
+                arr = self.pages[page] = np.zeros(K.PAGE_BYTES, dtype=np.uint8)
+            bits = np.unpackbits(arr, bitorder="little")
+            added += m - int(bits[off: off + m].sum())
+            bits[off: off + m] = 1
+            arr[:] = np.packbits(bits, bitorder="little")
+            self.dirty.add(page)
+            pos += m
+        return added
+
+    def get_range(self, start: int, count: int) -> np.ndarray:
+        out = np.zeros(count, dtype=bool)
+        pos, end = start, start + count
+        while pos < end:
+            page, off = divmod(pos, K.PAGE_BITS)
+            m = min(end - pos, K.PAGE_BITS - off)
+            arr = self.pages.get(page)
+            if arr is not None:
+                out[pos - start: pos - start + m] = np.unpackbits(
+                    arr, bitorder="little")[off: off + m].astype(bool)
+            pos += m
+        return out
+
+    def clear_blocks(self, blocks: np.ndarray) -> None:
+        """Clear the bits of the given (sorted) block numbers."""
+        pages = blocks // K.PAGE_BITS
+        for page in np.unique(pages).tolist():
+            arr = self.pages.get(page)
+            if arr is None:
+                continue
+            bits = np.unpackbits(arr, bitorder="little")
+            bits[blocks[pages == page] % K.PAGE_BITS] = 0
+            if bits.any():
+                arr[:] = np.packbits(bits, bitorder="little")
+            else:
+                del self.pages[page]
+            self.dirty.add(page)
+
+    def page_blocks(self, page: int) -> np.ndarray:
+        arr = self.pages.get(page)
+        if arr is None:
+            return np.zeros(0, dtype=np.int64)
+        return np.flatnonzero(np.unpackbits(arr, bitorder="little")) + page * K.PAGE_BITS
+
+    def count(self) -> int:
+        return int(sum(np.unpackbits(a).sum() for a in self.pages.values()))
+
+    def merge(self, other: "PagedBits") -> None:
+        for page, arr in other.pages.items():
+            mine = self.pages.get(page)
+            if mine is None:
+                self.pages[page] = arr.copy()
+            else:
+                mine |= arr
+            self.dirty.add(page)
+
+    # persistence
+    def load(self, txn, db) -> None:
+        cur = txn.cursor(db=db)
+        for key, val in cur:
+            self.pages[K.from_u32(key)] = np.frombuffer(val, dtype=np.uint8).copy()
+
+    def save_dirty(self, txn, db) -> None:
+        for page in self.dirty:
+            arr = self.pages.get(page)
+            if arr is None:
+                txn.delete(K.u32(page), db=db)
+            else:
+                txn.put(K.u32(page), arr.tobytes(), db=db)
+        self.dirty.clear()
+
+    def save_all(self, txn, db) -> None:
+        txn.drop(db, delete=False)
+        for page, arr in self.pages.items():
+            txn.put(K.u32(page), arr.tobytes(), db=db)
+        self.dirty.clear()
+
+
+class ChangeLogLayer(Layer):
+    """Logs changed blocks while `enabled` (the site is a primary with destinations)."""
+
+    def __init__(self, lower, env):
+        super().__init__(lower)
+        self.env = env
+        self.db_new = env.open_db(K.CLOG_NEW)
+        self.db_old = env.open_db(K.CLOG_OLD)
+        self.db_intent = env.open_db(K.CLOG_INTENT)
+        self.db_ctx = env.open_db(K.CTX)
+        self.lock = threading.RLock()
+        self.new = PagedBits()
+        self.old: PagedBits | None = None
+        self.hot: set[int] = set()  # regions with a durable intent mark
+        self.changed_blocks = 0  # blocks set in the new table since the last cut
+        self.first_change_ns = 0
+        self.priority_copy = None  # set by the cutter while a delta set is being cut
+        self.enabled = False
+        self.recovered = self._recover()
+
+    def _recover(self) -> int:
+        """Load the persistent log; old ∪ new ∪ intent regions become the new table."""
+        with self.env.begin() as txn:
+            self.new.load(txn, self.db_new)
+            old = PagedBits()
+            old.load(txn, self.db_old)
+            regions = [K.from_u32(k) for k in txn.cursor(db=self.db_intent).iternext(values=False)]
+            raw = txn.get(b"first_change_ns", db=self.db_ctx)
+        self.first_change_ns = K.from_u64(raw) if raw else 0
+        self.new.merge(old)
+        for r in regions:
+            start = r * K.REGION_BLOCKS
+            self.new.set_range(start, min(K.REGION_BLOCKS, max(0, self.nblocks - start)))
+        self.changed_blocks = self.new.count()
+        if old or regions:
+            with self.env.begin(write=True) as txn:
+                self.new.save_all(txn, self.db_new)
+                txn.drop(self.db_old, delete=False)
+                txn.drop(self.db_intent, delete=False)
+            log.info("change log recovered: %d blocks marked (%d regions from the intent log)",
+                     self.changed_blocks, len(regions))
+        return self.changed_blocks
+
+    # ------------------------------------------------------------------ the write path
+
+    def write(self, start: int, data, meta: bool = False) -> None:
+        n = len(data) // 4096
+        with self.lock:
+            if self.enabled:
+                self._intent(start, n)
+                if self.old is not None and self.priority_copy is not None:
+                    hit = np.flatnonzero(self.old.get_range(start, n))
+                    if len(hit):
+                        self.priority_copy(start + hit)
+                added = self.new.set_range(start, n)
+                if added:
+                    if not self.changed_blocks:
+                        import time
+                        self.first_change_ns = time.time_ns()
+                    self.changed_blocks += added
+            self.lower.write(start, data, meta)
+
+    def _intent(self, start: int, n: int) -> None:
+        first = start // K.REGION_BLOCKS
+        last = (start + n - 1) // K.REGION_BLOCKS
+        missing = [r for r in range(first, last + 1) if r not in self.hot]
+        if missing:
+            with self.env.begin(write=True) as txn:
+                for r in missing:
+                    txn.put(K.u32(r), b"", db=self.db_intent)
+                if not self.changed_blocks:
+                    import time
+                    txn.put(b"first_change_ns", K.u64(time.time_ns()), db=self.db_ctx)
+            self.hot.update(missing)
+
+    def flush(self) -> None:
+        with self.lock:
+            self.persist()
+        self.lower.flush()
+
+    def persist(self) -> None:
+        """Write the tables; the intent marks are then covered and go (one transaction)."""
+        if not self.new.dirty and not self.hot:
+            return
+        with self.env.begin(write=True) as txn:
+            self.new.save_dirty(txn, self.db_new)
+            if self.old is not None:
+                self.old.save_dirty(txn, self.db_old)
+            if self.hot:
+                txn.drop(self.db_intent, delete=False)
+            txn.put(b"first_change_ns", K.u64(self.first_change_ns), db=self.db_ctx)
+        self.hot.clear()
+
+    # ------------------------------------------------------------------ cutting
+
+    def swap(self, txn) -> PagedBits:
+        """At a consistency point: the new table becomes the old one (written in `txn`)."""
+        assert self.old is None
+        old, self.new = self.new, PagedBits()
+        old.save_all(txn, self.db_old)
+        txn.drop(self.db_new, delete=False)
+        txn.drop(self.db_intent, delete=False)
+        txn.put(b"first_change_ns", K.u64(0), db=self.db_ctx)
+        self.hot.clear()
+        self.old = old
+        self.changed_blocks = 0
+        self.first_change_ns = 0
+        return old
+
+    def old_done(self, txn) -> None:
+        txn.drop(self.db_old, delete=False)
+        self.old = None
+
+    def disable(self) -> None:
+        """Stop logging and forget the log (no destinations left)."""
+        with self.lock:
+            self.enabled = False
+            self.new = PagedBits()
+            self.old = None
+            self.hot.clear()
+            self.changed_blocks = 0
+            with self.env.begin(write=True) as txn:
+                for db in (self.db_new, self.db_old, self.db_intent):
+                    txn.drop(db, delete=False)

@@ -1,0 +1,153 @@
+"""Delta chunks and delta-set headers: the replication wire and save-volume format.
+
+Pure encode/decode functions (no I/O), so they can be unit-tested and fuzzed alone.
+
+A delta set is the set of blocks that changed between two consistency points, with their
+content at the later one. It travels as delta chunks followed by one delta-set header
+(the header comes last: FIG. 9 text; invariant 4).
+
+Chunk::
+
+    _CHUNK_HDR   magic "RDCHUNK1", generation u64, delta set u64, chunk number u32,
+                 extent count u32, block count u32, checksum u64
+    extents      count x (start u32, length u32)
+    data         block count x 4 KiB, the extents' blocks in order
+
+The checksum is xxh3-64 over the header (with the checksum field zero), the extents and the
+data. A chunk holds at most MAX_CHUNK_BLOCKS blocks.
+
+Delta-set header::
+
+    magic "RDSETHD1", generation u64, delta set u64, chunks u32, blocks u64,
+    data checksum u64 (xxh3-64 over the chunks' checksums in chunk order), header checksum u64
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import xxhash
+
+BS = 4096
+MAX_CHUNK_BLOCKS = 256
+MAX_EXTENTS = 4096
+
+_CHUNK_MAGIC = b"RDCHUNK1"
+_CHUNK_HDR = struct.Struct("<8sQQIIIQ")
+_SET_MAGIC = b"RDSETHD1"
+_SET_HDR = struct.Struct("<8sQQIQQQ")
+SET_HEADER_SIZE = _SET_HDR.size
+
+
+class ChunkError(ValueError):
+    """A chunk or header fails to decode or verify; nothing of it may be applied."""
+
+
+@dataclass
+class Chunk:
+    generation: int
+    delta_set: int
+    number: int
+    extents: list[tuple[int, int]]
+    data: bytes
+    checksum: int = 0
+
+    @property
+    def blocks(self) -> int:
+        return sum(n for _, n in self.extents)
+
+
+def encode_chunk(generation: int, delta_set: int, number: int,
+                 extents: list[tuple[int, int]], data) -> bytes:
+    blocks = sum(n for _, n in extents)
+    if len(data) != blocks * BS:
+        raise ChunkError("chunk data does not match its extents")
+    if blocks > MAX_CHUNK_BLOCKS or len(extents) > MAX_EXTENTS:
+        raise ChunkError("chunk too large")
+    ext = b"".join(struct.pack("<II", s, n) for s, n in extents)
+    head = bytearray(_CHUNK_HDR.pack(_CHUNK_MAGIC, generation, delta_set, number,
+                                     len(extents), blocks, 0))
+    h = xxhash.xxh3_64()
+    h.update(head)
+    h.update(ext)
+    h.update(data)
+    csum = h.intdigest()
+    struct.pack_into("<Q", head, _CHUNK_HDR.size - 8, csum)
+    return bytes(head) + ext + bytes(data)
+
+
+def encoded_checksum(buf, offset: int = 0) -> int:
+    """The checksum field of an encoded chunk."""
+    return _CHUNK_HDR.unpack_from(buf, offset)[6]
+
+
+def chunk_size(buf, offset: int = 0) -> int:
+    """Total encoded size of the chunk starting at `offset` (from its header alone)."""
+    if len(buf) - offset < _CHUNK_HDR.size:
+        raise ChunkError("truncated chunk header")
+    magic, _, _, _, next_, blocks, _ = _CHUNK_HDR.unpack_from(buf, offset)
+    if magic != _CHUNK_MAGIC:
+        raise ChunkError("not a delta chunk (bad magic)")
+    if next_ > MAX_EXTENTS or blocks > MAX_CHUNK_BLOCKS:
+        raise ChunkError("chunk header out of range")
+    return _CHUNK_HDR.size + 8 * next_ + blocks * BS
+
+
+def decode_chunk(buf) -> Chunk:
+    """Decode and verify one chunk (the whole buffer); raises ChunkError."""
+    size = chunk_size(buf)
+    if len(buf) != size:
+        raise ChunkError(f"chunk is {len(buf)} bytes, its header says {size}")
+    magic, gen, ds, num, next_, blocks, csum = _CHUNK_HDR.unpack_from(buf, 0)
+    mv = memoryview(buf)
+    head = bytearray(mv[:_CHUNK_HDR.size])
+    struct.pack_into("<Q", head, _CHUNK_HDR.size - 8, 0)
+    h = xxhash.xxh3_64()
+    h.update(head)
+    h.update(mv[_CHUNK_HDR.size:])
+    if h.intdigest() != csum:
+        raise ChunkError(f"delta set {ds} chunk {num}: checksum mismatch")
+    off = _CHUNK_HDR.size
+    extents = [struct.unpack_from("<II", buf, off + 8 * i) for i in range(next_)]
+    if sum(n for _, n in extents) != blocks:
+        raise ChunkError(f"delta set {ds} chunk {num}: extents do not add up")
+    return Chunk(gen, ds, num, extents, bytes(mv[off + 8 * next_:]), csum)
+
+
+@dataclass
+class SetHeader:
+    generation: int
+    delta_set: int
+    chunks: int
+    blocks: int
+    data_checksum: int
+
+
+def data_checksum(chunk_checksums) -> int:
+    h = xxhash.xxh3_64()
+    for c in chunk_checksums:
+        h.update(struct.pack("<Q", c))
+    return h.intdigest()
+
+
+def encode_set_header(hdr: SetHeader) -> bytes:
+    body = _SET_HDR.pack(_SET_MAGIC, hdr.generation, hdr.delta_set, hdr.chunks, hdr.blocks,
+                         hdr.data_checksum, 0)
+    csum = xxhash.xxh3_64_intdigest(body)
+    return body[:-8] + struct.pack("<Q", csum)
+
+
+def decode_set_header(buf) -> SetHeader:
+    if len(buf) != _SET_HDR.size:
+        raise ChunkError("delta-set header has the wrong size")
+    magic, gen, ds, chunks, blocks, dsum, csum = _SET_HDR.unpack(buf)
+    if magic != _SET_MAGIC:
+        raise ChunkError("not a delta-set header (bad magic)")
+    if xxhash.xxh3_64_intdigest(bytes(buf[:-8]) + bytes(8)) != csum:
+        raise ChunkError(f"delta set {ds}: header checksum mismatch")
+    return SetHeader(gen, ds, chunks, blocks, dsum)
+
+
+def is_set_header(buf, offset: int = 0) -> bool:
+    return bytes(buf[offset: offset + 8]) == _SET_MAGIC

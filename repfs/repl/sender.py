@@ -1,0 +1,381 @@
+"""The primary's side of replication: destinations, the cut policy, the background copy, the
+initial copy (FIG. 11) and one send task per destination (FIG. 12).
+
+The plan (what to send next) is a function of the mailbox and the receiver's report; the send
+task drives it, retries temporary failures with back-off, resends what a receiver rejected,
+and resumes from the mailbox and the receiver's report after a restart of either daemon.
+The transport is behind `ReceiverClient`; the local one talks to a secondary daemon on the
+same host over its control port (the network transport will implement the same calls).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import trio
+
+from . import keys as K
+from .chunk import chunk_size, is_set_header
+from .receiver import encode_copy
+
+log = logging.getLogger(__name__)
+BS = 4096
+COPY_PIECE = 256  # blocks per initial-copy request
+DEFAULT_POLICY = {"timeout": 5.0, "hwm": 64 << 20, "playback_timeout": 0.0,
+                  "playback_hwm": 64 << 20, "retention": 7 * 86400.0}
+
+
+class TransientError(Exception):
+    """Try again later (the peer is down, restarting, or busy)."""
+
+
+class PermanentError(Exception):
+    """The destination refuses for a reason retrying will not fix."""
+
+
+class RejectedError(Exception):
+    """The receiver rejected data it could not verify; send it again."""
+
+
+class ReceiverClient:
+    """Calls on a secondary daemon's control port (a site on this host)."""
+
+    def __init__(self, site_path: str):
+        self.site_path = site_path
+        self.conn: http.client.HTTPConnection | None = None
+        # test hook: corrupt the next N chunks sent (checks that receivers reject them)
+        self.corrupt = int(os.environ.get("REPFS_TEST_CORRUPT_CHUNKS", "0"))
+
+    def _connect(self):
+        from ..site import Site
+        site = Site(self.site_path)
+        addr = site.control_address()
+        if addr is None:
+            raise TransientError(f"the daemon of {self.site_path} is not running")
+        try:
+            token = (site.path / "control.token").read_text().strip()
+        except OSError as e:
+            raise TransientError(f"cannot read the control token of {self.site_path}: {e}")
+        self.token = token
+        self.conn = http.client.HTTPConnection(addr[0], addr[1], timeout=60)
+
+    def request(self, method: str, path: str, body: bytes | dict | None = None) -> dict:
+        for attempt in (1, 2):
+            if self.conn is None:
+                self._connect()
+            if isinstance(body, dict):
+                data, ctype = json.dumps(body).encode(), "application/json"
+            else:
+                data, ctype = body, "application/octet-stream"
+            try:
+                self.conn.request(method, "/v1" + path, body=data, headers={
+                    "Authorization": f"Bearer {self.token}", "Content-Type": ctype})
+                resp = self.conn.getresponse()
+                raw = resp.read()
+            except (OSError, http.client.HTTPException) as e:
+                self.close()
+                if attempt == 2:
+                    raise TransientError(f"{self.site_path}: {e}") from None
+                continue
+            try:
+                doc = json.loads(raw)
+            except ValueError:
+                raise TransientError(f"{self.site_path}: non-JSON answer {resp.status}") from None
+            if resp.status == 200:
+                return doc
+            msg = doc.get("error", f"HTTP {resp.status}") if isinstance(doc, dict) else str(doc)
+            if resp.status == 400 and ("rejected" in msg or "again" in msg):
+                raise RejectedError(msg)
+            if resp.status in (401, 404, 409):
+                raise PermanentError(msg)
+            raise TransientError(msg)
+        raise TransientError("unreachable")
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+    # the calls
+    def info(self) -> dict:
+        return self.request("GET", "/repl/receiver")
+
+    def attach(self, primary: dict, generation: int, force: bool) -> dict:
+        return self.request("POST", "/repl/attach", {"primary": primary, "generation": generation,
+                                                     "force": force})
+
+    def copy(self, start: int, data: bytes) -> None:
+        self.request("POST", "/repl/copy", encode_copy(start, data))
+
+    def start_playback(self, after: int) -> None:
+        self.request("POST", "/repl/start-playback", {"after": after})
+
+    def chunk(self, raw: bytes) -> None:
+        if self.corrupt > 0:
+            self.corrupt -= 1
+            bad = bytearray(raw)
+            bad[len(bad) // 2] ^= 0x10
+            log.info("test hook: sending a corrupted chunk")
+            raw = bytes(bad)
+        self.request("POST", "/repl/chunk", raw)
+
+    def commit(self, header: bytes, meta: dict) -> dict:
+        return self.request("POST", "/repl/commit", {"header": header.hex(), **meta})
+
+
+class Primary:
+    """Replication at a primary site: owns the cut and copy loops and the send tasks."""
+
+    def __init__(self, service, clog, sets):
+        self.service = service
+        self.clog = clog
+        self.sets = sets
+        self.env = sets.env
+        self.db_dests = self.env.open_db(K.DESTS)
+        self.copy_needed = trio.Event()
+        self.work = trio.Event()  # a delta set became ready
+        self.cut_lock = trio.Lock()
+        self.tasks: dict[str, trio.CancelScope] = {}
+        self.flow_control = False
+        self.stall_ms: list[float] = []
+        self.sent_bytes = 0
+        self.rate_window: list[tuple[float, int]] = []
+        self.clog.enabled = any(d["state"] != "stopped" for d in self.dests())
+
+    # ------------------------------------------------------------------ state
+
+    def policy(self) -> dict:
+        raw = self.sets.ctx_get("policy")
+        p = dict(DEFAULT_POLICY)
+        if raw:
+            p.update(json.loads(raw))
+        return p
+
+    def set_policy(self, **changes) -> dict:
+        p = self.policy()
+        p.update({k: v for k, v in changes.items() if v is not None})
+        self.sets.ctx_put("policy", json.dumps(p).encode())
+        return p
+
+    def dests(self) -> list[dict]:
+        with self.env.begin(db=self.db_dests) as txn:
+            return [json.loads(v) for _, v in txn.cursor()]
+
+    def dest(self, name: str) -> dict | None:
+        with self.env.begin(db=self.db_dests) as txn:
+            raw = txn.get(name.encode())
+        return json.loads(raw) if raw else None
+
+    def put_dest(self, d: dict) -> None:
+        with self.env.begin(write=True, db=self.db_dests) as txn:
+            txn.put(d["name"].encode(), json.dumps(d).encode())
+
+    def del_dest(self, name: str) -> None:
+        with self.env.begin(write=True, db=self.db_dests) as txn:
+            txn.delete(name.encode())
+
+    # ------------------------------------------------------------------ loops
+
+    async def run(self, nursery) -> None:
+        nursery.start_soon(self._cut_loop)
+        nursery.start_soon(self._copy_loop)
+        for d in self.dests():
+            if d["state"] != "stopped":
+                self.start_sender(nursery, d["name"])
+        if self.sets.last_cut and self.clog.enabled:
+            self.copy_needed.set()
+
+    async def _cut_loop(self) -> None:
+        while True:
+            await trio.sleep(0.1)
+            if not self.clog.enabled or self.sets.cutting:
+                continue
+            if self.sets.flow_control():
+                if not self.flow_control:
+                    log.warning("chunk area full (%d bytes): cutting paused until destinations "
+                                "catch up; the change log keeps coalescing", self.sets.usage())
+                self.flow_control = True
+                continue
+            self.flow_control = False
+            p = self.policy()
+            changed = self.clog.changed_blocks * BS
+            age = (time.time_ns() - self.clog.first_change_ns) / 1e9 if changed else 0
+            if changed and (changed >= p["hwm"] or age >= p["timeout"]):
+                await self.cut()
+
+    async def cut(self) -> int:
+        """Cut the accumulating delta set at a consistency point (writers pause only for the
+        commit and the table swap)."""
+        async with self.cut_lock:
+            while self.sets.cutting:
+                await trio.sleep(0.02)
+            t0 = time.monotonic()
+            async with self.service.ops.quiesce():
+                n = self.sets.cut()
+            self.stall_ms.append((time.monotonic() - t0) * 1000)
+            del self.stall_ms[:-1000]
+            self.copy_needed.set()
+            return n
+
+    async def _copy_loop(self) -> None:
+        while True:
+            await self.copy_needed.wait()
+            self.copy_needed = trio.Event()
+            while self.sets.cutting:
+                if await trio.to_thread.run_sync(self.sets.copy_step):
+                    break
+            self.work.set()
+            self.work = trio.Event()
+
+    # ------------------------------------------------------------------ destinations
+
+    def start_sender(self, nursery, name: str) -> None:
+        scope = trio.CancelScope()
+        self.tasks[name] = scope
+        nursery.start_soon(self._send_task, name, scope)
+
+    async def _send_task(self, name: str, scope: trio.CancelScope) -> None:
+        with scope:
+            client = ReceiverClient(self.dest(name)["site"])
+            backoff = 0.2
+            last_error = None
+            while True:
+                d = self.dest(name)
+                if d is None or d["state"] == "stopped":
+                    return
+                try:
+                    if d["state"] == "initial-copy":
+                        await trio.to_thread.run_sync(self._initial_copy, client, name)
+                        await self.service.snapshot_delete(d["snapshot"], internal=True)
+                        continue
+                    sent = await trio.to_thread.run_sync(self._send_next, client, name)
+                    if last_error:
+                        log.info("destination %s: reachable again", name)
+                        last_error = None
+                    backoff = 0.2
+                    if not sent:
+                        with trio.move_on_after(0.5):
+                            await self.work.wait()
+                except (TransientError, RejectedError) as e:
+                    if str(e) != last_error:
+                        log.info("destination %s: %s (retrying)", name, e)
+                        last_error = str(e)
+                    client.close()
+                    await trio.sleep(backoff)
+                    backoff = min(backoff * 2, 5.0)
+                except PermanentError as e:
+                    log.error("destination %s: %s; replication to it stopped", name, e)
+                    d = self.dest(name)
+                    d["state"] = "error"
+                    d["error"] = str(e)
+                    self.put_dest(d)
+                    return
+
+    def _initial_copy(self, client: ReceiverClient, name: str) -> None:
+        """Copy the valid extents of the stamped snapshot (FIG. 11), resuming at copy_pos."""
+        d = self.dest(name)
+        layer = self.service.layer
+        snap = self.service.store.find(d["snapshot"])
+        info = client.info()
+        if info.get("state") != "initial-copy":
+            raise PermanentError(f"{d['site']} is not expecting an initial copy")
+        nblocks = layer.nblocks
+        pos = d["copy_pos"]
+        last_save = time.monotonic()
+        page = pos // K.PAGE_BITS
+        while page * K.PAGE_BITS < nblocks:
+            valid = layer.meta_page(snap, page)
+            base = page * K.PAGE_BITS
+            idx = np.flatnonzero(valid)
+            idx = idx[(idx + base >= pos) & (idx + base < nblocks)]
+            if len(idx):
+                breaks = np.flatnonzero(np.diff(idx) != 1) + 1
+                for a, b in zip(np.concatenate(([0], breaks)).tolist(),
+                                np.concatenate((breaks, [len(idx)])).tolist()):
+                    s, c = base + int(idx[a]), b - a
+                    while c:
+                        m = min(c, COPY_PIECE)
+                        client.copy(s, layer.read_snapshot(snap, s, m))
+                        d["copied"] = d.get("copied", 0) + m
+                        self.sent_bytes += m * BS
+                        s += m
+                        c -= m
+                        d["copy_pos"] = s
+                        if time.monotonic() - last_save > 1.0:
+                            self.put_dest(d)
+                            last_save = time.monotonic()
+            page += 1
+            d["copy_pos"] = max(d["copy_pos"], page * K.PAGE_BITS)
+        client.start_playback(d["stamp"])
+        d.update(state="replicating", acked=d["stamp"], played=d["stamp"],
+                 copy_done_ns=time.time_ns())
+        self.put_dest(d)
+        log.info("destination %s: initial copy done (%d blocks); playback from delta set %d",
+                 name, d.get("copied", 0), d["stamp"] + 1)
+
+    def _send_next(self, client: ReceiverClient, name: str) -> bool:
+        """Send the next delta set the destination lacks; False when there is none ready."""
+        d = self.dest(name)
+        info = client.info()
+        if info.get("role") != "secondary" or info.get("state") != "replicating":
+            raise PermanentError(f"{d['site']} is no longer a replicating secondary")
+        changed = (d["acked"], d["played"]) != (info["last_received"], info["last_played"])
+        d["acked"], d["played"] = info["last_received"], info["last_played"]
+        if changed:
+            self.put_dest(d)
+        n = d["acked"] + 1
+        rec = self.sets.record(n)
+        if rec is None or rec["state"] != "ready":
+            return False
+        raw = self.sets.path(n).read_bytes()
+        skip = 0
+        if info.get("partial") and info["partial"]["delta_set"] == n:
+            skip = info["partial"]["chunks"]
+        off = 0
+        number = 0
+        while off < len(raw) and not is_set_header(raw, off):
+            size = chunk_size(raw, off)
+            if number >= skip:
+                client.chunk(raw[off: off + size])
+                self.sent_bytes += size
+            off += size
+            number += 1
+        ack = client.commit(raw[off:], {"cut_ns": rec["cut_ns"],
+                                        "first_change_ns": rec["first_change_ns"]})
+        d["acked"], d["played"] = ack["acked"], ack["played"]
+        d["sent_bytes"] = d.get("sent_bytes", 0) + len(raw)
+        self.put_dest(d)
+        self.rate_window.append((time.monotonic(), len(raw)))
+        self._prune()
+        return True
+
+    def _prune(self) -> None:
+        active = [d for d in self.dests() if d["state"] != "stopped"]
+        acked = min((d["acked"] for d in active), default=self.sets.last_cut)
+        self.sets.prune(acked, self.policy()["retention"])
+
+    # ------------------------------------------------------------------ reporting
+
+    def lag(self, d: dict) -> float:
+        """Age in seconds of the oldest write not yet played back at destination `d`."""
+        now = time.time_ns()
+        for n in range(d["played"] + 1, self.sets.last_cut + 1):
+            rec = self.sets.record(n)
+            if rec and rec["blocks"] and rec["first_change_ns"]:
+                return (now - rec["first_change_ns"]) / 1e9
+            if rec and rec["state"] == "cutting" and rec["first_change_ns"]:
+                return (now - rec["first_change_ns"]) / 1e9
+        if self.clog.changed_blocks and self.clog.first_change_ns:
+            return (now - self.clog.first_change_ns) / 1e9
+        return 0.0
+
+    def rate(self) -> float:
+        now = time.monotonic()
+        self.rate_window = [(t, b) for t, b in self.rate_window if now - t < 10]
+        return sum(b for _, b in self.rate_window) / 10.0
