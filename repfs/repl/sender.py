@@ -268,7 +268,7 @@ class Primary:
                         last_error = str(e)
                     client.close()
                     await trio.sleep(backoff)
-                    backoff = min(backoff * 2, 5.0)
+                    backoff = min(backoff * 2, 2.0)
                 except PermanentError as e:
                     log.error("destination %s: %s; replication to it stopped", name, e)
                     d = self.dest(name)
