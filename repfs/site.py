@@ -58,6 +58,11 @@ listen = "127.0.0.1:0"
 # bytes the snapshot save volumes (SITE/save/) may hold, e.g. "50G"; by default a quarter of
 # the free space of the file system holding the site, measured when the site is mounted
 # save_capacity = "50G"
+
+[repl]
+# bytes the primary's delta-set chunk area (SITE/save/deltasets/) may hold; when it is full,
+# cutting pauses until the destinations catch up (the change log keeps every change)
+chunk_capacity = "1G"
 """
 
 

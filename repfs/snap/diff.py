@@ -10,7 +10,7 @@ from __future__ import annotations
 import stat
 
 from ..fs.errors import FSError
-from ..fs.format import INODES_PER_BLOCK, ROOT_INO
+from ..fs.format import ROOT_INO
 
 
 def _walk(fs):
@@ -32,7 +32,8 @@ def _walk(fs):
 
 
 def _blocks(fs, inode) -> set[int]:
-    out = {fs.sb.itable_start + inode.ino // INODES_PER_BLOCK}
+    """The blocks an inode's content lives in (its inode record is compared separately)."""
+    out = set()
     for _, _, phys in fs.bmap.walk(inode):
         if isinstance(phys, int):
             out.add(phys)
