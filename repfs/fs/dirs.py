@@ -203,6 +203,11 @@ class Directories:
         """Double the table and rewrite it. False (nothing changed) when space is short."""
         depth = hdr.depth + 1
         nb = 1 << depth
+        # decide on space before reading anything, so a full volume does not make every
+        # insert read the whole table
+        estimate = 1 + nb + hdr.bytes // BUCKET_CAPACITY + 1
+        if self.bmap.alloc.sb.free_blocks < estimate - hdr.nblocks + 8:
+            return False
         buckets: list[list] = [[] for _ in range(nb)]
         for eh, name, ino, typ, _ in self.all_entries(dinode):
             buckets[eh >> (HASH_BITS - depth)].append((eh, name, ino, typ))

@@ -74,6 +74,8 @@ class Journal:
             return None
         hlen = _header_len(count)
         total = hlen + count * BLOCK_SIZE + _TRAILER.size
+        if total > os.fstat(self.fd).st_size:  # a torn or damaged header: never trust it
+            return None
         raw = os.pread(self.fd, total, 0)
         if len(raw) < total:
             return None
