@@ -143,6 +143,7 @@ class Allocator:
         self.inodes = Bitmap(meta, sb.ibitmap_start, sb.ninodes, 1)
         self.reserve = reserve_blocks
         self.pending: list[tuple[int, int]] = []  # freed, reusable after commit
+        self.held: list[tuple[int, int]] = []  # freed by the committing transaction
 
     def alloc_blocks(self, count: int, goal: int | None = None, *, data: bool = True):
         """Allocate `count` blocks as extents. Data allocations leave the metadata reserve."""
@@ -161,12 +162,28 @@ class Allocator:
     def free_blocks(self, extents) -> None:
         self.pending.extend(extents)
 
-    def apply_pending(self) -> None:
-        """At commit: the freed blocks become free in this transaction."""
-        for s, n in self.pending:
+    def apply_pending(self) -> list[tuple[int, int]]:
+        """At commit: the freed blocks become free in this transaction. Returns them."""
+        freed = self.pending
+        for s, n in freed:
             self.blocks.set_range(s, n, False)
             self.sb.free_blocks += n
         self.pending = []
+        return freed
+
+    def quarantine(self, extents) -> None:
+        """Hold blocks (free in the closing transaction) as used in the running one until the
+        closing transaction's commit point has passed."""
+        for s, n in extents:
+            self.blocks.set_range(s, n, True)
+            self.sb.free_blocks -= n
+        self.held = list(extents)
+
+    def release_quarantine(self) -> None:
+        for s, n in getattr(self, "held", ()):
+            self.blocks.set_range(s, n, False)
+            self.sb.free_blocks += n
+        self.held = []
 
     def alloc_inode(self) -> int:
         if self.sb.free_inodes <= 0:

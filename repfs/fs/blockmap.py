@@ -84,6 +84,26 @@ class BlockMap:
                 out[o: o + n] = np.frombuffer(self.meta.read(leaf), dtype=np.uint32)[idx: idx + n]
         return out
 
+    def indirect_needed(self, inode, first: int, count: int, holes: np.ndarray) -> int:
+        """How many indirect blocks `ensure` would allocate to fill the holes of the range."""
+        missing = set()
+        for k, pos, n in _segments(first, count):
+            o = pos - first
+            if k == 0 or not holes[o: o + n].any():
+                continue
+            digits = _digits(pos - _LEVEL_START[k], k)
+            ptr = inode.map[N_DIRECT + k - 1]
+            if ptr == 0:
+                missing.update((k, tuple(digits[:d])) for d in range(k))
+                continue
+            for depth, d in enumerate(digits[:-1]):
+                child = int(np.frombuffer(self.meta.read(ptr), dtype=np.uint32)[d])
+                if child == 0:
+                    missing.update((k, tuple(digits[:dd])) for dd in range(depth + 1, k))
+                    break
+                ptr = child
+        return len(missing)
+
     # ------------------------------------------------------------------ allocation
 
     def _new_meta_block(self, inode, goal) -> int:

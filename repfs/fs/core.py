@@ -144,12 +144,16 @@ class FileSystem:
             inode.pack_into(self.meta.modify(blk), off)
             inode.dirty = False
         self.dirty_inodes.clear()
-        self.alloc.apply_pending()
+        freed = self.alloc.apply_pending()
         self.sb.commit_seq += 1
         self.meta.modify(0)[:] = self.sb.pack()
         self.sb_dirty = False
         self.data_dirty = False
-        return self.sb.commit_seq, self.meta.begin_commit()
+        txn = self.sb.commit_seq, self.meta.begin_commit()
+        # The blocks this transaction frees are free in its image, but must not be reused
+        # before its commit point: the running transaction holds them until finish_commit.
+        self.alloc.quarantine(freed)
+        return txn
 
     def write_commit(self, txn) -> None:
         """Make the transaction durable (may run in a worker thread)."""
@@ -166,6 +170,7 @@ class FileSystem:
 
     def finish_commit(self) -> None:
         self.meta.end_commit()
+        self.alloc.release_quarantine()
         self._evict_inodes()
 
     def commit(self) -> None:
@@ -178,6 +183,8 @@ class FileSystem:
     def checkpoint(self) -> None:
         """Commit and make the volume alone hold the file system (the redo log empty)."""
         self.commit()
+        if self.has_changes():  # blocks released from quarantine after the commit point
+            self.commit()
         if not self.readonly:
             self.dev.flush()
             self.journal.clear()
@@ -367,18 +374,24 @@ class FileSystem:
         holes = cur == 0
         nholes = int(holes.sum())
         if nholes:
+            overhead = self.bmap.indirect_needed(inode, b0, nb, holes)
             avail = self.sb.free_blocks - self.alloc.reserve
-            if nholes + nholes // PTRS_PER_BLOCK + 4 > avail:
+            if nholes + overhead > avail:
                 # fill what fits, then ENOSPC on the next write (as other file systems do)
-                allowed = avail - avail // PTRS_PER_BLOCK - 4
-                if allowed <= 0:
-                    raise FSError(errno.ENOSPC)
-                fit = int(np.searchsorted(np.cumsum(holes), allowed, side="right"))
+                allowed = avail - overhead
+                fit = (int(np.searchsorted(np.cumsum(holes), allowed, side="right"))
+                       if allowed > 0 else 0)
                 if fit == 0:
                     raise FSError(errno.ENOSPC)
                 n = min(n, (b0 + fit) * BS - off)
                 nb = (off + n - 1) // BS + 1 - b0
-            phys, new = self.bmap.ensure(inode, b0, nb)
+            try:
+                phys, new = self.bmap.ensure(inode, b0, nb)
+            except FSError:
+                # leave nothing mapped past EOF (indirect blocks allocated for the write)
+                self.bmap.truncate(inode, -(-inode.size // BS))
+                self._dirty(inode)
+                raise
         else:
             phys, new = cur, holes
         head = off - b0 * BS
@@ -662,6 +675,9 @@ class FileSystem:
                     raise FSError(errno.EINVAL)
                 if dst_dir and self._is_ancestor(dst.ino, p_old):
                     raise FSError(errno.EINVAL)
+                delta = int(src_dir) - int(dst_dir)
+                if dnew.nlink + delta > LINK_MAX or dold.nlink - delta > LINK_MAX:
+                    raise FSError(errno.EMLINK)
             self.dirs.replace(dold, n_old, dst.ino, dst.mode >> 12)
             self.dirs.replace(dnew, n_new, src.ino, src.mode >> 12)
             if p_old != p_new:
@@ -770,6 +786,8 @@ class FileSystem:
     def _check_xname(name: bytes) -> None:
         if not name.startswith(XATTR_NAMESPACES):
             raise FSError(errno.EOPNOTSUPP)
+        if name.endswith(b".") and name in XATTR_NAMESPACES:
+            raise FSError(errno.EINVAL)
         if len(name) > 255:
             raise FSError(errno.ERANGE)
 

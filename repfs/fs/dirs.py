@@ -144,7 +144,11 @@ class Directories:
             hdr.free_head = bucket_header(self._read(dinode, lblk))[2]
             return lblk
         lblk = hdr.nblocks
-        phys, _ = self.bmap.ensure(dinode, lblk, 1, data=False)
+        try:
+            phys, _ = self.bmap.ensure(dinode, lblk, 1, data=False)
+        except NoSpace:
+            self.bmap.truncate(dinode, hdr.nblocks, discard=True)  # no indirect block left behind
+            raise
         self.meta.new(int(phys[0]))
         hdr.nblocks += 1
         dinode.size = hdr.nblocks * 4096

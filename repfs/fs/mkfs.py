@@ -6,6 +6,7 @@ import stat
 import time
 
 from .core import FileSystem
+from .journal import Journal
 from .format import (
     BLOCK_SIZE, MAX_VOLUME_BLOCKS, MIN_VOLUME_BLOCKS, ROOT_INO, FormatError, Inode, Superblock,
 )
@@ -39,6 +40,9 @@ def mkfs(dev, journal_path, *, ninodes: int | None = None, label: str = "") -> S
     _set_bits(dev, sb.ibitmap_start, 0, 1)  # inode 0 is never used
     dev.write(0, sb.pack())
     dev.flush()
+    stale = Journal(journal_path)  # a redo log of an earlier file system must not replay here
+    stale.clear()
+    stale.close()
     fs = FileSystem(dev, journal_path)
     ino = fs.alloc.alloc_inode()
     assert ino == ROOT_INO
