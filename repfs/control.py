@@ -117,6 +117,8 @@ class ControlServer:
                 pass
         except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
             pass
+        except Exception:  # noqa: BLE001 - a bug in one request must not take the site down
+            log.exception("control connection failed")
         finally:
             await stream.aclose()
 
@@ -171,6 +173,10 @@ class ControlServer:
             return 200, await self._route(method, parts, query, args)
         except json.JSONDecodeError as e:
             return 400, {"error": f"malformed JSON body: {e}"}
+        except (UnicodeDecodeError, RecursionError) as e:
+            return 400, {"error": f"malformed request: {type(e).__name__}"}
+        except ValueError as e:  # e.g. a NUL byte in a path
+            return 400, {"error": f"bad value: {e}"}
         except HTTPError as e:
             return e.status, {"error": str(e)}
         except (SnapError, ReceiveError) as e:

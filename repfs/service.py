@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import secrets
+import stat
 import subprocess
 import sys
 import time
@@ -321,13 +322,10 @@ class SiteService:
         return {"written": len(data) // 4096}
 
     async def receiver_start_playback(self, after: int) -> dict:
-        async with self.ops.hold_all():
-            await trio.to_thread.run_sync(self.clog.flush)
+        def apply():
+            self.clog.flush()
             self.receiver.start_playback(after)
-            known = self._known(self.core)
-            names = self._known_names(self.core, known)
-            self.core.reload()
-        await self._invalidate(known, names, self.core)
+        await self._volume_changes(apply, lambda: None)
         log.info("initial copy received; playback starts after delta set %d", after)
         return self.receiver.info()
 
@@ -342,11 +340,6 @@ class SiteService:
         out = self.receiver.commit(header, args)
         self.playback_wake.set()
         return out
-
-    @staticmethod
-    def _known(core) -> dict:
-        return {ino: (i.lookups, core.open_count.get(ino, 0))
-                for ino, i in core.inodes.items() if i.lookups or ino in core.open_count}
 
     async def _playback_loop(self) -> None:
         """Integrate complete delta sets in order, one consistent step at a time (FIG. 9)."""
@@ -366,14 +359,10 @@ class SiteService:
                     x["blocks"] for x in waiting) * 4096 < pol["playback_hwm"]:
                 continue
             t0 = time.monotonic()
-            async with self.ops.hold_all():
-                await trio.to_thread.run_sync(self.receiver.play, rec, self.clog)
-                known = self._known(self.core)
-                names = self._known_names(self.core, known)
-                self.core.reload()
+            await self._volume_changes(lambda: self.receiver.play(rec, self.clog),
+                                       lambda: self.receiver.extents(rec))
             self.playback_ms.append((time.monotonic() - t0) * 1000)
             del self.playback_ms[:-1000]
-            await self._invalidate(known, names, self.core)
             self.playback_wake.set()  # maybe more to play
 
     # ------------------------------------------------------------------ snapshots
@@ -410,41 +399,38 @@ class SiteService:
         self._writable()
         snap = self.store.find(name)
         t0 = time.monotonic()
-        async with self.ops.quiesce():
-            old = self.core
-            known = {ino: (i.lookups, old.open_count.get(ino, 0))
-                     for ino, i in old.inodes.items() if i.lookups or ino in old.open_count}
-            old_names = self._known_names(old, known)
-            await trio.to_thread.run_sync(old.checkpoint)  # the redo log must be empty
+        plan: list = []
+
+        def prepare():
+            self.core.checkpoint()  # the redo log must be empty, the volume current
+            plan.extend(self.layer.restore_plan(snap))
+            return [(int(b[0]), int(b[-1]) - int(b[0]) + 1) for b in plan]
+
+        def apply():
             self.store.set_state("restoring", snap.id.to_bytes(8, "big"))
-            n = await trio.to_thread.run_sync(self.layer.restore_through, snap, self.clog)
+            n = self.layer.restore_through(snap, self.clog, plan)
             self.store.set_state("restoring", None)
-            old.reload()
-        await self._invalidate(known, old_names, old)
+            return n
+        n = await self._volume_changes(apply, prepare)
         log.info("restored snapshot %s: %d blocks in %.2f s", name, n, time.monotonic() - t0)
         return {"restored": name, "blocks": n, "seconds": round(time.monotonic() - t0, 3)}
 
-    @staticmethod
-    def _known_names(core: FileSystem, known) -> dict[int, set[bytes]]:
-        """Names in the directories the kernel knows (so their cached entries can go)."""
-        out = {}
-        for ino in known:
-            inode = core.inodes.get(ino)
-            if inode is not None and inode.mode and inode.mode & 0o170000 == 0o040000:
-                out[ino] = {h[1] for h in core.dirs.iter_from(inode, None)}
-        return out
-
-    async def _invalidate(self, known, old_names, new: FileSystem) -> None:
-        for dino, names in old_names.items():
-            try:
-                d = new.iget(dino)
-                names = names | {h[1] for h in new.dirs.iter_from(d, None)}
-            except (FSError, OSError):
-                pass
-            for name in names:
-                await trio.to_thread.run_sync(_invalidate_entry, dino, name)
-        for ino in known:
-            await trio.to_thread.run_sync(_invalidate_inode, ino)
+    async def _volume_changes(self, apply, prepare):
+        """Run `apply` (in a worker thread) while every request is held back — it changes the
+        volume underneath the file system (playback, restore) — then re-read the file system
+        and drop exactly the kernel caches that the change touched: inodes the kernel knows
+        whose records changed, and the names of the known directories that changed.
+        `prepare` runs first (in a worker thread, after the commit) and returns the extents
+        the change will write ((start, count) list; None: anything)."""
+        async with self.ops.hold_all():
+            core = self.core
+            extents = await trio.to_thread.run_sync(prepare)
+            watch = _InvalidationPlan(core, extents)
+            result = await trio.to_thread.run_sync(apply)
+            core.reload()
+            entries, inodes = watch.finish(core)
+        await trio.to_thread.run_sync(_invalidate_all, entries, inodes)
+        return result
 
     async def snapshot_diff(self, older: str, younger: str | None, *, paths: bool = True) -> dict:
         a = self.store.find(older)
@@ -595,15 +581,63 @@ def _pct(values: list[float], p: int) -> float | None:
     return round(values[min(len(values) - 1, int(len(values) * p / 100))], 2)
 
 
-def _invalidate_entry(dino: int, name: bytes) -> None:
-    try:
-        pyfuse3.invalidate_entry(dino, name)
-    except (FileNotFoundError, OSError):
-        pass
+class _InvalidationPlan:
+    """What the kernel may have cached that a change of the volume can make stale."""
+
+    def __init__(self, core: FileSystem, extents):
+        import numpy as np
+        self.known = [ino for ino, i in core.inodes.items()
+                      if i.mode and (i.lookups or ino in core.open_count or ino == 1)]
+        if 1 not in core.inodes:  # the root: the kernel always holds it
+            core.iget(1)
+            self.known.append(1)
+        self.before = {ino: _signature(core.inodes[ino]) for ino in self.known}
+        if extents is None:
+            touched = lambda blk: True  # noqa: E731
+        else:
+            starts = np.array(sorted(s for s, _ in extents), dtype=np.int64)
+            ends = np.array([s + c for s, c in sorted(extents)], dtype=np.int64)
+
+            def touched(blk):
+                i = int(np.searchsorted(starts, blk, side="right")) - 1
+                return i >= 0 and blk < ends[i]
+        self.names = {}
+        for ino in self.known:
+            inode = core.inodes[ino]
+            if stat.S_ISDIR(inode.mode) and touched(core._inode_pos(ino)[0]):
+                self.names[ino] = {h[1] for h in core.dirs.iter_from(inode, None)}
+
+    def finish(self, core: FileSystem):
+        inodes, entries = [], []
+        for ino in self.known:
+            try:
+                after = _signature(core.iget(ino))
+            except FSError:
+                after = None
+            if after != self.before[ino]:
+                inodes.append(ino)
+                if ino in self.names:
+                    names = set(self.names[ino])
+                    if after is not None and stat.S_ISDIR(after[0]):
+                        names |= {h[1] for h in core.dirs.iter_from(core.iget(ino), None)}
+                    entries.extend((ino, n) for n in names)
+        return entries, inodes
 
 
-def _invalidate_inode(ino: int) -> None:
-    try:
-        pyfuse3.invalidate_inode(ino)
-    except (FileNotFoundError, OSError):
-        pass
+def _signature(inode) -> tuple:
+    return (inode.mode, inode.size, inode.mtime_ns, inode.ctime_ns, inode.nlink, inode.uid,
+            inode.gid, inode.generation)
+
+
+def _invalidate_all(entries, inodes) -> None:
+    """Drop kernel caches (in a worker thread: the kernel may call back into us)."""
+    for dino, name in entries:
+        try:
+            pyfuse3.invalidate_entry(dino, name)
+        except OSError:
+            pass
+    for ino in inodes:
+        try:
+            pyfuse3.invalidate_inode(ino)
+        except OSError:
+            pass

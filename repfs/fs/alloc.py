@@ -53,6 +53,29 @@ def mapped_runs(phys: np.ndarray) -> list[tuple[int, int, int]]:
     return [(int(nz[s]), int(vals[s]), int(e - s)) for s, e in zip(starts, ends)]
 
 
+def _set_bits(buf, off: int, n: int, value: bool) -> None:
+    """Set or clear bits [off, off+n) of a bytearray: whole bytes at once, ends bit by bit."""
+    end = off + n
+    while off < end and off & 7:
+        _one(buf, off, value)
+        off += 1
+    nbytes = (end - off) >> 3
+    if nbytes:
+        a = off >> 3
+        buf[a: a + nbytes] = (b"\xff" if value else b"\0") * nbytes
+        off += nbytes << 3
+    while off < end:
+        _one(buf, off, value)
+        off += 1
+
+
+def _one(buf, b: int, value: bool) -> None:
+    if value:
+        buf[b >> 3] |= 1 << (b & 7)
+    else:
+        buf[b >> 3] &= ~(1 << (b & 7)) & 0xFF
+
+
 class Bitmap:
     """A bitmap spread over consecutive metadata blocks, covering `nbits` bits."""
 
@@ -76,32 +99,24 @@ class Bitmap:
         while count:
             idx, off = divmod(bit, BITS_PER_BLOCK)
             n = min(count, BITS_PER_BLOCK - off)
-            buf = self.meta.modify(self.start + idx)
-            arr = np.unpackbits(np.frombuffer(buf, dtype=np.uint8), bitorder="little")
-            arr[off: off + n] = 1 if value else 0
-            buf[:] = np.packbits(arr, bitorder="little").tobytes()
+            _set_bits(self.meta.modify(self.start + idx), off, n, value)
             bit += n
             count -= n
 
     def find_free(self, want: int, goal: int | None = None) -> list[tuple[int, int]]:
         """Up to `want` free bits as extents (start, count), searching next-fit from `goal`.
 
-        Does not mark them; returns fewer than `want` only when the bitmap is full.
+        Does not mark them; returns fewer than `want` only when the bitmap is full. Whole
+        bytes of set bits are skipped with numpy; only bytes with a free bit are looked into.
         """
         if goal is None or not (self.first <= goal < self.nbits):
             goal = self.cursor
         nblk = -(-self.nbits // BITS_PER_BLOCK)
-        got: list[tuple[int, int]] = []
-        need = want
+        got: list[int] = []
         start_idx = goal // BITS_PER_BLOCK
         for step in range(nblk + 1):
             idx = (start_idx + step) % nblk
-            raw = self._bits(idx)
             lo = idx * BITS_PER_BLOCK
-            # skip a full bitmap block cheaply
-            if raw.min() == 0xFF:
-                continue
-            bits = np.unpackbits(raw, bitorder="little")
             lo_bit = max(self.first - lo, 0)
             hi_bit = min(self.nbits - lo, BITS_PER_BLOCK)
             if step == 0:
@@ -110,19 +125,38 @@ class Bitmap:
                 hi_bit = min(hi_bit, goal - lo)
             if hi_bit <= lo_bit:
                 continue
-            free = np.flatnonzero(bits[lo_bit:hi_bit] == 0)
-            if len(free) == 0:
+            raw = self._bits(idx)
+            b0, b1 = lo_bit >> 3, (hi_bit + 7) >> 3
+            cand = np.flatnonzero(raw[b0:b1] != 0xFF)
+            if not len(cand):
                 continue
-            free = free[:need] + lo + lo_bit
-            for _, s, n in runs(free):
-                got.append((s, n))
-            need -= len(free)
-            if need == 0:
+            need = want - len(got)
+            if need <= 64:  # small: look into candidate bytes one by one
+                for c in cand.tolist():
+                    byte = int(raw[b0 + c])
+                    base = (b0 + c) << 3
+                    for k in range(8):
+                        b = base + k
+                        if not byte >> k & 1 and lo_bit <= b < hi_bit:
+                            got.append(lo + b)
+                            if len(got) == want:
+                                break
+                    if len(got) == want:
+                        break
+            else:
+                first = b0 + int(cand[0])
+                bits = np.unpackbits(raw[first:b1], bitorder="little")
+                free = np.flatnonzero(bits == 0) + (first << 3)
+                free = free[(free >= lo_bit) & (free < hi_bit)][:need]
+                got.extend((free + lo).tolist())
+            if len(got) == want:
                 break
-        if got:
-            last_s, last_n = got[-1]
-            self.cursor = last_s + last_n if last_s + last_n < self.nbits else self.first
-        return got
+        if not got:
+            return []
+        out = [(s, n) for _, s, n in runs(np.array(got, dtype=np.int64))]
+        last_s, last_n = out[-1]
+        self.cursor = last_s + last_n if last_s + last_n < self.nbits else self.first
+        return out
 
     def count_set(self) -> int:
         nblk = -(-self.nbits // BITS_PER_BLOCK)

@@ -249,6 +249,17 @@ class Receiver:
             raw = txn.get(K.u64(n))
         return json.loads(raw) if raw else None
 
+    def extents(self, rec: dict) -> list[tuple[int, int]]:
+        """The extents a received delta set will write (read from its chunk headers)."""
+        path = self._path(rec["number"])
+        raw = path.read_bytes() if path.exists() else b""
+        out, off = [], 0
+        while off < len(raw):
+            size = chunk_size(raw, off)
+            out.extend(decode_chunk(raw[off: off + size]).extents)
+            off += size
+        return out
+
     def play(self, rec: dict, dev) -> int:
         """Write delta set `rec` into the volume (through `dev`) and record it as played.
         Runs in a worker thread while readers are held back."""

@@ -250,13 +250,8 @@ class SnapLayer(Layer):
     def restore(self, snap: Snapshot) -> int:
         return self.restore_through(snap, self)
 
-    def restore_through(self, snap: Snapshot, top) -> int:
-        """Make the clone volume hold snapshot `snap` again: every block changed since it was
-        taken and in use in it gets its content back. Younger snapshots keep theirs (the
-        writes go through copy-on-write). The caller holds a consistency point, has emptied
-        the file system's redo log, and has recorded the restore as in progress. `top` is the
-        device to write through (the change log above this layer, so replication ships the
-        restored blocks)."""
+    def restore_plan(self, snap: Snapshot) -> list[np.ndarray]:
+        """The blocks a restore of `snap` writes: changed since it was taken, in use in it."""
         todo = []
         for page, acc in self.changed_pages(snap, None):
             with self.lock:
@@ -264,6 +259,16 @@ class SnapLayer(Layer):
             idx = np.flatnonzero(acc)
             if len(idx):
                 todo.append(page * K.BITS_PER_PAGE + idx)
+        return todo
+
+    def restore_through(self, snap: Snapshot, top, plan=None) -> int:
+        """Make the clone volume hold snapshot `snap` again: every block changed since it was
+        taken and in use in it gets its content back. Younger snapshots keep theirs (the
+        writes go through copy-on-write). The caller holds a consistency point, has emptied
+        the file system's redo log, and has recorded the restore as in progress. `top` is the
+        device to write through (the change log above this layer, so replication ships the
+        restored blocks)."""
+        todo = plan if plan is not None else self.restore_plan(snap)
         n = 0
         for blocks in todo:
             for a, c in _runs(blocks):
