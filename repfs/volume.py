@@ -14,6 +14,15 @@ import threading
 BLOCK_SIZE = 4096
 
 
+def pwrite_all(fd: int, data, off: int) -> None:
+    """Write all of `data` at `off` (os.pwrite may write less than asked)."""
+    mv = memoryview(data)
+    while mv:
+        n = os.pwrite(fd, mv, off)
+        mv = mv[n:]
+        off += n
+
+
 class VolumeError(Exception):
     """A volume cannot be opened or an extent is out of range."""
 
@@ -110,12 +119,7 @@ class Volume(BlockDevice):
         if n % BLOCK_SIZE:
             raise VolumeError("write of a partial block")
         self._check(start, n // BLOCK_SIZE)
-        off = start * BLOCK_SIZE
-        mv = memoryview(data)
-        while mv:
-            done = os.pwrite(self.fd, mv, off)
-            mv = mv[done:]
-            off += done
+        pwrite_all(self.fd, data, start * BLOCK_SIZE)
 
     def flush(self) -> None:
         os.fdatasync(self.fd)

@@ -69,13 +69,8 @@ class Directories:
 
     def lookup(self, dinode, name: bytes):
         """(ino, type) of the entry, or None."""
-        hdr = self.header(dinode)
-        h = name_hash(name)
-        for _, buf in self._chain(dinode, hdr, self._bucket(h, hdr.depth)):
-            for _, eh, ino, typ, ename in iter_bucket(buf):
-                if eh == h and ename == name:
-                    return ino, typ
-        return None
+        found = self._find(dinode, self.header(dinode), name)
+        return None if found is None else found[3:]
 
     def is_empty(self, dinode) -> bool:
         return self.header(dinode).count == 0

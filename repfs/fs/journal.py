@@ -21,6 +21,7 @@ import struct
 
 import xxhash
 
+from ..volume import pwrite_all
 from .format import BLOCK_SIZE
 
 _MAGIC = b"REPFSJNL"
@@ -56,12 +57,9 @@ class Journal:
             parts.append(data)
         parts.append(_TRAILER.pack(h.intdigest(), _MAGIC))
         off = 0
-        for p in parts:  # one pwritev would do; these are few and large
-            mv = memoryview(p)
-            while mv:
-                n = os.pwrite(self.fd, mv, off)
-                mv = mv[n:]
-                off += n
+        for p in parts:
+            pwrite_all(self.fd, p, off)
+            off += len(p)
         os.fdatasync(self.fd)
 
     def read(self) -> tuple[int, dict[int, bytes]] | None:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..volume import pwrite_all
 from . import keys as K
 from .changelog import ChangeLogLayer
 from .chunk import (
@@ -78,7 +79,7 @@ class ChunkWriter:
         buf = encode_chunk(self.generation, self.n, len(self.checksums), self._ext,
                            b"".join(self._data))
         self.checksums.append(encoded_checksum(buf))
-        _write_all(self.fd, buf, self.off)
+        pwrite_all(self.fd, buf, self.off)
         self.off += len(buf)
         self.blocks += self._pending
         self._ext, self._data, self._pending = [], [], 0
@@ -88,7 +89,7 @@ class ChunkWriter:
         hdr = SetHeader(self.generation, self.n, len(self.checksums), self.blocks,
                         data_checksum(self.checksums))
         raw = encode_set_header(hdr)
-        _write_all(self.fd, raw, self.off)
+        pwrite_all(self.fd, raw, self.off)
         self.off += len(raw)
         os.fdatasync(self.fd)
         os.close(self.fd)
@@ -101,13 +102,6 @@ class ChunkWriter:
             self.fd = -1
         self.path.unlink(missing_ok=True)
 
-
-def _write_all(fd, data, off) -> None:
-    mv = memoryview(data)
-    while mv:
-        n = os.pwrite(fd, mv, off)
-        mv = mv[n:]
-        off += n
 
 
 class DeltaSets:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import xxhash
 
+from ..volume import pwrite_all
 from . import keys as K
 from .chunk import ChunkError, chunk_size, data_checksum, decode_chunk, decode_set_header
 
@@ -195,7 +196,7 @@ class Receiver:
                                f"{c.number}")
         fd = os.open(self._path(want), os.O_WRONLY | os.O_CLOEXEC)
         try:
-            _pwrite_all(fd, body, p["off"])
+            pwrite_all(fd, body, p["off"])
         finally:
             os.close(fd)
         p["off"] += len(body)
@@ -287,10 +288,3 @@ class Receiver:
         self.played_blocks += blocks
         return blocks
 
-
-def _pwrite_all(fd, data, off) -> None:
-    mv = memoryview(data)
-    while mv:
-        n = os.pwrite(fd, mv, off)
-        mv = mv[n:]
-        off += n

@@ -28,7 +28,7 @@ import lmdb
 import numpy as np
 import xxhash
 
-from ..volume import BLOCK_SIZE
+from ..volume import BLOCK_SIZE, pwrite_all
 from . import keys as K
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ class SaveVolume:
             struct.pack_into("<Q", head, _REC_CSUM_OFF, h.intdigest())
             off = self.size * BS
             os.pwrite(self.fd, head, off)
-            _pwrite_all(self.fd, body, off + BS)
+            pwrite_all(self.fd, body, off + BS)
             out[done: done + n] = np.arange(self.size + 1, self.size + 1 + n, dtype=np.uint32)
             self.size += 1 + n
             done += n
@@ -128,13 +128,6 @@ class SaveVolume:
             os.close(self.fd)
             self.fd = -1
 
-
-def _pwrite_all(fd: int, data, off: int) -> None:
-    mv = memoryview(data)
-    while mv:
-        n = os.pwrite(fd, mv, off)
-        mv = mv[n:]
-        off += n
 
 
 @dataclass
