@@ -386,6 +386,13 @@ class SiteService:
             self._writable()
         snap = self.store.find(name)
         if name in self.snapshot_mounts:
+            from .daemon import repfs_mounts
+            if self.snapshot_mounts[name]["mountpoint"] not in repfs_mounts():
+                # unmounted a moment ago: its helper is exiting; wait for it to be gone
+                with trio.move_on_after(10):
+                    while name in self.snapshot_mounts:
+                        await trio.sleep(0.02)
+        if name in self.snapshot_mounts:
             raise SnapError(f"snapshot {name!r} is mounted at "
                             f"{self.snapshot_mounts[name]['mountpoint']}; unmount it first", 409)
         async with self.ops.quiesce():
@@ -448,8 +455,7 @@ class SiteService:
         changed = set()
         count = 0
         for page, acc in self.layer.changed_pages(a, b):
-            meta = (self.layer.meta_page(b, page) if b is not None else
-                    _live_meta(self.layer, page))
+            meta = self.layer._used(b, page)
             idx = (acc & meta).nonzero()[0] + page * 32768
             count += len(idx)
             if paths:
@@ -561,12 +567,6 @@ class _LiveDevice:
 
     def close(self):
         pass
-
-
-def _live_meta(layer: SnapLayer, page: int):
-    import numpy as np
-    raw = layer.read_live(layer.bitmap_start + page, 1)
-    return np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little").astype(bool)
 
 
 def _iso(ns: int) -> str | None:

@@ -123,7 +123,12 @@ def _cmd_umount(a) -> int:
         raise QuietError(f"{a.mountpoint} is not a repfs mount point")
     site = Site(mounts[mp])
     who = site.owner()
-    r = subprocess.run(["fusermount3", "-u", mp], capture_output=True, text=True)
+    deadline = time.monotonic() + 3
+    while True:  # "busy" is often a process that is just exiting: try again for a moment
+        r = subprocess.run(["fusermount3", "-u", mp], capture_output=True, text=True)
+        if r.returncode == 0 or "busy" not in r.stderr or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     if r.returncode != 0:
         msg = (r.stderr.strip().splitlines() or ["fusermount3 failed"])[-1]
         if who is None:  # the daemon is gone (killed): clear the dead mount

@@ -169,6 +169,27 @@ class BlockMap:
                 goal = int(phys[o + n - 1]) + 1
         return phys, new
 
+    def unmap(self, inode, first: int, mask: np.ndarray) -> None:
+        """Make the logical blocks first+i with mask[i] holes again and free their blocks."""
+        count = len(mask)
+        for k, pos, n in _segments(first, count):
+            o = pos - first
+            sel = np.flatnonzero(mask[o: o + n])
+            if not len(sel):
+                continue
+            if k == 0:
+                cur = np.array(inode.map[pos: pos + n], dtype=np.uint32)
+                self._free_data(inode, cur[sel].copy(), False)
+                cur[sel] = 0
+                inode.map[pos: pos + n] = cur.tolist()
+                continue
+            leaf, idx = self._leaf_block(inode, k, pos)
+            if not leaf:
+                continue
+            arr = np.frombuffer(self.meta.modify(leaf), dtype=np.uint32)
+            self._free_data(inode, arr[idx + sel].copy(), False)
+            arr[idx + sel] = 0
+
     # ------------------------------------------------------------------ freeing
 
     def _free_data(self, inode, blocks: np.ndarray, discard: bool) -> None:

@@ -406,8 +406,23 @@ class FileSystem:
             if end % BS and not new[-1] and (nb > 1 or not head):
                 buf[-BS:] = self.dev.read(int(phys[-1]), 1)
             buf[head:end] = mv
-        for idx, start, cnt in mapped_runs(phys):
-            self.dev.write(start, buf[idx * BS: (idx + cnt) * BS])
+        done = 0  # blocks of the range written, in logical order
+        try:
+            for idx, start, cnt in mapped_runs(phys):
+                self.dev.write(start, buf[idx * BS: (idx + cnt) * BS])
+                done = idx + cnt
+        except FSError:
+            # a layer below refused (e.g. the snapshot save volumes are full): blocks this
+            # write mapped but did not write become holes again, and the write is short
+            unwritten = new.copy()
+            unwritten[:done] = False
+            n = max(0, min(n, done * BS - head))
+            if unwritten.any():
+                self.bmap.unmap(inode, b0, unwritten)
+                self.bmap.truncate(inode, -(-max(inode.size, off + n) // BS))
+                self._dirty(inode)
+            if n == 0:
+                raise
         now = _now()
         if off + n > inode.size:
             inode.size = off + n

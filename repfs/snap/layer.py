@@ -167,9 +167,13 @@ class SnapLayer(Layer):
     # ---------------------------------------------------------------- deltas (FIG. 34-35, 39-40)
 
     def changed_pages(self, older: Snapshot, younger: Snapshot | None):
-        """Yield (page, bool array) of blocks changed between two snapshots (younger None: the
-        live volume), from the union of the bit maps of older .. younger-1. Only pages some
-        bit map holds are visited: the cost follows the changes, not the volume."""
+        """Yield (page, bool array) of blocks that may differ between two snapshots (younger
+        None: the live volume), in page order (FIG. 39-40): blocks with a before-image in
+        the save volumes of older .. younger-1, and blocks not in use in `older` but in use
+        in `younger` (newly allocated blocks are never saved). The second kind is found only
+        in pages whose bitmap block itself changed — an allocation changes it, so it has a
+        before-image. Only pages some bit map holds are visited: the cost follows the
+        changes, not the volume."""
         q = self.store.queue
         lo = self.store.position(older)
         hi = self.store.position(younger) if younger is not None else len(q)
@@ -177,13 +181,37 @@ class SnapLayer(Layer):
             raise SnapError("the first snapshot must be older than the second")
         span = q[lo:hi]
         pages = sorted(set().union(*(self.store.bit_pages(e) for e in span))) if span else []
+        acc_by_page = {}
         for page in pages:
             acc = np.zeros(K.BITS_PER_PAGE, dtype=bool)
             for e in span:
                 bits = self.store.page_bits(e, page)
                 if bits is not None:
                     acc |= bits
-            yield page, acc
+            acc_by_page[page] = acc
+        # pages whose bitmap block changed: add the blocks newly in use
+        nbitmap = -(-self.nblocks // K.BITS_PER_PAGE)
+        for p in range(nbitmap):
+            blk = self.bitmap_start + p
+            acc = acc_by_page.get(blk // K.BITS_PER_PAGE)
+            if acc is None or not acc[blk % K.BITS_PER_PAGE]:
+                continue
+            with self.lock:
+                new = self._used(younger, p) & ~self.meta_page(older, p)
+            if new.any():
+                if p in acc_by_page:
+                    acc_by_page[p] |= new
+                else:
+                    acc_by_page[p] = new
+        for page in sorted(acc_by_page):
+            yield page, acc_by_page[page]
+
+    def _used(self, snap: Snapshot | None, page: int) -> np.ndarray:
+        """The meta bit map page of a snapshot, or of the live volume (snap None)."""
+        if snap is not None:
+            return self.meta_page(snap, page)
+        raw = self.lower.read(self.bitmap_start + page, 1)
+        return np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little").astype(bool)
 
     def delta(self, older: Snapshot, younger: Snapshot | None, *, max_run: int = 256):
         """Yield ((start, count), data) in block order for exactly the blocks that differ
@@ -191,12 +219,7 @@ class SnapLayer(Layer):
         for page, acc in self.changed_pages(older, younger):
             base = page * K.BITS_PER_PAGE
             with self.lock:
-                if younger is not None:
-                    acc &= self.meta_page(younger, page)
-                else:
-                    live = self.lower.read(self.bitmap_start + page, 1)
-                    acc &= np.unpackbits(np.frombuffer(live, dtype=np.uint8),
-                                         bitorder="little").astype(bool)
+                acc &= self._used(younger, page)
             for a, c in _runs(np.flatnonzero(acc)):
                 while c:
                     m = min(c, max_run)
