@@ -98,6 +98,9 @@ class Volume(BlockDevice):
         fd = os.open(os.fspath(path), os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             os.ftruncate(fd, nblocks * BLOCK_SIZE)
+        except OSError:
+            os.unlink(path)  # leave no half-made image behind
+            raise
         finally:
             os.close(fd)
         return cls(path)

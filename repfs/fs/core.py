@@ -338,8 +338,22 @@ class FileSystem:
 
     # ================================================================= data
 
+    RELATIME_NS = 24 * 3600 * 10**9
+
+    def _touch_atime(self, inode: Inode) -> None:
+        """relatime, as Linux mounts by default: update atime when it is older than mtime or
+        ctime, or more than a day old."""
+        if self.readonly:
+            return
+        now = _now()
+        if (inode.atime_ns <= inode.mtime_ns or inode.atime_ns <= inode.ctime_ns
+                or now - inode.atime_ns > self.RELATIME_NS):
+            inode.atime_ns = now
+            self._dirty(inode)
+
     def read(self, ino: int, off: int, size: int) -> bytes:
         inode = self.iget(ino)
+        self._touch_atime(inode)
         if off >= inode.size or size <= 0:
             return b""
         size = min(size, inode.size - off)
@@ -814,8 +828,11 @@ class FileSystem:
         except KeyError:
             raise FSError(errno.ENODATA) from None
 
-    def listxattr(self, ino: int) -> list[bytes]:
-        return list(self._xattrs(self.iget(ino)))
+    def listxattr(self, ino: int, ctx: Ctx = ROOT) -> list[bytes]:
+        names = list(self._xattrs(self.iget(ino)))
+        if ctx.uid != 0:  # as ext4: trusted.* is visible to privileged users only
+            names = [n for n in names if not n.startswith(b"trusted.")]
+        return names
 
     def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
         self._writable()

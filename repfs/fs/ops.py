@@ -13,6 +13,8 @@ import errno
 import functools
 import logging
 import os
+import stat
+import time
 from contextlib import asynccontextmanager
 
 import pyfuse3
@@ -30,7 +32,15 @@ def _fuse_errors(fn):
         if not self._hold.is_set():  # a playback or restore is changing the volume
             await self._hold.wait()
         try:
-            return await fn(self, *args, **kwargs)
+            try:
+                return await fn(self, *args, **kwargs)
+            except FSError as e:
+                # Space freed by this transaction (truncate, unlink) is usable only after its
+                # commit: commit at once and try again, as ext4 does.
+                if e.errno != errno.ENOSPC or not self.core.alloc.pending:
+                    raise
+                await self.commit()
+                return await fn(self, *args, **kwargs)
         except FSError as e:
             raise pyfuse3.FUSEError(e.errno) from None
     return wrapper
@@ -175,7 +185,7 @@ class Operations(pyfuse3.Operations):
 
     @_fuse_errors
     async def listxattr(self, inode, ctx):
-        return self.core.listxattr(inode)
+        return self.core.listxattr(inode, ctx)
 
     # ------------------------------------------------------------------ changes
 
@@ -258,7 +268,15 @@ class Operations(pyfuse3.Operations):
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC):
             await self._modifying()
         self.core.open(inode, flags)
-        return pyfuse3.FileInfo(fh=inode, keep_cache=True)
+        if flags & os.O_TRUNC and stat.S_ISREG(self.core.getattr(inode).mode):
+            # FUSE's atomic_o_trunc: the kernel leaves the truncation of open(O_TRUNC) to us;
+            # like Linux, it updates mtime and ctime even when the file was empty
+            try:
+                self.core.setattr(inode, size=0, mtime_ns=time.time_ns(), ctx=ctx)
+            except FSError:
+                self.core.release(inode)
+                raise
+        return pyfuse3.FileInfo(fh=inode, keep_cache=not flags & os.O_TRUNC)
 
     @_fuse_errors
     async def create(self, parent_inode, name, mode, flags, ctx):

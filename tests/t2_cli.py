@@ -1,0 +1,360 @@
+"""Tier 2: the command-line tools' error paths, against real sites and mounts.
+
+Every failure must print exactly one line on stderr (prefixed with the program's name),
+exit with the documented code (`repfs`: 1 the operation failed, 2 bad arguments; `repfs
+fsck`: 0 clean, 1 repaired, 4 problems remain, 8 could not run) and damage nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from repfs.fs.format import Superblock
+from tests.conftest import fsck_clean, run_repfs
+
+ADMIN = [sys.executable, "-c", "import sys; from repfs.cli.admin import main; main()"]
+
+
+def run_admin(*args, check=True):
+    r = subprocess.run([*ADMIN, *map(str, args)], capture_output=True, text=True, timeout=120)
+    if check and r.returncode != 0:
+        raise AssertionError(f"repfs-admin {args} exited {r.returncode}: {r.stderr.strip()}")
+    return r
+
+
+def fails(r: subprocess.CompletedProcess, code: int, *words: str, prog: str = "repfs") -> str:
+    """r failed with `code` and one line on stderr that mentions every word."""
+    err = r.stderr
+    assert r.returncode == code, f"exit {r.returncode}, want {code}: {err!r} {r.stdout!r}"
+    lines = err.strip("\n").split("\n")
+    assert len(lines) == 1 and err.endswith("\n"), f"not one line: {err!r}"
+    assert lines[0].startswith(f"{prog}: "), lines[0]
+    assert "Traceback" not in err
+    for w in words:
+        assert w.lower() in lines[0].lower(), f"{w!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+def digest(site: Path) -> dict[str, str]:
+    """Contents of everything in a site directory but the log and the lock."""
+    out = {}
+    for p in sorted(site.rglob("*")):
+        if p.is_file() and p.name not in ("repfs.log", "lock"):
+            out[str(p.relative_to(site))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def mounted(path: Path) -> bool:
+    return os.path.ismount(path)
+
+
+def make_site(path: Path, size: str = "64M") -> Path:
+    run_repfs("mkfs", path, "--size", size)
+    return path
+
+
+# ----------------------------------------------------------------------------- mkfs
+
+
+def test_mkfs_errors(tmp_path):
+    site = make_site(tmp_path / "site")
+    before = digest(site)
+    # an existing site without --force
+    fails(run_repfs("mkfs", site, "--size", "64M", check=False), 1, "already", "--force")
+    fails(run_repfs("mkfs", site, "--size", "1G", check=False), 1, "--force")
+    assert digest(site) == before
+    # bad --size: exit 2, nothing made
+    for bad in ("abc", "10X", "-1G", "0", "", "1.5.5G", "G"):
+        new = tmp_path / f"new-{len(bad)}-{bad.strip('-.') or 'empty'}"
+        fails(run_repfs("mkfs", new, "--size", bad, check=False), 2, "size")
+        assert not (new / "volume.img").exists()
+    # too small: exit 2, nothing made
+    for small in ("100K", "4096", "255K"):
+        new = tmp_path / f"small-{small}"
+        fails(run_repfs("mkfs", new, "--size", small, check=False), 2, "small")
+        assert not new.exists() or not (new / "volume.img").exists()
+    # also a bad size on the existing site leaves it alone
+    fails(run_repfs("mkfs", site, "--size", "abc", "--force", check=False), 2, "size")
+    assert digest(site) == before
+    # arguments missing or unknown
+    fails(run_repfs("mkfs", tmp_path / "x", check=False), 2, "--size")
+    fails(run_repfs("mkfs", check=False), 2)
+    fails(run_repfs(check=False), 2)
+    fails(run_repfs("frobnicate", check=False), 2)
+    fails(run_repfs("mkfs", tmp_path / "x", "--size", "64M", "--bogus", check=False), 2)
+    # impossible requests fail without leaving half a site behind
+    fails(run_repfs("mkfs", tmp_path / "lbl", "--size", "64M", "--label", "L" * 65,
+                    check=False), 1, "label")
+    assert not (tmp_path / "lbl/volume.img").exists()
+    fails(run_repfs("mkfs", tmp_path / "ino", "--size", "64M", "--inodes", "5", check=False),
+          1, "inode")
+    assert not (tmp_path / "ino/volume.img").exists()
+    (tmp_path / "plainfile").write_text("x")
+    fails(run_repfs("mkfs", tmp_path / "plainfile", "--size", "64M", check=False), 1)
+    assert (tmp_path / "plainfile").read_text() == "x"
+    # and afterwards the same paths can be made into sites
+    run_repfs("mkfs", tmp_path / "lbl", "--size", "64M", "--label", "L" * 64)
+    fsck_clean(tmp_path / "lbl")
+    fsck_clean(site)
+    # --force really replaces
+    out = run_repfs("mkfs", site, "--size", "32M", "--force").stdout
+    assert "made site" in out
+    assert Superblock.unpack((site / "volume.img").read_bytes()[:4096]).nblocks == 8192
+    fsck_clean(site)
+
+
+def test_mkfs_failure_leaves_no_half_site(tmp_path):
+    site = tmp_path / "huge"
+    r = run_repfs("mkfs", site, "--size", "20T", check=False)
+    fails(r, 1, "too large")
+    run_repfs("mkfs", site, "--size", "64M")  # fails: 'already a repfs site'
+    fsck_clean(site)
+
+
+# ----------------------------------------------------------------------------- mount
+
+
+def test_mount_errors(mount_site, tmp_path):
+    live = mount_site("64M", name="live")
+    (live.path / "f").write_text("still here")
+    other = make_site(tmp_path / "other")
+    other_before = digest(other)
+    empty = tmp_path / "empty-mnt"
+    empty.mkdir()
+    # not a site, or no such site
+    nosite = tmp_path / "nosite"
+    nosite.mkdir()
+    fails(run_repfs("mount", nosite, empty, check=False), 1, "not a repfs site")
+    fails(run_repfs("mount", tmp_path / "missing", empty, check=False), 1, "missing")
+    # the mount point: missing, a file, not empty, already a mount point
+    fails(run_repfs("mount", other, tmp_path / "nope", check=False), 1, "does not exist")
+    (tmp_path / "afile").write_text("x")
+    fails(run_repfs("mount", other, tmp_path / "afile", check=False), 1, "not a directory")
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "x").write_text("x")
+    fails(run_repfs("mount", other, full, check=False), 1, "not empty")
+    fails(run_repfs("mount", other, live.path, check=False), 1, "already a mount point")
+    # the site is mounted already (elsewhere)
+    line = fails(run_repfs("mount", live.site, empty, check=False), 1, "already mounted")
+    assert str(live.path) in line
+    # bad mount options
+    fails(run_repfs("mount", other, empty, "-o", "bogus", check=False), 2, "bogus")
+    fails(run_repfs("mount", other, check=False), 2)
+    # nothing got mounted, nothing was damaged; the live mount works on
+    for p in (empty, full, tmp_path / "nope"):
+        assert not mounted(p)
+    assert (full / "x").read_text() == "x" and os.listdir(empty) == []
+    assert (live.path / "f").read_text() == "still here"
+    (live.path / "g").write_text("new")
+    assert digest(other) == other_before
+    fsck_clean(other)
+    # and the refused site mounts fine where it may
+    m = mount_site("64M", name="other")
+    assert os.listdir(m.path) == []
+
+
+def test_umount_errors(mount_site, tmp_path):
+    live = mount_site("64M")
+    (live.path / "f").write_text("x")
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    fails(run_repfs("umount", plain, check=False), 1, "not a repfs mount")
+    fails(run_repfs("umount", tmp_path / "missing", check=False), 1, "not a repfs mount")
+    fails(run_repfs("umount", "/proc", check=False), 1, "not a repfs mount")  # not ours
+    fails(run_repfs("umount", live.site, check=False), 1, "not a repfs mount")  # the site dir
+    fails(run_repfs("umount", check=False), 2)
+    assert mounted(Path("/proc"))
+    # a busy mount stays mounted, with a message saying why
+    fd = os.open(live.path / "f", os.O_RDONLY)
+    try:
+        fails(run_repfs("umount", live.path, check=False), 1, "busy")
+        assert mounted(live.path)
+        assert os.pread(fd, 10, 0) == b"x"
+    finally:
+        os.close(fd)
+    assert (live.path / "f").read_text() == "x"
+
+
+# ----------------------------------------------------------------------------- fsck
+
+
+def test_fsck_errors(mount_site, tmp_path):
+    live = mount_site("64M")
+    (live.path / "f").write_text("x")
+    line = fails(run_repfs("fsck", live.site, check=False), 8, "in use")
+    assert str(live.path) in line  # says where it is mounted
+    fails(run_repfs("fsck", live.site, "--repair", check=False), 8, "in use")
+    nosite = tmp_path / "nosite"
+    nosite.mkdir()
+    fails(run_repfs("fsck", nosite, check=False), 8, "not a repfs site")
+    fails(run_repfs("fsck", tmp_path / "missing", check=False), 8)
+    fails(run_repfs("fsck", check=False), 2)
+    # mkfs --force on a mounted site is refused too
+    fails(run_repfs("mkfs", live.site, "--size", "64M", "--force", check=False), 1, "in use")
+    assert (live.path / "f").read_text() == "x"
+    (live.path / "g").write_text("y")
+    assert sorted(os.listdir(live.path)) == ["f", "g"]
+
+
+def _flip(path: Path, offset: int, mask: int = 0x01) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([b ^ mask]))
+
+
+def test_corrupted_superblock(tmp_path, mount_site):
+    m = mount_site("64M")
+    (m.path / "f").write_text("precious")
+    m.umount()
+    img = m.site / "volume.img"
+    before = digest(m.site)
+    _flip(img, 100)  # inside the checksummed fields (the uuid)
+    damaged = digest(m.site)
+    fails(run_repfs("mount", m.site, m.path, check=False), 1, "checksum")
+    assert not mounted(m.path)
+    fails(run_repfs("fsck", m.site, check=False), 8, "checksum")
+    fails(run_repfs("fsck", m.site, "--repair", check=False), 8, "checksum")
+    fails(run_admin("--site", m.site, "status", check=False), 1, "checksum",
+          prog="repfs-admin")
+    assert digest(m.site) == damaged  # none of that wrote anything
+    # a wrong magic number is named as such
+    _flip(img, 100)
+    _flip(img, 0, 0xFF)
+    fails(run_repfs("mount", m.site, m.path, check=False), 1, "not a repfs volume")
+    fails(run_repfs("fsck", m.site, check=False), 8, "not a repfs volume")
+    _flip(img, 0, 0xFF)
+    assert digest(m.site) == before
+    fsck_clean(m.site)
+    m = mount_site("64M")
+    assert (m.path / "f").read_text() == "precious"
+
+
+def _bitmap_bit(img: Path, sb: Superblock, block: int) -> tuple[int, int]:
+    """(file offset of the bitmap byte, bit mask) of `block` in the block bitmap."""
+    assert block < 4096 * 8  # in the first bitmap block (volume block 1)
+    return sb.bbitmap_start * 4096 + block // 8, 1 << (block % 8)
+
+
+def _get_bit(img: Path, off: int, mask: int) -> bool:
+    with open(img, "rb") as f:
+        f.seek(off)
+        return bool(f.read(1)[0] & mask)
+
+
+def test_fsck_finds_and_repairs_bitmap_damage(mount_site):
+    m = mount_site("64M")
+    data = os.urandom(300_000)
+    (m.path / "data").write_bytes(data)
+    os.mkdir(m.path / "d")
+    (m.path / "d/small").write_text("small")
+    m.umount()
+    out = fsck_clean(m.site)
+    assert "clean" in out
+    img = m.site / "volume.img"
+    sb = Superblock.unpack(img.read_bytes()[:4096])
+    assert sb.bbitmap_start == 1
+    # mark an unused data block as used (a leak)
+    unused = sb.nblocks - 10
+    off, mask = _bitmap_bit(img, sb, unused)
+    assert not _get_bit(img, off, mask)
+    _flip(img, off, mask)
+    r = run_repfs("fsck", m.site, check=False)
+    assert r.returncode == 4, r.stdout + r.stderr
+    assert "marked used but nothing uses them" in r.stdout and str(unused) in r.stdout
+    assert "run with --repair" in r.stdout
+    r = run_repfs("fsck", m.site, check=False)  # a plain fsck changed nothing
+    assert r.returncode == 4
+    r = run_repfs("fsck", m.site, "--repair", check=False)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "repaired" in r.stdout
+    assert not _get_bit(img, off, mask)
+    fsck_clean(m.site)
+    # mark a block a file uses as free (the dangerous kind): found, and repaired
+    m = mount_site("64M")
+    ino = os.stat(m.path / "data").st_ino
+    m.umount()
+    used = next(b for b in range(sb.data_start, sb.nblocks)
+                if _get_bit(img, *_bitmap_bit(img, sb, b)))
+    off, mask = _bitmap_bit(img, sb, used)
+    _flip(img, off, mask)
+    r = run_repfs("fsck", m.site, "-q", check=False)
+    assert r.returncode == 4, r.stdout + r.stderr
+    assert "in use are marked free" in r.stdout
+    r = run_repfs("fsck", m.site, "--repair", check=False)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert _get_bit(img, off, mask)
+    fsck_clean(m.site)
+    m = mount_site("64M")
+    assert (m.path / "data").read_bytes() == data
+    assert os.stat(m.path / "data").st_ino == ino
+    assert (m.path / "d/small").read_text() == "small"
+
+
+def test_fsck_exit_codes_and_output(tmp_path):
+    site = make_site(tmp_path / "site")
+    r = run_repfs("fsck", site)
+    assert r.returncode == 0 and r.stderr == ""
+    assert r.stdout.strip().splitlines()[-1] == "clean"
+    assert "check_block_bitmap" in r.stdout
+    r = run_repfs("fsck", site, "-q")
+    assert r.returncode == 0 and r.stdout == "" and r.stderr == ""
+    r = run_repfs("fsck", site, "--repair")
+    assert r.returncode == 0 and r.stdout.strip().splitlines()[-1] == "clean"
+
+
+# ----------------------------------------------------------------------------- repfs-admin
+
+
+def test_admin_status(mount_site, tmp_path):
+    m = mount_site("64M")
+    pid = int((m.site / "repfs.pid").read_text().split("\n")[0])
+    # mounted: by site directory and by mount point, as a table and as JSON
+    for target in (m.site, m.path):
+        r = run_admin("--site", target, "status")
+        assert r.stderr == ""
+        rows = dict(line.split(None, 1) for line in r.stdout.splitlines()
+                    if line and not line.startswith(" ") and len(line.split(None, 1)) == 2)
+        assert rows["site"] == str(m.site)
+        assert rows["state"].startswith("mounted")
+        assert str(m.path) in r.stdout and str(pid) in r.stdout
+        st = json.loads(run_admin("--site", target, "--json", "status").stdout)
+        assert st["state"] == "mounted" and st["mountpoint"] == str(m.path)
+        assert st["pid"] == pid and st["site"] == str(m.site)
+        assert st["volume_bytes"] == 64 << 20
+    used0 = st["used_bytes"]
+    with open(m.path / "big", "wb") as f:
+        f.write(os.urandom(8 << 20))
+    st = json.loads(run_admin("--site", m.site, "--json", "status").stdout)
+    assert st["used_bytes"] - used0 >= 8 << 20  # live numbers from the daemon
+    vfs = os.statvfs(m.path)
+    assert st["free_bytes"] == vfs.f_bfree * 4096
+    inodes_used = st["inodes"] - st["free_inodes"]
+    m.umount()
+    # not mounted: read from the volume itself
+    st2 = json.loads(run_admin("--site", m.site, "--json", "status").stdout)
+    assert st2["state"] == "not mounted"
+    assert st2["mountpoint"] is None and st2["pid"] is None
+    assert st2["volume_bytes"] == 64 << 20
+    assert st2["free_bytes"] == st["free_bytes"]
+    assert st2["inodes"] - st2["free_inodes"] == inodes_used
+    r = run_admin("--site", m.site, "status")
+    assert "not mounted" in r.stdout and r.stderr == ""
+    # errors: one line, non-zero, nothing touched
+    before = digest(m.site)
+    nosite = tmp_path / "nosite"
+    nosite.mkdir()
+    fails(run_admin("--site", nosite, "status", check=False), 1, "neither", prog="repfs-admin")
+    fails(run_admin("--site", m.site, check=False), 2, prog="repfs-admin")
+    fails(run_admin("status", check=False), 2, "--site", prog="repfs-admin")
+    fails(run_admin("--site", m.site, "frobnicate", check=False), 2, prog="repfs-admin")
+    assert digest(m.site) == before
