@@ -128,7 +128,7 @@ class ControlServer:
         while True:
             event = conn.next_event()
             if event is h11.NEED_DATA:
-                data = await stream.receive_some(65536)
+                data = await stream.receive_some(1 << 20)
                 conn.receive_data(data)
                 continue
             if isinstance(event, h11.Request):

@@ -9,10 +9,10 @@ set holds the block as it was at the boundary.
 
 Crash safety (invariant 3: over-marking allowed, under-marking never). Bit maps are paged
 (empty pages cost nothing). The tables are written to LMDB at every flush (the file system's
-group commit); between flushes, a write-intent log covers what is only in memory: before the
-first write into a 4 MiB region after a flush, the region is marked durably in LMDB. Recovery
-marks old ∪ new ∪ every intent region as changed. A flush writes the tables and clears the
-intent marks in one transaction.
+group commit); a write-intent log covers what is only in memory: before the first write into
+an 8 MiB region since the last cut, the region is marked durably in LMDB. Recovery marks
+old ∪ new ∪ every intent region as changed. A cut writes the tables and clears the intent
+marks in one transaction.
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ class PagedBits:
         return bool(self.pages)
 
     def set_range(self, start: int, count: int) -> int:
-        """Set bits [start, start+count); returns how many were newly set."""
+        """Set bits [start, start+count); returns how many were newly set. Only the bytes
+        the range touches are unpacked."""
         added = 0
         pos, end = start, start + count
         while pos < end:
@@ -48,10 +49,12 @@ class PagedBits:
             arr = self.pages.get(page)
             if arr is None:
                 arr = self.pages[page] = np.zeros(K.PAGE_BYTES, dtype=np.uint8)
-            bits = np.unpackbits(arr, bitorder="little")
-            added += m - int(bits[off: off + m].sum())
-            bits[off: off + m] = 1
-            arr[:] = np.packbits(bits, bitorder="little")
+            a, b = off >> 3, (off + m + 7) >> 3
+            bits = np.unpackbits(arr[a:b], bitorder="little")
+            lo = off - (a << 3)
+            added += m - int(bits[lo: lo + m].sum())
+            bits[lo: lo + m] = 1
+            arr[a:b] = np.packbits(bits, bitorder="little")
             self.dirty.add(page)
             pos += m
         return added
@@ -64,8 +67,10 @@ class PagedBits:
             m = min(end - pos, K.PAGE_BITS - off)
             arr = self.pages.get(page)
             if arr is not None:
+                a, b = off >> 3, (off + m + 7) >> 3
+                lo = off - (a << 3)
                 out[pos - start: pos - start + m] = np.unpackbits(
-                    arr, bitorder="little")[off: off + m].astype(bool)
+                    arr[a:b], bitorder="little")[lo: lo + m].astype(bool)
             pos += m
         return out
 
@@ -205,17 +210,16 @@ class ChangeLogLayer(Layer):
         self.lower.flush()
 
     def persist(self) -> None:
-        """Write the tables; the intent marks are then covered and go (one transaction)."""
-        if not self.new.dirty and not self.hot:
+        """Write the tables (one transaction). The intent marks stay until the next cut, so a
+        region pays one durable mark per delta set, not one per group commit; recovery may
+        over-mark those regions, which is allowed."""
+        # The old table stays in LMDB as it was at the cut until the delta set is complete:
+        # a crash drops the incomplete delta set, so every block of it must stay marked.
+        if not self.new.dirty:
             return
         with self.env.begin(write=True) as txn:
             self.new.save_dirty(txn, self.db_new)
-            if self.old is not None:
-                self.old.save_dirty(txn, self.db_old)
-            if self.hot:
-                txn.drop(self.db_intent, delete=False)
             txn.put(b"first_change_ns", K.u64(self.first_change_ns), db=self.db_ctx)
-        self.hot.clear()
 
     # ------------------------------------------------------------------ cutting
 

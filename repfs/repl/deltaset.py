@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from .chunk import (
 
 log = logging.getLogger(__name__)
 BS = 4096
-COPY_STEP_BLOCKS = 512  # blocks copied per step while holding the change-log lock
+COPY_STEP_BLOCKS = 256  # blocks read per step while holding the change-log lock
 
 
 class ChunkWriter:
@@ -116,6 +117,7 @@ class DeltaSets:
         self.db_bits = env.open_db(K.DSBITS)
         self.capacity = capacity_bytes
         self.writer: ChunkWriter | None = None
+        self.writer_lock = threading.Lock()  # order: change-log lock, then this one
         self.cut_started = 0.0
         self.copied_blocks = 0  # counters for rates
         self._recover()
@@ -222,25 +224,33 @@ class DeltaSets:
     def _priority_copy(self, blocks: np.ndarray) -> None:
         """Called under the change-log lock before `blocks` are overwritten."""
         blocks = np.sort(blocks).astype(np.int64)
-        self.writer.add(blocks, self._read_blocks(blocks))
+        data = self._read_blocks(blocks)
         self.clog.old.clear_blocks(blocks)
         self.copied_blocks += len(blocks)
+        with self.writer_lock:
+            self.writer.add(blocks, data)
 
     def copy_step(self) -> bool:
         """Copy a few megabytes of the old table into the delta set; True when it is done.
-        Runs in a worker thread."""
+        Runs in a worker thread. Only reading the blocks and clearing their bits holds the
+        change-log lock (writers wait for that much); chunking and writing do not."""
         with self.clog.lock:
             old = self.clog.old
             if old is None:
                 return True
+            blocks = data = None
             if old:
                 page = min(old.pages)
                 blocks = old.page_blocks(page)[:COPY_STEP_BLOCKS]
-                self.writer.add(blocks, self._read_blocks(blocks))
+                data = self._read_blocks(blocks)
                 old.clear_blocks(blocks)
                 self.copied_blocks += len(blocks)
-            if old:
-                return False
+            more = bool(old)
+        if blocks is not None:
+            with self.writer_lock:
+                self.writer.add(blocks, data)
+        if more:
+            return False
         self.finish_if_done()
         return True
 
@@ -249,7 +259,8 @@ class DeltaSets:
             if self.writer is None or (self.clog.old is not None and self.clog.old):
                 return
             w = self.writer
-            hdr = w.finish()
+            with self.writer_lock:
+                hdr = w.finish()
             rec = self.record(w.n)
             rec.update(state="ready", chunks=hdr.chunks, blocks=hdr.blocks, bytes=w.off,
                        data_checksum=hdr.data_checksum, ready_ns=time.time_ns())

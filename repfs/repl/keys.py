@@ -6,7 +6,7 @@ shared with the snapshot facility). Integers in keys are big-endian.
 | ``replctx``   | ASCII name | the replication context: ``role`` ("primary"/"secondary"), ``generation`` (u64), ``last_cut`` (u64), ``policy`` (JSON: timeout, hwm, playback_timeout, playback_hwm, retention), ``primary`` (JSON, on a secondary: the primary's uuid and site), ``last_received``, ``last_played`` (u64, on a secondary), ``first_change_ns`` (u64: first write into the accumulating delta set) |
 | ``clognew``   | page (u32) | change log, new table: 4096-byte page of bits, bit b of page p = block p*32768+b changed since the last cut |
 | ``clogold``   | page (u32) | change log, old table: the blocks of the delta set being cut, not yet copied |
-| ``clogintent``| region (u32) | (empty) a write-intent mark: blocks of this 4 MiB region may have changed without their bits being in ``clognew`` yet; recovery marks the whole region |
+| ``clogintent``| region (u32) | (empty) a write-intent mark: blocks of this 8 MiB region may have changed without their bits being in ``clognew`` yet; recovery marks the whole region |
 | ``deltasets`` | delta set (u64) | mailbox entry (JSON): number, generation, state ("cutting"/"ready"), chunks, blocks, bytes, data_checksum, first_change_ns, cut_ns, ready_ns, file |
 | ``dsbits``    | delta set (u64) + page (u32) | the delta set's block list (bit page), kept for the retention period (resync without a full copy needs it) |
 | ``dests``     | name (UTF-8) | destination (JSON): name, site, kind ("local"), state, acked, played, copy_pos, snapshot, started_ns, counters |
@@ -26,7 +26,7 @@ INCOMING = b"incoming"
 
 PAGE_BITS = 32768
 PAGE_BYTES = PAGE_BITS // 8
-REGION_BLOCKS = 1024  # write-intent granularity: 4 MiB
+REGION_BLOCKS = 2048  # write-intent granularity: 8 MiB
 
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
