@@ -168,11 +168,12 @@ class Site:
         except (OSError, ValueError):
             return None
         try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                state = f.read().rsplit(b")", 1)[1].split()[0]
+        except (OSError, IndexError):
             return None
-        except PermissionError:
-            pass
+        if state in (b"Z", b"X"):  # dead, not yet reaped
+            return None
         return pid, mnt.strip()
 
     def write_pid(self, mountpoint: str) -> None:

@@ -111,10 +111,13 @@ def test_mkfs_errors(tmp_path):
 
 
 def test_mkfs_failure_leaves_no_half_site(tmp_path):
+    """20T is past ext4's 16 TiB file size limit (EFBIG): mkfs fails, and must not leave an
+    empty volume.img behind that makes the next mkfs say 'already a repfs site'."""
     site = tmp_path / "huge"
     r = run_repfs("mkfs", site, "--size", "20T", check=False)
     fails(r, 1, "too large")
-    run_repfs("mkfs", site, "--size", "64M")  # fails: 'already a repfs site'
+    assert not (site / "volume.img").exists()
+    run_repfs("mkfs", site, "--size", "64M")
     fsck_clean(site)
 
 
@@ -358,3 +361,32 @@ def test_admin_status(mount_site, tmp_path):
     fails(run_admin("status", check=False), 2, "--site", prog="repfs-admin")
     fails(run_admin("--site", m.site, "frobnicate", check=False), 2, prog="repfs-admin")
     assert digest(m.site) == before
+
+
+def _run_into_closed_pipe(cmd) -> subprocess.CompletedProcess:
+    """Run cmd with its stdout a pipe whose reader is gone (`cmd | true`, `| head -0`)."""
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        return subprocess.run(cmd, stdout=w, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(w)
+
+
+def test_closed_stdout_gives_no_traceback(tmp_path):
+    site = make_site(tmp_path / "site")
+    for cmd in ([sys.executable, "-m", "repfs", "fsck", str(site)],
+                [*ADMIN, "--site", str(site), "status"],
+                [*ADMIN, "--site", str(site), "--json", "status"]):
+        r = _run_into_closed_pipe(cmd)
+        assert "Traceback" not in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) <= 1, r.stderr
+        if "fsck" in cmd:
+            assert r.returncode != 1, "fsck exit 1 would mean 'all problems repaired'"
+    fsck_clean(site)
+
+
+def test_admin_json_after_the_verb(tmp_path):
+    site = make_site(tmp_path / "site")
+    st = json.loads(run_admin("--site", site, "status", "--json").stdout)
+    assert st["state"] == "not mounted"

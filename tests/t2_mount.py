@@ -747,13 +747,15 @@ def test_enospc(mount_site):
 
 
 def test_space_freed_by_truncate_is_usable_at_once(mount_site):
+    """On a full file system, space freed by truncate (or unlink) is usable at once, as on
+    ext4 (which forces a commit and retries), not only after the next commit."""
     mnt = mount_site("16M")
     m = mnt.path
     _fill(m / "fill")
     commit(m)
     os.truncate(m / "fill", 0)  # frees its blocks now (no FORGET from the kernel involved)
     data = os.urandom(4 << 20)
-    (m / "new").write_bytes(data)  # ENOSPC here, for up to commit_interval seconds
+    (m / "new").write_bytes(data)  # was ENOSPC until the next commit (up to 5 s)
     assert (m / "new").read_bytes() == data
 
 
@@ -975,6 +977,7 @@ def test_xattrs(shared):
 
 
 def test_trusted_xattr_names_hidden_from_users(shared):
+    """listxattr hides trusted.* names from unprivileged users, as ext4 does."""
     m = shared.path
     f = m / "f"
     f.write_text("x")
@@ -1510,6 +1513,7 @@ def test_readdir_while_the_directory_changes(shared):
 
 
 def test_open_with_o_trunc_truncates(shared):
+    """FUSE passes O_TRUNC to open() (atomic_o_trunc): the file system must truncate."""
     m = shared.path
     sh(f"printf 'hello world' > {m / 'f'}")
     sh(f"printf HI > {m / 'f'}")  # the shell opens with O_WRONLY|O_CREAT|O_TRUNC
@@ -1523,6 +1527,7 @@ def test_open_with_o_trunc_truncates(shared):
 
 
 def test_read_updates_atime_as_relatime(shared):
+    """The mount says relatime: a read after a write (atime <= mtime) updates atime."""
     m = shared.path
     f = m / "f"
     f.write_bytes(b"x" * 100)

@@ -388,14 +388,15 @@ class Runner:
         self.fds = []
 
 
+# seed 32 found the open(O_TRUNC) bug at its 60th operation (with and without writeback)
 SEEDS = [
-    pytest.param(11, (), False, id="seed11"),
-    pytest.param(22, (), False, id="seed22"),
-    pytest.param(33, (), False, id="seed33"),
-    pytest.param(44, ("--writeback-cache",), False, id="seed44-writeback"),
-    pytest.param(55, ("--writeback-cache",), False, id="seed55-writeback"),
-    pytest.param(32, (), True, id="seed32-o_trunc"),
-    pytest.param(32, ("--writeback-cache",), True, id="seed32-writeback-o_trunc"),
+    pytest.param(11, (), True, id="seed11"),
+    pytest.param(22, (), True, id="seed22"),
+    pytest.param(32, (), True, id="seed32"),
+    pytest.param(33, (), True, id="seed33"),
+    pytest.param(32, ("--writeback-cache",), True, id="seed32-writeback"),
+    pytest.param(44, ("--writeback-cache",), True, id="seed44-writeback"),
+    pytest.param(55, ("--writeback-cache",), True, id="seed55-writeback"),
 ]
 
 

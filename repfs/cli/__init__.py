@@ -1,5 +1,6 @@
 """Command-line tools: `repfs` (mkfs, mount, umount, fsck) and `repfs-admin`."""
 
+import os
 import sys
 
 
@@ -20,6 +21,13 @@ def run_cli(prog: str, fn, argv) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader went away (`| head`): no traceback; exit as a command killed by SIGPIPE
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return 141
 
 
 def parse_size(text: str) -> int:

@@ -112,7 +112,8 @@ def _resolve(target: str, token_file: str | None) -> Target:
     token = os.environ.get("REPFS_TOKEN")
     if token_file:
         try:
-            token = open(token_file).read().strip()
+            with open(token_file) as f:
+                token = f.read().strip()
         except OSError as e:
             raise QuietError(f"cannot read {token_file}: {e.strerror}") from None
     if not token:
@@ -255,7 +256,11 @@ def _print_status(st: dict) -> None:
 # ----------------------------------------------------------------------------- verbs
 
 def _main(argv) -> int:
+    argv = list(argv)
+    want_json = "--json" in argv  # accepted before or after the verb
+    argv = [x for x in argv if x != "--json"]
     a = _parser().parse_args(argv)
+    a.json = want_json
     t = _resolve(a.site, a.token_file)
     out = None
     if a.verb == "status":

@@ -21,7 +21,9 @@ import pyfuse3
 import trio
 
 from .core import FileSystem
+from ..volume import VolumeError
 from .errors import FSError
+from .format import FormatError
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,10 @@ def _fuse_errors(fn):
                 return await fn(self, *args, **kwargs)
         except FSError as e:
             raise pyfuse3.FUSEError(e.errno) from None
+        except (VolumeError, OSError, FormatError) as e:
+            # damaged metadata or a failing disk: this request fails, the file system stays up
+            log.error("%s failed: %s", fn.__name__, e)
+            raise pyfuse3.FUSEError(errno.EIO) from None
     return wrapper
 
 
