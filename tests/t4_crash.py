@@ -27,7 +27,7 @@ import pytest
 
 from tests.conftest import fsck_clean, run_repfs
 
-ROUNDS = 16
+ROUNDS = int(os.environ.get("REPFS_CRASH_ROUNDS", "12"))  # tools/soak runs many more
 SITE_SIZE = "96M"
 COMMIT_INTERVAL = 0.2  # frequent background commits, so kills land inside commits too
 

@@ -38,7 +38,7 @@ from repfs.site import Site
 from repfs.snap.layer import SnapLayer, SnapshotDevice
 from tests.conftest import fsck_clean, run_repfs
 
-ROUNDS = 10
+ROUNDS = int(os.environ.get("REPFS_CRASH_ROUNDS", "8"))  # tools/soak runs many more
 
 WRITER = r"""
 import os, random, sys
