@@ -43,6 +43,7 @@ class SiteService:
         self.snapshot_mounts: dict[str, dict] = {}  # name -> {"mountpoint", "process"}
         self.nursery: trio.Nursery | None = None
         env = self.store.env
+        self.db_ctx = env.open_db(b"replctx")  # never open a database inside a transaction
         self.receiver = Receiver(env, site.path)
         self.primary: Primary | None = None
         self.sets: DeltaSets | None = None
@@ -186,8 +187,8 @@ class SiteService:
             raise SnapError(f"cannot reach the daemon of {to}: {e} (mount it first: "
                             f"repfs mount {to} MOUNTPOINT)", 409) from None
         me = {"uuid": self.core.sb.uuid.hex(), "site": str(self.site.path)}
-        if info["uuid"] == me["uuid"]:
-            raise SnapError("the target is this very volume", 400)
+        if Site(info["site"]).path == self.site.path:  # (a replica shares the volume uuid)
+            raise SnapError("the target is this very site", 400)
         if not force:
             if info["role"] == "secondary" and info["state"] != "stopped":
                 raise SnapError(f"{to} is already a replicating secondary; --force replaces "
@@ -263,14 +264,13 @@ class SiteService:
         pol = self._secondary_policy()
         pol.update({k: v for k, v in changes.items()
                     if k in ("playback_timeout", "playback_hwm") and v is not None})
-        with self.store.env.begin(write=True) as txn:
-            txn.put(b"playback_policy", json.dumps(pol).encode(),
-                    db=self.store.env.open_db(b"replctx"))
+        with self.store.env.begin(write=True, db=self.db_ctx) as txn:
+            txn.put(b"playback_policy", json.dumps(pol).encode())
         self.playback_wake.set()
         return pol
 
     def _secondary_policy(self) -> dict:
-        with self.store.env.begin(db=self.store.env.open_db(b"replctx")) as txn:
+        with self.store.env.begin(db=self.db_ctx) as txn:
             raw = txn.get(b"playback_policy")
         pol = {"playback_timeout": 0.0, "playback_hwm": 64 << 20}
         if raw:
@@ -281,6 +281,10 @@ class SiteService:
         p = self._need_primary()
         if not self.clog.enabled:
             raise SnapError("replication is not running (replicate start --to SITE)", 409)
+        if p.sets.flow_control():
+            raise SnapError("the chunk area is full (flow control): cutting is paused until "
+                            "the destinations catch up; every change stays in the change log",
+                            409)
         n = await p.cut()
         if wait:
             while p.sets.record(n)["state"] != "ready":

@@ -278,7 +278,8 @@ class Site:
             return "primary"
         env = open_env(self.path)
         try:
-            with env.begin(db=env.open_db(K.CTX)) as txn:
+            db = env.open_db(K.CTX)
+            with env.begin(db=db) as txn:
                 raw = txn.get(b"role")
         finally:
             env.close()
