@@ -399,6 +399,17 @@ def child_main(args: dict) -> None:
                     sets.copy_step()
         elif kind == "fscheckpoint":
             fs.checkpoint()
+        elif kind == "fsfile":  # a new file through the file system (metadata in the cache)
+            ino = fs.create(ROOT_INO, b"crash-%d" % rng.randrange(1 << 30), 0o644).ino
+            fs.write(ino, 0, rng.randbytes(step[1]))
+            fs.release(ino)
+        elif kind == "journal-only-commit":
+            # a group commit killed after its commit point (the redo-log record is durable)
+            # and before its blocks reached the volume: mounting replays them
+            seq, blocks = fs.prepare_commit()
+            fs.dev.flush()
+            fs.journal.write(seq, blocks)
+            written.update(int(b) for b in blocks)
     report["must_be_marked"] = sorted(written)
     sys.stdout.write(json.dumps(report) + "\n")
     sys.stdout.flush()
@@ -444,6 +455,10 @@ SCENARIOS = {
     # priority copies during the copy, then a file-system checkpoint (which flushes)
     "mid-copy-checkpoint": [["write", 300, *LOW], ["write", 20, *HIGH], ["cut", 1],
                             ["write", 100, *HIGH], ["fscheckpoint"], ["write", 20, *HIGH]],
+    # killed inside a group commit, after its commit point: the blocks the mount's redo-log
+    # replay writes differ from the last delta set, so they must be marked too
+    "redo-log-replay": [["fsfile", 8 << 20], ["cut", None], ["fsfile", 300_000],
+                        ["journal-only-commit"]],
 }
 
 

@@ -917,6 +917,7 @@ def test_flow_control_loses_nothing(mount_site, tmp_path):
             break
         assert time.monotonic() < deadline, f"flow control never ended: {st}"
         time.sleep(0.2)
+    wait_converged(m1, m2, timeout=90)  # all acknowledged: the chunk area is empty again
     admin(m1.path, "replicate", "policy", *NO_AUTO_CUT)
     wait_converged(m1, m2, cut(m1), timeout=90)
     assert_same_tree(m1.path, m2.path)
@@ -940,6 +941,7 @@ def test_flow_control_loses_nothing(mount_site, tmp_path):
     while api(m1.site, "GET", "/status")["current_delta_set_blocks"]:
         assert time.monotonic() < deadline, "the change log never drained"
         time.sleep(0.2)
+    wait_converged(m1, m2, timeout=90)  # all acknowledged: the chunk area is empty again
     admin(m1.path, "replicate", "policy", *NO_AUTO_CUT)
     wait_converged(m1, m2, cut(m1), timeout=90)
     assert_same_tree(m1.path, m2.path)

@@ -270,7 +270,8 @@ def test_kill_secondary_during_playback(repl_pair):
     rng = random.Random(43)
     writers = []
     during = 0
-    for it in range(2):
+    it = 0
+    while it < 2 or (during == 0 and it < 5):  # until a kill lands inside a playback
         w = Writer(m1.path / "w", 300 + it, limit=rng.randrange(12, 24) << 20)
         writers.append(w)
         w.proc.wait(120)
@@ -282,14 +283,17 @@ def test_kill_secondary_during_playback(repl_pair):
             if s["last_received_delta_set"] >= n:
                 break
             assert time.monotonic() < deadline, f"delta set {n} never arrived: {s}"
-            time.sleep(0.005)
-        time.sleep(rng.uniform(0.0, 0.05))
+        if during == 0 and it >= 1:
+            time.sleep(rng.uniform(0.0, 0.01))
+        else:
+            time.sleep(rng.uniform(0.0, 0.05))
         played = api(m2.site, "GET", "/status")["last_played_delta_set"]
         kill9(m2.site)
         during += played < n
         remount(m2)
         converge_and_compare(pair, writers)
         assert api(m2.site, "GET", "/status")["role"] == "secondary"
+        it += 1
     assert during >= 1, "no kill landed before playback finished: test too weak"
 
 
