@@ -146,8 +146,22 @@ class ChangeLogLayer(Layer):
         self.changed_blocks = 0  # blocks set in the new table since the last cut
         self.first_change_ns = 0
         self.priority_copy = None  # set by the cutter while a delta set is being cut
-        self.enabled = False
+        with env.begin(db=self.db_ctx) as txn:
+            # logging is on from the start of a mount when the site replicates, so the redo
+            # log's replay (which runs before the daemon is up) is logged too
+            self._enabled = txn.get(b"clog_enabled") == b"1"
         self.recovered = self._recover()
+
+    @property
+    def enabled(self) -> bool:
+        return self._enabled
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        if value != self._enabled:
+            with self.env.begin(write=True, db=self.db_ctx) as txn:
+                txn.put(b"clog_enabled", b"1" if value else b"0")
+        self._enabled = value
 
     def _recover(self) -> int:
         """Load the persistent log; old ∪ new ∪ intent regions become the new table."""
