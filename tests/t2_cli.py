@@ -14,7 +14,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from repfs.fs.format import Superblock
 from tests.conftest import fsck_clean, run_repfs

@@ -23,7 +23,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 
 from tests.conftest import fsck_clean, run_repfs
 

@@ -34,7 +34,7 @@ from .dirs import Directories
 from .errors import FSError
 from .format import (
     BLOCK_SIZE, DIR_OFFSET_BASE, INODE_SIZE, INODES_PER_BLOCK, LINK_MAX, MAX_FILE_SIZE,
-    MAX_NAME, MAX_SYMLINK, PTRS_PER_BLOCK, ROOT_INO, XATTR_CAPACITY, FormatError, Inode,
+    MAX_NAME, MAX_SYMLINK, ROOT_INO, XATTR_CAPACITY, FormatError, Inode,
     Superblock, pack_xattrs, unpack_xattrs, xattrs_size,
 )
 from .journal import Journal

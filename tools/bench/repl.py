@@ -51,6 +51,7 @@ import time
 import traceback
 from datetime import datetime
 from pathlib import Path
+from common import mounted, lazy_unmount, pid_alive, wait_gone, kill_pid  # noqa: E402
 
 MiB = 1 << 20
 KiB = 1 << 10
@@ -80,54 +81,14 @@ def run(cmd, timeout=300) -> subprocess.CompletedProcess:
     return r
 
 
-def mounted(path: Path) -> bool:
-    p = str(path)
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            mp = line.split()[4].replace("\\040", " ").replace("\\011", "\t") \
-                .replace("\\012", "\n").replace("\\134", "\\")
-            if mp == p:
-                return True
-    return False
 
 
-def lazy_unmount(path: Path) -> None:
-    if mounted(path):
-        subprocess.run(["fusermount3", "-u", "-z", str(path)], capture_output=True)
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie counts as gone
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
-def wait_gone(pid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while pid_alive(pid):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
-def kill_pid(pid: int) -> None:
-    """SIGTERM, then SIGKILL: only a daemon this run started (its pid from SITE/repfs.pid)."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            return
-        if wait_gone(pid, 10.0):
-            return
 
 
 def pct(values, p: float):
