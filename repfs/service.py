@@ -111,7 +111,7 @@ class SiteService:
             p, sets, clog = self.primary, self.sets, self.clog
             dests = []
             for d in p.dests():
-                row = {k: d.get(k) for k in ("name", "site", "state", "error")}
+                row = {k: d.get(k) for k in ("name", "site", "state", "error", "last_error")}
                 row.update(acked_delta_set=d["acked"], played_delta_set=d["played"],
                            lag_seconds=round(p.lag(d), 3) if d["state"] != "stopped" else None)
                 if d["state"] == "initial-copy":

@@ -21,6 +21,9 @@ from urllib.parse import quote
 from . import QuietError, run_cli
 
 
+STALL_SECONDS = 60  # replicate start gives up waiting (the copy goes on) after this
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
         raise QuietError(message, 2)
@@ -331,12 +334,20 @@ def _replicate(t: Target, a):
         if a.no_wait:
             return out
         last = None
+        progress, since = None, time.monotonic()
         while True:
             st = call(t, "GET", "/status")
             d = next((x for x in st["destinations"] if x["name"] == out["destination"]), None)
             if d is None or d["state"] != "initial-copy":
                 break
             cp = d.get("copy_progress") or {}
+            if cp.get("position") != progress:
+                progress, since = cp.get("position"), time.monotonic()
+            elif time.monotonic() - since > STALL_SECONDS:
+                raise QuietError(
+                    f"the initial copy to {d['name']} has made no progress for "
+                    f"{STALL_SECONDS} s ({d.get('last_error') or 'no answer'}); it goes on by "
+                    "itself once the secondary is reachable (see repfs-admin status)")
             pct = 100.0 * cp.get("position", 0) / max(1, cp.get("volume_blocks", 1))
             line = f"  initial copy: {pct:5.1f}% ({_human(cp.get('copied_blocks', 0) * 4096)} sent)"
             if line != last and not a.json:

@@ -257,6 +257,9 @@ class Primary:
                     if last_error:
                         log.info("destination %s: reachable again", name)
                         last_error = None
+                        d = self.dest(name)
+                        d.pop("last_error", None)
+                        self.put_dest(d)
                     backoff = 0.2
                     if not sent:
                         with trio.move_on_after(0.5):
@@ -265,6 +268,10 @@ class Primary:
                     if str(e) != last_error:
                         log.info("destination %s: %s (retrying)", name, e)
                         last_error = str(e)
+                        d = self.dest(name)
+                        if d is not None:
+                            d["last_error"] = last_error
+                            self.put_dest(d)
                     client.close()
                     await trio.sleep(backoff)
                     backoff = min(backoff * 2, 2.0)
