@@ -460,10 +460,14 @@ class FileSystem:
                     self.data_dirty = True
         inode.size = size
 
-    def open(self, ino: int, flags: int = os.O_RDONLY) -> Inode:
+    def open(self, ino: int, flags: int = os.O_RDONLY, ctx: Ctx = ROOT) -> Inode:
         inode = self.iget(ino)
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC):
             self._writable()
+        if flags & os.O_TRUNC and stat.S_ISREG(inode.mode):
+            # FUSE's atomic_o_trunc hands the truncation of open(O_TRUNC) to the file system;
+            # like Linux, it updates mtime and ctime even when the file was empty
+            self.setattr(ino, size=0, mtime_ns=_now(), ctx=ctx)
         self.open_count[ino] = self.open_count.get(ino, 0) + 1
         return inode
 

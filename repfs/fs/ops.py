@@ -13,8 +13,6 @@ import errno
 import functools
 import logging
 import os
-import stat
-import time
 from contextlib import asynccontextmanager
 
 import pyfuse3
@@ -273,15 +271,7 @@ class Operations(pyfuse3.Operations):
     async def open(self, inode, flags, ctx):
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC):
             await self._modifying()
-        self.core.open(inode, flags)
-        if flags & os.O_TRUNC and stat.S_ISREG(self.core.getattr(inode).mode):
-            # FUSE's atomic_o_trunc: the kernel leaves the truncation of open(O_TRUNC) to us;
-            # like Linux, it updates mtime and ctime even when the file was empty
-            try:
-                self.core.setattr(inode, size=0, mtime_ns=time.time_ns(), ctx=ctx)
-            except FSError:
-                self.core.release(inode)
-                raise
+        self.core.open(inode, flags, ctx)
         return pyfuse3.FileInfo(fh=inode, keep_cache=not flags & os.O_TRUNC)
 
     @_fuse_errors
