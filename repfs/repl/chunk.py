@@ -94,6 +94,15 @@ def chunk_size(buf, offset: int = 0) -> int:
     return _CHUNK_HDR.size + 8 * next_ + blocks * BS
 
 
+def peek_extents(buf, offset: int = 0) -> list[tuple[int, int]]:
+    """The extents of the chunk at `offset`, from its header alone (not verified: only for
+    planning; decode_chunk verifies before anything is applied)."""
+    chunk_size(buf, offset)
+    next_ = _CHUNK_HDR.unpack_from(buf, offset)[4]
+    base = offset + _CHUNK_HDR.size
+    return [struct.unpack_from("<II", buf, base + 8 * i) for i in range(next_)]
+
+
 def decode_chunk(buf) -> Chunk:
     """Decode and verify one chunk (the whole buffer); raises ChunkError."""
     size = chunk_size(buf)

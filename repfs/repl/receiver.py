@@ -23,7 +23,9 @@ import xxhash
 
 from ..volume import pwrite_all
 from . import keys as K
-from .chunk import ChunkError, chunk_size, data_checksum, decode_chunk, decode_set_header
+from .chunk import (
+    ChunkError, chunk_size, data_checksum, decode_chunk, decode_set_header, peek_extents,
+)
 
 log = logging.getLogger(__name__)
 BS = 4096
@@ -251,14 +253,19 @@ class Receiver:
         return json.loads(raw) if raw else None
 
     def extents(self, rec: dict) -> list[tuple[int, int]]:
-        """The extents a received delta set will write (read from its chunk headers)."""
+        """The extents a received delta set will write, read from its chunk headers only
+        (the data is read and verified once, by play)."""
         path = self._path(rec["number"])
-        raw = path.read_bytes() if path.exists() else b""
+        if not path.exists():
+            return []
         out, off = [], 0
-        while off < len(raw):
-            size = chunk_size(raw, off)
-            out.extend(decode_chunk(raw[off: off + size]).extents)
-            off += size
+        with open(path, "rb") as f:
+            end = os.fstat(f.fileno()).st_size
+            while off < end:
+                head = os.pread(f.fileno(), 64 * 1024, off)  # holds any chunk's extent list
+                size = chunk_size(head)
+                out.extend(peek_extents(head))
+                off += size
         return out
 
     def play(self, rec: dict, dev) -> int:
