@@ -69,7 +69,7 @@ async def _commit_loop(ops: Operations, interval: float) -> None:
         await ops.commit()
 
 
-async def _signal_loop(nursery) -> None:
+async def _signal_loop() -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
         async for sig in sigs:
             log.info("signal %d: unmounting", sig)
@@ -83,7 +83,7 @@ async def _serve(service, interval: float, control_sock, token: str) -> None:
     async with trio.open_nursery() as nursery:
         await service.run(nursery)
         nursery.start_soon(_commit_loop, ops, interval)
-        nursery.start_soon(_signal_loop, nursery)
+        nursery.start_soon(_signal_loop)
         nursery.start_soon(ControlServer(service, token).serve, control_sock)
         await pyfuse3.main()
         await service.close_snapshot_mounts()

@@ -268,22 +268,19 @@ class Fsck:
         fs = self.fs
         sb = fs.sb
         in_data = int(np.count_nonzero(self.used_sorted >= sb.data_start))
-        want_free = (sb.nblocks - sb.data_start) - in_data
-        if sb.free_blocks != want_free:
-            self.problem("check_counts",
-                         f"superblock counts {sb.free_blocks} free blocks, there are {want_free}",
+        self._count("free_blocks", "free blocks", (sb.nblocks - sb.data_start) - in_data)
+        self._count("free_inodes", "free inodes",
+                    sb.ninodes - 1 - (fs.alloc.inodes.count_set() - 1))
+
+    def _count(self, field: str, what: str, want: int) -> None:
+        sb = self.fs.sb
+        have = getattr(sb, field)
+        if have != want:
+            self.problem("check_counts", f"superblock counts {have} {what}, there are {want}",
                          repaired=True)
             if self.repair:
-                sb.free_blocks = want_free
-                fs.sb_dirty = True
-        want_inodes = sb.ninodes - 1 - (fs.alloc.inodes.count_set() - 1)
-        if sb.free_inodes != want_inodes:
-            self.problem("check_counts",
-                         f"superblock counts {sb.free_inodes} free inodes, there are {want_inodes}",
-                         repaired=True)
-            if self.repair:
-                sb.free_inodes = want_inodes
-                fs.sb_dirty = True
+                setattr(sb, field, want)
+                self.fs.sb_dirty = True
 
     def check_orphans(self) -> None:
         fs = self.fs

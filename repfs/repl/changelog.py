@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import numpy as np
 
@@ -177,6 +178,8 @@ class ChangeLogLayer(Layer):
             start = r * K.REGION_BLOCKS
             self.new.set_range(start, min(K.REGION_BLOCKS, max(0, self.nblocks - start)))
         self.changed_blocks = self.new.count()
+        if self.changed_blocks and not self.first_change_ns:
+            self.first_change_ns = time.time_ns()  # unknown after a crash: count from now
         if old or regions:
             with self.env.begin(write=True) as txn:
                 self.new.save_all(txn, self.db_new)
@@ -200,7 +203,6 @@ class ChangeLogLayer(Layer):
                 added = self.new.set_range(start, n)
                 if added:
                     if not self.changed_blocks:
-                        import time
                         self.first_change_ns = time.time_ns()
                     self.changed_blocks += added
             self.lower.write(start, data, meta)
@@ -213,9 +215,6 @@ class ChangeLogLayer(Layer):
             with self.env.begin(write=True) as txn:
                 for r in missing:
                     txn.put(K.u32(r), b"", db=self.db_intent)
-                if not self.changed_blocks:
-                    import time
-                    txn.put(b"first_change_ns", K.u64(time.time_ns()), db=self.db_ctx)
             self.hot.update(missing)
 
     def flush(self) -> None:
