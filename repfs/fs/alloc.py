@@ -5,7 +5,8 @@ The bitmaps live in volume blocks and are read and modified through the metadata
 keeps sequential files contiguous; nothing is held in memory per block of the volume.
 
 Freed blocks are not reusable until the transaction that freed them has committed: they are
-queued in ``pending`` and cleared in the bitmap by ``apply_pending`` at the commit. Otherwise a
+queued in ``pending``, cleared in the closing transaction's bitmap by ``apply_pending`` and
+held as used in the running one (``quarantine``) until that commit point has passed. Otherwise a
 crash could leave a committed file pointing at a block that new, uncommitted data overwrote.
 """
 
