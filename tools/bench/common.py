@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -57,3 +59,17 @@ def kill_pid(pid: int) -> None:
             return
         if wait_gone(pid, 10.0):
             return
+
+
+def log(msg: str = "") -> None:
+    print(msg, flush=True)
+
+
+def tool(name: str) -> str:
+    sib = Path(sys.executable).parent / name
+    if sib.exists():
+        return str(sib)
+    found = shutil.which(name)
+    if not found:
+        raise SystemExit(f"{name} is not on PATH (run with the venv's python)")
+    return found

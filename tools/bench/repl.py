@@ -51,7 +51,7 @@ import time
 import traceback
 from datetime import datetime
 from pathlib import Path
-from common import mounted, lazy_unmount, pid_alive, wait_gone, kill_pid  # noqa: E402
+from common import mounted, lazy_unmount, pid_alive, wait_gone, kill_pid, log, tool  # noqa: E402
 
 MiB = 1 << 20
 KiB = 1 << 10
@@ -59,18 +59,8 @@ KiB = 1 << 10
 # ----------------------------------------------------------------------------- utilities
 
 
-def log(msg: str = "") -> None:
-    print(msg, flush=True)
 
 
-def tool(name: str) -> str:
-    sib = Path(sys.executable).parent / name
-    if sib.exists():
-        return str(sib)
-    found = shutil.which(name)
-    if not found:
-        raise SystemExit(f"{name} is not on PATH (run with the venv's python)")
-    return found
 
 
 def run(cmd, timeout=300) -> subprocess.CompletedProcess:

@@ -52,27 +52,17 @@ import traceback
 from pathlib import Path
 
 import numpy as np
-from common import pid_alive, wait_gone, kill_pid  # noqa: E402
+from common import pid_alive, wait_gone, kill_pid, log, tool  # noqa: E402
 
 MiB = 1 << 20
 GiB = 1 << 30
 BS = 4096
 
 
-def log(msg: str = "") -> None:
-    print(msg, flush=True)
 
 
 # ----------------------------------------------------------------------------- processes
 
-def tool(name: str) -> str:
-    sib = Path(sys.executable).parent / name
-    if sib.exists():
-        return str(sib)
-    found = shutil.which(name)
-    if not found:
-        raise SystemExit(f"{name} is not on PATH (run with the venv's python)")
-    return found
 
 
 def run(cmd, **kw) -> subprocess.CompletedProcess:
