@@ -12,28 +12,11 @@ from repfs.fs.alloc import BITS_PER_BLOCK, Allocator, Bitmap, mapped_runs, runs
 from repfs.fs.cache import MetaCache
 from repfs.fs.errors import FSError
 from repfs.fs.format import BLOCK_SIZE, INODES_PER_BLOCK, Superblock
+from tests.memdev import MemDev
 
 ZERO = bytes(BLOCK_SIZE)
 
 
-class MemDev:
-    """A sparse in-memory block device (the BlockDevice interface)."""
-
-    def __init__(self, nblocks: int):
-        self.nblocks = nblocks
-        self.blocks: dict[int, bytes] = {}
-
-    def read(self, start: int, count: int) -> bytes:
-        assert 0 <= start and start + count <= self.nblocks
-        return b"".join(self.blocks.get(b, ZERO) for b in range(start, start + count))
-
-    def write(self, start: int, data, meta: bool = False) -> None:
-        assert len(data) % BLOCK_SIZE == 0
-        for i in range(len(data) // BLOCK_SIZE):
-            self.blocks[start + i] = bytes(data[i * BLOCK_SIZE:(i + 1) * BLOCK_SIZE])
-
-    def flush(self) -> None:
-        pass
 
 
 def make_bitmap(nbits: int, first: int = 0):

@@ -16,6 +16,7 @@ from repfs.fs.errors import FSError
 from repfs.fs.format import (
     BLOCK_SIZE, MAX_FILE_BLOCKS, MAX_FILE_SIZE, N_DIRECT, PTRS_PER_BLOCK, Inode, Superblock,
 )
+from tests.memdev import MemDev
 
 ZERO = bytes(BLOCK_SIZE)
 L1 = N_DIRECT  # first single-indirect block
@@ -24,21 +25,6 @@ L3 = L2 + PTRS_PER_BLOCK**2  # first triple-indirect block
 TIB = (1 << 40) // BLOCK_SIZE
 
 
-class MemDev:
-    def __init__(self, nblocks: int):
-        self.nblocks = nblocks
-        self.blocks: dict[int, bytes] = {}
-
-    def read(self, start: int, count: int) -> bytes:
-        assert 0 <= start and start + count <= self.nblocks
-        return b"".join(self.blocks.get(b, ZERO) for b in range(start, start + count))
-
-    def write(self, start: int, data, meta: bool = False) -> None:
-        for i in range(len(data) // BLOCK_SIZE):
-            self.blocks[start + i] = bytes(data[i * BLOCK_SIZE:(i + 1) * BLOCK_SIZE])
-
-    def flush(self) -> None:
-        pass
 
 
 class Env:

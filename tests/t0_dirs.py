@@ -15,24 +15,11 @@ from repfs.fs.format import (
     BLOCK_SIZE, BUCKET_CAPACITY, HASH_BITS, Inode, Superblock, bucket_header, dirent_size,
     iter_bucket, name_hash,
 )
+from tests.memdev import MemDev
 
 ZERO = bytes(BLOCK_SIZE)
 
 
-class MemDev:
-    def __init__(self, nblocks: int):
-        self.nblocks = nblocks
-        self.blocks: dict[int, bytes] = {}
-
-    def read(self, start: int, count: int) -> bytes:
-        return b"".join(self.blocks.get(b, ZERO) for b in range(start, start + count))
-
-    def write(self, start: int, data, meta: bool = False) -> None:
-        for i in range(len(data) // BLOCK_SIZE):
-            self.blocks[start + i] = bytes(data[i * BLOCK_SIZE:(i + 1) * BLOCK_SIZE])
-
-    def flush(self) -> None:
-        pass
 
 
 class Env:

@@ -11,25 +11,11 @@ from repfs.fs import journal as jmod
 from repfs.fs.core import FileSystem
 from repfs.fs.format import BLOCK_SIZE
 from repfs.fs.journal import Journal
+from tests.memdev import MemDev
 
 ZERO = bytes(BLOCK_SIZE)
 
 
-class MemDev:
-    def __init__(self, nblocks: int):
-        self.nblocks = nblocks
-        self.blocks: dict[int, bytes] = {}
-        self.flushes = 0
-
-    def read(self, start: int, count: int) -> bytes:
-        return b"".join(self.blocks.get(b, ZERO) for b in range(start, start + count))
-
-    def write(self, start: int, data, meta: bool = False) -> None:
-        for i in range(len(data) // BLOCK_SIZE):
-            self.blocks[start + i] = bytes(data[i * BLOCK_SIZE:(i + 1) * BLOCK_SIZE])
-
-    def flush(self) -> None:
-        self.flushes += 1
 
 
 def rand_blocks(rng: random.Random, n: int, maxblk: int = 2**32 - 1) -> dict[int, bytes]:
