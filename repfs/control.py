@@ -24,6 +24,7 @@ import hmac
 import json
 import logging
 import os
+import re
 import secrets
 import socket
 from pathlib import Path
@@ -33,6 +34,7 @@ import h11
 import trio
 
 from .repl.receiver import ReceiveError
+from .statefile import write_durably
 from .snap.store import SnapError
 
 log = logging.getLogger(__name__)
@@ -46,15 +48,26 @@ class HTTPError(Exception):
 
 
 def ensure_token(site_path: Path) -> str:
+    """The control port's bearer token, made (durably, 0600) if the site has none. A token file
+    that a power cut left empty or torn is replaced by a new token, with a warning."""
     path = Path(site_path) / "control.token"
     try:
-        return path.read_text().strip()
+        token = path.read_text().strip()
     except FileNotFoundError:
-        token = secrets.token_urlsafe(32)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(token + "\n")
+        token = None
+    except UnicodeDecodeError:
+        token = ""
+    if token is not None and _TOKEN_RE.fullmatch(token):
         return token
+    if token is not None:
+        log.warning("%s is empty or damaged (a crash while it was written?): making a new token",
+                    path)
+    token = secrets.token_urlsafe(32)
+    write_durably(path, token + "\n", 0o600)
+    return token
+
+
+_TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{32,128}")
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -195,63 +208,63 @@ class ControlServer:
         if parts and parts[0] == "snapshots":
             if len(parts) == 1:
                 if method == "GET":
-                    return svc.snapshot_list()
+                    return svc.snapshots.list()
                 if method == "POST":
                     name = args.get("name")
                     attrs = args.get("attrs") or {}
                     if not isinstance(name, str) or not isinstance(attrs, dict):
                         raise HTTPError(400, "want {\"name\": string, \"attrs\": object}")
-                    return await svc.snapshot_create(name, attrs)
+                    return await svc.snapshots.create(name, attrs)
             elif len(parts) == 2 and method == "DELETE":
-                return await svc.snapshot_delete(parts[1])
+                return await svc.snapshots.delete(parts[1])
             elif len(parts) == 3 and parts[2] == "restore" and method == "POST":
-                return await svc.snapshot_restore(parts[1])
+                return await svc.snapshots.restore(parts[1])
             elif len(parts) == 3 and parts[2] == "mount" and method == "POST":
                 mp = args.get("mountpoint")
                 if not isinstance(mp, str) or not mp:
                     raise HTTPError(400, "want {\"mountpoint\": string}")
-                return await svc.snapshot_mount(parts[1], mp)
+                return await svc.mounts.mount(parts[1], mp)
             elif len(parts) == 3 and parts[2] == "diff" and method == "GET":
                 to = query.get("to") or None
                 if to == "live":
                     to = None
-                return await svc.snapshot_diff(parts[1], to,
-                                               paths=query.get("paths", "1") != "0")
+                return await svc.snapshots.diff(parts[1], to,
+                                                paths=query.get("paths", "1") != "0")
         if parts and parts[0] == "replicate" and len(parts) == 2 and method == "POST":
             verb = parts[1]
             if verb == "start":
                 to = args.get("to")
                 if not isinstance(to, str) or not to:
                     raise HTTPError(400, "want {\"to\": site directory}")
-                return await svc.replicate_start(to, force=bool(args.get("force")),
+                return await svc.replicate.start(to, force=bool(args.get("force")),
                                                  name=args.get("name"))
             if verb == "stop":
-                return await svc.replicate_stop(args.get("to"))
+                return await svc.replicate.stop(args.get("to"))
             if verb == "policy":
-                return await svc.replicate_policy({k: _num(args.get(k)) for k in (
+                return await svc.replicate.policy({k: _num(args.get(k)) for k in (
                     "timeout", "hwm", "playback_timeout", "playback_hwm", "retention")})
             if verb == "deltaset":
-                return await svc.replicate_deltaset(wait=bool(args.get("wait", True)))
+                return await svc.replicate.deltaset(wait=bool(args.get("wait", True)))
         if parts and parts[0] == "repl" and len(parts) == 2:
             verb = parts[1]
             if verb == "receiver" and method == "GET":
-                return svc.receiver_info()
+                return svc.secondary.info()
             if method == "POST":
                 if verb == "attach":
                     prim, gen = args.get("primary"), args.get("generation")
                     if not isinstance(prim, dict) or not isinstance(gen, int):
                         raise HTTPError(400, "want {\"primary\": object, \"generation\": int}")
-                    return await svc.receiver_attach(prim, gen)
+                    return await svc.secondary.attach(prim, gen)
                 if verb == "copy":
-                    return await svc.receiver_copy(_binary(args))
+                    return await svc.secondary.copy(_binary(args))
                 if verb == "start-playback":
                     after = args.get("after")
                     if not isinstance(after, int) or after < 0:
                         raise HTTPError(400, "want {\"after\": delta set number}")
-                    return await svc.receiver_start_playback(after)
+                    return await svc.secondary.start_playback(after)
                 if verb == "chunk":
-                    return svc.receiver_chunk(_binary(args))
+                    return svc.secondary.chunk(_binary(args))
                 if verb == "commit":
-                    return svc.receiver_commit(args)
+                    return svc.secondary.commit(args)
         raise HTTPError(404 if method in ("GET", "POST", "DELETE") else 405,
                         f"no such operation: {method} /v1/{'/'.join(parts)}")

@@ -27,6 +27,7 @@ from pathlib import Path
 from .fs.core import FileSystem
 from .fs.format import FormatError, Superblock
 from .fs.mkfs import mkfs
+from .statefile import remove_durably, write_durably
 from .volume import BLOCK_SIZE, Volume, VolumeError
 
 
@@ -109,9 +110,7 @@ class Site:
         finally:
             vol.close()
         if not site.config_path.exists():
-            site.config_path.write_text(DEFAULT_CONFIG.format(
-                name=label or site.path.name, uuid=uuidlib.uuid4(),
-                created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())))
+            site.write_default_config(label)
         site.unlock()
         return site
 
@@ -123,13 +122,25 @@ class Site:
         if not self.volume_path.is_file():
             raise SiteError(f"{self.path} is not a repfs site (no volume.img)")
 
+    def write_default_config(self, label: str = "") -> None:
+        write_durably(self.config_path, DEFAULT_CONFIG.format(
+            name=label or self.path.name, uuid=uuidlib.uuid4(),
+            created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())), 0o644)
+
     def config(self) -> dict:
         try:
-            return tomllib.loads(self.config_path.read_text())
+            raw = self.config_path.read_bytes()
         except FileNotFoundError:
             return {}
-        except tomllib.TOMLDecodeError as e:
-            raise SiteError(f"{self.config_path}: {e}") from None
+        if not raw.strip(b"\0 \t\r\n"):  # empty or zeros: torn by a crash while written
+            log.warning("%s is empty or zeroed (a crash while it was written?): writing the "
+                        "default configuration", self.config_path)
+            self.write_default_config()
+            raw = self.config_path.read_bytes()
+        try:
+            return tomllib.loads(raw.decode())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise SiteError(f"{self.config_path}: {e} (fix or remove the file)") from None
 
     def superblock(self) -> Superblock:
         self.check()
@@ -177,18 +188,14 @@ class Site:
         return pid, mnt.strip()
 
     def write_pid(self, mountpoint: str) -> None:
-        tmp = self.pid_path.with_suffix(".tmp")
-        tmp.write_text(f"{os.getpid()}\n{mountpoint}\n")
-        os.replace(tmp, self.pid_path)
+        write_durably(self.pid_path, f"{os.getpid()}\n{mountpoint}\n", 0o644)
 
     def clear_pid(self) -> None:
-        self.pid_path.unlink(missing_ok=True)
-        (self.path / "control.json").unlink(missing_ok=True)
+        remove_durably(self.pid_path, self.path / "control.json")
 
     def write_control(self, host: str, port: int) -> None:
-        tmp = self.path / "control.json.tmp"
-        tmp.write_text(json.dumps({"host": host, "port": port, "pid": os.getpid()}) + "\n")
-        os.replace(tmp, self.path / "control.json")
+        write_durably(self.path / "control.json",
+                      json.dumps({"host": host, "port": port, "pid": os.getpid()}) + "\n", 0o644)
 
     def control_address(self) -> tuple[str, int] | None:
         """Where this site's daemon listens, if one runs."""

@@ -20,6 +20,7 @@ directory inheritance, clearing set-uid/set-gid on chown, the sticky bit is the 
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import stat
 import time
@@ -33,12 +34,13 @@ from .cache import MetaCache
 from .dirs import Directories
 from .errors import FSError
 from .format import (
-    BLOCK_SIZE, DIR_OFFSET_BASE, INODE_SIZE, INODES_PER_BLOCK, LINK_MAX, MAX_FILE_SIZE,
-    MAX_NAME, MAX_SYMLINK, ROOT_INO, XATTR_CAPACITY, FormatError, Inode,
-    Superblock, pack_xattrs, unpack_xattrs, xattrs_size,
+    BLOCK_SIZE, DIR_OFFSET_BASE, ID_MAX, INODE_SIZE, INODES_PER_BLOCK, LINK_MAX, MAX_FILE_SIZE,
+    MAX_NAME, MAX_SYMLINK, RDEV_MAX, ROOT_INO, XATTR_CAPACITY, FormatError, Inode,
+    Superblock, clamp_time_ns, pack_xattrs, unpack_xattrs, xattrs_size,
 )
 from .journal import Journal
 
+log = logging.getLogger(__name__)
 BS = BLOCK_SIZE
 ORPHAN_FLAG = 1  # Inode.flags: the inode is on the superblock's orphan list
 RENAME_NOREPLACE = 1
@@ -107,7 +109,12 @@ class FileSystem:
         self.open_count: dict[int, int] = {}
         self.data_dirty = False
         self.sb_dirty = False
+        # errors=remount-ro: why a commit failed (the core turned read-only), and when
+        self.error: str | None = None
+        self.error_ns = 0
         self.committing_seq = 0
+        self.frozen = False
+        self.deferred_destroy: set[int] = set()
         if not readonly and self.sb.orphan_head:
             self._reap_orphans()
             self.commit()
@@ -134,15 +141,44 @@ class FileSystem:
     def commit_due(self) -> bool:
         return len(self.meta.dirty) >= self.COMMIT_DIRTY_BLOCKS
 
+    def fail(self, what: str, exc: BaseException) -> None:
+        """A commit failed: turn read-only for good (as ext4's errors=remount-ro does). The
+        in-memory state stays readable; nothing after the last durable commit is written;
+        every later commit and fsync fails with EIO. Idempotent (keeps the first error)."""
+        if self.error is None:
+            self.error = f"{what}: {exc}"
+            self.error_ns = time.time_ns()
+            log.error("%s; the file system is now read-only (remount to recover; nothing "
+                      "already fsync'd is lost)", self.error)
+        self.readonly = True
+
+    def _failed(self) -> FSError:
+        return FSError(errno.EIO, f"the file system turned read-only after an error: "
+                                  f"{self.error}")
+
     def prepare_commit(self):
-        """Close the running transaction; returns it for write_commit (None: nothing to do)."""
+        """Close the running transaction; returns it for write_commit (None: nothing to do).
+        Raises FSError(EIO) once a commit has failed (see fail)."""
+        if self.error is not None:
+            raise self._failed()
         if not self.has_changes():
             return None
-        for ino in self.dirty_inodes:
-            inode = self.inodes[ino]
+        # Pack everything first: a value that does not fit the format fails the commit
+        # before any state of the running transaction changed.
+        try:
+            packed = []
+            for ino in self.dirty_inodes:
+                buf = bytearray(INODE_SIZE)
+                self.inodes[ino].pack_into(buf, 0)
+                packed.append((ino, buf))
+            self.sb.pack()  # packed for real below, once the frees are applied
+        except Exception as e:  # noqa: BLE001 - any failure here is a bug; keep the state
+            self.fail("a commit could not be prepared", e)
+            raise self._failed() from e
+        for ino, buf in packed:
             blk, off = self._inode_pos(ino)
-            inode.pack_into(self.meta.modify(blk), off)
-            inode.dirty = False
+            self.meta.modify(blk)[off: off + INODE_SIZE] = buf
+            self.inodes[ino].dirty = False
         self.dirty_inodes.clear()
         freed = self.alloc.apply_pending()
         self.sb.commit_seq += 1
@@ -156,17 +192,29 @@ class FileSystem:
         return txn
 
     def write_commit(self, txn) -> None:
-        """Make the transaction durable (may run in a worker thread)."""
+        """Make the transaction durable (may run in a worker thread). If any step fails the
+        core turns read-only (fail) and this raises FSError(EIO): before the journal record
+        is durable the transaction is not committed and the volume still holds the previous
+        one (its checkpoint was flushed first); after it, the next mount replays the record.
+        Either way the transaction's blocks stay in the cache, readable, and nothing
+        already fsync'd is lost."""
         seq, blocks = txn
-        self.dev.flush()  # data and the previous checkpoint first: ordered mode
-        self.journal.write(seq, blocks)  # the commit point
-        numbers = np.array(sorted(blocks), dtype=np.uint32)
-        for _, start, n in runs(numbers):
-            if n == 1:
-                self.dev.write(start, blocks[start], meta=True)
-            else:
-                self.dev.write(start, b"".join(blocks[b] for b in range(start, start + n)),
-                               meta=True)
+        step = "flushing the volume"
+        try:
+            self.dev.flush()  # data and the previous checkpoint first: ordered mode
+            step = "writing the redo log"
+            self.journal.write(seq, blocks)  # the commit point
+            step = "writing the checkpoint to the volume"
+            numbers = np.array(sorted(blocks), dtype=np.uint32)
+            for _, start, n in runs(numbers):
+                if n == 1:
+                    self.dev.write(start, blocks[start], meta=True)
+                else:
+                    self.dev.write(start, b"".join(blocks[b] for b in range(start, start + n)),
+                                   meta=True)
+        except Exception as e:  # noqa: BLE001 - EIO, ENOSPC, a layer's refusal, a bug
+            self.fail(f"commit {seq} failed {step}", e)
+            raise self._failed() from e
 
     def finish_commit(self) -> None:
         self.meta.end_commit()
@@ -186,8 +234,30 @@ class FileSystem:
         if self.has_changes():  # blocks released from quarantine after the commit point
             self.commit()
         if not self.readonly:
-            self.dev.flush()
-            self.journal.clear()
+            self.clear_journal()
+
+    def clear_journal(self) -> None:
+        """After a commit: make its checkpoint durable, then forget the redo record (may run
+        in a worker thread; the caller keeps other commits out)."""
+        self.dev.flush()
+        self.journal.clear()
+
+    def freeze(self) -> None:
+        """The volume is about to change underneath (a restore, a playback): until thaw(),
+        inodes that lose their last user are not destroyed, only remembered."""
+        self.frozen = True
+
+    def thaw(self) -> None:
+        """After the change (and reload()): destroy the remembered inodes that are still
+        unnamed and unused in the volume as it now is."""
+        self.frozen = False
+        pending, self.deferred_destroy = self.deferred_destroy, set()
+        for ino in pending:
+            try:
+                inode = self.iget(ino)
+            except FSError:
+                continue
+            self._maybe_destroy(inode)
 
     def reload(self) -> None:
         """The volume changed underneath (a restore, a playback): forget every cached block
@@ -270,16 +340,20 @@ class FileSystem:
         if inode is None:
             return
         inode.lookups = max(0, inode.lookups - n)
-        if inode.lookups == 0 and inode.nlink == 0 and ino_closed(self, ino):
-            self._destroy(inode)
+        self._maybe_destroy(inode)
 
     # ================================================================= queries
 
     def lookup(self, parent: int, name: bytes, ctx: Ctx = ROOT) -> Inode:
-        d = self._dir(parent)
         if name == b".":
-            ino = parent
-        elif name == b"..":
+            # The kernel decodes a file handle (name_to_handle_at, NFS export) of an inode it
+            # no longer caches by looking up "." in that inode, which may be of any type; a
+            # freed inode gives ENOENT and the kernel's check of the generation does the rest.
+            inode = self.iget(parent)
+            inode.lookups += 1
+            return inode
+        d = self._dir(parent)
+        if name == b"..":
             ino = d.parent
         else:
             if len(name) > MAX_NAME:
@@ -376,6 +450,8 @@ class FileSystem:
         if not stat.S_ISREG(inode.mode):
             raise FSError(errno.EINVAL)
         n = len(data)
+        if off < 0:
+            raise FSError(errno.EINVAL)
         if n == 0:
             return 0
         if off + n > MAX_FILE_SIZE:
@@ -478,8 +554,8 @@ class FileSystem:
             return
         self.open_count.pop(ino, None)
         inode = self.inodes.get(ino)
-        if inode is not None and inode.nlink == 0 and inode.lookups == 0 and inode.mode:
-            self._destroy(inode)
+        if inode is not None:
+            self._maybe_destroy(inode)
 
     # ================================================================= attributes
 
@@ -488,6 +564,13 @@ class FileSystem:
         self._writable()
         inode = self.iget(ino)
         now = _now()
+        # Every value is checked (or clamped) before anything changes, so that nothing the
+        # inode then holds can fail to pack at the commit.
+        for v in (uid, gid):
+            if v is not None and not 0 <= v <= ID_MAX:
+                raise FSError(errno.EINVAL, f"uid/gid {v} is out of range")
+        atime_ns, mtime_ns, ctime_ns = (None if t is None else clamp_time_ns(t)
+                                        for t in (atime_ns, mtime_ns, ctime_ns))
         if size is not None:
             if stat.S_ISDIR(inode.mode):
                 raise FSError(errno.EISDIR)
@@ -495,6 +578,8 @@ class FileSystem:
                 raise FSError(errno.EINVAL)
             if size < 0:
                 raise FSError(errno.EINVAL)
+            if size > MAX_FILE_SIZE:
+                raise FSError(errno.EFBIG)
             if size != inode.size:
                 self._truncate(inode, size)
                 inode.mtime_ns = now
@@ -572,8 +657,11 @@ class FileSystem:
     def mknod(self, parent: int, name: bytes, mode: int, rdev: int = 0, ctx: Ctx = ROOT) -> Inode:
         if stat.S_IFMT(mode) == 0:
             mode |= stat.S_IFREG
-        if stat.S_ISDIR(mode) or stat.S_ISLNK(mode):
+        if stat.S_IFMT(mode) not in (stat.S_IFREG, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO,
+                                     stat.S_IFSOCK) or mode & ~0o177777:
             raise FSError(errno.EINVAL)
+        if not 0 <= rdev <= RDEV_MAX:
+            raise FSError(errno.EINVAL, f"device number {rdev} is out of range")
         return self._make(parent, name, mode, ctx, rdev=rdev)
 
     def create(self, parent: int, name: bytes, mode: int, ctx: Ctx = ROOT) -> Inode:
@@ -764,6 +852,20 @@ class FileSystem:
             self._dirty(x)
 
     # ================================================================= freeing inodes
+
+    def _maybe_destroy(self, inode: Inode) -> None:
+        """Free an inode once it has no names, no kernel references and no open files —
+        unless the volume is not the core's to change: a read-only core (a secondary, a
+        snapshot) only forgets it; a frozen one (see freeze) destroys it at thaw."""
+        if inode.nlink or inode.lookups or not inode.mode or not ino_closed(self, inode.ino):
+            return
+        if self.readonly:
+            if not inode.dirty:
+                self.inodes.pop(inode.ino, None)
+        elif self.frozen:
+            self.deferred_destroy.add(inode.ino)
+        else:
+            self._destroy(inode)
 
     def _destroy(self, inode: Inode) -> None:
         """Free an inode with no names and no users, with all its blocks."""

@@ -89,13 +89,29 @@ class Operations(pyfuse3.Operations):
         if self.core.commit_due() and not self.commit_lock.locked():
             await self.commit()
 
+    async def checkpoint(self) -> None:
+        """Commit, then make the volume alone hold the file system: the volume flushed and the
+        redo log empty. A consistency point includes this, so no redo-log replay after a crash
+        can write through a snapshot or a delta-set boundary taken at it (replaying the last
+        commit's blocks would otherwise save stale blocks as a new snapshot's before-images)."""
+        await self.commit()
+        async with self.commit_lock:
+            if self.core.has_changes():  # blocks released from quarantine by that commit
+                txn = self.core.prepare_commit()
+                await trio.to_thread.run_sync(self.core.write_commit, txn)
+                self.core.finish_commit()
+                self.commits += 1
+            if not self.core.readonly:
+                await trio.to_thread.run_sync(self.core.clear_journal)
+
     @asynccontextmanager
     async def quiesce(self):
-        """Block new modifying requests, commit, and yield the consistent volume."""
+        """Block new modifying requests, commit and checkpoint, and yield the consistent
+        volume."""
         async with self.quiesce_lock:
             self._gate = trio.Event()
             try:
-                await self.commit()
+                await self.checkpoint()
                 yield self.core.dev
             finally:
                 self._gate.set()
@@ -103,13 +119,19 @@ class Operations(pyfuse3.Operations):
     @asynccontextmanager
     async def hold_all(self):
         """Hold back every request (reads too) while the volume changes underneath; the
-        file system is then re-read. Used by playback at a secondary."""
+        file system is then re-read. Used by playback at a secondary and by restore. While
+        held, no inode is destroyed (a forget or release only defers it): the volume the
+        caller is changing is not the core's to write."""
         async with self.quiesce_lock:
             self._gate = trio.Event()
             self._hold = trio.Event()
             try:
-                await self.commit()
-                yield
+                await self.checkpoint()
+                self.core.freeze()
+                try:
+                    yield
+                finally:
+                    self.core.thaw()
             finally:
                 self._hold.set()
                 self._gate.set()
