@@ -33,12 +33,16 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import h11
 import trio
 
-from .repl.receiver import ReceiveError
+from .errors import DomainError
 from .statefile import write_durably
-from .snap.store import SnapError
 
 log = logging.getLogger(__name__)
 MAX_BODY = 8 << 20
+
+
+# the one place where domain errors (repfs/errors.py) become HTTP statuses
+STATUS_OF_KIND = {"invalid": 400, "not_found": 404, "conflict": 409, "busy": 503,
+                  "failed": 500}
 
 
 class HTTPError(Exception):
@@ -192,8 +196,8 @@ class ControlServer:
             return 400, {"error": f"bad value: {e}"}
         except HTTPError as e:
             return e.status, {"error": str(e)}
-        except (SnapError, ReceiveError) as e:
-            return e.status, {"error": str(e)}
+        except DomainError as e:
+            return STATUS_OF_KIND[e.kind], {"error": str(e)}
         except OSError as e:
             log.exception("control request failed")
             return 500, {"error": f"{e.strerror or e}"}

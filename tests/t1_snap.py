@@ -750,7 +750,7 @@ def test_index_survives_reopen(tmp_path):
         assert read_tree(fs) == live
         with pytest.raises(SnapError) as ei:
             store.create("s1")
-        assert ei.value.status == 409
+        assert ei.value.kind == "conflict"
         new = store.create("s3")
         assert new.id > max(s.id for s in store.queue[:-1])
     finally:
@@ -842,10 +842,10 @@ def test_bad_snapshot_names(tmp_path):
         layer.store.create("ok")
         with pytest.raises(SnapError) as ei:
             layer.store.create("ok")
-        assert ei.value.status == 409
+        assert ei.value.kind == "conflict"
         with pytest.raises(SnapError) as ei:
             layer.store.find("nope")
-        assert ei.value.status == 404
+        assert ei.value.kind == "not_found"
         assert [s.name for s in layer.store.queue] == ["ok"]
     finally:
         fs.close()

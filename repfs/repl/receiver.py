@@ -21,6 +21,7 @@ from pathlib import Path
 
 import xxhash
 
+from ..errors import DomainError
 from ..volume import pwrite_all
 from . import keys as K
 from .chunk import (
@@ -32,10 +33,12 @@ BS = 4096
 COPY_HDR = struct.Struct("<QIQ")  # start block, count, xxh3-64 of the data
 
 
-class ReceiveError(Exception):
-    def __init__(self, message: str, status: int = 409):
-        super().__init__(message)
-        self.status = status
+class ReceiveError(DomainError):
+    """A secondary refuses what a primary sent: "invalid" for data that fails to decode or
+    verify (the sender may send it again), "conflict" when this site is not in the state
+    that the request needs (wrong role, generation or order)."""
+
+    default_kind = "conflict"
 
 
 def encode_copy(start: int, data) -> bytes:
@@ -127,11 +130,11 @@ class Receiver:
         if self.state != "initial-copy":
             raise ReceiveError("not expecting an initial copy")
         if len(body) < COPY_HDR.size:
-            raise ReceiveError("truncated copy record", 400)
+            raise ReceiveError("truncated copy record", "invalid")
         start, count, csum = COPY_HDR.unpack_from(body)
         data = body[COPY_HDR.size:]
         if len(data) != count * BS or xxhash.xxh3_64_intdigest(data) != csum:
-            raise ReceiveError("copy record fails its checksum", 400)
+            raise ReceiveError("copy record fails its checksum", "invalid")
         return start, data
 
     def start_playback(self, after: int) -> None:
@@ -178,7 +181,7 @@ class Receiver:
         try:
             c = decode_chunk(body)
         except ChunkError as e:
-            raise ReceiveError(f"rejected chunk: {e}", 400) from None
+            raise ReceiveError(f"rejected chunk: {e}", "invalid") from None
         if c.generation != self.generation:
             raise ReceiveError(f"rejected chunk of generation {c.generation}: this site is at "
                                f"generation {self.generation}")
@@ -212,7 +215,7 @@ class Receiver:
         try:
             hdr = decode_set_header(header)
         except ChunkError as e:
-            raise ReceiveError(f"rejected delta-set header: {e}", 400) from None
+            raise ReceiveError(f"rejected delta-set header: {e}", "invalid") from None
         if hdr.generation != self.generation:
             raise ReceiveError(f"rejected header of generation {hdr.generation}")
         if hdr.delta_set <= self.last_received:
@@ -226,7 +229,7 @@ class Receiver:
             self.partial = None
             self._path(hdr.delta_set).unlink(missing_ok=True)
             raise ReceiveError(f"delta set {hdr.delta_set} incomplete or corrupt "
-                               f"({len(got)} of {hdr.chunks} chunks): send it again", 400)
+                               f"({len(got)} of {hdr.chunks} chunks): send it again", "invalid")
         path = self._path(hdr.delta_set)
         if not path.exists():
             path.write_bytes(b"")

@@ -28,6 +28,7 @@ import lmdb
 import numpy as np
 import xxhash
 
+from ..errors import DomainError
 from ..volume import BLOCK_SIZE, pwrite_all
 from . import keys as K
 
@@ -40,12 +41,18 @@ _REC_CSUM_OFF = BS - 8
 REC_MAX = (_REC_CSUM_OFF - _REC.size) // 4
 
 
-class SnapError(Exception):
-    """A snapshot operation cannot be done as asked (one line for the user)."""
+NAME_RULE = "1-200 printable characters, at most 255 bytes of UTF-8, no '/', ',' or '\\'"
 
-    def __init__(self, message: str, status: int = 400):
-        super().__init__(message)
-        self.status = status
+
+def valid_name(name) -> bool:
+    """A snapshot name fits every index it goes into (an LMDB key, a FUSE fsname option)."""
+    return (isinstance(name, str) and 0 < len(name) <= 200 and name.isprintable()
+            and not any(c in name for c in "/,\\") and len(name.encode()) <= 255)
+
+
+class SnapError(DomainError):
+    """A snapshot (or replication) operation cannot be done as asked (one line for the user);
+    `kind` says why (repfs/errors.py)."""
 
 
 def open_env(site_path: Path):
@@ -298,17 +305,17 @@ class SnapStore:
         for s in self.queue:
             if s.name == name:
                 return s
-        raise SnapError(f"no snapshot named {name!r}", 404)
+        raise SnapError(f"no snapshot named {name!r}", "not_found")
 
     def position(self, snap: Snapshot) -> int:
         return self.queue.index(snap)
 
     def create(self, name: str, attrs: dict | None = None) -> Snapshot:
         """Add a snapshot at the tail of the queue (the caller holds a consistency point)."""
-        if not name or len(name) > 200 or "/" in name or not name.isprintable():
-            raise SnapError(f"bad snapshot name {name!r} (1-200 printable characters, no '/')")
+        if not valid_name(name):
+            raise SnapError(f"bad snapshot name {name!r} ({NAME_RULE})")
         if any(s.name == name for s in self.queue):
-            raise SnapError(f"a snapshot named {name!r} exists", 409)
+            raise SnapError(f"a snapshot named {name!r} exists", "conflict")
         raw = self.get_state("next_id")
         sid = int.from_bytes(raw, "big") if raw else 1
         snap = Snapshot(sid, name, time.time_ns(), dict(attrs or {}))
