@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import settings as hypothesis_settings
 
 from repfs.fs.core import FileSystem
 from repfs.fs.fsck import fsck
@@ -25,6 +26,18 @@ from repfs.fs.mkfs import mkfs
 from repfs.volume import Volume
 
 REPFS = [sys.executable, "-m", "repfs"]
+
+# Property-based fuzzing (t0_fuzz, t1_fuzz_core): by default a bounded, reproducible run (the
+# same examples every time, no example database); REPFS_FUZZ_EXAMPLES=N runs N examples per
+# property with fresh random seeds, keeping failures in .hypothesis/ (git-ignored) to replay.
+hypothesis_settings.register_profile(
+    "repfs-ci", max_examples=200, deadline=None, derandomize=True, database=None,
+    print_blob=True)
+hypothesis_settings.register_profile(
+    "repfs-long", max_examples=int(os.environ.get("REPFS_FUZZ_EXAMPLES") or 200), deadline=None,
+    print_blob=True)
+hypothesis_settings.load_profile("repfs-long" if os.environ.get("REPFS_FUZZ_EXAMPLES")
+                                 else "repfs-ci")
 
 
 def run_repfs(*args, check=True, timeout=120, **kw) -> subprocess.CompletedProcess:
