@@ -1230,6 +1230,76 @@ def test_setattr_mode_and_times(make_fs):
     err(errno.EINVAL, fs.setattr, f, size=-1)
 
 
+def test_out_of_range_values_never_fail_the_commit(make_fs):
+    """`touch -d 'May 30 2514'` once killed the daemon at the next commit (struct.error): times
+    outside the format's range (signed 64-bit ns: 1677..2262) are clamped, as ext4 clamps to
+    its own; other fields out of range are refused at the request and change nothing."""
+    fs = make_fs()
+    f = mkfile(fs, b"f", b"data")
+    lo, hi = -(2**63), 2**63 - 1
+    far = 17_288_000_000 * 10**9  # 2514-05-30 in ns: past 2262
+    for t, want in ((far, hi), ((2**31 - 1) * 10**9 * 10**3, hi), (-62_000_000_000 * 10**9, lo),
+                    (2**200, hi), (-(2**200), lo), (hi, hi), (lo, lo)):
+        fs.setattr(f, atime_ns=t, mtime_ns=t, ctime_ns=t)
+        a = fs.getattr(f)
+        assert (a.atime_ns, a.mtime_ns, a.ctime_ns) == (want, want, want), t
+        fs.commit()  # must not raise
+    before = fs.getattr(f)
+    snapshot = (before.uid, before.gid, before.mode, before.size, before.atime_ns)
+    for kw, code in (({"uid": 2**32 - 1}, errno.EINVAL), ({"gid": 2**32}, errno.EINVAL),
+                     ({"uid": -1}, errno.EINVAL), ({"gid": -5}, errno.EINVAL),
+                     ({"uid": 0, "gid": 2**40, "atime_ns": 5}, errno.EINVAL),
+                     ({"size": MAX_FILE_SIZE + 1}, errno.EFBIG),
+                     ({"size": 2**64}, errno.EFBIG), ({"size": -1}, errno.EINVAL)):
+        err(code, fs.setattr, f, **kw)
+        a = fs.getattr(f)
+        assert (a.uid, a.gid, a.mode, a.size, a.atime_ns) == snapshot, kw
+    fs.setattr(f, uid=2**32 - 2, gid=2**32 - 2, mode=0o170777 | 0o7777)  # the largest ids
+    err(errno.EINVAL, fs.mknod, ROOT, b"bad", stat.S_IFCHR | 0o600, 2**64)
+    err(errno.EINVAL, fs.mknod, ROOT, b"bad", stat.S_IFCHR | 0o600, -1)
+    err(errno.EINVAL, fs.mknod, ROOT, b"bad", 0o030000 | 0o600, 0)  # no such file type
+    err(errno.EINVAL, fs.mknod, ROOT, b"bad", stat.S_IFREG | 0o600 | 1 << 40, 0)
+    dev = fs.mknod(ROOT, b"dev", stat.S_IFBLK | 0o600, 2**64 - 1)
+    fs.forget(dev.ino, 1)
+    g = fs.create(ROOT, b"g", 0o644)
+    err(errno.EINVAL, fs.write, g.ino, -1, b"x")
+    err(errno.EFBIG, fs.write, g.ino, 2**64, b"x")
+    fs.release(g.ino)
+    fs.forget(g.ino, 1)
+    err(errno.ERANGE, fs.setxattr, f, b"user." + b"n" * 251, b"v")
+    fs.commit()
+    fs = make_fs.reopen(fs)
+    a = fs.getattr(f)
+    assert (a.atime_ns, a.uid, a.gid, stat.S_IMODE(a.mode)) == (lo, 2**32 - 2, 2**32 - 2, 0o7777)
+    assert stat.S_ISREG(a.mode) and fs.getattr(dev.ino).rdev == 2**64 - 1
+    assert fs.read(f, 0, 10) == b"data"
+
+
+def test_dot_lookup_on_any_inode(core_fs):
+    """The kernel decodes a file handle by looking up "." in the inode itself (any type):
+    that takes a reference like any lookup; a freed inode is ENOENT (the kernel: ESTALE)."""
+    fs = core_fs
+    f = mkfile(fs, b"f", b"x")
+    d = mkdir(fs, b"d")
+    fs.symlink(ROOT, b"s", b"f")
+    s = look(fs, ROOT, b"s").ino
+    fs.forget(s, 1)
+    for ino in (f, d, s, ROOT):
+        inode = fs.lookup(ino, b".")
+        assert inode.ino == ino and inode.lookups == 1
+        fs.forget(ino, 1)
+    assert look(fs, d, b"..").ino == ROOT
+    err(errno.ENOTDIR, fs.lookup, f, b"..")
+    err(errno.ENOTDIR, fs.lookup, f, b"x")
+    gen = fs.getattr(f).generation
+    fs.unlink(ROOT, b"f")
+    err(errno.ENOENT, fs.lookup, f, b".")
+    g = mkfile(fs, b"g")  # may reuse the inode number: then with another generation
+    if g == f:
+        assert fs.getattr(g).generation != gen
+    fs.unlink(ROOT, b"s")
+
+
 def test_write_updates_mtime_and_size_change_updates_mtime(core_fs):
     fs = core_fs
     f = mkfile(fs, b"f")

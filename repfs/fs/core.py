@@ -655,10 +655,12 @@ class FileSystem:
         return inode
 
     def mknod(self, parent: int, name: bytes, mode: int, rdev: int = 0, ctx: Ctx = ROOT) -> Inode:
+        if not 0 <= mode <= 0o177777:
+            raise FSError(errno.EINVAL)
         if stat.S_IFMT(mode) == 0:
             mode |= stat.S_IFREG
         if stat.S_IFMT(mode) not in (stat.S_IFREG, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO,
-                                     stat.S_IFSOCK) or mode & ~0o177777:
+                                     stat.S_IFSOCK):
             raise FSError(errno.EINVAL)
         if not 0 <= rdev <= RDEV_MAX:
             raise FSError(errno.EINVAL, f"device number {rdev} is out of range")

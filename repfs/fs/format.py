@@ -190,6 +190,20 @@ _INODE = struct.Struct(
 )
 assert _INODE.size <= INODE_SIZE
 
+# The ranges of the inode fields that requests set. Times are signed 64-bit nanoseconds since
+# the epoch (1677-09-21 to 2262-04-11): a time outside that range is clamped to it where it
+# enters the file system (as ext4 clamps to its own range), never refused and never left to
+# fail at the commit. uid and gid are 32-bit, but (uint32)-1 means "no change" to chown(2).
+TIME_MIN_NS = -(2**63)
+TIME_MAX_NS = 2**63 - 1
+ID_MAX = 2**32 - 2
+RDEV_MAX = 2**64 - 1
+
+
+def clamp_time_ns(t: int) -> int:
+    """A time in nanoseconds, clamped to the range an inode can hold."""
+    return TIME_MIN_NS if t < TIME_MIN_NS else TIME_MAX_NS if t > TIME_MAX_NS else t
+
 
 @dataclass(slots=True)
 class Inode:
@@ -218,8 +232,9 @@ class Inode:
     def pack_into(self, buf, offset: int) -> None:
         _INODE.pack_into(
             buf, offset, self.mode, self.uid, self.gid, self.nlink, self.flags, self.generation,
-            self.size, self.blocks, self.rdev, self.atime_ns, self.mtime_ns, self.ctime_ns,
-            self.crtime_ns, self.parent, self.xattr, self.orphan_next, 0, *self.map,
+            self.size, self.blocks, self.rdev, clamp_time_ns(self.atime_ns),
+            clamp_time_ns(self.mtime_ns), clamp_time_ns(self.ctime_ns),
+            clamp_time_ns(self.crtime_ns), self.parent, self.xattr, self.orphan_next, 0, *self.map,
         )
 
     @classmethod

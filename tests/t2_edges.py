@@ -1,0 +1,181 @@
+"""Tier 2: edges a user hits through a real mount and the command line — values out of range,
+file handles, mount options, O_DIRECT against the page cache, bad mkfs arguments.
+
+Each test mounts its own small site (the `mount_site` fixture checks a clean umount, a clean
+fsck and a log without warnings afterwards)."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import fsck_clean, run_repfs
+
+AT_FDCWD = -100
+SYS_PY = "/usr/bin/python3"  # readable by every uid
+libc = ctypes.CDLL(None, use_errno=True)
+
+
+def sh(cmd, *, check=True, timeout=60, **kw) -> subprocess.CompletedProcess:
+    r = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout,
+                       **kw)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{cmd} exited {r.returncode}: {r.stderr.strip()}")
+    return r
+
+
+def mount_options(path: Path) -> set[str]:
+    """The per-mount options the kernel shows for `path` (findmnt -no OPTIONS)."""
+    return set(sh(["findmnt", "-no", "OPTIONS", "--mountpoint", path]).stdout.strip()
+               .split(","))
+
+
+def daemon_alive(site: Path) -> bool:
+    try:
+        pid = int((site / "repfs.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return False
+    return os.path.exists(f"/proc/{pid}")
+
+
+# ----------------------------------------------------------------------------- times
+
+
+def test_times_out_of_range_are_clamped_and_the_commit_survives(mount_site):
+    """`touch -d 'May 30 2514' f` once killed the daemon at the next commit and lost that
+    commit's changes. Times outside the format's range (1677-09-21..2262-04-11) are clamped
+    to it, as ext4 clamps to its own range."""
+    mnt = mount_site("64M")
+    m = mnt.path
+    (m / "before").write_bytes(b"written just before")
+    for name in ("future", "past", "big", "now"):
+        (m / name).write_bytes(name.encode())
+    sh(["touch", "-d", "May 30 2514", m / "future"])
+    sh(["touch", "-d", "@-99999999999", m / "past"])  # the year -1199
+    sh(["touch", "-m", "-d", f"@{2**62}", m / "big"])  # far past anything time_t dates
+    fd = os.open(m / "now", os.O_RDONLY)
+    try:
+        os.fsync(fd)  # a commit: it used to fail here and take the mount down
+    finally:
+        os.close(fd)
+    hi, lo = 2**63 - 1, -(2**63)
+    assert os.stat(m / "future").st_mtime_ns == hi
+    assert os.stat(m / "future").st_atime_ns == hi
+    assert os.stat(m / "past").st_mtime_ns == lo
+    assert os.stat(m / "big").st_mtime_ns == hi
+    assert daemon_alive(mnt.site) and os.path.ismount(m)
+    assert (m / "before").read_bytes() == b"written just before"
+    mnt.umount()
+    mnt = mount_site("64M")
+    m = mnt.path
+    assert (m / "before").read_bytes() == b"written just before"
+    assert os.stat(m / "future").st_mtime_ns == hi and os.stat(m / "past").st_mtime_ns == lo
+    # what `stat` prints: the last instant the format holds
+    assert sh(["date", "-u", "-r", m / "future", "+%Y-%m-%d"]).stdout.strip() == "2262-04-11"
+
+
+def test_requests_out_of_range_are_refused(mount_site):
+    """Values the kernel passes through that the format cannot hold are refused at the
+    request (never at the commit)."""
+    mnt = mount_site("64M")
+    m = mnt.path
+    f = m / "f"
+    f.write_bytes(b"x")
+    with pytest.raises(OSError) as ei:
+        os.truncate(f, (4 << 40) + 1)  # past MAX_FILE_SIZE
+    assert ei.value.errno == errno.EFBIG
+    with pytest.raises(OSError) as ei:
+        os.setxattr(f, "user." + "n" * 251, b"v")
+    assert ei.value.errno == errno.ERANGE
+    os.chown(f, 2**32 - 2, 2**32 - 2)  # the largest valid ids
+    os.mknod(m / "dev", stat.S_IFCHR | 0o600, os.makedev(4095, 2**20 - 1))  # the largest rdev
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    st = os.stat(f)
+    assert (st.st_uid, st.st_gid, st.st_size) == (2**32 - 2, 2**32 - 2, 1)
+    assert os.stat(m / "dev").st_rdev == os.makedev(4095, 2**20 - 1)
+    assert daemon_alive(mnt.site)
+
+
+# ----------------------------------------------------------------------------- file handles
+
+
+class _FileHandle(ctypes.Structure):
+    _fields_ = [("handle_bytes", ctypes.c_uint), ("handle_type", ctypes.c_int),
+                ("f_handle", ctypes.c_ubyte * 128)]
+
+
+def name_to_handle(path: Path) -> bytes:
+    fh = _FileHandle()
+    fh.handle_bytes = 128
+    mount_id = ctypes.c_int()
+    if libc.name_to_handle_at(AT_FDCWD, os.fsencode(path), ctypes.byref(fh),
+                              ctypes.byref(mount_id), 0) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e), str(path))
+    return bytes(fh)
+
+
+def open_by_handle(mount_path: Path, handle: bytes, flags: int = os.O_RDONLY) -> int:
+    mfd = os.open(mount_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fh = _FileHandle.from_buffer_copy(handle)
+        fd = libc.open_by_handle_at(mfd, ctypes.byref(fh), flags)
+        if fd < 0:
+            e = ctypes.get_errno()
+            raise OSError(e, os.strerror(e))
+        return fd
+    finally:
+        os.close(mfd)
+
+
+def test_file_handles_survive_a_remount(mount_site):
+    """name_to_handle_at + open_by_handle_at (what NFS re-export and backup tools use), for a
+    file and a directory. Across a remount the kernel has no cached inode, so it must decode
+    the handle by looking up "." in the inode itself — what failed with ESTALE for files.
+    A handle of a deleted file is stale."""
+    mnt = mount_site("64M")
+    m = mnt.path
+    os.makedirs(m / "d/sub")
+    (m / "d/sub/f").write_bytes(b"file by handle")
+    (m / "gone").write_bytes(b"deleted later")
+    handles = {name: name_to_handle(m / name) for name in ("d/sub/f", "d/sub", "gone")}
+
+    def check(m: Path) -> None:
+        fd = open_by_handle(m, handles["d/sub/f"])
+        try:
+            assert os.read(fd, 100) == b"file by handle"
+            assert os.fstat(fd).st_ino == os.stat(m / "d/sub/f").st_ino
+        finally:
+            os.close(fd)
+        fd = open_by_handle(m, handles["d/sub"], os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            assert os.listdir(fd) == ["f"]
+            assert os.readlink(f"/proc/self/fd/{fd}") == str(m / "d/sub")
+        finally:
+            os.close(fd)
+
+    check(m)  # with the kernel's inode cache warm
+    os.unlink(m / "gone")
+    mnt.umount()
+    mnt = mount_site("64M")  # a fresh kernel inode cache: every handle goes through lookup "."
+    check(mnt.path)
+    with pytest.raises(OSError) as ei:
+        open_by_handle(mnt.path, handles["gone"])
+    assert ei.value.errno == errno.ESTALE
+    # the inode number is reused by a new file: the generation tells them apart
+    for i in range(4):
+        (mnt.path / f"new{i}").write_bytes(b"new")
+    with pytest.raises(OSError) as ei:
+        open_by_handle(mnt.path, handles["gone"])
+    assert ei.value.errno == errno.ESTALE
