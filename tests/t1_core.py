@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import logging
 import os
 import random
 import stat
@@ -1783,3 +1784,167 @@ def test_mkfs_over_a_stale_redo_log(tmp_path):
         fs.close()
     finally:
         dev.close()
+
+
+# ------------------------------------------------------------------------------ failed commits
+# A commit that fails (EIO or ENOSPC under the redo log or the volume, a value that does not
+# fit the format) turns the core read-only, as ext4's errors=remount-ro does: the in-memory
+# state stays readable, every later commit fails with EIO (no assertion about a commit still
+# in progress), and the next open finds the last durable commit, fsck clean.
+
+
+class FailingLayer:
+    """The volume with faults switched on by the test: EIO from flush() and/or from writes
+    of committed metadata (the checkpoint); everything else passes through."""
+
+    def __init__(self, lower):
+        self.lower = lower
+        self.nblocks = lower.nblocks
+        self.block_size = BS
+        self.fail_flush = False
+        self.fail_meta_writes = False
+        self.meta_writes = 0
+
+    def read(self, start, count):
+        return self.lower.read(start, count)
+
+    def write(self, start, data, meta=False):
+        if meta and self.fail_meta_writes:
+            self.meta_writes += 1
+            if self.meta_writes > 1:  # the first extent lands, the rest fails: a torn checkpoint
+                raise OSError(errno.EIO, "injected: checkpoint write")
+        self.lower.write(start, data, meta)
+
+    def flush(self):
+        if self.fail_flush:
+            raise OSError(errno.EIO, "injected: volume flush")
+        self.lower.flush()
+
+    def close(self):
+        self.lower.close()
+
+
+def _on_failing_layer(make_fs, fs):
+    img, jnl = paths_of(make_fs, fs)
+    fs.close()
+    fs.dev.close()
+    new = FileSystem(FailingLayer(Volume(img)), jnl)
+    replace_fs(make_fs, fs, new)
+    return new
+
+
+def _after_failure(fs, before_ino: int, new_ino: int, new_data: bytes) -> None:
+    """What a core that turned read-only must still do and refuse."""
+    assert fs.readonly and fs.error
+    # readable, including what the failed transaction holds in memory
+    assert fs.read(new_ino, 0, len(new_data) + 10) == new_data
+    assert look(fs, ROOT, b"before").ino == before_ino
+    # every change is refused, every commit fails cleanly and keeps failing
+    err(errno.EROFS, fs.create, ROOT, b"x", 0o644)
+    err(errno.EROFS, fs.write, new_ino, 0, b"y")
+    for _ in range(2):
+        err(errno.EIO, fs.prepare_commit)
+        err(errno.EIO, fs.commit)
+
+
+def _expect_logged_once(caplog, needle: str) -> None:
+    """The failure is logged, once, at ERROR (and taken out of the records the fixture
+    checks for unexpected warnings)."""
+    hits = [r for r in caplog.records if needle in r.getMessage()]
+    assert len(hits) == 1 and hits[0].levelno == logging.ERROR, [r.getMessage() for r in hits]
+    assert "read-only" in hits[0].getMessage()
+    caplog.records.remove(hits[0])
+
+
+def _reopen_after_failure(make_fs, fs) -> FileSystem:
+    img, jnl = paths_of(make_fs, fs)
+    fs.close()  # read-only now: no checkpoint, nothing written
+    fs.dev.close()
+    new = FileSystem(Volume(img), jnl)
+    replace_fs(make_fs, fs, new)
+    replayed = new.replayed
+    new = fsck_now(make_fs, new)
+    new.replayed = replayed  # what the first open after the failure replayed
+    return new
+
+
+def test_failed_redo_log_write_keeps_the_previous_commit(make_fs, caplog):
+    fs = make_fs()
+    before = mkfile(fs, b"before", b"durable")
+    fs.commit()
+    state = _snapshot_tree(fs)
+    fs.commit()  # the atimes the snapshot's reads set (relatime)
+    data = pattern(50_000, 21)
+    new = mkfile(fs, b"new", data)
+    txn = fs.prepare_commit()
+    real = fs.journal.fd
+    fs.journal.fd = os.open("/dev/full", os.O_WRONLY)  # every write: ENOSPC
+    try:
+        with pytest.raises(FSError) as ei:
+            fs.write_commit(txn)
+    finally:
+        os.close(fs.journal.fd)
+        fs.journal.fd = real
+    assert ei.value.errno == errno.EIO
+    assert "redo log" in fs.error and "No space left" in fs.error
+    _after_failure(fs, before, new, data)
+    _expect_logged_once(caplog, "failed writing the redo log")
+    # the transaction never reached its commit point: the previous state is what remains
+    fs = _reopen_after_failure(make_fs, fs)
+    assert _snapshot_tree(fs) == state
+
+
+def test_failed_checkpoint_is_replayed_from_the_redo_log(make_fs, caplog):
+    fs = _on_failing_layer(make_fs, make_fs())
+    before = mkfile(fs, b"before", b"durable")
+    fs.commit()
+    data = pattern(70_000, 22)
+    new = mkfile(fs, b"new", data)
+    mkdir(fs, b"dir")
+    fs.dev.fail_meta_writes = True
+    with pytest.raises(FSError) as ei:
+        fs.commit()  # the redo record is durable, then the checkpoint fails half way
+    assert ei.value.errno == errno.EIO
+    assert fs.dev.meta_writes > 1, "the injected fault did not fire"
+    assert "checkpoint" in fs.error
+    _after_failure(fs, before, new, data)
+    _expect_logged_once(caplog, "failed writing the checkpoint")
+    fs = _reopen_after_failure(make_fs, fs)
+    assert fs.replayed > 0, "the committed transaction was not replayed"
+    assert fs.read(look(fs, ROOT, b"new").ino, 0, 100_000) == data
+    assert sorted(names(fs, ROOT)) == [b"before", b"dir", b"new"]
+
+
+def test_failed_volume_flush_keeps_the_previous_commit(make_fs, caplog):
+    fs = _on_failing_layer(make_fs, make_fs())
+    before = mkfile(fs, b"before", b"durable")
+    fs.commit()
+    data = b"not yet durable"
+    new = mkfile(fs, b"new", data)
+    fs.dev.fail_flush = True
+    err(errno.EIO, fs.commit)
+    assert "flushing the volume" in fs.error
+    _after_failure(fs, before, new, data)
+    _expect_logged_once(caplog, "failed flushing the volume")
+    fs = _reopen_after_failure(make_fs, fs)
+    assert names(fs, ROOT) == [b"before"]
+    assert fs.read(before, 0, 100) == b"durable"
+
+
+def test_commit_that_cannot_be_prepared_changes_nothing(make_fs, caplog):
+    # A value the format cannot hold (a bug elsewhere let it in) fails the commit before
+    # any block of the transaction changed; the core stays readable and turns read-only.
+    fs = make_fs()
+    before = mkfile(fs, b"before", b"durable")
+    fs.commit()
+    new = mkfile(fs, b"new", b"in memory")
+    fs.getattr(new).uid = 1 << 40  # does not fit the on-disk field (u32)
+    seq = fs.sb.commit_seq
+    dirty = set(fs.dirty_inodes)
+    err(errno.EIO, fs.commit)
+    assert fs.sb.commit_seq == seq and fs.dirty_inodes == dirty and not fs.meta.committing
+    assert "could not be prepared" in fs.error
+    _after_failure(fs, before, new, b"in memory")
+    _expect_logged_once(caplog, "could not be prepared")
+    fs = _reopen_after_failure(make_fs, fs)
+    assert names(fs, ROOT) == [b"before"]
