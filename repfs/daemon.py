@@ -86,7 +86,7 @@ async def _serve(service, interval: float, control_sock, token: str) -> None:
         nursery.start_soon(_signal_loop)
         nursery.start_soon(ControlServer(service, token).serve, control_sock)
         await pyfuse3.main()
-        await service.close_snapshot_mounts()
+        await service.mounts.close_all()
         nursery.cancel_scope.cancel()
     await ops.commit()
 

@@ -251,7 +251,7 @@ class Primary:
                 try:
                     if d["state"] == "initial-copy":
                         await trio.to_thread.run_sync(self._initial_copy, client, name)
-                        await self.service.snapshot_delete(d["snapshot"], internal=True)
+                        await self.service.snapshots.delete(d["snapshot"], internal=True)
                         continue
                     sent = await trio.to_thread.run_sync(self._send_next, client, name)
                     if last_error:

@@ -1,0 +1,133 @@
+"""The `replicate` verbs of a running site (start, stop, policy, deltaset). At a primary they
+drive `sender.Primary`; `stop` and `policy` at a secondary go to its playback."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import trio
+
+from ..snap.store import SnapError
+from .sender import PermanentError, Primary, ReceiverClient, TransientError
+
+log = logging.getLogger(__name__)
+
+
+class ReplicateVerbs:
+    def __init__(self, svc):
+        self.svc = svc
+
+    def _need_primary(self) -> Primary:
+        if self.svc.primary is None:
+            raise SnapError("this site is a secondary; run this on its primary", 409)
+        return self.svc.primary
+
+    async def start(self, to: str, *, force: bool = False, name: str | None = None):
+        svc = self.svc
+        p = self._need_primary()
+        svc.check_writable()
+        target = svc.peer(to)
+        if not target.volume_path.is_file():
+            raise SnapError(f"{to} is not a repfs site (make it with repfs mkfs)", 400)
+        if target.path == svc.site.path:
+            raise SnapError("a site cannot replicate to itself", 400)
+        name = name or target.path.name
+        old = p.dest(name)
+        if old and old["state"] not in ("stopped", "error") and not force:
+            raise SnapError(f"already replicating to {name} ({old['state']})", 409)
+        client = ReceiverClient(str(target.path))
+        try:
+            info = await trio.to_thread.run_sync(client.info)
+        except (TransientError, PermanentError) as e:
+            raise SnapError(f"cannot reach the daemon of {to}: {e} (mount it first: "
+                            f"repfs mount {to} MOUNTPOINT)", 409) from None
+        me = {"uuid": svc.core.sb.uuid.hex(), "site": str(svc.site.path)}
+        if svc.peer(info["site"]).path == svc.site.path:  # (a replica shares the volume uuid)
+            raise SnapError("the target is this very site", 400)
+        if not force:
+            if info["role"] == "secondary" and info["state"] != "stopped":
+                raise SnapError(f"{to} is already a replicating secondary; --force replaces "
+                                "its content", 409)
+            if info.get("root_entries"):
+                raise SnapError(f"{to} holds files; --force replaces its content", 409)
+            if info["role"] == "primary" and info.get("destinations"):
+                raise SnapError(f"{to} is itself replicating; --force replaces its content", 409)
+        try:
+            await trio.to_thread.run_sync(client.attach, me, p.sets.generation, force)
+        except (TransientError, PermanentError) as e:
+            raise SnapError(f"{to} refused to become a secondary: {e}", 409) from None
+        finally:
+            client.close()
+        snap_name = f"repl-init-{name}"
+        if any(s.name == snap_name for s in svc.store.queue):
+            await svc.snapshots.delete(snap_name, internal=True)
+        async with p.cut_lock:
+            while p.sets.cutting:
+                await trio.sleep(0.02)
+            async with svc.ops.quiesce():
+                svc.clog.enabled = True
+                stamp = p.sets.cut()
+                svc.store.create(snap_name, {"delta_set": stamp, "purpose": "initial copy",
+                                             "destination": name})
+        p.copy_needed.set()
+        d = {"name": name, "site": str(target.path), "kind": "local", "state": "initial-copy",
+             "snapshot": snap_name, "stamp": stamp, "acked": stamp, "played": stamp,
+             "copy_pos": 0, "copied": 0, "started_ns": time.time_ns()}
+        p.put_dest(d)
+        p.start_sender(svc.nursery, name)
+        log.info("replication to %s (%s) started: initial copy of snapshot %s (delta set %d)",
+                 name, target.path, snap_name, stamp)
+        return {"destination": name, "site": str(target.path), "stamp": stamp,
+                "state": "initial-copy"}
+
+    async def stop(self, to: str | None) -> dict:
+        svc = self.svc
+        if svc.primary is None:
+            return svc.secondary.stop()
+        p = svc.primary
+        names = [d["name"] for d in p.dests()] if to is None else [to]
+        for n in names:
+            d = p.dest(n)
+            if d is None:
+                raise SnapError(f"no destination named {n!r}", 404)
+            scope = p.tasks.pop(n, None)
+            if scope is not None:
+                scope.cancel()
+            d["state"] = "stopped"
+            p.put_dest(d)
+            if any(s.name == d.get("snapshot") for s in svc.store.queue):
+                await svc.snapshots.delete(d["snapshot"], internal=True)
+        if not any(d["state"] != "stopped" for d in p.dests()):
+            async with p.cut_lock:
+                while p.sets.cutting:
+                    await trio.sleep(0.02)
+                svc.clog.disable()
+        return {"stopped": names}
+
+    async def policy(self, changes: dict) -> dict:
+        svc = self.svc
+        if svc.primary is None:
+            return svc.secondary.set_policy(changes)
+        bad = {"playback_timeout", "playback_hwm"} & {k for k, v in changes.items()
+                                                      if v is not None}
+        if bad:
+            raise SnapError("--playback-timeout and --playback-hwm are set on a secondary")
+        return svc.primary.set_policy(**{k: changes.get(k) for k in ("timeout", "hwm",
+                                                                     "retention")})
+
+    async def deltaset(self, wait: bool = True) -> dict:
+        svc = self.svc
+        p = self._need_primary()
+        if not svc.clog.enabled:
+            raise SnapError("replication is not running (replicate start --to SITE)", 409)
+        if p.sets.flow_control():
+            raise SnapError("the chunk area is full (flow control): cutting is paused until "
+                            "the destinations catch up; every change stays in the change log",
+                            409)
+        n = await p.cut()
+        if wait:
+            while p.sets.record(n)["state"] != "ready":
+                await trio.sleep(0.02)
+        rec = p.sets.record(n)
+        return {"delta_set": n, "blocks": rec["blocks"], "state": rec["state"]}

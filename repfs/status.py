@@ -1,0 +1,111 @@
+"""The status report of a running site: a serialisable dict whose states are plain strings
+(the CLI renders it). Reads the service and its roles; changes nothing."""
+
+from __future__ import annotations
+
+import os
+import time
+
+
+def site_status(svc) -> dict:
+    core = svc.core
+    st = core.statfs()
+    sb = core.sb
+    snaps = [s.info() for s in svc.store.queue]
+    return {
+        "site": str(svc.site.path),
+        "label": sb.label,
+        "uuid": sb.uuid.hex(),
+        "state": "mounted",
+        "mountpoint": svc.mountpoint,
+        "readonly": svc.readonly,
+        "pid": os.getpid(),
+        "volume_bytes": sb.nblocks * 4096,
+        "used_bytes": (st["f_blocks"] - st["f_bfree"]) * 4096,
+        "free_bytes": st["f_bfree"] * 4096,
+        "inodes": st["f_files"],
+        "free_inodes": st["f_ffree"],
+        "format_version": sb.version,
+        "commits": svc.ops.commits,
+        "snapshots": snaps,
+        "save_used_bytes": svc.store.usage(),
+        "save_capacity_bytes": svc.store.capacity,
+        "snapshot_mounts": svc.mounts.mountpoints(),
+        **repl_status(svc),
+    }
+
+
+def repl_status(svc) -> dict:
+    if svc.primary is not None:
+        return _primary_status(svc)
+    return _secondary_status(svc)
+
+
+def _primary_status(svc) -> dict:
+    p, sets, clog = svc.primary, svc.sets, svc.clog
+    dests = []
+    for d in p.dests():
+        row = {k: d.get(k) for k in ("name", "site", "state", "error", "last_error")}
+        row.update(acked_delta_set=d["acked"], played_delta_set=d["played"],
+                   lag_seconds=round(p.lag(d), 3) if d["state"] != "stopped" else None)
+        if d["state"] == "initial-copy":
+            row["copy_progress"] = {"copied_blocks": d.get("copied", 0),
+                                    "position": d.get("copy_pos", 0),
+                                    "volume_blocks": svc.layer.nblocks}
+        dests.append(row)
+    outstanding = [
+        {"delta_set": r["number"], "state": r["state"], "blocks": r["blocks"],
+         "created": iso(r["cut_ns"]), "ready": iso(r["ready_ns"]) if r["ready_ns"] else None}
+        for r in sets.records() if r.get("file", True)]
+    stalls = sorted(p.stall_ms)
+    return {
+        "role": "primary", "generation": sets.generation,
+        "replicating": clog.enabled,
+        "current_delta_set": sets.last_cut + 1,
+        "current_delta_set_blocks": clog.changed_blocks,
+        "last_cut_delta_set": sets.last_cut,
+        "last_played_delta_set": None,
+        "lag_seconds": round(max((p.lag(d) for d in p.dests() if d["state"] != "stopped"),
+                                 default=0.0), 3),
+        "destinations": dests,
+        "outstanding_delta_sets": outstanding,
+        "chunk_area_bytes": sets.usage(), "chunk_area_capacity_bytes": sets.capacity,
+        "flow_control": p.flow_control,
+        "send_rate_bytes_per_s": round(p.rate()),
+        "cut_stall_ms": {"p50": pct(stalls, 50), "p99": pct(stalls, 99),
+                         "count": len(stalls)},
+        "policy": p.policy(),
+    }
+
+
+def _secondary_status(svc) -> dict:
+    now = time.time_ns()
+    r = svc.receiver
+    incoming = r.incoming()
+    first = min((x["first_change_ns"] for x in incoming if x.get("first_change_ns")),
+                default=0)
+    return {
+        "role": "secondary", "generation": r.generation, "replication_state": r.state,
+        "primary": r.primary(), "current_delta_set": None, "last_cut_delta_set": None,
+        "last_received_delta_set": r.last_received,
+        "last_played_delta_set": r.last_played,
+        "lag_seconds": round((now - first) / 1e9, 3) if first else 0.0,
+        "outstanding_delta_sets": [
+            {"delta_set": x["number"], "blocks": x["blocks"], "created": iso(x["cut_ns"]),
+             "received": iso(x["received_ns"])} for x in incoming],
+        "played_blocks": r.played_blocks,
+        "playback_ms_p50": pct(sorted(svc.secondary.playback_ms), 50),
+        "policy": svc.secondary.policy(),
+    }
+
+
+def iso(ns: int) -> str | None:
+    if not ns:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ns / 1e9)) + f".{int(ns % 1e9) // 1000000:03d}Z"
+
+
+def pct(values: list[float], p: int) -> float | None:
+    if not values:
+        return None
+    return round(values[min(len(values) - 1, int(len(values) * p / 100))], 2)
