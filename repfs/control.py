@@ -23,6 +23,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -34,10 +35,29 @@ import h11
 import trio
 
 from .errors import DomainError
+from .repl.chunk import MAX_CHUNK_BLOCKS, MAX_EXTENTS
+from .snap.store import NAME_RULE, valid_name
 from .statefile import write_durably
 
 log = logging.getLogger(__name__)
-MAX_BODY = 8 << 20
+
+# Limits of the control port (docs/user-guide.md, "The control port").
+MAX_CONNECTIONS = 64  # at once; more get a 503 and are closed
+MAX_HEAD = 16 << 10  # request line and headers
+MAX_JSON_BODY = 64 << 10  # a JSON request
+# a chunk upload (header, extent list, data) or an initial-copy record, with room to spare
+MAX_BINARY_BODY = MAX_CHUNK_BLOCKS * 4096 + MAX_EXTENTS * 8 + 4096
+BINARY_ROUTES = {b"/v1/repl/chunk", b"/v1/repl/copy"}
+HEAD_TIMEOUT = 10.0  # s from a request's first byte to the end of its headers
+BODY_TIMEOUT = 60.0  # s from the headers to the end of the body
+IDLE_TIMEOUT = 60.0  # s a kept-alive connection may wait for its next request
+SEND_TIMEOUT = 60.0  # s the peer has to take a reply
+LINGER = 2.0  # s a refused connection is drained before it is closed
+MAX_JSON_DEPTH = 32
+MAX_PATH = 4096  # bytes of a path argument
+MAX_SECONDS = 10 * 365 * 86400  # a time setting (timeouts, retention)
+MAX_SIZE = 1 << 50  # a size setting in bytes (high-water marks)
+U64_MAX = (1 << 64) - 1
 
 
 # the one place where domain errors (repfs/errors.py) become HTTP statuses
@@ -91,11 +111,74 @@ def bind(listen: str) -> socket.socket:
     return sock
 
 
-def _num(v):
+def _short(v) -> str:
+    """A value for an error message: its repr, cut to a readable length."""
+    r = repr(v)
+    return r if len(r) <= 80 else r[:77] + "..."
+
+
+def _uint(v, what: str, limit: int = U64_MAX):
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= limit:
+        raise HTTPError(400, f"bad {what} {_short(v)}: want an integer from 0 to {limit}")
+    return v
+
+
+def _seconds(v, what: str):
     if v is None:
         return None
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-        raise HTTPError(400, f"bad number {v!r}")
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= MAX_SECONDS:
+        raise HTTPError(400, f"bad {what} {_short(v)}: want seconds from 0 to {MAX_SECONDS}")
+    return v
+
+
+def _size(v, what: str):
+    if v is None:
+        return None
+    return _uint(v, what, MAX_SIZE)
+
+
+def _bool(v, what: str, default: bool) -> bool:
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise HTTPError(400, f"bad {what} {_short(v)}: want true or false")
+    return v
+
+
+def _new_name(v, what: str = "snapshot name", prefix: str = "") -> str:
+    """A name that goes into the indexes: it must fit every one of them (store.valid_name)."""
+    if not isinstance(v, str) or not valid_name(prefix + v):
+        raise HTTPError(400, f"bad {what} {_short(v)} ({NAME_RULE}"
+                             + (f", after the prefix {prefix!r})" if prefix else ")"))
+    return v
+
+
+def _lookup_name(v, what: str = "snapshot name") -> str:
+    """A name that is only looked up (it may predate today's naming rules)."""
+    if not isinstance(v, str) or not 0 < len(v) <= 200 or "\0" in v:
+        raise HTTPError(400, f"bad {what} {_short(v)}")
+    return v
+
+
+def _path(v, what: str) -> str:
+    if (not isinstance(v, str) or not v.startswith("/") or "\0" in v
+            or len(v.encode(errors="surrogatepass")) > MAX_PATH):
+        raise HTTPError(400, f"bad {what} {_short(v)}: want an absolute path")
+    return v
+
+
+def _scalar_map(v, what: str, max_items: int, max_str: int) -> dict:
+    """A flat JSON object of short string keys and scalar values (attributes, identities)."""
+    if not isinstance(v, dict) or len(v) > max_items:
+        raise HTTPError(400, f"bad {what}: want an object of at most {max_items} entries")
+    for k, x in v.items():
+        if not 0 < len(k) <= 128 or not k.isprintable():
+            raise HTTPError(400, f"bad {what} key {_short(k)}: 1-128 printable characters")
+        ok = (x is None or isinstance(x, bool) or (isinstance(x, int) and abs(x) <= U64_MAX)
+              or isinstance(x, float) or (isinstance(x, str) and len(x) <= max_str))
+        if not ok:
+            raise HTTPError(400, f"bad {what} value {_short(x)} for {k!r}: want a string of at "
+                                 f"most {max_str} characters, a number, true, false or null")
     return v
 
 
@@ -106,61 +189,237 @@ def _binary(args: dict) -> bytes:
     return body
 
 
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a number")
+
+
+def _finite_float(text: str) -> float:
+    v = float(text)
+    if not math.isfinite(v):
+        raise ValueError(f"number {text[:40]} is out of range")
+    return v
+
+
+def _check_json(v, depth: int = 0) -> None:
+    """Refuse what json.loads lets through but nothing downstream wants: deep nesting and
+    strings that are not Unicode (lone surrogates from \\ud800 escapes)."""
+    if depth > MAX_JSON_DEPTH:
+        raise HTTPError(400, f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    if isinstance(v, str):
+        try:
+            v.encode()
+        except UnicodeEncodeError:
+            raise HTTPError(400, "a JSON string is not valid Unicode (a lone surrogate)") from None
+    elif isinstance(v, dict):
+        for k, x in v.items():
+            _check_json(k, depth + 1)
+            _check_json(x, depth + 1)
+    elif isinstance(v, list):
+        for x in v:
+            _check_json(x, depth + 1)
+
+
+def parse_json_body(body: bytes) -> dict:
+    """A request's JSON object: strict UTF-8, no NaN or infinities, bounded nesting."""
+    if not body:
+        return {}
+    try:
+        args = json.loads(body.decode("utf-8"), parse_constant=_no_constant,
+                          parse_float=_finite_float)
+    except UnicodeDecodeError:
+        raise HTTPError(400, "the JSON body is not UTF-8") from None
+    except json.JSONDecodeError as e:
+        raise HTTPError(400, f"malformed JSON body: {e}") from None
+    except RecursionError:
+        raise HTTPError(400, f"JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
+    except ValueError as e:  # NaN, Infinity, 1e400, an integer of thousands of digits
+        raise HTTPError(400, f"bad JSON value: {e}") from None
+    if not isinstance(args, dict):
+        raise HTTPError(400, "the request body must be a JSON object")
+    _check_json(args)
+    return args
+
+
+def body_limit(method: bytes, target: bytes) -> int:
+    """How large a request's body may be: uploads of chunks and copy records, or small JSON."""
+    if method == b"POST" and target.split(b"?")[0].rstrip(b"/") in BINARY_ROUTES:
+        return MAX_BINARY_BODY
+    return MAX_JSON_BODY
+
+
+_REASONS = {400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed",
+            408: "Request Timeout", 409: "Conflict", 413: "Content Too Large",
+            431: "Request Header Fields Too Large", 500: "Internal Server Error",
+            503: "Service Unavailable"}
+
+
+def raw_reply(status: int, message: str) -> bytes:
+    """A whole error reply that closes the connection, written without h11 (which may be in an
+    error state, or never have seen a request)."""
+    data = (json.dumps({"error": message}) + "\n").encode()
+    return (f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
+            f"content-type: application/json\r\ncontent-length: {len(data)}\r\n"
+            "connection: close\r\n\r\n").encode() + data
+
+
+class _Refuse(Exception):
+    """End this connection with an error reply (status, message)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
 class ControlServer:
-    def __init__(self, service, token: str):
+    """Serves the control port. Every connection gets bounded time, memory and work:
+
+    * at most `max_connections` at once; more get a 503 and are closed;
+    * the request line and headers (at most MAX_HEAD bytes) must arrive within `head_timeout`
+      of the request's first byte, and the body within `body_timeout` of the headers; a
+      connection idle between requests is closed after `idle_timeout` (after `head_timeout`
+      until it has made one authenticated request);
+    * the token is checked from the headers before any byte of the body is read; the body
+      may be MAX_JSON_BODY bytes, or MAX_BINARY_BODY for chunk and copy uploads;
+    * every request gets a JSON reply: 2xx, a 4xx naming the problem, or a 500 (logged) for
+      a bug; a refused connection gets its reply and is closed.
+    """
+
+    def __init__(self, service, token: str, *, max_connections: int = MAX_CONNECTIONS,
+                 head_timeout: float = HEAD_TIMEOUT, body_timeout: float = BODY_TIMEOUT,
+                 idle_timeout: float = IDLE_TIMEOUT, send_timeout: float = SEND_TIMEOUT):
         self.service = service
         self.token = token.encode()
+        self.max_connections = max_connections
+        self.head_timeout = head_timeout
+        self.body_timeout = body_timeout
+        self.idle_timeout = idle_timeout
+        self.send_timeout = send_timeout
+        self.active = 0
 
-    async def serve(self, sock: socket.socket) -> None:
+    async def serve(self, sock: socket.socket, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
-        await trio.serve_listeners(self.handle, [listener])
+        await trio.serve_listeners(self.handle, [listener], task_status=task_status)
 
     async def handle(self, stream) -> None:
-        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=64 * 1024)
+        try:
+            if self.active >= self.max_connections:
+                await self._refuse(stream, 503, f"too many control connections (at most "
+                                                f"{self.max_connections}); try again")
+                return
+            self.active += 1
+            try:
+                await self._connection(stream)
+            finally:
+                self.active -= 1
+        except Exception:  # noqa: BLE001 - a bug in one connection must not take the site down
+            log.exception("control connection failed")
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async def _refuse(self, stream, status: int, message: str) -> None:
+        """Send a closing error reply, then read and drop what the peer still sends for a
+        moment, so that closing with unread data does not reset the connection before the
+        peer has read the reply."""
+        with trio.move_on_after(min(self.send_timeout, LINGER)):
+            try:
+                await stream.send_all(raw_reply(status, message))
+                await stream.send_eof()
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                return
+        with trio.move_on_after(LINGER):
+            dropped = 0
+            try:
+                while dropped < MAX_BINARY_BODY:
+                    data = await stream.receive_some(65536)
+                    if not data:
+                        break
+                    dropped += len(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass
+
+    async def _connection(self, stream) -> None:
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        idle = self.head_timeout  # until the peer has shown it holds the token
         try:
             while True:
-                req, body = await self._read_request(conn, stream)
+                req = await self._read_head(conn, stream, idle)
                 if req is None:
                     return
-                status, payload = await self._dispatch(req, body)
-                await self._send(conn, stream, status, payload)
+                if not self._authorized(req):
+                    raise _Refuse(401, "unauthorized: missing or wrong control token")
+                if req.method not in (b"GET", b"POST", b"DELETE"):
+                    raise _Refuse(405, f"method {req.method.decode('ascii', 'replace')} is not "
+                                       "used by this API (GET, POST, DELETE)")
+                idle = self.idle_timeout
+                body = await self._read_body(conn, stream, req)
+                status, data = await self._dispatch(req, body)
+                with trio.fail_after(self.send_timeout):
+                    await self._send(conn, stream, status, data)
                 if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
                     return
                 conn.start_next_cycle()
+        except _Refuse as e:
+            await self._refuse(stream, e.status, str(e))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError,
+                ConnectionError):
+            pass  # the peer went away or does not read its replies
+
+    async def _receive(self, conn, stream) -> None:
+        data = await stream.receive_some(65536)
+        conn.receive_data(data)  # b"" is the peer's end of stream
+
+    async def _read_head(self, conn, stream, idle: float):
+        """The next request's line and headers; None when the peer closes or stays idle."""
+        if not conn.trailing_data[0] and not conn.trailing_data[1]:
+            with trio.move_on_after(idle):
+                await self._receive(conn, stream)
+            if not conn.trailing_data[0] and not conn.trailing_data[1]:
+                return None  # idle: close quietly (no request is waiting for a reply)
+        try:
+            with trio.fail_after(self.head_timeout):
+                while True:
+                    event = conn.next_event()
+                    if event is h11.NEED_DATA:
+                        await self._receive(conn, stream)
+                    elif isinstance(event, h11.Request):
+                        return event
+                    else:  # ConnectionClosed (or PAUSED, which a server never sees here)
+                        return None
+        except trio.TooSlowError:
+            raise _Refuse(408, f"the request line and headers did not arrive within "
+                               f"{self.head_timeout:g} s") from None
         except h11.RemoteProtocolError as e:
-            try:
-                await self._send(conn, stream, 400, {"error": f"malformed request: {e}"})
-            except Exception:  # noqa: BLE001 - the peer is gone or broken
-                pass
-        except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
-            pass
-        except Exception:  # noqa: BLE001 - a bug in one request must not take the site down
-            log.exception("control connection failed")
-        finally:
-            await stream.aclose()
+            status = e.error_status_hint if e.error_status_hint in (400, 431) else 400
+            raise _Refuse(status, f"malformed request: {e}") from None
 
-    async def _read_request(self, conn, stream):
-        req = None
+    async def _read_body(self, conn, stream, req) -> bytes:
+        limit = body_limit(req.method, req.target)
+        for name, value in req.headers:
+            if name == b"content-length" and int(value) > limit:
+                raise _Refuse(413, f"request body of {int(value)} bytes: this request takes at "
+                                   f"most {limit}")
         body = bytearray()
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                data = await stream.receive_some(1 << 20)
-                conn.receive_data(data)
-                continue
-            if isinstance(event, h11.Request):
-                req = event
-            elif isinstance(event, h11.Data):
-                body += event.data
-                if len(body) > MAX_BODY:
-                    raise h11.RemoteProtocolError("request body too large")
-            elif isinstance(event, h11.EndOfMessage):
-                return req, bytes(body)
-            elif isinstance(event, h11.ConnectionClosed):
-                return None, b""
+        try:
+            with trio.fail_after(self.body_timeout):
+                while True:
+                    event = conn.next_event()
+                    if event is h11.NEED_DATA:
+                        await self._receive(conn, stream)
+                    elif isinstance(event, h11.Data):
+                        body += event.data
+                        if len(body) > limit:
+                            raise _Refuse(413, f"request body larger than {limit} bytes")
+                    elif isinstance(event, h11.EndOfMessage):
+                        return bytes(body)
+                    else:
+                        raise _Refuse(400, "the connection closed within the request body")
+        except trio.TooSlowError:
+            raise _Refuse(408, f"the request body did not arrive within "
+                               f"{self.body_timeout:g} s") from None
+        except h11.RemoteProtocolError as e:
+            raise _Refuse(400, f"malformed request body: {e}") from None
 
-    async def _send(self, conn, stream, status: int, payload) -> None:
-        data = (json.dumps(payload, indent=None) + "\n").encode()
+    async def _send(self, conn, stream, status: int, data: bytes) -> None:
         headers = [("content-type", "application/json"), ("content-length", str(len(data)))]
         await stream.send_all(conn.send(h11.Response(status_code=status, headers=headers)))
         await stream.send_all(conn.send(h11.Data(data=data)))
@@ -172,35 +431,43 @@ class ControlServer:
                 return hmac.compare_digest(value[7:].strip(), self.token)
         return False
 
-    async def _dispatch(self, req, body: bytes):
-        if not self._authorized(req):
-            return 401, {"error": "unauthorized: missing or wrong control token"}
+    async def _dispatch(self, req, body: bytes) -> tuple[int, bytes]:
+        """Run one authenticated request: (status, JSON reply). Never raises but Cancelled."""
         try:
-            method = req.method.decode()
-            url = urlsplit(req.target.decode())
-            parts = [unquote(p) for p in url.path.split("/") if p]
-            query = {k: v[-1] for k, v in parse_qs(url.query).items()}
-            ctype = dict(req.headers).get(b"content-type", b"application/json")
-            if ctype.startswith(b"application/octet-stream"):
-                args = {"_body": body}
-            else:
-                args = json.loads(body) if body else {}
-                if not isinstance(args, dict):
-                    raise HTTPError(400, "the request body must be a JSON object")
-            return 200, await self._route(method, parts, query, args)
-        except json.JSONDecodeError as e:
-            return 400, {"error": f"malformed JSON body: {e}"}
-        except (UnicodeDecodeError, RecursionError) as e:
-            return 400, {"error": f"malformed request: {type(e).__name__}"}
-        except ValueError as e:  # e.g. a NUL byte in a path
-            return 400, {"error": f"bad value: {e}"}
+            status, payload = 200, await self._call(req, body)
         except HTTPError as e:
-            return e.status, {"error": str(e)}
+            status, payload = e.status, {"error": str(e)}
         except DomainError as e:
-            return STATUS_OF_KIND[e.kind], {"error": str(e)}
-        except OSError as e:
-            log.exception("control request failed")
-            return 500, {"error": f"{e.strerror or e}"}
+            status, payload = STATUS_OF_KIND[e.kind], {"error": str(e)}
+        except (UnicodeError, ValueError) as e:  # e.g. a NUL byte in a path
+            status, payload = 400, {"error": f"bad value: {e}"}
+        except Exception as e:  # noqa: BLE001 - a bug in one request must not take the site down
+            status, payload = 500, self._internal_error(req, e)
+        try:
+            data = (json.dumps(payload, allow_nan=False) + "\n").encode()
+        except (TypeError, ValueError) as e:
+            status, data = 500, (json.dumps(self._internal_error(req, e)) + "\n").encode()
+        return status, data
+
+    @staticmethod
+    def _internal_error(req, e: BaseException) -> dict:
+        target = req.target.decode("ascii", "replace")[:200]
+        log.exception("control request %s %s failed", req.method.decode("ascii", "replace"),
+                      target, exc_info=e)
+        return {"error": f"internal error in {target}: {type(e).__name__}: {e} (the site log "
+                         "has the details)"}
+
+    async def _call(self, req, body: bytes):
+        method = req.method.decode()
+        url = urlsplit(req.target.decode())
+        parts = [unquote(p, errors="strict") for p in url.path.split("/") if p]
+        query = {k: v[-1] for k, v in parse_qs(url.query, errors="strict").items()}
+        ctype = dict(req.headers).get(b"content-type", b"application/json")
+        if ctype.startswith(b"application/octet-stream"):
+            args = {"_body": body}
+        else:
+            args = parse_json_body(body)
+        return await self._route(method, parts, query, args)
 
     async def _route(self, method: str, parts: list[str], query: dict, args: dict):
         svc = self.service
@@ -214,61 +481,72 @@ class ControlServer:
                 if method == "GET":
                     return svc.snapshots.list()
                 if method == "POST":
-                    name = args.get("name")
-                    attrs = args.get("attrs") or {}
-                    if not isinstance(name, str) or not isinstance(attrs, dict):
+                    if "name" not in args:
                         raise HTTPError(400, "want {\"name\": string, \"attrs\": object}")
+                    name = _new_name(args["name"])
+                    attrs = args.get("attrs")
+                    attrs = {} if attrs is None else _scalar_map(attrs, "attrs", 64, 1024)
                     return await svc.snapshots.create(name, attrs)
             elif len(parts) == 2 and method == "DELETE":
-                return await svc.snapshots.delete(parts[1])
+                return await svc.snapshots.delete(_lookup_name(parts[1]))
             elif len(parts) == 3 and parts[2] == "restore" and method == "POST":
-                return await svc.snapshots.restore(parts[1])
+                return await svc.snapshots.restore(_lookup_name(parts[1]))
             elif len(parts) == 3 and parts[2] == "mount" and method == "POST":
-                mp = args.get("mountpoint")
-                if not isinstance(mp, str) or not mp:
-                    raise HTTPError(400, "want {\"mountpoint\": string}")
-                return await svc.mounts.mount(parts[1], mp)
+                mp = _path(args.get("mountpoint"), "mountpoint")
+                return await svc.mounts.mount(_lookup_name(parts[1]), mp)
             elif len(parts) == 3 and parts[2] == "diff" and method == "GET":
                 to = query.get("to") or None
-                if to == "live":
-                    to = None
-                return await svc.snapshots.diff(parts[1], to,
-                                                paths=query.get("paths", "1") != "0")
+                to = None if to in (None, "live") else _lookup_name(to)
+                if query.get("paths", "1") not in ("0", "1"):
+                    raise HTTPError(400, f"bad paths={_short(query['paths'])}: want 0 or 1")
+                return await svc.snapshots.diff(_lookup_name(parts[1]), to,
+                                                paths=query.get("paths", "1") == "1")
         if parts and parts[0] == "replicate" and len(parts) == 2 and method == "POST":
             verb = parts[1]
             if verb == "start":
-                to = args.get("to")
-                if not isinstance(to, str) or not to:
-                    raise HTTPError(400, "want {\"to\": site directory}")
-                return await svc.replicate.start(to, force=bool(args.get("force")),
-                                                 name=args.get("name"))
+                to = _path(args.get("to"), "site directory (to)")
+                name = args.get("name")
+                if name is not None:  # it names a snapshot too: repl-init-NAME
+                    name = _new_name(name, "destination name", prefix="repl-init-")
+                return await svc.replicate.start(to, force=_bool(args.get("force"), "force",
+                                                                 False), name=name)
             if verb == "stop":
-                return await svc.replicate.stop(args.get("to"))
+                to = args.get("to")
+                return await svc.replicate.stop(
+                    None if to is None else _lookup_name(to, "destination name"))
             if verb == "policy":
-                return await svc.replicate.policy({k: _num(args.get(k)) for k in (
-                    "timeout", "hwm", "playback_timeout", "playback_hwm", "retention")})
+                return await svc.replicate.policy({
+                    "timeout": _seconds(args.get("timeout"), "timeout"),
+                    "hwm": _size(args.get("hwm"), "hwm"),
+                    "playback_timeout": _seconds(args.get("playback_timeout"),
+                                                 "playback_timeout"),
+                    "playback_hwm": _size(args.get("playback_hwm"), "playback_hwm"),
+                    "retention": _seconds(args.get("retention"), "retention")})
             if verb == "deltaset":
-                return await svc.replicate.deltaset(wait=bool(args.get("wait", True)))
+                return await svc.replicate.deltaset(wait=_bool(args.get("wait"), "wait", True))
         if parts and parts[0] == "repl" and len(parts) == 2:
             verb = parts[1]
             if verb == "receiver" and method == "GET":
                 return svc.secondary.info()
             if method == "POST":
                 if verb == "attach":
-                    prim, gen = args.get("primary"), args.get("generation")
-                    if not isinstance(prim, dict) or not isinstance(gen, int):
-                        raise HTTPError(400, "want {\"primary\": object, \"generation\": int}")
+                    prim = _scalar_map(args.get("primary"), "primary", 16, MAX_PATH)
+                    gen = _uint(args.get("generation"), "generation")
                     return await svc.secondary.attach(prim, gen)
                 if verb == "copy":
                     return await svc.secondary.copy(_binary(args))
                 if verb == "start-playback":
-                    after = args.get("after")
-                    if not isinstance(after, int) or after < 0:
-                        raise HTTPError(400, "want {\"after\": delta set number}")
+                    after = _uint(args.get("after"), "delta set number (after)")
                     return await svc.secondary.start_playback(after)
                 if verb == "chunk":
                     return svc.secondary.chunk(_binary(args))
                 if verb == "commit":
+                    header = args.get("header")
+                    if not isinstance(header, str) or len(header) > 8192:
+                        raise HTTPError(400, "want {\"header\": hex string}")
+                    for k in ("cut_ns", "first_change_ns"):
+                        if k in args:
+                            _uint(args[k], k)
                     return svc.secondary.commit(args)
         raise HTTPError(404 if method in ("GET", "POST", "DELETE") else 405,
                         f"no such operation: {method} /v1/{'/'.join(parts)}")

@@ -541,7 +541,8 @@ def test_bad_input_changes_nothing(mount_site, tmp_path):
                     reply += chunk
             except (ConnectionResetError, BrokenPipeError):
                 reply = b""
-        assert reply == b"" or reply.startswith(b"HTTP/1.1 400"), reply[:100]
+        # (the chunked one has no token: its 401 comes before its body is read)
+        assert reply.startswith((b"HTTP/1.1 400", b"HTTP/1.1 401")), reply[:100]
 
     # a client that connects and says nothing does not block others
     idle = socket.create_connection((host, port), timeout=10)
