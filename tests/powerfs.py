@@ -46,7 +46,7 @@ Fault injection
 ---------------
 A rule: ``add_fault(path, op, errno="EIO", skip=0, count=None)``. ``path`` is an fnmatch
 glob relative to the mount root (``"site/volume.img"``, ``"site/save/*"``, ``"*"``); ``op`` is
-one of OPS below or ``"*"``; the first ``skip`` matching calls pass, the next ``count`` (None:
+one of OPS below or ``"*"`` (or several joined by ``|``: ``"write|fsync"``); the first ``skip`` matching calls pass, the next ``count`` (None:
 all) fail with ``errno`` (a name like ``"ENOSPC"`` or a number). For ops on names (create,
 mkdir, unlink, rmdir, rename, link, symlink, mknod, lookup) the path is the name's path; a
 rename matches on its old or new path. ``fsync`` covers fsync and fdatasync of files,
@@ -64,9 +64,13 @@ API for tests (the ``PowerFS`` class at the bottom)
                                             #   without freeze: a clean stop, all durable)
     pf.cut(keep=..., seed=...)              # freeze + stop, for programs already gone
     pf.add_fault(path, op, errno="EIO", skip=0, count=None) -> rule id
+    pf.arm_cut(path, op, skip=0, keep="none", seed=None) -> rule id   # a power cut right
+                                            #   before the (skip+1)-th matching call
+    pf.wait_frozen(timeout) -> the cut's result, or None if it did not happen
     pf.clear_faults()
     pf.stats() -> {"pending_files", "pending_writes", "pending_bytes", "pending_entries",
-                   "syncs", "ops": {op: calls}, "faults": {id: hits}}
+                   "syncs", "ops": {op: calls}, "faults": {id: hits}, "frozen",
+                   "cut": what an armed cut dropped and where it hit, or None}
 Control protocol: one JSON object per line over the Unix socket pf.sock, one JSON reply line.
 Run alone: ``python tests/powerfs.py BACKING MOUNTPOINT --control SOCKET``.
 """
@@ -106,8 +110,9 @@ class _Node:
 
 
 class _Rule:
-    def __init__(self, rid, path, op, err, skip, count):
-        self.id, self.path, self.op, self.err = rid, path, op, err
+    def __init__(self, rid, path, op, err, skip, count, cut=None):
+        self.id, self.path, self.err, self.cut = rid, path, err, cut
+        self.ops = set(op.split("|"))
         self.skip, self.count, self.seen, self.hits = skip, count, 0, 0
 
 
@@ -137,6 +142,7 @@ class State:
         self.calls: dict[str, int] = {}
         self.rules: list[_Rule] = []
         self.next_rule = 1
+        self.cut_result: dict | None = None
         self._load()
 
     # ---------------------------------------------------------------- persistence
@@ -215,10 +221,15 @@ class State:
             raise OSError(errno_mod.EIO, "powerfs: the power is off")
         self.calls[op] = self.calls.get(op, 0) + 1
         for r in self.rules:
-            if (r.op in ("*", op) and any(fnmatch.fnmatchcase(p, r.path) for p in paths)):
+            if ((op in r.ops or "*" in r.ops)
+                    and any(fnmatch.fnmatchcase(p, r.path) for p in paths)):
                 r.seen += 1
                 if r.seen > r.skip and (r.count is None or r.seen <= r.skip + r.count):
                     r.hits += 1
+                    if r.cut is not None:  # the power goes off before this call
+                        self.cut_result = self.freeze(*r.cut)
+                        self.cut_result.update(rule=r.id, op=op, path=paths[0])
+                        raise OSError(errno_mod.EIO, "powerfs: the power is off")
                     raise OSError(r.err, f"powerfs: injected {errno_mod.errorcode.get(r.err)}")
 
     def lookup(self, parent: int, name: bytes) -> int:
@@ -420,6 +431,7 @@ class State:
             for name, ino in ents.items():
                 self.nodes[ino].parent, self.nodes[ino].name = d, name
         self.save()
+        self.cut_result = out
         return out
 
     def stats(self) -> dict:
@@ -428,15 +440,18 @@ class State:
                 "pending_writes": sum(len(n.ops) for n in files),
                 "pending_bytes": sum(len(op[2] or b"") for n in files for op in n.ops),
                 "pending_entries": len(self.log), "syncs": self.syncs,
-                "ops": dict(self.calls), "frozen": self.frozen,
+                "ops": dict(self.calls), "frozen": self.frozen, "cut": self.cut_result,
                 "faults": {r.id: r.hits for r in self.rules}}
 
     def add_fault(self, path: str, op: str, err="EIO", skip: int = 0,
-                  count: int | None = None) -> int:
-        if op != "*" and op not in OPS:
-            raise ValueError(f"unknown op {op!r}; one of {', '.join(OPS)} or *")
+                  count: int | None = None, cut: tuple | None = None) -> int:
+        for o in op.split("|"):
+            if o != "*" and o not in OPS:
+                raise ValueError(f"unknown op {o!r}; one of {', '.join(OPS)} or *")
+        if cut is not None and cut[0] not in ("none", "random", "all"):
+            raise ValueError(f"keep must be none, random or all, not {cut[0]!r}")
         r = _Rule(self.next_rule, path, op, _errno(err), int(skip),
-                  None if count is None else int(count))
+                  None if count is None else int(count), cut)
         self.next_rule += 1
         self.rules.append(r)
         return r.id
@@ -664,6 +679,9 @@ def _serve(backing: Path, mountpoint: Path, control: Path) -> None:
         if cmd == "add_fault":
             return {"id": st.add_fault(req["path"], req["op"], req.get("errno", "EIO"),
                                        req.get("skip", 0), req.get("count"))}
+        if cmd == "arm_cut":
+            return {"id": st.add_fault(req["path"], req["op"], "EIO", req.get("skip", 0), 1,
+                                       (req.get("keep", "none"), req.get("seed")))}
         if cmd == "clear_faults":
             st.rules.clear()
             return {}
@@ -782,6 +800,25 @@ class PowerFS:
 
     def clear_faults(self) -> None:
         self._call(cmd="clear_faults")
+
+    def arm_cut(self, path: str, op: str, skip: int = 0, keep: str = "none",
+                seed: int | None = None) -> int:
+        """Cut the power right before the (skip+1)-th call of `op` on `path` (the call fails
+        with EIO, as does everything after it). stats()["cut"] says whether and where it
+        happened (None: not yet)."""
+        return self._call(cmd="arm_cut", path=path, op=op, skip=skip, keep=keep,
+                          seed=seed)["id"]
+
+    def wait_frozen(self, timeout: float = 60) -> dict | None:
+        """Until an armed cut happened (its result), or None after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            s = self.stats()
+            if s["frozen"]:
+                return s["cut"]
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(0.005)
 
     def stop(self) -> None:
         """Unmount and end the process (a clean stop, unless frozen by a cut first)."""

@@ -303,3 +303,29 @@ def test_mount_lmdb_commits_survive_and_uncommitted_do_not(pf):
             assert t.get(b"b") is None
     finally:
         env.close()
+
+
+def test_mount_armed_cut_hits_the_aimed_call(pf):
+    m = pf.mnt
+    (m / "j").write_bytes(b"")
+    _fsync_path(m)
+    fd = os.open(m / "j", os.O_WRONLY)
+    for i in range(3):
+        os.write(fd, b"%d" % i)
+        os.fsync(fd)
+    pf.arm_cut("j", "fsync|fsyncdir", skip=2, keep="none")
+    for i in range(3, 5):
+        os.write(fd, b"%d" % i)
+        os.fsync(fd)
+    assert pf.stats()["cut"] is None
+    os.write(fd, b"5")
+    with pytest.raises(OSError) as e:
+        os.fsync(fd)  # the third fsync after arming: the power goes off first
+    assert e.value.errno == errno.EIO
+    with pytest.raises(OSError):
+        os.close(fd)  # (the flush at close fails too: the power is off)
+    got = pf.wait_frozen(5)
+    assert got["path"] == "j" and got["op"] == "fsync" and got["writes"] == 1
+    pf.stop()
+    pf.start()
+    assert (m / "j").read_bytes() == b"01234"
