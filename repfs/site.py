@@ -24,6 +24,8 @@ import tomllib
 import uuid as uuidlib
 from pathlib import Path
 
+import tomli_w
+
 from .fs.core import FileSystem
 from .fs.format import FormatError, Superblock
 from .fs.mkfs import mkfs
@@ -41,9 +43,9 @@ class SiteError(Exception):
 DEFAULT_CONFIG = """\
 # repfs site configuration
 [site]
-name = "{name}"
-uuid = "{uuid}"
-created = "{created}"
+name = {name}
+uuid = {uuid}
+created = {created}
 
 [fs]
 # seconds between group commits when nothing asks for one (fsync, a full cache)
@@ -65,6 +67,11 @@ listen = "127.0.0.1:0"
 # cutting pauses until the destinations catch up (the change log keeps every change)
 chunk_capacity = "1G"
 """
+
+
+def _toml_value(value) -> str:
+    """`value` as TOML (for the DEFAULT_CONFIG template), written by tomli_w."""
+    return tomli_w.dumps({"v": value}).removeprefix("v = ").rstrip("\n")
 
 
 class Site:
@@ -95,22 +102,37 @@ class Site:
             shutil.rmtree(site.path / "meta.lmdb", ignore_errors=True)
             shutil.rmtree(site.path / "save", ignore_errors=True)
         nblocks = size // BLOCK_SIZE
-        site.path.mkdir(parents=True, exist_ok=True)
+        # a failed mkfs leaves nothing behind: not the files it made, nor the directories
+        made_dirs = [p for p in (site.path, *site.path.parents) if not p.exists()]
+        made_config = not site.config_path.exists()
         try:
-            vol = Volume.create(site.volume_path, nblocks)
-        except OSError as e:
-            raise SiteError(f"cannot create {site.volume_path}: {e.strerror}") from None
-        try:
-            mkfs(vol, site.journal_path, ninodes=inodes, label=label)
-        except (FormatError, OSError) as e:
-            vol.close()
-            site.volume_path.unlink(missing_ok=True)
-            site.journal_path.unlink(missing_ok=True)
-            raise SiteError(f"mkfs: {e}") from None
-        finally:
-            vol.close()
-        if not site.config_path.exists():
-            site.write_default_config(label)
+            try:
+                site.path.mkdir(mode=0o700, parents=True, exist_ok=True)  # holds raw blocks
+                vol = Volume.create(site.volume_path, nblocks)
+            except OSError as e:
+                raise SiteError(f"cannot create {site.volume_path}: {e.strerror}") from None
+            try:
+                mkfs(vol, site.journal_path, ninodes=inodes, label=label)
+            except (FormatError, OSError) as e:
+                raise SiteError(f"mkfs: {e}") from None
+            finally:
+                vol.close()
+            if made_config:
+                site.write_default_config(label)
+        except BaseException:
+            site.unlock()
+            for p in (site.volume_path, site.journal_path) + (
+                    (site.config_path,) if made_config else ()):
+                try:
+                    p.unlink(missing_ok=True)
+                except OSError:
+                    pass
+            for d in made_dirs:
+                try:
+                    d.rmdir()
+                except OSError:
+                    break
+            raise
         site.unlock()
         return site
 
@@ -123,9 +145,13 @@ class Site:
             raise SiteError(f"{self.path} is not a repfs site (no volume.img)")
 
     def write_default_config(self, label: str = "") -> None:
+        # Values are written by a TOML writer, so any label or directory name ('"', '\\',
+        # newlines, bytes that are not UTF-8) gives a file that tomllib reads back.
+        name = (label or self.path.name).encode("utf-8", "surrogateescape").decode(
+            "utf-8", "replace")
         write_durably(self.config_path, DEFAULT_CONFIG.format(
-            name=label or self.path.name, uuid=uuidlib.uuid4(),
-            created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())), 0o644)
+            name=_toml_value(name), uuid=_toml_value(str(uuidlib.uuid4())),
+            created=_toml_value(time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))), 0o644)
 
     def config(self) -> dict:
         try:

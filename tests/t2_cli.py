@@ -110,12 +110,13 @@ def test_mkfs_errors(tmp_path):
 
 
 def test_mkfs_failure_leaves_no_half_site(tmp_path):
-    """20T is past ext4's 16 TiB file size limit (EFBIG): mkfs fails, and must not leave an
-    empty volume.img behind that makes the next mkfs say 'already a repfs site'."""
+    """20T is past what the format addresses (2**32-1 blocks) and ext4's 16 TiB file size
+    limit: mkfs refuses it up front, and must not leave an empty volume.img (or an empty site
+    directory) behind that makes the next mkfs say 'already a repfs site'."""
     site = tmp_path / "huge"
     r = run_repfs("mkfs", site, "--size", "20T", check=False)
-    fails(r, 1, "too large")
-    assert not (site / "volume.img").exists()
+    fails(r, 2, "too large")
+    assert not site.exists()
     run_repfs("mkfs", site, "--size", "64M")
     fsck_clean(site)
 

@@ -179,3 +179,75 @@ def test_file_handles_survive_a_remount(mount_site):
     with pytest.raises(OSError) as ei:
         open_by_handle(mnt.path, handles["gone"])
     assert ei.value.errno == errno.ESTALE
+
+
+# ----------------------------------------------------------------------------- mkfs
+
+
+def _fails_one_line(r: subprocess.CompletedProcess, code: int, *words: str) -> None:
+    assert r.returncode == code, (r.returncode, r.stderr)
+    lines = r.stderr.strip("\n").split("\n")
+    assert len(lines) == 1 and lines[0].startswith("repfs: ") and "Traceback" not in r.stderr
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+
+
+def test_mkfs_size_must_be_a_positive_finite_size(tmp_path):
+    """--size: nan/inf/1e400 once ended in a traceback and 0.5 made a 0-byte request; now
+    everything that is not a positive finite size is refused (exit 2), and nothing is left
+    behind — not even the directories mkfs would have made."""
+    parent = tmp_path / "a"
+    for bad, word in (("nan", "finite"), ("inf", "finite"), ("-inf", "finite"),
+                      ("Infinity", "finite"), ("1e400", "too large"), ("1e400K", "too large"),
+                      ("1e30", "too large"), ("20T", "too large"), ("-1", "positive"),
+                      ("0", "positive"), ("-0", "positive"), ("0.5", "less than one byte"),
+                      ("0.0001K", "less than one byte"), ("1.5K", "too small"),
+                      ("", "bad size"), ("1.5.5G", "bad size"), ("G", "bad size"),
+                      ("sNaN", "finite")):
+        r = run_repfs("mkfs", parent / "b/site", f"--size={bad}", check=False)
+        _fails_one_line(r, 2, word)
+        assert not parent.exists(), bad
+    # a failure inside mkfs (too few inodes) removes the directories it made, too
+    r = run_repfs("mkfs", parent / "b/site", "--size", "64M", "--inodes", "5", check=False)
+    _fails_one_line(r, 1, "inode")
+    assert not parent.exists()
+    # ...but never a directory that was there before, nor what it held
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    (keep / "mine").write_text("x")
+    r = run_repfs("mkfs", keep, "--size", "64M", "--inodes", "5", check=False)
+    _fails_one_line(r, 1, "inode")
+    assert sorted(os.listdir(keep)) == ["mine"]
+    # sizes that are fine: fractions and exponents, rounded down to whole 4 KiB blocks
+    run_repfs("mkfs", tmp_path / "ok", "--size", "1.5M")
+    run_repfs("mkfs", tmp_path / "ok2", "--size", "1e6", "--inodes", "64")
+    from repfs.fs.format import Superblock
+    for name, blocks in (("ok", 384), ("ok2", 244)):
+        sb = Superblock.unpack((tmp_path / name / "volume.img").read_bytes()[:4096])
+        assert sb.nblocks == blocks
+
+
+@pytest.mark.parametrize("label", ['quote"d', "back\\slash", 'both \\" and \n newline'])
+def test_any_label_or_directory_name_gives_a_readable_site_toml(tmp_path, label):
+    """site.toml is written by a TOML writer: a label or a directory name with '"' or '\\'
+    once wrote a file that no later mount could read."""
+    import tomllib
+    if "\n" not in label:  # the site's directory name itself (a name cannot hold a newline)
+        site = tmp_path / label
+        run_repfs("mkfs", site, "--size", "1M")
+        assert tomllib.loads((site / "site.toml").read_text())["site"]["name"] == label
+        assert "# repfs site configuration" in (site / "site.toml").read_text()
+    site = tmp_path / "labelled"
+    run_repfs("mkfs", site, "--size", "1M", "--label", label)
+    cfg = tomllib.loads((site / "site.toml").read_text())
+    assert cfg["site"]["name"] == label and cfg["fs"]["commit_interval"] == 5.0
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    try:
+        run_repfs("mount", site, mnt)  # reads site.toml
+        assert os.path.ismount(mnt)
+        run_repfs("umount", mnt)
+    finally:
+        if os.path.ismount(mnt):
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)
+    fsck_clean(site)

@@ -1,5 +1,6 @@
 """Command-line tools: `repfs` (mkfs, mount, umount, fsck) and `repfs-admin`."""
 
+import decimal
 import os
 import sys
 
@@ -31,16 +32,25 @@ def run_cli(prog: str, fn, argv) -> int:
 
 
 def parse_size(text: str) -> int:
-    """'10G', '512M', '1T', '4096', '1.5G' -> bytes (binary units)."""
+    """'10G', '512M', '1T', '4096', '1.5G' -> bytes (binary units, a fraction of a byte is
+    dropped). Anything that is not a positive finite size of at least one byte (nan, inf,
+    1e400K, -1, 0, 0.5, '') is refused with a one-line error (exit 2)."""
     units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
     t = text.strip().upper().removesuffix("IB").removesuffix("B")
     num, unit = t, ""
     if t and t[-1] in units:
         num, unit = t[:-1], t[-1]
     try:
-        value = float(num)
-    except ValueError:
+        value = decimal.Decimal(num.strip())  # exact: no float rounding, no float overflow
+    except decimal.InvalidOperation:
         raise QuietError(f"bad size {text!r} (examples: 10G, 512M, 1T)", 2) from None
+    if not value.is_finite():
+        raise QuietError(f"bad size {text!r}: must be a finite number", 2)
     if value <= 0:
         raise QuietError(f"bad size {text!r}: must be positive", 2)
-    return int(value * units[unit])
+    if value.adjusted() > 30:  # far beyond any size (1e30 bytes); keeps int() cheap
+        raise QuietError(f"bad size {text!r}: too large", 2)
+    size = int(value * units[unit])
+    if size < 1:
+        raise QuietError(f"bad size {text!r}: less than one byte", 2)
+    return size

@@ -60,9 +60,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def _cmd_mkfs(a) -> int:
     from ..site import Site, SiteError
-    size = parse_size(a.size)
-    if size < 64 * 4096:
+    from ..fs.format import BLOCK_SIZE, MAX_VOLUME_BLOCKS, MIN_VOLUME_BLOCKS
+    size = parse_size(a.size)  # then rounded down to whole 4 KiB blocks
+    if size < MIN_VOLUME_BLOCKS * BLOCK_SIZE:
         raise QuietError(f"size {a.size} is too small (at least 256K)", 2)
+    if size // BLOCK_SIZE > MAX_VOLUME_BLOCKS:
+        raise QuietError(f"size {a.size} is too large (at most 2**32-1 blocks of 4 KiB, "
+                         "just under 16T)", 2)
     try:
         site = Site.create(a.site, size, inodes=a.inodes, label=a.label, force=a.force)
     except SiteError as e:
