@@ -145,6 +145,8 @@ class Superblock:
     def unpack(cls, block: bytes) -> "Superblock":
         if block[:8] != SUPER_MAGIC:
             raise FormatError("not a repfs volume (bad superblock magic)")
+        if len(block) < _SB.size + _SB_CSUM.size:
+            raise FormatError("truncated superblock")
         body = block[: _SB.size]
         (csum,) = _SB_CSUM.unpack_from(block, _SB.size)
         if csum != xxhash.xxh3_64_intdigest(body):
@@ -163,7 +165,26 @@ class Superblock:
         )
         if sb.data_start >= sb.nblocks or sb.itable_start + sb.itable_blocks != sb.data_start:
             raise FormatError("superblock geometry is inconsistent")
+        sb._check_geometry()
         return sb
+
+    def _check_geometry(self) -> None:
+        """Everything the core indexes with: regions in order inside the volume, bitmaps that
+        cover every block and inode, counts within their totals (a superblock whose checksum
+        holds can still carry values no mkfs wrote; found by tests/t0_fuzz.py)."""
+        bits = BLOCK_SIZE * 8
+        if not (MIN_VOLUME_BLOCKS <= self.nblocks <= MAX_VOLUME_BLOCKS
+                and 16 <= self.ninodes < 2**32
+                and 1 <= self.bbitmap_start
+                and self.bbitmap_start + self.bbitmap_blocks <= self.ibitmap_start
+                and self.ibitmap_start + self.ibitmap_blocks <= self.itable_start
+                and self.bbitmap_blocks * bits >= self.nblocks
+                and self.ibitmap_blocks * bits >= self.ninodes
+                and self.itable_blocks * INODES_PER_BLOCK >= self.ninodes):
+            raise FormatError("superblock geometry is inconsistent")
+        if (self.free_blocks > self.nblocks - self.data_start
+                or self.free_inodes > self.ninodes - 1 or self.orphan_head >= self.ninodes):
+            raise FormatError("superblock counts are out of range")
 
 
 # --------------------------------------------------------------------------- inodes
