@@ -278,7 +278,7 @@ def test_xattr_many_small():
 
 def test_dir_header_roundtrip_and_magic():
     buf = bytearray(BLOCK_SIZE)
-    h = DirHeader(depth=17, count=123456789, bytes=2**40, nblocks=70000, free_head=42)
+    h = DirHeader(depth=16, count=123456789, bytes=2**40, nblocks=70000, free_head=65600)
     h.pack_into(buf)
     assert DirHeader.unpack_from(bytes(buf)) == h
     buf[0] ^= 1

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from .alloc import NoSpace
 from .format import (
-    BUCKET_CAPACITY, BUCKET_HDR_SIZE, HASH_BITS, DirHeader, bucket_header, dirent_size,
-    iter_bucket, name_hash, pack_dirent, set_bucket_header,
+    BLOCK_SIZE, BUCKET_CAPACITY, BUCKET_HDR_SIZE, HASH_BITS, DirHeader, FormatError,
+    bucket_header, dirent_size, iter_bucket, name_hash, pack_dirent, set_bucket_header,
 )
 
 MAX_DEPTH = 24
@@ -37,7 +37,11 @@ class Directories:
         return self.meta.modify(self._phys(dinode, lblk))
 
     def header(self, dinode) -> DirHeader:
-        return DirHeader.unpack_from(self._read(dinode, 0))
+        hdr = DirHeader.unpack_from(self._read(dinode, 0))
+        if hdr.nblocks * BLOCK_SIZE != dinode.size:
+            raise FormatError(f"directory {dinode.ino}: its header says {hdr.nblocks} blocks, "
+                              f"its inode {dinode.size} bytes")
+        return hdr
 
     def _put_header(self, dinode, hdr: DirHeader) -> None:
         hdr.pack_into(self._modify(dinode, 0))
@@ -62,10 +66,16 @@ class Directories:
     def _chain(self, dinode, hdr: DirHeader, b: int):
         """Yield (lblk, buffer) along bucket b's chain."""
         lblk = 1 + b
+        hops = 0
         while lblk:
             buf = self._read(dinode, lblk)
             yield lblk, buf
             lblk = bucket_header(buf)[2]
+            hops += 1
+            # overflow blocks follow the primary buckets; a chain longer than the directory
+            # loops (both found by tests/t0_fuzz.py: a damaged link hung lookup and readdir)
+            if lblk and not ((1 << hdr.depth) < lblk < hdr.nblocks and hops < hdr.nblocks):
+                raise FormatError(f"directory {dinode.ino}: bucket chain {b} is damaged")
 
     def lookup(self, dinode, name: bytes):
         """(ino, type) of the entry, or None."""

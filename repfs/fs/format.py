@@ -306,6 +306,7 @@ DIRENT_HDR_SIZE = _DIRENT.size
 BUCKET_HDR_SIZE = _BUCKET_HDR.size
 BUCKET_CAPACITY = BLOCK_SIZE - BUCKET_HDR_SIZE
 HASH_BITS = 62
+DIR_MAX_DEPTH = 24  # 2**24 primary buckets (64 GiB of directory) at most
 DIR_OFFSET_BASE = 3  # readdir offset of an entry = DIR_OFFSET_BASE + hash
 
 
@@ -330,6 +331,12 @@ class DirHeader:
         magic, depth, count, nbytes, nblocks, free_head = _DIR_HDR.unpack_from(buf, 0)
         if magic != DIR_MAGIC:
             raise FormatError("directory header has a bad magic number")
+        # a depth past the table's limit, or fewer blocks than its buckets, would make readdir
+        # and fsck loop over up to 2**(2**32) buckets (found by tests/t0_fuzz.py)
+        if depth > DIR_MAX_DEPTH or nblocks < 1 + (1 << depth):
+            raise FormatError(f"directory header is damaged (depth {depth}, {nblocks} blocks)")
+        if free_head and not (1 << depth) < free_head < nblocks:
+            raise FormatError(f"directory header is damaged (free list at block {free_head})")
         return cls(depth, count, nbytes, nblocks, free_head)
 
 
@@ -347,13 +354,21 @@ def dirent_size(name: bytes) -> int:
 
 
 def iter_bucket(buf):
-    """Yield (offset, hash, ino, type, name) for each entry in a bucket block."""
+    """Yield (offset, hash, ino, type, name) for each entry in a bucket block; FormatError
+    when the entries do not fill exactly the bytes the bucket header says are used."""
     count, used, _ = _BUCKET_HDR.unpack_from(buf, 0)
     off = BUCKET_HDR_SIZE
+    end = BUCKET_HDR_SIZE + used
+    if end > BLOCK_SIZE or count * (DIRENT_HDR_SIZE + 1) > used:
+        raise FormatError(f"directory bucket is damaged ({count} entries in {used} bytes)")
     unpack = _DIRENT.unpack_from
     hsize = DIRENT_HDR_SIZE
     for _ in range(count):
+        if off + hsize > end:
+            raise FormatError("directory entry runs past the bytes its bucket uses")
         h, ino, typ, nlen = unpack(buf, off)
+        if nlen == 0 or off + hsize + nlen > end:
+            raise FormatError("directory entry runs past the bytes its bucket uses")
         name = bytes(buf[off + hsize: off + hsize + nlen])
         yield off, h, ino, typ, name
         off += hsize + nlen
