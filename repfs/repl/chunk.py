@@ -100,6 +100,8 @@ def peek_extents(buf, offset: int = 0) -> list[tuple[int, int]]:
     chunk_size(buf, offset)
     next_ = _CHUNK_HDR.unpack_from(buf, offset)[4]
     base = offset + _CHUNK_HDR.size
+    if len(buf) < base + 8 * next_:  # a chunk cut inside its extent list (found by t0_fuzz)
+        raise ChunkError("truncated chunk extent list")
     return [struct.unpack_from("<II", buf, base + 8 * i) for i in range(next_)]
 
 
