@@ -15,6 +15,8 @@ shared with the snapshot facility). Integers in keys are big-endian.
 
 import struct
 
+from ..snap.keys import MetaError, _unpack  # noqa: F401  (one error for the shared environment)
+
 CTX = b"replctx"
 CLOG_NEW = b"clognew"
 CLOG_OLD = b"clogold"
@@ -42,11 +44,11 @@ def u64(n: int) -> bytes:
 
 
 def from_u32(b: bytes) -> int:
-    return _U32.unpack(b)[0]
+    return _unpack(_U32, b, "32-bit value")[0]
 
 
 def from_u64(b: bytes) -> int:
-    return _U64.unpack(b)[0]
+    return _unpack(_U64, b, "64-bit value")[0]
 
 
 def ds_page(n: int, page: int) -> bytes:

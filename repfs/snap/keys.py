@@ -34,12 +34,23 @@ _ID = struct.Struct(">Q")
 _ID_PAGE = struct.Struct(">QI")
 
 
+class MetaError(Exception):
+    """A key or value in SITE/meta.lmdb does not decode: the site's index database is damaged
+    (shared by the snapshot facility and replication, whose keys live in the same environment)."""
+
+
+def _unpack(st: struct.Struct, raw: bytes, what: str) -> tuple:
+    if len(raw) != st.size:
+        raise MetaError(f"meta.lmdb: {what} of {len(raw)} bytes (expected {st.size})")
+    return st.unpack(raw)
+
+
 def snap_key(sid: int) -> bytes:
     return _ID.pack(sid)
 
 
 def unpack_id(key: bytes) -> int:
-    return _ID.unpack(key[:8])[0]
+    return _unpack(_ID, key[:8], "snapshot id")[0]
 
 
 def page_key(sid: int, page: int) -> bytes:
@@ -47,4 +58,4 @@ def page_key(sid: int, page: int) -> bytes:
 
 
 def unpack_page_key(key: bytes) -> tuple[int, int]:
-    return _ID_PAGE.unpack(key)
+    return _unpack(_ID_PAGE, key, "page key")
