@@ -184,6 +184,9 @@ class _Pages:
             return self.clean[k]
         with self.env.begin(db=self.db) as txn:
             buf = txn.get(K.page_key(sid, page))
+        if buf is not None and len(buf) != self.page_bytes:  # found by tests/t0_fuzz.py
+            raise SnapError(f"meta.lmdb: index page {page} of snapshot {sid} is damaged "
+                            f"({len(buf)} bytes)", "failed")
         self.clean[k] = buf
         if len(self.clean) > self.limit:
             self.clean.popitem(last=False)
@@ -236,6 +239,24 @@ class _Pages:
             del self.dirty[k]
 
 
+def _decode_record(key: bytes, val: bytes) -> Snapshot:
+    """A snapshot record from LMDB; SnapError if it is damaged (a record whose JSON or fields
+    do not decode used to stop the site from opening with a traceback: tests/t0_fuzz.py)."""
+    try:
+        rec = json.loads(val)
+        snap = Snapshot(rec["id"], rec["name"], rec["created_ns"], rec.get("attrs", {}),
+                        rec.get("state", "ok"), rec.get("indexed_end", 0), rec.get("saved", 0))
+        ok = (snap.id == K.unpack_id(key) and isinstance(snap.name, str)
+              and isinstance(snap.attrs, dict) and isinstance(snap.state, str)
+              and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 63
+                      for v in (snap.created_ns, snap.indexed_end, snap.saved)))
+    except (ValueError, KeyError, TypeError, K.MetaError):
+        ok = False
+    if not ok:
+        raise SnapError(f"meta.lmdb: the record of snapshot {key.hex()} is damaged", "failed")
+    return snap
+
+
 class SnapStore:
     """The snapshot queue (oldest first) with each snapshot's save volume and indexes."""
 
@@ -258,10 +279,7 @@ class SnapStore:
     def _load(self) -> None:
         with self.env.begin(db=self.db_snaps) as txn:
             for key, val in txn.cursor():
-                rec = json.loads(val)
-                snap = Snapshot(rec["id"], rec["name"], rec["created_ns"], rec.get("attrs", {}),
-                                rec.get("state", "ok"), rec.get("indexed_end", 0),
-                                rec.get("saved", 0))
+                snap = _decode_record(key, val)
                 snap.save = SaveVolume(self.save_dir / f"{snap.id}.save", snap.id)
                 self.queue.append(snap)
         self.queue.sort(key=lambda s: s.id)
