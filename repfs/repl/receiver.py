@@ -69,7 +69,8 @@ class Receiver:
     @property
     def role(self) -> str:
         raw = self._get("role")
-        return raw.decode() if raw else "primary"
+        # a damaged value reads as no known role, so every request is refused (t0_fuzz)
+        return raw.decode(errors="replace") if raw else "primary"
 
     @property
     def generation(self) -> int:
@@ -91,11 +92,14 @@ class Receiver:
     @property
     def state(self) -> str:
         raw = self._get("secondary_state")
-        return raw.decode() if raw else "idle"
+        return raw.decode(errors="replace") if raw else "idle"
 
     def primary(self) -> dict | None:
         raw = self._get("primary")
-        return json.loads(raw) if raw else None
+        try:
+            return json.loads(raw) if raw else None
+        except ValueError:
+            raise K.MetaError("meta.lmdb: the primary's record is damaged") from None
 
     def incoming(self) -> list[dict]:
         with self.env.begin(db=self.db_in) as txn:
