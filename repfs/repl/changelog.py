@@ -112,7 +112,16 @@ class PagedBits:
     def load(self, txn, db) -> None:
         cur = txn.cursor(db=db)
         for key, val in cur:
-            self.pages[K.from_u32(key)] = np.frombuffer(val, dtype=np.uint8).copy()
+            page = K.from_u32(key)
+            if len(val) != K.PAGE_BYTES:
+                # a damaged page (found by tests/t0_fuzz.py: a short one crashed the next write
+                # into it): mark every block it covers, as over-marking is always safe
+                log.warning("change log: page %d is damaged (%d bytes); marking all of its "
+                            "blocks as changed", page, len(val))
+                self.pages[page] = np.full(K.PAGE_BYTES, 0xFF, dtype=np.uint8)
+                self.dirty.add(page)
+                continue
+            self.pages[page] = np.frombuffer(val, dtype=np.uint8).copy()
 
     def save_dirty(self, txn, db) -> None:
         for page in self.dirty:
