@@ -35,18 +35,17 @@ from .dirs import Directories
 from .errors import FSError
 from .format import (
     BLOCK_SIZE, DIR_OFFSET_BASE, ID_MAX, INODE_SIZE, INODES_PER_BLOCK, LINK_MAX, MAX_FILE_SIZE,
-    MAX_NAME, MAX_SYMLINK, RDEV_MAX, ROOT_INO, XATTR_CAPACITY, FormatError, Inode,
-    Superblock, clamp_time_ns, pack_xattrs, unpack_xattrs, xattrs_size,
+    MAX_NAME, MAX_SYMLINK, RDEV_MAX, ROOT_INO, XATTR_NAME_MAX, XATTR_SIZE_MAX, FormatError,
+    Inode, Superblock, clamp_time_ns,
 )
 from .journal import Journal
+from .xattrs import XATTR_CREATE, XATTR_REPLACE, Xattrs  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 BS = BLOCK_SIZE
 ORPHAN_FLAG = 1  # Inode.flags: the inode is on the superblock's orphan list
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
-XATTR_CREATE = 1
-XATTR_REPLACE = 2
 XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
 
 
@@ -104,6 +103,7 @@ class FileSystem:
         self.alloc = Allocator(self.meta, self.sb, reserve)
         self.bmap = BlockMap(self.meta, self.alloc)
         self.dirs = Directories(self.meta, self.bmap)
+        self.xattrs = Xattrs(self.meta, self.alloc, self.bmap)
         self.inodes: dict[int, Inode] = {}
         self.dirty_inodes: set[int] = set()
         self.open_count: dict[int, int] = {}
@@ -269,6 +269,7 @@ class FileSystem:
         self.alloc = Allocator(self.meta, self.sb, self.alloc.reserve)
         self.bmap = BlockMap(self.meta, self.alloc)
         self.dirs = Directories(self.meta, self.bmap)
+        self.xattrs = Xattrs(self.meta, self.alloc, self.bmap)
         known = {ino: i.lookups for ino, i in self.inodes.items() if i.lookups}
         self.inodes = {}
         self.dirty_inodes = set()
@@ -872,10 +873,7 @@ class FileSystem:
     def _destroy(self, inode: Inode) -> None:
         """Free an inode with no names and no users, with all its blocks."""
         self.bmap.truncate(inode, 0, discard=not stat.S_ISREG(inode.mode))
-        if inode.xattr:
-            self.alloc.free_blocks([(inode.xattr, 1)])
-            self.meta.discard(inode.xattr)
-            inode.xattr = 0
+        self.xattrs.free(inode)
         if inode.flags & ORPHAN_FLAG:
             self._unlist_orphan(inode)
         self._free_inode(inode)
@@ -915,9 +913,9 @@ class FileSystem:
             ino = nxt
 
     # ================================================================= extended attributes
-
-    def _xattrs(self, inode: Inode) -> dict[bytes, bytes]:
-        return unpack_xattrs(self.meta.read(inode.xattr)) if inode.xattr else {}
+    # Stored by Xattrs (repfs/fs/xattrs.py); limits as Linux, see format.py. The kernel
+    # refuses names over 255 bytes (ERANGE) and values over 64 KiB (E2BIG) itself; pyfuse3
+    # answers size probes and too-small buffers (ERANGE) from the value returned here.
 
     @staticmethod
     def _check_xname(name: bytes) -> None:
@@ -925,19 +923,19 @@ class FileSystem:
             raise FSError(errno.EOPNOTSUPP)
         if name.endswith(b".") and name in XATTR_NAMESPACES:
             raise FSError(errno.EINVAL)
-        if len(name) > 255:
+        if len(name) > XATTR_NAME_MAX:
             raise FSError(errno.ERANGE)
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
         inode = self.iget(ino)
         self._check_xname(name)
-        try:
-            return self._xattrs(inode)[name]
-        except KeyError:
-            raise FSError(errno.ENODATA) from None
+        value = self.xattrs.get(inode, name)
+        if value is None:
+            raise FSError(errno.ENODATA)
+        return value
 
     def listxattr(self, ino: int, ctx: Ctx = ROOT) -> list[bytes]:
-        names = list(self._xattrs(self.iget(ino)))
+        names = self.xattrs.names(self.iget(ino))
         if ctx.uid != 0:  # as ext4: trusted.* is visible to privileged users only
             names = [n for n in names if not n.startswith(b"trusted.")]
         return names
@@ -946,40 +944,17 @@ class FileSystem:
         self._writable()
         inode = self.iget(ino)
         self._check_xname(name)
-        attrs = self._xattrs(inode)
-        if flags & XATTR_CREATE and name in attrs:
-            raise FSError(errno.EEXIST)
-        if flags & XATTR_REPLACE and name not in attrs:
-            raise FSError(errno.ENODATA)
-        attrs[name] = bytes(value)
-        if xattrs_size(attrs) > XATTR_CAPACITY:
-            raise FSError(errno.ENOSPC, "extended attributes of one inode must fit 4 KiB")
-        self._store_xattrs(inode, attrs)
+        if len(value) > XATTR_SIZE_MAX:
+            raise FSError(errno.E2BIG)
+        self.xattrs.set(inode, name, value, flags)
+        inode.ctime_ns = _now()
+        self._dirty(inode)
 
     def removexattr(self, ino: int, name: bytes) -> None:
         self._writable()
         inode = self.iget(ino)
         self._check_xname(name)
-        attrs = self._xattrs(inode)
-        if name not in attrs:
-            raise FSError(errno.ENODATA)
-        del attrs[name]
-        self._store_xattrs(inode, attrs)
-
-    def _store_xattrs(self, inode: Inode, attrs: dict[bytes, bytes]) -> None:
-        if not attrs:
-            if inode.xattr:
-                self.alloc.free_blocks([(inode.xattr, 1)])
-                self.meta.discard(inode.xattr)
-                inode.xattr = 0
-                inode.blocks -= 1
-        else:
-            if not inode.xattr:
-                (s, _), = self.alloc.alloc_blocks(1, None, data=False)
-                self.meta.new(s)
-                inode.xattr = s
-                inode.blocks += 1
-            self.meta.modify(inode.xattr)[:] = pack_xattrs(attrs)
+        self.xattrs.remove(inode, name)
         inode.ctime_ns = _now()
         self._dirty(inode)
 

@@ -20,7 +20,10 @@ Layout (all regions are whole blocks, in this order)::
 Bits in bitmaps are little-endian within a byte: bit n is ``byte[n >> 3] >> (n & 7) & 1``.
 All integers are little-endian.
 
-Every revision of this format carries ``FORMAT_VERSION``; tools refuse any other.
+Every revision of this format carries its number in the superblock: mkfs writes
+``FORMAT_VERSION``; tools read the revisions in ``READABLE_VERSIONS`` and refuse any other.
+Revision 2 changed only the xattr layout (see "extended attributes" below); a revision-1 volume
+is read as it is and becomes revision 2 when it first gets a revision-2 xattr root block.
 The redo log (journal) is not part of the volume: it is the file ``SITE/journal`` (see
 ``repfs.fs.journal``), so replicated blocks never carry journal traffic.
 """
@@ -34,7 +37,8 @@ from dataclasses import dataclass, field
 import xxhash
 
 BLOCK_SIZE = 4096
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 SUPER_MAGIC = b"REPFSVOL"
 
 INODE_SIZE = 256
@@ -152,7 +156,7 @@ class Superblock:
         if csum != xxhash.xxh3_64_intdigest(body):
             raise FormatError("superblock checksum mismatch: the volume image is damaged")
         f = _SB.unpack(body)
-        if f[1] != FORMAT_VERSION:
+        if f[1] not in READABLE_VERSIONS:
             raise FormatError(f"unsupported repfs format version {f[1]} (this is {FORMAT_VERSION})")
         if f[2] != BLOCK_SIZE:
             raise FormatError(f"unsupported block size {f[2]}")
@@ -204,7 +208,7 @@ _INODE = struct.Struct(
     "q"  # ctime_ns
     "q"  # crtime_ns      creation (birth) time
     "I"  # parent         directories: inode of the parent directory ('..'); root: itself
-    "I"  # xattr          block holding the extended attributes, 0: none
+    "I"  # xattr          root block of the extended attributes, 0: none
     "I"  # orphan_next    next inode on the superblock's orphan list, 0: end
     "I"  # reserved
     "15I"  # map          12 direct, 1 single, 1 double, 1 triple indirect block pointer
@@ -381,23 +385,153 @@ def pack_dirent(buf, off: int, h: int, ino: int, typ: int, name: bytes) -> int:
     return end
 
 
-# --------------------------------------------------------------------------- xattr blocks
+# --------------------------------------------------------------------------- extended attributes
 #
-# One block per inode: _XHDR, then entries (_XENT + name + value). Names carry their namespace
-# prefix ("user.", "trusted.", "security."). The whole set must fit in one block.
+# ``Inode.xattr`` is the inode's xattr root block, 0: the inode has no attributes. Names carry
+# their namespace prefix ("user.", "trusted.", "security."). The attributes of an inode form one
+# byte stream of packed entries (_XENT2 + name + value), kept in the order they were first set:
+#
+#   root block        _XROOT (XATTR_MAGIC, count, length, names, map of the "xattr file"),
+#                     then the first XATTR_INLINE bytes of the stream
+#   xattr file        the rest of the stream: logical block i holds stream bytes
+#                     [XATTR_INLINE + i*4096, +4096), mapped by the root's 15 pointers exactly as
+#                     Inode.map maps a file (12 direct, single, double, triple indirect); no hole
+#                     below the stream's end, no block mapped past it; bytes past the end are 0
+#
+# A change rewrites the stream and writes only the blocks whose content differs (all go
+# through the metadata cache and the redo log). Limits, as Linux: a name, prefix included, is at
+# most XATTR_NAME_MAX bytes (ERANGE), a value at most XATTR_SIZE_MAX bytes (E2BIG);
+# the names of one inode with their NUL terminators at most XATTR_LIST_MAX bytes, which is
+# all listxattr(2) can return (ENOSPC beyond); the stream at most XATTR_TOTAL_MAX bytes (ENOSPC).
+#
+# Format version 1 stored one block (_XHDR, then _XENT + name + value; at most 4092 bytes). Such
+# a block is still read: it never starts with XATTR_MAGIC (its bytes 2-3 are the bytes used,
+# <= 4092, while the magic's are 0x5441 = 21569). The inode's next xattr change rewrites it, in
+# place, in the layout above, which makes the volume version 2.
 
+XATTR_NAME_MAX = 255
+XATTR_SIZE_MAX = 65536
+XATTR_LIST_MAX = 65536
+XATTR_TOTAL_MAX = 8 << 20
+XATTR_MAGIC = b"RXAT"
+
+_XROOT = struct.Struct(
+    "<4s"  # magic        XATTR_MAGIC
+    "I"  # count          entries
+    "I"  # length         bytes in the stream of packed entries
+    "I"  # names          listxattr size: sum of (name length + 1)
+    "I"  # reserved       0
+    "15I"  # map          block map of the xattr file, as Inode.map
+)
+_XENT2 = struct.Struct("<BI")  # name length, value length; then name, value
+XATTR_INLINE = BLOCK_SIZE - _XROOT.size
+XATTR_ENTRY_HDR = _XENT2.size
+
+
+@dataclass
+class XattrRoot:
+    count: int = 0
+    length: int = 0
+    names: int = 0
+    map: list = field(default_factory=lambda: [0] * 15)
+
+    @property
+    def file_blocks(self) -> int:
+        """Logical blocks of the xattr file that hold the stream past the root block."""
+        return xattr_file_blocks(self.length)
+
+    def pack(self, stream: bytes) -> bytearray:
+        """The root block: this header and the stream's first XATTR_INLINE bytes."""
+        buf = bytearray(BLOCK_SIZE)
+        _XROOT.pack_into(buf, 0, XATTR_MAGIC, self.count, self.length, self.names, 0, *self.map)
+        head = stream[:XATTR_INLINE]
+        buf[_XROOT.size: _XROOT.size + len(head)] = head
+        return buf
+
+    @classmethod
+    def unpack(cls, buf) -> "XattrRoot":
+        f = _XROOT.unpack_from(buf, 0)
+        if f[0] != XATTR_MAGIC:
+            raise FormatError("xattr root block has a bad magic number")
+        return cls(f[1], f[2], f[3], list(f[5:20]))
+
+
+def is_xattr_root(buf) -> bool:
+    """True for a version-2 root block, False for a version-1 xattr block."""
+    return bytes(buf[:4]) == XATTR_MAGIC
+
+
+def xattr_inline(buf) -> memoryview:
+    """The part of the stream held in a root block."""
+    return memoryview(buf)[_XROOT.size:]
+
+
+def xattr_file_blocks(length: int) -> int:
+    return -(-max(0, length - XATTR_INLINE) // BLOCK_SIZE)
+
+
+def xattr_list_size(names) -> int:
+    """Bytes listxattr(2) returns for these names."""
+    return sum(len(n) + 1 for n in names)
+
+
+def pack_xattr_stream(attrs: dict[bytes, bytes]) -> bytes:
+    parts = []
+    hdr = _XENT2.pack
+    for k, v in attrs.items():
+        parts += (hdr(len(k), len(v)), k, v)
+    return b"".join(parts)
+
+
+def unpack_xattr_stream(stream, count: int) -> dict[bytes, bytes]:
+    """The entries of a stream; FormatError if it does not hold `count` well-formed entries."""
+    out = {}
+    off = 0
+    end = len(stream)
+    unpack = _XENT2.unpack_from
+    hsize = _XENT2.size
+    mv = memoryview(stream)
+    for _ in range(count):
+        if off + hsize > end:
+            raise FormatError("xattr stream ends inside an entry header")
+        nlen, vlen = unpack(mv, off)
+        off += hsize
+        if nlen == 0 or off + nlen + vlen > end:
+            raise FormatError("xattr entry runs past the end of the stream")
+        name = bytes(mv[off: off + nlen])
+        if name in out:
+            raise FormatError(f"xattr {name!r} is stored twice")
+        out[name] = bytes(mv[off + nlen: off + nlen + vlen])
+        off += nlen + vlen
+    if off != end:
+        raise FormatError(f"xattr stream holds {end - off} bytes after its {count} entries")
+    return out
+
+
+# Version 1: one block per inode: _XHDR, then entries (_XENT + name + value), at most
+# XATTR_CAPACITY bytes. Read only (volumes made by version 1); tests make such blocks.
 _XHDR = struct.Struct("<HH")  # count, used bytes after the header
 _XENT = struct.Struct("<BH")  # name length, value length
 XATTR_CAPACITY = BLOCK_SIZE - _XHDR.size
 
 
 def unpack_xattrs(buf) -> dict[bytes, bytes]:
-    count, _ = _XHDR.unpack_from(buf, 0)
+    """The entries of a version-1 xattr block; FormatError if they do not fit its bytes used."""
+    if len(buf) < _XHDR.size:
+        raise FormatError("version-1 xattr block is truncated")
+    count, used = _XHDR.unpack_from(buf, 0)
+    end = _XHDR.size + used
+    if used > XATTR_CAPACITY or end > len(buf):
+        raise FormatError("version-1 xattr block is overfull")
     off = _XHDR.size
     out = {}
     for _ in range(count):
+        if off + _XENT.size > end:
+            raise FormatError("version-1 xattr entry header runs past the bytes used")
         nlen, vlen = _XENT.unpack_from(buf, off)
         off += _XENT.size
+        if nlen == 0 or off + nlen + vlen > end:
+            raise FormatError("version-1 xattr entry runs past the bytes used")
         name = bytes(buf[off: off + nlen])
         off += nlen
         out[name] = bytes(buf[off: off + vlen])
@@ -406,10 +540,14 @@ def unpack_xattrs(buf) -> dict[bytes, bytes]:
 
 
 def xattrs_size(attrs: dict[bytes, bytes]) -> int:
+    """Bytes the entries take in a version-1 block (after its header)."""
     return sum(_XENT.size + len(k) + len(v) for k, v in attrs.items())
 
 
 def pack_xattrs(attrs: dict[bytes, bytes]) -> bytearray:
+    """A version-1 xattr block."""
+    if xattrs_size(attrs) > XATTR_CAPACITY:
+        raise ValueError("version-1 xattrs must fit one block")
     buf = bytearray(BLOCK_SIZE)
     off = _XHDR.size
     for k, v in attrs.items():

@@ -20,16 +20,20 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .alloc import BITS_PER_BLOCK
-from .core import ORPHAN_FLAG, FileSystem
+from .core import ORPHAN_FLAG, XATTR_NAMESPACES, FileSystem
+from .errors import FSError
 from .format import (
     INODES_PER_BLOCK, Inode, BLOCK_SIZE, BUCKET_CAPACITY, HASH_BITS, ROOT_INO, FormatError, bucket_header, iter_bucket,
-    name_hash,
+    name_hash, XATTR_LIST_MAX, XATTR_NAME_MAX, XATTR_SIZE_MAX, XATTR_TOTAL_MAX,
+    xattr_list_size,
 )
+from .xattrs import XattrMap
 
 CHECKS = (
     "check_journal",
     "check_inodes",
     "check_block_maps",
+    "check_xattrs",
     "check_directories",
     "check_link_counts",
     "check_block_bitmap",
@@ -129,8 +133,12 @@ class Fsck:
                     self.problem("check_block_maps",
                                  f"inode {ino} maps blocks past its size {inode.size}")
             if inode.xattr:
-                self.used.append(np.array([inode.xattr], dtype=np.int64))
-                count += 1
+                xb = self._xattr_blocks(ino, inode)
+                if xb is None:
+                    bad = True
+                else:
+                    self.used.append(xb)
+                    count += len(xb)
             if not bad and count != inode.blocks:
                 self.problem("check_block_maps",
                              f"inode {ino} counts {inode.blocks} blocks but holds {count}",
@@ -144,6 +152,62 @@ class Fsck:
             self.problem("check_block_maps",
                          f"{len(np.unique(dup))} blocks are used twice (first: {int(dup[0])})")
         self.used_sorted = np.unique(allused)
+
+    def _xattr_blocks(self, ino: int, inode):
+        """The blocks of an inode's extended attributes; None (and a problem) if they point
+        outside the data area."""
+        sb = self.fs.sb
+        if not sb.data_start <= inode.xattr < sb.nblocks:
+            self.problem("check_block_maps", f"inode {ino}: xattr block {inode.xattr} is "
+                                             "outside the data area")
+            return None
+        try:
+            root = self.fs.xattrs._root(inode)
+            if root is not None:
+                for p in root.map:
+                    if p and not sb.data_start <= p < sb.nblocks:
+                        raise FormatError(f"xattr map pointer {p} is outside the data area")
+            xb = self.fs.xattrs.blocks(inode)
+        except (FormatError, IndexError, ValueError) as e:
+            self.problem("check_block_maps", f"inode {ino}: xattr blocks: {e}")
+            return None
+        if ((xb < sb.data_start) | (xb >= sb.nblocks)).any():
+            self.problem("check_block_maps", f"inode {ino}: xattr blocks outside the data area")
+            return None
+        return xb
+
+    def check_xattrs(self) -> None:
+        """Every inode's extended attributes parse, their headers agree with their entries,
+        every entry keeps the limits, and the xattr file maps exactly the stream's blocks."""
+        fs = self.fs
+        for ino, inode in self.inodes.items():
+            if not inode.xattr or not fs.sb.data_start <= inode.xattr < fs.sb.nblocks:
+                continue  # none, or reported by check_block_maps
+            where = f"inode {ino}: extended attributes"
+            try:
+                attrs = fs.xattrs.load(inode)
+                root = fs.xattrs._root(inode)
+            except (FSError, FormatError, IndexError, ValueError) as e:
+                self.problem("check_xattrs", f"{where}: {e}")
+                continue
+            if not attrs:
+                self.problem("check_xattrs", f"{where}: a block holds no attribute")
+            for name, value in attrs.items():
+                if (not name.startswith(XATTR_NAMESPACES) or name in XATTR_NAMESPACES
+                        or len(name) > XATTR_NAME_MAX or len(value) > XATTR_SIZE_MAX):
+                    self.problem("check_xattrs", f"{where}: bad entry {name[:40]!r}")
+            if root is None:
+                continue  # version 1: one block
+            if root.names != xattr_list_size(attrs) or root.names > XATTR_LIST_MAX:
+                self.problem("check_xattrs", f"{where}: header counts {root.names} bytes of "
+                                             f"names, there are {xattr_list_size(attrs)}")
+            if root.length > XATTR_TOTAL_MAX:
+                self.problem("check_xattrs", f"{where}: {root.length} bytes, over the limit")
+            mapped = [lb for kind, lb, _ in fs.bmap.walk(XattrMap(root.map)) if kind == "data"]
+            past = [int(a.max()) for a in mapped if len(a) and int(a.max()) >= root.file_blocks]
+            if past:
+                self.problem("check_xattrs", f"{where}: block {max(past)} is mapped past the "
+                                             f"end ({root.file_blocks} blocks)")
 
     def check_directories(self) -> None:
         fs = self.fs

@@ -281,11 +281,13 @@ class Operations(pyfuse3.Operations):
     async def setxattr(self, inode, name, value, ctx):
         await self._modifying()
         self.core.setxattr(inode, name, value)
+        await self._maybe_commit()  # a 64 KiB value dirties 16 blocks: keep commits bounded
 
     @_fuse_errors
     async def removexattr(self, inode, name, ctx):
         await self._modifying()
         self.core.removexattr(inode, name)
+        await self._maybe_commit()
 
     # ------------------------------------------------------------------ files
 

@@ -39,8 +39,7 @@ def _blocks(fs, inode) -> set[int]:
             out.add(phys)
         else:
             out.update(int(p) for p in phys)
-    if inode.xattr:
-        out.add(inode.xattr)
+    out.update(fs.xattrs.blocks(inode).tolist())
     return out
 
 
