@@ -28,6 +28,7 @@ import os
 import re
 import secrets
 import socket
+import stat
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -36,6 +37,7 @@ import trio
 
 from .errors import DomainError
 from .repl.chunk import MAX_CHUNK_BLOCKS, MAX_EXTENTS
+from .site import SiteError
 from .snap.store import NAME_RULE, valid_name
 from .statefile import write_durably
 
@@ -71,23 +73,50 @@ class HTTPError(Exception):
         self.status = status
 
 
+def token_file_problem(path: Path, *, owner: bool = True) -> str | None:
+    """Why a token file must not be trusted, or None: other users may read or change it (any
+    group or other permission bit), or (with `owner`) another user owns it."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None  # (missing: made; unreadable: reading it says why)
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o077:
+        return (f"{path} is open to other users (mode {mode:04o}); anyone who read it can "
+                f"control the site: make a new one (rm {path}; the next mount writes it) or "
+                f"at least chmod 600 {path}")
+    if owner and st.st_uid != os.geteuid():
+        return (f"{path} belongs to uid {st.st_uid}, not to the daemon's user "
+                f"(uid {os.geteuid()}): remove it (the next mount writes a new one)")
+    return None
+
+
 def ensure_token(site_path: Path) -> str:
     """The control port's bearer token, made (durably, 0600) if the site has none. A token file
-    that a power cut left empty or torn is replaced by a new token, with a warning."""
+    that a power cut left empty or torn is replaced by a new token, with a warning; one that
+    other users may read or change is refused (SiteError)."""
     path = Path(site_path) / "control.token"
+    problem = token_file_problem(path)
+    if problem:
+        raise SiteError(problem)
     try:
         token = path.read_text().strip()
     except FileNotFoundError:
         token = None
     except UnicodeDecodeError:
         token = ""
+    except OSError as e:
+        raise SiteError(f"cannot read {path}: {e.strerror}") from None
     if token is not None and _TOKEN_RE.fullmatch(token):
         return token
     if token is not None:
         log.warning("%s is empty or damaged (a crash while it was written?): making a new token",
                     path)
     token = secrets.token_urlsafe(32)
-    write_durably(path, token + "\n", 0o600)
+    try:
+        write_durably(path, token + "\n", 0o600)
+    except OSError as e:
+        raise SiteError(f"cannot write {path}: {e.strerror}") from None
     return token
 
 

@@ -106,6 +106,7 @@ def serve(site: Site, mountpoint: str, *, readonly: bool = False, writeback_cach
             control_sock = bind(listen)
         except (OSError, ValueError) as e:
             raise SiteError(f"cannot listen on {listen}: {getattr(e, 'strerror', None) or e}")
+        token = ensure_token(site.path)  # (refuses a token file open to other users)
         if site.role() == "secondary":
             readonly = True  # a secondary's mount is read-only until failover
         core = site.open_fs(readonly=readonly)
@@ -129,7 +130,6 @@ def serve(site: Site, mountpoint: str, *, readonly: bool = False, writeback_cach
         site.unlock()
         ready(f"cannot mount at {mountpoint}: {e}")
         return
-    token = ensure_token(site.path)
     host, port = control_sock.getsockname()[:2]
     site.write_pid(mountpoint)
     site.write_control(host, port)

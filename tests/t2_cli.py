@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -390,3 +392,130 @@ def test_admin_json_after_the_verb(tmp_path):
     site = make_site(tmp_path / "site")
     st = json.loads(run_admin("--site", site, "status", "--json").stdout)
     assert st["state"] == "not mounted"
+
+
+# ----------------------------------------------------------------------------- control port
+
+
+def test_admin_tells_no_daemon_from_no_answer(mount_site):
+    """A wedged daemon (here: stopped with SIGSTOP) is 'did not answer in N s' (exit 4), a site
+    without a daemon or an address where nothing listens is 'no daemon' (exit 3)."""
+    m = mount_site("64M")
+    host, port = (lambda c: (c["host"], c["port"]))(json.loads((m.site / "control.json")
+                                                               .read_text()))
+    token = (m.site / "control.token").read_text().strip()
+    pid = int((m.site / "repfs.pid").read_text().split("\n")[0])
+    # (nothing may touch the mount while its daemon is stopped: the site directory is the target)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        r = run_admin("--site", m.site, "--timeout", "1", "snapshot", "list", check=False)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    fails(r, 4, "did not answer in 1 s", prog="repfs-admin")
+    assert run_admin("--site", m.site, "--json", "snapshot", "list").stdout.strip() == "[]"
+    for bad in ("0", "-1", "nan", "inf", "soon"):
+        fails(run_admin("--site", m.site, "--timeout", bad, "status", check=False), 2,
+              "timeout", prog="repfs-admin")
+    m.umount()
+    fails(run_admin("--site", m.site, "snapshot", "list", check=False), 3, "no daemon",
+          "not mounted", prog="repfs-admin")
+    r = subprocess.run([*ADMIN, "--site", f"{host}:{port}", "status"], capture_output=True,
+                       text=True, timeout=120, env={**os.environ, "REPFS_TOKEN": token})
+    fails(r, 3, "no daemon", f"{host}:{port}", prog="repfs-admin")
+
+
+def test_token_file_open_to_others_is_refused(mount_site):
+    m = mount_site("64M")
+    token = m.site / "control.token"
+    assert stat.S_IMODE(token.stat().st_mode) == 0o600
+    token.chmod(0o640)
+    try:
+        fails(run_admin("--site", m.site, "snapshot", "list", check=False), 1,
+              "open to other users", "0640", prog="repfs-admin")
+    finally:
+        token.chmod(0o600)
+    m.umount()
+    before = token.read_text()
+    token.chmod(0o604)
+    fails(run_repfs("mount", m.site, m.path, check=False), 1, "open to other users",
+          "chmod 600")
+    assert not mounted(m.path)
+    assert token.read_text() == before  # refused, not silently replaced
+    token.chmod(0o600)
+    run_repfs("mount", m.site, m.path)
+    assert run_admin("--site", m.site, "--json", "snapshot", "list").stdout.strip() == "[]"
+
+
+HOSTILE = r"""
+import json, os, select, socket, sys, time
+host, port, site = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+out = {"uid": os.getuid()}
+
+def talk(data, shut=True):
+    with socket.create_connection((host, port), timeout=30) as s:
+        s.sendall(data)
+        if shut:
+            s.shutdown(socket.SHUT_WR)
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+    return reply.split(b"\r\n", 1)[0].decode("latin-1")
+
+try:
+    open(os.path.join(site, "control.token")).read()
+    out["token"] = "read"
+except PermissionError:
+    out["token"] = "denied"
+out["garbage"] = talk(b"\x16\x03\x01\x02\x00 not http\r\n\r\n")
+out["zeros"] = talk(bytes(3000))
+out["no_token"] = talk(b"POST /v1/snapshots HTTP/1.1\r\nHost: x\r\nContent-Length: 13\r\n\r\n"
+                       b'{"name":"ev"}')
+out["guessed"] = talk(b"DELETE /v1/snapshots/s1 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                      + b"A" * 43 + b"\r\n\r\n")
+out["restore"] = talk(b"POST /v1/snapshots/s1/restore HTTP/1.1\r\nHost: x\r\n"
+                      b"Authorization: Bearer x\r\nContent-Length: 0\r\n\r\n")
+out["huge"] = talk(b"POST /v1/repl/chunk HTTP/1.1\r\nHost: x\r\n"
+                   b"Content-Length: 999999999999\r\n\r\n", shut=False)
+# a flood of connections that say nothing: past the limit they get a 503 at once
+flood = [socket.create_connection((host, port), timeout=30) for _ in range(100)]
+busy, deadline = 0, time.monotonic() + 20
+waiting = list(flood)
+while waiting and busy < 36 and time.monotonic() < deadline:
+    ready, _, _ = select.select(waiting, [], [], 0.5)
+    for s in ready:
+        waiting.remove(s)
+        if s.recv(65536).startswith(b"HTTP/1.1 503"):
+            busy += 1
+out["busy"] = busy
+for s in flood:
+    s.close()
+for _ in range(100):  # the daemon notices the closed connections, then serves again
+    out["after"] = talk(b"GET /v1/status HTTP/1.1\r\nHost: x\r\n\r\n")
+    if not out["after"].startswith("HTTP/1.1 503"):
+        break
+    time.sleep(0.1)
+print(json.dumps(out))
+"""
+
+
+def test_hostile_local_user_is_refused_without_damage(mount_site):
+    """Another local user (nobody) cannot read the token; garbage gets a 400 (not silence),
+    requests without the token a 401 before their body is read, a flood of connections a 503
+    past the limit; afterwards the site is unchanged and serves as before."""
+    m = mount_site("64M")
+    run_admin("--site", m.site, "snapshot", "create", "s1")
+    c = json.loads((m.site / "control.json").read_text())
+    before = digest(m.site)
+    snaps = run_admin("--site", m.site, "--json", "snapshot", "list").stdout
+    r = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+                        "/usr/bin/python3", "-I", "-c", HOSTILE, c["host"], str(c["port"]),
+                        str(m.site)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["uid"] != 0 and out["token"] == "denied"
+    assert out["garbage"].startswith("HTTP/1.1 400") and out["zeros"].startswith("HTTP/1.1 400")
+    for k in ("no_token", "guessed", "restore", "huge", "after"):
+        assert out[k].startswith("HTTP/1.1 401"), (k, out[k])
+    assert out["busy"] >= 1
+    assert digest(m.site) == before
+    assert run_admin("--site", m.site, "--json", "snapshot", "list").stdout == snaps

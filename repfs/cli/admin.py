@@ -4,7 +4,9 @@ TARGET is HOST:PORT, a site directory or a repfs mount point. For a site directo
 point the address and the token come from the site (``control.json``, ``control.token``); for
 HOST:PORT the token comes from ``--token-file`` or the environment variable REPFS_TOKEN.
 Tables for people; ``--json`` prints one JSON document for scripts. Exit status: 0 success,
-1 the operation failed (the message says why), 2 bad arguments.
+1 the operation failed (the message says why), 2 bad arguments, 3 no daemon to ask (the site
+is not mounted, nothing listens at HOST:PORT), 4 the daemon did not answer within --timeout
+seconds or dropped the connection (whether the operation happened is unknown).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import math
 import os
 import re
 import sys
@@ -22,6 +25,19 @@ from . import QuietError, run_cli
 
 
 STALL_SECONDS = 60  # replicate start gives up waiting (the copy goes on) after this
+TIMEOUT = 120.0  # default --timeout: seconds the daemon has to answer a request
+NO_DAEMON, NO_ANSWER = 3, 4  # exit statuses (see the module's docstring)
+
+
+def _timeout(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = math.nan
+    if not (math.isfinite(v) and 0 < v <= 86400):
+        raise argparse.ArgumentTypeError(f"bad timeout {text!r}: want seconds, more than 0 and "
+                                         "at most 86400")
+    return v
 
 
 class _Parser(argparse.ArgumentParser):
@@ -35,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="HOST:PORT, a site directory or a repfs mount point")
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.add_argument("--token-file", help="control token (for a HOST:PORT target)")
+    p.add_argument("--timeout", type=_timeout, default=TIMEOUT, metavar="SECONDS",
+                   help=f"give up when the daemon does not answer a request within this "
+                        f"(default {TIMEOUT:g})")
     sub = p.add_subparsers(dest="verb", required=True, parser_class=_Parser)
     sub.add_parser("status", help="what the site is, how full, its snapshots")
     snap = sub.add_parser("snapshot", help="snapshots of the file system")
@@ -81,10 +100,11 @@ def _parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------- reaching it
 
 class Target:
-    def __init__(self, site=None, address=None, token=None):
+    def __init__(self, site=None, address=None, token=None, timeout: float = TIMEOUT):
         self.site = site
         self.address = address
         self.token = token
+        self.timeout = timeout
 
 
 def _resolve(target: str, token_file: str | None) -> Target:
@@ -103,6 +123,10 @@ def _resolve(target: str, token_file: str | None) -> Target:
         addr = site.control_address()
         token = None
         if addr:
+            from ..control import token_file_problem
+            problem = token_file_problem(site.path / "control.token", owner=False)
+            if problem:
+                raise QuietError(problem)
             try:
                 token = (site.path / "control.token").read_text().strip()
             except OSError as e:
@@ -127,19 +151,30 @@ def _resolve(target: str, token_file: str | None) -> Target:
 
 def call(t: Target, method: str, path: str, body: dict | None = None):
     if t.address is None:
-        raise QuietError(f"site {t.site.path} is not mounted: no daemon to ask "
-                         f"(mount it with: repfs mount {t.site.path} MOUNTPOINT)")
+        raise QuietError(f"no daemon: site {t.site.path} is not mounted (mount it with: "
+                         f"repfs mount {t.site.path} MOUNTPOINT)", NO_DAEMON)
     host, port = t.address
-    conn = http.client.HTTPConnection(host, port, timeout=None)
+    conn = http.client.HTTPConnection(host, port, timeout=t.timeout)
     data = json.dumps(body).encode() if body is not None else None
     headers = {"Authorization": f"Bearer {t.token}", "Content-Type": "application/json"}
     try:
         conn.request(method, "/v1" + path, body=data, headers=headers)
         resp = conn.getresponse()
         raw = resp.read()
+    except TimeoutError:
+        raise QuietError(f"the daemon at {host}:{port} did not answer in {t.timeout:g} s (busy "
+                         "or wedged? see its repfs.log; --timeout SECONDS waits longer)",
+                         NO_ANSWER) from None
+    except ConnectionRefusedError:
+        raise QuietError(f"no daemon at {host}:{port}: nothing listens there (is the site "
+                         "mounted?)", NO_DAEMON) from None
+    except (http.client.HTTPException, ConnectionError) as e:
+        raise QuietError(f"the daemon at {host}:{port} closed the connection without an "
+                         f"answer ({e or type(e).__name__}); see its repfs.log",
+                         NO_ANSWER) from None
     except OSError as e:
         raise QuietError(f"cannot reach the daemon at {host}:{port}: "
-                         f"{e.strerror or e}") from None
+                         f"{e.strerror or e}", NO_DAEMON) from None
     finally:
         conn.close()
     try:
@@ -265,6 +300,7 @@ def _main(argv) -> int:
     a = _parser().parse_args(argv)
     a.json = want_json
     t = _resolve(a.site, a.token_file)
+    t.timeout = a.timeout
     out = None
     if a.verb == "status":
         out = call(t, "GET", "/status") if t.address or t.site is None else offline_status(t.site)
