@@ -8,6 +8,8 @@ import struct
 
 import pytest
 import xxhash
+from hypothesis import given
+from hypothesis import strategies as st
 
 from repfs.fs import format as fmt
 from repfs.fs.format import (
@@ -271,6 +273,72 @@ def test_xattr_many_small():
         i += 1
     assert len(attrs) > 200
     assert unpack_xattrs(pack_xattrs(attrs)) == attrs
+
+
+def test_xattr_v2_stream_roundtrip_and_root():
+    attrs = {b"user.a": b"", b"user.big": bytes(65536), b"trusted.x": b"\0" * 3,
+             b"security.selinux": b"system_u:object_r:tmp_t:s0\0"}
+    stream = fmt.pack_xattr_stream(attrs)
+    assert len(stream) == sum(fmt.XATTR_ENTRY_HDR + len(k) + len(v) for k, v in attrs.items())
+    assert list(fmt.unpack_xattr_stream(stream, len(attrs)).items()) == list(attrs.items())
+    root = fmt.XattrRoot(count=4, length=len(stream), names=fmt.xattr_list_size(attrs),
+                         map=list(range(100, 115)))
+    buf = root.pack(stream)
+    assert len(buf) == BLOCK_SIZE and fmt.is_xattr_root(buf)
+    assert fmt.XattrRoot.unpack(buf) == root
+    assert bytes(fmt.xattr_inline(buf)) == stream[: fmt.XATTR_INLINE]
+    assert root.file_blocks == -(-(len(stream) - fmt.XATTR_INLINE) // BLOCK_SIZE)
+    assert fmt.xattr_file_blocks(fmt.XATTR_INLINE) == 0
+    assert fmt.xattr_file_blocks(fmt.XATTR_INLINE + 1) == 1
+
+
+def test_xattr_v1_block_is_never_taken_for_a_v2_root():
+    # the magic's bytes 2-3, read as version 1's "bytes used", exceed any block's capacity
+    assert struct.unpack_from("<H", fmt.XATTR_MAGIC, 2)[0] > XATTR_CAPACITY
+    full = pack_xattrs({b"user.x": b"v" * (XATTR_CAPACITY - 3 - 6)})
+    assert not fmt.is_xattr_root(full) and not fmt.is_xattr_root(pack_xattrs({}))
+    with pytest.raises(FormatError):
+        fmt.XattrRoot.unpack(full)
+
+
+@pytest.mark.parametrize("cut", [1, 4, 5, 7, 30])
+def test_xattr_v2_stream_damage_is_a_format_error(cut):
+    stream = fmt.pack_xattr_stream({b"user.a": b"1" * 20, b"user.b": b"2"})
+    with pytest.raises(FormatError):
+        fmt.unpack_xattr_stream(stream[:-cut], 2)
+    with pytest.raises(FormatError):  # more bytes than the entries take
+        fmt.unpack_xattr_stream(stream + b"\0" * cut, 2)
+    with pytest.raises(FormatError):  # a name twice
+        fmt.unpack_xattr_stream(fmt.pack_xattr_stream({b"user.a": b""}) * 2, 2)
+
+
+@given(st.binary(max_size=600), st.integers(0, 40))
+def test_xattr_v2_stream_decoder_fuzz(raw, count):
+    try:
+        attrs = fmt.unpack_xattr_stream(raw, count)
+    except FormatError:
+        return
+    assert len(attrs) == count
+    assert fmt.pack_xattr_stream(attrs) == raw
+
+
+@given(st.binary(max_size=120), st.booleans())
+def test_xattr_root_decoder_fuzz(raw, with_magic):
+    raw = raw.ljust(BLOCK_SIZE, b"\0")
+    if with_magic:
+        raw = fmt.XATTR_MAGIC + raw[4:]
+    try:
+        root = fmt.XattrRoot.unpack(raw)
+    except FormatError:
+        assert not with_magic
+        return
+    assert len(root.map) == 15 and root.file_blocks >= 0
+
+
+def test_version_1_volumes_are_read():
+    assert fmt.READABLE_VERSIONS == (1, 2) and FORMAT_VERSION == 2
+    sb = Superblock.unpack(_sample_sb(version=1).pack())
+    assert sb.version == 1
 
 
 # ------------------------------------------------------------------------- directories

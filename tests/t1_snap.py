@@ -850,3 +850,63 @@ def test_bad_snapshot_names(tmp_path):
     finally:
         fs.close()
         layer.close()
+
+
+def test_snapshot_keeps_the_old_xattrs(tmp_path):
+    """Extended attributes live in volume blocks (the root block and the xattr file): a
+    snapshot keeps them as they were, while the live file system changes, removes and frees
+    them, and snapshot diff sees a change in any of their blocks."""
+    from repfs.snap.diff import changed_paths
+    site, fs, layer = _site(tmp_path, size=32 << 20)
+    try:
+        rng = random.Random(11)
+        f = _mkfile(fs, b"f", b"data")
+        g = _mkfile(fs, b"g", b"gone")
+        old = {b"user.s%03d" % i: b"small %d" % i for i in range(300)}
+        old[b"user.big"] = rng.randbytes(65536)
+        old[b"trusted.t"] = rng.randbytes(9000)
+        for k, v in old.items():
+            fs.setxattr(f, k, v)
+        fs.setxattr(g, b"user.g", rng.randbytes(40000))
+        fs.checkpoint()
+        s1 = layer.store.create("S1")
+        # change a value in place (same size: only its blocks), remove, add, and free g's
+        # blocks, then let new xattrs reuse them
+        new = dict(old)
+        new[b"user.big"] = rng.randbytes(65536)
+        for k in list(new)[:100]:
+            del new[k]
+        new[b"user.added"] = b"after the snapshot"
+        fs.setxattr(f, b"user.big", new[b"user.big"])
+        for k in list(old)[:100]:
+            fs.removexattr(f, k)
+        fs.setxattr(f, b"user.added", new[b"user.added"])
+        fs.unlink(ROOT_INO, b"g")
+        fs.checkpoint()
+        h = _mkfile(fs, b"h", b"")
+        fs.setxattr(h, b"user.h", rng.randbytes(65536))
+        fs.checkpoint()
+        s2 = layer.store.create("S2")
+        sfs = snap_fs(layer, s1)
+        assert {k: sfs.getxattr(f, k) for k in sfs.listxattr(f)} == old
+        assert len(sfs.getxattr(g, b"user.g")) == 40000
+        assert fsck(sfs).clean
+        assert {k: fs.getxattr(f, k) for k in fs.listxattr(f)} == new
+        # a change only in the xattr file's blocks (same inode record: ctime put back, root
+        # block unchanged) makes the file 'modified' in the diff
+        ctime = fs.getattr(f).ctime_ns
+        fs.setxattr(f, b"user.big", rng.randbytes(65536))
+        fs.setattr(f, ctime_ns=ctime)
+        fs.checkpoint()
+        s3 = layer.store.create("S3")
+        changed = set()
+        for page, acc in layer.changed_pages(s2, s3):
+            changed.update(((acc & layer._used(s3, page)).nonzero()[0] + page * 32768).tolist())
+        a, b = snap_fs(layer, s2), snap_fs(layer, s3)
+        assert a.getattr(f).ctime_ns == b.getattr(f).ctime_ns
+        assert a.getattr(f).xattr == b.getattr(f).xattr
+        assert a.meta.read(a.getattr(f).xattr) == b.meta.read(b.getattr(f).xattr)
+        assert {"path": "/f", "change": "modified"} in changed_paths(a, b, changed)
+    finally:
+        fs.close()
+        layer.close()
