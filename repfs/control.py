@@ -393,8 +393,8 @@ class ControlServer:
                 ConnectionError):
             pass  # the peer went away or does not read its replies
 
-    async def _receive(self, conn, stream) -> None:
-        data = await stream.receive_some(65536)
+    async def _receive(self, conn, stream, size: int = 65536) -> None:
+        data = await stream.receive_some(size)
         conn.receive_data(data)  # b"" is the peer's end of stream
 
     async def _read_head(self, conn, stream, idle: float):
@@ -433,7 +433,7 @@ class ControlServer:
                 while True:
                     event = conn.next_event()
                     if event is h11.NEED_DATA:
-                        await self._receive(conn, stream)
+                        await self._receive(conn, stream, 1 << 20)  # (large reads: uploads)
                     elif isinstance(event, h11.Data):
                         body += event.data
                         if len(body) > limit:

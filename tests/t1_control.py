@@ -54,6 +54,15 @@ def _num_ok(v) -> bool:
     return v is None or (type(v) in (int, float) and math.isfinite(v) and v >= 0)
 
 
+class _Either(dict):
+    """A reply that works whether the control port awaits the verb or calls it plainly (the
+    receiver verbs are becoming async)."""
+
+    def __await__(self):
+        return self
+        yield  # noqa: unreachable - makes this a generator
+
+
 class _Part:
     def __init__(self, calls: list, name: str):
         self._calls, self._name = calls, name
@@ -111,23 +120,26 @@ class Secondary(_Part):
     def info(self):
         return self._call("info", True)
 
-    async def attach(self, primary, generation):
+    async def attach(self, primary, generation, *more):  # (more: volume size, force)
         return self._call("attach", isinstance(primary, dict) and type(generation) is int
-                          and 0 <= generation <= U64_MAX, primary, generation)
+                          and 0 <= generation <= U64_MAX
+                          and all(type(x) in (int, bool) for x in more), primary, generation)
 
     async def copy(self, body):
         return self._call("copy", isinstance(body, bytes) and len(body) <= MAX_BINARY_BODY,
                           len(body))
 
-    async def start_playback(self, after):
-        return self._call("start_playback", type(after) is int and 0 <= after <= U64_MAX, after)
+    async def start_playback(self, after, *more):  # (more: generation, blocks)
+        return self._call("start_playback", type(after) is int and 0 <= after <= U64_MAX
+                          and all(type(x) is int and x >= 0 for x in more), after)
 
     def chunk(self, body):
-        return self._call("chunk", isinstance(body, bytes) and len(body) <= MAX_BINARY_BODY,
-                          len(body))
+        return _Either(self._call("chunk", isinstance(body, bytes)
+                                  and len(body) <= MAX_BINARY_BODY, len(body)))
 
     def commit(self, args):
-        return self._call("commit", isinstance(args.get("header"), str), args.get("header"))
+        return _Either(self._call("commit", isinstance(args.get("header"), str),
+                                  args.get("header")))
 
 
 class FakeSite:
