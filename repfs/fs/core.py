@@ -39,7 +39,7 @@ from .format import (
     Inode, Superblock, clamp_time_ns,
 )
 from .journal import Journal
-from .xattrs import XATTR_CREATE, XATTR_REPLACE, Xattrs  # noqa: F401 (re-exported)
+from .xattrs import Xattrs
 
 log = logging.getLogger(__name__)
 BS = BLOCK_SIZE
@@ -414,14 +414,18 @@ class FileSystem:
     # ================================================================= data
 
     RELATIME_NS = 24 * 3600 * 10**9
+    # what a read does to atime (the mount options relatime, noatime, strictatime; FUSE leaves
+    # access times to the file system)
+    atime_mode = "relatime"
 
     def _touch_atime(self, inode: Inode) -> None:
         """relatime, as Linux mounts by default: update atime when it is older than mtime or
-        ctime, or more than a day old."""
-        if self.readonly:
+        ctime, or more than a day old; noatime: never; strictatime: on every read."""
+        if self.readonly or self.atime_mode == "noatime":
             return
         now = _now()
-        if (inode.atime_ns <= inode.mtime_ns or inode.atime_ns <= inode.ctime_ns
+        if (self.atime_mode == "strictatime"
+                or inode.atime_ns <= inode.mtime_ns or inode.atime_ns <= inode.ctime_ns
                 or now - inode.atime_ns > self.RELATIME_NS):
             inode.atime_ns = now
             self._dirty(inode)

@@ -139,10 +139,12 @@ class Xattrs:
         return dict(self._read(inode).attrs)
 
     def get(self, inode, name: bytes) -> bytes | None:
+        if not inode.xattr:  # the common case: the kernel asks for security.capability
+            return None      # before every write
         return self._state(inode).attrs.get(name)
 
     def names(self, inode) -> list[bytes]:
-        return list(self._state(inode).attrs)
+        return list(self._state(inode).attrs) if inode.xattr else []
 
     def blocks(self, inode) -> np.ndarray:
         """Every block the inode's attributes occupy: the root, the xattr file's indirect and
