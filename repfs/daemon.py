@@ -63,10 +63,12 @@ def setup_logging(path: str | None, level=logging.INFO) -> None:
     root.setLevel(level)
 
 
-async def _commit_loop(ops: Operations, interval: float) -> None:
+async def _commit_loop(ops: Operations, interval: float, sup) -> None:
     while True:
         await trio.sleep(interval)
-        await ops.commit()
+        if ops.core.error is None:  # after a failed commit the file system is read-only
+            await ops.commit()
+            sup.ok("commit")
 
 
 async def _signal_loop() -> None:
@@ -82,13 +84,18 @@ async def _serve(service, interval: float, control_sock, token: str) -> None:
     ops = service.ops
     async with trio.open_nursery() as nursery:
         await service.run(nursery)
-        nursery.start_soon(_commit_loop, ops, interval)
+        nursery.start_soon(service.supervisor.run, "commit", _commit_loop, ops, interval,
+                           service.supervisor)
         nursery.start_soon(_signal_loop)
         nursery.start_soon(ControlServer(service, token).serve, control_sock)
         await pyfuse3.main()
         await service.mounts.close_all()
         nursery.cancel_scope.cancel()
-    await ops.commit()
+    if ops.core.error is None:
+        try:
+            await ops.commit()
+        except OSError:  # logged by the core, which turned read-only: the redo log and the
+            pass         # volume keep every commit that completed
 
 
 def serve(site: Site, mountpoint: str, *, readonly: bool = False, writeback_cache: bool = False,
@@ -146,11 +153,18 @@ def serve(site: Site, mountpoint: str, *, readonly: bool = False, writeback_cach
             pyfuse3.close(unmount=not unmounted)
         except Exception:  # noqa: BLE001 - best effort while going down
             log.exception("closing the FUSE session")
-        ops.core.close()
+        try:
+            ops.core.close()
+        except Exception as e:  # noqa: BLE001 - the redo log replays what it holds at mount
+            log.error("closing the file system of %s: %s", site.path, e)
         ops.core.dev.close()
         site.clear_pid()
         site.unlock()
-        log.info("unmounted %s; volume checkpointed", site.path)
+        if ops.core.error is not None:
+            log.info("unmounted %s; it had turned read-only after an error (%s): the next "
+                     "mount replays the redo log", site.path, ops.core.error)
+        else:
+            log.info("unmounted %s; volume checkpointed", site.path)
 
 
 def daemonize_and_serve(site: Site, mountpoint: str, *, log_file: str | None, **kw) -> str | None:

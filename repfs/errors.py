@@ -17,7 +17,6 @@ prints the message.
 from __future__ import annotations
 
 KINDS = ("invalid", "not_found", "conflict", "busy", "failed")
-_LEGACY = {400: "invalid", 404: "not_found", 409: "conflict", 503: "busy", 500: "failed"}
 
 
 class DomainError(Exception):
@@ -28,8 +27,6 @@ class DomainError(Exception):
     def __init__(self, message: str, kind: str | None = None):
         super().__init__(message)
         kind = self.default_kind if kind is None else kind
-        if isinstance(kind, int):  # transitional: call sites not yet converted from statuses
-            kind = _LEGACY.get(kind, "failed")
         if kind not in KINDS:
             raise ValueError(f"unknown error kind {kind!r} (one of {', '.join(KINDS)})")
         self.kind = kind

@@ -28,6 +28,7 @@ from .snap.layer import SnapLayer
 from .snap.mounts import SnapshotMounts
 from .snap.store import SnapError
 from .snap.verbs import SnapshotVerbs
+from .tasks import Supervisor
 from .repl.deltaset import DeltaSets
 from .repl.receiver import Receiver
 from .repl.secondary import Secondary
@@ -46,6 +47,7 @@ class SiteService:
         self.readonly = readonly
         self.started = time.time()
         self.nursery: trio.Nursery | None = None
+        self.supervisor = Supervisor()  # the background tasks: contained, shown in status
         env = self.store.env
         self.receiver = Receiver(env, site.path)
         self.primary: Primary | None = None
@@ -64,7 +66,7 @@ class SiteService:
         if self.primary is not None:
             await self.primary.run(nursery)
         else:
-            nursery.start_soon(self.secondary.playback_loop)
+            nursery.start_soon(self.supervisor.run, "playback", self.secondary.playback_loop)
 
     @property
     def core(self) -> FileSystem:
@@ -90,5 +92,8 @@ class SiteService:
         return site_status(self)
 
     def check_writable(self) -> None:
+        if self.core.error is not None:
+            raise SnapError(f"the file system turned read-only after an error "
+                            f"({self.core.error}); remount the site", 409)
         if self.readonly:
             raise SnapError("the site is mounted read-only", 409)

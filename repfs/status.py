@@ -16,9 +16,15 @@ def site_status(svc) -> dict:
         "site": str(svc.site.path),
         "label": sb.label,
         "uuid": sb.uuid.hex(),
-        "state": "mounted",
+        "state": "mounted" if core.error is None else "read-only after an error",
         "mountpoint": svc.mountpoint,
-        "readonly": svc.readonly,
+        "readonly": svc.readonly or core.error is not None,
+        # errors=remount-ro: why the file system turned read-only, and when (None: it did not)
+        "fs_error": core.error,
+        "fs_error_at": iso(core.error_ns),
+        # every background task: state (running, retrying, recovering, stopped, done), its
+        # last error and when, how many errors and restarts (repfs/tasks.py)
+        "tasks": svc.supervisor.report(),
         "pid": os.getpid(),
         "volume_bytes": sb.nblocks * 4096,
         "used_bytes": (st["f_blocks"] - st["f_bfree"]) * 4096,

@@ -263,8 +263,21 @@ def _print_status(st: dict) -> None:
         rows.append(("snapshots", str(len(st["snapshots"]))))
         rows.append(("save volumes", f"{_human(st['save_used_bytes'])} used of "
                                      f"{_human(st['save_capacity_bytes'])}"))
+    if st.get("fs_error"):  # errors=remount-ro: say so first
+        rows.insert(3, ("FILE SYSTEM", f"READ-ONLY after an error at {st['fs_error_at']}: "
+                                       f"{st['fs_error']}; remount the site"))
     for k, v in rows:
         print(f"{k:13s} {v}")
+    tasks = st.get("tasks") or {}
+    if any(t["last_error"] or t["state"] not in ("running", "done") for t in tasks.values()):
+        print()
+        rows = [[name, t["state"], t["errors"],
+                 f"{t['last_error']} (at {t['last_error_at']})" if t["last_error"] else "-"]
+                for name, t in tasks.items()]
+        print(_table(rows, ["TASK", "STATE", "ERRORS", "LAST ERROR"]))
+    for q in st.get("quarantined_delta_sets") or []:
+        print(f"delta set {q['delta_set']} quarantined at {q['at']} ({q['reason']}); kept in "
+              f"{q['file']}, asked for again")
     if st.get("destinations"):
         print()
         rows = []

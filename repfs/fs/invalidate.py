@@ -25,9 +25,11 @@ async def volume_changes(ops, apply, prepare):
         core = ops.core
         extents = await trio.to_thread.run_sync(prepare)
         watch = InvalidationPlan(core, extents)
-        result = await trio.to_thread.run_sync(apply)
-        core.reload()
-        entries, inodes = watch.finish(core)
+        try:
+            result = await trio.to_thread.run_sync(apply)
+        finally:  # a failed change may have written part of the volume: never serve stale
+            core.reload()
+            entries, inodes = watch.finish(core)
     await trio.to_thread.run_sync(invalidate_all, entries, inodes)
     return result
 

@@ -263,6 +263,24 @@ class ChangeLogLayer(Layer):
         txn.drop(self.db_old, delete=False)
         self.old = None
 
+    def unswap(self, txn, first_change_ns: int) -> None:
+        """Undo a swap whose delta set could not be made (its chunk file failed): every block
+        of the old table as it was at the cut (kept in LMDB until the delta set is complete)
+        is marked in the new table again, written in `txn`. Over-marks the blocks a priority
+        copy took out meanwhile (allowed), never under-marks. Call under `lock`."""
+        old = PagedBits()
+        old.load(txn, self.db_old)
+        self.new.merge(old)
+        self.new.save_all(txn, self.db_new)
+        txn.drop(self.db_old, delete=False)
+        self.old = None
+        self.changed_blocks = self.new.count()
+        if first_change_ns and (not self.first_change_ns or first_change_ns < self.first_change_ns):
+            self.first_change_ns = first_change_ns
+        if self.changed_blocks and not self.first_change_ns:
+            self.first_change_ns = time.time_ns()
+        txn.put(b"first_change_ns", K.u64(self.first_change_ns), db=self.db_ctx)
+
     def disable(self) -> None:
         """Stop logging and forget the log (no destinations left)."""
         with self.lock:

@@ -99,9 +99,15 @@ class ChunkWriter:
 
     def abandon(self) -> None:
         if self.fd >= 0:
-            os.close(self.fd)
+            try:
+                os.close(self.fd)
+            except OSError:  # EIO at the close of a failing file: it is dropped anyway
+                pass
             self.fd = -1
-        self.path.unlink(missing_ok=True)
+        try:
+            self.path.unlink(missing_ok=True)
+        except OSError as e:  # a later cut of the same number truncates it
+            log.warning("cannot remove %s: %s", self.path, e.strerror)
 
 
 
@@ -120,6 +126,12 @@ class DeltaSets:
         self.writer_lock = threading.Lock()  # order: change-log lock, then this one
         self.cut_started = 0.0
         self.copied_blocks = 0  # counters for rates
+        # A chunk file that fails (EIO, ENOSPC of the host file system) makes the delta set
+        # being cut impossible: `broken` says why (a priority copy must not fail a user's
+        # write), the cut is dropped (abandon_cut) and the next one waits `cut_backoff`.
+        self.broken: BaseException | None = None
+        self.cut_backoff = 0.0
+        self.cut_not_before = 0.0
         self._recover()
 
     # ------------------------------------------------------------------ context
@@ -205,12 +217,45 @@ class DeltaSets:
                     "first_change_ns": first, "cut_ns": time.time_ns(), "ready_ns": 0,
                 })
                 self.ctx_put("last_cut", K.u64(n), txn)
-            self.writer = ChunkWriter(self.dir / f"{n}.ds", self.generation, n)
+            try:
+                self.writer = ChunkWriter(self.dir / f"{n}.ds", self.generation, n)
+            except Exception:
+                self.abandon_cut()
+                raise
             self.clog.priority_copy = self._priority_copy
             self.cut_started = time.monotonic()
         if not old:
-            self.finish_if_done()
+            try:
+                self.finish_if_done()
+            except Exception:
+                self.abandon_cut()
+                raise
         return n
+
+    def abandon_cut(self) -> None:
+        """The delta set being cut cannot be made (its chunk file failed): drop it, as the
+        recovery after a crash does, and mark all its blocks in the change log again, so the
+        next cut ships them. Nothing is lost; the next cut waits a growing back-off."""
+        with self.clog.lock:
+            with self.writer_lock:
+                w, self.writer = self.writer, None
+                if w is not None:
+                    w.abandon()
+            self.clog.priority_copy = None
+            self.broken = None
+            n = self.last_cut
+            rec = self.record(n)
+            with self.env.begin(write=True) as txn:
+                if self.clog.old is not None:
+                    self.clog.unswap(txn, rec.get("first_change_ns", 0) if rec else 0)
+                if rec is not None and rec["state"] == "cutting":
+                    txn.delete(K.u64(n), db=self.db_sets)
+                    self._drop_bits(txn, n)
+                    self.ctx_put("last_cut", K.u64(n - 1), txn)
+            self.cut_backoff = min(30.0, max(0.5, self.cut_backoff * 2))
+            self.cut_not_before = time.monotonic() + self.cut_backoff
+        log.info("delta set %d dropped: its blocks are in the change log again; the next cut "
+                 "in %.1f s", n, self.cut_backoff)
 
     def _read_blocks(self, blocks: np.ndarray) -> bytes:
         parts = []
@@ -228,12 +273,26 @@ class DeltaSets:
         self.clog.old.clear_blocks(blocks)
         self.copied_blocks += len(blocks)
         with self.writer_lock:
-            self.writer.add(blocks, data)
+            if self.broken is None:
+                try:
+                    self.writer.add(blocks, data)
+                except Exception as e:  # noqa: BLE001 - the copy task drops the cut
+                    self.broken = e
 
     def copy_step(self) -> bool:
         """Copy a few megabytes of the old table into the delta set; True when it is done.
         Runs in a worker thread. Only reading the blocks and clearing their bits holds the
-        change-log lock (writers wait for that much); chunking and writing do not."""
+        change-log lock (writers wait for that much); chunking and writing do not. If the
+        chunk file fails, the cut is dropped (abandon_cut) and the error raised."""
+        try:
+            if self.broken is not None:
+                raise self.broken
+            return self._copy_step()
+        except Exception:
+            self.abandon_cut()
+            raise
+
+    def _copy_step(self) -> bool:
         with self.clog.lock:
             old = self.clog.old
             if old is None:
@@ -269,6 +328,7 @@ class DeltaSets:
                 self.clog.old_done(txn)
             self.clog.priority_copy = None
             self.writer = None
+            self.cut_backoff = 0.0
         log.info("delta set %d ready: %d blocks in %d chunks (%.2f s after the cut)",
                  hdr.delta_set, hdr.blocks, hdr.chunks, time.monotonic() - self.cut_started)
 

@@ -77,7 +77,7 @@ class Secondary:
         try:
             header = bytes.fromhex(args.get("header", ""))
         except ValueError:
-            raise ReceiveError("the header is not hex", 400) from None
+            raise ReceiveError("the header is not hex", "invalid") from None
         out = self.receiver.commit(header, args)
         self.wake.set()
         return out

@@ -145,6 +145,7 @@ class Primary:
         self.stall_ms: list[float] = []
         self.sent_bytes = 0
         self.rate_window: list[tuple[float, int]] = []
+        self.sup = service.supervisor  # contains, logs, shows and retries task failures
         self.clog.enabled = any(d["state"] != "stopped" for d in self.dests())
 
     # ------------------------------------------------------------------ state
@@ -182,8 +183,8 @@ class Primary:
     # ------------------------------------------------------------------ loops
 
     async def run(self, nursery) -> None:
-        nursery.start_soon(self._cut_loop)
-        nursery.start_soon(self._copy_loop)
+        nursery.start_soon(self.sup.run, "cut", self._cut_loop)
+        nursery.start_soon(self.sup.run, "background copy", self._copy_loop)
         for d in self.dests():
             if d["state"] != "stopped":
                 self.start_sender(nursery, d["name"])
@@ -195,6 +196,8 @@ class Primary:
             await trio.sleep(0.1)
             if not self.clog.enabled or self.sets.cutting:
                 continue
+            if time.monotonic() < self.sets.cut_not_before:
+                continue  # the last delta set failed to be made: back off
             if self.sets.flow_control():
                 if not self.flow_control:
                     log.warning("chunk area full (%d bytes): cutting paused until destinations "
@@ -207,6 +210,7 @@ class Primary:
             age = (time.time_ns() - self.clog.first_change_ns) / 1e9 if changed else 0
             if changed and (changed >= p["hwm"] or age >= p["timeout"]):
                 await self.cut()
+                self.sup.ok("cut")
 
     async def cut(self) -> int:
         """Cut the accumulating delta set at a consistency point (writers pause only for the
@@ -227,8 +231,11 @@ class Primary:
             await self.copy_needed.wait()
             self.copy_needed = trio.Event()
             while self.sets.cutting:
+                # a failing chunk file drops the cut (copy_step) and raises: contained by
+                # the supervisor; the blocks are in the change log again for the next cut
                 if await trio.to_thread.run_sync(self.sets.copy_step):
                     break
+            self.sup.ok("background copy")
             self.work.set()
             self.work = trio.Event()
 
@@ -237,11 +244,22 @@ class Primary:
     def start_sender(self, nursery, name: str) -> None:
         scope = trio.CancelScope()
         self.tasks[name] = scope
-        nursery.start_soon(self._send_task, name, scope)
+        nursery.start_soon(self._supervised_send, name, scope)
 
-    async def _send_task(self, name: str, scope: trio.CancelScope) -> None:
+    async def _supervised_send(self, name: str, scope: trio.CancelScope) -> None:
+        # `replicate stop` cancels the scope; any other failure (a chunk file that cannot be
+        # read, a damaged record) is contained, shown in status and retried
         with scope:
-            client = ReceiverClient(self.dest(name)["site"])
+            await self.sup.run(f"send {name}", self._send_task, name)
+        self.sup.stopped(f"send {name}")
+
+    async def _send_task(self, name: str) -> None:
+        task = f"send {name}"
+        d = self.dest(name)
+        if d is None:
+            return
+        client = ReceiverClient(d["site"])
+        try:
             backoff = 0.2
             last_error = None
             while True:
@@ -252,8 +270,10 @@ class Primary:
                     if d["state"] == "initial-copy":
                         await trio.to_thread.run_sync(self._initial_copy, client, name)
                         await self.service.snapshots.delete(d["snapshot"], internal=True)
+                        self.sup.ok(task)
                         continue
                     sent = await trio.to_thread.run_sync(self._send_next, client, name)
+                    self.sup.ok(task)
                     if last_error:
                         log.info("destination %s: reachable again", name)
                         last_error = None
@@ -265,6 +285,7 @@ class Primary:
                         with trio.move_on_after(0.5):
                             await self.work.wait()
                 except (TransientError, RejectedError) as e:
+                    self.sup.error(task, e, transient=True, quiet=True)  # logged here
                     if str(e) != last_error:
                         log.info("destination %s: %s (retrying)", name, e)
                         last_error = str(e)
@@ -276,12 +297,15 @@ class Primary:
                     await trio.sleep(backoff)
                     backoff = min(backoff * 2, 2.0)
                 except PermanentError as e:
+                    self.sup.error(task, e, transient=False, quiet=True)  # logged here
                     log.error("destination %s: %s; replication to it stopped", name, e)
                     d = self.dest(name)
                     d["state"] = "error"
                     d["error"] = str(e)
                     self.put_dest(d)
                     return
+        finally:
+            client.close()
 
     def _initial_copy(self, client: ReceiverClient, name: str) -> None:
         """Copy the valid extents of the stamped snapshot (FIG. 11), resuming at copy_pos."""
@@ -335,10 +359,14 @@ class Primary:
         d["acked"], d["played"] = info["last_received"], info["last_played"]
         if changed:
             self.put_dest(d)
-        n = d["acked"] + 1
+            self._prune()  # played further: chunk files may go
+        n = d["acked"] + 1  # behind what it acked before if it quarantined a delta set
         rec = self.sets.record(n)
         if rec is None or rec["state"] != "ready":
             return False
+        if not rec.get("file", True):
+            raise PermanentError(f"{d['site']} asks for delta set {n} again, which this site "
+                                 f"no longer holds; resync it")
         raw = self.sets.path(n).read_bytes()
         skip = 0
         if info.get("partial") and info["partial"]["delta_set"] == n:
@@ -362,9 +390,11 @@ class Primary:
         return True
 
     def _prune(self) -> None:
+        # Chunk files stay until every destination has *played* them, not only received
+        # them: a secondary that finds a received delta set damaged asks for it again.
         active = [d for d in self.dests() if d["state"] != "stopped"]
-        acked = min((d["acked"] for d in active), default=self.sets.last_cut)
-        self.sets.prune(acked, self.policy()["retention"])
+        played = min((d["played"] for d in active), default=self.sets.last_cut)
+        self.sets.prune(played, self.policy()["retention"])
 
     # ------------------------------------------------------------------ reporting
 

@@ -20,7 +20,7 @@ class ReplicateVerbs:
 
     def _need_primary(self) -> Primary:
         if self.svc.primary is None:
-            raise SnapError("this site is a secondary; run this on its primary", 409)
+            raise SnapError("this site is a secondary; run this on its primary", "conflict")
         return self.svc.primary
 
     async def start(self, to: str, *, force: bool = False, name: str | None = None):
@@ -29,34 +29,35 @@ class ReplicateVerbs:
         svc.check_writable()
         target = svc.peer(to)
         if not target.volume_path.is_file():
-            raise SnapError(f"{to} is not a repfs site (make it with repfs mkfs)", 400)
+            raise SnapError(f"{to} is not a repfs site (make it with repfs mkfs)", "invalid")
         if target.path == svc.site.path:
-            raise SnapError("a site cannot replicate to itself", 400)
+            raise SnapError("a site cannot replicate to itself", "invalid")
         name = name or target.path.name
         old = p.dest(name)
         if old and old["state"] not in ("stopped", "error") and not force:
-            raise SnapError(f"already replicating to {name} ({old['state']})", 409)
+            raise SnapError(f"already replicating to {name} ({old['state']})", "conflict")
         client = ReceiverClient(str(target.path))
         try:
             info = await trio.to_thread.run_sync(client.info)
         except (TransientError, PermanentError) as e:
             raise SnapError(f"cannot reach the daemon of {to}: {e} (mount it first: "
-                            f"repfs mount {to} MOUNTPOINT)", 409) from None
+                            f"repfs mount {to} MOUNTPOINT)", "conflict") from None
         me = {"uuid": svc.core.sb.uuid.hex(), "site": str(svc.site.path)}
         if svc.peer(info["site"]).path == svc.site.path:  # (a replica shares the volume uuid)
-            raise SnapError("the target is this very site", 400)
+            raise SnapError("the target is this very site", "invalid")
         if not force:
             if info["role"] == "secondary" and info["state"] != "stopped":
                 raise SnapError(f"{to} is already a replicating secondary; --force replaces "
-                                "its content", 409)
+                                "its content", "conflict")
             if info.get("root_entries"):
-                raise SnapError(f"{to} holds files; --force replaces its content", 409)
+                raise SnapError(f"{to} holds files; --force replaces its content", "conflict")
             if info["role"] == "primary" and info.get("destinations"):
-                raise SnapError(f"{to} is itself replicating; --force replaces its content", 409)
+                raise SnapError(f"{to} is itself replicating; --force replaces its content",
+                                "conflict")
         try:
             await trio.to_thread.run_sync(client.attach, me, p.sets.generation, force)
         except (TransientError, PermanentError) as e:
-            raise SnapError(f"{to} refused to become a secondary: {e}", 409) from None
+            raise SnapError(f"{to} refused to become a secondary: {e}", "conflict") from None
         finally:
             client.close()
         snap_name = f"repl-init-{name}"
@@ -90,7 +91,7 @@ class ReplicateVerbs:
         for n in names:
             d = p.dest(n)
             if d is None:
-                raise SnapError(f"no destination named {n!r}", 404)
+                raise SnapError(f"no destination named {n!r}", "not_found")
             scope = p.tasks.pop(n, None)
             if scope is not None:
                 scope.cancel()
@@ -120,11 +121,11 @@ class ReplicateVerbs:
         svc = self.svc
         p = self._need_primary()
         if not svc.clog.enabled:
-            raise SnapError("replication is not running (replicate start --to SITE)", 409)
+            raise SnapError("replication is not running (replicate start --to SITE)", "conflict")
         if p.sets.flow_control():
             raise SnapError("the chunk area is full (flow control): cutting is paused until "
                             "the destinations catch up; every change stays in the change log",
-                            409)
+                            "conflict")
         n = await p.cut()
         if wait:
             while p.sets.record(n)["state"] != "ready":

@@ -36,7 +36,7 @@ class SnapshotMounts:
                         await trio.sleep(0.02)
         if name in self.active:
             raise SnapError(f"snapshot {name!r} is mounted at "
-                            f"{self.active[name]['mountpoint']}; unmount it first", 409)
+                            f"{self.active[name]['mountpoint']}; unmount it first", "conflict")
 
     async def mount(self, name: str, mountpoint: str) -> dict:
         from ..daemon import MountError, check_mountpoint
@@ -44,7 +44,7 @@ class SnapshotMounts:
         snap = svc.store.find(name)
         if name in self.active:
             raise SnapError(f"snapshot {name!r} is already mounted at "
-                            f"{self.active[name]['mountpoint']}", 409)
+                            f"{self.active[name]['mountpoint']}", "conflict")
         try:
             mp = check_mountpoint(mountpoint)
         except MountError as e:
@@ -73,7 +73,7 @@ class SnapshotMounts:
             self.active.pop(name, None)
             proc.kill()
             raise SnapError(f"cannot mount snapshot {name!r}: {msg or 'the mount helper died'}",
-                            500)
+                            "failed")
         log.info("snapshot %s mounted at %s (pid %d)", name, mp, proc.pid)
         return {"mounted": name, "mountpoint": mp, "pid": proc.pid}
 
