@@ -1391,6 +1391,17 @@ def test_fsck_finds_damaged_xattrs(make_fs):
     ro = make_fs.reopen(fs, readonly=True)
     msgs = [p.message for p in fsck(ro).problems]
     assert any("names" in m for m in msgs), msgs
+    # the xattr file shares a block with a file's data
+    fs = make_fs.reopen(ro)
+    d = mkfile(fs, b"d", b"D" * BS)
+    data_blk = int(fs.bmap.lookup(fs.getattr(d), 0, 1)[0])
+    fs.meta.modify(fs.getattr(f).xattr)[:] = XattrRoot(
+        hdr.count, hdr.length, hdr.names, [data_blk] + hdr.map[1:]).pack(
+        bytes(fs.xattrs._stream(hdr, root)))
+    fs.commit()
+    ro = make_fs.reopen(fs, readonly=True)
+    msgs = [p.message for p in fsck(ro).problems if p.check == "check_block_maps"]
+    assert any("used twice" in m and str(data_blk) in m for m in msgs), msgs
     # put it right so the fixture's final fsck passes
     fs = make_fs.reopen(ro)
     fs.meta.modify(fs.getattr(f).xattr)[:] = root
