@@ -65,6 +65,7 @@ class TaskState:
     retry_at_ns: int = 0
     backoff: float = 0.0
     _logged: str | None = field(default=None, repr=False)
+    _quiet: bool = field(default=False, repr=False)
 
     def report(self) -> dict:
         return {
@@ -99,23 +100,29 @@ class Supervisor:
     def ok(self, name: str) -> None:
         """Task `name` made progress: it has recovered from its last error, if any."""
         st = self.tasks.get(name)
-        if st is not None and st.state == "recovering":
-            log.info("%s: recovered (last error: %s)", name, st.last_error)
+        if st is not None and st.state in ("recovering", "retrying"):
+            if st._logged is not None and not st._quiet:
+                log.info("%s: recovered (last error: %s)", name, st.last_error)
             st.state = "running"
             st.backoff = 0.0
             st._logged = None
 
     def error(self, name: str, exc: BaseException, *, transient: bool,
-              context: str | None = None) -> TaskState:
-        """Record (and log once per distinct error) a failure of task `name`."""
+              context: str | None = None, quiet: bool = False) -> TaskState:
+        """Record (and log once per distinct error, unless the caller logs it: `quiet`) a
+        failure of task `name`."""
         st = self.state(name)
         text = describe(exc)
         st.errors += 1
         st.last_error = text if context is None else f"{context}: {text}"
         st.last_error_ns = time.time_ns()
         st.transient = transient
+        st.state = "retrying"
+        st._quiet = quiet
         if st.last_error != st._logged:
             st._logged = st.last_error
+            if quiet:
+                return st
             if transient:
                 log.warning("%s: %s (transient; retrying with back-off)", name, st.last_error)
             else:
