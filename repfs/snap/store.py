@@ -29,6 +29,7 @@ import numpy as np
 import xxhash
 
 from ..errors import DomainError
+from ..statefile import fsync_dir
 from ..volume import BLOCK_SIZE, pwrite_all
 from . import keys as K
 
@@ -340,6 +341,11 @@ class SnapStore:
         snap.save = SaveVolume(self.save_dir / f"{sid}.save", sid)
         if snap.save.size:  # a leftover of a crashed create: start empty
             snap.save.truncate(0)
+        # the save volume's name must be durable before the snapshot is recorded: else a
+        # power cut loses the file while meta.lmdb indexes before-images in it
+        # (tests/t4_power.py)
+        fsync_dir(self.save_dir)
+        fsync_dir(self.root)
         with self.env.begin(write=True) as txn:
             txn.put(K.snap_key(sid), snap.record(), db=self.db_snaps)
             txn.put(name.encode(), K.snap_key(sid), db=self.db_names)
