@@ -45,13 +45,15 @@ and BACKING/files/.
 Fault injection
 ---------------
 A rule: ``add_fault(path, op, errno="EIO", skip=0, count=None)``. ``path`` is an fnmatch
-glob relative to the mount root (``"site/volume.img"``, ``"site/save/*"``, ``"*"``); ``op`` is
+glob relative to the mount root (``"site/volume.img"``, ``"site/save/*"``, ``"*"``, or
+several joined by ``|``); ``op`` is
 one of OPS below or ``"*"`` (or several joined by ``|``: ``"write|fsync"``); the first ``skip`` matching calls pass, the next ``count`` (None:
 all) fail with ``errno`` (a name like ``"ENOSPC"`` or a number). For ops on names (create,
 mkdir, unlink, rmdir, rename, link, symlink, mknod, lookup) the path is the name's path; a
 rename matches on its old or new path. ``fsync`` covers fsync and fdatasync of files,
 ``fsyncdir`` fsync of directories. A failed write or fsync changes nothing (a failed fsync
-leaves the data non-durable). ``stats()["faults"]`` counts each rule's hits.
+leaves the data non-durable). ``stats()["faults"]`` counts each rule's hits and
+``stats()["seen"]`` the calls it matched (``count=0``: a rule that only counts).
 
 API for tests (the ``PowerFS`` class at the bottom)
 ----------------------------------------------------
@@ -69,7 +71,8 @@ API for tests (the ``PowerFS`` class at the bottom)
     pf.wait_frozen(timeout) -> the cut's result, or None if it did not happen
     pf.clear_faults()
     pf.stats() -> {"pending_files", "pending_writes", "pending_bytes", "pending_entries",
-                   "syncs", "ops": {op: calls}, "faults": {id: hits}, "frozen",
+                   "syncs", "ops": {op: calls}, "faults": {id: hits}, "seen": {id: calls
+                   matched}, "frozen",
                    "cut": what an armed cut dropped and where it hit, or None}
 Control protocol: one JSON object per line over the Unix socket pf.sock, one JSON reply line.
 Run alone: ``python tests/powerfs.py BACKING MOUNTPOINT --control SOCKET``.
@@ -111,7 +114,7 @@ class _Node:
 
 class _Rule:
     def __init__(self, rid, path, op, err, skip, count, cut=None):
-        self.id, self.path, self.err, self.cut = rid, path, err, cut
+        self.id, self.paths, self.err, self.cut = rid, path.split("|"), err, cut
         self.ops = set(op.split("|"))
         self.skip, self.count, self.seen, self.hits = skip, count, 0, 0
 
@@ -222,7 +225,7 @@ class State:
         self.calls[op] = self.calls.get(op, 0) + 1
         for r in self.rules:
             if ((op in r.ops or "*" in r.ops)
-                    and any(fnmatch.fnmatchcase(p, r.path) for p in paths)):
+                    and any(fnmatch.fnmatchcase(p, g) for p in paths for g in r.paths)):
                 r.seen += 1
                 if r.seen > r.skip and (r.count is None or r.seen <= r.skip + r.count):
                     r.hits += 1
@@ -441,7 +444,8 @@ class State:
                 "pending_bytes": sum(len(op[2] or b"") for n in files for op in n.ops),
                 "pending_entries": len(self.log), "syncs": self.syncs,
                 "ops": dict(self.calls), "frozen": self.frozen, "cut": self.cut_result,
-                "faults": {r.id: r.hits for r in self.rules}}
+                "faults": {r.id: r.hits for r in self.rules},
+                "seen": {r.id: r.seen for r in self.rules}}
 
     def add_fault(self, path: str, op: str, err="EIO", skip: int = 0,
                   count: int | None = None, cut: tuple | None = None) -> int:
