@@ -94,6 +94,6 @@ class SiteService:
     def check_writable(self) -> None:
         if self.core.error is not None:
             raise SnapError(f"the file system turned read-only after an error "
-                            f"({self.core.error}); remount the site", 409)
+                            f"({self.core.error}); remount the site", "conflict")
         if self.readonly:
-            raise SnapError("the site is mounted read-only", 409)
+            raise SnapError("the site is mounted read-only", "conflict")
