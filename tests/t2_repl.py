@@ -499,6 +499,21 @@ def test_secondary_equals_primary_after_each_cut_and_is_read_only(pair):
     assert n == played[-1] + 1
     wait_converged(m1, m2, n)
     assert_same_tree(m1.path, m2.path)
+    # extended attributes past the root block (the xattr file, 64 KiB values) replicate, and
+    # a replaced value is what the secondary's mount reads after the next delta set
+    xf = m1.path / "xattrs"
+    xf.write_bytes(b"x")
+    for i in range(300):
+        os.setxattr(xf, f"user.s{i:03d}", b"%d" % i)
+    values = [random.Random(k).randbytes(65536) for k in range(2)]
+    os.setxattr(xf, "user.big", values[0])
+    wait_converged(m1, m2, cut(m1))
+    assert os.getxattr(m2.path / "xattrs", "user.big") == values[0]
+    os.setxattr(xf, "user.big", values[1])
+    wait_converged(m1, m2, cut(m1))
+    assert os.getxattr(m2.path / "xattrs", "user.big") == values[1]
+    assert len(os.listxattr(m2.path / "xattrs")) == 301
+    assert_same_tree(m1.path, m2.path)
     # a file kept open on the secondary sees the next delta set (caches invalidated)
     (m1.path / "open").write_bytes(b"A" * 70000)
     wait_converged(m1, m2, cut(m1))
