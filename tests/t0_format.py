@@ -301,6 +301,19 @@ def test_xattr_v1_block_is_never_taken_for_a_v2_root():
         fmt.XattrRoot.unpack(full)
 
 
+def test_xattr_root_fields_out_of_range_are_refused():
+    stream = fmt.pack_xattr_stream({b"user.a": b"1"})
+    good = fmt.XattrRoot(count=1, length=len(stream), names=7)
+    assert fmt.XattrRoot.unpack(good.pack(stream)) == good
+    for bad in (dict(length=fmt.XATTR_TOTAL_MAX + 1), dict(names=fmt.XATTR_LIST_MAX + 1),
+                dict(count=len(stream)), dict(count=5)):
+        root = fmt.XattrRoot(**{**dict(count=1, length=len(stream), names=7), **bad})
+        with pytest.raises(FormatError, match="damaged"):
+            fmt.XattrRoot.unpack(root.pack(stream))
+    with pytest.raises(FormatError):
+        fmt.XattrRoot.unpack(good.pack(stream)[:40])
+
+
 @pytest.mark.parametrize("cut", [1, 4, 5, 7, 30])
 def test_xattr_v2_stream_damage_is_a_format_error(cut):
     stream = fmt.pack_xattr_stream({b"user.a": b"1" * 20, b"user.b": b"2"})
@@ -330,9 +343,10 @@ def test_xattr_root_decoder_fuzz(raw, with_magic):
     try:
         root = fmt.XattrRoot.unpack(raw)
     except FormatError:
-        assert not with_magic
         return
-    assert len(root.map) == 15 and root.file_blocks >= 0
+    assert raw[:4] == fmt.XATTR_MAGIC and len(root.map) == 15
+    assert root.length <= fmt.XATTR_TOTAL_MAX and root.names <= fmt.XATTR_LIST_MAX
+    assert root.file_blocks <= fmt.XATTR_TOTAL_MAX // BLOCK_SIZE
 
 
 def test_version_1_volumes_are_read():

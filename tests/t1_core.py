@@ -1408,6 +1408,31 @@ def test_fsck_finds_damaged_xattrs(make_fs):
     fs.commit()
 
 
+def test_damaged_xattr_root_is_eio_and_freed_with_its_inode(make_fs):
+    import struct
+    fs = make_fs()
+    fs.commit()
+    free0 = free_blocks(fs)
+    f = mkfile(fs, b"f")
+    fs.setxattr(f, b"user.big", pattern(30000, 1))
+    fs.commit()
+    fs = make_fs.reopen(fs)
+    struct.pack_into("<I", fs.meta.modify(fs.getattr(f).xattr), 8, 0xFFFFFFF0)  # its length
+    fs.commit()
+    fs = make_fs.reopen(fs)
+    err(errno.EIO, fs.getxattr, f, b"user.big")
+    err(errno.EIO, fs.listxattr, f)
+    err(errno.EIO, fs.setxattr, f, b"user.x", b"1")
+    ro = make_fs.reopen(fs, readonly=True)
+    assert "check_xattrs" in {p.check for p in fsck(ro).problems}
+    fs = make_fs.reopen(ro)
+    fs.unlink(ROOT, b"f")  # frees the root; what it pointed to is leaked, not freed blindly
+    fs.commit()
+    report = fsck(fs, repair=True)
+    assert report.problems and all(p.repaired for p in report.problems), report.problems
+    assert free_blocks(fs) == free0
+
+
 # ------------------------------------------------------------------------------ special files
 
 

@@ -450,10 +450,17 @@ class XattrRoot:
 
     @classmethod
     def unpack(cls, buf) -> "XattrRoot":
+        if len(buf) < _XROOT.size:
+            raise FormatError("xattr root block is truncated")
         f = _XROOT.unpack_from(buf, 0)
         if f[0] != XATTR_MAGIC:
             raise FormatError("xattr root block has a bad magic number")
-        return cls(f[1], f[2], f[3], list(f[5:20]))
+        count, length, names = f[1], f[2], f[3]
+        if (length > XATTR_TOTAL_MAX or names > XATTR_LIST_MAX
+                or count * (XATTR_ENTRY_HDR + 1) > length or count * 2 > names):
+            raise FormatError(f"xattr root block is damaged ({count} entries, {length} bytes, "
+                              f"{names} bytes of names)")
+        return cls(count, length, names, list(f[5:20]))
 
 
 def is_xattr_root(buf) -> bool:

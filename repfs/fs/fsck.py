@@ -19,12 +19,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..volume import VolumeError
 from .alloc import BITS_PER_BLOCK
 from .core import ORPHAN_FLAG, XATTR_NAMESPACES, FileSystem
 from .errors import FSError
 from .format import (
     INODES_PER_BLOCK, Inode, BLOCK_SIZE, BUCKET_CAPACITY, HASH_BITS, ROOT_INO, FormatError, bucket_header, iter_bucket,
-    name_hash, XATTR_LIST_MAX, XATTR_NAME_MAX, XATTR_SIZE_MAX, XATTR_TOTAL_MAX,
+    name_hash, XATTR_LIST_MAX, XATTR_NAME_MAX, XATTR_SIZE_MAX,
     xattr_list_size,
 )
 from .xattrs import XattrMap
@@ -154,33 +155,36 @@ class Fsck:
         self.used_sorted = np.unique(allused)
 
     def _xattr_blocks(self, ino: int, inode):
-        """The blocks of an inode's extended attributes; None (and a problem) if they point
-        outside the data area."""
+        """The blocks of an inode's extended attributes; None (and a problem) if they cannot
+        all be read or point outside the data area. Then the bitmap cannot tell their blocks
+        from leaked ones (maps_incomplete), so nothing is freed as leaked."""
         sb = self.fs.sb
         if not sb.data_start <= inode.xattr < sb.nblocks:
-            self.problem("check_block_maps", f"inode {ino}: xattr block {inode.xattr} is "
-                                             "outside the data area")
-            return None
-        try:
-            root = self.fs.xattrs._root(inode)
-            if root is not None:
-                for p in root.map:
-                    if p and not sb.data_start <= p < sb.nblocks:
-                        raise FormatError(f"xattr map pointer {p} is outside the data area")
-            xb = self.fs.xattrs.blocks(inode)
-        except (FormatError, IndexError, ValueError) as e:
-            self.problem("check_block_maps", f"inode {ino}: xattr blocks: {e}")
-            return None
-        if ((xb < sb.data_start) | (xb >= sb.nblocks)).any():
-            self.problem("check_block_maps", f"inode {ino}: xattr blocks outside the data area")
-            return None
-        return xb
+            problem = f"xattr block {inode.xattr} is outside the data area"
+        else:
+            try:
+                root = self.fs.xattrs._root(inode)
+                bad = [p for p in (root.map if root else ()) if p and not
+                       sb.data_start <= p < sb.nblocks]
+                if bad:
+                    raise FormatError(f"xattr map pointer {bad[0]} is outside the data area")
+                xb = self.fs.xattrs.blocks(inode)
+                if ((xb < sb.data_start) | (xb >= sb.nblocks)).any():
+                    raise FormatError("xattr blocks outside the data area")
+            except (FormatError, IndexError, ValueError, OSError, VolumeError) as e:
+                problem = f"xattr blocks: {e}"
+        if problem is None:
+            return xb
+        self.problem("check_block_maps", f"inode {ino}: {problem}")
+        self.maps_incomplete = True
+        return None
 
     def check_xattrs(self) -> None:
         """Every inode's extended attributes parse, their headers agree with their entries,
         every entry keeps the limits, and the xattr file maps exactly the stream's blocks."""
         fs = self.fs
         for ino, inode in self.inodes.items():
+        problem = None
             if not inode.xattr or not fs.sb.data_start <= inode.xattr < fs.sb.nblocks:
                 continue  # none, or reported by check_block_maps
             where = f"inode {ino}: extended attributes"
@@ -201,8 +205,6 @@ class Fsck:
             if root.names != xattr_list_size(attrs) or root.names > XATTR_LIST_MAX:
                 self.problem("check_xattrs", f"{where}: header counts {root.names} bytes of "
                                              f"names, there are {xattr_list_size(attrs)}")
-            if root.length > XATTR_TOTAL_MAX:
-                self.problem("check_xattrs", f"{where}: {root.length} bytes, over the limit")
             mapped = [lb for kind, lb, _ in fs.bmap.walk(XattrMap(root.map)) if kind == "data"]
             past = [int(a.max()) for a in mapped if len(a) and int(a.max()) >= root.file_blocks]
             if past:

@@ -106,6 +106,9 @@ class Xattrs:
             phys = self.bmap.lookup(XattrMap(root.map), 0, nb)
             if not phys.all():
                 raise FormatError("the xattr file has a hole")
+            sb = self.alloc.sb
+            if int(phys.min()) < sb.data_start or int(phys.max()) >= sb.nblocks:
+                raise FormatError("the xattr file points outside the data area")
             parts += [self.meta.read(p) for p in phys.tolist()]
         return b"".join(parts)[: root.length]
 
@@ -152,7 +155,10 @@ class Xattrs:
         if not inode.xattr:
             return np.zeros(0, dtype=np.int64)
         out = [np.array([inode.xattr], dtype=np.int64)]
-        root = self._root(inode)
+        try:
+            root = self._root(inode)
+        except FormatError:  # a damaged root: fsck's check_xattrs reports it
+            root = None
         if root is not None:
             for _, _, phys in self.bmap.walk(XattrMap(root.map)):
                 out.append(np.atleast_1d(np.asarray(phys, dtype=np.int64)))
@@ -248,7 +254,10 @@ class Xattrs:
         self._forget(inode.ino)
         if not inode.xattr:
             return
-        root = self._root(inode)
+        try:
+            root = self._root(inode)
+        except FormatError:  # damaged: free the root; fsck finds what it pointed to leaked
+            root = None
         if root is not None:
             xmap = XattrMap(root.map)
             self.bmap.truncate(xmap, 0, discard=True)
