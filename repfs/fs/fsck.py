@@ -159,6 +159,7 @@ class Fsck:
         all be read or point outside the data area. Then the bitmap cannot tell their blocks
         from leaked ones (maps_incomplete), so nothing is freed as leaked."""
         sb = self.fs.sb
+        problem = None
         if not sb.data_start <= inode.xattr < sb.nblocks:
             problem = f"xattr block {inode.xattr} is outside the data area"
         else:
@@ -184,7 +185,6 @@ class Fsck:
         every entry keeps the limits, and the xattr file maps exactly the stream's blocks."""
         fs = self.fs
         for ino, inode in self.inodes.items():
-        problem = None
             if not inode.xattr or not fs.sb.data_start <= inode.xattr < fs.sb.nblocks:
                 continue  # none, or reported by check_block_maps
             where = f"inode {ino}: extended attributes"
