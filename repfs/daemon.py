@@ -13,6 +13,7 @@ import pyfuse3
 import trio
 
 from .fs.ops import Operations
+from .mountopts import MountOptions, remount_loop
 from .site import Site, SiteError
 
 log = logging.getLogger("repfs")
@@ -87,6 +88,7 @@ async def _serve(service, interval: float, control_sock, token: str) -> None:
         nursery.start_soon(service.supervisor.run, "commit", _commit_loop, ops, interval,
                            service.supervisor)
         nursery.start_soon(_signal_loop)
+        nursery.start_soon(remount_loop, service, service.site.path, service.mountpoint)
         nursery.start_soon(ControlServer(service, token).serve, control_sock)
         await pyfuse3.main()
         await service.mounts.close_all()
@@ -99,7 +101,8 @@ async def _serve(service, interval: float, control_sock, token: str) -> None:
 
 
 def serve(site: Site, mountpoint: str, *, readonly: bool = False, writeback_cache: bool = False,
-          listen: str | None = None, ready=None) -> None:
+          listen: str | None = None, ready=None, mount_options: MountOptions | None = None
+          ) -> None:
     """Mount and serve until unmounted. `ready(msg)` is called once: None on success, else
     with the one-line reason the mount failed (then this returns without serving)."""
     from .control import bind, ensure_token
@@ -126,9 +129,11 @@ def serve(site: Site, mountpoint: str, *, readonly: bool = False, writeback_cach
                      cache_timeout=float(cfg.get("cache_timeout", 5.0)))
     options = set(pyfuse3.default_options)
     options |= {f"fsname={site.path}", "subtype=repfs", "allow_other"}
-    if os.geteuid() == 0:  # device nodes and set-uid files work as on any root mount
-        options |= {"dev", "suid"}
+    # nosuid, nodev, noexec, sync, atime... (repfs/mountopts.py); as root, suid and dev by default
+    mopts = mount_options or MountOptions()
+    options |= mopts.fuse_options(root=os.geteuid() == 0) - {"ro", "rw"}
     options.add("ro" if readonly else "rw")
+    core.atime_mode = mopts.atime
     try:
         pyfuse3.init(ops, mountpoint, options)
     except RuntimeError as e:

@@ -251,3 +251,144 @@ def test_any_label_or_directory_name_gives_a_readable_site_toml(tmp_path, label)
         if os.path.ismount(mnt):
             subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)
     fsck_clean(site)
+
+
+# ----------------------------------------------------------------------------- mount options
+
+UID = 1000
+
+
+def _run_as(uid: int, cmd: list, cwd: Path) -> subprocess.CompletedProcess:
+    """Run `cmd` as uid/gid `uid` (no groups) with its cwd entered as root first (the test's
+    tmp directories are not searchable by others; the mount's root is)."""
+    return subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
+                           *map(str, cmd)], cwd=cwd, capture_output=True, text=True, timeout=60)
+
+
+def _setuid_id(m: Path) -> None:
+    """A set-uid-root copy of id(1) on the mount: `./id -u` prints 0 only if set-uid works."""
+    data = Path("/usr/bin/id").read_bytes()
+    (m / "id").write_bytes(data)
+    os.chown(m / "id", 0, 0)
+    os.chmod(m / "id", 0o4755)
+
+
+def _script(m: Path) -> Path:
+    p = m / "script.sh"
+    p.write_text("#!/bin/sh\necho ran\n")
+    os.chmod(p, 0o755)
+    return p
+
+
+def _old_atime(p: Path) -> int:
+    """Set p's atime to long ago (so relatime would update it on the next read)."""
+    old = 1_000_000_000 * 10**9
+    os.utime(p, ns=(old, os.stat(p).st_mtime_ns))
+    return old
+
+
+def test_mount_options_are_honoured(mount_site, tmp_path):
+    """nosuid, nodev, noexec, noatime, nodiratime and ro from `repfs mount -o` and from
+    `mount -t fuse.repfs -o` (fstab) reach the kernel and the daemon; without them a root
+    mount has set-uid, devices and relatime (the daemon used to add suid,dev whatever fstab
+    said, and the helper refused nodiratime)."""
+    # the defaults of a root mount
+    mnt = mount_site("64M")
+    m = mnt.path
+    _setuid_id(m)
+    os.mknod(m / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    _script(m)
+    assert _run_as(UID, ["./id", "-u"], m).stdout.strip() == "0"
+    with open(m / "null", "wb") as f:
+        f.write(b"discarded")
+    assert sh([m / "script.sh"]).stdout == "ran\n"
+    (m / "data").write_bytes(b"x")
+    old = _old_atime(m / "data")
+    (m / "data").read_bytes()
+    assert os.stat(m / "data").st_atime_ns > old  # relatime
+    flags = os.statvfs(m).f_flag
+    assert not flags & (os.ST_NOSUID | os.ST_NODEV | os.ST_NOEXEC | os.ST_RDONLY)
+    mnt.umount()
+
+    # repfs mount -o
+    mnt = mount_site("64M", "-o", "nosuid,nodev,noatime,nodiratime")
+    m = mnt.path
+    flags = os.statvfs(m).f_flag
+    assert flags & os.ST_NOSUID and flags & os.ST_NODEV and flags & os.ST_NOATIME
+    assert {"nosuid", "nodev", "noatime"} <= mount_options(m)
+    assert _run_as(UID, ["./id", "-u"], m).stdout.strip() == str(UID)  # set-uid ignored
+    with pytest.raises(PermissionError):
+        open(m / "null", "wb")
+    old = _old_atime(m / "data")
+    (m / "data").read_bytes()
+    assert os.stat(m / "data").st_atime_ns == old  # noatime: the daemon leaves it
+    mnt.umount()
+    mnt = mount_site("64M")
+    assert os.stat(mnt.path / "data").st_atime_ns == old  # and never wrote it
+    mnt.umount()
+
+    # fstab's way: mount(8) runs the helper mount.fuse.repfs
+    site, m = mnt.site, mnt.path
+    try:
+        sh(["mount", "-t", "fuse.repfs", "-o", "ro,noexec,nosuid,nodiratime,_netdev", site, m])
+        flags = os.statvfs(m).f_flag
+        assert flags & os.ST_NOEXEC and flags & os.ST_RDONLY and flags & os.ST_NOSUID
+        with pytest.raises(PermissionError):
+            subprocess.run([m / "script.sh"], timeout=30)
+        with pytest.raises(OSError) as ei:
+            open(m / "new", "w")
+        assert ei.value.errno == errno.EROFS
+        assert (m / "data").read_bytes() == b"x"
+    finally:
+        r = run_repfs("umount", m, check=False)
+        if os.path.ismount(m):
+            subprocess.run(["fusermount3", "-u", "-z", str(m)], check=False)
+    assert r.returncode == 0, r.stderr
+    r = run_repfs("mount", site, m, "-o", "bogus", check=False)
+    assert r.returncode == 2 and "unknown mount option 'bogus'" in r.stderr
+    r = run_repfs("mount", site, m, "-o", "noatime,diratime", check=False)
+    assert r.returncode == 2 and "'diratime' is not supported" in r.stderr
+    assert not os.path.ismount(m)
+
+
+def test_remount_read_only_and_back(mount_site):
+    """`mount -o remount,ro` and `remount,rw` (mount(8) runs the helper, which has the daemon
+    remount): read-only, writes fail with EROFS and reads change no access time; back to
+    read-write, everything works and nothing was lost."""
+    mnt = mount_site("64M", "-o", "nodev")
+    m = mnt.path
+    (m / "a").write_bytes(b"before the remount")
+    old = _old_atime(m / "a")
+    busy = open(m / "busy", "w")  # open for writing: a remount to read-only is refused
+    try:
+        r = sh(["mount", "-o", "remount,ro", m], check=False)
+        assert r.returncode != 0 and "busy" in r.stderr.lower(), r.stderr
+        assert not os.statvfs(m).f_flag & os.ST_RDONLY
+    finally:
+        busy.close()
+    sh(["mount", "-o", "remount,ro", m])
+    assert os.statvfs(m).f_flag & os.ST_RDONLY and "ro" in mount_options(m)
+    assert "nodev" in mount_options(m)  # the other options stay as they were
+    for fn in (lambda: open(m / "b", "w"), lambda: open(m / "a", "r+"),
+               lambda: os.mkdir(m / "d"), lambda: os.unlink(m / "a"),
+               lambda: os.utime(m / "a")):
+        with pytest.raises(OSError) as ei:
+            fn()
+        assert ei.value.errno == errno.EROFS
+    assert (m / "a").read_bytes() == b"before the remount"
+    assert os.stat(m / "a").st_atime_ns == old  # a read-only file system updates no atime
+    # the command line's own way back
+    run_repfs("mount", mnt.site, m, "-o", "remount,rw")
+    assert not os.statvfs(m).f_flag & os.ST_RDONLY and "nodev" in mount_options(m)
+    (m / "b").write_bytes(b"after the remount")
+    assert os.stat(m / "a").st_atime_ns == old  # the read while read-only was not recorded
+    sh(["mount", "-o", "remount,ro", m])
+    sh(["mount", "-o", "remount,rw", m])
+    (m / "c").write_bytes(b"c")
+    r = run_repfs("mount", "x", "/proc", "-o", "remount,ro", check=False)
+    assert r.returncode == 1 and "not a repfs mount point" in r.stderr
+    mnt.umount()
+    mnt = mount_site("64M")
+    m = mnt.path
+    assert (m / "a").read_bytes() == b"before the remount"
+    assert (m / "b").read_bytes() == b"after the remount" and (m / "c").read_bytes() == b"c"

@@ -44,8 +44,10 @@ def _parser() -> argparse.ArgumentParser:
                    "127.0.0.1 on a free port)")
     m.add_argument("--writeback-cache", action="store_true",
                    help="let the kernel cache writes (faster small writes)")
-    m.add_argument("-o", dest="options", default="", help="mount(8)-style options: ro, rw, "
-                   "writeback_cache (others that mount(8) handles are ignored)")
+    m.add_argument("-o", dest="options", action="append", default=[],
+                   help="mount(8)-style options: ro, rw, nosuid, nodev, noexec, noatime, "
+                   "relatime, strictatime, nodiratime, sync, dirsync, writeback_cache, remount "
+                   "(see the user guide)")
 
     m = sub.add_parser("umount", help="unmount cleanly and wait for the daemon to exit")
     m.add_argument("mountpoint")
@@ -77,23 +79,21 @@ def _cmd_mkfs(a) -> int:
     return 0
 
 
-_IGNORED_MOUNT_OPTIONS = {"rw", "defaults", "auto", "noauto", "nofail", "_netdev", "user",
-                          "nouser", "users", "exec", "noexec", "suid", "nosuid", "dev", "nodev",
-                          "relatime", "noatime", "atime", "async", "sync", "x-systemd.automount"}
-
-
 def _cmd_mount(a) -> int:
     from ..daemon import MountError, check_mountpoint, daemonize_and_serve, serve, setup_logging
+    from ..mountopts import MountOptionError, MountOptions
     from ..site import Site, SiteError
-    readonly = a.ro
-    writeback = a.writeback_cache
-    for opt in filter(None, a.options.split(",")):
-        if opt == "ro":
-            readonly = True
-        elif opt == "writeback_cache":
-            writeback = True
-        elif opt not in _IGNORED_MOUNT_OPTIONS and not opt.startswith(("x-", "comment=")):
-            raise QuietError(f"unknown mount option {opt!r}", 2)
+    try:
+        opts = MountOptions.parse(",".join(a.options))
+    except MountOptionError as e:
+        raise QuietError(str(e), 2) from None
+    if a.ro:
+        opts.readonly = True
+    if a.writeback_cache:
+        opts.writeback_cache = True
+    if opts.remount:
+        return _remount(a)
+    readonly, writeback = opts.readonly, opts.writeback_cache
     site = Site(a.site)
     try:
         site.check()
@@ -104,7 +104,7 @@ def _cmd_mount(a) -> int:
     who = site.owner()
     if who:
         raise QuietError(f"site {site.path} is already mounted at {who[1]} (pid {who[0]})")
-    kw = dict(readonly=readonly, writeback_cache=writeback, listen=a.listen)
+    kw = dict(readonly=readonly, writeback_cache=writeback, listen=a.listen, mount_options=opts)
     if a.foreground:
         setup_logging(a.log)
         err = []
@@ -115,6 +115,39 @@ def _cmd_mount(a) -> int:
     err = daemonize_and_serve(site, mp, log_file=a.log, **kw)
     if err:
         raise QuietError(err)
+    return 0
+
+
+def _remount(a) -> int:
+    """`mount -o remount,ro|rw MNT` (mount(8) runs the helper) or `repfs mount -o remount,...
+    SITE MNT`: the daemon serving MNT changes its options (see repfs/mountopts.py)."""
+    from ..daemon import repfs_mounts
+    from ..mountopts import MountOptions, RemountError, current_options, request_remount
+    from ..site import Site
+    mp = os.path.realpath(a.mountpoint)
+    mounts = repfs_mounts()
+    if mp not in mounts:
+        raise QuietError(f"cannot remount {a.mountpoint}: not a repfs mount point")
+    site = Site(mounts[mp])
+    who = site.owner()
+    if who is None or os.path.realpath(who[1]) != mp:
+        raise QuietError(f"cannot remount {a.mountpoint}: no repfs daemon serves it as its "
+                         "site's mount (a snapshot's mount stays read-only)")
+    # options not named keep their current value (mount(8) passes them anyway)
+    current = current_options(mp) or ""
+    try:
+        base = MountOptions.parse(current)
+        if not {"relatime", "noatime"} & set(current.split(",")):
+            base.atime = "strictatime"  # the kernel shows neither for strictatime
+        new = MountOptions.parse(",".join(a.options), base=base)
+    except ValueError as e:
+        raise QuietError(str(e), 2) from None
+    if a.ro:
+        new.readonly = True
+    try:
+        request_remount(site.path, who[0], new)
+    except RemountError as e:
+        raise QuietError(f"cannot remount {a.mountpoint}: {e}") from None
     return 0
 
 
