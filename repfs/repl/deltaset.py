@@ -195,7 +195,13 @@ class DeltaSets:
         return self.writer is not None
 
     def usage(self) -> int:
-        return sum(f.stat().st_size for f in self.dir.glob("*.ds"))
+        total = 0
+        for f in self.dir.glob("*.ds"):
+            try:
+                total += f.stat().st_size
+            except FileNotFoundError:  # pruned meanwhile by a send task (a worker thread)
+                pass
+        return total
 
     def flow_control(self) -> bool:
         return self.usage() >= self.capacity

@@ -1,0 +1,266 @@
+"""Tier 2: faults stay contained (issue 7, item 3), through real daemons and mounts.
+
+Faults are injected from below: a site directory lives on powerfs (tests/powerfs.py), whose
+rules fail chosen operations (write, read, create, fsync) on chosen site files with EIO or
+ENOSPC; or a file of the site is damaged on disk. No hook in the daemon.
+
+For each background task: the daemon and its mount stay up, `status` shows the task's state
+and its last error with the time, the error is logged once, and once the fault clears the task
+recovers by itself and replication completes with the secondary byte-exact. A redo log that
+cannot be written turns the mount read-only (errors=remount-ro) with fsync'd data intact after
+a remount.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import fsck_clean, run_repfs
+from tests.powerfs import PowerFS
+from tests.t2_repl import (
+    NO_AUTO_CUT, admin, api, assert_same_tree, daemon_alive, log_lines, log_tail,
+    start_replication, status, wait_converged,
+)
+
+
+def _fsync(path, flags=os.O_RDONLY) -> None:
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durable(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync(path.parent)
+
+
+class Site:
+    """A site (on powerfs when `power`) and its mount; `.site` and `.path` as conftest's Mount
+    so the helpers of t2_repl work on it. Log lines at WARNING or worse must contain one of
+    `expected` (the faults the test injects), and each expected one must be there."""
+
+    def __init__(self, tmp: Path, name: str, *, power: bool):
+        self.pf = PowerFS(tmp / f"{name}-disk", tmp / f"{name}-pf") if power else None
+        self.site = (self.pf.mnt if power else tmp) / name
+        self.path = tmp / f"{name}-mnt"
+        self.path.mkdir()
+        self.expected: set[str] = set()
+        if self.pf:
+            self.pf.start()
+        run_repfs("mkfs", self.site, "--size", "256M")
+
+    def mount(self) -> None:
+        run_repfs("mount", self.site, self.path)
+        assert os.path.ismount(self.path)
+
+    def umount(self) -> None:
+        run_repfs("umount", self.path)
+
+    def expect(self, needle: str) -> None:
+        self.expected.add(needle)
+
+    def status(self) -> dict:
+        return api(self.site, "GET", "/status")
+
+    def task(self, name: str) -> dict:
+        return self.status()["tasks"][name]
+
+    def alive(self) -> None:
+        """The daemon runs and the mount answers."""
+        assert daemon_alive(self.site), f"the daemon of {self.site} died:\n{log_tail(self.site)}"
+        assert os.path.ismount(self.path)
+        os.listdir(self.path)
+
+    def teardown(self, errors: list[str]) -> None:
+        try:
+            if os.path.ismount(self.path):
+                r = run_repfs("umount", self.path, check=False)
+                if r.returncode != 0:
+                    errors.append(f"umount {self.path}: {r.stderr.strip()}")
+        finally:
+            if os.path.ismount(self.path):
+                subprocess.run(["fusermount3", "-u", "-z", str(self.path)], check=False)
+        lines = log_lines(self.site)
+        bad = [ln for ln in lines if (" WARNING " in ln or " ERROR " in ln or "Traceback" in ln)
+               and not any(x in ln for x in self.expected)]
+        if bad:
+            errors.append(f"{self.site}/repfs.log has unexpected warnings: {bad[:3]}")
+        missing = [x for x in self.expected if not any(x in ln for ln in lines)]
+        if missing:
+            errors.append(f"{self.site}/repfs.log lacks the expected lines: {missing}")
+        if self.pf:
+            self.pf.clear_faults()
+        if not errors:
+            r = run_repfs("fsck", self.site, check=False)
+            if r.returncode != 0:
+                errors.append(f"fsck {self.site}: exit {r.returncode}\n{r.stdout}{r.stderr}")
+        if self.pf:
+            self.pf.stop()
+
+
+@pytest.fixture
+def sites(tmp_path):
+    made: list[Site] = []
+
+    def make(name: str, *, power: bool = True) -> Site:
+        s = Site(tmp_path, name, power=power)
+        made.append(s)
+        return s
+
+    yield make
+    errors: list[str] = []
+    for s in made:
+        try:
+            s.teardown(errors)
+        except Exception as e:  # noqa: BLE001 - tear every site down, then fail
+            errors.append(f"teardown of {s.site}: {e!r}")
+    assert not errors, "\n".join(errors)
+
+
+def wait_for(what: str, fn, timeout: float = 30.0, sites_=()):
+    """Poll `fn()` until it returns something true; the daemons must stay alive meanwhile."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = fn()
+        if got:
+            return got
+        for s in sites_:
+            s.alive()
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def count_lines(site: Site, needle: str) -> int:
+    return sum(needle in ln for ln in log_lines(site.site))
+
+
+# ----------------------------------------------------------------------------- the mount
+
+
+def test_redo_log_write_error_turns_the_mount_read_only(sites):
+    s = sites("s1")
+    s.mount()
+    kept = os.urandom(300_000)
+    write_durable(s.path / "kept", kept)
+    rule = s.pf.add_fault("s1/journal", "write", errno="EIO")
+    with open(s.path / "late", "wb") as f:
+        f.write(b"never durable")
+        f.flush()
+        with pytest.raises(OSError) as ei:
+            os.fsync(f.fileno())  # the commit cannot write its redo record
+    assert ei.value.errno == errno.EIO
+    assert s.pf.stats()["faults"][str(rule)] >= 1
+    s.expect("failed writing the redo log")
+    # the daemon and the mount live on, read-only, serving what they hold
+    s.alive()
+    assert (s.path / "kept").read_bytes() == kept
+    assert (s.path / "late").read_bytes() == b"never durable"  # from memory
+    with pytest.raises(OSError) as ei:
+        (s.path / "new").write_bytes(b"x")
+    assert ei.value.errno == errno.EROFS
+    st = s.status()
+    assert st["readonly"] and st["state"] == "read-only after an error", st["state"]
+    assert "redo log" in st["fs_error"] and "Input/output error" in st["fs_error"], \
+        st["fs_error"]
+    assert st["fs_error_at"]
+    human = admin(s.path, "status").stdout
+    assert "read-only" in human.lower() and "redo log" in human, human
+    r = admin(s.path, "snapshot", "create", "nope", check=False)
+    assert r.returncode != 0 and "read-only after an error" in r.stderr, r.stderr
+    time.sleep(1.2)  # commit loop ticks meanwhile: nothing more is logged
+    assert count_lines(s, "failed writing the redo log") == 1, log_tail(s.site)
+    # remount once the disk is fine: every fsync'd byte is there, fsck clean
+    s.umount()
+    s.pf.clear_faults()
+    fsck_clean(s.site)
+    s.mount()
+    assert (s.path / "kept").read_bytes() == kept
+    (s.path / "after").write_bytes(b"writable again")
+    assert s.status()["fs_error"] is None
+
+
+# ----------------------------------------------------------------------------- the primary
+
+
+def make_pair(sites, *, power1=True, power2=False, policy=NO_AUTO_CUT):
+    m1 = sites("s1", power=power1)
+    m2 = sites("s2", power=power2)
+    m1.mount()
+    m2.mount()
+    if policy:
+        admin(m1.path, "replicate", "policy", *policy)
+    start_replication(m1, m2)
+    return m1, m2
+
+
+def test_primary_tasks_recover_from_disk_errors(sites):
+    m1, m2 = make_pair(sites, policy=("--timeout", "0.3", "--hwm", "100G"))
+    (m1.path / "a").write_bytes(os.urandom(200_000))
+    wait_converged(m1, m2, timeout=60)
+
+    # 1. the background copy: the chunk area's file system is full
+    rules = [m1.pf.add_fault("s1/save/deltasets/*", "write", errno="ENOSPC")]
+    (m1.path / "b").write_bytes(os.urandom(500_000))
+    st = wait_for("the background copy to fail", lambda: (
+        m1.task("background copy") if m1.task("background copy")["errors"] else None),
+        sites_=(m1, m2))
+    assert "ENOSPC" in st["last_error"] and st["last_error_at"], st
+    assert st["state"] in ("retrying", "recovering") and st["error_kind"] == "transient"
+    m1.alive()
+    (m1.path / "c").write_bytes(b"the file system is unaffected")  # writes go on
+    assert (m1.path / "c").read_bytes() == b"the file system is unaffected"
+    assert m1.status()["current_delta_set_blocks"] > 0  # kept in the change log
+    m1.expect("background copy: ENOSPC")
+    assert m1.pf.stats()["faults"][str(rules[-1])] >= 1
+    m1.pf.clear_faults()
+    wait_for("the background copy to recover",
+             lambda: m1.task("background copy")["state"] == "running", sites_=(m1, m2))
+    wait_converged(m1, m2, timeout=60)
+    assert_same_tree(m1.path, m2.path)
+
+    # 2. the cut: a new chunk file cannot be created
+    rules.append(m1.pf.add_fault("s1/save/deltasets/*", "create", errno="EIO"))
+    (m1.path / "d").write_bytes(os.urandom(100_000))
+    st = wait_for("the cut to fail", lambda: (
+        m1.task("cut") if m1.task("cut")["errors"] else None), sites_=(m1, m2))
+    assert "EIO" in st["last_error"], st
+    m1.alive()
+    m1.expect("cut: EIO")
+    assert m1.pf.stats()["faults"][str(rules[-1])] >= 1
+    m1.pf.clear_faults()
+    wait_for("the cut to recover", lambda: m1.task("cut")["state"] == "running",
+             sites_=(m1, m2))
+    wait_converged(m1, m2, timeout=60)
+    assert_same_tree(m1.path, m2.path)
+
+    # 3. the send task: a chunk file cannot be read
+    rules.append(m1.pf.add_fault("s1/save/deltasets/*", "read", errno="EIO"))
+    (m1.path / "e").write_bytes(os.urandom(300_000))
+    name = f"send {m2.site.name}"
+    st = wait_for("the send task to fail", lambda: (
+        m1.task(name) if m1.task(name)["errors"] else None), sites_=(m1, m2))
+    assert "EIO" in st["last_error"], st
+    m1.alive()
+    m1.expect(f"{name}: EIO")
+    assert m1.pf.stats()["faults"][str(rules[-1])] >= 1
+    m1.pf.clear_faults()
+    wait_converged(m1, m2, timeout=60)
+    assert m1.task(name)["state"] == "running"
+    assert_same_tree(m1.path, m2.path)
+    for needle in ("background copy: ENOSPC", "cut: EIO", f"{name}: EIO"):
+        assert count_lines(m1, needle) == 1, (needle, log_tail(m1.site))
+    human = admin(m1.path, "status").stdout
+    assert "background copy" in human and "ENOSPC" in human, human
+
