@@ -561,14 +561,18 @@ class ControlServer:
                 if verb == "attach":
                     prim = _scalar_map(args.get("primary"), "primary", 16, MAX_PATH)
                     gen = _uint(args.get("generation"), "generation")
-                    return await svc.secondary.attach(prim, gen)
+                    nblocks = _uint(args.get("nblocks"), "volume size in blocks (nblocks)")
+                    return await svc.secondary.attach(prim, gen, nblocks,
+                                                      _bool(args.get("force"), "force", False))
                 if verb == "copy":
                     return await svc.secondary.copy(_binary(args))
                 if verb == "start-playback":
                     after = _uint(args.get("after"), "delta set number (after)")
-                    return await svc.secondary.start_playback(after)
+                    return await svc.secondary.start_playback(
+                        after, _uint(args.get("generation"), "generation"),
+                        _uint(args.get("blocks"), "block count (blocks)"))
                 if verb == "chunk":
-                    return svc.secondary.chunk(_binary(args))
+                    return await svc.secondary.chunk(_binary(args))
                 if verb == "commit":
                     header = args.get("header")
                     if not isinstance(header, str) or len(header) > 8192:
@@ -576,6 +580,6 @@ class ControlServer:
                     for k in ("cut_ns", "first_change_ns"):
                         if k in args:
                             _uint(args[k], k)
-                    return svc.secondary.commit(args)
+                    return await svc.secondary.commit(args)
         raise HTTPError(404 if method in ("GET", "POST", "DELETE") else 405,
                         f"no such operation: {method} /v1/{'/'.join(parts)}")

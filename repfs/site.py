@@ -252,6 +252,8 @@ class Site:
         for snap in [s for s in store.queue if s.state == "deleting"]:
             log.info("finishing the interrupted delete of snapshot %s", snap.name)
             layer.delete(snap)
+        from .repl.receiver import finish_interrupted_playback
+        finish_interrupted_playback(store.env, store.root, top)  # a secondary's playback
 
     def save_capacity(self) -> int:
         from .cli import QuietError, parse_size

@@ -23,6 +23,26 @@ def pwrite_all(fd: int, data, off: int) -> None:
         off += n
 
 
+def private_dir(path: str | os.PathLike) -> None:
+    """Make directory `path` (and missing parents) mode 0700: it holds raw blocks of every
+    file (save volumes, delta sets), which must not bypass the files' own permissions.
+    An existing directory is tightened too; the umask cannot loosen it."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    if os.stat(path).st_mode & 0o777 != 0o700:
+        os.chmod(path, 0o700)
+
+
+def create_private(path: str | os.PathLike, flags: int = os.O_WRONLY) -> int:
+    """Create (or truncate) file `path` with mode 0600 whatever the umask; returns its fd."""
+    fd = os.open(path, flags | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 class VolumeError(Exception):
     """A volume cannot be opened or an extent is out of range."""
 

@@ -388,6 +388,12 @@ def _replicate(t: Target, a):
             st = call(t, "GET", "/status")
             d = next((x for x in st["destinations"] if x["name"] == out["destination"]), None)
             if d is None or d["state"] != "initial-copy":
+                # the secondary plays the staged copy as delta set `stamp`: wait for it
+                if (d is not None and d["state"] == "replicating"
+                        and d["played_delta_set"] < out["stamp"]
+                        and time.monotonic() - since < STALL_SECONDS):
+                    time.sleep(0.1)
+                    continue
                 break
             cp = d.get("copy_progress") or {}
             if cp.get("position") != progress:

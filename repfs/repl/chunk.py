@@ -162,3 +162,63 @@ def decode_set_header(buf) -> SetHeader:
 
 def is_set_header(buf, offset: int = 0) -> bool:
     return bytes(buf[offset: offset + 8]) == _SET_MAGIC
+
+
+# ----------------------------------------------------------------------------- initial copy
+#
+# Copy record (one request of the initial copy, FIG. 11)::
+#
+#     magic "RDCOPY01", generation u64, start block u64, block count u32, checksum u64
+#     data  block count x 4 KiB
+#
+# The checksum is xxh3-64 over the header (checksum field zero) and the data. A record holds
+# at most MAX_CHUNK_BLOCKS blocks, so the receiver stores each as one delta chunk.
+
+_COPY_MAGIC = b"RDCOPY01"
+_COPY_HDR = struct.Struct("<8sQQIQ")
+COPY_HEADER_SIZE = _COPY_HDR.size
+
+
+@dataclass
+class CopyRecord:
+    generation: int
+    start: int
+    count: int
+    data: bytes
+
+
+def encode_copy(generation: int, start: int, data) -> bytes:
+    if len(data) % BS:
+        raise ChunkError("copy data is not whole blocks")
+    count = len(data) // BS
+    if count > MAX_CHUNK_BLOCKS:
+        raise ChunkError("copy record too large")
+    head = bytearray(_COPY_HDR.pack(_COPY_MAGIC, generation, start, count, 0))
+    h = xxhash.xxh3_64()
+    h.update(head)
+    h.update(data)
+    struct.pack_into("<Q", head, _COPY_HDR.size - 8, h.intdigest())
+    return bytes(head) + bytes(data)
+
+
+def decode_copy(buf) -> CopyRecord:
+    """Decode and verify one copy record (the whole buffer); raises ChunkError."""
+    if len(buf) < _COPY_HDR.size:
+        raise ChunkError("truncated copy record")
+    magic, gen, start, count, csum = _COPY_HDR.unpack_from(buf, 0)
+    if magic != _COPY_MAGIC:
+        raise ChunkError("not a copy record (bad magic)")
+    if count > MAX_CHUNK_BLOCKS:
+        raise ChunkError("copy record header out of range")
+    if len(buf) != _COPY_HDR.size + count * BS:
+        raise ChunkError(f"copy record is {len(buf)} bytes, its header says "
+                         f"{_COPY_HDR.size + count * BS}")
+    mv = memoryview(buf)
+    head = bytearray(mv[:_COPY_HDR.size])
+    struct.pack_into("<Q", head, _COPY_HDR.size - 8, 0)
+    h = xxhash.xxh3_64()
+    h.update(head)
+    h.update(mv[_COPY_HDR.size:])
+    if h.intdigest() != csum:
+        raise ChunkError(f"copy record at block {start}: checksum mismatch")
+    return CopyRecord(gen, start, count, bytes(mv[_COPY_HDR.size:]))

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..volume import pwrite_all
+from ..volume import private_dir, pwrite_all
 from . import keys as K
 from .changelog import ChangeLogLayer
 from .chunk import (
@@ -117,7 +117,7 @@ class DeltaSets:
         self.env = env
         self.clog = clog
         self.dir = Path(site_path) / "save" / "deltasets"
-        self.dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.dir)  # raw blocks of every file: 0700
         self.db_ctx = env.open_db(K.CTX)
         self.db_sets = env.open_db(K.DELTASETS)
         self.db_bits = env.open_db(K.DSBITS)

@@ -1,13 +1,25 @@
 """The receiver at a secondary site (FIG. 9): verify and store delta sets in the secondary save
 volume, acknowledge them, and play them back into the secondary volume in order.
 
-A chunk is accepted only if it decodes and its checksum holds, carries the receiver's
-generation, and is the next one expected (duplicates of chunks already held are acknowledged
-and ignored, so a sender may resend freely). A delta set is complete when its header arrives
-and the chunk count, block count and the checksum over all chunk checksums agree; only then is
-it recorded (durably) and acknowledged. Playback applies complete delta sets in order, is
-idempotent (whole block images) and records the last one played durably after the volume is
-flushed, so a crash replays at most the one in progress.
+The receiver trusts nothing its peer sends. A chunk is accepted only if it decodes and its
+checksum holds, carries the receiver's generation, is the next one expected (duplicates of
+chunks already held are acknowledged and ignored, so a sender may resend freely), and every
+extent in it is non-empty, lies inside the volume and touches no block that another extent
+of the same delta set touches (`ExtentCheck`). A delta set is complete when its header
+arrives and the chunk count, block count and the checksum over all chunk checksums agree;
+only then is it recorded (durably) and acknowledged. Playback verifies a whole delta set again
+before it writes its first block (`verify`): a delta set is played whole or not at all.
+Playback records "playing n" durably before it writes, and the last one played after the
+volume is flushed; a crash in between is finished before the file system is opened again
+(`finish_interrupted_playback`), so the secondary never serves a half-played delta set.
+
+The initial copy (FIG. 11) is staged, not written into the volume: each copy record is
+checked like a chunk (generation, bounds, emptiness, and ascending without overlap, since the
+primary copies in block order) and appended as a delta chunk to ``incoming/copy.ds``. When
+the primary signals "start playback after n" the staged copy becomes delta set n and is
+played like any other, under the same hold of every request. Until then the secondary's mount
+shows the state it had before, whole; after a crash the copy resumes at the receiver's own
+durable position, which the primary asks for.
 """
 
 from __future__ import annotations
@@ -15,47 +27,190 @@ from __future__ import annotations
 import json
 import logging
 import os
-import struct
 import time
 from pathlib import Path
 
-import xxhash
-
 from ..errors import DomainError
-from ..volume import pwrite_all
+from ..statefile import fsync_dir
+from ..volume import create_private, private_dir, pwrite_all
 from . import keys as K
+from .changelog import PagedBits
 from .chunk import (
-    ChunkError, chunk_size, data_checksum, decode_chunk, decode_set_header, peek_extents,
+    ChunkError, chunk_size, data_checksum, decode_chunk, decode_copy,
+    decode_set_header, encode_chunk, peek_extents,
 )
 
 log = logging.getLogger(__name__)
 BS = 4096
-COPY_HDR = struct.Struct("<QIQ")  # start block, count, xxh3-64 of the data
+COPY_FILE = "copy.ds"
+COPY_SYNC_BYTES = 64 << 20  # the staged copy is made durable (and its position saved) this often
 
 
 class ReceiveError(DomainError):
     """A secondary refuses what a primary sent: "invalid" for data that fails to decode or
     verify (the sender may send it again), "conflict" when this site is not in the state
-    that the request needs (wrong role, generation or order)."""
+    that the request needs (wrong role, generation or order) or the data breaks a rule no
+    resend can mend (an extent beyond the volume, overlapping or empty extents)."""
 
     default_kind = "conflict"
 
 
-def encode_copy(start: int, data) -> bytes:
-    return COPY_HDR.pack(start, len(data) // BS, xxhash.xxh3_64_intdigest(data)) + bytes(data)
+class CorruptDeltaSet(ReceiveError):
+    """A received delta set fails its verification at playback: nothing of it was written."""
+
+
+# ----------------------------------------------------------------------------- pure checks
+
+
+class ExtentCheck:
+    """The extents of one delta set (or one initial copy) as they arrive: each must be
+    non-empty and inside a volume of `nblocks` blocks, and no block may appear twice.
+    Memory: a paged bit map of the blocks seen (empty pages cost nothing); or, for an initial
+    copy (`ascending`: the primary copies in block order), only the end of the last extent."""
+
+    def __init__(self, nblocks: int, *, ascending: bool = False):
+        self.nblocks = nblocks
+        self.seen = None if ascending else PagedBits()
+        self.next = 0  # the end of the highest extent added
+        self.blocks = 0
+
+    def problem(self, extents) -> str | None:
+        """Why `extents` (one chunk's) cannot be accepted after those added so far."""
+        if not extents:
+            return "a chunk with no extents"
+        for s, n in extents:
+            if n <= 0:
+                return f"an empty extent at block {s}"
+            if s < 0 or s + n > self.nblocks:
+                return (f"extent ({s}, {n}) reaches beyond the end of this volume "
+                        f"({self.nblocks} blocks)")
+        ordered = sorted(extents)
+        for (s0, n0), (s1, _) in zip(ordered, ordered[1:]):
+            if s0 + n0 > s1:
+                return f"overlapping extents at block {s1}"
+        if self.seen is None:
+            if ordered[0][0] < self.next:
+                return (f"extent {tuple(ordered[0])} overlaps or precedes blocks already "
+                        f"copied (up to block {self.next})")
+            return None
+        for s, n in ordered:
+            if self.seen.get_range(s, n).any():
+                return f"extent ({s}, {n}) overlaps blocks the delta set already holds"
+        return None
+
+    def add(self, extents) -> None:
+        """Check then record `extents`; raises ValueError (recording nothing) if bad."""
+        why = self.problem(extents)
+        if why:
+            raise ValueError(why)
+        for s, n in extents:
+            if self.seen is not None:
+                self.seen.set_range(s, n)
+            self.blocks += n
+            self.next = max(self.next, s + n)
+
+
+def attach_refusal(current: dict, primary, generation, nblocks, force: bool) -> str | None:
+    """Why this site may not become a secondary of `primary` (None: it may).
+
+    `current` describes this site: ``site`` (its directory), ``volume_blocks``, ``role``,
+    ``state``, ``generation``, ``primary`` (the one it follows, if a secondary),
+    ``root_entries`` (names in its root directory) and ``destinations`` (if a primary).
+    A malformed request, a volume of another size or the site itself are refused always;
+    `force` replaces the content of a site that holds files, replicates, follows another
+    primary, or knows a newer generation."""
+    if (not isinstance(primary, dict) or not isinstance(primary.get("site"), str)
+            or not primary["site"] or not isinstance(primary.get("uuid"), str)
+            or len(primary["uuid"]) != 32):
+        return "the request names no valid primary (want its site and 32-hex-digit uuid)"
+    try:
+        int(primary["uuid"], 16)
+    except ValueError:
+        return "the request names no valid primary (want its site and 32-hex-digit uuid)"
+    if not isinstance(generation, int) or isinstance(generation, bool) or not (
+            1 <= generation < 1 << 64):
+        return f"generation {generation!r} is not a positive 64-bit number"
+    if not isinstance(nblocks, int) or isinstance(nblocks, bool) or nblocks != current[
+            "volume_blocks"]:
+        return (f"the primary's volume has {nblocks} blocks, this one "
+                f"{current['volume_blocks']}: a secondary must be exactly the primary's size "
+                f"(make it with repfs mkfs --size {_size(nblocks)})")
+    if os.path.realpath(primary["site"]) == os.path.realpath(current["site"]):
+        return "a site cannot be its own secondary"
+    if force:
+        return None
+    if current["role"] == "secondary":
+        prev = current.get("primary") or {}
+        if prev and (prev.get("uuid"), prev.get("site")) != (primary["uuid"], primary["site"]):
+            return (f"this site is a secondary of {prev.get('site')}; --force makes it follow "
+                    f"{primary['site']}")
+        if generation < current["generation"]:
+            return (f"the primary's generation {generation} is older than this site's "
+                    f"{current['generation']} (a stale primary?); --force overrides")
+        if current["state"] in ("replicating", "initial-copy"):
+            return "this site is already a replicating secondary; --force replaces its content"
+        return None
+    if current.get("root_entries"):
+        return "this site holds files; --force replaces its content"
+    if current.get("destinations"):
+        return "this site is itself replicating; --force replaces its content"
+    return None
+
+
+def _size(nblocks) -> str:
+    if not isinstance(nblocks, int):
+        return "?"
+    b = nblocks * BS
+    for unit, shift in (("T", 40), ("G", 30), ("M", 20), ("K", 10)):
+        if b % (1 << shift) == 0 and b >= 1 << shift:
+            return f"{b >> shift}{unit}"
+    return str(b)
+
+
+def iter_chunks(path: Path, start: int = 0):
+    """Yield (offset, size, chunk) for the verified chunks of file `path` from `start`, one
+    chunk in memory at a time. Stops at the end, at a delta-set header, or before the first
+    chunk that does not decode (the caller compares the last offset with the file size)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        end = os.fstat(fd).st_size
+        off = start
+        while off < end:
+            head = os.pread(fd, 44, off)
+            try:
+                size = chunk_size(head)
+            except ChunkError:
+                return
+            raw = os.pread(fd, size, off)
+            try:
+                c = decode_chunk(raw)
+            except ChunkError:
+                return
+            yield off, size, c
+            off += size
+    finally:
+        os.close(fd)
+
+
+# ----------------------------------------------------------------------------- the receiver
 
 
 class Receiver:
-    def __init__(self, env, site_path: Path):
+    def __init__(self, env, site_path: Path, nblocks: int):
         self.env = env
-        self.dir = Path(site_path) / "save" / "incoming"
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.nblocks = nblocks
+        save = Path(site_path) / "save"
+        self.dir = save / "incoming"
+        private_dir(save)
+        private_dir(self.dir)
         self.db_ctx = env.open_db(K.CTX)
         self.db_in = env.open_db(K.INCOMING)
         self.partial: dict | None = None  # the delta set being received
+        self.copy: dict | None = None  # the initial copy being staged
         self.played_blocks = 0
         self.received_bytes = 0
         self._load_partial()
+        self._load_copy()
 
     # ------------------------------------------------------------------ context
 
@@ -110,43 +265,137 @@ class Receiver:
         return {
             "role": self.role, "generation": self.generation, "state": self.state,
             "primary": self.primary(), "last_received": self.last_received,
-            "last_played": self.last_played,
+            "last_played": self.last_played, "volume_blocks": self.nblocks,
             "partial": {"delta_set": p["n"], "chunks": len(p["checksums"])} if p else None,
+            "copy": ({"next_block": self.copy["check"].next,
+                      "blocks": self.copy["check"].blocks}
+                     if self.copy else None),
         }
 
     # ------------------------------------------------------------------ becoming a secondary
 
     def attach(self, primary: dict, generation: int) -> None:
-        """Become a secondary of `primary` and expect an initial copy."""
+        """Become a secondary of `primary` and expect an initial copy (the caller checked
+        `attach_refusal`). Nothing of the volume changes until the copy is played."""
         for f in self.dir.glob("*.ds"):
             f.unlink()
         self.partial = None
+        os.close(create_private(self.dir / COPY_FILE))
+        fsync_dir(self.dir)
+        self.copy = {"off": 0, "chunks": 0, "synced": 0,
+                     "check": ExtentCheck(self.nblocks, ascending=True)}
         with self.env.begin(write=True) as txn:
             txn.drop(self.db_in, delete=False)
             self._put(txn, "role", b"secondary")
             self._put(txn, "generation", K.u64(generation))
-            self._put(txn, "primary", json.dumps(primary).encode())
+            self._put(txn, "primary", json.dumps(
+                {"uuid": primary["uuid"], "site": primary["site"]}).encode())
             self._put(txn, "secondary_state", b"initial-copy")
             self._put(txn, "last_received", K.u64(0))
             self._put(txn, "last_played", K.u64(0))
+            txn.delete(b"copy_progress", db=self.db_ctx)
+            txn.delete(b"playing", db=self.db_ctx)
 
-    def check_copy(self, body: bytes) -> tuple[int, bytes]:
-        if self.state != "initial-copy":
-            raise ReceiveError("not expecting an initial copy")
-        if len(body) < COPY_HDR.size:
-            raise ReceiveError("truncated copy record", "invalid")
-        start, count, csum = COPY_HDR.unpack_from(body)
-        data = body[COPY_HDR.size:]
-        if len(data) != count * BS or xxhash.xxh3_64_intdigest(data) != csum:
-            raise ReceiveError("copy record fails its checksum", "invalid")
-        return start, data
+    def _load_copy(self) -> None:
+        """Rebuild the position of an initial copy in progress: from the last durable
+        position saved, every whole chunk that verifies (a torn tail is cut off)."""
+        if self.role != "secondary" or self.state != "initial-copy":
+            return
+        path = self.dir / COPY_FILE
+        check = ExtentCheck(self.nblocks, ascending=True)
+        cp = {"off": 0, "chunks": 0, "synced": 0, "check": check}
+        raw = self._get("copy_progress")
+        saved = json.loads(raw) if raw else None
+        if not path.exists():
+            os.close(create_private(path))
+            saved = None
+        start = 0  # the saved position counts only if the file still reaches it
+        if saved and path.stat().st_size >= saved["off"]:
+            start = saved["off"]
+            cp.update(off=saved["off"], chunks=saved["chunks"], synced=saved["off"])
+            check.next, check.blocks = saved["next"], saved["blocks"]
+        for off, size, c in iter_chunks(path, start):
+            if c.number != cp["chunks"] or c.generation != self.generation or check.problem(
+                    c.extents):
+                break
+            check.add(c.extents)
+            cp["off"] = off + size
+            cp["chunks"] += 1
+        if path.stat().st_size != cp["off"]:
+            os.truncate(path, cp["off"])
+        self.copy = cp
 
-    def start_playback(self, after: int) -> None:
-        """The initial copy is complete: it holds delta sets up to `after`."""
+    def receive_copy(self, body) -> dict:
+        """One initial-copy record: check it, then stage it (append it as a chunk)."""
+        if self.role != "secondary" or self.state != "initial-copy" or self.copy is None:
+            raise ReceiveError("this site is not expecting an initial copy")
+        try:
+            rec = decode_copy(body)
+        except ChunkError as e:
+            raise ReceiveError(f"rejected copy record: {e}", "invalid") from None
+        if rec.generation != self.generation:
+            raise ReceiveError(f"rejected copy record of generation {rec.generation}: this "
+                               f"site is at generation {self.generation}")
+        cp = self.copy
+        check = cp["check"]
+        ext = [(rec.start, rec.count)]
+        if rec.count and rec.start + rec.count <= check.next:
+            return {"duplicate": True, "next_block": check.next}  # a resend: already held
+        why = check.problem(ext)
+        if why:
+            raise ReceiveError(f"rejected copy record: {why}")
+        raw = encode_chunk(self.generation, 0, cp["chunks"], ext, rec.data)
+        fd = os.open(self.dir / COPY_FILE, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            pwrite_all(fd, raw, cp["off"])
+            synced = cp["off"] + len(raw) - cp["synced"] >= COPY_SYNC_BYTES
+            if synced:
+                os.fdatasync(fd)
+        finally:
+            os.close(fd)
+        check.add(ext)
+        cp["off"] += len(raw)
+        cp["chunks"] += 1
+        self.received_bytes += len(raw)
+        if synced:
+            cp["synced"] = cp["off"]
+            with self.env.begin(write=True) as txn:
+                self._put(txn, "copy_progress", json.dumps(
+                    {"off": cp["off"], "next": check.next, "chunks": cp["chunks"],
+                     "blocks": check.blocks}).encode())
+        return {"written": rec.count, "next_block": check.next}
+
+    def start_playback(self, after, generation, blocks) -> None:
+        """The initial copy is complete: it holds `blocks` blocks, the primary's state at
+        delta set `after`. It becomes incoming delta set `after`, played like the others."""
+        if self.role != "secondary" or self.state != "initial-copy" or self.copy is None:
+            raise ReceiveError("this site is not receiving an initial copy")
+        if generation != self.generation:
+            raise ReceiveError(f"rejected start of playback of generation {generation}: this "
+                               f"site is at generation {self.generation}")
+        if not isinstance(after, int) or not 1 <= after < 1 << 63:
+            raise ReceiveError(f"rejected start of playback after delta set {after!r}", "invalid")
+        cp = self.copy
+        if blocks != cp["check"].blocks:
+            raise ReceiveError(f"the initial copy is incomplete: this site holds "
+                               f"{cp['check'].blocks} of {blocks} blocks")
+        path = self.dir / COPY_FILE
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        fsync_dir(self.dir)
+        rec = {"number": after, "chunks": cp["chunks"], "blocks": cp["check"].blocks,
+               "bytes": cp["off"], "generation": self.generation, "received_ns": time.time_ns(),
+               "cut_ns": 0, "first_change_ns": 0, "file": COPY_FILE, "copy": True}
         with self.env.begin(write=True) as txn:
+            txn.put(K.u64(after), json.dumps(rec).encode(), db=self.db_in)
             self._put(txn, "secondary_state", b"replicating")
             self._put(txn, "last_received", K.u64(after))
-            self._put(txn, "last_played", K.u64(after))
+            self._put(txn, "last_played", K.u64(after - 1))
+            txn.delete(b"copy_progress", db=self.db_ctx)
+        self.copy = None
 
     def detach(self) -> None:
         with self.env.begin(write=True) as txn:
@@ -157,29 +406,34 @@ class Receiver:
     def _path(self, n: int) -> Path:
         return self.dir / f"{n}.ds"
 
+    def _file(self, rec: dict) -> Path:
+        return self.dir / rec["file"] if rec.get("file") else self._path(rec["number"])
+
+    def _new_partial(self, n: int) -> dict:
+        return {"n": n, "checksums": [], "blocks": 0, "off": 0,
+                "check": ExtentCheck(self.nblocks)}
+
     def _load_partial(self) -> None:
         """Rebuild the state of a delta set whose reception was interrupted."""
+        if self.role != "secondary" or self.state != "replicating":
+            return
         n = self.last_received + 1
         path = self._path(n)
         if not path.exists():
             return
-        raw = path.read_bytes()
-        off = 0
-        checksums = []
-        blocks = 0
-        while off < len(raw):
-            try:
-                size = chunk_size(raw, off)
-                c = decode_chunk(raw[off: off + size])
-            except ChunkError:
+        p = self._new_partial(n)
+        for off, size, c in iter_chunks(path):
+            if (c.number != len(p["checksums"]) or c.generation != self.generation
+                    or c.delta_set != n or p["check"].problem(c.extents)):
                 break
-            checksums.append(c.checksum)
-            blocks += c.blocks
-            off += size
-        os.truncate(path, off)
-        self.partial = {"n": n, "checksums": checksums, "blocks": blocks, "off": off}
+            p["check"].add(c.extents)
+            p["checksums"].append(c.checksum)
+            p["blocks"] += c.blocks
+            p["off"] = off + size
+        os.truncate(path, p["off"])
+        self.partial = p
 
-    def receive_chunk(self, body: bytes) -> dict:
+    def receive_chunk(self, body) -> dict:
         if self.role != "secondary" or self.state != "replicating":
             raise ReceiveError("this site is not receiving delta sets")
         try:
@@ -195,19 +449,27 @@ class Receiver:
         if c.delta_set != want:
             raise ReceiveError(f"expected delta set {want}, got {c.delta_set}")
         p = self.partial
-        if p is None or p["n"] != want:
-            p = self.partial = {"n": want, "checksums": [], "blocks": 0, "off": 0}
-            self._path(want).write_bytes(b"")
-        if c.number < len(p["checksums"]):
+        if p is not None and p["n"] == want and c.number < len(p["checksums"]):
             return {"duplicate": True}
-        if c.number != len(p["checksums"]):
-            raise ReceiveError(f"delta set {want}: expected chunk {len(p['checksums'])}, got "
-                               f"{c.number}")
+        have = len(p["checksums"]) if p is not None and p["n"] == want else 0
+        if c.number != have:
+            raise ReceiveError(f"delta set {want}: expected chunk {have}, got {c.number}")
+        if p is None or p["n"] != want:
+            p = self._new_partial(want)
+            why = p["check"].problem(c.extents)
+            if why is None:
+                os.close(create_private(self._path(want)))
+                self.partial = p
+        else:
+            why = p["check"].problem(c.extents)
+        if why:
+            raise ReceiveError(f"rejected chunk {c.number} of delta set {want}: {why}")
         fd = os.open(self._path(want), os.O_WRONLY | os.O_CLOEXEC)
         try:
             pwrite_all(fd, body, p["off"])
         finally:
             os.close(fd)
+        p["check"].add(c.extents)
         p["off"] += len(body)
         p["checksums"].append(c.checksum)
         p["blocks"] += c.blocks
@@ -215,17 +477,22 @@ class Receiver:
         return {"accepted": c.number}
 
     def commit(self, header: bytes, meta: dict) -> dict:
-        """The delta-set header: verify completeness, make it durable, acknowledge."""
+        """The delta-set header: verify completeness, make it durable, acknowledge.
+        Syncs files: call it from a worker thread."""
+        if self.role != "secondary" or self.state != "replicating":
+            raise ReceiveError("this site is not receiving delta sets")
         try:
             hdr = decode_set_header(header)
         except ChunkError as e:
             raise ReceiveError(f"rejected delta-set header: {e}", "invalid") from None
         if hdr.generation != self.generation:
-            raise ReceiveError(f"rejected header of generation {hdr.generation}")
+            raise ReceiveError(f"rejected header of generation {hdr.generation}: this site is "
+                               f"at generation {self.generation}")
         if hdr.delta_set <= self.last_received:
             return {"acked": self.last_received, "played": self.last_played}
         p = self.partial
-        if hdr.delta_set != self.last_received + 1 or (hdr.chunks and (p is None or p["n"] != hdr.delta_set)):
+        if hdr.delta_set != self.last_received + 1 or (
+                hdr.chunks and (p is None or p["n"] != hdr.delta_set)):
             raise ReceiveError(f"header for delta set {hdr.delta_set} out of order")
         got = p["checksums"] if p and p["n"] == hdr.delta_set else []
         blocks = p["blocks"] if got else 0
@@ -234,17 +501,18 @@ class Receiver:
             self._path(hdr.delta_set).unlink(missing_ok=True)
             raise ReceiveError(f"delta set {hdr.delta_set} incomplete or corrupt "
                                f"({len(got)} of {hdr.chunks} chunks): send it again", "invalid")
-        path = self._path(hdr.delta_set)
-        if not path.exists():
-            path.write_bytes(b"")
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        if got:
+            fd = os.open(self._path(hdr.delta_set), os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            fsync_dir(self.dir)
         rec = {"number": hdr.delta_set, "chunks": hdr.chunks, "blocks": hdr.blocks,
-               "bytes": p["off"] if got else 0, "received_ns": time.time_ns(),
-               "cut_ns": meta.get("cut_ns", 0), "first_change_ns": meta.get("first_change_ns", 0)}
+               "bytes": p["off"] if got else 0, "generation": hdr.generation,
+               "data_checksum": hdr.data_checksum, "received_ns": time.time_ns(),
+               "cut_ns": _int(meta.get("cut_ns")),
+               "first_change_ns": _int(meta.get("first_change_ns"))}
         with self.env.begin(write=True) as txn:
             txn.put(K.u64(hdr.delta_set), json.dumps(rec).encode(), db=self.db_in)
             self._put(txn, "last_received", K.u64(hdr.delta_set))
@@ -259,46 +527,113 @@ class Receiver:
             raw = txn.get(K.u64(n))
         return json.loads(raw) if raw else None
 
-    def extents(self, rec: dict) -> list[tuple[int, int]]:
+    def extents(self, rec: dict) -> list[tuple[int, int]] | None:
         """The extents a received delta set will write, read from its chunk headers only
-        (the data is read and verified once, by play)."""
-        path = self._path(rec["number"])
-        if not path.exists():
+        (the data is verified by play); None if the headers do not parse (play will refuse
+        the delta set; meanwhile assume it may write anything)."""
+        path = self._file(rec)
+        if not rec["chunks"]:
             return []
         out, off = [], 0
-        with open(path, "rb") as f:
-            end = os.fstat(f.fileno()).st_size
-            while off < end:
-                head = os.pread(f.fileno(), 64 * 1024, off)  # holds any chunk's extent list
-                size = chunk_size(head)
-                out.extend(peek_extents(head))
-                off += size
+        try:
+            with open(path, "rb") as f:
+                end = os.fstat(f.fileno()).st_size
+                while off < end:
+                    head = os.pread(f.fileno(), 64 * 1024, off)  # holds any chunk's extents
+                    size = chunk_size(head)
+                    out.extend(peek_extents(head))
+                    off += size
+        except (OSError, ChunkError, IndexError, ValueError):
+            return None
         return out
 
-    def play(self, rec: dict, dev) -> int:
-        """Write delta set `rec` into the volume (through `dev`) and record it as played.
-        Runs in a worker thread while readers are held back."""
+    def verify(self, rec: dict) -> None:
+        """Check a whole received delta set before any of it is written: every chunk
+        decodes and verifies, is numbered in order, carries the delta set's generation and
+        number, its extents are valid and disjoint, and the totals match its record.
+        Raises CorruptDeltaSet."""
         n = rec["number"]
-        path = self._path(n)
-        raw = path.read_bytes() if path.exists() else b""
-        off = 0
+        if not rec["chunks"]:
+            return
+        path = self._file(rec)
+        gen = rec.get("generation", self.generation)
+        want_ds = 0 if rec.get("copy") else n
+        check = ExtentCheck(self.nblocks, ascending=bool(rec.get("copy")))
+        sums = []
+        end = 0
+        try:
+            size = path.stat().st_size
+            for off, csize, c in iter_chunks(path):
+                if c.number != len(sums) or c.generation != gen or c.delta_set != want_ds:
+                    raise CorruptDeltaSet(f"delta set {n}: chunk {len(sums)} is out of place")
+                try:
+                    check.add(c.extents)
+                except ValueError as e:
+                    raise CorruptDeltaSet(f"delta set {n}: {e}") from None
+                sums.append(c.checksum)
+                end = off + csize
+        except OSError as e:
+            raise CorruptDeltaSet(f"delta set {n}: cannot read {path}: {e.strerror}") from None
+        if end != size or len(sums) != rec["chunks"] or check.blocks != rec["blocks"] or (
+                "data_checksum" in rec and data_checksum(sums) != rec["data_checksum"]):
+            raise CorruptDeltaSet(f"delta set {n} in {path} is damaged ({len(sums)} of "
+                                  f"{rec['chunks']} chunks verify); it was not played")
+
+    def play(self, rec: dict, dev) -> int:
+        """Write delta set `rec` into the volume (through `dev`) and record it as played:
+        all of it, after `verify`, or none of it. Runs in a worker thread while readers are
+        held back, one chunk in memory at a time."""
+        n = rec["number"]
+        self.verify(rec)
+        with self.env.begin(write=True) as txn:
+            self._put(txn, "playing", K.u64(n))
         blocks = 0
-        while off < len(raw):
-            size = chunk_size(raw, off)
-            c = decode_chunk(raw[off: off + size])
-            pos = 0
-            for start, count in c.extents:
-                dev.write(start, c.data[pos: pos + count * BS], meta=True)
-                pos += count * BS
-            blocks += c.blocks
-            off += size
+        if rec["chunks"]:
+            for _, _, c in iter_chunks(self._file(rec)):
+                mv = memoryview(c.data)
+                pos = 0
+                for start, count in c.extents:
+                    dev.write(start, mv[pos: pos + count * BS], meta=True)
+                    pos += count * BS
+                blocks += c.blocks
         dev.flush()
         with self.env.begin(write=True) as txn:
             self._put(txn, "last_played", K.u64(n))
             txn.delete(K.u64(n), db=self.db_in)
+            txn.delete(b"playing", db=self.db_ctx)
             self._put(txn, "last_played_ns", K.u64(time.time_ns()))
             self._put(txn, "last_played_first_change_ns", K.u64(rec.get("first_change_ns", 0)))
-        path.unlink(missing_ok=True)
+        self._file(rec).unlink(missing_ok=True)
         self.played_blocks += blocks
         return blocks
 
+    def interrupted_playback(self) -> dict | None:
+        """The delta set whose playback a crash interrupted (its record), if any."""
+        raw = self._get("playing")
+        if raw is None:
+            return None
+        rec = self.next_to_play()
+        if rec is None or rec["number"] != K.from_u64(raw):
+            with self.env.begin(write=True) as txn:
+                txn.delete(b"playing", db=self.db_ctx)
+            return None
+        return rec
+
+
+def finish_interrupted_playback(env, site_path: Path, dev) -> None:
+    """Before the file system is opened: finish a playback that a crash interrupted (it is
+    idempotent), so the mount never shows a half-played delta set."""
+    db = env.open_db(K.CTX)
+    with env.begin(db=db) as txn:
+        if txn.get(b"playing") is None:
+            return
+    r = Receiver(env, site_path, dev.nblocks)
+    rec = r.interrupted_playback()
+    if rec is None:
+        return
+    log.info("finishing the interrupted playback of delta set %d", rec["number"])
+    r.play(rec, dev)
+
+
+def _int(v) -> int:
+    return v if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 64 else 0

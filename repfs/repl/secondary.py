@@ -11,7 +11,7 @@ import time
 import trio
 
 from ..fs.invalidate import volume_changes
-from .receiver import ReceiveError
+from .receiver import ReceiveError, attach_refusal
 from ..snap.store import SnapError
 
 log = logging.getLogger(__name__)
@@ -23,6 +23,8 @@ class Secondary:
         self.receiver = receiver
         self.db_ctx = svc.store.env.open_db(b"replctx")  # never open a database inside a txn
         self.wake = trio.Event()
+        self.lock = trio.Lock()  # one receiver request at a time (they run in worker threads)
+        self.playing = False  # the playback loop runs
         self.playback_ms: list[float] = []
 
     # ------------------------------------------------------------------ receiver endpoints
@@ -37,48 +39,57 @@ class Secondary:
                                   if d["state"] != "stopped"] if svc.primary else [])
         return info
 
-    async def attach(self, primary: dict, generation: int) -> dict:
+    async def attach(self, primary: dict, generation: int, nblocks: int, force: bool) -> dict:
+        """Become a secondary of `primary` (checked by receiver.attach_refusal). The mount
+        turns read-only and keeps showing this site's state until the initial copy, staged
+        meanwhile, is played."""
         svc = self.svc
-        async with svc.ops.quiesce():
-            await trio.to_thread.run_sync(svc.core.checkpoint)
-            if svc.primary is not None:
-                for name in list(svc.primary.tasks):
-                    svc.primary.tasks.pop(name).cancel()
-                svc.clog.disable()
-                svc.primary = None
-                svc.sets = None
-            self.receiver.attach(primary, generation)
-            svc.core.readonly = True
-            svc.readonly = True
-        svc.nursery.start_soon(self.playback_loop)
-        log.info("this site is now a secondary of %s: its mount is read-only; waiting for the "
-                 "initial copy", primary.get("site"))
+        async with self.lock:
+            why = attach_refusal(self.info(), primary, generation, nblocks, force)
+            if why:
+                raise ReceiveError(why)
+            async with svc.ops.quiesce():
+                await trio.to_thread.run_sync(svc.core.checkpoint)
+                if svc.primary is not None:
+                    for name in list(svc.primary.tasks):
+                        svc.primary.tasks.pop(name).cancel()
+                    svc.clog.disable()
+                    svc.primary = None
+                    svc.sets = None
+                await trio.to_thread.run_sync(self.receiver.attach, primary, generation)
+                svc.core.readonly = True
+                svc.readonly = True
+        if not self.playing:
+            svc.nursery.start_soon(self.playback_loop)
+        log.info("this site is now a secondary of %s (generation %d): its mount is read-only "
+                 "and shows its earlier state until the initial copy is played",
+                 primary["site"], generation)
         return self.receiver.info()
 
     async def copy(self, body: bytes) -> dict:
-        start, data = self.receiver.check_copy(body)
-        await trio.to_thread.run_sync(self.svc.clog.write, start, data, True)
-        return {"written": len(data) // 4096}
+        async with self.lock:
+            return await trio.to_thread.run_sync(self.receiver.receive_copy, body)
 
-    async def start_playback(self, after: int) -> dict:
-        clog = self.svc.clog
-
-        def apply():
-            clog.flush()
-            self.receiver.start_playback(after)
-        await volume_changes(self.svc.ops, apply, lambda: None)
-        log.info("initial copy received; playback starts after delta set %d", after)
+    async def start_playback(self, after: int, generation: int, blocks: int) -> dict:
+        async with self.lock:
+            await trio.to_thread.run_sync(self.receiver.start_playback, after, generation,
+                                          blocks)
+        self.wake.set()
+        log.info("initial copy received (%d blocks); it is played as delta set %d", blocks,
+                 after)
         return self.receiver.info()
 
-    def chunk(self, body: bytes) -> dict:
-        return self.receiver.receive_chunk(body)
+    async def chunk(self, body: bytes) -> dict:
+        async with self.lock:
+            return await trio.to_thread.run_sync(self.receiver.receive_chunk, body)
 
-    def commit(self, args: dict) -> dict:
+    async def commit(self, args: dict) -> dict:
         try:
             header = bytes.fromhex(args.get("header", ""))
         except ValueError:
             raise ReceiveError("the header is not hex", "invalid") from None
-        out = self.receiver.commit(header, args)
+        async with self.lock:
+            out = await trio.to_thread.run_sync(self.receiver.commit, header, args)
         self.wake.set()
         return out
 
@@ -113,6 +124,13 @@ class Secondary:
 
     async def playback_loop(self) -> None:
         """Integrate complete delta sets in order, one consistent step at a time (FIG. 9)."""
+        self.playing = True
+        try:
+            await self._playback()
+        finally:
+            self.playing = False
+
+    async def _playback(self) -> None:
         svc = self.svc
         while self.receiver.role == "secondary":
             with trio.move_on_after(0.2):

@@ -20,8 +20,7 @@ import numpy as np
 import trio
 
 from . import keys as K
-from .chunk import chunk_size, is_set_header
-from .receiver import encode_copy
+from .chunk import chunk_size, encode_copy, is_set_header
 
 log = logging.getLogger(__name__)
 BS = 4096
@@ -45,15 +44,16 @@ class RejectedError(Exception):
 class ReceiverClient:
     """Calls on a secondary daemon's control port (a site on this host)."""
 
-    def __init__(self, site_path: str):
-        self.site_path = site_path
+    def __init__(self, site):
+        """`site`: the target site (`SiteService.peer(path)`: its path and control address)."""
+        self.site = site
+        self.site_path = str(site.path)
         self.conn: http.client.HTTPConnection | None = None
         # test hook: corrupt the next N chunks sent (checks that receivers reject them)
         self.corrupt = int(os.environ.get("REPFS_TEST_CORRUPT_CHUNKS", "0"))
 
     def _connect(self):
-        from ..site import Site
-        site = Site(self.site_path)
+        site = self.site
         addr = site.control_address()
         if addr is None:
             raise TransientError(f"the daemon of {self.site_path} is not running")
@@ -105,15 +105,16 @@ class ReceiverClient:
     def info(self) -> dict:
         return self.request("GET", "/repl/receiver")
 
-    def attach(self, primary: dict, generation: int, force: bool) -> dict:
+    def attach(self, primary: dict, generation: int, nblocks: int, force: bool) -> dict:
         return self.request("POST", "/repl/attach", {"primary": primary, "generation": generation,
-                                                     "force": force})
+                                                     "nblocks": nblocks, "force": force})
 
-    def copy(self, start: int, data: bytes) -> None:
-        self.request("POST", "/repl/copy", encode_copy(start, data))
+    def copy(self, generation: int, start: int, data: bytes) -> None:
+        self.request("POST", "/repl/copy", encode_copy(generation, start, data))
 
-    def start_playback(self, after: int) -> None:
-        self.request("POST", "/repl/start-playback", {"after": after})
+    def start_playback(self, after: int, generation: int, blocks: int) -> None:
+        self.request("POST", "/repl/start-playback", {"after": after, "generation": generation,
+                                                      "blocks": blocks})
 
     def chunk(self, raw: bytes) -> None:
         if self.corrupt > 0:
@@ -258,7 +259,7 @@ class Primary:
         d = self.dest(name)
         if d is None:
             return
-        client = ReceiverClient(d["site"])
+        client = ReceiverClient(self.service.peer(d["site"]))
         try:
             backoff = 0.2
             last_error = None
@@ -308,22 +309,31 @@ class Primary:
             client.close()
 
     def _initial_copy(self, client: ReceiverClient, name: str) -> None:
-        """Copy the valid extents of the stamped snapshot (FIG. 11), resuming at copy_pos."""
+        """Copy the valid extents of the stamped snapshot (FIG. 11) in block order, resuming
+        where the receiver says it holds the copy whole (after a crash of either side, its
+        durable position, which may be behind what was sent)."""
         d = self.dest(name)
         layer = self.service.layer
         snap = self.service.store.find(d["snapshot"])
+        gen = self.sets.generation
         info = client.info()
-        if info.get("state") != "initial-copy":
+        if info.get("state") != "initial-copy" or not info.get("copy"):
             raise PermanentError(f"{d['site']} is not expecting an initial copy")
         nblocks = layer.nblocks
-        pos = d["copy_pos"]
+        pos = info["copy"]["next_block"]
+        d["copy_pos"] = pos
         last_save = time.monotonic()
         page = pos // K.PAGE_BITS
+        total = 0  # valid blocks of the snapshot, all of which the receiver must hold
+        for p in range(page):  # below the resume position: counted, not sent
+            total += int(np.count_nonzero(layer.meta_page(snap, p)[:nblocks - p * K.PAGE_BITS]))
         while page * K.PAGE_BITS < nblocks:
             valid = layer.meta_page(snap, page)
             base = page * K.PAGE_BITS
             idx = np.flatnonzero(valid)
-            idx = idx[(idx + base >= pos) & (idx + base < nblocks)]
+            idx = idx[idx + base < nblocks]
+            total += len(idx)
+            idx = idx[idx + base >= pos]
             if len(idx):
                 breaks = np.flatnonzero(np.diff(idx) != 1) + 1
                 for a, b in zip(np.concatenate(([0], breaks)).tolist(),
@@ -331,7 +341,7 @@ class Primary:
                     s, c = base + int(idx[a]), b - a
                     while c:
                         m = min(c, COPY_PIECE)
-                        client.copy(s, layer.read_snapshot(snap, s, m))
+                        client.copy(gen, s, layer.read_snapshot(snap, s, m))
                         d["copied"] = d.get("copied", 0) + m
                         self.sent_bytes += m * BS
                         s += m
@@ -342,12 +352,12 @@ class Primary:
                             last_save = time.monotonic()
             page += 1
             d["copy_pos"] = max(d["copy_pos"], page * K.PAGE_BITS)
-        client.start_playback(d["stamp"])
-        d.update(state="replicating", acked=d["stamp"], played=d["stamp"],
+        client.start_playback(d["stamp"], gen, total)
+        d.update(state="replicating", acked=d["stamp"], played=d["stamp"] - 1,
                  copy_done_ns=time.time_ns())
         self.put_dest(d)
-        log.info("destination %s: initial copy done (%d blocks); playback from delta set %d",
-                 name, d.get("copied", 0), d["stamp"] + 1)
+        log.info("destination %s: initial copy done (%d blocks); the secondary plays it as "
+                 "delta set %d", name, total, d["stamp"])
 
     def _send_next(self, client: ReceiverClient, name: str) -> bool:
         """Send the next delta set the destination lacks; False when there is none ready."""

@@ -36,7 +36,7 @@ class ReplicateVerbs:
         old = p.dest(name)
         if old and old["state"] not in ("stopped", "error") and not force:
             raise SnapError(f"already replicating to {name} ({old['state']})", "conflict")
-        client = ReceiverClient(str(target.path))
+        client = ReceiverClient(target)
         try:
             info = await trio.to_thread.run_sync(client.info)
         except (TransientError, PermanentError) as e:
@@ -45,6 +45,13 @@ class ReplicateVerbs:
         me = {"uuid": svc.core.sb.uuid.hex(), "site": str(svc.site.path)}
         if svc.peer(info["site"]).path == svc.site.path:  # (a replica shares the volume uuid)
             raise SnapError("the target is this very site", "invalid")
+        nblocks = svc.layer.nblocks
+        if info.get("volume_blocks") != nblocks:  # --force cannot mend this
+            theirs = info.get("volume_blocks")
+            raise SnapError(
+                f"{to} has a volume of {_bytes(theirs)}, this site {_bytes(nblocks)}: a "
+                f"secondary must be exactly the primary's size (repfs mkfs SITE --size "
+                f"{nblocks * 4096})", "conflict")
         if not force:
             if info["role"] == "secondary" and info["state"] != "stopped":
                 raise SnapError(f"{to} is already a replicating secondary; --force replaces "
@@ -55,7 +62,7 @@ class ReplicateVerbs:
                 raise SnapError(f"{to} is itself replicating; --force replaces its content",
                                 "conflict")
         try:
-            await trio.to_thread.run_sync(client.attach, me, p.sets.generation, force)
+            await trio.to_thread.run_sync(client.attach, me, p.sets.generation, nblocks, force)
         except (TransientError, PermanentError) as e:
             raise SnapError(f"{to} refused to become a secondary: {e}", "conflict") from None
         finally:
@@ -132,3 +139,14 @@ class ReplicateVerbs:
                 await trio.sleep(0.02)
         rec = p.sets.record(n)
         return {"delta_set": n, "blocks": rec["blocks"], "state": rec["state"]}
+
+
+def _bytes(nblocks) -> str:
+    if not isinstance(nblocks, int):
+        return "unknown size"
+    n = nblocks * 4096
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:g} {unit}" if unit == "B" else f"{n:.4g} {unit} ({nblocks} blocks)"
+        n /= 1024
+    return str(n)

@@ -30,7 +30,7 @@ import xxhash
 
 from ..errors import DomainError
 from ..statefile import fsync_dir
-from ..volume import BLOCK_SIZE, pwrite_all
+from ..volume import BLOCK_SIZE, private_dir, pwrite_all
 from . import keys as K
 
 log = logging.getLogger(__name__)
@@ -264,7 +264,7 @@ class SnapStore:
     def __init__(self, site_path: Path, *, capacity_bytes: int | None = None, env=None):
         self.root = Path(site_path)
         self.save_dir = self.root / "save"
-        self.save_dir.mkdir(exist_ok=True)
+        private_dir(self.save_dir)  # raw blocks of every file: 0700
         self.env = env if env is not None else open_env(self.root)
         self.db_snaps = self.env.open_db(K.SNAPS)
         self.db_names = self.env.open_db(K.NAMES)

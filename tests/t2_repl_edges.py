@@ -1,0 +1,251 @@
+"""Tier 2: the edges of replication a user hits, through real daemons and mounts.
+
+* `replicate start` to a secondary of another size, smaller or larger, is refused with a
+  one-line error and exit 1 before any byte is sent (even with --force); nothing of the
+  target changes.
+* `attach` (the receiver's endpoint) refuses another primary, an older generation, another
+  volume size and a malformed identity; `force` overrides only what it may.
+* During the initial copy the secondary's mount shows its earlier state, whole, until the
+  copy is played; a reader looping over it sees only whole states (and the test proves it
+  read while the copy was running).
+* Every file holding raw blocks is 0600 and the directories holding them 0700, even when the
+  daemons run under a umask of 0.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import stat
+import threading
+import time
+from pathlib import Path
+
+from tests.conftest import run_repfs
+from tests.t2_repl import (
+    NO_AUTO_CUT, admin, api, assert_same_tree, cut, log_tail, start_replication, status, tree,
+    wait_converged,
+)
+
+
+def post(site: Path, path: str, body: dict, timeout: float = 60.0):
+    c = json.loads((Path(site) / "control.json").read_text())
+    token = (Path(site) / "control.token").read_text().strip()
+    conn = http.client.HTTPConnection(c["host"], c["port"], timeout=timeout)
+    try:
+        conn.request("POST", "/v1" + path, body=json.dumps(body).encode(), headers={
+            "Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+    finally:
+        conn.close()
+
+
+def incoming_files(site: Path) -> list[str]:
+    d = Path(site) / "save" / "incoming"
+    return sorted(p.name for p in d.iterdir() if p.stat().st_size) if d.exists() else []
+
+
+def test_start_to_a_secondary_of_another_size_is_refused(mount_site):
+    m1 = mount_site("256M", name="s1")
+    (m1.path / "data").write_bytes(os.urandom(300_000))
+    for size, name in (("128M", "small"), ("512M", "large")):
+        m2 = mount_site(size, name=name)
+        before = tree(m2.path)
+        for extra in ((), ("--force",)):
+            r = admin(m1.path, "replicate", "start", "--to", m2.site, *extra, check=False)
+            err = r.stderr.strip()
+            assert r.returncode == 1, (r.returncode, r.stdout, err)
+            assert "Traceback" not in err and len(err.splitlines()) == 1, err
+            assert "exactly the primary's size" in err and "256 MiB" in err, err
+        # nothing was sent: the target is still a writable primary with its own content
+        assert tree(m2.path) == before
+        s = status(m2.path)
+        assert s["role"] == "primary" and s["readonly"] is False, s
+        assert incoming_files(m2.site) == []
+        (m2.path / "still-writable").write_bytes(b"yes")
+        p = status(m1.path)
+        assert p["destinations"] == [] and not p["replicating"], p
+        assert not [s for s in p["snapshots"] if s["name"].startswith("repl-init")]
+
+
+def test_attach_checks_primary_generation_size_and_force(mount_site):
+    m1 = mount_site("256M", name="s1")
+    m2 = mount_site("256M", name="s2")
+    admin(m1.path, "replicate", "policy", *NO_AUTO_CUT)
+    (m1.path / "f").write_bytes(b"from the primary")
+    start_replication(m1, m2)
+    wait_converged(m1, m2)
+    s2 = api(m2.site, "GET", "/repl/receiver")
+    me = s2["primary"]
+    gen, nblocks = s2["generation"], s2["volume_blocks"]
+    assert me["site"] == str(m1.site) and gen >= 1 and nblocks == 65536
+    other = {"uuid": "cd" * 16, "site": str(m1.site.parent / "elsewhere")}
+
+    def attach(primary, generation, n=nblocks, force=False):
+        return post(m2.site, "/repl/attach", {"primary": primary, "generation": generation,
+                                              "nblocks": n, "force": force})
+    refusals = [
+        (attach(other, gen + 5), 409, f"secondary of {m1.site}"),
+        (attach(me, gen, force=False), 409, "already a replicating secondary"),
+        (attach(me, gen, n=nblocks + 1, force=True), 409, "exactly the primary's size"),
+        (attach({"site": str(m1.site)}, gen, force=True), 409, "no valid primary"),
+        (attach({"site": str(m2.site), "uuid": me["uuid"]}, gen, force=True), 409,
+         "its own secondary"),
+        (attach(me, "1"), 400, "generation"),
+        (post(m2.site, "/repl/attach", {"primary": me, "generation": gen}), 400, "nblocks"),
+    ]
+    for (code, doc), want_code, want in refusals:
+        assert code == want_code and want in doc["error"], (code, doc, want)
+    # none of them changed anything: m2 still follows m1, which still replicates to it
+    after = api(m2.site, "GET", "/repl/receiver")
+    assert (after["primary"], after["generation"], after["state"]) == (me, gen, "replicating")
+    (m1.path / "g").write_bytes(b"more")
+    wait_converged(m1, m2, cut(m1))
+    assert_same_tree(m1.path, m2.path)
+    # once stopped, force lets another primary take it over (its copy would replace the
+    # content); then that primary's older generation, and the first primary, are refused
+    admin(m2.path, "replicate", "stop")
+    code, doc = attach(other, gen + 5, force=True)
+    assert code == 200 and doc["primary"] == other and doc["state"] == "initial-copy", doc
+    assert doc["generation"] == gen + 5
+    code, doc = attach(other, gen + 4)
+    assert code == 409 and f"older than this site's {gen + 5}" in doc["error"], doc
+    code, doc = attach(me, gen + 5)
+    assert code == 409 and "secondary of" in doc["error"], doc
+    # the first primary finds it taken and stops replicating to it, with the reason
+    deadline = time.monotonic() + 30
+    while api(m1.site, "GET", "/status")["destinations"][0]["state"] != "error":
+        assert time.monotonic() < deadline, log_tail(m1.site)
+        time.sleep(0.1)
+    m1.expect_log("no longer a replicating secondary")
+
+
+# ----------------------------------------------------------------------------- torn states
+
+
+BEFORE = {f"f{i}": bytes([0x42 + i]) * (48 * 1024 + i * 4096) for i in range(8)}
+AFTER = {f"f{i}": bytes([0x61 + i]) * (48 * 1024 + i * 4096) for i in range(8)}
+
+
+def _observe(root: Path) -> list[str]:
+    """Read the state files one call at a time; each observation, in time order, is
+    "before", "after" or a description of a torn one."""
+    d = root / "d"
+    names = set(os.listdir(d))
+    obs = ["before" if names == set(BEFORE) else
+           "after" if names == set(AFTER) | {"only-after"} else f"names {sorted(names)}"]
+    for n in sorted(BEFORE):
+        fd = os.open(d / n, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # read the volume, not a cache
+            data = os.read(fd, 1 << 20)
+        finally:
+            os.close(fd)
+        obs.append("before" if data == BEFORE[n] else "after" if data == AFTER[n] else
+                   f"{n}: {len(data)} bytes of neither state")
+    return obs
+
+
+def test_the_secondary_never_shows_a_torn_state_during_the_initial_copy(mount_site):
+    m1 = mount_site("1G", name="s1")
+    m2 = mount_site("1G", name="s2")
+    admin(m1.path, "replicate", "policy", *NO_AUTO_CUT)
+    # the same names (and so, on two fresh file systems, the same inodes and blocks) with
+    # other content on each side; the secondary holds its "before" state
+    for m, state in ((m2, BEFORE), (m1, AFTER)):
+        (m.path / "d").mkdir()
+        for n, data in state.items():
+            (m.path / "d" / n).write_bytes(data)
+    (m1.path / "d" / "only-after").write_bytes(b"new")
+    filler = os.urandom(1 << 20)
+    for i in range(96):  # 96 MiB behind the small files: the copy takes a while
+        (m1.path / f"big{i}").write_bytes(filler[i:] + filler[:i])
+    want_after = tree(m1.path)
+
+    stop = threading.Event()
+    seen = {"before": 0, "after": 0, "during_copy": 0}
+    problems: list[str] = []
+
+    def copying() -> bool:
+        return api(m2.site, "GET", "/status").get("replication_state") == "initial-copy"
+
+    def reader():
+        while not stop.is_set():
+            try:
+                was_copying = copying()
+                obs = _observe(m2.path)
+                still_copying = copying()
+            except Exception as e:  # noqa: BLE001 - reported below
+                problems.append(f"read failed: {e!r}")
+                return
+            for o in obs:  # the states follow each other: the earlier one, then the new one
+                if o not in ("before", "after"):
+                    problems.append(f"a torn state: {o}")
+                elif o == "before" and seen["after"]:
+                    problems.append(f"the earlier state came back after the new one: {obs}")
+                else:
+                    seen[o] += 1
+            if was_copying and still_copying:
+                seen["during_copy"] += 1
+                if "after" in obs:
+                    problems.append(f"the copied state showed while the copy ran: {obs}")
+            if len(problems) > 3:
+                return
+
+    t = threading.Thread(target=reader, daemon=True)
+    t.start()
+    try:
+        start_replication(m1, m2, "--force")  # m2 holds files
+        wait_converged(m1, m2)
+        deadline = time.monotonic() + 10
+        while seen["after"] < 3 and not problems and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        t.join(30)
+    assert not problems, problems[:3]
+    assert seen["during_copy"] >= 1, f"no read landed during the copy: test too weak {seen}"
+    assert seen["before"] >= 1 and seen["after"] >= 1, seen
+    assert tree(m2.path) == want_after
+
+
+# ----------------------------------------------------------------------------- file modes
+
+
+def test_raw_block_files_are_private_under_umask_0(mount_site):
+    old = os.umask(0)
+    try:
+        m1 = mount_site("256M", name="s1")
+        m2 = mount_site("256M", name="s2")
+    finally:
+        os.umask(old)
+    admin(m1.path, "replicate", "policy", *NO_AUTO_CUT)
+    start_replication(m1, m2)
+    admin(m2.path, "replicate", "policy", "--playback-timeout", "3600")
+    admin(m1.path, "snapshot", "create", "s")  # a save volume on the primary
+    (m1.path / "x").write_bytes(os.urandom(200_000))
+    n = cut(m1)
+    deadline = time.monotonic() + 30
+    while api(m2.site, "GET", "/status")["last_received_delta_set"] < n:  # held, not played
+        assert time.monotonic() < deadline, log_tail(m2.site)
+        time.sleep(0.05)
+    assert incoming_files(m2.site) == [f"{n}.ds"]
+    m2.umount()  # the next delta set stays in the primary's chunk area
+    (m1.path / "y").write_bytes(os.urandom(100_000))
+    n2 = cut(m1)
+    assert (m1.site / "save" / "deltasets" / f"{n2}.ds").exists()
+    checked = 0
+    for site in (m1.site, m2.site):
+        assert stat.S_IMODE(site.stat().st_mode) == 0o700, site
+        for p in [site / "volume.img", site / "journal", site / "save"] + list(
+                (site / "save").rglob("*")):
+            mode = stat.S_IMODE(p.stat().st_mode)
+            want = 0o700 if p.is_dir() else 0o600
+            assert mode == want, f"{p} is {mode:o}, want {want:o}"
+            checked += 1
+    assert checked >= 10
+    run_repfs("mount", m2.site, m2.path)
+    admin(m2.path, "replicate", "policy", "--playback-timeout", "0")
+    wait_converged(m1, m2, n2)
