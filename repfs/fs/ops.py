@@ -67,6 +67,7 @@ class Operations(pyfuse3.Operations):
         self._hold = trio.Event()
         self._hold.set()
         self.commits = 0
+        self._direct_files: set[int] = set()  # see _keep_cache
 
     # ------------------------------------------------------------------ consistency points
 
@@ -291,12 +292,21 @@ class Operations(pyfuse3.Operations):
 
     # ------------------------------------------------------------------ files
 
+    def _keep_cache(self, ino: int, flags: int) -> bool:
+        """Whether this open keeps the kernel's page cache of the file. Not for a file ever
+        opened with O_DIRECT in this mount: direct writes bypass the cache, and a buffered
+        reader racing them can leave pages holding data from before a write; an open that
+        kept the cache would serve those to every later reader. (One int per such file.)"""
+        if flags & os.O_DIRECT:
+            self._direct_files.add(ino)
+        return not flags & os.O_TRUNC and ino not in self._direct_files
+
     @_fuse_errors
     async def open(self, inode, flags, ctx):
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC):
             await self._modifying()
         self.core.open(inode, flags, ctx)
-        return pyfuse3.FileInfo(fh=inode, keep_cache=not flags & os.O_TRUNC)
+        return pyfuse3.FileInfo(fh=inode, keep_cache=self._keep_cache(inode, flags))
 
     @_fuse_errors
     async def create(self, parent_inode, name, mode, flags, ctx):
@@ -304,7 +314,7 @@ class Operations(pyfuse3.Operations):
         inode = self.core.create(parent_inode, name, mode, ctx)
         e = self._entry(inode)
         await self._maybe_commit()
-        return pyfuse3.FileInfo(fh=inode.ino, keep_cache=True), e
+        return pyfuse3.FileInfo(fh=inode.ino, keep_cache=self._keep_cache(inode.ino, flags)), e
 
     @_fuse_errors
     async def read(self, fh, off, size):
