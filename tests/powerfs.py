@@ -46,8 +46,8 @@ Fault injection
 ---------------
 A rule: ``add_fault(path, op, errno="EIO", skip=0, count=None)``. ``path`` is an fnmatch
 glob relative to the mount root (``"site/volume.img"``, ``"site/save/*"``, ``"*"``, or
-several joined by ``|``); ``op`` is
-one of OPS below or ``"*"`` (or several joined by ``|``: ``"write|fsync"``); the first ``skip`` matching calls pass, the next ``count`` (None:
+several joined by ``|``); ``op`` is one of OPS below or ``"*"`` (or several joined by
+``|``: ``"write|fsync"``); the first ``skip`` matching calls pass, the next ``count`` (None:
 all) fail with ``errno`` (a name like ``"ENOSPC"`` or a number). For ops on names (create,
 mkdir, unlink, rmdir, rename, link, symlink, mknod, lookup) the path is the name's path; a
 rename matches on its old or new path. ``fsync`` covers fsync and fdatasync of files,

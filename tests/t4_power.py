@@ -1,0 +1,487 @@
+"""Tier 4: power cuts.
+
+Each site directory lives on powerfs (tests/powerfs.py), which keeps what was not yet made
+durable (fsync, fdatasync, O_DSYNC; directory entries only by an fsync of the directory)
+apart from what was. A power cut freezes powerfs (every later request fails), keeps none or a
+random part of the non-durable state, kills the site's daemon with SIGKILL, and mounts powerfs
+again with what survived; `repfs fsck` must then find the site clean, and it is mounted again.
+Unlike a `kill -9` alone (tests/t4_crash.py and friends, where the kernel's page cache
+survives), this catches a missing or misordered sync.
+
+Cuts land at random moments, or are aimed: powerfs cuts the power right before the N-th
+write/fsync of a chosen site file (N random), and the test counts the cuts that landed in each
+aimed phase (a snapshot verb in flight, a delta set being cut and copied, received, played
+back, the initial copy) and requires at least one per phase. After each cut:
+
+* the file workload: every file whose fsync (file, then directory) returned is byte-exact;
+* snapshots: every snapshot reported created reads exactly as the file system did at its
+  creation (the core API, which also fscks each snapshot); one whose create or delete was cut
+  is either absent or exact; a cut restore leaves the live tree as it was or as the snapshot;
+* replication: the secondary shows exactly some delta-set boundary; replication resumes by
+  itself and converges to the primary, with every fsync'd file on both.
+
+REPFS_POWER_ROUNDS (default small, for the suite) scales the loops; `tools/soak` runs many.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import fsck_clean, run_repfs
+from tests.powerfs import PowerFS
+from tests.t2_repl import NO_AUTO_CUT, Workload, admin, api, log_lines, tree, tree_diff
+from tests.t4_crash import WRITER, Record, clean_stray, verify
+from tests.t4_repl_crash import Writer, check_durable, post
+from tests.t4_snap_crash import core_check, hash_tree
+
+# a multiplier of each loop's cuts (the suite: 4 + 6 + 4 cuts in all; tools/soak: hundreds)
+ROUNDS = int(os.environ.get("REPFS_POWER_ROUNDS", "1"))
+
+# what a daemon changes in its site, without its log and pid file ("repfs.*")
+SITE_FILES = "site/[!r]*"
+MODIFYING = "write|fsync|fsyncdir|create|rename|unlink|truncate|mkdir"
+
+
+class PowerSite:
+    """A repfs site on its own powerfs, and its mount. `.site` and `.path` as conftest's
+    Mount, so the replication helpers of t2_repl work on it."""
+
+    def __init__(self, tmp: Path, name: str):
+        self.pf = PowerFS(tmp / f"{name}-disk", tmp / f"{name}-pf")
+        self.site = self.pf.mnt / "site"
+        self.path = tmp / f"{name}-mnt"
+        self.path.mkdir()
+        self.pid: int | None = None
+        self.cuts = 0
+
+    def create(self, size: str, commit_interval: float | None = None) -> None:
+        self.pf.start()
+        run_repfs("mkfs", self.site, "--size", size)
+        if commit_interval is not None:
+            cfg = self.site / "site.toml"
+            text, k = re.subn(r"commit_interval = [0-9.]+",
+                              f"commit_interval = {commit_interval}", cfg.read_text())
+            assert k == 1
+            tmp = cfg.with_suffix(".tmp")
+            with open(tmp, "w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, cfg)
+            _fsync(self.site)
+
+    def mount(self) -> None:
+        run_repfs("mount", self.site, self.path)
+        assert os.path.ismount(self.path)
+        self.pid = int((self.site / "repfs.pid").read_text().split()[0])
+
+    def power_cut(self, keep: str = "none", seed: int | None = None,
+                  kill: tuple = ()) -> dict:
+        """Cut the power (unless an armed cut already did), kill the daemon and `kill`
+        (processes working on the mount), then bring powerfs back and fsck the site.
+        Returns what the cut dropped."""
+        if not self.pf.stats()["frozen"]:
+            self.pf.freeze(keep, seed)
+        out = self.pf.stats()["cut"]
+        for p in kill:
+            if p.poll() is None:
+                p.kill()
+        if self.pid is not None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            _wait_dead(self.pid)
+            self.pid = None
+        for p in kill:
+            p.wait(60)
+        subprocess.run(["fusermount3", "-u", "-z", str(self.path)], check=False,
+                       capture_output=True)
+        _wait_unmounted(self.path)
+        self.pf.stop()
+        self.pf.start()
+        self.cuts += 1
+        r = run_repfs("fsck", self.site, check=False)
+        assert r.returncode == 0, (f"fsck after power cut {self.cuts} ({out}): exit "
+                                   f"{r.returncode}\n{r.stdout}{r.stderr}")
+        return out
+
+    def dropped(self, out: dict) -> int:
+        return out["writes"] - out["writes_kept"] + out["entries"] - out["entries_kept"]
+
+    def finish(self) -> None:
+        """A clean end: unmount, fsck, and a log that tells of no crash of its own."""
+        run_repfs("umount", self.path)
+        _wait_unmounted(self.path)
+        fsck_clean(self.site)
+        assert not [ln for ln in log_lines(self.site) if "Traceback" in ln]
+        self.pf.stop()
+
+    def teardown(self) -> None:
+        if self.pid is not None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if os.path.ismount(self.path):
+            subprocess.run(["fusermount3", "-u", "-z", str(self.path)], check=False,
+                           capture_output=True)
+            _wait_unmounted(self.path)
+        self.pf.kill()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _wait_dead(pid: int, timeout: float = 30) -> None:
+    """Until `pid` has exited (a zombie holds no files or locks any more; this container's
+    init may take a second to reap it, which `repfs mount` does not wait for)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+                    return
+        except (FileNotFoundError, ProcessLookupError):
+            return
+        assert time.monotonic() < deadline, f"pid {pid} survived SIGKILL"
+        time.sleep(0.005)
+
+
+def _wait_unmounted(path: Path, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while os.path.ismount(path):
+        assert time.monotonic() < deadline, f"{path} stays mounted"
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def power_site(tmp_path):
+    made: list[PowerSite] = []
+
+    def make(name: str = "site") -> PowerSite:
+        s = PowerSite(tmp_path, name)
+        made.append(s)
+        return s
+
+    yield make
+    for s in made:
+        s.teardown()
+
+
+# ----------------------------------------------------------------------------- file workload
+
+
+def test_power_cut_after_mkfs_and_during_file_workload(power_site, tmp_path):
+    """A site survives a cut right after mkfs; then the kill -9 writer of t4_crash (fsync'd
+    files, atomic replaces, renames and deletes made durable by fsync of the directory)
+    under random power cuts (nothing or a random part of the unsynced state kept)."""
+    rng = random.Random(7001)
+    s = power_site()
+    s.create("96M", commit_interval=0.2)
+    s.power_cut("none")  # mkfs returned: the site must be there
+    s.mount()
+    writer_py = tmp_path / "writer.py"
+    writer_py.write_text(WRITER)
+    record_path, phase_path = tmp_path / "record", tmp_path / "phase"
+    phases: dict[str, int] = {}
+    dropped = promised = 0
+    rounds = 4 * ROUNDS
+    for rnd in range(rounds):
+        phase_path.write_bytes(b"-")
+        with open(tmp_path / "writer.err", "wb") as err:
+            writer = subprocess.Popen(
+                [sys.executable, writer_py, s.path, record_path, phase_path,
+                 str(rng.randrange(1 << 30)), str(rnd)], stderr=err)
+            time.sleep(rng.uniform(0.1, 1.2))
+            assert writer.poll() is None, (tmp_path / "writer.err").read_text()
+            out = s.power_cut(rng.choice(["none", "random"]), rng.randrange(1 << 30),
+                              kill=(writer,))
+        ph = phase_path.read_bytes().decode()[:1]
+        phases[ph] = phases.get(ph, 0) + 1
+        dropped += s.dropped(out) > 0
+        s.mount()
+        record = Record(record_path)
+        present = verify(s.path, record, rnd)
+        promised += len(present)
+        record.rewrite(present)
+        clean_stray(s.path, present)
+    s.finish()
+    print(f"power cuts by writer phase: {phases}; {dropped} of {rounds} dropped unsynced "
+          f"state; {promised} promised files checked")
+    assert promised > 0 and len(phases) >= min(2, rounds)
+    assert dropped >= 1, "no cut found anything unsynced to drop: test too weak"
+
+
+# ----------------------------------------------------------------------------- snapshots
+
+
+class Request(threading.Thread):
+    """One control-port request; the power goes off under it (or not)."""
+
+    def __init__(self, site: Path, method: str, path: str, body: dict | None = None):
+        super().__init__(daemon=True)
+        c = json.loads((site / "control.json").read_text())
+        self.addr = (c["host"], int(c["port"]))
+        self.token = (site / "control.token").read_text().strip()
+        self.method, self.path, self.body = method, path, body
+        self.status: int | None = None
+        self.reply: dict | None = None
+        self.start()
+
+    def run(self) -> None:
+        import http.client
+        conn = http.client.HTTPConnection(*self.addr, timeout=120)
+        try:
+            conn.request(self.method, "/v1" + self.path,
+                         body=json.dumps(self.body or {}).encode(),
+                         headers={"Authorization": f"Bearer {self.token}",
+                                  "Content-Type": "application/json"})
+            resp = conn.getresponse()
+            self.reply = json.loads(resp.read())
+            self.status = resp.status
+        except (OSError, http.client.HTTPException, ValueError):
+            pass  # the daemon died under the request
+        finally:
+            conn.close()
+
+
+def _change_and_sync(root: Path, rng: random.Random, rnd: int) -> None:
+    """A few changes, each made durable (file fsync, then its directory)."""
+    for _ in range(3):
+        p = root / f"f{rng.randrange(8)}"
+        with open(p, "ab" if p.exists() else "wb") as f:
+            f.write(rng.randbytes(rng.randrange(1, 150_000)))
+            os.fsync(f.fileno())
+    p = root / f"r{rnd}"
+    with open(p, "wb") as f:
+        f.write(rng.randbytes(rng.randrange(0, 60_000)))
+        os.fsync(f.fileno())
+    _fsync(root)
+
+
+def test_power_cut_during_snapshot_verbs(power_site):
+    """Cuts aimed inside snapshot create, delete and restore (a random one of the verb's
+    writes and syncs of site files), or just after it returned."""
+    rng = random.Random(7002)
+    s = power_site()
+    s.create("128M", commit_interval=60)  # no background commits: the verbs' I/O only
+    s.mount()
+    recorded: dict[str, dict] = {}  # name -> tree at its creation
+    hits = {"create": 0, "delete": 0, "restore": 0}
+    # how many modifying calls each verb makes on the site's files (to aim inside it)
+    span = {}
+    count = s.pf.add_fault(SITE_FILES, MODIFYING, count=0)
+    _change_and_sync(s.path, rng, -1)
+    for verb, args in (("create", ("POST", "/snapshots", {"name": "cal"})),
+                       ("restore", ("POST", "/snapshots/cal/restore", {})),
+                       ("delete", ("DELETE", "/snapshots/cal", None))):
+        before = s.pf.stats()["seen"][str(count)]
+        r = Request(s.site, *args)
+        r.join(120)
+        assert r.status == 200, r.reply
+        span[verb] = s.pf.stats()["seen"][str(count)] - before
+    s.pf.clear_faults()
+    rounds = 6 * ROUNDS
+    for rnd in range(rounds):
+        while len(recorded) < 2:  # snapshots to delete and restore
+            _change_and_sync(s.path, rng, rnd)
+            base = f"b{rnd}-{len(recorded)}"
+            tree_now = hash_tree(s.path)
+            r = Request(s.site, "POST", "/snapshots", {"name": base})
+            r.join(120)
+            assert r.status == 200, r.reply
+            recorded[base] = tree_now
+        _change_and_sync(s.path, rng, rnd)
+        live = hash_tree(s.path)
+        verb = ["create", "delete", "restore"][rnd % 3]
+        if verb == "create":
+            name = f"s{rnd}"
+            req = ("POST", "/snapshots", {"name": name})
+        else:
+            name = rng.choice(sorted(recorded))
+            req = (("DELETE", f"/snapshots/{name}", None) if verb == "delete" else
+                   ("POST", f"/snapshots/{name}/restore", {}))
+        aimed = rng.random() < 0.8 or not hits[verb]
+        if aimed:
+            s.pf.arm_cut(SITE_FILES, MODIFYING, skip=rng.randrange(max(1, span[verb])),
+                         keep=rng.choice(["none", "random"]), seed=rng.randrange(1 << 30))
+        r = Request(s.site, *req)
+        while r.is_alive() and not s.pf.stats()["frozen"]:
+            time.sleep(0.002)
+        if not aimed:
+            time.sleep(rng.uniform(0, 0.05))
+        out = s.power_cut(rng.choice(["none", "random"]), rng.randrange(1 << 30))
+        r.join(60)
+        done = r.status == 200
+        # an armed cut fired while the verb ran (it fails: the power went off under it)
+        in_flight = "rule" in out and not done
+        assert done or in_flight, (verb, name, r.status, r.reply)
+        hits[verb] += in_flight
+        # the site as the cut left it: the core API runs recovery and checks the snapshots
+        if verb == "create":
+            if done:
+                recorded[name] = live
+            names = core_check(s.site, {**recorded, name: live},
+                               allow_gone=None if done else name)
+            if name in names:
+                recorded[name] = live
+        elif verb == "delete":
+            names = core_check(s.site, recorded, allow_gone=name)
+            if done:
+                assert name not in names, f"snapshot {name} was deleted but came back"
+            if name not in names:
+                del recorded[name]
+        else:
+            names = core_check(s.site, recorded)
+        assert names == list(recorded)
+        s.mount()
+        now = hash_tree(s.path)
+        if verb == "restore":
+            want = [recorded[name]] if done else [live, recorded[name]]
+            assert now in want, (f"round {rnd}: after a cut restore of {name} the tree is "
+                                 f"neither as before nor as the snapshot")
+        else:
+            assert now == live, f"round {rnd}: fsync'd files changed by a cut during {verb}"
+        print(f"round {rnd}: {verb} {name}: {'in flight' if in_flight else 'done'}, "
+              f"cut {out}", flush=True)
+    s.finish()
+    print(f"cuts that landed inside a verb: {hits}")
+    assert all(hits.values()), f"a verb was never cut in flight: {hits}"
+
+
+# ----------------------------------------------------------------------------- replication
+
+
+def _wait(pred, what: str, timeout: float = 90, sites=()) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            tails = "".join(f"\n--- {m.site} log:\n" + "\n".join(log_lines(m.site)[-20:])
+                            for m in sites)
+            raise AssertionError(f"{what} not within {timeout} s{tails}")
+        time.sleep(0.1)
+
+
+def _dest(m1) -> dict:
+    return api(m1.site, "GET", "/status")["destinations"][0]
+
+
+def _converge(m1, m2, want: dict | None = None) -> int:
+    """Cut a delta set and wait until the secondary played it; it must equal the primary
+    (and `want`, the primary's tree recorded at the boundary, if given)."""
+    status, out = post(m1.site, "/replicate/deltaset", {"wait": True}, timeout=120)
+    assert status == 200 and out["state"] == "ready", out
+    n = out["delta_set"]
+
+    def played():
+        d = _dest(m1)
+        return (d["state"] == "replicating" and d["played_delta_set"] >= n
+                and api(m2.site, "GET", "/status")["last_played_delta_set"] >= n)
+    _wait(played, f"delta set {n} played", sites=(m1, m2))
+    t1 = tree(m1.path)
+    deadline = time.monotonic() + 2
+    while (t2 := tree(m2.path)) != t1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert t2 == t1, "secondary differs from primary: " + "; ".join(tree_diff(t1, t2))
+    if want is not None:
+        assert t1 == want, "primary changed: " + "; ".join(tree_diff(want, t1))
+    return n
+
+
+def test_power_cut_during_replication(power_site):
+    """Cuts on the secondary during the initial copy, on the primary while a delta set is
+    cut and copied into the chunk area, on the secondary while one is received and while
+    one is played back."""
+    rng = random.Random(7003)
+    m1, m2 = power_site("s1"), power_site("s2")
+    for m in (m1, m2):
+        m.create("128M")
+        m.mount()
+    admin(m1.path, "replicate", "policy", *NO_AUTO_CUT)
+    Workload(m1.path, "power-base").run(15)
+    with open(m1.path / "big", "wb") as f:
+        for _ in range(12):
+            f.write(rng.randbytes(1 << 20))
+    hits: dict[str, int] = {}
+
+    # the initial copy, with the power cut on the secondary while it copies
+    m2.pf.arm_cut("site/volume.img|site/save/incoming/*", "write", skip=rng.randrange(4),
+                  keep="random",
+                  seed=rng.randrange(1 << 30))
+    start = Request(m1.site, "POST", "/replicate/start", {"to": str(m2.site)})
+    got = m2.pf.wait_frozen(60)
+    start.join(5)
+    if got is not None:
+        hits["initial copy (secondary)"] = 1
+        m2.power_cut()
+        m2.mount()
+    _wait(lambda: _dest(m1)["state"] == "replicating", "the initial copy", sites=(m1, m2))
+    writers: list[Writer] = []
+    boundary = _converge(m1, m2)
+    want = tree(m1.path)
+
+    phases = [("cut and copy (primary)", m1, "site/save/deltasets/*", "write|fsync"),
+              ("receive (secondary)", m2, "site/save/incoming/*", "write|fsync"),
+              ("playback (secondary)", m2, "site/volume.img", "write|fsync")]
+    for rnd in range(ROUNDS):
+        for phase, victim, path, ops in phases:
+            w = Writer(m1.path / "w", 1000 * rnd + len(writers),
+                       limit=rng.randrange(2, 6) << 20)
+            writers.append(w)
+            w.proc.wait(120)
+            w.stop()
+            before = want
+            want = tree(m1.path)  # the primary at the next boundary
+            victim.pf.arm_cut(path, ops,
+                              skip=rng.randrange(3), keep=rng.choice(["none", "random"]),
+                              seed=rng.randrange(1 << 30))
+            req = Request(m1.site, "POST", "/replicate/deltaset", {"wait": True})
+            got = victim.pf.wait_frozen(30)
+            req.join(60 if got is None else 1)
+            if got is None:  # the phase did not touch the file often enough: cut now
+                victim.pf.freeze(rng.choice(["none", "random"]), rng.randrange(1 << 30))
+            else:
+                hits[phase] = hits.get(phase, 0) + 1
+            victim.power_cut()
+            if victim is m2:
+                # before it plays anything: exactly a delta-set boundary
+                victim.mount()
+                t2 = tree(m2.path)
+                assert t2 in (before, want), (
+                    f"{phase}: after the cut the secondary is at no delta-set boundary: "
+                    + "; ".join(tree_diff(want, t2)))
+            else:
+                victim.mount()
+            # resumes by itself: nothing lost, nothing applied twice
+            boundary = _converge(m1, m2, want if victim is m2 else None)
+            if victim is m1:
+                want = tree(m1.path)
+            check_durable(m1.path / "w", writers)
+            check_durable(m2.path / "w", writers)
+            assert api(m2.site, "GET", "/status")["role"] == "secondary"
+            print(f"round {rnd}: {phase}: {'aimed' if got else 'timed'} cut {got}; "
+                  f"converged at delta set {boundary}", flush=True)
+    for m in (m1, m2):
+        m.finish()
+    print(f"cuts that landed in their phase: {hits}")
+    missing = [p for p, *_ in phases if not hits.get(p)]
+    if "initial copy (secondary)" not in hits:
+        missing.append("initial copy (secondary)")
+    assert not missing, f"no cut landed during: {missing}"
