@@ -519,3 +519,19 @@ def test_hostile_local_user_is_refused_without_damage(mount_site):
     assert out["busy"] >= 1
     assert digest(m.site) == before
     assert run_admin("--site", m.site, "--json", "snapshot", "list").stdout == snaps
+
+
+def test_replicate_start_refuses_a_name_that_fits_no_index(mount_site):
+    """A destination's name becomes an LMDB key and a snapshot's name: one that cannot be
+    either is refused before anything is sent, and the would-be secondary is untouched."""
+    a = mount_site("64M", name="a")
+    b = mount_site("64M", name="b" * 195)  # the default name is the directory's: too long
+    before = json.loads(run_admin("--site", b.site, "--json", "status").stdout)
+    fails(run_admin("--site", a.site, "replicate", "start", "--to", b.site, check=False), 1,
+          "bad destination name", "--name", prog="repfs-admin")
+    fails(run_admin("--site", a.site, "replicate", "start", "--to", b.site, "--name",
+                    "😀" * 70, check=False), 1, "bad destination name", prog="repfs-admin")
+    after = json.loads(run_admin("--site", b.site, "--json", "status").stdout)
+    assert after.get("role") == before.get("role") and not after.get("readonly")
+    assert json.loads(run_admin("--site", a.site, "--json", "status").stdout).get(
+        "destinations", []) == []

@@ -8,7 +8,7 @@ import time
 
 import trio
 
-from ..snap.store import SnapError
+from ..snap.store import NAME_RULE, SnapError, valid_name
 from .sender import PermanentError, Primary, ReceiverClient, TransientError
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,9 @@ class ReplicateVerbs:
         if target.path == svc.site.path:
             raise SnapError("a site cannot replicate to itself", "invalid")
         name = name or target.path.name
+        if not valid_name(f"repl-init-{name}"):  # (it names an LMDB key and a snapshot)
+            raise SnapError(f"bad destination name {name!r} ({NAME_RULE}, after the prefix "
+                            "'repl-init-'): give one with --name", "invalid")
         old = p.dest(name)
         if old and old["state"] not in ("stopped", "error") and not force:
             raise SnapError(f"already replicating to {name} ({old['state']})", "conflict")
