@@ -47,6 +47,8 @@ from tests.t4_snap_crash import core_check, hash_tree
 
 # a multiplier of each loop's cuts (the suite: 4 + 6 + 4 cuts in all; tools/soak: hundreds)
 ROUNDS = int(os.environ.get("REPFS_POWER_ROUNDS", "1"))
+# varies every random choice (tools/soak draws one per run); failures print it
+SEED = int(os.environ.get("REPFS_POWER_SEED", "0"))
 
 # what a daemon changes in its site, without its log and pid file ("repfs.*")
 SITE_FILES = "site/[!r]*"
@@ -192,7 +194,8 @@ def test_power_cut_after_mkfs_and_during_file_workload(power_site, tmp_path):
     """A site survives a cut right after mkfs; then the kill -9 writer of t4_crash (fsync'd
     files, atomic replaces, renames and deletes made durable by fsync of the directory)
     under random power cuts (nothing or a random part of the unsynced state kept)."""
-    rng = random.Random(7001)
+    rng = random.Random(7001 + SEED)
+    print(f"REPFS_POWER_SEED={SEED} REPFS_POWER_ROUNDS={ROUNDS}")  # shown if it fails
     s = power_site()
     s.create("96M", commit_interval=0.2)
     s.power_cut("none")  # mkfs returned: the site must be there
@@ -279,7 +282,8 @@ def _change_and_sync(root: Path, rng: random.Random, rnd: int) -> None:
 def test_power_cut_during_snapshot_verbs(power_site):
     """Cuts aimed inside snapshot create, delete and restore (a random one of the verb's
     writes and syncs of site files), or just after it returned."""
-    rng = random.Random(7002)
+    rng = random.Random(7002 + SEED)
+    print(f"REPFS_POWER_SEED={SEED} REPFS_POWER_ROUNDS={ROUNDS}")  # shown if it fails
     s = power_site()
     s.create("128M", commit_interval=60)  # no background commits: the verbs' I/O only
     s.mount()
@@ -409,7 +413,8 @@ def test_power_cut_during_replication(power_site):
     """Cuts on the secondary during the initial copy, on the primary while a delta set is
     cut and copied into the chunk area, on the secondary while one is received and while
     one is played back."""
-    rng = random.Random(7003)
+    rng = random.Random(7003 + SEED)
+    print(f"REPFS_POWER_SEED={SEED} REPFS_POWER_ROUNDS={ROUNDS}")  # shown if it fails
     m1, m2 = power_site("s1"), power_site("s2")
     for m in (m1, m2):
         m.create("128M")
