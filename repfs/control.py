@@ -5,6 +5,14 @@ daemon listens on is ``SITE/control.json``, so `repfs-admin --site SITE_OR_MOUNT
 neither at hand. h11 parses HTTP (a well-kept, I/O-free parser); routing and the verbs are
 ours. An unauthenticated or malformed request gets a 4xx and changes nothing.
 
+The port is a network service and trusts no peer: `ControlServer` bounds connections, header
+and body sizes (per route) and the time each part of a request may take, checks the token
+before it reads a body, and answers every request in JSON; `_route` checks every argument's
+type and range (the `_uint`, `_seconds`, `_size`, `_bool`, `_new_name`, `_path` helpers)
+before a verb runs. Domain errors (repfs/errors.py) become HTTP statuses here alone
+(STATUS_OF_KIND); anything unexpected is a logged 500. The limits are documented in
+docs/user-guide.md ("The control port and repfs-admin").
+
 Routes (all under /v1):
 
 | method | path | body | does |
@@ -16,6 +24,10 @@ Routes (all under /v1):
 | POST | /snapshots/NAME/restore | | restore the live file system to it, online |
 | POST | /snapshots/NAME/mount | {"mountpoint"} | mount it read-only |
 | GET | /snapshots/NAME/diff?to=OTHER&paths=1 | | changed blocks (and paths) from NAME to OTHER (default: live) |
+| POST | /replicate/start, /stop, /policy, /deltaset | JSON | the `replicate` verbs (docs/replication.md) |
+| GET | /repl/receiver | | a secondary's receiver state (for its primary) |
+| POST | /repl/attach, /start-playback, /commit | JSON | primary to secondary: attach, end of the initial copy, delta-set header |
+| POST | /repl/copy, /repl/chunk | octet-stream | primary to secondary: an initial-copy record, a delta chunk |
 """
 
 from __future__ import annotations
