@@ -2098,9 +2098,12 @@ class FailingLayer:
         self.block_size = BS
         self.fail_flush = False
         self.fail_meta_writes = False
+        self.fail_reads = False
         self.meta_writes = 0
 
     def read(self, start, count):
+        if self.fail_reads:
+            raise OSError(errno.EIO, "injected: volume read")
         return self.lower.read(start, count)
 
     def write(self, start, data, meta=False):
@@ -2239,6 +2242,24 @@ def test_commit_that_cannot_be_prepared_changes_nothing(make_fs, caplog):
     err(errno.EIO, fs.commit)
     assert fs.sb.commit_seq == seq and fs.dirty_inodes == dirty and not fs.meta.committing
     assert "could not be prepared" in fs.error
+    _after_failure(fs, before, new, b"in memory")
+    _expect_logged_once(caplog, "could not be prepared")
+    fs = _reopen_after_failure(make_fs, fs)
+    assert names(fs, ROOT) == [b"before"]
+
+
+def test_metadata_read_error_while_preparing_a_commit(make_fs, caplog):
+    # Preparing a commit reads the inode-table blocks it packs into when they are not
+    # cached: EIO there turns the core read-only instead of escaping half way.
+    fs = _on_failing_layer(make_fs, make_fs())
+    before = mkfile(fs, b"before", b"durable")
+    fs.commit()
+    new = mkfile(fs, b"new", b"in memory")
+    fs.meta.clean.clear()  # evicted from the clean cache (as a large tree would do)
+    fs.dev.fail_reads = True
+    err(errno.EIO, fs.commit)
+    assert "could not be prepared" in fs.error and "volume read" in fs.error
+    fs.dev.fail_reads = False
     _after_failure(fs, before, new, b"in memory")
     _expect_logged_once(caplog, "could not be prepared")
     fs = _reopen_after_failure(make_fs, fs)

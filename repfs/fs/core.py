@@ -175,14 +175,18 @@ class FileSystem:
         except Exception as e:  # noqa: BLE001 - any failure here is a bug; keep the state
             self.fail("a commit could not be prepared", e)
             raise self._failed() from e
-        for ino, buf in packed:
-            blk, off = self._inode_pos(ino)
-            self.meta.modify(blk)[off: off + INODE_SIZE] = buf
-            self.inodes[ino].dirty = False
-        self.dirty_inodes.clear()
-        freed = self.alloc.apply_pending()
-        self.sb.commit_seq += 1
-        self.meta.modify(0)[:] = self.sb.pack()
+        try:  # reads metadata blocks that are not cached: EIO from the volume may strike
+            for ino, buf in packed:
+                blk, off = self._inode_pos(ino)
+                self.meta.modify(blk)[off: off + INODE_SIZE] = buf
+                self.inodes[ino].dirty = False
+            self.dirty_inodes.clear()
+            freed = self.alloc.apply_pending()
+            self.sb.commit_seq += 1
+            self.meta.modify(0)[:] = self.sb.pack()
+        except Exception as e:  # noqa: BLE001 - the volume cannot be read: stop writing it
+            self.fail("a commit could not be prepared", e)
+            raise self._failed() from e
         self.sb_dirty = False
         self.data_dirty = False
         txn = self.sb.commit_seq, self.meta.begin_commit()
