@@ -535,3 +535,11 @@ def test_replicate_start_refuses_a_name_that_fits_no_index(mount_site):
     assert after.get("role") == before.get("role") and not after.get("readonly")
     assert json.loads(run_admin("--site", a.site, "--json", "status").stdout).get(
         "destinations", []) == []
+
+
+def test_admin_refuses_times_that_are_not_finite(tmp_path):
+    site = make_site(tmp_path / "site")
+    for opt, bad in (("--timeout", "nan"), ("--timeout", "inf"), ("--retention", "1e400"),
+                     ("--playback-timeout", "-1"), ("--retention", "soon")):
+        fails(run_admin("--site", site, "replicate", "policy", opt, bad, check=False), 2,
+              "bad time", bad, prog="repfs-admin")

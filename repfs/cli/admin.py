@@ -40,6 +40,18 @@ def _timeout(text: str) -> float:
     return v
 
 
+def _seconds(text: str) -> float:
+    """A time setting: finite seconds, from 0 to ten years (what the control port accepts)."""
+    try:
+        v = float(text)
+    except ValueError:
+        v = math.nan
+    if not (math.isfinite(v) and 0 <= v <= 10 * 365 * 86400):
+        raise argparse.ArgumentTypeError(f"bad time {text!r}: want seconds, from 0 to ten "
+                                         "years")
+    return v
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
         raise QuietError(message, 2)
@@ -52,6 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.add_argument("--token-file", help="control token (for a HOST:PORT target)")
     p.add_argument("--timeout", type=_timeout, default=TIMEOUT, metavar="SECONDS",
+                   dest="request_timeout",  # (not `timeout`: replicate policy has its own)
                    help=f"give up when the daemon does not answer a request within this "
                         f"(default {TIMEOUT:g})")
     sub = p.add_subparsers(dest="verb", required=True, parser_class=_Parser)
@@ -85,12 +98,12 @@ def _parser() -> argparse.ArgumentParser:
     sp = rs.add_parser("stop", help="stop replicating (the secondary stays consistent)")
     sp.add_argument("--to", metavar="NAME", help="one destination (default: all)")
     po = rs.add_parser("policy", help="show or set when delta sets are cut / played back")
-    po.add_argument("--timeout", type=float, help="primary: cut after this many seconds")
+    po.add_argument("--timeout", type=_seconds, help="primary: cut after this many seconds")
     po.add_argument("--hwm", help="primary: cut when this much data changed (e.g. 64M)")
-    po.add_argument("--playback-timeout", type=float,
+    po.add_argument("--playback-timeout", type=_seconds,
                     help="secondary: play back a delta set this many seconds after it arrived")
     po.add_argument("--playback-hwm", help="secondary: or once this much data waits (e.g. 64M)")
-    po.add_argument("--retention", type=float,
+    po.add_argument("--retention", type=_seconds,
                     help="primary: seconds to keep delta-set block lists (default 7 days)")
     ds = rs.add_parser("deltaset", help="cut a delta set now")
     ds.add_argument("--no-wait", action="store_true", help="do not wait until it is ready")
@@ -313,7 +326,7 @@ def _main(argv) -> int:
     a = _parser().parse_args(argv)
     a.json = want_json
     t = _resolve(a.site, a.token_file)
-    t.timeout = a.timeout
+    t.timeout = a.request_timeout
     out = None
     if a.verb == "status":
         out = call(t, "GET", "/status") if t.address or t.site is None else offline_status(t.site)
