@@ -100,6 +100,10 @@ def _secondary_status(svc) -> dict:
             {"delta_set": x["number"], "blocks": x["blocks"], "created": iso(x["cut_ns"]),
              "received": iso(x["received_ns"])} for x in incoming],
         "played_blocks": r.played_blocks,
+        # delta sets found damaged at playback: kept aside, never played, asked for again
+        "quarantined_delta_sets": [
+            {"delta_set": q.get("delta_set"), "reason": q.get("reason"),
+             "at": iso(q.get("at_ns", 0)), "file": q.get("file")} for q in r.quarantined()],
         "playback_ms_p50": pct(sorted(svc.secondary.playback_ms), 50),
         "policy": svc.secondary.policy(),
     }

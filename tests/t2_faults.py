@@ -8,7 +8,8 @@ For each background task: the daemon and its mount stay up, `status` shows the t
 and its last error with the time, the error is logged once, and once the fault clears the task
 recovers by itself and replication completes with the secondary byte-exact. A redo log that
 cannot be written turns the mount read-only (errors=remount-ro) with fsync'd data intact after
-a remount.
+a remount. A delta set damaged at the secondary is quarantined, reported, asked for again and
+then played correctly.
 """
 
 from __future__ import annotations
@@ -264,3 +265,77 @@ def test_primary_tasks_recover_from_disk_errors(sites):
     human = admin(m1.path, "status").stdout
     assert "background copy" in human and "ENOSPC" in human, human
 
+
+# ----------------------------------------------------------------------------- the secondary
+
+
+def test_damaged_delta_set_is_quarantined_and_asked_for_again(sites):
+    m1, m2 = make_pair(sites, power1=False, power2=False)
+    admin(m2.path, "replicate", "policy", "--playback-timeout", "3600")  # hold it unplayed
+    data = os.urandom(600_000)
+    (m1.path / "f").write_bytes(data)
+    n = admin_cut(m1)
+    wait_for("the secondary to receive it",
+             lambda: m2.status()["last_received_delta_set"] == n, sites_=(m1, m2))
+    assert m2.status()["last_played_delta_set"] == n - 1
+    # the disk under the secondary damages the received delta set (after it was verified,
+    # made durable and acknowledged): one flipped bit in the middle of its data
+    ds = m2.site / "save" / "incoming" / f"{n}.ds"
+    raw = bytearray(ds.read_bytes())
+    raw[len(raw) // 2] ^= 0x04
+    with open(ds, "r+b") as f:
+        f.write(raw)
+        f.flush()
+        os.fsync(f.fileno())
+    m2.expect(f"delta set {n}")  # the one ERROR line of the quarantine
+    admin(m2.path, "replicate", "policy", "--playback-timeout", "0")
+    st = wait_for("the quarantine", lambda: (
+        m2.status() if m2.status()["quarantined_delta_sets"] else None), sites_=(m1, m2))
+    q = st["quarantined_delta_sets"]
+    assert len(q) == 1 and q[0]["delta_set"] == n and q[0]["at"], q
+    kept = Path(q[0]["file"])
+    assert kept.parent == m2.site / "save" / "quarantine" and kept.read_bytes() == raw
+    assert "quarantined" in admin(m2.path, "status").stdout
+    # asked for again, received again, played: the secondary equals the primary
+    wait_converged(m1, m2, n, timeout=60)
+    m2.alive()
+    assert (m2.path / "f").read_bytes() == data
+    assert_same_tree(m1.path, m2.path)
+    assert m2.task("playback")["state"] == "running"
+    lines = [ln for ln in log_lines(m2.site) if " ERROR " in ln and "quarantined" in ln]
+    assert len(lines) == 1, lines  # once, never a crash loop
+    # replication goes on
+    (m1.path / "g").write_bytes(b"after")
+    wait_converged(m1, m2, admin_cut(m1), timeout=60)
+    assert_same_tree(m1.path, m2.path)
+
+
+def test_receiver_disk_errors_are_retried(sites):
+    m1, m2 = make_pair(sites, power1=False, power2=True)
+    rule = m2.pf.add_fault("s2/save/incoming/*", "write", errno="ENOSPC")
+    (m1.path / "f").write_bytes(os.urandom(400_000))
+    n = admin_cut(m1)
+    st = wait_for("the receiver to fail", lambda: (
+        m2.task("receiver") if "receiver" in m2.status()["tasks"] else None), sites_=(m1, m2))
+    assert "ENOSPC" in st["last_error"] and st["error_kind"] == "transient", st
+    assert m2.pf.stats()["faults"][str(rule)] >= 1
+    name = f"send {m2.site.name}"
+    wait_for("the sender to see it", lambda: m1.task(name)["errors"], sites_=(m1, m2))
+    m2.expect("receiver: ENOSPC")
+    m2.alive()
+    m2.pf.clear_faults()
+    wait_converged(m1, m2, n, timeout=60)
+    assert m2.task("receiver")["state"] == "running"
+    assert_same_tree(m1.path, m2.path)
+    assert count_lines(m2, "receiver: ENOSPC") == 1
+
+
+def admin_cut(m1) -> int:
+    out = json_cut(m1)
+    assert out["state"] == "ready", out
+    return out["delta_set"]
+
+
+def json_cut(m1) -> dict:
+    import json
+    return json.loads(admin(m1.path, "replicate", "deltaset", json_out=True).stdout)

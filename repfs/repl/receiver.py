@@ -607,6 +607,59 @@ class Receiver:
         self.played_blocks += blocks
         return blocks
 
+    def drop_partial(self) -> None:
+        """Forget the delta set being received (its file could not be made durable): the
+        primary sends it again from its first chunk."""
+        if self.partial is not None:
+            self._path(self.partial["n"]).unlink(missing_ok=True)
+            self.partial = None
+
+    # ------------------------------------------------------------------ quarantine
+
+    QUARANTINE_KEEP = 20  # reports kept in the replication context
+
+    def quarantine(self, rec: dict, reason: str) -> str | None:
+        """A received delta set fails its verification at playback (damaged on this site's
+        disk after it was acknowledged): it is never played. Its file moves to
+        SITE/save/quarantine/ (kept for inspection), it and every delta set received after
+        it are forgotten, and last_received goes back to the last one played, so the primary
+        sends them again (it keeps chunk files until they are played). Returns the path of
+        the kept file (None if there was none). Idempotent after a crash: a record whose file
+        is gone fails verification and comes here again."""
+        n = rec["number"]
+        qdir = self.dir.parent / "quarantine"
+        qdir.mkdir(mode=0o700, exist_ok=True)
+        src = self._file(rec)
+        dst: Path | None = qdir / f"{n}-{time.time_ns()}.ds"
+        try:
+            os.replace(src, dst)
+        except FileNotFoundError:
+            dst = None
+        later = [r for r in self.incoming() if r["number"] > n]
+        entry = {"delta_set": n, "reason": reason, "at_ns": time.time_ns(),
+                 "file": str(dst) if dst else None}
+        reports = (self.quarantined() + [entry])[-self.QUARANTINE_KEEP:]
+        with self.env.begin(write=True) as txn:
+            for r in [rec] + later:
+                txn.delete(K.u64(r["number"]), db=self.db_in)
+            self._put(txn, "last_received", K.u64(n - 1))
+            self._put(txn, "quarantined", json.dumps(reports).encode())
+        for r in later:
+            self._file(r).unlink(missing_ok=True)
+        if self.partial is not None:  # a later delta set half received: from scratch
+            self._path(self.partial["n"]).unlink(missing_ok=True)
+            self.partial = None
+        return entry["file"]
+
+    def quarantined(self) -> list[dict]:
+        """Reports of the delta sets quarantined here, oldest first."""
+        raw = self._get("quarantined")
+        try:
+            out = json.loads(raw) if raw else []
+        except ValueError:
+            return []
+        return out if isinstance(out, list) else []
+
     def interrupted_playback(self) -> dict | None:
         """The delta set whose playback a crash interrupted (its record), if any."""
         raw = self._get("playing")

@@ -11,6 +11,8 @@ import time
 import trio
 
 from ..fs.invalidate import volume_changes
+from ..tasks import describe, is_transient
+from .chunk import ChunkError
 from .receiver import ReceiveError, attach_refusal
 from ..snap.store import SnapError
 
@@ -60,15 +62,31 @@ class Secondary:
                 svc.core.readonly = True
                 svc.readonly = True
         if not self.playing:
-            svc.nursery.start_soon(self.playback_loop)
+            svc.nursery.start_soon(svc.supervisor.run, "playback", self.playback_loop)
         log.info("this site is now a secondary of %s (generation %d): its mount is read-only "
                  "and shows its earlier state until the initial copy is played",
                  primary["site"], generation)
         return self.receiver.info()
 
+    async def _store(self, fn, *args):
+        """Run a receiver call in a worker thread. A disk error here (EIO, ENOSPC of the
+        save area) is contained: recorded for status as the "receiver" task, logged once,
+        and refused as "busy" so the primary sends again later; a delta set whose sync
+        failed is dropped whole (a failed fsync may have lost written pages)."""
+        try:
+            out = await trio.to_thread.run_sync(fn, *args)
+        except OSError as e:
+            self.svc.supervisor.error("receiver", e, transient=is_transient(e))
+            if fn == self.receiver.commit:
+                await trio.to_thread.run_sync(self.receiver.drop_partial)
+            raise ReceiveError(f"this site cannot store what was sent: {describe(e)}",
+                               "busy") from None
+        self.svc.supervisor.ok("receiver")
+        return out
+
     async def copy(self, body: bytes) -> dict:
         async with self.lock:
-            return await trio.to_thread.run_sync(self.receiver.receive_copy, body)
+            return await self._store(self.receiver.receive_copy, body)
 
     async def start_playback(self, after: int, generation: int, blocks: int) -> dict:
         async with self.lock:
@@ -81,7 +99,7 @@ class Secondary:
 
     async def chunk(self, body: bytes) -> dict:
         async with self.lock:
-            return await trio.to_thread.run_sync(self.receiver.receive_chunk, body)
+            return await self._store(self.receiver.receive_chunk, body)
 
     async def commit(self, args: dict) -> dict:
         try:
@@ -89,7 +107,7 @@ class Secondary:
         except ValueError:
             raise ReceiveError("the header is not hex", "invalid") from None
         async with self.lock:
-            out = await trio.to_thread.run_sync(self.receiver.commit, header, args)
+            out = await self._store(self.receiver.commit, header, args)
         self.wake.set()
         return out
 
@@ -148,8 +166,18 @@ class Secondary:
                     x["blocks"] for x in waiting) * 4096 < pol["playback_hwm"]:
                 continue
             t0 = time.monotonic()
-            await volume_changes(svc.ops, lambda: self.receiver.play(rec, svc.clog),
-                                 lambda: self.receiver.extents(rec))
+            try:
+                await volume_changes(svc.ops, lambda: self.receiver.play(rec, svc.clog),
+                                     lambda: self.receiver.extents(rec))
+            except (ReceiveError, ChunkError) as e:  # damaged here: verified, nothing written
+                if rec.get("copy"):
+                    raise  # the initial copy cannot be sent again: shown, retried slowly
+                kept = await trio.to_thread.run_sync(self.receiver.quarantine, rec, str(e))
+                log.error("%s: quarantined%s, never played; asking the primary for delta "
+                          "set %d again", e, f" in {kept}" if kept else "", rec["number"])
+                self.svc.supervisor.error("playback", e, transient=False, quiet=True)
+                continue
+            self.svc.supervisor.ok("playback")
             self.playback_ms.append((time.monotonic() - t0) * 1000)
             del self.playback_ms[:-1000]
             self.wake.set()  # maybe more to play
