@@ -35,6 +35,7 @@ refuse ``rw``.
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import logging
 import os
@@ -252,6 +253,12 @@ async def remount_loop(service, site_path: Path, mountpoint: str) -> None:
                 log.warning("cannot answer the remount request: %s", e)
 
 
+def _why(e: OSError) -> str:
+    if e.errno == errno.EBUSY:
+        return f"{e.strerror} (files are open for writing)"
+    return e.strerror or str(e)
+
+
 async def remount(service, mountpoint: str, opts: MountOptions) -> None:
     """Change a running mount's options (see the module's docstring for the order)."""
     import trio
@@ -263,7 +270,7 @@ async def remount(service, mountpoint: str, opts: MountOptions) -> None:
         try:
             await trio.to_thread.run_sync(kernel_remount, mountpoint, flags)
         except OSError as e:
-            raise RemountError(f"cannot remount {mountpoint} read-only: {e.strerror}") from None
+            raise RemountError(_why(e)) from None
         if not core.readonly:
             async with ops.quiesce():  # a consistency point: everything so far is in the volume
                 core.readonly = True
@@ -281,7 +288,7 @@ async def remount(service, mountpoint: str, opts: MountOptions) -> None:
             await trio.to_thread.run_sync(kernel_remount, mountpoint, flags)
         except OSError as e:
             core.readonly = was
-            raise RemountError(f"cannot remount {mountpoint} read-write: {e.strerror}") from None
+            raise RemountError(_why(e)) from None
         service.readonly = False
     core.atime_mode = opts.atime
     log.info("remounted %s with %s", mountpoint, opts.describe())

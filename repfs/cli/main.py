@@ -147,7 +147,8 @@ def _remount(a) -> int:
     try:
         request_remount(site.path, who[0], new)
     except RemountError as e:
-        raise QuietError(f"cannot remount {a.mountpoint}: {e}") from None
+        how = "read-only" if new.readonly else "read-write"
+        raise QuietError(f"cannot remount {a.mountpoint} {how}: {e}") from None
     return 0
 
 
