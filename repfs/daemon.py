@@ -6,62 +6,16 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import subprocess
-import sys
 
 import pyfuse3
 import trio
 
+from .common import setup_logging
 from .fs.ops import Operations
 from .mountopts import MountOptions, remount_loop
 from .site import Site, SiteError
 
 log = logging.getLogger("repfs")
-
-
-class MountError(Exception):
-    pass
-
-
-def repfs_mounts() -> dict[str, str]:
-    """Mount point -> site path of every repfs mount on this host (from /proc/mounts)."""
-    out = {}
-    with open("/proc/mounts") as f:
-        for line in f:
-            fields = line.split()
-            if len(fields) >= 3 and fields[2] == "fuse.repfs":
-                unesc = [x.replace("\\040", " ").replace("\\011", "\t")
-                         .replace("\\012", "\n").replace("\\134", "\\") for x in fields[:2]]
-                out[unesc[1]] = unesc[0]
-    return out
-
-
-def check_mountpoint(mountpoint: str) -> str:
-    mp = os.path.realpath(mountpoint)
-    if mp in repfs_mounts():
-        try:
-            os.stat(mp)
-        except OSError:  # a dead mount left by a killed daemon: clear it away
-            subprocess.run(["fusermount3", "-u", "-z", mp], check=False)
-    if not os.path.exists(mp):
-        raise MountError(f"mount point {mountpoint} does not exist")
-    if not os.path.isdir(mp):
-        raise MountError(f"mount point {mountpoint} is not a directory")
-    if os.path.ismount(mp):
-        raise MountError(f"{mountpoint} is already a mount point")
-    if os.listdir(mp):
-        raise MountError(f"mount point {mountpoint} is not empty")
-    return mp
-
-
-def setup_logging(path: str | None, level=logging.INFO) -> None:
-    root = logging.getLogger()
-    root.handlers.clear()
-    handler = logging.FileHandler(path) if path else logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(
-        "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"))
-    root.addHandler(handler)
-    root.setLevel(level)
 
 
 async def _commit_loop(ops: Operations, interval: float, sup) -> None:

@@ -8,6 +8,7 @@ device with the same interface, so the file system never knows what sits below i
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 
@@ -45,6 +46,16 @@ def create_private(path: str | os.PathLike, flags: int = os.O_WRONLY) -> int:
 
 class VolumeError(Exception):
     """A volume cannot be opened or an extent is out of range."""
+
+
+class ErrnoError(OSError):
+    """An operation fails with this POSIX errno: a domain error, not a bug. A layer of the
+    stack raises it to refuse an I/O (ENOSPC: the snapshot save volumes are full; EROFS: a
+    read-only device); the file-system core raises it as `repfs.fs.errors.FSError` (the same
+    class), and the FUSE adapter turns it into FUSEError in one place."""
+
+    def __init__(self, err: int, detail: str | None = None):
+        super().__init__(err, detail or os.strerror(err))
 
 
 class BlockDevice:
@@ -91,6 +102,25 @@ class Layer(BlockDevice):
 
     def close(self):
         self.lower.close()
+
+
+class ReadOnlyDevice(BlockDevice):
+    """A read-only view as a block device: `read(start, count)` is the given function, every
+    write fails with EROFS (a snapshot, the live volume read inside a consistency point, a
+    snapshot served to a mount helper)."""
+
+    def __init__(self, read, nblocks: int):
+        self.read = read
+        self.nblocks = nblocks
+
+    def write(self, start, data, meta=False):
+        raise ErrnoError(errno.EROFS)
+
+    def flush(self):
+        pass
+
+    def close(self):
+        pass
 
 
 class Volume(BlockDevice):

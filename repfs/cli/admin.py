@@ -121,7 +121,7 @@ class Target:
 
 
 def _resolve(target: str, token_file: str | None) -> Target:
-    from ..daemon import repfs_mounts
+    from ..common import repfs_mounts
     from ..site import Site
     if os.path.exists(target):
         real = os.path.realpath(target)

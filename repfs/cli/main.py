@@ -80,7 +80,8 @@ def _cmd_mkfs(a) -> int:
 
 
 def _cmd_mount(a) -> int:
-    from ..daemon import MountError, check_mountpoint, daemonize_and_serve, serve, setup_logging
+    from ..common import MountError, check_mountpoint, setup_logging
+    from ..daemon import daemonize_and_serve, serve
     from ..mountopts import MountOptionError, MountOptions
     from ..site import Site, SiteError
     try:
@@ -121,7 +122,7 @@ def _cmd_mount(a) -> int:
 def _remount(a) -> int:
     """`mount -o remount,ro|rw MNT` (mount(8) runs the helper) or `repfs mount -o remount,...
     SITE MNT`: the daemon serving MNT changes its options (see repfs/mountopts.py)."""
-    from ..daemon import repfs_mounts
+    from ..common import repfs_mounts
     from ..mountopts import MountOptions, RemountError, current_options, request_remount
     from ..site import Site
     mp = os.path.realpath(a.mountpoint)
@@ -153,7 +154,7 @@ def _remount(a) -> int:
 
 
 def _cmd_umount(a) -> int:
-    from ..daemon import repfs_mounts
+    from ..common import repfs_mounts
     from ..site import Site
     mp = os.path.realpath(a.mountpoint)
     mounts = repfs_mounts()

@@ -1,15 +1,12 @@
-"""The one exception type that carries a POSIX error out of the file-system core."""
+"""The one exception type that carries a POSIX error out of the file-system core.
+
+It is declared with the block-device interface (`repfs.volume.ErrnoError`), because the layers
+under the file system refuse I/O with it too (ENOSPC from a full snapshot save volume, EROFS
+from a read-only device); the core handles both alike."""
 
 import errno
-import os
 
-
-class FSError(OSError):
-    """A domain error: the operation fails with this errno (the FUSE adapter turns it into
-    FUSEError in one place)."""
-
-    def __init__(self, err: int, detail: str | None = None):
-        super().__init__(err, detail or os.strerror(err))
+from ..volume import ErrnoError as FSError
 
 
 def enospc(detail: str | None = None) -> FSError:

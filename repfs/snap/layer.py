@@ -22,8 +22,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from ..fs.errors import FSError
-from ..volume import BLOCK_SIZE, Layer
+from ..volume import BLOCK_SIZE, ErrnoError, Layer, ReadOnlyDevice
 from . import keys as K
 from .store import SnapError, Snapshot, SnapStore
 
@@ -94,7 +93,7 @@ class SnapLayer(Layer):
                     log.error("save volumes full (%d of %d bytes): refusing a write that would "
                               "overwrite %d blocks the snapshots still need; delete snapshots or "
                               "raise [snap] save_capacity", self.store.usage(), cap, len(idx))
-                    raise FSError(errno.ENOSPC, "the snapshot save volumes are full")
+                    raise ErrnoError(errno.ENOSPC, "the snapshot save volumes are full")
                 log.error("save volumes over capacity: saving %d before-images of committed "
                           "metadata anyway", len(idx))
         parts = []
@@ -307,24 +306,11 @@ class SnapLayer(Layer):
         return n
 
 
-class SnapshotDevice:
+class SnapshotDevice(ReadOnlyDevice):
     """Snapshot N as a read-only block device (for mounting it and for diffs)."""
 
-    block_size = BS
-
     def __init__(self, layer: SnapLayer, snap: Snapshot):
+        super().__init__(lambda start, count: layer.read_snapshot(snap, start, count),
+                         layer.nblocks)
         self.layer = layer
         self.snap = snap
-        self.nblocks = layer.nblocks
-
-    def read(self, start: int, count: int) -> bytes:
-        return self.layer.read_snapshot(self.snap, start, count)
-
-    def write(self, start, data, meta=False):
-        raise FSError(errno.EROFS)
-
-    def flush(self):
-        pass
-
-    def close(self):
-        pass

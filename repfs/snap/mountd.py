@@ -18,6 +18,8 @@ import socket
 import struct
 import sys
 
+from ..volume import ReadOnlyDevice
+
 REQ = struct.Struct("<QI")  # start block, count
 RESP = struct.Struct("<i")  # 0 or an errno; the data follows a 0
 MAX_BLOCKS = 1024
@@ -48,14 +50,12 @@ async def serve_requests(stream, read) -> None:
         await stream.send_all(RESP.pack(0) + data)
 
 
-class RemoteDevice:
+class RemoteDevice(ReadOnlyDevice):
     """The helper's side: a read-only block device whose blocks come from the daemon."""
 
-    block_size = 4096
-
     def __init__(self, sock: socket.socket, nblocks: int):
+        super().__init__(self._read, nblocks)
         self.sock = sock
-        self.nblocks = nblocks
 
     def _recv(self, n: int) -> bytes:
         parts = []
@@ -67,7 +67,7 @@ class RemoteDevice:
             n -= len(chunk)
         return b"".join(parts)
 
-    def read(self, start: int, count: int) -> bytes:
+    def _read(self, start: int, count: int) -> bytes:
         out = []
         while count:
             n = min(count, MAX_BLOCKS)
@@ -80,12 +80,6 @@ class RemoteDevice:
             count -= n
         return b"".join(out)
 
-    def write(self, *a, **k):
-        raise OSError(errno.EROFS, "snapshots are read-only")
-
-    def flush(self):
-        pass
-
     def close(self):
         self.sock.close()
 
@@ -95,7 +89,7 @@ def main(argv) -> int:
     import pyfuse3
     import trio
 
-    from ..daemon import setup_logging
+    from ..common import setup_logging
     from ..fs.core import FileSystem
     from ..fs.format import Superblock
     from ..fs.ops import Operations

@@ -11,6 +11,7 @@ import sys
 
 import trio
 
+from ..common import MountError, check_mountpoint, repfs_mounts
 from .mountd import serve_requests
 from .store import SnapError
 
@@ -28,7 +29,6 @@ class SnapshotMounts:
     async def wait_unmounted(self, name: str) -> None:
         """Raise unless snapshot `name` is not mounted (waiting for a helper that is exiting)."""
         if name in self.active:
-            from ..daemon import repfs_mounts
             if self.active[name]["mountpoint"] not in repfs_mounts():
                 # unmounted a moment ago: its helper is exiting; wait for it to be gone
                 with trio.move_on_after(10):
@@ -39,7 +39,6 @@ class SnapshotMounts:
                             f"{self.active[name]['mountpoint']}; unmount it first", "conflict")
 
     async def mount(self, name: str, mountpoint: str) -> dict:
-        from ..daemon import MountError, check_mountpoint
         svc = self.svc
         snap = svc.store.find(name)
         if name in self.active:

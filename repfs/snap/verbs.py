@@ -4,17 +4,16 @@ adapter (for quiesce), the snapped layer, the store and the change log on top.""
 
 from __future__ import annotations
 
-import errno
 import logging
 import time
 
 import trio
 
 from ..fs.core import FileSystem
-from ..fs.errors import FSError
 from ..fs.invalidate import volume_changes
 from .diff import changed_paths
-from .layer import SnapLayer, SnapshotDevice
+from ..volume import ReadOnlyDevice
+from .layer import SnapshotDevice
 from .store import SnapError
 
 log = logging.getLogger(__name__)
@@ -95,30 +94,8 @@ class SnapshotVerbs:
         out = {"from": a.name, "to": b.name if b else "live", "changed_blocks": count}
         if paths:
             old_fs = FileSystem(SnapshotDevice(layer, a), None, readonly=True)
-            new_fs = (FileSystem(SnapshotDevice(layer, b), None, readonly=True)
-                      if b is not None else FileSystem(_LiveDevice(layer), None,
-                                                       readonly=True))
+            new_dev = (SnapshotDevice(layer, b) if b is not None  # else the live volume
+                       else ReadOnlyDevice(layer.read_live, layer.nblocks))
+            new_fs = FileSystem(new_dev, None, readonly=True)
             out["paths"] = changed_paths(old_fs, new_fs, changed)
         return out
-
-
-class _LiveDevice:
-    """The live volume read through the snapped layer (inside a consistency point)."""
-
-    block_size = 4096
-
-    def __init__(self, layer: SnapLayer):
-        self.layer = layer
-        self.nblocks = layer.nblocks
-
-    def read(self, start, count):
-        return self.layer.read_live(start, count)
-
-    def write(self, *a, **k):
-        raise FSError(errno.EROFS)
-
-    def flush(self):
-        pass
-
-    def close(self):
-        pass
