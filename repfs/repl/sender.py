@@ -317,6 +317,13 @@ class Primary:
         snap = self.service.store.find(d["snapshot"])
         gen = self.sets.generation
         info = client.info()
+        if (info.get("state") == "replicating" and info.get("generation") == gen
+                and (info.get("primary") or {}).get("site") == str(self.service.site.path)
+                and info.get("last_received", 0) >= d["stamp"]):
+            # it took the copy, but its answer to "start playback" was lost (a crash of
+            # either side, a dropped connection): the copy is done
+            self._copy_done(d, name, d.get("copied", 0))
+            return
         if info.get("state") != "initial-copy" or not info.get("copy"):
             raise PermanentError(f"{d['site']} is not expecting an initial copy")
         nblocks = layer.nblocks
@@ -353,11 +360,14 @@ class Primary:
             page += 1
             d["copy_pos"] = max(d["copy_pos"], page * K.PAGE_BITS)
         client.start_playback(d["stamp"], gen, total)
+        self._copy_done(d, name, total)
+
+    def _copy_done(self, d: dict, name: str, blocks: int) -> None:
         d.update(state="replicating", acked=d["stamp"], played=d["stamp"] - 1,
                  copy_done_ns=time.time_ns())
         self.put_dest(d)
         log.info("destination %s: initial copy done (%d blocks); the secondary plays it as "
-                 "delta set %d", name, total, d["stamp"])
+                 "delta set %d", name, blocks, d["stamp"])
 
     def _send_next(self, client: ReceiverClient, name: str) -> bool:
         """Send the next delta set the destination lacks; False when there is none ready."""
