@@ -277,14 +277,8 @@ class Receiver:
     def attach(self, primary: dict, generation: int) -> None:
         """Become a secondary of `primary` and expect an initial copy (the caller checked
         `attach_refusal`). Nothing of the volume changes until the copy is played."""
-        for f in self.dir.glob("*.ds"):
-            f.unlink()
         self.partial = None
-        os.close(create_private(self.dir / COPY_FILE))
-        fsync_dir(self.dir)
-        self.copy = {"off": 0, "chunks": 0, "synced": 0,
-                     "check": ExtentCheck(self.nblocks, ascending=True)}
-        with self.env.begin(write=True) as txn:
+        with self.env.begin(write=True) as txn:  # first: no stale record outlives its file
             txn.drop(self.db_in, delete=False)
             self._put(txn, "role", b"secondary")
             self._put(txn, "generation", K.u64(generation))
@@ -295,6 +289,12 @@ class Receiver:
             self._put(txn, "last_played", K.u64(0))
             txn.delete(b"copy_progress", db=self.db_ctx)
             txn.delete(b"playing", db=self.db_ctx)
+        for f in self.dir.glob("*.ds"):
+            f.unlink()
+        os.close(create_private(self.dir / COPY_FILE))
+        fsync_dir(self.dir)
+        self.copy = {"off": 0, "chunks": 0, "synced": 0,
+                     "check": ExtentCheck(self.nblocks, ascending=True)}
 
     def _load_copy(self) -> None:
         """Rebuild the position of an initial copy in progress: from the last durable
@@ -306,6 +306,9 @@ class Receiver:
         cp = {"off": 0, "chunks": 0, "synced": 0, "check": check}
         raw = self._get("copy_progress")
         saved = json.loads(raw) if raw else None
+        for f in self.dir.glob("*.ds"):  # delta sets of an earlier primary (attach crashed)
+            if f.name != COPY_FILE:
+                f.unlink()
         if not path.exists():
             os.close(create_private(path))
             saved = None
@@ -534,6 +537,8 @@ class Receiver:
         path = self._file(rec)
         if not rec["chunks"]:
             return []
+        if rec.get("copy"):
+            return None  # the initial copy: anything may change (and its headers are many)
         out, off = [], 0
         try:
             with open(path, "rb") as f:
