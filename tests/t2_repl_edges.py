@@ -239,8 +239,8 @@ def test_raw_block_files_are_private_under_umask_0(mount_site):
     checked = 0
     for site in (m1.site, m2.site):
         assert stat.S_IMODE(site.stat().st_mode) == 0o700, site
-        for p in [site / "volume.img", site / "journal", site / "save"] + list(
-                (site / "save").rglob("*")):
+        for p in [site / "volume.img", site / "journal", site / "save", site / "meta.lmdb",
+                  site / "meta.lmdb" / "data.mdb"] + list((site / "save").rglob("*")):
             mode = stat.S_IMODE(p.stat().st_mode)
             want = 0o700 if p.is_dir() else 0o600
             assert mode == want, f"{p} is {mode:o}, want {want:o}"

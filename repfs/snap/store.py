@@ -59,7 +59,7 @@ class SnapError(DomainError):
 def open_env(site_path: Path):
     """The site's LMDB environment (SITE/meta.lmdb), shared by snapshots and replication."""
     return lmdb.open(str(Path(site_path) / "meta.lmdb"), map_size=1 << 40, max_dbs=32,
-                     subdir=True, lock=True)
+                     subdir=True, lock=True, mode=0o700)  # files 0600: private, any umask
 
 
 class SaveVolume:
