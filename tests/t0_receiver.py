@@ -373,6 +373,23 @@ def test_interrupted_playback_is_finished_before_the_volume_is_read(site):
     assert dev.blocks == before
 
 
+def test_an_interrupted_playback_that_cannot_be_finished_does_not_stop_the_mount(site, caplog):
+    rng = random.Random(12)
+    path, env = site
+    r = secondary(site, after=5)
+    send_set(r, 6, [[(10, 2)], [(20, 1)]], rng)
+    with pytest.raises(RuntimeError):
+        r.play(r.next_to_play(), FailingDev(NBLOCKS, 1))
+    f = r._path(6)
+    f.write_bytes(f.read_bytes()[:-1])  # damaged meanwhile
+    dev = MemDev(NBLOCKS)
+    finish_interrupted_playback(env, path, dev)  # logs, does not raise
+    assert dev.blocks == {}
+    assert [x.getMessage() for x in caplog.records if x.levelname == "ERROR"], caplog.text
+    assert Receiver(env, path, NBLOCKS).interrupted_playback()["number"] == 6  # still due
+    caplog.clear()
+
+
 def test_partial_delta_set_is_rebuilt_and_rechecked_after_a_restart(site):
     rng = random.Random(10)
     path, env = site

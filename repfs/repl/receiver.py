@@ -690,7 +690,11 @@ def finish_interrupted_playback(env, site_path: Path, dev) -> None:
     if rec is None:
         return
     log.info("finishing the interrupted playback of delta set %d", rec["number"])
-    r.play(rec, dev)
+    try:
+        r.play(rec, dev)
+    except ReceiveError as e:  # damaged since it was first verified: it cannot be finished
+        log.error("%s; the mount shows it half played until the playback loop has it sent "
+                  "again and plays it", e)
 
 
 def _int(v) -> int:
