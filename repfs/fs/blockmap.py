@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from .alloc import runs
-from .format import MAP_LEVEL_SPAN, N_DIRECT, PTRS_PER_BLOCK
+from .format import MAP_LEVEL_SPAN, N_DIRECT, PTRS_PER_BLOCK, FormatError
 
 _LEVEL_START = [0]
 for _span in MAP_LEVEL_SPAN[:-1]:
@@ -58,17 +58,45 @@ class BlockMap:
         self.meta = meta
         self.alloc = alloc
 
+    # Every pointer read from an inode or an indirect block is checked against the data area
+    # before it is followed, written through or freed: a damaged map must fail the request
+    # (EIO), not read the inode table as an indirect block, write a file's data over it, or
+    # free the bitmap's own blocks (found by tests/t1_fuzz_core.py).
+
+    def _damaged(self, inode) -> FormatError:
+        return FormatError(f"inode {getattr(inode, 'ino', '?')}: its block map points outside "
+                           f"the data area")
+
+    def _ptr(self, inode, ptr: int) -> int:
+        sb = self.alloc.sb
+        if ptr and not sb.data_start <= ptr < sb.nblocks:
+            raise self._damaged(inode)
+        return ptr
+
+    def _ptrs(self, inode, arr: np.ndarray) -> np.ndarray:
+        if len(arr):
+            sb = self.alloc.sb
+            hi = int(arr.max())
+            if hi >= sb.nblocks or (hi and int(arr[arr != 0].min()) < sb.data_start):
+                raise self._damaged(inode)
+        return arr
+
+    def _ptr_block(self, inode, ptr: int) -> np.ndarray:
+        """The pointers held by indirect block `ptr` (checked)."""
+        return self._ptrs(inode, np.frombuffer(self.meta.read(self._ptr(inode, ptr)),
+                                               dtype=np.uint32))
+
     # ------------------------------------------------------------------ lookups
 
     def _leaf_block(self, inode, k: int, lblk: int) -> tuple[int, int]:
         """(leaf indirect block or 0 for a hole, index in it) for level k >= 1."""
         rel = lblk - _LEVEL_START[k]
         digits = _digits(rel, k)
-        ptr = inode.map[N_DIRECT + k - 1]
+        ptr = self._ptr(inode, inode.map[N_DIRECT + k - 1])
         for d in digits[:-1]:
             if ptr == 0:
                 return 0, digits[-1]
-            ptr = int(np.frombuffer(self.meta.read(ptr), dtype=np.uint32)[d])
+            ptr = self._ptr(inode, int(np.frombuffer(self.meta.read(ptr), dtype=np.uint32)[d]))
         return ptr, digits[-1]
 
     def lookup(self, inode, first: int, count: int) -> np.ndarray:
@@ -82,7 +110,7 @@ class BlockMap:
             leaf, idx = self._leaf_block(inode, k, pos)
             if leaf:
                 out[o: o + n] = np.frombuffer(self.meta.read(leaf), dtype=np.uint32)[idx: idx + n]
-        return out
+        return self._ptrs(inode, out)
 
     def indirect_needed(self, inode, first: int, count: int, holes: np.ndarray) -> int:
         """How many indirect blocks `ensure` would allocate to fill the holes of the range."""
@@ -92,12 +120,13 @@ class BlockMap:
             if k == 0 or not holes[o: o + n].any():
                 continue
             digits = _digits(pos - _LEVEL_START[k], k)
-            ptr = inode.map[N_DIRECT + k - 1]
+            ptr = self._ptr(inode, inode.map[N_DIRECT + k - 1])
             if ptr == 0:
                 missing.update((k, tuple(digits[:d])) for d in range(k))
                 continue
             for depth, d in enumerate(digits[:-1]):
-                child = int(np.frombuffer(self.meta.read(ptr), dtype=np.uint32)[d])
+                child = self._ptr(inode, int(np.frombuffer(self.meta.read(ptr),
+                                                           dtype=np.uint32)[d]))
                 if child == 0:
                     missing.update((k, tuple(digits[:dd])) for dd in range(depth + 1, k))
                     break
@@ -116,12 +145,12 @@ class BlockMap:
         rel = lblk - _LEVEL_START[k]
         digits = _digits(rel, k)
         slot = N_DIRECT + k - 1
-        ptr = inode.map[slot]
+        ptr = self._ptr(inode, inode.map[slot])
         if ptr == 0:
             ptr = inode.map[slot] = self._new_meta_block(inode, goal)
         for d in digits[:-1]:
             arr = np.frombuffer(self.meta.read(ptr), dtype=np.uint32)
-            child = int(arr[d])
+            child = self._ptr(inode, int(arr[d]))
             if child == 0:
                 child = self._new_meta_block(inode, goal)
                 np.frombuffer(self.meta.modify(ptr), dtype=np.uint32)[d] = child
@@ -193,7 +222,7 @@ class BlockMap:
     # ------------------------------------------------------------------ freeing
 
     def _free_data(self, inode, blocks: np.ndarray, discard: bool) -> None:
-        blocks = blocks[blocks != 0]
+        blocks = self._ptrs(inode, blocks[blocks != 0])
         if not len(blocks):
             return
         blocks = np.sort(blocks)
@@ -209,7 +238,7 @@ class BlockMap:
         inode.blocks -= 1
 
     def _free_tree(self, inode, ptr: int, depth: int, discard: bool) -> None:
-        arr = np.frombuffer(self.meta.read(ptr), dtype=np.uint32)
+        arr = self._ptr_block(inode, ptr)
         if depth == 1:
             self._free_data(inode, arr.copy(), discard)
         else:
@@ -219,6 +248,7 @@ class BlockMap:
 
     def _cut_tree(self, inode, ptr: int, depth: int, keep: int, discard: bool) -> bool:
         """Free entries of the subtree at relative logical block >= keep; True if now empty."""
+        self._ptr(inode, ptr)
         if depth == 1:
             if not np.frombuffer(self.meta.read(ptr), dtype=np.uint32)[keep:].any():
                 return not np.frombuffer(self.meta.read(ptr), dtype=np.uint32).any()
@@ -228,7 +258,7 @@ class BlockMap:
             return not arr.any()
         span = PTRS_PER_BLOCK ** (depth - 1)
         ci, crel = divmod(keep, span)
-        ro = np.frombuffer(self.meta.read(ptr), dtype=np.uint32)
+        ro = self._ptr_block(inode, ptr)
         start = ci + 1 if crel else ci
         later = ro[start:]
         if crel and ro[ci]:
@@ -281,6 +311,9 @@ class BlockMap:
 
     def _walk_tree(self, ptr: int, depth: int, base: int):
         yield "meta", None, ptr
+        sb = self.alloc.sb
+        if not sb.data_start <= ptr < sb.nblocks:
+            raise FormatError(f"indirect block {ptr} is outside the data area")
         arr = np.frombuffer(self.meta.read(ptr), dtype=np.uint32).copy()
         nz = np.flatnonzero(arr)
         if depth == 1:
