@@ -26,8 +26,8 @@ class Directories:
 
     def _phys(self, dinode, lblk: int) -> int:
         p = int(self.bmap.lookup(dinode, lblk, 1)[0])
-        if p == 0:
-            raise OSError(f"directory {dinode.ino}: logical block {lblk} is not mapped")
+        if p == 0:  # a FormatError like every other damage (t1_fuzz_core)
+            raise FormatError(f"directory {dinode.ino}: logical block {lblk} is not mapped")
         return p
 
     def _read(self, dinode, lblk: int):
