@@ -79,16 +79,35 @@ class Fsck:
         self.refs: dict[int, int] = {}
         self.subdirs: dict[int, int] = {}
         self.used: list[np.ndarray] = []  # volume blocks referenced by inodes
+        self.maps_incomplete = False  # a block map could not be read: `used` lacks its blocks
 
     def problem(self, check: str, msg: str, repaired: bool = False) -> None:
         self.report.problems.append(Problem(check, msg, repaired and self.repair))
 
     def run(self) -> Report:
         for name in CHECKS:
-            getattr(self, name)()
+            try:
+                getattr(self, name)()
+            except (FormatError, VolumeError, OSError) as e:
+                # damage this check cannot step over (found by tests/t1_fuzz_core.py: it
+                # ended fsck with a traceback); later checks need its results, so stop here
+                # and write none of the repairs decided so far
+                self.problem(name, f"stopped by damage it cannot step over: {e}")
+                for p in self.report.problems:
+                    p.repaired = False
+                self._discard()
+                return self.report
         if self.repair and self.report.problems:
             self.fs.checkpoint()
         return self.report
+
+    def _discard(self) -> None:
+        """Forget every change made in the core, so closing it writes nothing."""
+        fs = self.fs
+        fs.meta.dirty.clear()
+        fs.dirty_inodes.clear()
+        fs.alloc.pending = []
+        fs.data_dirty = fs.sb_dirty = False
 
     # -------------------------------------------------------------------------------------
 
@@ -122,17 +141,22 @@ class Fsck:
             count = 0
             limit = -(-inode.size // BLOCK_SIZE)
             bad = False
-            for kind, lblks, phys in fs.bmap.walk(inode):
-                arr = np.atleast_1d(np.asarray(phys, dtype=np.int64))
-                if ((arr < sb.data_start) | (arr >= sb.nblocks)).any():
-                    self.problem("check_block_maps", f"inode {ino} points outside the data area")
-                    bad = True
-                    continue
-                self.used.append(arr)
-                count += len(arr)
-                if kind == "data" and len(lblks) and int(lblks.max()) >= limit:
-                    self.problem("check_block_maps",
-                                 f"inode {ino} maps blocks past its size {inode.size}")
+            try:
+                for kind, lblks, phys in fs.bmap.walk(inode):
+                    arr = np.atleast_1d(np.asarray(phys, dtype=np.int64))
+                    if ((arr < sb.data_start) | (arr >= sb.nblocks)).any():
+                        self.problem("check_block_maps",
+                                     f"inode {ino} points outside the data area")
+                        bad = True
+                        continue
+                    self.used.append(arr)
+                    count += len(arr)
+                    if kind == "data" and len(lblks) and int(lblks.max()) >= limit:
+                        self.problem("check_block_maps",
+                                     f"inode {ino} maps blocks past its size {inode.size}")
+            except (FormatError, VolumeError, OSError) as e:
+                self.problem("check_block_maps", f"inode {ino}: its block map is damaged ({e})")
+                self.maps_incomplete = bad = True
             if inode.xattr:
                 xb = self._xattr_blocks(ino, inode)
                 if xb is None:
@@ -252,7 +276,7 @@ class Fsck:
                                     self.problem("check_directories",
                                                  f"directory {child} is in {ino} but its parent is "
                                                  f"{target.parent}")
-            except OSError as e:
+            except (OSError, FormatError) as e:
                 self.problem("check_directories", f"directory {ino}: {e}")
                 continue
             if count != hdr.count:
@@ -291,6 +315,9 @@ class Fsck:
                     self._save(inode)
 
     def check_block_bitmap(self) -> None:
+        if self.maps_incomplete:  # what looks leaked may belong to the unreadable maps
+            self.problem("check_block_bitmap", "skipped: some block maps could not be read")
+            return
         fs = self.fs
         sb = fs.sb
         used = self.used_sorted
@@ -334,7 +361,8 @@ class Fsck:
         fs = self.fs
         sb = fs.sb
         in_data = int(np.count_nonzero(self.used_sorted >= sb.data_start))
-        self._count("free_blocks", "free blocks", (sb.nblocks - sb.data_start) - in_data)
+        if not self.maps_incomplete:
+            self._count("free_blocks", "free blocks", (sb.nblocks - sb.data_start) - in_data)
         self._count("free_inodes", "free inodes",
                     sb.ninodes - 1 - (fs.alloc.inodes.count_set() - 1))
 
