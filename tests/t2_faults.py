@@ -311,16 +311,34 @@ def test_damaged_delta_set_is_quarantined_and_asked_for_again(sites):
 
 
 def test_receiver_disk_errors_are_retried(sites):
-    m1, m2 = make_pair(sites, power1=False, power2=True)
+    m1 = sites("s1", power=False)
+    m2 = sites("s2", power=True)
+    m1.mount()
+    m2.mount()
+    (m1.path / "before").write_bytes(os.urandom(2 << 20))
+    admin(m1.path, "replicate", "policy", *NO_AUTO_CUT)
+    # the initial copy: the secondary's disk fails the first writes of the staged copy
+    rule = m2.pf.add_fault("s2/save/incoming/copy.ds", "write", errno="EIO", count=2)
+    start_replication(m1, m2)  # retried by the send task until it goes through
+    assert m2.pf.stats()["faults"][str(rule)] == 2
+    name = f"send {m2.site.name}"
+    assert m1.task(name)["errors"] >= 1 and "EIO" in m1.task(name)["last_error"]
+    assert "EIO" in m2.task("receiver")["last_error"]
+    m2.expect("receiver: EIO")
+    wait_converged(m1, m2, timeout=60)
+    assert_same_tree(m1.path, m2.path)
+    # delta sets: the incoming area is full
     rule = m2.pf.add_fault("s2/save/incoming/*", "write", errno="ENOSPC")
     (m1.path / "f").write_bytes(os.urandom(400_000))
     n = admin_cut(m1)
     st = wait_for("the receiver to fail", lambda: (
-        m2.task("receiver") if "receiver" in m2.status()["tasks"] else None), sites_=(m1, m2))
+        m2.task("receiver") if "ENOSPC" in (m2.task("receiver")["last_error"] or "") else None),
+        sites_=(m1, m2))
     assert "ENOSPC" in st["last_error"] and st["error_kind"] == "transient", st
     assert m2.pf.stats()["faults"][str(rule)] >= 1
-    name = f"send {m2.site.name}"
-    wait_for("the sender to see it", lambda: m1.task(name)["errors"], sites_=(m1, m2))
+    errors = m1.task(name)["errors"]
+    wait_for("the sender to see it", lambda: m1.task(name)["errors"] > errors,
+             sites_=(m1, m2))
     m2.expect("receiver: ENOSPC")
     m2.alive()
     m2.pf.clear_faults()
