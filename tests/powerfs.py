@@ -54,6 +54,10 @@ rename matches on its old or new path. ``fsync`` covers fsync and fdatasync of f
 ``fsyncdir`` fsync of directories. A failed write or fsync changes nothing (a failed fsync
 leaves the data non-durable). ``stats()["faults"]`` counts each rule's hits and
 ``stats()["seen"]`` the calls it matched (``count=0``: a rule that only counts).
+``errno="corrupt"`` (op ``read`` only) fails nothing: the bytes go wrong on their way up, as
+from a bad cable or controller. A matching read returns its data with one bit flipped in the
+middle; the backing file stays intact, and the next open of that file drops the kernel's
+cached pages of it (no keep_cache), so a read after a new open gets the right bytes again.
 
 API for tests (the ``PowerFS`` class at the bottom)
 ----------------------------------------------------
@@ -119,9 +123,14 @@ class _Rule:
         self.skip, self.count, self.seen, self.hits = skip, count, 0, 0
 
 
+CORRUPT = -1  # a rule's "errno" that flips a bit in what a read returns
+
+
 def _errno(v) -> int:
     if isinstance(v, int):
         return v
+    if v == "corrupt":
+        return CORRUPT
     n = getattr(errno_mod, str(v), None)
     if not isinstance(n, int):
         raise ValueError(f"unknown errno {v!r}")
@@ -218,8 +227,9 @@ class State:
         p = self.path(parent)
         return f"{p}/{os.fsdecode(name)}" if p else os.fsdecode(name)
 
-    def check(self, op: str, *paths: str) -> None:
-        """Count the call; raise OSError if frozen or a fault rule fires."""
+    def check(self, op: str, *paths: str) -> bool:
+        """Count the call; raise OSError if frozen or a fault rule fires. True: a "corrupt"
+        rule fired (the caller damages what it returns)."""
         if self.frozen:
             raise OSError(errno_mod.EIO, "powerfs: the power is off")
         self.calls[op] = self.calls.get(op, 0) + 1
@@ -233,7 +243,10 @@ class State:
                         self.cut_result = self.freeze(*r.cut)
                         self.cut_result.update(rule=r.id, op=op, path=paths[0])
                         raise OSError(errno_mod.EIO, "powerfs: the power is off")
+                    if r.err == CORRUPT:
+                        return True
                     raise OSError(r.err, f"powerfs: injected {errno_mod.errorcode.get(r.err)}")
+        return False
 
     def lookup(self, parent: int, name: bytes) -> int:
         d = self.dirs.get(parent)
@@ -454,6 +467,8 @@ class State:
                 raise ValueError(f"unknown op {o!r}; one of {', '.join(OPS)} or *")
         if cut is not None and cut[0] not in ("none", "random", "all"):
             raise ValueError(f"keep must be none, random or all, not {cut[0]!r}")
+        if _errno(err) == CORRUPT and op != "read":
+            raise ValueError("errno='corrupt' applies to op 'read' alone")
         r = _Rule(self.next_rule, path, op, _errno(err), int(skip),
                   None if count is None else int(count), cut)
         self.next_rule += 1
@@ -488,6 +503,7 @@ def _serve(backing: Path, mountpoint: Path, control: Path) -> None:
             super().__init__()
             self.handles: dict[int, tuple[int, int]] = {}
             self.next_fh = 1
+            self.tainted: set[int] = set()  # files whose cached pages hold corrupted reads
 
         def _attr(self, ino):
             n = st.nodes[ino]
@@ -554,7 +570,9 @@ def _serve(backing: Path, mountpoint: Path, control: Path) -> None:
             if flags & os.O_TRUNC:
                 st.check("truncate", st.path(inode))
                 st.truncate(inode, 0)
-            return pyfuse3.FileInfo(fh=self._fh(inode, flags), keep_cache=True)
+            keep = inode not in self.tainted
+            self.tainted.discard(inode)
+            return pyfuse3.FileInfo(fh=self._fh(inode, flags), keep_cache=keep)
 
         @fuse_errors
         def create(self, parent, name, mode, flags, ctx):
@@ -567,8 +585,14 @@ def _serve(backing: Path, mountpoint: Path, control: Path) -> None:
         @fuse_errors
         def read(self, fh, off, size):
             ino, _ = self.handles[fh]
-            st.check("read", st.path(ino))
-            return st.read(ino, off, size)
+            corrupt = st.check("read", st.path(ino))
+            data = st.read(ino, off, size)
+            if corrupt and data:
+                bad = bytearray(data)
+                bad[len(bad) // 2] ^= 0x10
+                data = bytes(bad)
+                self.tainted.add(ino)  # the kernel caches the damage: dropped at the next open
+            return data
 
         @fuse_errors
         def write(self, fh, off, buf):

@@ -13,7 +13,6 @@ from __future__ import annotations
 import http.client
 import json
 import logging
-import os
 import time
 
 import numpy as np
@@ -49,8 +48,6 @@ class ReceiverClient:
         self.site = site
         self.site_path = str(site.path)
         self.conn: http.client.HTTPConnection | None = None
-        # test hook: corrupt the next N chunks sent (checks that receivers reject them)
-        self.corrupt = int(os.environ.get("REPFS_TEST_CORRUPT_CHUNKS", "0"))
 
     def _connect(self):
         site = self.site
@@ -117,12 +114,6 @@ class ReceiverClient:
                                                       "blocks": blocks})
 
     def chunk(self, raw: bytes) -> None:
-        if self.corrupt > 0:
-            self.corrupt -= 1
-            bad = bytearray(raw)
-            bad[len(bad) // 2] ^= 0x10
-            log.info("test hook: sending a corrupted chunk")
-            raw = bytes(bad)
         self.request("POST", "/repl/chunk", raw)
 
     def commit(self, header: bytes, meta: dict) -> dict:
