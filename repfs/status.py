@@ -95,6 +95,7 @@ def _secondary_status(svc) -> dict:
         "primary": r.primary(), "current_delta_set": None, "last_cut_delta_set": None,
         "last_received_delta_set": r.last_received,
         "last_played_delta_set": r.last_played,
+        "last_played_at": iso(r.last_played_ns),
         "lag_seconds": round((now - first) / 1e9, 3) if first else 0.0,
         "outstanding_delta_sets": [
             {"delta_set": x["number"], "blocks": x["blocks"], "created": iso(x["cut_ns"]),

@@ -245,6 +245,11 @@ class Receiver:
         return self._num("last_played")
 
     @property
+    def last_played_ns(self) -> int:
+        """When the last delta set was played (0: none yet)."""
+        return self._num("last_played_ns")
+
+    @property
     def state(self) -> str:
         raw = self._get("secondary_state")
         return raw.decode(errors="replace") if raw else "idle"
