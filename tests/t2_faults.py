@@ -357,3 +357,22 @@ def admin_cut(m1) -> int:
 def json_cut(m1) -> dict:
     import json
     return json.loads(admin(m1.path, "replicate", "deltaset", json_out=True).stdout)
+
+
+def test_playback_volume_errors_are_retried(sites):
+    m1, m2 = make_pair(sites, power1=False, power2=True)
+    data = os.urandom(700_000)
+    (m1.path / "f").write_bytes(data)
+    rule = m2.pf.add_fault("s2/volume.img", "write", errno="EIO", skip=1, count=3)
+    n = admin_cut(m1)
+    st = wait_for("playback to fail", lambda: (
+        m2.task("playback") if m2.task("playback")["errors"] else None), sites_=(m1, m2))
+    assert "EIO" in st["last_error"] and st["last_error_at"], st
+    m2.expect("playback: EIO")
+    m2.alive()
+    wait_converged(m1, m2, n, timeout=60)  # the rule is spent: playback succeeds again
+    assert m2.pf.stats()["faults"][str(rule)] == 3
+    assert m2.task("playback")["state"] == "running"
+    assert (m2.path / "f").read_bytes() == data
+    assert_same_tree(m1.path, m2.path)
+    assert count_lines(m2, "playback: EIO") == 1
