@@ -556,6 +556,11 @@ def test_secondary_equals_primary_after_each_cut_and_is_read_only(pair):
     }
     for what, fn in checks.items():
         assert errno_of(fn) == errno.EROFS, f"{what} on the secondary is not EROFS"
+    # and `mount -o remount,rw` cannot make it writable (the daemon refuses, names why)
+    r = subprocess.run(["mount", "-o", "remount,rw", str(m2.path)], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode != 0 and "secondary" in r.stderr, r.stderr
+    assert errno_of(lambda: open(m2.path / "new", "wb")) == errno.EROFS
     assert tree(m2.path) == before
     # the control port refuses changes on a secondary too, with exit status 1
     for args in (("snapshot", "create", "x"), ("replicate", "deltaset"),
