@@ -8,7 +8,10 @@ reports it), and SIGKILL of
   so the change log is persisted by group commits meanwhile),
 * the secondary's daemon while it plays a delta set back,
 
-a few times each at random instants. After each kill the dead mount is lazily unmounted, the
+a few times each at random instants. Each loop proves it hit its window at least once, from
+what the remounted daemon logs anyway: "cut when the daemon stopped" (a delta set was still
+being cut or copied) or "finishing the interrupted playback"; it goes on for a few more rounds
+until it has. After each kill the dead mount is lazily unmounted, the
 site mounted again, a delta set cut and played back: the secondary must then equal the primary
 byte for byte, and every file the writer fsync'd must be on both (invariant 3: crash safety,
 replication resumes, playback is idempotent). The fixtures check clean unmounts, clean fsck of
@@ -226,21 +229,45 @@ def _dropped(site: Path) -> int:
     return sum("cut when the daemon stopped" in ln for ln in log_lines(site))
 
 
+def _wait_cutting(site: Path, request: threading.Thread) -> bool:
+    """Poll the primary's status until a delta set shows in state "cutting" (True) or the
+    cut request has ended first (False)."""
+    deadline = time.monotonic() + 30
+    while request.is_alive():
+        st = api(site, "GET", "/status")
+        if any(r["state"] == "cutting" for r in st["outstanding_delta_sets"]):
+            return True
+        assert time.monotonic() < deadline, "the cut neither started nor ended in 30 s"
+    return False
+
+
 def test_kill_primary_during_cut(repl_pair):
+    """kill -9 while a cut delta set is not yet complete: the test waits until the status
+    shows the delta set "cutting", then kills at a random instant a few ms later. A kill that
+    landed inside the cut is proven by the remounted daemon, which drops the incomplete delta
+    set and logs it ("cut when the daemon stopped"; the record is "cutting" from the cut's
+    commit until the set is ready, and there is no other cut: automatic cuts are off). The
+    loop goes on (up to 6 rounds) until at least one kill provably landed inside a cut."""
     pair = repl_pair
     rng = random.Random(41)
     writers = []
-    for it in range(2):
+    hits = it = 0
+    dropped = _dropped(pair.m1.site)
+    while it < 2 or (hits == 0 and it < 6):
         w = Writer(pair.m1.path / "w", 100 + it, ticker=True)
         writers.append(w)
-        w.wait_total(rng.randrange(2, 8) << 20)
+        w.wait_total(rng.randrange(4, 10) << 20)
         t = post_in_thread(pair.m1.site, "/replicate/deltaset", {"wait": True})
-        time.sleep(rng.uniform(0.0, 0.06))
+        if _wait_cutting(pair.m1.site, t):
+            time.sleep(rng.uniform(0.0, 0.01))
         kill9(pair.m1.site)
         t.join(30)
         w.stop()
         remount(pair.m1)
+        hits, dropped = hits + (_dropped(pair.m1.site) > dropped), _dropped(pair.m1.site)
         converge_and_compare(pair, writers)
+        it += 1
+    assert hits >= 1, "no kill landed inside a cut: test too weak"
 
 
 def test_kill_primary_during_chunk_copying(repl_pair):
@@ -248,7 +275,8 @@ def test_kill_primary_during_chunk_copying(repl_pair):
     rng = random.Random(42)
     writers = []
     dropped_before = _dropped(pair.m1.site)
-    for it in range(2):
+    hits = it = 0
+    while it < 2 or (hits == 0 and it < 5):  # until a kill provably lands inside a copy
         w = Writer(pair.m1.path / "w", 200 + it, ticker=True)
         writers.append(w)
         w.wait_total(rng.randrange(16, 28) << 20)  # a big delta set: copying takes a while
@@ -259,19 +287,29 @@ def test_kill_primary_during_chunk_copying(repl_pair):
         kill9(pair.m1.site)
         w.stop()
         remount(pair.m1)
+        hits = _dropped(pair.m1.site) - dropped_before  # the set was still "cutting"
         converge_and_compare(pair, writers)
-    hits = _dropped(pair.m1.site) - dropped_before
+        it += 1
     assert hits >= 1, "no kill landed while a delta set was being copied: test too weak"
 
 
+def _interrupted(site: Path) -> int:
+    return sum("finishing the interrupted playback" in ln for ln in log_lines(site))
+
+
 def test_kill_secondary_during_playback(repl_pair):
+    """kill -9 of the secondary while it may be playing a delta set back. A kill inside a
+    playback is proven by the remounted daemon, which finds the playback marked as running
+    (it is marked before the first block is written and cleared with the record that it was
+    played) and logs that it finishes it. The loop goes on until one kill did."""
     pair = repl_pair
     m1, m2 = pair.m1, pair.m2
     rng = random.Random(43)
     writers = []
     during = 0
+    before = _interrupted(m2.site)
     it = 0
-    while it < 2 or (during == 0 and it < 5):  # until a kill lands inside a playback
+    while it < 2 or (during == 0 and it < 6):  # until a kill lands inside a playback
         w = Writer(m1.path / "w", 300 + it, limit=rng.randrange(12, 24) << 20)
         writers.append(w)
         w.proc.wait(120)
@@ -283,18 +321,14 @@ def test_kill_secondary_during_playback(repl_pair):
             if s["last_received_delta_set"] >= n:
                 break
             assert time.monotonic() < deadline, f"delta set {n} never arrived: {s}"
-        if during == 0 and it >= 1:
-            time.sleep(rng.uniform(0.0, 0.01))
-        else:
-            time.sleep(rng.uniform(0.0, 0.05))
-        played = api(m2.site, "GET", "/status")["last_played_delta_set"]
+        time.sleep(rng.uniform(0.0, 0.1))
         kill9(m2.site)
-        during += played < n
         remount(m2)
+        during = _interrupted(m2.site) - before
         converge_and_compare(pair, writers)
         assert api(m2.site, "GET", "/status")["role"] == "secondary"
         it += 1
-    assert during >= 1, "no kill landed before playback finished: test too weak"
+    assert during >= 1, "no kill landed inside a playback: test too weak"
 
 
 def test_interrupted_initial_copy_resumes(mount_site):
