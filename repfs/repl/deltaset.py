@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..statefile import fsync_dir
 from ..volume import private_dir, pwrite_all
 from . import keys as K
 from .changelog import ChangeLogLayer
@@ -95,6 +96,10 @@ class ChunkWriter:
         os.fdatasync(self.fd)
         os.close(self.fd)
         self.fd = -1
+        # the file's name too, before the mailbox says "ready": else a power cut can keep
+        # the record and lose the file, and the send task fails on it for ever
+        # (tests/t4_power.py)
+        fsync_dir(self.path.parent)
         return hdr
 
     def abandon(self) -> None:
