@@ -54,6 +54,8 @@ rename matches on its old or new path. ``fsync`` covers fsync and fdatasync of f
 ``fsyncdir`` fsync of directories. A failed write or fsync changes nothing (a failed fsync
 leaves the data non-durable). ``stats()["faults"]`` counts each rule's hits and
 ``stats()["seen"]`` the calls it matched (``count=0``: a rule that only counts).
+``delay=SECONDS`` makes a rule fail nothing: each call it fires on returns that much later
+(a slow disk), which widens a window a test wants to hit.
 ``errno="corrupt"`` (op ``read`` only) fails nothing: the bytes go wrong on their way up, as
 from a bad cable or controller. A matching read returns its data with one bit flipped in the
 middle; the backing file stays intact, and the next open of that file drops the kernel's
@@ -69,7 +71,7 @@ API for tests (the ``PowerFS`` class at the bottom)
     pf.stop()                               # unmount (after freeze: the cut state remains;
                                             #   without freeze: a clean stop, all durable)
     pf.cut(keep=..., seed=...)              # freeze + stop, for programs already gone
-    pf.add_fault(path, op, errno="EIO", skip=0, count=None) -> rule id
+    pf.add_fault(path, op, errno="EIO", skip=0, count=None, delay=0) -> rule id
     pf.arm_cut(path, op, skip=0, keep="none", seed=None) -> rule id   # a power cut right
                                             #   before the (skip+1)-th matching call
     pf.wait_frozen(timeout) -> the cut's result, or None if it did not happen
@@ -117,6 +119,8 @@ class _Node:
 
 
 class _Rule:
+    delay = 0.0  # seconds a matching call is held back (a slow disk); it then goes on
+
     def __init__(self, rid, path, op, err, skip, count, cut=None):
         self.id, self.paths, self.err, self.cut = rid, path.split("|"), err, cut
         self.ops = set(op.split("|"))
@@ -155,6 +159,7 @@ class State:
         self.rules: list[_Rule] = []
         self.next_rule = 1
         self.cut_result: dict | None = None
+        self.delay = 0.0  # what the rules ask the current call to wait
         self._load()
 
     # ---------------------------------------------------------------- persistence
@@ -239,6 +244,9 @@ class State:
                 r.seen += 1
                 if r.seen > r.skip and (r.count is None or r.seen <= r.skip + r.count):
                     r.hits += 1
+                    if r.delay:
+                        self.delay += r.delay
+                        continue
                     if r.cut is not None:  # the power goes off before this call
                         self.cut_result = self.freeze(*r.cut)
                         self.cut_result.update(rule=r.id, op=op, path=paths[0])
@@ -461,7 +469,8 @@ class State:
                 "seen": {r.id: r.seen for r in self.rules}}
 
     def add_fault(self, path: str, op: str, err="EIO", skip: int = 0,
-                  count: int | None = None, cut: tuple | None = None) -> int:
+                  count: int | None = None, cut: tuple | None = None,
+                  delay: float = 0.0) -> int:
         for o in op.split("|"):
             if o != "*" and o not in OPS:
                 raise ValueError(f"unknown op {o!r}; one of {', '.join(OPS)} or *")
@@ -471,6 +480,7 @@ class State:
             raise ValueError("errno='corrupt' applies to op 'read' alone")
         r = _Rule(self.next_rule, path, op, _errno(err), int(skip),
                   None if count is None else int(count), cut)
+        r.delay = float(delay)
         self.next_rule += 1
         self.rules.append(r)
         return r.id
@@ -492,6 +502,10 @@ def _serve(backing: Path, mountpoint: Path, control: Path) -> None:
                 raise pyfuse3.FUSEError(e.errno or errno_mod.EIO) from None
             except KeyError:
                 raise pyfuse3.FUSEError(errno_mod.ENOENT) from None
+            finally:
+                if st.delay:  # a slow disk: this call returns late, others go on
+                    d, st.delay = st.delay, 0.0
+                    await trio.sleep(d)
         wrapper.__name__ = fn.__name__
         return wrapper
 
@@ -706,7 +720,8 @@ def _serve(backing: Path, mountpoint: Path, control: Path) -> None:
             return st.freeze(req.get("keep", "none"), req.get("seed"))
         if cmd == "add_fault":
             return {"id": st.add_fault(req["path"], req["op"], req.get("errno", "EIO"),
-                                       req.get("skip", 0), req.get("count"))}
+                                       req.get("skip", 0), req.get("count"),
+                                       delay=req.get("delay", 0.0))}
         if cmd == "arm_cut":
             return {"id": st.add_fault(req["path"], req["op"], "EIO", req.get("skip", 0), 1,
                                        (req.get("keep", "none"), req.get("seed")))}
@@ -766,6 +781,26 @@ def _serve(backing: Path, mountpoint: Path, control: Path) -> None:
 
 # -------------------------------------------------------------------- the test's handle
 
+def mounted(path: Path) -> bool:
+    """Whether a file system is mounted at `path`, dead ones included (os.path.ismount says
+    False for a FUSE mount whose process is gone: its stat fails with ENOTCONN)."""
+    want = os.path.realpath(path)
+    with open("/proc/self/mounts") as f:
+        return any(line.split()[1].replace("\\040", " ") == want for line in f)
+
+
+def unmount(path: Path, timeout: float = 30) -> None:
+    """Lazily unmount whatever is mounted at `path` (alive or dead) and wait until it is."""
+    deadline = time.monotonic() + timeout
+    while mounted(path):
+        subprocess.run(["fusermount3", "-u", "-z", str(path)], check=False,
+                       capture_output=True)
+        if not mounted(path):
+            break
+        assert time.monotonic() < deadline, f"{path} stays mounted"
+        time.sleep(0.02)
+
+
 class PowerFS:
     """A powerfs process for a test: see the module docstring."""
 
@@ -822,9 +857,9 @@ class PowerFS:
         return self._call(cmd="stats")
 
     def add_fault(self, path: str, op: str, errno="EIO", skip: int = 0,
-                  count: int | None = None) -> int:
+                  count: int | None = None, delay: float = 0.0) -> int:
         return self._call(cmd="add_fault", path=path, op=op, errno=errno, skip=skip,
-                          count=count)["id"]
+                          count=count, delay=delay)["id"]
 
     def clear_faults(self) -> None:
         self._call(cmd="clear_faults")
@@ -865,12 +900,7 @@ class PowerFS:
                 self.proc.wait()
             self.proc.stdout.close()
             self.proc = None
-            if os.path.ismount(self.mnt):
-                subprocess.run(["fusermount3", "-u", "-z", str(self.mnt)], check=False,
-                               capture_output=True)
-            deadline = time.monotonic() + 30
-            while os.path.ismount(self.mnt) and time.monotonic() < deadline:
-                time.sleep(0.01)
+            unmount(self.mnt)
 
     def cut(self, keep: str = "none", seed: int | None = None) -> dict:
         """Power cut with nothing running above: freeze, then stop."""

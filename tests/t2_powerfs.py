@@ -15,7 +15,7 @@ import subprocess
 
 import pytest
 
-from tests.powerfs import PAGE, ROOT, PowerFS, State
+from tests.powerfs import PAGE, ROOT, PowerFS, State, mounted
 
 
 def _reopen(st: State, keep="none", seed=None) -> tuple[State, dict]:
@@ -154,7 +154,7 @@ def pf(tmp_path):
     p.start()
     yield p
     p.kill()
-    assert not os.path.ismount(tmp_path / "mnt")
+    assert not mounted(tmp_path / "mnt")
 
 
 def _fsync_path(path, flags=os.O_RDONLY):
@@ -329,3 +329,14 @@ def test_mount_armed_cut_hits_the_aimed_call(pf):
     pf.stop()
     pf.start()
     assert (m / "j").read_bytes() == b"01234"
+
+
+def test_mount_delay_rule_fails_nothing(pf):
+    m = pf.mnt
+    rid = pf.add_fault("slow*", "write", delay=0.01)
+    with open(m / "slow", "wb", buffering=0) as f:
+        for i in range(3):
+            f.write(b"%d" % i)
+    (m / "fast").write_bytes(b"x")
+    assert (m / "slow").read_bytes() == b"012"
+    assert pf.stats()["faults"] == {str(rid): 3}
