@@ -39,7 +39,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import fsck_clean, run_repfs
-from tests.powerfs import PowerFS
+from tests.powerfs import PowerFS, unmount
 from tests.t2_repl import NO_AUTO_CUT, Workload, admin, api, log_lines, tree, tree_diff
 from tests.t4_crash import WRITER, Record, clean_stray, verify
 from tests.t4_repl_crash import Writer, check_durable, post
@@ -108,9 +108,7 @@ class PowerSite:
             self.pid = None
         for p in kill:
             p.wait(60)
-        subprocess.run(["fusermount3", "-u", "-z", str(self.path)], check=False,
-                       capture_output=True)
-        _wait_unmounted(self.path)
+        unmount(self.path)
         self.pf.stop()
         self.pf.start()
         self.cuts += 1
@@ -136,10 +134,7 @@ class PowerSite:
                 os.kill(self.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        if os.path.ismount(self.path):
-            subprocess.run(["fusermount3", "-u", "-z", str(self.path)], check=False,
-                           capture_output=True)
-            _wait_unmounted(self.path)
+        unmount(self.path)  # alive or dead
         self.pf.kill()
 
 
@@ -383,6 +378,19 @@ def _wait(pred, what: str, timeout: float = 90, sites=()) -> None:
         time.sleep(0.1)
 
 
+def _stable_tree(root: Path) -> dict:
+    """The tree of a secondary's mount, read twice alike: a playback that ends while the
+    tree is walked would mix two states in one read (the mount shows only boundaries, but a
+    walk is not atomic)."""
+    t = tree(root)
+    for _ in range(50):
+        again = tree(root)
+        if again == t:
+            return t
+        t = again
+    raise AssertionError(f"{root} never held still")
+
+
 def _dest(m1) -> dict:
     return api(m1.site, "GET", "/status")["destinations"][0]
 
@@ -409,10 +417,31 @@ def _converge(m1, m2, want: dict | None = None) -> int:
     return n
 
 
+def _slowed_cut(m1, m2, active, rng, after=None) -> dict | None:
+    """Slow the secondary's disk down (each write to its volume or incoming area returns
+    50 ms late), wait until it has written a little, and cut the primary's power while
+    `active()` (a transfer in progress) holds. The cut's result; None if the transfer
+    ended before the cut (then the primary was not cut), or if `after()` (asked once the
+    primary is dead) says it ended before the cut took effect."""
+    slow = m2.pf.add_fault("site/volume.img|site/save/incoming/*", "write", count=None,
+                           delay=0.05)
+    try:
+        deadline = time.monotonic() + 60
+        while m2.pf.stats()["seen"].get(str(slow), 0) < 2:
+            assert time.monotonic() < deadline, "the secondary never received anything"
+            time.sleep(0.01)
+        if not active():
+            return None
+        got = m1.power_cut(rng.choice(["none", "random"]), rng.randrange(1 << 30))
+        return got if after is None or after() else None
+    finally:
+        m2.pf.clear_faults()
+
+
 def test_power_cut_during_replication(power_site):
-    """Cuts on the secondary during the initial copy, on the primary while a delta set is
-    cut and copied into the chunk area, on the secondary while one is received and while
-    one is played back."""
+    """Cuts on the secondary and on the primary during the initial copy, on the primary while
+    a delta set is cut and copied into its chunk file and while it is sent, on the secondary
+    while it receives one and while it plays one back."""
     rng = random.Random(7003 + SEED)
     print(f"REPFS_POWER_SEED={SEED} REPFS_POWER_ROUNDS={ROUNDS}")  # shown if it fails
     m1, m2 = power_site("s1"), power_site("s2")
@@ -437,6 +466,10 @@ def test_power_cut_during_replication(power_site):
         hits["initial copy (secondary)"] = 1
         m2.power_cut()
         m2.mount()
+    # the copy resumes; the secondary's disk slowed down, the primary loses power during it
+    if _slowed_cut(m1, m2, lambda: _dest(m1)["state"] == "initial-copy", rng):
+        hits["initial copy (primary)"] = 1
+        m1.mount()
     _wait(lambda: _dest(m1)["state"] == "replicating", "the initial copy", sites=(m1, m2))
     writers: list[Writer] = []
     boundary = _converge(m1, m2)
@@ -444,7 +477,8 @@ def test_power_cut_during_replication(power_site):
 
     phases = [("cut and copy (primary)", m1, "site/save/deltasets/*", "write|fsync"),
               ("receive (secondary)", m2, "site/save/incoming/*", "write|fsync"),
-              ("playback (secondary)", m2, "site/volume.img", "write|fsync")]
+              ("playback (secondary)", m2, "site/volume.img", "write|fsync"),
+              ("send (primary)", m1, None, None)]
     for rnd in range(ROUNDS):
         for phase, victim, path, ops in phases:
             w = Writer(m1.path / "w", 1000 * rnd + len(writers),
@@ -454,23 +488,37 @@ def test_power_cut_during_replication(power_site):
             w.stop()
             before = want
             want = tree(m1.path)  # the primary at the next boundary
-            victim.pf.arm_cut(path, ops,
-                              skip=rng.randrange(3), keep=rng.choice(["none", "random"]),
-                              seed=rng.randrange(1 << 30))
-            req = Request(m1.site, "POST", "/replicate/deltaset", {"wait": True})
-            got = victim.pf.wait_frozen(30)
-            req.join(60 if got is None else 1)
-            if got is None:  # the phase did not touch the file often enough: cut now
-                victim.pf.freeze(rng.choice(["none", "random"]), rng.randrange(1 << 30))
+            if path is None:  # sending: the secondary's disk is slow, the primary dies
+                status, out = post(m1.site, "/replicate/deltaset", {"wait": True}, timeout=120)
+                assert status == 200, out
+                n = out["delta_set"]
+                def receiving():
+                    return api(m2.site, "GET", "/status")["last_received_delta_set"] < n
+                got = _slowed_cut(m1, m2, receiving, rng, after=receiving)
+                if got:
+                    hits[phase] = hits.get(phase, 0) + 1
+                elif m1.pid is not None:  # (sent already: cut it now)
+                    m1.power_cut()
             else:
-                hits[phase] = hits.get(phase, 0) + 1
-            victim.power_cut()
+                victim.pf.arm_cut(path, ops,
+                                  skip=rng.randrange(3), keep=rng.choice(["none", "random"]),
+                                  seed=rng.randrange(1 << 30))
+                req = Request(m1.site, "POST", "/replicate/deltaset", {"wait": True})
+                got = victim.pf.wait_frozen(30)
+                req.join(60 if got is None else 1)
+                if got is None:  # the phase did not touch the file often enough: cut now
+                    victim.pf.freeze(rng.choice(["none", "random"]), rng.randrange(1 << 30))
+                else:
+                    hits[phase] = hits.get(phase, 0) + 1
+                victim.power_cut()
             if victim is m2:
                 # before it plays anything: exactly a delta-set boundary
                 victim.mount()
-                t2 = tree(m2.path)
+                t2 = _stable_tree(m2.path)
                 assert t2 in (before, want), (
-                    f"{phase}: after the cut the secondary is at no delta-set boundary: "
+                    f"{phase}: after the cut the secondary is at no delta-set boundary "
+                    f"({api(m2.site, 'GET', '/status')}): from the earlier boundary "
+                    + "; ".join(tree_diff(before, t2)) + "; from the new one: "
                     + "; ".join(tree_diff(want, t2)))
             else:
                 victim.mount()
@@ -486,7 +534,7 @@ def test_power_cut_during_replication(power_site):
     for m in (m1, m2):
         m.finish()
     print(f"cuts that landed in their phase: {hits}")
-    missing = [p for p, *_ in phases if not hits.get(p)]
-    if "initial copy (secondary)" not in hits:
-        missing.append("initial copy (secondary)")
+    missing = [p for p in [p for p, *_ in phases] + ["initial copy (secondary)",
+                                                     "initial copy (primary)"]
+               if not hits.get(p)]
     assert not missing, f"no cut landed during: {missing}"
