@@ -199,12 +199,14 @@ def request_remount(site_path: Path, pid: int, opts: MountOptions, *,
     """Ask the daemon `pid` serving `site_path` to remount with `opts`; wait for its answer."""
     nonce = os.urandom(8).hex()
     result = site_path / RESULT
-    result.unlink(missing_ok=True)
-    _write_json(site_path / REQUEST, {"nonce": nonce, "options": asdict(opts)})
     try:
+        result.unlink(missing_ok=True)
+        _write_json(site_path / REQUEST, {"nonce": nonce, "options": asdict(opts)})
         os.kill(pid, signal.SIGUSR1)
     except ProcessLookupError:
         raise RemountError(f"the daemon (pid {pid}) is gone") from None
+    except OSError as e:  # e.g. not root: the site and its daemon are root's
+        raise RemountError(f"cannot ask the daemon (pid {pid}): {e.strerror}") from None
     deadline = time.monotonic() + timeout
     while True:
         try:

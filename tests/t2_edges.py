@@ -11,6 +11,7 @@ import errno
 import os
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -384,6 +385,9 @@ def test_remount_read_only_and_back(mount_site):
     (m / "c").write_bytes(b"c")
     r = run_repfs("mount", "x", "/proc", "-o", "remount,ro", check=False)
     assert r.returncode == 1 and "not a repfs mount point" in r.stderr
+    r = _run_as(UID, [sys.executable, "-m", "repfs", "mount", "-o", "remount,ro", "x", m], m)
+    assert r.returncode == 1 and "only root" in r.stderr, r.stderr
+    assert not os.statvfs(m).f_flag & os.ST_RDONLY
     mnt.umount()
     mnt = mount_site("64M")
     m = mnt.path

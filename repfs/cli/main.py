@@ -129,6 +129,9 @@ def _remount(a) -> int:
     mounts = repfs_mounts()
     if mp not in mounts:
         raise QuietError(f"cannot remount {a.mountpoint}: not a repfs mount point")
+    if os.geteuid() != 0:
+        raise QuietError(f"cannot remount {a.mountpoint}: only root may (the site's daemon "
+                         "runs as root)")
     site = Site(mounts[mp])
     who = site.owner()
     if who is None or os.path.realpath(who[1]) != mp:
