@@ -22,7 +22,12 @@ async def _commit_loop(ops: Operations, interval: float, sup) -> None:
     while True:
         await trio.sleep(interval)
         if ops.core.error is None:  # after a failed commit the file system is read-only
-            await ops.commit()
+            try:
+                await ops.commit()
+            except OSError:
+                if ops.core.error is None:
+                    raise  # contained by the supervisor
+                continue  # the core turned read-only and logged why, once
             sup.ok("commit")
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -190,6 +191,35 @@ def test_redo_log_write_error_turns_the_mount_read_only(sites):
     assert (s.path / "kept").read_bytes() == kept
     (s.path / "after").write_bytes(b"writable again")
     assert s.status()["fs_error"] is None
+
+
+def test_redo_log_error_in_the_commit_loop(sites):
+    # The periodic group commit (no fsync) meets the fault: read-only, one log line, the
+    # commit task itself never fails; after a remount what the failed commit held is absent.
+    s = sites("s1")
+    cfg = s.site / "site.toml"
+    text, k = re.subn(r"commit_interval = [0-9.]+", "commit_interval = 0.2", cfg.read_text())
+    assert k == 1
+    cfg.write_text(text)
+    s.mount()
+    write_durable(s.path / "kept", b"kept")
+    rule = s.pf.add_fault("s1/journal", "write", errno="EIO")
+    (s.path / "lost").write_bytes(b"never committed")  # no fsync: the commit loop meets it
+    st = wait_for("the commit loop to fail", lambda: (
+        s.status() if s.status()["fs_error"] else None), sites_=(s,))
+    assert s.pf.stats()["faults"][str(rule)] >= 1
+    assert st["readonly"] and "redo log" in st["fs_error"], st["fs_error"]
+    s.expect("the file system is now read-only")
+    time.sleep(0.6)  # more ticks of the commit loop: nothing more is logged
+    assert count_lines(s, " ERROR ") + count_lines(s, " WARNING ") == 1, log_tail(s.site)
+    assert s.task("commit")["errors"] == 0  # the loop itself did not fail
+    s.alive()
+    s.umount()
+    s.pf.clear_faults()
+    fsck_clean(s.site)
+    s.mount()
+    assert (s.path / "kept").read_bytes() == b"kept"
+    assert not (s.path / "lost").exists()
 
 
 # ----------------------------------------------------------------------------- the primary
