@@ -42,9 +42,17 @@ def site_status(svc) -> dict:
 
 
 def repl_status(svc) -> dict:
-    if svc.primary is not None:
-        return _primary_status(svc)
-    return _secondary_status(svc)
+    """The replication part; a damaged record it cannot read (the tasks that read it show
+    the same error) makes it `replication_status_error` instead of failing the whole
+    report, so `status` still shows the site, its tasks and their errors."""
+    try:
+        if svc.primary is not None:
+            return _primary_status(svc)
+        return _secondary_status(svc)
+    except Exception as e:  # noqa: BLE001 - a report must not fail on what it reports
+        from .tasks import describe
+        return {"role": "primary" if svc.primary is not None else "secondary",
+                "replication_status_error": describe(e)}
 
 
 def _primary_status(svc) -> dict:

@@ -253,7 +253,10 @@ def _print_status(st: dict) -> None:
         ("used", f"{_human(st['used_bytes'])} ({_human(st['free_bytes'])} free)"),
         ("inodes", f"{st['inodes'] - st['free_inodes']} used of {st['inodes']}"),
     ]
-    if "role" in st:
+    if st.get("replication_status_error"):
+        rows.append(("replication", f"cannot report: {st['replication_status_error']} "
+                                    f"(see the TASK table and the site log)"))
+    elif "role" in st:
         rows.append(("role", f"{st['role']} (generation {st['generation']})"))
         if st["role"] == "primary":
             rows.append(("delta sets", f"current {st['current_delta_set']} "
