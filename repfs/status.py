@@ -32,7 +32,8 @@ def site_status(svc) -> dict:
         "inodes": st["f_files"],
         "free_inodes": st["f_ffree"],
         "format_version": sb.version,
-        "commits": svc.ops.commits,
+        "commits": svc.ops.commits,  # completed (group) commits since the mount
+        "committing": svc.ops.commit_lock.locked(),  # a commit is being written now
         "snapshots": snaps,
         "save_used_bytes": svc.store.usage(),
         "save_capacity_bytes": svc.store.capacity,

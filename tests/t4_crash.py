@@ -396,8 +396,14 @@ def _write_mib(path: Path, mib: int, mode: str = "wb") -> None:
         os.fsync(f.fileno())
 
 
-def _reuse_round(tmp_path: Path, attempt: int) -> list[str]:
-    """One try at a crash inside a commit whose freed blocks were already handed out again."""
+def _status(site: Path) -> dict:
+    from tests.t2_repl import api
+    return api(site, "GET", "/status")
+
+
+def _reuse_round(tmp_path: Path, attempt: int) -> tuple[list[str], int]:
+    """One try at a crash inside a commit whose freed blocks were already handed out again.
+    Returns the problems found and how many writes were refused inside that commit."""
     import errno
     import threading
     site, mnt = tmp_path / f"site{attempt}", tmp_path / f"mnt{attempt}"
@@ -405,6 +411,7 @@ def _reuse_round(tmp_path: Path, attempt: int) -> list[str]:
     run_repfs("mkfs", site, "--size", "128M")
     run_repfs("mount", site, mnt)
     problems = []
+    hits = 0
     try:
         _write_mib(mnt / "filler", 90)
         (mnt / "small").write_bytes(b"s")
@@ -426,14 +433,25 @@ def _reuse_round(tmp_path: Path, attempt: int) -> list[str]:
         committer = threading.Thread(target=lambda: _ignore_oserror(_fsync, mnt / "small"))
         fd = os.open(mnt / "Y", os.O_WRONLY)
         try:
-            committer.start()  # a commit starts: it frees X's blocks, then flushes slowly
             deadline = time.monotonic() + 30
+            while _status(site)["committing"]:  # any commit from now on frees X's blocks
+                assert time.monotonic() < deadline
+            c0 = _status(site)["commits"]
+            committer.start()  # a commit starts: it frees X's blocks, then flushes slowly
+            running = False  # that commit was being written at the last status
             while True:  # the first write that gets space gets X's old blocks
                 try:
                     os.pwrite(fd, b"Y" * (1 << 20), 0)
                     break
                 except OSError as e:
                     assert e.errno == errno.ENOSPC and time.monotonic() < deadline
+                # the window: a write refused while the commit that frees X's blocks was being
+                # written (running before the write and after it, and the same one: none
+                # completed meanwhile); the bug gave that write X's blocks
+                st = _status(site)
+                now = st["committing"] and st["commits"] == c0
+                hits += running and now
+                running = now
             os.kill(pid, signal.SIGKILL)  # while that commit is still being written
         finally:
             _ignore_oserror(os.close, fd)
@@ -460,7 +478,7 @@ def _reuse_round(tmp_path: Path, attempt: int) -> list[str]:
     finally:
         if os.path.ismount(mnt):
             subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)
-    return problems
+    return problems, hits
 
 
 def _ignore_oserror(fn, *args) -> None:
@@ -474,13 +492,18 @@ def test_blocks_freed_by_a_commit_are_not_reused_before_it_is_durable(tmp_path):
     """A commit frees blocks in its image but must not let the running transaction reuse
     them before its commit point: otherwise a crash inside the commit brings back the freed
     file (and its indirect blocks) holding the new data, with leaked blocks and block
-    pointers into nowhere (found by this test; repfs now quarantines such blocks)."""
-    problems = []
-    for attempt in range(2):  # the window is a volume flush long; the first try hit it 3/3
-        problems = _reuse_round(tmp_path, attempt)
-        if problems:
+    pointers into nowhere (found by this test; repfs now quarantines such blocks).
+    The window is the commit's slow volume flush: a write is counted as inside it when the
+    status (committing, commits) shows that same commit running before and after the write;
+    the test goes on for up to four rounds until at least one write was refused inside it."""
+    problems, hits = [], 0
+    for attempt in range(4):  # the window is a volume flush long: until a write hit it
+        problems, n = _reuse_round(tmp_path, attempt)
+        hits += n
+        if problems or (hits and attempt >= 1):
             break
     assert not problems, "; ".join(problems)
+    assert hits >= 1, "no write was refused inside the commit that freed X: test too weak"
 
 
 HOLDER = r"""
