@@ -160,7 +160,7 @@ def test_the_secondary_never_shows_a_torn_state_during_the_initial_copy(mount_si
             (m.path / "d" / n).write_bytes(data)
     (m1.path / "d" / "only-after").write_bytes(b"new")
     filler = os.urandom(1 << 20)
-    for i in range(96):  # 96 MiB behind the small files: the copy takes a while
+    for i in range(64):  # 64 MiB behind the small files: the copy takes a while
         (m1.path / f"big{i}").write_bytes(filler[i:] + filler[:i])
     want_after = tree(m1.path)
 
@@ -209,6 +209,42 @@ def test_the_secondary_never_shows_a_torn_state_during_the_initial_copy(mount_si
     assert seen["during_copy"] >= 1, f"no read landed during the copy: test too weak {seen}"
     assert seen["before"] >= 1 and seen["after"] >= 1, seen
     assert tree(m2.path) == want_after
+
+
+def test_a_secondary_killed_during_the_copy_shows_its_earlier_state_then_resumes(mount_site):
+    """kill -9 of the secondary while it stages the copy: remounted, it shows its earlier
+    state whole (the copy never touched its volume), and the copy resumes to a byte-exact
+    secondary."""
+    from tests.t4_repl_crash import kill9, remount
+    m1 = mount_site("1G", name="s1")
+    m2 = mount_site("1G", name="s2")
+    admin(m1.path, "replicate", "policy", *NO_AUTO_CUT)
+    for m, state in ((m2, BEFORE), (m1, AFTER)):
+        (m.path / "d").mkdir()
+        for n, data in state.items():
+            (m.path / "d" / n).write_bytes(data)
+    (m1.path / "d" / "only-after").write_bytes(b"new")
+    filler = os.urandom(1 << 20)
+    for i in range(64):
+        (m1.path / f"big{i}").write_bytes(filler[i:] + filler[:i])
+    code, out = post(m1.site, "/replicate/start", {"to": str(m2.site), "force": True})
+    assert code == 200 and out["state"] == "initial-copy", out
+    deadline = time.monotonic() + 60
+    while True:  # kill once the secondary holds part of the copy
+        r = api(m2.site, "GET", "/repl/receiver")
+        if r["state"] == "initial-copy" and (r["copy"] or {}).get("blocks", 0) > 0:
+            break
+        assert r["state"] == "initial-copy", f"the copy ended before the kill: {r}"
+        assert time.monotonic() < deadline, r
+        time.sleep(0.005)
+    kill9(m2.site)
+    remount(m2)
+    r = api(m2.site, "GET", "/repl/receiver")
+    assert r["state"] == "initial-copy", f"the kill missed the copy: {r}"
+    assert _observe(m2.path) == ["before"] * 9, "torn or new state after the kill"
+    wait_converged(m1, m2, timeout=90)
+    assert_same_tree(m1.path, m2.path)
+    assert api(m2.site, "GET", "/status")["role"] == "secondary"
 
 
 # ----------------------------------------------------------------------------- file modes
