@@ -31,6 +31,8 @@ class SnapshotMounts:
         if name in self.active:
             if self.active[name]["mountpoint"] not in repfs_mounts():
                 # unmounted a moment ago: its helper is exiting; wait for it to be gone
+                log.info("snapshot %s was unmounted a moment ago: waiting for its mount "
+                         "helper to exit", name)
                 with trio.move_on_after(10):
                     while name in self.active:
                         await trio.sleep(0.02)
