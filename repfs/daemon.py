@@ -18,7 +18,8 @@ from .site import Site, SiteError
 log = logging.getLogger("repfs")
 
 
-async def _commit_loop(ops: Operations, interval: float, sup) -> None:
+async def _commit_loop(ops: Operations, interval: float, sup, service=None) -> None:
+    kernel_ro = service is None
     while True:
         await trio.sleep(interval)
         if ops.core.error is None:  # after a failed commit the file system is read-only
@@ -29,6 +30,29 @@ async def _commit_loop(ops: Operations, interval: float, sup) -> None:
                     raise  # contained by the supervisor
                 continue  # the core turned read-only and logged why, once
             sup.ok("commit")
+        elif not kernel_ro:
+            kernel_ro = await _remount_readonly(service, quiet=kernel_ro is None)
+            kernel_ro = kernel_ro or None  # None: tried once, say nothing more
+
+
+async def _remount_readonly(service, *, quiet: bool) -> bool:
+    """errors=remount-ro in the kernel too, once the core turned read-only: the mount shows
+    "ro" and the kernel refuses writes itself. Fails (EBUSY) while files are open for
+    writing: tried again at the next tick; the core refuses every change meanwhile."""
+    from .mountopts import MountOptionError, current_options, kernel_remount
+    mp = service.mountpoint
+    try:
+        opts = MountOptions.parse(current_options(mp) or "")
+        opts.readonly = True
+        await trio.to_thread.run_sync(kernel_remount, mp, opts.ms_flags(root=os.geteuid() == 0))
+    except (OSError, MountOptionError) as e:
+        if not quiet:
+            log.info("cannot remount %s read-only yet (%s); the file system refuses every "
+                     "change itself", mp, getattr(e, "strerror", None) or e)
+        return False
+    service.readonly = True
+    log.info("remounted %s read-only after the error", mp)
+    return True
 
 
 async def _signal_loop() -> None:
@@ -45,7 +69,7 @@ async def _serve(service, interval: float, control_sock, token: str) -> None:
     async with trio.open_nursery() as nursery:
         await service.run(nursery)
         nursery.start_soon(service.supervisor.run, "commit", _commit_loop, ops, interval,
-                           service.supervisor)
+                           service.supervisor, service)
         nursery.start_soon(_signal_loop)
         nursery.start_soon(remount_loop, service, service.site.path, service.mountpoint)
         nursery.start_soon(ControlServer(service, token).serve, control_sock)

@@ -144,6 +144,14 @@ def wait_for(what: str, fn, timeout: float = 30.0, sites_=()):
         time.sleep(0.1)
 
 
+def kernel_options(mountpoint: Path) -> list[str]:
+    for line in Path("/proc/mounts").read_text().splitlines():
+        f = line.split()
+        if len(f) > 3 and f[1] == str(mountpoint):
+            return f[3].split(",")
+    return []
+
+
 def count_lines(site: Site, needle: str) -> int:
     return sum(needle in ln for ln in log_lines(site.site))
 
@@ -213,6 +221,12 @@ def test_redo_log_error_in_the_commit_loop(sites):
     time.sleep(0.6)  # more ticks of the commit loop: nothing more is logged
     assert count_lines(s, " ERROR ") + count_lines(s, " WARNING ") == 1, log_tail(s.site)
     assert s.task("commit")["errors"] == 0  # the loop itself did not fail
+    # as ext4's errors=remount-ro: the kernel's mount turns read-only too
+    wait_for("the kernel mount to turn read-only", lambda: "ro" in kernel_options(s.path),
+             sites_=(s,))
+    with pytest.raises(OSError) as ei:
+        (s.path / "new").write_bytes(b"x")
+    assert ei.value.errno == errno.EROFS
     s.alive()
     s.umount()
     s.pf.clear_faults()
