@@ -16,6 +16,7 @@ import hashlib
 import http.client
 import io
 import json
+import logging
 import os
 import random
 import signal
@@ -203,7 +204,38 @@ def finish(proc: subprocess.Popen, timeout=20) -> str:
 
 
 @pytest.mark.slow
-def test_kill_during_copy_on_write_and_delete(mount_site, tmp_path):
+def _interrupted_deletes(site: Path, caplog) -> int:
+    """Deletes a kill interrupted, which the next opening of the site finished: it logs each
+    (to repfs.log when the daemon opens it, to this process when core_check does)."""
+    needle = "finishing the interrupted delete of snapshot"
+    return (sum(needle in ln for ln in (site / "repfs.log").read_text().splitlines())
+            + sum(needle in r.getMessage() for r in caplog.records))
+
+
+def _wait_deleting(site: Path, name: str, deleter: Deleter) -> bool:
+    """Poll the status until snapshot `name` shows as being deleted (True), or the delete
+    has ended first (False)."""
+    c = json.loads((site / "control.json").read_text())
+    token = (site / "control.token").read_text().strip()
+    deadline = time.monotonic() + 30
+    while deleter.is_alive() and time.monotonic() < deadline:
+        conn = http.client.HTTPConnection(c["host"], int(c["port"]), timeout=30)
+        try:
+            conn.request("GET", "/v1/status", headers={"Authorization": f"Bearer {token}"})
+            st = json.loads(conn.getresponse().read())
+        finally:
+            conn.close()
+        if any(s["name"] == name and s.get("state") == "deleting" for s in st["snapshots"]):
+            return True
+    return False
+
+
+def test_kill_during_copy_on_write_and_delete(mount_site, tmp_path, caplog):
+    """The kills must hit both windows: copy-on-write (the writer reported a write before
+    each kill) and a delete in progress (the recovery finished an interrupted delete, which
+    it logs); after half the rounds without one, the kill is aimed at a delete the status
+    shows under way, and the rounds go on (up to four more) until a delete was interrupted."""
+    caplog.set_level(logging.INFO, logger="repfs")
     rng = random.Random(20240611)
     m = mount_site("256M", name="site")
     site, mnt = m.site, m.path
@@ -234,8 +266,9 @@ def test_kill_during_copy_on_write_and_delete(mount_site, tmp_path):
 
     recorded: dict[str, dict] = {}
     stats = {"interrupted": 0, "survived": 0, "gone": 0, "completed": 0}
+    hits = rnd = 0
     try:
-        for rnd in range(ROUNDS):
+        while rnd < ROUNDS or (hits == 0 and rnd < ROUNDS + 4):
             t_round = time.monotonic()
             # keep the queue short: delete the oldest normally
             while len(recorded) >= 4:
@@ -264,6 +297,7 @@ def test_kill_during_copy_on_write_and_delete(mount_site, tmp_path):
             time.sleep(rng.uniform(0.0, 0.4))
             victim = None
             deleter = None
+            aimed = None
             if len(recorded) >= 2 and rng.random() < 0.85:
                 victim = rng.choice(list(recorded))
                 older = list(recorded)[list(recorded).index(victim) - 1] \
@@ -272,9 +306,13 @@ def test_kill_during_copy_on_write_and_delete(mount_site, tmp_path):
                 deleter.start()
                 deleter.sent.wait(10)
                 # a delete moves before-images to the next older snapshot: kill before it,
-                # in it, or just after it
-                time.sleep(rng.uniform(0.0, delete_time) if rng.random() < 0.6 else
-                           rng.uniform(0.0, 3 * delete_time))
+                # in it, or just after it; once half the rounds passed without a kill inside
+                # one, aim: wait until the status shows the victim "deleting", then kill
+                if hits == 0 and rnd >= ROUNDS // 2:
+                    aimed = _wait_deleting(site, victim, deleter)  # then kill at once
+                else:
+                    time.sleep(rng.uniform(0.0, delete_time) if rng.random() < 0.6 else
+                               rng.uniform(0.0, 3 * delete_time))
             kill_daemon(site, mnt)
             writes = 1 + len(finish(writer).split())
             deleted_ok = False
@@ -308,9 +346,12 @@ def test_kill_during_copy_on_write_and_delete(mount_site, tmp_path):
                 check = {name, victim, older if victim else None} & set(recorded)
                 for n in [n for n in recorded if n in check]:
                     verify_by_snapshot_mount(mnt, smnt, n, recorded[n])
+            hits = _interrupted_deletes(site, caplog)
             print(f"round {rnd}: {writes} writes, delete {victim}: "
-                  f"{'done' if deleted_ok else 'interrupted' if victim else '-'}, "
+                  f"{'done' if deleted_ok else 'interrupted' if victim else '-'}"
+                  f"{' (aimed: seen deleting)' if aimed else ''}, "
                   f"{time.monotonic() - t_round:.1f} s", flush=True)
+            rnd += 1
 
         # the end: a clean unmount, fsck clean, every snapshot exact (and its fs clean)
         run_repfs("umount", mnt)
@@ -321,7 +362,8 @@ def test_kill_during_copy_on_write_and_delete(mount_site, tmp_path):
         if os.path.ismount(smnt):
             subprocess.run(["fusermount3", "-u", "-z", str(smnt)], check=False)
             wait_unmounted(smnt)
-    print(f"deletes: {stats}")
+    print(f"deletes: {stats}; interrupted inside the delete and finished by recovery: {hits}")
+    assert hits >= 1, f"no kill landed inside a delete in {rnd} rounds: test too weak"
 
 
 def core_check(site: Path, recorded: dict, allow_gone: str | None = None) -> list[str]:

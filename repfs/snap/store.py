@@ -160,7 +160,8 @@ class Snapshot:
         return {"id": self.id, "name": self.name, "created_ns": self.created_ns,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                          time.gmtime(self.created_ns / 1e9)),
-                "attrs": self.attrs, "saved_blocks": self.saved,
+                "attrs": self.attrs, "state": self.state,  # "ok", or "deleting" (under way)
+                "saved_blocks": self.saved,
                 "save_bytes": (self.save.size if self.save else 0) * BS}
 
 
