@@ -29,6 +29,7 @@ from .snap.mounts import SnapshotMounts
 from .snap.store import SnapError
 from .snap.verbs import SnapshotVerbs
 from .tasks import Supervisor
+from .repl.changelog import ChangeLogLayer
 from .repl.deltaset import DeltaSets
 from .repl.receiver import Receiver
 from .repl.secondary import Secondary
@@ -73,12 +74,12 @@ class SiteService:
         return self.ops.core
 
     @property
-    def clog(self):
-        return self.core.dev  # the top of the stack: the change log
+    def clog(self) -> ChangeLogLayer:
+        return self.core.dev.layer(ChangeLogLayer)  # the top of the stack
 
     @property
     def layer(self) -> SnapLayer:
-        return self.core.dev.lower  # the snapped volume under it
+        return self.core.dev.layer(SnapLayer)  # the snapped volume under the change log
 
     @property
     def store(self):

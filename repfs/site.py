@@ -239,7 +239,8 @@ class Site:
     def _finish_interrupted(top) -> None:
         """A restore or delete that a crash interrupted is finished before the file system
         is opened (both are idempotent)."""
-        layer = top.lower
+        from .snap.layer import SnapLayer
+        layer = top.layer(SnapLayer)
         store = layer.store
         raw = store.get_state("restoring")
         if raw:

@@ -83,6 +83,16 @@ class BlockDevice:
     def close(self) -> None:
         raise NotImplementedError
 
+    def layer(self, kind: type) -> "BlockDevice":
+        """The layer of type `kind` in this stack: this device or one below it. Layers are
+        found by what they are, never by counting `.lower` steps."""
+        dev = self
+        while not isinstance(dev, kind):
+            dev = getattr(dev, "lower", None)
+            if dev is None:
+                raise LookupError(f"no {kind.__name__} in the volume stack")
+        return dev
+
 
 class Layer(BlockDevice):
     """A device that wraps another one; by default every call passes straight down."""

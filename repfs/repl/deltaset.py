@@ -274,7 +274,7 @@ class DeltaSets:
         starts = np.concatenate(([0], breaks)).tolist()
         ends = np.concatenate((breaks, [len(blocks)])).tolist()
         for a, b in zip(starts, ends):
-            parts.append(self.clog.lower.read(int(blocks[a]), b - a))
+            parts.append(self.clog.read(int(blocks[a]), b - a))  # (passes through the log)
         return b"".join(parts)
 
     def _priority_copy(self, blocks: np.ndarray) -> None:
