@@ -8,7 +8,8 @@ import random
 import numpy as np
 import pytest
 
-from repfs.fs.alloc import BITS_PER_BLOCK, Allocator, Bitmap, mapped_runs, runs
+from repfs.extents import mapped_runs, runs
+from repfs.fs.alloc import BITS_PER_BLOCK, Allocator, Bitmap
 from repfs.fs.cache import MetaCache
 from repfs.fs.errors import FSError
 from repfs.fs.format import BLOCK_SIZE, INODES_PER_BLOCK, Superblock

@@ -9,7 +9,8 @@ import stat
 import numpy as np
 import pytest
 
-from repfs.fs.alloc import Allocator, mapped_runs
+from repfs.extents import mapped_runs
+from repfs.fs.alloc import Allocator
 from repfs.fs.blockmap import BlockMap
 from repfs.fs.cache import MetaCache
 from repfs.fs.errors import FSError

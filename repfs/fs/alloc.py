@@ -16,6 +16,7 @@ import errno
 
 import numpy as np
 
+from ..extents import runs
 from .errors import FSError
 from .format import BLOCK_SIZE, INODES_PER_BLOCK
 
@@ -23,35 +24,6 @@ BITS_PER_BLOCK = BLOCK_SIZE * 8
 
 
 NoSpace = FSError  # raised with errno ENOSPC
-
-
-def runs(values: np.ndarray) -> list[tuple[int, int, int]]:
-    """Split an array of block numbers into runs of consecutive numbers.
-
-    Returns (index, start value, length) for each run.
-    """
-    n = len(values)
-    if n == 0:
-        return []
-    breaks = np.flatnonzero(np.diff(values.astype(np.int64)) != 1) + 1
-    starts = np.concatenate(([0], breaks))
-    ends = np.concatenate((breaks, [n]))
-    return [(int(s), int(values[s]), int(e - s)) for s, e in zip(starts, ends)]
-
-
-def mapped_runs(phys: np.ndarray) -> list[tuple[int, int, int]]:
-    """Runs of a block-map slice that are mapped (non-zero) and contiguous on the volume.
-
-    Returns (index in the slice, first volume block, length); holes are skipped.
-    """
-    nz = np.flatnonzero(phys)
-    if len(nz) == 0:
-        return []
-    vals = phys[nz].astype(np.int64)
-    breaks = np.flatnonzero((np.diff(nz) != 1) | (np.diff(vals) != 1)) + 1
-    starts = np.concatenate(([0], breaks))
-    ends = np.concatenate((breaks, [len(nz)]))
-    return [(int(nz[s]), int(vals[s]), int(e - s)) for s, e in zip(starts, ends)]
 
 
 def _set_bits(buf, off: int, n: int, value: bool) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .alloc import runs
+from ..extents import runs
 from .format import MAP_LEVEL_SPAN, N_DIRECT, PTRS_PER_BLOCK, FormatError
 
 _LEVEL_START = [0]

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .alloc import Allocator, mapped_runs, runs
+from ..extents import mapped_runs, runs
+from .alloc import Allocator
 from .blockmap import BlockMap
 from .cache import MetaCache
 from .dirs import Directories

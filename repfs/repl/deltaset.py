@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ..statefile import fsync_dir
+from ..extents import runs
 from ..volume import private_dir, pwrite_all
 from . import keys as K
 from .changelog import ChangeLogLayer
@@ -57,11 +58,8 @@ class ChunkWriter:
         if not len(blocks):
             return
         mv = memoryview(data)
-        breaks = np.flatnonzero(np.diff(blocks) != 1) + 1
-        starts = np.concatenate(([0], breaks)).tolist()
-        ends = np.concatenate((breaks, [len(blocks)])).tolist()
-        for a, b in zip(starts, ends):
-            s = int(blocks[a])
+        for a, s, count in runs(blocks):
+            b = a + count
             while a < b:
                 m = min(b - a, MAX_CHUNK_BLOCKS - self._pending)
                 if self._ext and self._ext[-1][0] + self._ext[-1][1] == s:
@@ -270,11 +268,8 @@ class DeltaSets:
 
     def _read_blocks(self, blocks: np.ndarray) -> bytes:
         parts = []
-        breaks = np.flatnonzero(np.diff(blocks) != 1) + 1
-        starts = np.concatenate(([0], breaks)).tolist()
-        ends = np.concatenate((breaks, [len(blocks)])).tolist()
-        for a, b in zip(starts, ends):
-            parts.append(self.clog.read(int(blocks[a]), b - a))  # (passes through the log)
+        for _, s, count in runs(blocks):
+            parts.append(self.clog.read(s, count))  # (passes through the log)
         return b"".join(parts)
 
     def _priority_copy(self, blocks: np.ndarray) -> None:

@@ -18,6 +18,7 @@ import time
 import numpy as np
 import trio
 
+from ..extents import runs
 from . import keys as K
 from .chunk import chunk_size, encode_copy, is_set_header
 
@@ -333,10 +334,8 @@ class Primary:
             total += len(idx)
             idx = idx[idx + base >= pos]
             if len(idx):
-                breaks = np.flatnonzero(np.diff(idx) != 1) + 1
-                for a, b in zip(np.concatenate(([0], breaks)).tolist(),
-                                np.concatenate((breaks, [len(idx)])).tolist()):
-                    s, c = base + int(idx[a]), b - a
+                for _, first, c in runs(idx):
+                    s = base + first
                     while c:
                         m = min(c, COPY_PIECE)
                         client.copy(gen, s, layer.read_snapshot(snap, s, m))

@@ -22,22 +22,13 @@ from collections import OrderedDict
 
 import numpy as np
 
+from ..extents import runs
 from ..volume import BLOCK_SIZE, ErrnoError, Layer, ReadOnlyDevice
 from . import keys as K
 from .store import SnapError, Snapshot, SnapStore
 
 log = logging.getLogger(__name__)
 BS = BLOCK_SIZE
-
-
-def _runs(idx: np.ndarray) -> list[tuple[int, int]]:
-    """(start, count) of runs of consecutive integers in a sorted index array."""
-    if not len(idx):
-        return []
-    breaks = np.flatnonzero(np.diff(idx) != 1) + 1
-    starts = np.concatenate(([0], breaks))
-    ends = np.concatenate((breaks, [len(idx)]))
-    return [(int(idx[a]), int(b - a)) for a, b in zip(starts, ends)]
 
 
 class SnapLayer(Layer):
@@ -97,7 +88,7 @@ class SnapLayer(Layer):
                 log.error("save volumes over capacity: saving %d before-images of committed "
                           "metadata anyway", len(idx))
         parts = []
-        for a, c in _runs(idx):
+        for _, a, c in runs(idx):
             parts.append(self.lower.read(s + a, c))
         self.store.add_before_images(self.store.queue[-1], (s + idx).astype(np.uint32),
                                      b"".join(parts))
@@ -159,7 +150,7 @@ class SnapLayer(Layer):
                 remaining &= ~has
                 if not remaining.any():
                     return out
-        for a, c in _runs(np.flatnonzero(remaining)):
+        for _, a, c in runs(np.flatnonzero(remaining)):
             out[a * BS: (a + c) * BS] = self.lower.read(s + a, c)
         return out
 
@@ -219,7 +210,7 @@ class SnapLayer(Layer):
             base = page * K.BITS_PER_PAGE
             with self.lock:
                 acc &= self._used(younger, page)
-            for a, c in _runs(np.flatnonzero(acc)):
+            for _, a, c in runs(np.flatnonzero(acc)):
                 while c:
                     m = min(c, max_run)
                     start = base + a
@@ -293,7 +284,7 @@ class SnapLayer(Layer):
         todo = plan if plan is not None else self.restore_plan(snap)
         n = 0
         for blocks in todo:
-            for a, c in _runs(blocks):
+            for _, a, c in runs(blocks):
                 while c:
                     m = min(c, 256)
                     with self.lock:

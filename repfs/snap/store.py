@@ -30,6 +30,7 @@ import xxhash
 
 from ..errors import DomainError
 from ..statefile import fsync_dir
+from ..extents import run_bounds
 from ..volume import BLOCK_SIZE, private_dir, pwrite_all
 from . import keys as K
 
@@ -443,11 +444,7 @@ class SnapStore:
         sis = self.lookup(snap, bis)
         if not len(bis):
             return []
-        b64 = bis.astype(np.int64)
-        breaks = np.flatnonzero((np.diff(sis) != 1) | (np.diff(b64) != 1)) + 1
-        starts = np.concatenate(([0], breaks)).tolist()
-        ends = np.concatenate((breaks, [len(bis)])).tolist()
-        return [(i, j - i, snap.save.read(int(sis[i]), j - i)) for i, j in zip(starts, ends)]
+        return [(i, j - i, snap.save.read(int(sis[i]), j - i)) for i, j in run_bounds(bis, sis)]
 
     def flush(self) -> None:
         """Make the indexes durable: one LMDB transaction for everything changed."""
