@@ -30,7 +30,6 @@ from .snap.store import SnapError
 from .snap.verbs import SnapshotVerbs
 from .tasks import Supervisor
 from .repl.changelog import ChangeLogLayer
-from .repl.changelog import ChangeLogLayer
 from .repl.deltaset import DeltaSets
 from .repl.receiver import Receiver
 from .repl.secondary import Secondary
