@@ -2264,3 +2264,47 @@ def test_metadata_read_error_while_preparing_a_commit(make_fs, caplog):
     _expect_logged_once(caplog, "could not be prepared")
     fs = _reopen_after_failure(make_fs, fs)
     assert names(fs, ROOT) == [b"before"]
+
+
+class _DataWriteFails(FailingLayer):
+    """EIO from every data (non-metadata) write: a disk that fails under a file's blocks."""
+
+    fail_data = False
+
+    def write(self, start, data, meta=False):
+        if self.fail_data and not meta:
+            raise OSError(errno.EIO, "injected: data write")
+        super().write(start, data, meta)
+
+
+def test_failed_data_write_leaves_no_stale_blocks_mapped(make_fs):
+    # A data write that fails with a plain OSError (EIO from the disk, not a layer's
+    # refusal) must not leave the blocks it just allocated mapped into the file: they hold
+    # whatever a deleted file left there.
+    img, jnl = paths_of(make_fs, make_fs(size=16 << 20))
+    fs = make_fs.made[-1][0]
+    fs.close()
+    fs.dev.close()
+    fs = FileSystem(_DataWriteFails(Volume(img)), jnl)
+    replace_fs(make_fs, make_fs.made[-1][0], fs)
+    secret = b"S" * (1 << 20)
+    old = mkfile(fs, b"old", secret)
+    fs.unlink(ROOT, b"old")
+    fs.commit()
+    fs.commit()  # its blocks are free for reuse now
+    f = fs.create(ROOT, b"new", 0o644).ino
+    fs.dev.fail_data = True
+    with pytest.raises(OSError) as ei:
+        fs.write(f, 0, b"N" * (1 << 20))
+    assert ei.value.errno == errno.EIO
+    fs.dev.fail_data = False
+    inode = fs.getattr(f)
+    assert inode.size == 0 and not fs.bmap.lookup(inode, 0, 256).any(), \
+        "the failed write left blocks mapped into the file"
+    fs.setattr(f, size=1 << 20)  # extend over what the failed write had mapped
+    got = fs.read(f, 0, 1 << 20)
+    assert b"S" not in got, f"a failed write exposed {got.count(b'S')} bytes of a deleted file"
+    assert got == bytes(1 << 20)
+    fs.release(f)
+    fs.forget(f, 1)
+    assert old

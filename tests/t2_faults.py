@@ -236,6 +236,32 @@ def test_redo_log_error_in_the_commit_loop(sites):
     assert not (s.path / "lost").exists()
 
 
+def test_data_write_errors_fail_the_request_only(sites):
+    # The disk under the volume fails a file's data write (ENOSPC, then EIO): that request
+    # fails with the errno (ENOSPC stays ENOSPC), the blocks it had mapped are unmapped (fsck
+    # clean at teardown), the file system stays writable, and the errors are logged once.
+    s = sites("s1")
+    s.mount()
+    data = os.urandom(256 << 10)
+    for err in ("ENOSPC", "EIO"):
+        rule = s.pf.add_fault("s1/volume.img", "write", errno=err, count=1)
+        fd = os.open(s.path / f"f-{err}", os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            with pytest.raises(OSError) as ei:
+                os.pwrite(fd, data, 0)
+            assert ei.value.errno == getattr(errno, err)
+            assert s.pf.stats()["faults"][str(rule)] == 1
+            assert os.pwrite(fd, data, 0) == len(data)  # the next one goes through
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        assert (s.path / f"f-{err}").read_bytes() == data
+        s.expect(f"write failed: [Errno {getattr(errno, err)}]")
+    st = s.status()
+    assert st["fs_error"] is None and not st["readonly"]
+    s.alive()
+
+
 # ----------------------------------------------------------------------------- the primary
 
 

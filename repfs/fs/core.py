@@ -521,9 +521,11 @@ class FileSystem:
             for idx, start, cnt in mapped_runs(phys):
                 self.dev.write(start, buf[idx * BS: (idx + cnt) * BS])
                 done = idx + cnt
-        except FSError:
-            # a layer below refused (e.g. the snapshot save volumes are full): blocks this
-            # write mapped but did not write become holes again, and the write is short
+        except OSError:
+            # a layer below refused (e.g. the snapshot save volumes are full) or the disk
+            # failed (EIO, ENOSPC of the host file system): blocks this write mapped but did
+            # not write become holes again (they hold a deleted file's bytes), and the write
+            # is short
             unwritten = new.copy()
             unwritten[:done] = False
             n = max(0, min(n, done * BS - head))

@@ -13,6 +13,7 @@ import errno
 import functools
 import logging
 import os
+import time
 from contextlib import asynccontextmanager
 
 import pyfuse3
@@ -44,10 +45,26 @@ def _fuse_errors(fn):
         except FSError as e:
             raise pyfuse3.FUSEError(e.errno) from None
         except (VolumeError, OSError, FormatError) as e:
-            # damaged metadata or a failing disk: this request fails, the file system stays up
-            log.error("%s failed: %s", fn.__name__, e)
-            raise pyfuse3.FUSEError(errno.EIO) from None
+            # damaged metadata or a failing disk: this request fails, the file system stays
+            # up; the host file system being full is ENOSPC for the caller too
+            _log_request_error(self, fn.__name__, e)
+            full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+            raise pyfuse3.FUSEError(e.errno if full else errno.EIO) from None
     return wrapper
+
+
+def _log_request_error(ops, name: str, e: BaseException) -> None:
+    """Log a failed request, each distinct error at most once a minute (a failing disk
+    fails every request that touches it)."""
+    seen = ops.__dict__.setdefault("_request_errors", {})
+    key = f"{type(e).__name__}: {e}"
+    now = time.monotonic()
+    if now - seen.get(key, -1e9) < 60:
+        return
+    if len(seen) > 64:
+        seen.clear()
+    seen[key] = now
+    log.error("%s failed: %s (the same error is logged at most once a minute)", name, e)
 
 
 class Operations(pyfuse3.Operations):
