@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 import sys
 
@@ -14,17 +15,61 @@ class MountError(Exception):
     """A mount point cannot be used (one line for the user)."""
 
 
+_OCTAL = re.compile(rb"\\([0-7]{3})")
+
+
+def unescape_mount_field(field: bytes) -> str:
+    """A field of /proc/mounts or /proc/self/mountinfo as it was given to mount(2): the kernel
+    shows space, tab, newline, backslash and '#' as octal escapes (\\040, \\011, \\012, \\134,
+    \\043); every other byte, UTF-8 or not, as it is."""
+    return os.fsdecode(_OCTAL.sub(lambda m: bytes([int(m.group(1), 8) & 0xFF]), field))
+
+
+def fuse_opt_value(value: str) -> str:
+    """`value` (a path, a name) escaped for one libfuse option such as ``fsname=VALUE``.
+
+    libfuse splits an option group at every ',' and undoes backslash escapes as it does
+    (lib/fuse_opt.c, process_real_option_group): a backslash and a character are that
+    character, and a backslash and three octal digits (the first 0-3) are that byte. So a
+    ',' or '\\' in a site's path must be escaped, or the path is cut into options (a site path
+    holding ',allow_other' or ',dev' would add them). pyfuse3 passes options as ASCII, so
+    every byte outside printable ASCII (space, newline, UTF-8) goes as an octal escape too."""
+    out = []
+    for b in os.fsencode(value):
+        if b in b",\\":
+            out.append("\\" + chr(b))
+        elif 0x20 < b < 0x7F:
+            out.append(chr(b))
+        else:
+            out.append(f"\\{b:03o}")
+    return "".join(out)
+
+
 def repfs_mounts() -> dict[str, str]:
-    """Mount point -> site path of every repfs mount on this host (from /proc/mounts)."""
+    """Mount point -> fsname of every repfs mount on this host (from /proc/mounts): the site's
+    path for a site's mount, SITE@SNAPSHOT for a snapshot's (see `mount_site`). Both are
+    exactly the paths given to mount, whatever characters they hold."""
     out = {}
-    with open("/proc/mounts") as f:
+    with open("/proc/mounts", "rb") as f:
         for line in f:
-            fields = line.split()
-            if len(fields) >= 3 and fields[2] == "fuse.repfs":
-                unesc = [x.replace("\\040", " ").replace("\\011", "\t")
-                         .replace("\\012", "\n").replace("\\134", "\\") for x in fields[:2]]
-                out[unesc[1]] = unesc[0]
+            fields = line.split(b" ")  # the kernel escapes the spaces within a field
+            if len(fields) >= 3 and fields[2] == b"fuse.repfs":
+                out[unescape_mount_field(fields[1])] = unescape_mount_field(fields[0])
     return out
+
+
+def mount_site(fsname: str) -> str:
+    """The site directory of a repfs mount's fsname: a site's mount names its site; a
+    snapshot's mount names SITE@SNAPSHOT. A site's path may hold '@' too, so this is the
+    longest of fsname and its prefixes before an '@' that is a site directory (holds
+    volume.img); fsname itself when none is."""
+    cut = len(fsname)
+    while cut > 0:
+        cand = fsname[:cut]
+        if os.path.isfile(os.path.join(cand, "volume.img")):
+            return cand
+        cut = fsname.rfind("@", 0, cut)
+    return fsname
 
 
 def check_mountpoint(mountpoint: str) -> str:

@@ -10,7 +10,7 @@ import signal
 import pyfuse3
 import trio
 
-from .common import setup_logging
+from .common import fuse_opt_value, setup_logging
 from .fs.ops import Operations
 from .mountopts import MountOptions, remount_loop
 from .site import Site, SiteError
@@ -111,7 +111,8 @@ def serve(site: Site, mountpoint: str, *, readonly: bool = False, writeback_cach
     ops = Operations(core, writeback_cache=writeback_cache,
                      cache_timeout=float(cfg.get("cache_timeout", 5.0)))
     options = set(pyfuse3.default_options)
-    options |= {f"fsname={site.path}", "subtype=repfs", "allow_other"}
+    # the site's path escaped for libfuse's option parser (a ',' would split it into options)
+    options |= {f"fsname={fuse_opt_value(str(site.path))}", "subtype=repfs", "allow_other"}
     # nosuid, nodev, noexec, sync, atime... (repfs/mountopts.py); as root, suid and dev by default
     mopts = mount_options or MountOptions()
     options |= mopts.fuse_options(root=os.geteuid() == 0) - {"ro", "rw"}

@@ -44,6 +44,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .common import unescape_mount_field
+
 log = logging.getLogger(__name__)
 
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_SYNCHRONOUS, MS_REMOUNT = 1, 2, 4, 8, 16, 32
@@ -155,20 +157,15 @@ class MountOptions:
                         + ([self.atime] if self.atime != "noatime" else []))
 
 
-def _unescape(field: str) -> str:
-    return (field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n")
-            .replace("\\134", "\\"))
-
-
 def current_options(mountpoint: str) -> str | None:
     """The per-mount options of the mount at `mountpoint` (as /proc/self/mountinfo shows
     them), or None when nothing is mounted there."""
     found = None
-    with open("/proc/self/mountinfo") as f:
+    with open("/proc/self/mountinfo", "rb") as f:
         for line in f:
-            fields = line.split()
-            if len(fields) > 5 and _unescape(fields[4]) == mountpoint:
-                found = fields[5]  # the last one is the one on top
+            fields = line.split(b" ")  # the kernel escapes the spaces within a field
+            if len(fields) > 5 and unescape_mount_field(fields[4]) == mountpoint:
+                found = fields[5].decode()  # the last one is the one on top
     return found
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import json
 import os
 import stat
 import subprocess
@@ -393,6 +394,67 @@ def test_remount_read_only_and_back(mount_site):
     m = mnt.path
     assert (m / "a").read_bytes() == b"before the remount"
     assert (m / "b").read_bytes() == b"after the remount" and (m / "c").read_bytes() == b"c"
+
+
+def _admin(target: Path, *args) -> dict:
+    """repfs-admin --json, run in this process (its own entry point; cheaper than a process)."""
+    import io
+    from contextlib import redirect_stderr, redirect_stdout
+
+    from repfs.cli import run_cli
+    from repfs.cli.admin import _main
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        rc = run_cli("repfs-admin", _main, ["--site", str(target), "--json", *map(str, args)])
+    assert rc == 0, f"repfs-admin {args}: exit {rc}: {err.getvalue().strip()}"
+    return json.loads(out.getvalue())
+
+
+def test_site_paths_with_any_characters_mount(mount_site, tmp_path):
+    """A site (and a mount point) whose path holds ',', '\\', a space, a newline, '@' or '#'
+    mounts, answers status, mounts its snapshots and unmounts: the daemon escapes the path in
+    libfuse's fsname option (a ',' used to split it into options: 'fuse_session_new()
+    failed', and a path holding ',ro' or ',nodev' added those options), and the mount table
+    is read back exactly (the kernel shows the path octal-escaped)."""
+    from repfs.common import mount_site as site_of, repfs_mounts
+    mnt = mount_site("64M", name="a,ro,nodev")
+    assert repfs_mounts()[str(mnt.path)] == str(mnt.site)
+    assert not os.statvfs(mnt.path).f_flag & (os.ST_RDONLY | os.ST_NODEV)  # none from the path
+    mnt.umount()
+
+    name = "b\\c d\ne@f#g,h"
+    mnt = mount_site("64M", name=name)
+    m, site = mnt.path, mnt.site
+    assert repfs_mounts()[str(m)] == str(site)
+    (m / "f").write_bytes(b"data")
+    st = _admin(m, "status")
+    assert st["site"] == str(site) and st["state"] == "mounted"
+    # its snapshot's mount: fsname SITE@NAME, read back exactly
+    _admin(m, "snapshot", "create", "s1")
+    smnt = tmp_path / "snap, \\\n@mnt"
+    smnt.mkdir()
+    _admin(m, "snapshot", "mount", "s1", smnt)
+    try:
+        assert repfs_mounts()[str(smnt)] == f"{site}@s1"
+        assert site_of(f"{site}@s1") == str(site)  # ('@' in the site's path too)
+        assert (smnt / "f").read_bytes() == b"data"
+        assert _admin(smnt, "status")["site"] == str(site)  # the snapshot's mount finds its site
+        run_repfs("umount", smnt)
+    finally:
+        if os.path.ismount(smnt):
+            subprocess.run(["fusermount3", "-u", "-z", str(smnt)], check=False)
+    mnt.umount()
+    assert str(m) not in repfs_mounts()
+    # fstab's way: mount(8) runs the helper with the path as it is
+    try:
+        sh(["mount", "-t", "fuse.repfs", site, m])
+        assert repfs_mounts()[str(m)] == str(site)
+        assert (m / "f").read_bytes() == b"data"
+    finally:
+        r = run_repfs("umount", m, check=False)
+        if os.path.ismount(m):
+            subprocess.run(["fusermount3", "-u", "-z", str(m)], check=False)
+    assert r.returncode == 0, r.stderr
 
 
 # ----------------------------------------------------------------------------- O_DIRECT

@@ -121,13 +121,13 @@ class Target:
 
 
 def _resolve(target: str, token_file: str | None) -> Target:
-    from ..common import repfs_mounts
+    from ..common import mount_site, repfs_mounts
     from ..site import Site
     if os.path.exists(target):
         real = os.path.realpath(target)
         mounts = repfs_mounts()
-        if real in mounts:
-            site = Site(mounts[real].split("@")[0])
+        if real in mounts:  # a site's mount, or a snapshot's (SITE@NAME)
+            site = Site(mount_site(mounts[real]))
         else:
             site = Site(real)
             if not site.volume_path.is_file():

@@ -89,7 +89,7 @@ def main(argv) -> int:
     import pyfuse3
     import trio
 
-    from ..common import setup_logging
+    from ..common import fuse_opt_value, setup_logging
     from ..fs.core import FileSystem
     from ..fs.format import Superblock
     from ..fs.ops import Operations
@@ -103,8 +103,8 @@ def main(argv) -> int:
         dev = RemoteDevice(sock, sb.nblocks)
         fs = FileSystem(dev, None, readonly=True)
         ops = Operations(fs)
-        opts = set(pyfuse3.default_options) | {f"fsname={fsname}", "subtype=repfs",
-                                                "allow_other", "ro"}
+        opts = set(pyfuse3.default_options) | {f"fsname={fuse_opt_value(fsname)}",
+                                                "subtype=repfs", "allow_other", "ro"}
         pyfuse3.init(ops, mountpoint, opts)
     except Exception as e:  # noqa: BLE001 - tell the daemon in one line
         out.write(f"{e}\n")
