@@ -340,3 +340,21 @@ def test_mount_delay_rule_fails_nothing(pf):
     (m / "fast").write_bytes(b"x")
     assert (m / "slow").read_bytes() == b"012"
     assert pf.stats()["faults"] == {str(rid): 3}
+
+
+def test_mount_corrupt_rule_flips_a_bit_on_the_way_up(pf):
+    """errno="corrupt": the matching read returns one flipped bit; the file stays intact and
+    a read after the next open gets the right bytes (the damaged cached pages are dropped)."""
+    m = pf.mnt
+    data = os.urandom(300_000)
+    (m / "c").write_bytes(data)
+    pf.stop()  # a clean stop and a new mount: nothing of "c" in the kernel's cache
+    pf.start()
+    rid = pf.add_fault("c", "read", errno="corrupt", count=1)
+    got = (m / "c").read_bytes()
+    diff = [(a ^ b) for a, b in zip(got, data) if a != b]
+    assert len(got) == len(data) and len(diff) == 1 and bin(diff[0]).count("1") == 1
+    assert (m / "c").read_bytes() == data
+    assert pf.stats()["faults"] == {str(rid): 1}
+    with pytest.raises(ValueError, match="corrupt"):
+        pf.add_fault("c", "write", errno="corrupt")
