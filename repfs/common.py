@@ -1,9 +1,11 @@
 """Small helpers shared by the daemon, the snapshot mount helper and the command-line tools:
-the host's table of repfs mounts, the mount-point check, and logging setup. Imports nothing
+the host's table of repfs mounts, the mount-point check, logging setup and sizes
+(`parse_size`). Imports nothing
 of repfs, so every module may use it."""
 
 from __future__ import annotations
 
+import decimal
 import logging
 import os
 import re
@@ -98,3 +100,32 @@ def setup_logging(path: str | None, level=logging.INFO) -> None:
         "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"))
     root.addHandler(handler)
     root.setLevel(level)
+
+
+class SizeError(ValueError):
+    """Text that is not a size (one line for the user)."""
+
+
+def parse_size(text: str) -> int:
+    """'10G', '512M', '1T', '4096', '1.5G' -> bytes (binary units, a fraction of a byte is
+    dropped). Anything that is not a positive finite size of at least one byte (nan, inf,
+    1e400K, -1, 0, 0.5, '') is refused with SizeError (one line)."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    num, unit = t, ""
+    if t and t[-1] in units:
+        num, unit = t[:-1], t[-1]
+    try:
+        value = decimal.Decimal(num.strip())  # exact: no float rounding, no float overflow
+    except decimal.InvalidOperation:
+        raise SizeError(f"bad size {text!r} (examples: 10G, 512M, 1T)") from None
+    if not value.is_finite():
+        raise SizeError(f"bad size {text!r}: must be a finite number")
+    if value <= 0:
+        raise SizeError(f"bad size {text!r}: must be positive")
+    if value.adjusted() > 30:  # far beyond any size (1e30 bytes); keeps int() cheap
+        raise SizeError(f"bad size {text!r}: too large")
+    size = int(value * units[unit])
+    if size < 1:
+        raise SizeError(f"bad size {text!r}: less than one byte")
+    return size

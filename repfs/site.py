@@ -257,12 +257,12 @@ class Site:
         finish_interrupted_playback(store.env, store.root, top)  # a secondary's playback
 
     def save_capacity(self) -> int:
-        from .cli import QuietError, parse_size
+        from .common import SizeError, parse_size
         raw = self.config().get("snap", {}).get("save_capacity")
         if raw is not None:
             try:
                 return parse_size(str(raw))
-            except QuietError:
+            except SizeError:
                 raise SiteError(f"{self.config_path}: bad [snap] save_capacity {raw!r}") from None
         st = os.statvfs(self.path)
         return st.f_bavail * st.f_frsize // 4
@@ -275,11 +275,11 @@ class Site:
             raise SiteError(f"cannot open {self.path / 'meta.lmdb'}: {e}") from None
 
     def chunk_capacity(self) -> int:
-        from .cli import QuietError, parse_size
+        from .common import SizeError, parse_size
         raw = self.config().get("repl", {}).get("chunk_capacity", "1G")
         try:
             return parse_size(str(raw))
-        except QuietError:
+        except SizeError:
             raise SiteError(f"{self.config_path}: bad [repl] chunk_capacity {raw!r}") from None
 
     def device(self):

@@ -1,8 +1,9 @@
 """Command-line tools: `repfs` (mkfs, mount, umount, fsck) and `repfs-admin`."""
 
-import decimal
 import os
 import sys
+
+from .. import common
 
 
 class QuietError(Exception):
@@ -32,25 +33,8 @@ def run_cli(prog: str, fn, argv) -> int:
 
 
 def parse_size(text: str) -> int:
-    """'10G', '512M', '1T', '4096', '1.5G' -> bytes (binary units, a fraction of a byte is
-    dropped). Anything that is not a positive finite size of at least one byte (nan, inf,
-    1e400K, -1, 0, 0.5, '') is refused with a one-line error (exit 2)."""
-    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
-    t = text.strip().upper().removesuffix("IB").removesuffix("B")
-    num, unit = t, ""
-    if t and t[-1] in units:
-        num, unit = t[:-1], t[-1]
+    """`repfs.common.parse_size` for a command line: a bad size exits 2 with one line."""
     try:
-        value = decimal.Decimal(num.strip())  # exact: no float rounding, no float overflow
-    except decimal.InvalidOperation:
-        raise QuietError(f"bad size {text!r} (examples: 10G, 512M, 1T)", 2) from None
-    if not value.is_finite():
-        raise QuietError(f"bad size {text!r}: must be a finite number", 2)
-    if value <= 0:
-        raise QuietError(f"bad size {text!r}: must be positive", 2)
-    if value.adjusted() > 30:  # far beyond any size (1e30 bytes); keeps int() cheap
-        raise QuietError(f"bad size {text!r}: too large", 2)
-    size = int(value * units[unit])
-    if size < 1:
-        raise QuietError(f"bad size {text!r}: less than one byte", 2)
-    return size
+        return common.parse_size(text)
+    except common.SizeError as e:
+        raise QuietError(str(e), 2) from None
