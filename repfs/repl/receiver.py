@@ -263,7 +263,7 @@ class Receiver:
 
     def incoming(self) -> list[dict]:
         with self.env.begin(db=self.db_in) as txn:
-            return [json.loads(v) for _, v in txn.cursor()]
+            return [_record(v, K.from_u64(k)) for k, v in txn.cursor()]
 
     def info(self) -> dict:
         p = self.partial
@@ -309,8 +309,7 @@ class Receiver:
         path = self.dir / COPY_FILE
         check = ExtentCheck(self.nblocks, ascending=True)
         cp = {"off": 0, "chunks": 0, "synced": 0, "check": check}
-        raw = self._get("copy_progress")
-        saved = json.loads(raw) if raw else None
+        saved = _progress(self._get("copy_progress"))
         for f in self.dir.glob("*.ds"):  # delta sets of an earlier primary (attach crashed)
             if f.name != COPY_FILE:
                 f.unlink()
@@ -533,7 +532,7 @@ class Receiver:
         n = self.last_played + 1
         with self.env.begin(db=self.db_in) as txn:
             raw = txn.get(K.u64(n))
-        return json.loads(raw) if raw else None
+        return None if raw is None else _record(raw, n)
 
     def extents(self, rec: dict) -> list[tuple[int, int]] | None:
         """The extents a received delta set will write, read from its chunk headers only
@@ -563,6 +562,8 @@ class Receiver:
         number, its extents are valid and disjoint, and the totals match its record.
         Raises CorruptDeltaSet."""
         n = rec["number"]
+        if rec.get("damaged"):
+            raise CorruptDeltaSet(f"delta set {n}: its record in meta.lmdb is damaged")
         if not rec["chunks"]:
             return
         path = self._file(rec)
@@ -700,6 +701,45 @@ def finish_interrupted_playback(env, site_path: Path, dev) -> None:
     except ReceiveError as e:  # damaged since it was first verified: it cannot be finished
         log.error("%s; the mount shows it half played until the playback loop has it sent "
                   "again and plays it", e)
+
+
+def _u64(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 64
+
+
+def _record(raw: bytes, n: int) -> dict:
+    """The record of incoming delta set `n` from LMDB, checked. A damaged one (found by
+    tests/t0_fuzz.py: bad JSON stopped playback with a traceback on every round; a "file" of
+    "../x" would have had playback read and then delete a file outside the incoming area)
+    comes back marked `damaged`: playback refuses it like a damaged delta set (quarantined,
+    asked for again)."""
+    try:
+        rec = json.loads(raw)
+        ok = (isinstance(rec, dict) and rec.get("number") == n
+              and _u64(rec.get("chunks")) and _u64(rec.get("blocks"))
+              and all(_u64(rec.get(k, 0)) for k in (
+                  "bytes", "generation", "data_checksum", "received_ns", "cut_ns",
+                  "first_change_ns"))
+              and rec.get("file", f"{n}.ds") in (f"{n}.ds", COPY_FILE))
+    except ValueError:
+        ok = False
+    if ok:
+        return rec
+    return {"number": n, "chunks": 0, "blocks": 0, "bytes": 0, "received_ns": 0,
+            "damaged": True}
+
+
+def _progress(raw: bytes | None) -> dict | None:
+    """The saved position of an initial copy, or None if there is none or it is damaged
+    (the copy is then rescanned from its start: every chunk is verified anyway)."""
+    try:
+        saved = json.loads(raw) if raw else None
+    except ValueError:
+        return None
+    if not isinstance(saved, dict) or not all(
+            _u64(saved.get(k)) for k in ("off", "chunks", "next", "blocks")):
+        return None
+    return saved
 
 
 def _int(v) -> int:
