@@ -160,10 +160,8 @@ def test_directory_bucket(raw):
 
 # ================================================================== xattr blocks
 
-# the version-1 single-block layout (still read; named *_v1 since format version 2)
-pack_v1 = getattr(F, "pack_xattrs_v1", None) or F.pack_xattrs
-unpack_v1 = getattr(F, "unpack_xattrs_v1", None) or F.unpack_xattrs
-VALID_V1_XATTRS = bytes(pack_v1({b"user.a": b"1", b"user.long": b"x" * 300,
+# the version-1 single-block layout (still read; format version 2 stores a stream)
+VALID_V1_XATTRS = bytes(F.pack_xattrs({b"user.a": b"1", b"user.long": b"x" * 300,
                                           b"trusted.t": b""}))
 VALID_STREAM = F.pack_xattr_stream({b"user.a": b"1", b"user.long": b"x" * 300,
                                     b"security.s": b"\0" * 9})
@@ -175,7 +173,7 @@ VALID_XROOT = bytes(F.XattrRoot(3, len(VALID_STREAM), 30).pack(VALID_STREAM))
                + struct_fields(F._XENT.format, F._XHDR.size)))
 def test_xattr_block_version_1(raw):
     try:
-        attrs = unpack_v1(block(raw))
+        attrs = F.unpack_xattrs(block(raw))
     except FormatError:
         return
     assert sum(3 + len(k) + len(v) for k, v in attrs.items()) <= BS
@@ -476,6 +474,72 @@ def test_receiver_stored_delta_sets(receiver):
         else:
             assert sorted(dev.writes) == [(20, 2 * BS), (23, 2 * BS), (26, 2 * BS)]
             replicating(receiver)
+    prop()
+
+
+@st.composite
+def damaged_json(draw, valid: dict):
+    """A JSON record damaged as bytes, with a field dropped, or a field of another type."""
+    raw = json.dumps(valid).encode()
+    kind = draw(st.sampled_from(("bytes", "drop", "retype")))
+    if kind == "bytes":
+        return draw(damaged(raw))
+    rec = dict(valid)
+    key = draw(st.sampled_from(sorted(rec)))
+    if kind == "drop":
+        del rec[key]
+    else:
+        rec[key] = draw(json_values | st.sampled_from(["../../x", "11.ds", -1, 2**64]))
+    return json.dumps(rec).encode()
+
+
+def test_receiver_incoming_records(receiver):
+    """A damaged record of a received delta set in LMDB: listing and choosing what to play
+    never fail; playback refuses it (CorruptDeltaSet, to be quarantined) having written
+    nothing, or plays the delta set it names; no file outside the incoming area is touched."""
+    replicating(receiver)
+    chunks = [C.encode_chunk(3, 11, 0, [(20, 2)], b"\1" * (2 * BS))]
+    valid = {"number": 11, "chunks": 1, "blocks": 2, "bytes": len(chunks[0]), "generation": 3,
+             "data_checksum": C.data_checksum([C.encoded_checksum(chunks[0])]),
+             "received_ns": 5, "cut_ns": 0, "first_change_ns": 0}
+    outside = receiver.dir.parent.parent / "x"
+
+    @FUZZ_IO
+    @given(damaged_json(valid))
+    def prop(raw):
+        replicating(receiver)
+        outside.write_bytes(b"keep")
+        (receiver.dir / "11.ds").write_bytes(chunks[0])
+        with receiver.env.begin(write=True) as txn:
+            txn.put(RK.u64(11), raw, db=receiver.db_in)
+        assert isinstance(receiver.incoming(), list)
+        rec = receiver.next_to_play()
+        assert rec is not None and rec["number"] == 11
+        receiver.extents(rec)
+        dev = RecordingDev()
+        try:
+            receiver.play(rec, dev)
+        except CorruptDeltaSet:
+            assert dev.writes == []
+        else:
+            assert dev.writes in ([], [(20, 2 * BS)])
+        assert outside.read_bytes() == b"keep"
+    prop()
+
+
+def test_receiver_copy_progress(receiver):
+    """A damaged saved position of an initial copy: the receiver rescans the staged copy."""
+    staged = C.encode_chunk(3, 0, 0, [(0, 1)], b"\2" * BS)
+
+    @FUZZ_IO
+    @given(damaged_json({"off": len(staged), "next": 1, "chunks": 1, "blocks": 1}))
+    def prop(raw):
+        receiver.attach(PRIMARY, 3)
+        (receiver.dir / "copy.ds").write_bytes(staged)
+        with receiver.env.begin(write=True) as txn:
+            txn.put(b"copy_progress", raw, db=receiver.db_ctx)
+        r = Receiver(receiver.env, receiver.dir.parent.parent, NBLOCKS)
+        assert r.copy is not None and r.copy["off"] <= len(staged)
     prop()
 
 
