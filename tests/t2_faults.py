@@ -15,14 +15,17 @@ then played correctly.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import subprocess
 import time
 from pathlib import Path
 
+import lmdb
 import pytest
 
+from repfs.repl import keys as K
 from tests.conftest import fsck_clean, run_repfs
 from tests.powerfs import PowerFS
 from tests.t2_repl import (
@@ -159,89 +162,18 @@ def count_lines(site: Site, needle: str) -> int:
 # ----------------------------------------------------------------------------- the mount
 
 
-def test_redo_log_write_error_turns_the_mount_read_only(sites):
-    s = sites("s1")
-    s.mount()
-    kept = os.urandom(300_000)
-    write_durable(s.path / "kept", kept)
-    rule = s.pf.add_fault("s1/journal", "write", errno="EIO")
-    with open(s.path / "late", "wb") as f:
-        f.write(b"never durable")
-        f.flush()
-        with pytest.raises(OSError) as ei:
-            os.fsync(f.fileno())  # the commit cannot write its redo record
-    assert ei.value.errno == errno.EIO
-    assert s.pf.stats()["faults"][str(rule)] >= 1
-    s.expect("failed writing the redo log")
-    # the daemon and the mount live on, read-only, serving what they hold
-    s.alive()
-    assert (s.path / "kept").read_bytes() == kept
-    assert (s.path / "late").read_bytes() == b"never durable"  # from memory
-    with pytest.raises(OSError) as ei:
-        (s.path / "new").write_bytes(b"x")
-    assert ei.value.errno == errno.EROFS
-    st = s.status()
-    assert st["readonly"] and st["state"] == "read-only after an error", st["state"]
-    assert "redo log" in st["fs_error"] and "Input/output error" in st["fs_error"], \
-        st["fs_error"]
-    assert st["fs_error_at"]
-    human = admin(s.path, "status").stdout
-    assert "read-only" in human.lower() and "redo log" in human, human
-    r = admin(s.path, "snapshot", "create", "nope", check=False)
-    assert r.returncode != 0 and "read-only after an error" in r.stderr, r.stderr
-    time.sleep(1.2)  # commit loop ticks meanwhile: nothing more is logged
-    assert count_lines(s, "failed writing the redo log") == 1, log_tail(s.site)
-    # remount once the disk is fine: every fsync'd byte is there, fsck clean
-    s.umount()
-    s.pf.clear_faults()
-    fsck_clean(s.site)
-    s.mount()
-    assert (s.path / "kept").read_bytes() == kept
-    (s.path / "after").write_bytes(b"writable again")
-    assert s.status()["fs_error"] is None
-
-
-def test_redo_log_error_in_the_commit_loop(sites):
-    # The periodic group commit (no fsync) meets the fault: read-only, one log line, the
-    # commit task itself never fails; after a remount what the failed commit held is absent.
+def test_volume_and_redo_log_errors(sites):
+    """One site on powerfs, three faults in turn (one site: the suite's time budget)."""
     s = sites("s1")
     cfg = s.site / "site.toml"
     text, k = re.subn(r"commit_interval = [0-9.]+", "commit_interval = 0.2", cfg.read_text())
     assert k == 1
     cfg.write_text(text)
     s.mount()
-    write_durable(s.path / "kept", b"kept")
-    rule = s.pf.add_fault("s1/journal", "write", errno="EIO")
-    (s.path / "lost").write_bytes(b"never committed")  # no fsync: the commit loop meets it
-    st = wait_for("the commit loop to fail", lambda: (
-        s.status() if s.status()["fs_error"] else None), sites_=(s,))
-    assert s.pf.stats()["faults"][str(rule)] >= 1
-    assert st["readonly"] and "redo log" in st["fs_error"], st["fs_error"]
-    s.expect("the file system is now read-only")
-    time.sleep(0.6)  # more ticks of the commit loop: nothing more is logged
-    assert count_lines(s, " ERROR ") + count_lines(s, " WARNING ") == 1, log_tail(s.site)
-    assert s.task("commit")["errors"] == 0  # the loop itself did not fail
-    # as ext4's errors=remount-ro: the kernel's mount turns read-only too
-    wait_for("the kernel mount to turn read-only", lambda: "ro" in kernel_options(s.path),
-             sites_=(s,))
-    with pytest.raises(OSError) as ei:
-        (s.path / "new").write_bytes(b"x")
-    assert ei.value.errno == errno.EROFS
-    s.alive()
-    s.umount()
-    s.pf.clear_faults()
-    fsck_clean(s.site)
-    s.mount()
-    assert (s.path / "kept").read_bytes() == b"kept"
-    assert not (s.path / "lost").exists()
 
-
-def test_data_write_errors_fail_the_request_only(sites):
-    # The disk under the volume fails a file's data write (ENOSPC, then EIO): that request
-    # fails with the errno (ENOSPC stays ENOSPC), the blocks it had mapped are unmapped (fsck
-    # clean at teardown), the file system stays writable, and the errors are logged once.
-    s = sites("s1")
-    s.mount()
+    # 1. The disk under the volume fails a file's data write (ENOSPC, then EIO): that
+    # request fails with the errno (ENOSPC stays ENOSPC), the blocks it had mapped are
+    # unmapped (fsck clean below), the file system stays writable.
     data = os.urandom(256 << 10)
     for err in ("ENOSPC", "EIO"):
         rule = s.pf.add_fault("s1/volume.img", "write", errno=err, count=1)
@@ -259,7 +191,73 @@ def test_data_write_errors_fail_the_request_only(sites):
         s.expect(f"write failed: [Errno {getattr(errno, err)}]")
     st = s.status()
     assert st["fs_error"] is None and not st["readonly"]
+    s.umount()
+    fsck_clean(s.site)
+    s.mount()
+
+    # 2. The redo log cannot be written when a file is fsync'd: the mount turns read-only
+    # (errors=remount-ro), keeps serving what it holds, and every fsync'd byte survives.
+    kept = os.urandom(300_000)
+    write_durable(s.path / "kept", kept)
+    rule = s.pf.add_fault("s1/journal", "write", errno="EIO")
+    with open(s.path / "late", "wb") as f:
+        f.write(b"never durable")
+        f.flush()
+        with pytest.raises(OSError) as ei:
+            os.fsync(f.fileno())  # the commit cannot write its redo record
+    assert ei.value.errno == errno.EIO
+    assert s.pf.stats()["faults"][str(rule)] >= 1
+    s.expect("failed writing the redo log")
     s.alive()
+    assert (s.path / "kept").read_bytes() == kept
+    assert (s.path / "late").read_bytes() == b"never durable"  # from memory
+    with pytest.raises(OSError) as ei:
+        (s.path / "new").write_bytes(b"x")
+    assert ei.value.errno == errno.EROFS
+    st = s.status()
+    assert st["readonly"] and st["state"] == "read-only after an error", st["state"]
+    assert "redo log" in st["fs_error"] and "Input/output error" in st["fs_error"], \
+        st["fs_error"]
+    assert st["fs_error_at"]
+    assert st["tasks"]["commit"]["errors"] == 0  # the commit loop itself never fails
+    human = admin(s.path, "status").stdout
+    assert "read-only" in human.lower() and "redo log" in human, human
+    r = admin(s.path, "snapshot", "create", "nope", check=False)
+    assert r.returncode != 0 and "read-only after an error" in r.stderr, r.stderr
+    # as ext4's errors=remount-ro: the kernel's mount turns read-only too
+    wait_for("the kernel mount to turn read-only", lambda: "ro" in kernel_options(s.path),
+             sites_=(s,))
+    time.sleep(0.6)  # more ticks of the commit loop: nothing more is logged
+    assert count_lines(s, "failed writing the redo log") == 1, log_tail(s.site)
+    s.umount()
+    s.pf.clear_faults()
+    fsck_clean(s.site)
+    s.mount()
+    assert (s.path / "kept").read_bytes() == kept
+    assert s.status()["fs_error"] is None
+
+    # 3. The periodic commit (no fsync) meets the fault: the same, and what that commit
+    # held is absent after the remount.
+    rule = s.pf.add_fault("s1/journal", "write", errno="EIO")
+    warnings = count_lines(s, " WARNING ") + count_lines(s, " ERROR ")
+    (s.path / "lost").write_bytes(b"never committed")
+    st = wait_for("the commit loop to fail", lambda: (
+        s.status() if s.status()["fs_error"] else None), sites_=(s,))
+    assert st["readonly"] and "redo log" in st["fs_error"], st["fs_error"]
+    wait_for("the kernel mount to turn read-only", lambda: "ro" in kernel_options(s.path),
+             sites_=(s,))
+    time.sleep(0.6)
+    assert count_lines(s, " WARNING ") + count_lines(s, " ERROR ") == warnings + 1, \
+        log_tail(s.site)
+    assert s.task("commit")["errors"] == 0
+    s.alive()
+    s.umount()
+    s.pf.clear_faults()
+    fsck_clean(s.site)
+    s.mount()
+    assert (s.path / "kept").read_bytes() == kept
+    assert not (s.path / "lost").exists()
+    (s.path / "after").write_bytes(b"writable again")
 
 
 # ----------------------------------------------------------------------------- the primary
@@ -326,11 +324,40 @@ def test_primary_tasks_recover_from_disk_errors(sites):
     m1.alive()
     m1.expect(f"{name}: EIO")
     assert m1.pf.stats()["faults"][str(rules[-1])] >= 1
-    m1.pf.clear_faults()
+
+    # 4. a bug-class error (KeyError) in the send task, from a damaged LMDB record of the
+    # delta set it is sending: logged once with its traceback, shown as permanent, retried
+    # with back-off; `status` still answers (its replication part says what it cannot
+    # read); once the record is repaired the delta set is sent
+    n = m1.status()["last_cut_delta_set"]
+    env = lmdb.open(str(m1.site / "meta.lmdb"), map_size=1 << 40, max_dbs=32, subdir=True)
+    try:
+        db = env.open_db(K.DELTASETS)
+        with env.begin(write=True, db=db) as txn:
+            good = txn.get(K.u64(n))
+            rec = json.loads(good)
+            del rec["first_change_ns"]
+            txn.put(K.u64(n), json.dumps(rec).encode())
+        m1.pf.clear_faults()
+        st = wait_for("the send task to fail on the record", lambda: (
+            m1.status() if "KeyError" in (m1.task(name)["last_error"] or "") else None),
+            sites_=(m1, m2))
+        t = st["tasks"][name]
+        assert t["last_error"] == "KeyError: 'first_change_ns'" and t["error_kind"] == "permanent"
+        assert "first_change_ns" in st["replication_status_error"]
+        assert "cannot report" in admin(m1.path, "status").stdout
+        m1.alive()
+        m1.expect(f"{name} failed: KeyError")
+        m1.expect("Traceback")  # logged once with its traceback: a bug to look at
+        with env.begin(write=True, db=db) as txn:
+            txn.put(K.u64(n), good)
+    finally:
+        env.close()
     wait_converged(m1, m2, timeout=60)
     assert m1.task(name)["state"] == "running"
     assert_same_tree(m1.path, m2.path)
-    for needle in ("background copy: ENOSPC", "cut: EIO", f"{name}: EIO"):
+    for needle in ("background copy: ENOSPC", "cut: EIO", f"{name}: EIO",
+                   f"{name} failed: KeyError"):
         assert count_lines(m1, needle) == 1, (needle, log_tail(m1.site))
     human = admin(m1.path, "status").stdout
     assert "background copy" in human and "ENOSPC" in human, human
@@ -380,7 +407,7 @@ def test_damaged_delta_set_is_quarantined_and_asked_for_again(sites):
     assert_same_tree(m1.path, m2.path)
 
 
-def test_receiver_disk_errors_are_retried(sites):
+def test_secondary_disk_errors_are_retried(sites):
     m1 = sites("s1", power=False)
     m2 = sites("s2", power=True)
     m1.mount()
@@ -417,6 +444,24 @@ def test_receiver_disk_errors_are_retried(sites):
     assert_same_tree(m1.path, m2.path)
     assert count_lines(m2, "receiver: ENOSPC") == 1
 
+    # playback: the secondary's volume fails three writes; the playback task retries and
+    # plays the delta set whole
+    data = os.urandom(700_000)
+    (m1.path / "g").write_bytes(data)
+    rule = m2.pf.add_fault("s2/volume.img", "write", errno="EIO", skip=1, count=3)
+    n = admin_cut(m1)
+    st = wait_for("playback to fail", lambda: (
+        m2.task("playback") if m2.task("playback")["errors"] else None), sites_=(m1, m2))
+    assert "EIO" in st["last_error"] and st["last_error_at"], st
+    m2.expect("playback: EIO")
+    m2.alive()
+    wait_converged(m1, m2, n, timeout=60)  # the rule is spent: playback succeeds again
+    assert m2.pf.stats()["faults"][str(rule)] == 3
+    assert m2.task("playback")["state"] == "running"
+    assert (m2.path / "g").read_bytes() == data
+    assert_same_tree(m1.path, m2.path)
+    assert count_lines(m2, "playback: EIO") == 1
+
 
 def admin_cut(m1) -> int:
     out = json_cut(m1)
@@ -428,65 +473,3 @@ def json_cut(m1) -> dict:
     import json
     return json.loads(admin(m1.path, "replicate", "deltaset", json_out=True).stdout)
 
-
-def test_playback_volume_errors_are_retried(sites):
-    m1, m2 = make_pair(sites, power1=False, power2=True)
-    data = os.urandom(700_000)
-    (m1.path / "f").write_bytes(data)
-    rule = m2.pf.add_fault("s2/volume.img", "write", errno="EIO", skip=1, count=3)
-    n = admin_cut(m1)
-    st = wait_for("playback to fail", lambda: (
-        m2.task("playback") if m2.task("playback")["errors"] else None), sites_=(m1, m2))
-    assert "EIO" in st["last_error"] and st["last_error_at"], st
-    m2.expect("playback: EIO")
-    m2.alive()
-    wait_converged(m1, m2, n, timeout=60)  # the rule is spent: playback succeeds again
-    assert m2.pf.stats()["faults"][str(rule)] == 3
-    assert m2.task("playback")["state"] == "running"
-    assert (m2.path / "f").read_bytes() == data
-    assert_same_tree(m1.path, m2.path)
-    assert count_lines(m2, "playback: EIO") == 1
-
-
-def test_a_damaged_mailbox_record_is_contained(sites):
-    # A bug-class error (KeyError) in the send task, from a damaged LMDB record of the
-    # delta set it is about to send: the daemon stays up, status reports it (the
-    # replication part says it cannot read the record; the task table has the KeyError),
-    # the task retries with back-off, and once the record is repaired it sends.
-    import json
-
-    import lmdb
-
-    from repfs.repl import keys as K
-    m1, m2 = make_pair(sites, power1=False, power2=False)
-    m2.umount()  # hold the next delta set at the primary
-    (m1.path / "f").write_bytes(os.urandom(200_000))
-    n = admin_cut(m1)
-    env = lmdb.open(str(m1.site / "meta.lmdb"), map_size=1 << 40, max_dbs=32, subdir=True)
-    try:
-        db = env.open_db(K.DELTASETS)
-        with env.begin(write=True, db=db) as txn:
-            good = txn.get(K.u64(n))
-            rec = json.loads(good)
-            del rec["first_change_ns"]
-            txn.put(K.u64(n), json.dumps(rec).encode())
-        m2.mount()
-        name = f"send {m2.site.name}"
-        st = wait_for("the send task to fail", lambda: (
-            m1.status() if m1.task(name)["errors"] and "KeyError" in (
-                m1.task(name)["last_error"] or "") else None), sites_=(m1, m2))
-        t = st["tasks"][name]
-        assert t["last_error"] == "KeyError: 'first_change_ns'" and t["error_kind"] == "permanent"
-        assert "first_change_ns" in st["replication_status_error"]
-        assert "cannot report" in admin(m1.path, "status").stdout
-        m1.alive()
-        m1.expect(f"{name} failed: KeyError")
-        m1.expect("Traceback")  # logged once with its traceback: a bug to look at
-        with env.begin(write=True, db=db) as txn:
-            txn.put(K.u64(n), good)
-    finally:
-        env.close()
-    wait_converged(m1, m2, n, timeout=60)
-    assert_same_tree(m1.path, m2.path)
-    assert m1.task(name)["state"] == "running"
-    assert count_lines(m1, f"{name} failed: KeyError") == 1
