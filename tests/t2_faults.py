@@ -291,6 +291,9 @@ def test_primary_tasks_recover_from_disk_errors(sites):
     (m1.path / "c").write_bytes(b"the file system is unaffected")  # writes go on
     assert (m1.path / "c").read_bytes() == b"the file system is unaffected"
     assert m1.status()["current_delta_set_blocks"] > 0  # kept in the change log
+    r = admin(m1.path, "replicate", "deltaset", check=False)  # on demand: a clear error
+    assert r.returncode == 1 and "ENOSPC" in r.stderr and "next cut ships them" in r.stderr, \
+        r.stderr
     m1.expect("background copy: ENOSPC")
     assert m1.pf.stats()["faults"][str(rules[-1])] >= 1
     m1.pf.clear_faults()

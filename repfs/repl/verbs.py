@@ -9,6 +9,7 @@ import time
 import trio
 
 from ..snap.store import NAME_RULE, SnapError, valid_name
+from ..tasks import describe
 from .sender import PermanentError, Primary, ReceiverClient, TransientError
 
 log = logging.getLogger(__name__)
@@ -136,11 +137,20 @@ class ReplicateVerbs:
             raise SnapError("the chunk area is full (flow control): cutting is paused until "
                             "the destinations catch up; every change stays in the change log",
                             "conflict")
-        n = await p.cut()
-        if wait:
-            while p.sets.record(n)["state"] != "ready":
-                await trio.sleep(0.02)
-        rec = p.sets.record(n)
+        try:
+            n = await p.cut()
+        except OSError as e:  # its chunk file failed at once (dropped, nothing lost)
+            raise SnapError(f"the delta set could not be cut ({describe(e)}); its changes stay "
+                            f"in the change log and the next cut ships them", "failed") from None
+        while True:
+            rec = p.sets.record(n)
+            if rec is None:  # its chunk file failed: dropped, its blocks back in the log
+                why = p.sup.state("background copy").last_error or "the chunk file failed"
+                raise SnapError(f"delta set {n} could not be made ({why}); its changes stay "
+                                f"in the change log and the next cut ships them", "failed")
+            if not wait or rec["state"] == "ready":
+                break
+            await trio.sleep(0.02)
         return {"delta_set": n, "blocks": rec["blocks"], "state": rec["state"]}
 
 
