@@ -11,6 +11,11 @@ worker thread while the next transaction goes on (see docs/crash-safety.md):
   syncs the redo-log record (the commit point), then writes the blocks into the volume;
 * ``finish_commit()`` (caller's thread) moves the blocks into the clean cache.
 
+If preparing or writing a commit fails (EIO or ENOSPC under the redo log or the volume, a
+value the format cannot hold), ``fail()`` turns the core read-only for good, as ext4's
+``errors=remount-ro`` does: the in-memory state stays readable, every later commit raises
+FSError(EIO), and nothing already durable is lost (docs/reliability.md, "Disk errors").
+
 File data is written straight to the device below (ordered mode); metadata goes through the
 metadata cache and the redo log. Permission checks on paths are the kernel's (the mount uses
 ``default_permissions``); the core implements what the kernel leaves to file systems: set-gid
