@@ -23,90 +23,16 @@ import time
 
 import numpy as np
 
+from .. import pagedbits
 from ..volume import Layer
 from . import keys as K
 
 log = logging.getLogger(__name__)
 
 
-class PagedBits:
-    """A bit map kept as 4 KiB pages of packed bits; all-zero pages are not kept."""
-
-    def __init__(self):
-        self.pages: dict[int, np.ndarray] = {}  # page -> uint8[4096]
-        self.dirty: set[int] = set()
-
-    def __bool__(self) -> bool:
-        return bool(self.pages)
-
-    def set_range(self, start: int, count: int) -> int:
-        """Set bits [start, start+count); returns how many were newly set. Only the bytes
-        the range touches are unpacked."""
-        added = 0
-        pos, end = start, start + count
-        while pos < end:
-            page, off = divmod(pos, K.PAGE_BITS)
-            m = min(end - pos, K.PAGE_BITS - off)
-            arr = self.pages.get(page)
-            if arr is None:
-                arr = self.pages[page] = np.zeros(K.PAGE_BYTES, dtype=np.uint8)
-            a, b = off >> 3, (off + m + 7) >> 3
-            bits = np.unpackbits(arr[a:b], bitorder="little")
-            lo = off - (a << 3)
-            added += m - int(bits[lo: lo + m].sum())
-            bits[lo: lo + m] = 1
-            arr[a:b] = np.packbits(bits, bitorder="little")
-            self.dirty.add(page)
-            pos += m
-        return added
-
-    def get_range(self, start: int, count: int) -> np.ndarray:
-        out = np.zeros(count, dtype=bool)
-        pos, end = start, start + count
-        while pos < end:
-            page, off = divmod(pos, K.PAGE_BITS)
-            m = min(end - pos, K.PAGE_BITS - off)
-            arr = self.pages.get(page)
-            if arr is not None:
-                a, b = off >> 3, (off + m + 7) >> 3
-                lo = off - (a << 3)
-                out[pos - start: pos - start + m] = np.unpackbits(
-                    arr[a:b], bitorder="little")[lo: lo + m].astype(bool)
-            pos += m
-        return out
-
-    def clear_blocks(self, blocks: np.ndarray) -> None:
-        """Clear the bits of the given (sorted) block numbers."""
-        pages = blocks // K.PAGE_BITS
-        for page in np.unique(pages).tolist():
-            arr = self.pages.get(page)
-            if arr is None:
-                continue
-            bits = np.unpackbits(arr, bitorder="little")
-            bits[blocks[pages == page] % K.PAGE_BITS] = 0
-            if bits.any():
-                arr[:] = np.packbits(bits, bitorder="little")
-            else:
-                del self.pages[page]
-            self.dirty.add(page)
-
-    def page_blocks(self, page: int) -> np.ndarray:
-        arr = self.pages.get(page)
-        if arr is None:
-            return np.zeros(0, dtype=np.int64)
-        return np.flatnonzero(np.unpackbits(arr, bitorder="little")) + page * K.PAGE_BITS
-
-    def count(self) -> int:
-        return int(sum(np.unpackbits(a).sum() for a in self.pages.values()))
-
-    def merge(self, other: "PagedBits") -> None:
-        for page, arr in other.pages.items():
-            mine = self.pages.get(page)
-            if mine is None:
-                self.pages[page] = arr.copy()
-            else:
-                mine |= arr
-            self.dirty.add(page)
+class PagedBits(pagedbits.PagedBits):
+    """The paged bit map (repfs/pagedbits.py) kept in an LMDB database of replication, one
+    record per page (key: the page number, u32; repl/keys.py)."""
 
     # persistence
     def load(self, txn, db) -> None:

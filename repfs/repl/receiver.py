@@ -31,10 +31,10 @@ import time
 from pathlib import Path
 
 from ..errors import DomainError
+from ..pagedbits import PagedBits
 from ..statefile import fsync_dir
 from ..volume import create_private, private_dir, pwrite_all
 from . import keys as K
-from .changelog import PagedBits
 from .chunk import (
     ChunkError, chunk_size, data_checksum, decode_chunk, decode_copy,
     decode_set_header, encode_chunk, peek_extents,

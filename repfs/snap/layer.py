@@ -22,6 +22,7 @@ from collections import OrderedDict
 
 import numpy as np
 
+from .. import pagedbits
 from ..extents import runs
 from ..volume import BLOCK_SIZE, ErrnoError, Layer, ReadOnlyDevice
 from . import keys as K
@@ -111,8 +112,7 @@ class SnapLayer(Layer):
         key = (snap.id, page)
         arr = self._meta.get(key)
         if arr is None:
-            raw = self.read_snapshot(snap, self.bitmap_start + page, 1)
-            arr = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little").astype(bool)
+            arr = pagedbits.unpack(self.read_snapshot(snap, self.bitmap_start + page, 1))
             self._meta[key] = arr
             if len(self._meta) > self.META_CACHE:
                 self._meta.popitem(last=False)
@@ -122,12 +122,8 @@ class SnapLayer(Layer):
 
     def meta_bits(self, snap: Snapshot, s: int, n: int) -> np.ndarray:
         out = np.zeros(n, dtype=bool)
-        pos, end = s, s + n
-        while pos < end:
-            page, off = divmod(pos, K.BITS_PER_PAGE)
-            m = min(end - pos, K.BITS_PER_PAGE - off)
-            out[pos - s: pos - s + m] = self.meta_page(snap, page)[off: off + m]
-            pos += m
+        for page, off, at, m in pagedbits.spans(s, n):
+            out[at: at + m] = self.meta_page(snap, page)[off: off + m]
         return out
 
     # ---------------------------------------------------------------- reading (FIG. 27)
@@ -200,8 +196,7 @@ class SnapLayer(Layer):
         """The meta bit map page of a snapshot, or of the live volume (snap None)."""
         if snap is not None:
             return self.meta_page(snap, page)
-        raw = self.lower.read(self.bitmap_start + page, 1)
-        return np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little").astype(bool)
+        return pagedbits.unpack(self.lower.read(self.bitmap_start + page, 1))
 
     def delta(self, older: Snapshot, younger: Snapshot | None, *, max_run: int = 256):
         """Yield ((start, count), data) in block order for exactly the blocks that differ

@@ -30,6 +30,7 @@ import xxhash
 
 from ..errors import DomainError
 from ..statefile import fsync_dir
+from .. import pagedbits
 from ..extents import run_bounds
 from ..volume import BLOCK_SIZE, private_dir, pwrite_all
 from . import keys as K
@@ -380,24 +381,11 @@ class SnapStore:
 
     def has(self, snap: Snapshot, s: int, n: int) -> np.ndarray:
         """Bool array: which of blocks [s, s+n) have a before-image in this snapshot."""
-        out = np.zeros(n, dtype=bool)
-        pos = s
-        end = s + n
-        while pos < end:
-            page, off = divmod(pos, K.BITS_PER_PAGE)
-            m = min(end - pos, K.BITS_PER_PAGE - off)
-            buf = self.bits.get(snap.id, page)
-            if buf is not None:
-                bits = np.unpackbits(np.frombuffer(buf, dtype=np.uint8), bitorder="little")
-                out[pos - s: pos - s + m] = bits[off: off + m].astype(bool)
-            pos += m
-        return out
+        return pagedbits.get_range(lambda page: self.bits.get(snap.id, page), s, n)
 
     def page_bits(self, snap: Snapshot, page: int) -> np.ndarray | None:
         buf = self.bits.get(snap.id, page)
-        if buf is None:
-            return None
-        return np.unpackbits(np.frombuffer(buf, dtype=np.uint8), bitorder="little").astype(bool)
+        return None if buf is None else pagedbits.unpack(buf)
 
     def bit_pages(self, snap: Snapshot) -> list[int]:
         return self.bits.pages(snap.id)
@@ -417,13 +405,8 @@ class SnapStore:
         return out
 
     def _index(self, snap: Snapshot, bis: np.ndarray, sis: np.ndarray) -> None:
-        bp = bis // K.BITS_PER_PAGE
-        for page in np.unique(bp).tolist():
-            sel = bis[bp == page] % K.BITS_PER_PAGE
-            buf = self.bits.modify(snap.id, page)
-            arr = np.unpackbits(np.frombuffer(buf, dtype=np.uint8), bitorder="little")
-            arr[sel] = 1
-            buf[:] = np.packbits(arr, bitorder="little").tobytes()
+        for page, offsets in pagedbits.by_page(bis):
+            pagedbits.assign(self.bits.modify(snap.id, page), offsets, True)
         mp = bis // K.BMAP_PER_PAGE
         for page in np.unique(mp).tolist():
             sel = mp == page
