@@ -440,21 +440,35 @@ def _reuse_round(tmp_path: Path, attempt: int) -> tuple[list[str], int]:
                 assert time.monotonic() < deadline
             c0 = _status(site)["commits"]
             committer.start()  # a commit starts: it frees X's blocks, then flushes slowly
-            running = False  # that commit was being written at the last status
+            while True:  # aim: wait until that commit is being written
+                st = _status(site)
+                running = st["committing"] and st["commits"] == c0
+                if running or st["commits"] > c0:
+                    break  # (or it is over already: this round misses the window)
+                assert time.monotonic() < deadline, "the commit never started"
             while True:  # the first write that gets space gets X's old blocks
                 try:
                     os.pwrite(fd, b"Y" * (1 << 20), 0)
-                    break
+                    got_space = True
                 except OSError as e:
                     assert e.errno == errno.ENOSPC and time.monotonic() < deadline
-                # the window: a write refused while the commit that frees X's blocks was being
-                # written (running before the write and after it, and the same one: none
-                # completed meanwhile); the bug gave that write X's blocks
+                    got_space = False
+                # the window: a write issued while the commit that frees X's blocks was being
+                # written. It may get space only once that commit is durable (the bug gave it
+                # X's blocks at once); a refused one counts if the commit still runs after it
                 st = _status(site)
                 now = st["committing"] and st["commits"] == c0
+                if running and got_space:
+                    hits += 1
+                    if now:
+                        problems.append("a write got space while the commit that freed it "
+                                        "was still being written")
+                    break
                 hits += running and now
                 running = now
-            os.kill(pid, signal.SIGKILL)  # while that commit is still being written
+                if got_space:
+                    break
+            os.kill(pid, signal.SIGKILL)  # (with the bug: while that commit was being written)
         finally:
             _ignore_oserror(os.close, fd)
             committer.join()
@@ -495,9 +509,10 @@ def test_blocks_freed_by_a_commit_are_not_reused_before_it_is_durable(tmp_path):
     them before its commit point: otherwise a crash inside the commit brings back the freed
     file (and its indirect blocks) holding the new data, with leaked blocks and block
     pointers into nowhere (found by this test; repfs now quarantines such blocks).
-    The window is the commit's slow volume flush: a write is counted as inside it when the
-    status (committing, commits) shows that same commit running before and after the write;
-    the test goes on for up to four rounds until at least one write was refused inside it."""
+    The window is the commit's slow volume flush: the test waits until the status shows that
+    commit being written (committing, and the commits count unchanged), then writes; such a
+    write may get space only after that commit (the status after it shows the commit done).
+    Up to four rounds run until at least one write was issued inside the window."""
     problems, hits = [], 0
     for attempt in range(4):  # the window is a volume flush long: until a write hit it
         problems, n = _reuse_round(tmp_path, attempt)
@@ -505,7 +520,7 @@ def test_blocks_freed_by_a_commit_are_not_reused_before_it_is_durable(tmp_path):
         if problems or (hits and attempt >= 1):
             break
     assert not problems, "; ".join(problems)
-    assert hits >= 1, "no write was refused inside the commit that freed X: test too weak"
+    assert hits >= 1, "no write was issued inside the commit that freed X: test too weak"
 
 
 HOLDER = r"""
