@@ -23,6 +23,7 @@ Routes (all under /v1):
 | DELETE | /snapshots/NAME | | delete it |
 | POST | /snapshots/NAME/restore | | restore the live file system to it, online |
 | POST | /snapshots/NAME/mount | {"mountpoint"} | mount it read-only |
+| POST | /remount | {"options"?, "readonly"?} | `mount -o remount,...` (mountopts.py) |
 | GET | /snapshots/NAME/diff?to=OTHER&paths=1 | | changed blocks (and paths) from NAME to OTHER (default: live) |
 | POST | /replicate/start, /stop, /policy, /deltaset | JSON | the `replicate` verbs (docs/replication.md) |
 | GET | /repl/receiver | | a secondary's receiver state (for its primary) |
@@ -69,6 +70,7 @@ SEND_TIMEOUT = 60.0  # s the peer has to take a reply
 LINGER = 2.0  # s a refused connection is drained before it is closed
 MAX_JSON_DEPTH = 32
 MAX_PATH = 4096  # bytes of a path argument
+MAX_OPTIONS = 4096  # characters of a remount's mount options
 MAX_SECONDS = 10 * 365 * 86400  # a time setting (timeouts, retention)
 MAX_SIZE = 1 << 50  # a size setting in bytes (high-water marks)
 U64_MAX = (1 << 64) - 1
@@ -542,6 +544,13 @@ class ControlServer:
                     raise HTTPError(400, f"bad paths={_short(query['paths'])}: want 0 or 1")
                 return await svc.snapshots.diff(_lookup_name(parts[1]), to,
                                                 paths=query.get("paths", "1") == "1")
+        if parts == ["remount"] and method == "POST":
+            opts = args.get("options", "")
+            if not isinstance(opts, str) or len(opts) > MAX_OPTIONS or not opts.isprintable():
+                raise HTTPError(400, f"bad options {_short(opts)}: want mount(8) options, "
+                                     f"comma-separated, at most {MAX_OPTIONS} characters")
+            return await svc.remounter.remount(opts, _bool(args.get("readonly"), "readonly",
+                                                           None))
         if parts and parts[0] == "replicate" and len(parts) == 2 and method == "POST":
             verb = parts[1]
             if verb == "start":

@@ -12,7 +12,7 @@ import trio
 
 from .common import fuse_opt_value, setup_logging
 from .fs.ops import Operations
-from .mountopts import MountOptions, remount_loop
+from .mountopts import MountOptions
 from .site import Site, SiteError
 
 log = logging.getLogger("repfs")
@@ -42,9 +42,11 @@ async def _remount_readonly(service, *, quiet: bool) -> bool:
     from .mountopts import MountOptionError, current_options, kernel_remount
     mp = service.mountpoint
     try:
-        opts = MountOptions.parse(current_options(mp) or "")
-        opts.readonly = True
-        await trio.to_thread.run_sync(kernel_remount, mp, opts.ms_flags(root=os.geteuid() == 0))
+        async with service.remounter.lock:  # one change of the mount's flags at a time
+            opts = MountOptions.parse(current_options(mp) or "")
+            opts.readonly = True
+            await trio.to_thread.run_sync(kernel_remount, mp,
+                                          opts.ms_flags(root=os.geteuid() == 0))
     except (OSError, MountOptionError) as e:
         if not quiet:
             log.info("cannot remount %s read-only yet (%s); the file system refuses every "
@@ -71,7 +73,6 @@ async def _serve(service, interval: float, control_sock, token: str) -> None:
         nursery.start_soon(service.supervisor.run, "commit", _commit_loop, ops, interval,
                            service.supervisor, service)
         nursery.start_soon(_signal_loop)
-        nursery.start_soon(remount_loop, service, service.site.path, service.mountpoint)
         nursery.start_soon(ControlServer(service, token).serve, control_sock)
         await pyfuse3.main()
         await service.mounts.close_all()

@@ -13,7 +13,7 @@ What each option does on a repfs mount:
 * ``nodiratime``: accepted; repfs never updates a directory's access time when it is listed
   (so every repfs mount behaves as ``nodiratime``; ``diratime`` is refused).
 * ``writeback_cache``: let the kernel cache writes.
-* ``remount``: change the options of a mounted site (see ``request_remount``).
+* ``remount``: change the options of a mounted site (below).
 * Options mount(8) consumes or reports (``defaults``, ``auto``, ``noauto``, ``nofail``,
   ``_netdev``, ``user``, ``users``, ``nouser``, ``x-*``, ``comment=*``) and those the kernel
   shows for a FUSE mount (``user_id=``, ``group_id=``, ``default_permissions``, ``allow_other``,
@@ -21,30 +21,30 @@ What each option does on a repfs mount:
   remount, are ignored. Anything else is refused with its name.
 
 Remount. ``mount -o remount,ro MNT`` runs the helper (``mount.fuse.repfs SITE MNT -o
-ro,...,remount,...``). The helper asks the site's daemon to do it: it writes
-``SITE/remount.request`` (a nonce and the options), sends the daemon SIGUSR1 and waits for
-``SITE/remount.result`` with its nonce. The daemon changes the kernel's flags with mount(2)
+ro,...,remount,...``), which asks the site's daemon over its control port (``POST /v1/remount``
+with ``{"options": "ro,...", "readonly": true}``, authenticated by ``SITE/control.token``,
+which only root may read) and prints the daemon's one-line answer. The daemon (`Remounter`)
+remounts one request at a time: a second remount waits for the first, then applies its options
+over the mount's options as the first left them. It changes the kernel's flags with mount(2)
 (MS_REMOUNT) from a worker thread — the kernel first writes back cached pages through the
 daemon — and its own state in the order that loses nothing: going read-only, the kernel first
 (no new writes), then a consistency point (commit and checkpoint), then the core refuses every
-change and updates no access time; going read-write, the core first, then the kernel. A
-secondary (read-only until failover) and a file system that turned read-only after an error
-refuse ``rw``.
+change and updates no access time; going read-write, the core first, then the kernel. Refused,
+with a one-line reason: read-only while files are open for writing (EBUSY); read-write for a
+secondary (read-only until failover) and for a file system that turned read-only after an
+error; by anyone but root (the helper says so before it asks).
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
-import json
 import logging
 import os
-import signal
-import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 from .common import unescape_mount_field
+from .errors import DomainError
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +63,10 @@ class MountOptionError(ValueError):
     """An option repfs does not know or cannot honour (one line for the user)."""
 
 
-class RemountError(Exception):
-    """A remount was refused or failed (one line for the user)."""
+class RemountError(DomainError):
+    """A remount was refused or failed (one line for the user; its kind says which)."""
+
+    default_kind = "conflict"
 
 
 @dataclass
@@ -177,89 +179,52 @@ def kernel_remount(mountpoint: str, flags: int) -> None:
         raise OSError(e, os.strerror(e))
 
 
-# ----------------------------------------------------------------------------- the protocol
+# ----------------------------------------------------------------------------- the daemon's side
 
-REQUEST = "remount.request"
-RESULT = "remount.result"
+class Remounter:
+    """The daemon's remount verb (the control port's POST /v1/remount): one remount at a time
+    (a second waits for the first, then applies its options over the first one's result)."""
 
+    def __init__(self, service):
+        import trio
+        self.service = service
+        self.lock = trio.Lock()  # every change of the kernel's mount flags takes it
 
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f)
-    os.replace(tmp, path)
-
-
-def request_remount(site_path: Path, pid: int, opts: MountOptions, *,
-                    timeout: float = 60.0) -> None:
-    """Ask the daemon `pid` serving `site_path` to remount with `opts`; wait for its answer."""
-    nonce = os.urandom(8).hex()
-    result = site_path / RESULT
-    try:
-        result.unlink(missing_ok=True)
-        _write_json(site_path / REQUEST, {"nonce": nonce, "options": asdict(opts)})
-        os.kill(pid, signal.SIGUSR1)
-    except ProcessLookupError:
-        raise RemountError(f"the daemon (pid {pid}) is gone") from None
-    except OSError as e:  # e.g. not root: the site and its daemon are root's
-        raise RemountError(f"cannot ask the daemon (pid {pid}): {e.strerror}") from None
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            answer = json.loads(result.read_text())
-        except (OSError, ValueError):
-            answer = None
-        if answer is not None and answer.get("nonce") == nonce:
-            result.unlink(missing_ok=True)
-            if answer.get("error"):
-                raise RemountError(answer["error"])
-            return
-        if time.monotonic() > deadline:
-            raise RemountError(f"the daemon (pid {pid}) did not answer in {timeout:.0f} s")
-        time.sleep(0.02)
-
-
-async def remount_loop(service, site_path: Path, mountpoint: str) -> None:
-    """The daemon's side: serve remount requests (SIGUSR1) until cancelled."""
-    import trio
-    with trio.open_signal_receiver(signal.SIGUSR1) as sigs:
-        async for _ in sigs:
-            req_path = site_path / REQUEST
+    async def remount(self, options: str = "", readonly: bool | None = None) -> dict:
+        """Remount with the mount(8) options `options` applied over the mount's current ones
+        (and read-only or read-write, when `readonly` says so)."""
+        svc = self.service
+        mp = svc.mountpoint
+        if self.lock.locked():
+            log.info("remount of %s (%s) waits for the one under way", mp, options or "-")
+        async with self.lock:
             try:
-                req = json.loads(req_path.read_text())
-                req_path.unlink()
-                opts = MountOptions(**req["options"])
-                nonce = req["nonce"]
-            except FileNotFoundError:
-                continue
-            except (OSError, ValueError, TypeError, KeyError) as e:
-                log.warning("ignoring a malformed remount request: %s", e)
-                req_path.unlink(missing_ok=True)
-                continue
+                base = MountOptions.parse(current_options(mp) or "")
+                base.atime = svc.core.atime_mode  # (the kernel shows relatime for strictatime)
+                new = MountOptions.parse(options, base=base)
+            except MountOptionError as e:
+                raise RemountError(str(e), "invalid") from None
+            if readonly is not None:
+                new.readonly = readonly
             try:
-                await remount(service, mountpoint, opts)
-                error = None
+                await remount(svc, mp, new)
             except RemountError as e:
-                error = str(e)
-                log.info("remount of %s refused: %s", mountpoint, error)
-            except Exception as e:  # noqa: BLE001 - a failed remount never takes the mount down
-                log.exception("remount of %s failed", mountpoint)
-                error = f"remount failed: {e}"
-            try:
-                _write_json(site_path / RESULT, {"nonce": nonce, "error": error})
-            except OSError as e:
-                log.warning("cannot answer the remount request: %s", e)
+                log.info("remount of %s refused: %s", mp, e)
+                raise
+        return {"mountpoint": mp, "readonly": new.readonly, "options": new.describe()}
 
 
-def _why(e: OSError) -> str:
+def _refused(e: OSError) -> RemountError:
+    """The kernel refused the remount: EBUSY while files are open for writing (as any file
+    system), anything else a failure."""
     if e.errno == errno.EBUSY:
-        return f"{e.strerror} (files are open for writing)"
-    return e.strerror or str(e)
+        return RemountError(f"{e.strerror} (files are open for writing)", "conflict")
+    return RemountError(e.strerror or str(e), "failed")
 
 
 async def remount(service, mountpoint: str, opts: MountOptions) -> None:
-    """Change a running mount's options (see the module's docstring for the order)."""
+    """Change a running mount's options (see the module's docstring for the order); the
+    caller holds the Remounter's lock."""
     import trio
     ops = service.ops
     core = ops.core
@@ -269,7 +234,7 @@ async def remount(service, mountpoint: str, opts: MountOptions) -> None:
         try:
             await trio.to_thread.run_sync(kernel_remount, mountpoint, flags)
         except OSError as e:
-            raise RemountError(_why(e)) from None
+            raise _refused(e) from None
         if not core.readonly:
             async with ops.quiesce():  # a consistency point: everything so far is in the volume
                 core.readonly = True
@@ -287,7 +252,7 @@ async def remount(service, mountpoint: str, opts: MountOptions) -> None:
             await trio.to_thread.run_sync(kernel_remount, mountpoint, flags)
         except OSError as e:
             core.readonly = was
-            raise RemountError(_why(e)) from None
+            raise _refused(e) from None
         service.readonly = False
     core.atime_mode = opts.atime
     log.info("remounted %s with %s", mountpoint, opts.describe())

@@ -7,6 +7,7 @@ in the daemon's trio run, and every snapshot operation happens at a consistency 
 | `status()` | `repfs/status.py` | the status report |
 | `snapshots` | `repfs/snap/verbs.py` | snapshot create, list, delete, restore, diff |
 | `mounts` | `repfs/snap/mounts.py` | read-only snapshot mounts (helper processes) |
+| `remounter` | `repfs/mountopts.py` | `mount -o remount,...`, one at a time |
 | `replicate` | `repfs/repl/verbs.py` | replicate start, stop, policy, deltaset |
 | `primary` | `repfs/repl/sender.py` | at a primary: cut and copy loops, send tasks |
 | `secondary` | `repfs/repl/secondary.py` | the receiver's endpoints and the playback loop |
@@ -23,6 +24,7 @@ import trio
 
 from .fs.core import FileSystem
 from .fs.ops import Operations
+from .mountopts import Remounter
 from .site import Site
 from .snap.layer import SnapLayer
 from .snap.mounts import SnapshotMounts
@@ -59,6 +61,7 @@ class SiteService:
         self.secondary = Secondary(self, self.receiver)
         self.snapshots = SnapshotVerbs(self)
         self.mounts = SnapshotMounts(self)
+        self.remounter = Remounter(self)
         self.replicate = ReplicateVerbs(self)
 
     async def run(self, nursery) -> None:

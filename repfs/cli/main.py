@@ -15,6 +15,8 @@ import time
 from . import QuietError, parse_size, run_cli
 
 FSCK_OPERATIONAL_ERROR = 8
+# s a remount may take: the kernel writes back what it cached; another remount may run first
+REMOUNT_TIMEOUT = 600.0
 
 
 class _Parser(argparse.ArgumentParser):
@@ -121,10 +123,11 @@ def _cmd_mount(a) -> int:
 
 def _remount(a) -> int:
     """`mount -o remount,ro|rw MNT` (mount(8) runs the helper) or `repfs mount -o remount,...
-    SITE MNT`: the daemon serving MNT changes its options (see repfs/mountopts.py)."""
+    SITE MNT`: the daemon serving MNT changes its options, asked over its control port (see
+    repfs/mountopts.py)."""
     from ..common import repfs_mounts
-    from ..mountopts import MountOptions, RemountError, current_options, request_remount
     from ..site import Site
+    from .admin import Target, _resolve, call
     mp = os.path.realpath(a.mountpoint)
     mounts = repfs_mounts()
     if mp not in mounts:
@@ -137,22 +140,17 @@ def _remount(a) -> int:
     if who is None or os.path.realpath(who[1]) != mp:
         raise QuietError(f"cannot remount {a.mountpoint}: no repfs daemon serves it as its "
                          "site's mount (a snapshot's mount stays read-only)")
-    # options not named keep their current value (mount(8) passes them anyway)
-    current = current_options(mp) or ""
+    # (checked by _cmd_mount; the daemon applies them over the mount's current options)
+    options = ",".join(a.options)
+    words = [o.strip() for o in options.split(",")]
+    ro = True if a.ro else next((w == "ro" for w in reversed(words) if w in ("ro", "rw")), None)
+    how = {True: " read-only", False: " read-write", None: ""}[ro]
     try:
-        base = MountOptions.parse(current)
-        if not {"relatime", "noatime"} & set(current.split(",")):
-            base.atime = "strictatime"  # the kernel shows neither for strictatime
-        new = MountOptions.parse(",".join(a.options), base=base)
-    except ValueError as e:
-        raise QuietError(str(e), 2) from None
-    if a.ro:
-        new.readonly = True
-    try:
-        request_remount(site.path, who[0], new)
-    except RemountError as e:
-        how = "read-only" if new.readonly else "read-write"
-        raise QuietError(f"cannot remount {a.mountpoint} {how}: {e}") from None
+        t = _resolve(str(site.path), None)
+        t = Target(t.site, t.address, t.token, timeout=REMOUNT_TIMEOUT)
+        call(t, "POST", "/remount", {"options": options, "readonly": ro})
+    except QuietError as e:
+        raise QuietError(f"cannot remount {a.mountpoint}{how}: {e}", e.code) from None
     return 0
 
 
