@@ -14,6 +14,7 @@ from .common import fuse_opt_value, setup_logging
 from .fs.ops import Operations
 from .mountopts import MountOptions
 from .site import Site, SiteError
+from .snap.keys import MetaError
 
 log = logging.getLogger("repfs")
 
@@ -130,7 +131,15 @@ def serve(site: Site, mountpoint: str, *, readonly: bool = False, writeback_cach
     host, port = control_sock.getsockname()[:2]
     site.write_pid(mountpoint)
     site.write_control(host, port)
-    service = SiteService(site, ops, mountpoint=mountpoint, readonly=readonly)
+    try:
+        service = SiteService(site, ops, mountpoint=mountpoint, readonly=readonly)
+    except MetaError as e:  # a damaged meta.lmdb: one line, and no mount left behind
+        pyfuse3.close(unmount=True)
+        core.close()
+        core.dev.close()
+        site.unlock()
+        ready(f"{site.path}: {e}")
+        return
     log.info("mounted %s at %s%s; control port %s:%d", site.path, mountpoint,
              " read-only" if readonly else "", host, port)
     ready(None)
