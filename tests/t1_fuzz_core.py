@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import shutil
 import stat
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -400,3 +402,33 @@ def _every_field(pristine, where, special, data_start, journal) -> int:
                 wrong = [(s, n) for s, n in dev.data if s < data_start]
                 assert not wrong, f"{what}: file data written into the metadata area: {wrong}"
     return tried
+
+
+@pytest.mark.parametrize("name,value", [("last_received", b"\1" * 9), ("last_received", b"abc")])
+def test_damaged_replication_context_refuses_the_mount_in_one_line(tmp_path, name, value):
+    """A value of meta.lmdb that does not decode (MetaError) stops `repfs mount` with one line
+    and leaves no mount behind (it used to kill the daemon after the FUSE mount was made, with
+    a traceback in the log and the mount point left dead)."""
+    from repfs.repl import keys as RK
+    from repfs.snap.store import open_env
+    from tests.conftest import run_repfs
+
+    site, mnt = tmp_path / "site", tmp_path / "mnt"
+    run_repfs("mkfs", site, "--size", "4M")
+    mnt.mkdir()
+    env = open_env(site)
+    db = env.open_db(RK.CTX)
+    with env.begin(write=True, db=db) as txn:
+        txn.put(b"role", b"secondary")
+        txn.put(b"secondary_state", b"replicating")
+        txn.put(name.encode(), value)
+    env.close()
+    try:
+        r = run_repfs("mount", site, mnt, check=False)
+        assert r.returncode != 0
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and "meta.lmdb" in lines[0], r.stderr
+        assert not os.path.ismount(mnt)
+    finally:
+        if os.path.ismount(mnt):
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)
