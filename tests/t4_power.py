@@ -466,6 +466,8 @@ def test_power_cut_during_replication(power_site):
         hits["initial copy (secondary)"] = 1
         m2.power_cut()
         m2.mount()
+    else:
+        m2.pf.clear_faults()
     # the copy resumes; the secondary's disk slowed down, the primary loses power during it
     if _slowed_cut(m1, m2, lambda: _dest(m1)["state"] == "initial-copy", rng):
         hits["initial copy (primary)"] = 1
@@ -479,9 +481,13 @@ def test_power_cut_during_replication(power_site):
               ("receive (secondary)", m2, "site/save/incoming/*", "write|fsync"),
               ("playback (secondary)", m2, "site/volume.img", "write|fsync"),
               ("send (primary)", m1, None, None)]
+    seeds = iter(range(1 << 30))
     for rnd in range(ROUNDS):
         for phase, victim, path, ops in phases:
-            w = Writer(m1.path / "w", 1000 * rnd + len(writers),
+            while len(writers) >= 4:  # room on the 128M volume: the oldest files go
+                for name in writers.pop(0).durable:  # (a full one makes writes short)
+                    (m1.path / "w" / name).unlink(missing_ok=True)
+            w = Writer(m1.path / "w", 1000 * next(seeds) + SEED % 1000,
                        limit=rng.randrange(2, 6) << 20)
             writers.append(w)
             w.proc.wait(120)
