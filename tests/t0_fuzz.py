@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 
 from repfs.fs import format as F
 from repfs.fs.format import BLOCK_SIZE, FormatError
+from repfs.fs.core import FileSystem
 from repfs.fs.journal import Journal
 from repfs.repl import chunk as C
 from repfs.repl import keys as RK
@@ -36,6 +37,8 @@ from repfs.snap import store as S
 from tests.fuzzing import damaged, examples, mutated, struct_fields
 
 BS = BLOCK_SIZE
+# a failing example of a large input must report its error, not hypothesis's warning about it
+pytestmark = pytest.mark.filterwarnings("ignore:Generating overly large repr")
 FUZZ = settings(max_examples=examples(200),
                 suppress_health_check=[HealthCheck.function_scoped_fixture,
                                        HealthCheck.too_slow])
@@ -205,7 +208,7 @@ def test_xattr_stream(raw, count):
 
 def _journal_record(tmp_path) -> bytes:
     j = Journal(tmp_path / "valid")
-    j.write(7, {3: b"\1" * BS, 9: b"\2" * BS, 10: b"\3" * BS})
+    j.write(7, {3: b"\1" * BS, 9: b"\2" * BS, 10: b"\3" * BS})  # inside a 16-block volume
     j.close()
     return (tmp_path / "valid").read_bytes()
 
@@ -223,16 +226,43 @@ def _read_journal(path, raw: bytes):
     finally:
         j.close()
     assert path.read_bytes() == raw  # reading never writes
-    if rec is not None:
-        seq, blocks = rec
-        assert all(0 <= b < 2**32 and len(d) == BS for b, d in blocks.items())
+    if rec is None:
+        return
+    seq, blocks = rec
+    assert all(0 <= b < 2**32 and len(d) == BS for b, d in blocks.items())
+    # replaying it at mount: into the volume whole, or refused before any write
+    dev = JournalDev()
+    j = Journal(path)
+    try:
+        FileSystem.replay_journal(dev, j)
+    except FormatError:
+        assert dev.writes == [] and max(blocks) >= dev.nblocks
+        assert path.read_bytes() == raw  # kept for a person to look at
+    else:
+        assert sorted(dev.writes) == sorted(blocks)
+    finally:
+        j.close()
+
+
+class JournalDev:
+    nblocks = 16
+
+    def __init__(self):
+        self.writes = []
+
+    def write(self, start, data, meta=False):
+        assert 0 <= start < self.nblocks and len(data) == BS
+        self.writes.append(start)
+
+    def flush(self):
+        pass
 
 
 def test_journal_damaged(tmp_path, journal_record):
     path = tmp_path / "journal"
 
     @FUZZ_IO
-    @given(damaged(journal_record, struct_fields("<8sQI")))
+    @given(damaged(journal_record, struct_fields("<8sQIIII")))
     def prop(raw):
         _read_journal(path, raw)
     prop()
@@ -244,7 +274,7 @@ def test_journal_resealed(tmp_path, journal_record):
     body = len(journal_record) - 16
 
     @FUZZ_IO
-    @given(mutated(journal_record[:body], struct_fields("<8sQI"), max_extend=8))
+    @given(mutated(journal_record[:body], struct_fields("<8sQIIII"), max_extend=8))
     def prop(raw):
         trailer = struct.pack("<Q8s", xxhash.xxh3_64_intdigest(raw), b"REPFSJNL")
         _read_journal(path, raw + trailer)

@@ -41,6 +41,8 @@ from repfs.volume import Layer, Volume, VolumeError
 from tests.fuzzing import examples, mutated, struct_fields
 
 BS = BLOCK_SIZE
+# a failing example of a large input must report its error, not hypothesis's warning about it
+pytestmark = pytest.mark.filterwarnings("ignore:Generating overly large repr")
 ALLOWED = (FSError, FormatError, VolumeError)
 DEEP = (12 + 1024 + 5) * BS  # an offset mapped through the double-indirect tree
 FUZZ = settings(max_examples=examples(120),
