@@ -189,6 +189,23 @@ def test_volume_and_redo_log_errors(sites):
             os.close(fd)
         assert (s.path / f"f-{err}").read_bytes() == data
         s.expect(f"write failed: [Errno {getattr(errno, err)}]")
+    # A snapshot's save volume cannot take a before-image (its file system is full): the
+    # overwrite that needed it fails with ENOSPC and changes nothing; the next one works.
+    admin(s.path, "snapshot", "create", "before")
+    rule = s.pf.add_fault("s1/save/*.save", "write", errno="ENOSPC", count=1)
+    fd = os.open(s.path / "f-EIO", os.O_WRONLY)
+    try:
+        with pytest.raises(OSError) as ei:
+            os.pwrite(fd, b"X" * 4096, 0)
+        assert ei.value.errno == errno.ENOSPC
+        assert s.pf.stats()["faults"][str(rule)] == 1
+        assert (s.path / "f-EIO").read_bytes() == data  # unchanged
+        assert os.pwrite(fd, b"X" * 4096, 0) == 4096
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    assert (s.path / "f-EIO").read_bytes()[:4096] == b"X" * 4096
+    admin(s.path, "snapshot", "delete", "before")
     st = s.status()
     assert st["fs_error"] is None and not st["readonly"]
     s.umount()
