@@ -464,6 +464,15 @@ def test_secondary_disk_errors_are_retried(sites):
     assert_same_tree(m1.path, m2.path)
     assert count_lines(m2, "receiver: ENOSPC") == 1
 
+    # the received delta set cannot be made durable (its fsync fails once): it is dropped
+    # whole and sent again from its first chunk (a failed fsync may have lost pages)
+    (m1.path / "h").write_bytes(os.urandom(300_000))
+    rule = m2.pf.add_fault("s2/save/incoming/*", "fsync", errno="EIO", count=1)
+    wait_converged(m1, m2, admin_cut(m1), timeout=60)
+    assert m2.pf.stats()["faults"][str(rule)] == 1
+    assert "EIO" in m2.task("receiver")["last_error"]
+    assert_same_tree(m1.path, m2.path)
+
     # playback: the secondary's volume fails three writes; the playback task retries and
     # plays the delta set whole
     data = os.urandom(700_000)
