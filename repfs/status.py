@@ -105,6 +105,7 @@ def _secondary_status(svc) -> dict:
         "last_received_delta_set": r.last_received,
         "last_played_delta_set": r.last_played,
         "last_played_at": iso(r.last_played_ns),
+        "playing_delta_set": r.playing,  # being written into the volume now (None: idle)
         "lag_seconds": round((now - first) / 1e9, 3) if first else 0.0,
         "outstanding_delta_sets": [
             {"delta_set": x["number"], "blocks": x["blocks"], "created": iso(x["cut_ns"]),

@@ -153,11 +153,17 @@ def check_durable(root: Path, writers: list[Writer]) -> int:
     return n
 
 
-def kill9(site: Path) -> int:
+def daemon_pid(site: Path) -> int:
     from repfs.site import Site
     owner = Site(site).owner()
     assert owner is not None, f"no daemon for {site}"
-    pid = owner[0]
+    return owner[0]
+
+
+def kill9(site: Path, pid: int | None = None) -> int:
+    """SIGKILL the site's daemon (or `pid`, its pid looked up earlier) and wait until it is
+    gone."""
+    pid = pid or daemon_pid(site)
     os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 30
     while True:
@@ -301,7 +307,9 @@ def test_kill_secondary_during_playback(repl_pair):
     """kill -9 of the secondary while it may be playing a delta set back. A kill inside a
     playback is proven by the remounted daemon, which finds the playback marked as running
     (it is marked before the first block is written and cleared with the record that it was
-    played) and logs that it finishes it. The loop goes on until one kill did."""
+    played) and logs that it finishes it. After a first round at a random instant, rounds
+    without a hit yet aim: they kill as soon as the status shows the delta set playing. The
+    loop goes on until one kill did."""
     pair = repl_pair
     m1, m2 = pair.m1, pair.m2
     rng = random.Random(43)
@@ -314,15 +322,26 @@ def test_kill_secondary_during_playback(repl_pair):
         writers.append(w)
         w.proc.wait(120)
         w.stop()
-        n = cut(m1)
         deadline = time.monotonic() + 60
-        while True:  # the delta set has arrived; playback starts at once
+        if during == 0 and it >= 1:  # no hit yet: aim at the playback the status shows
+            n = api(m1.site, "GET", "/status")["current_delta_set"]  # (no automatic cuts)
+            pid = daemon_pid(m2.site)
+            t = post_in_thread(m1.site, "/replicate/deltaset", {"wait": True})
             s = api(m2.site, "GET", "/status")
-            if s["last_received_delta_set"] >= n:
-                break
-            assert time.monotonic() < deadline, f"delta set {n} never arrived: {s}"
-        time.sleep(rng.uniform(0.0, 0.1))
-        kill9(m2.site)
+            while s["playing_delta_set"] != n and s["last_played_delta_set"] < n:
+                assert time.monotonic() < deadline, f"delta set {n} never played: {s}"
+                s = api(m2.site, "GET", "/status")
+            kill9(m2.site, pid)  # at once
+            t.join(60)
+        else:
+            n = cut(m1)
+            while True:  # the delta set has arrived; playback starts at once
+                s = api(m2.site, "GET", "/status")
+                if s["last_received_delta_set"] >= n:
+                    break
+                assert time.monotonic() < deadline, f"delta set {n} never arrived: {s}"
+            time.sleep(rng.uniform(0.0, 0.1))
+            kill9(m2.site)
         remount(m2)
         during = _interrupted(m2.site) - before
         converge_and_compare(pair, writers)

@@ -250,6 +250,13 @@ class Receiver:
         return self._num("last_played_ns")
 
     @property
+    def playing(self) -> int | None:
+        """The delta set being played into the volume now (marked before its first block is
+        written, cleared with the record that it was played), or None."""
+        raw = self._get("playing")
+        return K.from_u64(raw) if raw else None
+
+    @property
     def state(self) -> str:
         raw = self._get("secondary_state")
         return raw.decode(errors="replace") if raw else "idle"
