@@ -261,10 +261,12 @@ class DeltaSets:
                     txn.delete(K.u64(n), db=self.db_sets)
                     self._drop_bits(txn, n)
                     self.ctx_put("last_cut", K.u64(n - 1), txn)
+            first = self.cut_backoff == 0.0
             self.cut_backoff = min(30.0, max(0.5, self.cut_backoff * 2))
             self.cut_not_before = time.monotonic() + self.cut_backoff
-        log.info("delta set %d dropped: its blocks are in the change log again; the next cut "
-                 "in %.1f s", n, self.cut_backoff)
+        if first:  # once per series of failed cuts (the task's error is logged once too)
+            log.info("delta set %d dropped: its blocks are in the change log again; cuts are "
+                     "retried with back-off until the chunk area works", n)
 
     def _read_blocks(self, blocks: np.ndarray) -> bytes:
         parts = []
