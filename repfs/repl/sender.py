@@ -191,6 +191,8 @@ class Primary:
                 continue
             if time.monotonic() < self.sets.cut_not_before:
                 continue  # the last delta set failed to be made: back off
+            if self.service.core.error is not None:
+                continue  # the file system turned read-only: nothing to cut at a commit
             if self.sets.flow_control():
                 if not self.flow_control:
                     log.warning("chunk area full (%d bytes): cutting paused until destinations "
