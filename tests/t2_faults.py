@@ -244,7 +244,11 @@ def test_volume_and_redo_log_errors(sites):
     # as ext4's errors=remount-ro: the kernel's mount turns read-only too
     wait_for("the kernel mount to turn read-only", lambda: "ro" in kernel_options(s.path),
              sites_=(s,))
-    time.sleep(0.6)  # more ticks of the commit loop: nothing more is logged
+    # the failing path again (a commit asked for by fsync: EIO): nothing more is logged
+    for _ in range(3):
+        with open(s.path / "kept", "rb") as f, pytest.raises(OSError) as ei:
+            os.fsync(f.fileno())
+        assert ei.value.errno == errno.EIO
     assert count_lines(s, "failed writing the redo log") == 1, log_tail(s.site)
     s.umount()
     s.pf.clear_faults()
@@ -263,7 +267,10 @@ def test_volume_and_redo_log_errors(sites):
     assert st["readonly"] and "redo log" in st["fs_error"], st["fs_error"]
     wait_for("the kernel mount to turn read-only", lambda: "ro" in kernel_options(s.path),
              sites_=(s,))
-    time.sleep(0.6)
+    for _ in range(3):  # commits asked for again (fsync: EIO): nothing more is logged
+        with open(s.path / "kept", "rb") as f, pytest.raises(OSError) as ei:
+            os.fsync(f.fileno())
+        assert ei.value.errno == errno.EIO
     assert count_lines(s, " WARNING ") + count_lines(s, " ERROR ") == warnings + 1, \
         log_tail(s.site)
     assert s.task("commit")["errors"] == 0
