@@ -778,7 +778,10 @@ def test_stop_then_start_again(pair):
     (m1.path / "after-stop").write_bytes(os.urandom(50_000))
     r = admin(m1.path, "replicate", "deltaset", check=False)
     assert r.returncode == 1 and "Traceback" not in r.stderr
-    time.sleep(1.0)
+    # nothing cut, so nothing can be on its way (the state both daemons report, no sleep)
+    assert status(m1.path)["last_cut_delta_set"] == p["last_cut_delta_set"]
+    s = api(m2.site, "GET", "/status")
+    assert s["last_received_delta_set"] == s["last_played_delta_set"] == d["played_delta_set"]
     assert tree(m2.path) == frozen
     assert errno_of(lambda: open(m2.path / "x", "wb")) == errno.EROFS
     # starting again replaces the secondary's content (it is a secondary: --force)
