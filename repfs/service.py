@@ -78,11 +78,11 @@ class SiteService:
 
     @property
     def clog(self) -> ChangeLogLayer:
-        return self.core.dev.layer(ChangeLogLayer)  # the top of the stack
+        return self.core.dev.find_layer(ChangeLogLayer)  # the top of the stack
 
     @property
     def layer(self) -> SnapLayer:
-        return self.core.dev.layer(SnapLayer)  # the snapped volume under the change log
+        return self.core.dev.find_layer(SnapLayer)  # the snapped volume under the change log
 
     @property
     def store(self):

@@ -240,7 +240,7 @@ class Site:
         """A restore or delete that a crash interrupted is finished before the file system
         is opened (both are idempotent)."""
         from .snap.layer import SnapLayer
-        layer = top.layer(SnapLayer)
+        layer = top.find_layer(SnapLayer)
         store = layer.store
         raw = store.get_state("restoring")
         if raw:

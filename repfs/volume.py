@@ -83,7 +83,7 @@ class BlockDevice:
     def close(self) -> None:
         raise NotImplementedError
 
-    def layer(self, kind: type) -> "BlockDevice":
+    def find_layer(self, kind: type) -> "BlockDevice":
         """The layer of type `kind` in this stack: this device or one below it. Layers are
         found by what they are, never by counting `.lower` steps."""
         dev = self
