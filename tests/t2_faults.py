@@ -389,6 +389,32 @@ def test_primary_tasks_recover_from_disk_errors(sites):
     human = admin(m1.path, "status").stdout
     assert "background copy" in human and "ENOSPC" in human, human
 
+    # 5. a chunk file damaged on the primary's disk (a bit flipped before it was sent): it is
+    # never sent (the receiver would refuse it at every resend); the destination stops with
+    # the reason, the daemon stays up, and a full resync brings the secondary back
+    m1.pf.add_fault("s1/save/deltasets/*", "read", errno="EIO")  # hold the send
+    (m1.path / "f").write_bytes(os.urandom(300_000))
+    n = wait_for("the next delta set", lambda: next((
+        x["delta_set"] for x in m1.status()["outstanding_delta_sets"]
+        if x["state"] == "ready"), None), sites_=(m1, m2))
+    ds = m1.site / "save" / "deltasets" / f"{n}.ds"
+    fd = os.open(ds, os.O_WRONLY)
+    try:
+        os.pwrite(fd, b"\xff", 100_000)  # inside the first chunk's data
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    m1.pf.clear_faults()
+    d = wait_for("the destination to stop", lambda: next((
+        x for x in m1.status()["destinations"] if x["state"] == "error"), None),
+        sites_=(m1, m2))
+    assert f"delta set {n} is damaged" in d["error"] and "resync" in d["error"], d
+    m1.expect(f"delta set {n} is damaged")
+    m1.alive()
+    start_replication(m1, m2, "--force")
+    wait_converged(m1, m2, timeout=60)
+    assert_same_tree(m1.path, m2.path)
+
 
 # ----------------------------------------------------------------------------- the secondary
 

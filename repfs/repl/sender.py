@@ -20,7 +20,9 @@ import trio
 
 from ..extents import runs
 from . import keys as K
-from .chunk import chunk_size, encode_copy, is_set_header
+from .chunk import (
+    ChunkError, chunk_size, decode_chunk, decode_set_header, encode_copy, is_set_header,
+)
 
 log = logging.getLogger(__name__)
 BS = 4096
@@ -385,13 +387,23 @@ class Primary:
             skip = info["partial"]["chunks"]
         off = 0
         number = 0
-        while off < len(raw) and not is_set_header(raw, off):
-            size = chunk_size(raw, off)
-            if number >= skip:
-                client.chunk(raw[off: off + size])
-                self.sent_bytes += size
-            off += size
-            number += 1
+        try:
+            while off < len(raw) and not is_set_header(raw, off):
+                size = chunk_size(raw, off)
+                if number >= skip:
+                    # verified here first: a chunk file damaged on this site's disk would be
+                    # rejected by the receiver again at every resend
+                    piece = raw[off: off + size]
+                    decode_chunk(piece)
+                    client.chunk(piece)
+                    self.sent_bytes += size
+                off += size
+                number += 1
+            decode_set_header(raw[off:])
+        except ChunkError as e:
+            raise PermanentError(f"delta set {n} is damaged in this site's chunk area ({e}); "
+                                 f"{d['site']} needs a full resync (replicate start --force)"
+                                 ) from None
         ack = client.commit(raw[off:], {"cut_ns": rec["cut_ns"],
                                         "first_change_ns": rec["first_change_ns"]})
         d["acked"], d["played"] = ack["acked"], ack["played"]
