@@ -415,14 +415,16 @@ def test_site_paths_with_any_characters_mount(mount_site, tmp_path):
     mounts, answers status, mounts its snapshots and unmounts: the daemon escapes the path in
     libfuse's fsname option (a ',' used to split it into options: 'fuse_session_new()
     failed', and a path holding ',ro' or ',nodev' added those options), and the mount table
-    is read back exactly (the kernel shows the path octal-escaped)."""
+    is read back exactly (the kernel shows the path octal-escaped). A snapshot of a site
+    whose path is longer than a Unix socket's address mounts too (its socket was put in the
+    site's directory: 'AF_UNIX path too long', a 500)."""
     from repfs.common import mount_site as site_of, repfs_mounts
     mnt = mount_site("64M", name="a,ro,nodev")
     assert repfs_mounts()[str(mnt.path)] == str(mnt.site)
     assert not os.statvfs(mnt.path).f_flag & (os.ST_RDONLY | os.ST_NODEV)  # none from the path
     mnt.umount()
 
-    name = "b\\c d\ne@f#g,h"
+    name = "b\\c d\ne@f#g,h-" + "long" * 20  # (a path longer than a Unix socket's 107 bytes)
     mnt = mount_site("64M", name=name)
     m, site = mnt.path, mnt.site
     assert repfs_mounts()[str(m)] == str(site)

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 import subprocess
 import sys
+import tempfile
 
 import trio
 
@@ -16,6 +16,15 @@ from .mountd import serve_requests
 from .store import SnapError
 
 log = logging.getLogger(__name__)
+
+
+def _remove_socket(sock_path: str) -> None:
+    """Remove a snapshot mount's socket and its private directory."""
+    for fn, path in ((os.unlink, sock_path), (os.rmdir, os.path.dirname(sock_path))):
+        try:
+            fn(path)
+        except OSError:
+            pass
 
 
 class SnapshotMounts:
@@ -50,14 +59,21 @@ class SnapshotMounts:
             mp = check_mountpoint(mountpoint)
         except MountError as e:
             raise SnapError(str(e)) from None
-        sock_path = svc.site.path / f".snap-{snap.id}-{secrets.token_hex(4)}.sock"
+        # the socket lives in a private directory of its own (0700) with a short path: an
+        # AF_UNIX path holds at most 107 bytes, and a site's path may be longer than that
+        sock_path = os.path.join(tempfile.mkdtemp(prefix="repfs-snap-"), f"{snap.id}.sock")
         listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
-        await listener.bind(str(sock_path))
-        listener.listen(4)
-        proc = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "repfs.snap.mountd", str(sock_path), mp,
-             f"{svc.site.path}@{name}", str(svc.site.path / "repfs.log")],
-            stdout=subprocess.PIPE)
+        try:
+            await listener.bind(sock_path)
+            listener.listen(4)
+            proc = await trio.lowlevel.open_process(
+                [sys.executable, "-m", "repfs.snap.mountd", sock_path, mp,
+                 f"{svc.site.path}@{name}", str(svc.site.path / "repfs.log")],
+                stdout=subprocess.PIPE)
+        except BaseException:
+            listener.close()
+            _remove_socket(sock_path)
+            raise
         entry = {"mountpoint": mp, "process": proc}
         self.active[name] = entry
         svc.nursery.start_soon(self._serve, name, snap, listener, sock_path, proc)
@@ -91,10 +107,7 @@ class SnapshotMounts:
                 nursery.start_soon(self._block_server, stream, snap)
         finally:
             listener.close()
-            try:
-                os.unlink(sock_path)
-            except OSError:
-                pass
+            _remove_socket(sock_path)
             self.active.pop(name, None)
             with trio.CancelScope(shield=True):
                 if proc.returncode is None:
