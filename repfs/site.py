@@ -170,8 +170,11 @@ class Site:
 
     def superblock(self) -> Superblock:
         self.check()
-        with open(self.volume_path, "rb") as f:
-            block = f.read(BLOCK_SIZE)
+        try:
+            with open(self.volume_path, "rb") as f:
+                block = f.read(BLOCK_SIZE)
+        except OSError as e:  # EIO from the disk under the site
+            raise SiteError(f"cannot read {self.volume_path}: {e.strerror or e}") from None
         try:
             return Superblock.unpack(block)
         except FormatError as e:
@@ -322,10 +325,17 @@ class Site:
         return raw.decode() if raw else "primary"
 
     def open_fs(self, *, readonly: bool = False) -> FileSystem:
-        dev = self.device()
-        self._finish_interrupted(dev)  # recovery, like the redo-log replay: even read-only
+        dev = None
         try:
+            dev = self.device()
+            self._finish_interrupted(dev)  # recovery, like the redo-log replay: even read-only
             return FileSystem(dev, self.journal_path, readonly=readonly)
         except FormatError as e:
             dev.close()
             raise SiteError(f"{self.volume_path}: {e}") from None
+        except OSError as e:  # EIO, ENOSPC under the site while replaying or reading
+            if dev is not None:
+                dev.close()
+            raise SiteError(f"cannot open the file system of {self.path}: "
+                            f"{e.strerror or e}{f' ({e.filename})' if e.filename else ''}; "
+                            f"a later mount redoes whatever recovery began") from None

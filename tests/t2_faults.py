@@ -283,6 +283,19 @@ def test_volume_and_redo_log_errors(sites):
     assert not (s.path / "lost").exists()
     (s.path / "after").write_bytes(b"writable again")
 
+    # 4. The volume cannot be read at mount: a one-line error, no daemon left behind, and
+    # the next mount (the disk sound again) finds everything.
+    s.umount()
+    s.pf.add_fault("s1/volume.img", "read", errno="EIO")
+    r = run_repfs("mount", s.site, s.path, check=False)
+    assert r.returncode != 0 and "Input/output error" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not os.path.ismount(s.path) and not daemon_alive(s.site)
+    s.pf.clear_faults()
+    s.mount()
+    assert (s.path / "kept").read_bytes() == kept
+    assert (s.path / "after").read_bytes() == b"writable again"
+
 
 # ----------------------------------------------------------------------------- the primary
 
