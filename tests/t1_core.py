@@ -2308,3 +2308,23 @@ def test_failed_data_write_leaves_no_stale_blocks_mapped(make_fs):
     fs.release(f)
     fs.forget(f, 1)
     assert old
+
+
+def test_failed_checkpoint_flush_turns_read_only(make_fs, caplog):
+    # checkpoint() (a consistency point: snapshot, cut, unmount) flushes the volume and then
+    # clears the redo log; a failure there is a failed commit too
+    fs = _on_failing_layer(make_fs, make_fs())
+    before = mkfile(fs, b"before", b"durable")
+    fs.commit()
+    new = mkfile(fs, b"new", b"committed")
+    fs.commit()
+    fs.dev.fail_flush = True
+    err(errno.EIO, fs.checkpoint)
+    assert "a checkpoint failed flushing the volume" in fs.error
+    fs.dev.fail_flush = False
+    err(errno.EIO, fs.checkpoint)  # and keeps failing: read-only for good
+    _after_failure(fs, before, new, b"committed")
+    _expect_logged_once(caplog, "a checkpoint failed")
+    fs = _reopen_after_failure(make_fs, fs)
+    assert sorted(names(fs, ROOT)) == [b"before", b"new"]  # the redo record had it
+    assert fs.read(look(fs, ROOT, b"new").ino, 0, 100) == b"committed"

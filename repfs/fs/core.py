@@ -257,9 +257,19 @@ class FileSystem:
 
     def clear_journal(self) -> None:
         """After a commit: make its checkpoint durable, then forget the redo record (may run
-        in a worker thread; the caller keeps other commits out)."""
-        self.dev.flush()
-        self.journal.clear()
+        in a worker thread; the caller keeps other commits out). If either fails the core
+        turns read-only (fail): the redo record, whole or cleared, and the volume still hold
+        every commit."""
+        if self.error is not None:
+            raise self._failed()
+        step = "flushing the volume"
+        try:
+            self.dev.flush()
+            step = "clearing the redo log"
+            self.journal.clear()
+        except Exception as e:  # noqa: BLE001 - EIO, ENOSPC under the site
+            self.fail(f"a checkpoint failed {step}", e)
+            raise self._failed() from e
 
     def freeze(self) -> None:
         """The volume is about to change underneath (a restore, a playback): until thaw(),
