@@ -401,6 +401,8 @@ class Primary:
                 number += 1
             decode_set_header(raw[off:])
         except ChunkError as e:
+            if self.sets.path(n).read_bytes() != raw:  # a bad read, not a bad file: again
+                raise TransientError(f"delta set {n} read back damaged ({e})") from None
             raise PermanentError(f"delta set {n} is damaged in this site's chunk area ({e}); "
                                  f"{d['site']} needs a full resync (replicate start --force)"
                                  ) from None
