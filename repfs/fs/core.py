@@ -798,11 +798,16 @@ class FileSystem:
 
     def _is_ancestor(self, anc: int, ino: int) -> bool:
         """True if directory `anc` is `ino` or one of its ancestors."""
+        seen = set()
         while True:
             if ino == anc:
                 return True
             if ino == ROOT_INO:
                 return False
+            if ino in seen:  # parents that loop (found by tests/t1_fuzz_core.py: a directory
+                # that was its own parent made rename spin forever)
+                raise FormatError(f"directory {ino}: its parents loop")
+            seen.add(ino)
             ino = self.iget(ino).parent
 
     def rename(self, p_old: int, n_old: bytes, p_new: int, n_new: bytes, flags: int = 0,
@@ -928,12 +933,12 @@ class FileSystem:
             self.sb.orphan_head = inode.orphan_next
         else:
             prev = self.iget(self.sb.orphan_head)
-            hops = 0
+            seen = {prev.ino}
             while prev.orphan_next and prev.orphan_next != inode.ino:
-                prev = self.iget(prev.orphan_next)
-                hops += 1
-                if hops > self.sb.ninodes:  # a damaged list that loops (t1_fuzz_core)
+                if prev.orphan_next in seen:  # a damaged list that loops (t1_fuzz_core)
                     raise FormatError("the orphan list is damaged (it loops)")
+                prev = self.iget(prev.orphan_next)
+                seen.add(prev.ino)
             prev.orphan_next = inode.orphan_next
             self._dirty(prev)
         inode.orphan_next = 0
@@ -943,11 +948,11 @@ class FileSystem:
     def _reap_orphans(self) -> None:
         """At mount: inodes unlinked while open before a crash or unmount are freed now."""
         ino = self.sb.orphan_head
-        hops = 0
+        seen = set()
         while ino:
-            hops += 1
-            if hops > self.sb.ninodes:  # a damaged list that loops (t1_fuzz_core)
+            if ino in seen:  # a damaged list that loops (t1_fuzz_core)
                 raise FormatError("the orphan list is damaged (it loops)")
+            seen.add(ino)
             inode = self.iget(ino)
             nxt = inode.orphan_next
             if inode.nlink == 0:
