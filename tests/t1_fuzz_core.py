@@ -264,6 +264,12 @@ def visit(fs: FileSystem, ino: int, *, modify: bool) -> list[int]:
                 attempt(fs.write, made.ino, 0, b"new")
                 attempt(fs.release, made.ino)
             attempt(fs.unlink, ino, b"new-file")
+        if modify and attempt(fs.mkdir, ino, b"new-dir", 0o755) is not None:
+            # moving a directory in and out walks the parents of both ends
+            attempt(fs.rename, ino, b"new-dir", ROOT_INO, b"new-dir-moved")
+            attempt(fs.rename, ROOT_INO, b"new-dir-moved", ino, b"new-dir")
+            attempt(fs.rmdir, ino, b"new-dir")
+            attempt(fs.rmdir, ROOT_INO, b"new-dir-moved")
     elif stat.S_ISREG(mode):
         for off, size in ((0, 65536), (13 * BS, BS), (DEEP, 2 * BS),
                           (max(0, inode.size - 10), 20)):
@@ -377,7 +383,8 @@ def _every_field(pristine, where, special, data_start, journal) -> int:
         blk, off = where[ino]
         for foff, width in _INODE_FIELDS:
             top = 1 << 8 * width
-            values = {0, 1, top - 1} | ({data_start - 1, nblocks} if width == 4 else {top // 2})
+            values = {0, 1, top - 1} | ({data_start - 1, nblocks, ino} if width == 4
+                                        else {top // 2})
             for value in sorted(values):
                 vol = bytearray(pristine)
                 vol[blk * BS + off + foff: blk * BS + off + foff + width] = value.to_bytes(
