@@ -33,6 +33,7 @@ Routes (all under /v1):
 
 from __future__ import annotations
 
+import errno
 import hmac
 import json
 import logging
@@ -484,6 +485,8 @@ class ControlServer:
             status, payload = STATUS_OF_KIND[e.kind], {"error": str(e)}
         except (UnicodeError, ValueError) as e:  # e.g. a NUL byte in a path
             status, payload = 400, {"error": f"bad value: {e}"}
+        except OSError as e:  # the disk under the site (EIO, ENOSPC): not a bug
+            status, payload = self._disk_error(req, e)
         except Exception as e:  # noqa: BLE001 - a bug in one request must not take the site down
             status, payload = 500, self._internal_error(req, e)
         try:
@@ -491,6 +494,20 @@ class ControlServer:
         except (TypeError, ValueError) as e:
             status, data = 500, (json.dumps(self._internal_error(req, e)) + "\n").encode()
         return status, data
+
+    def _disk_error(self, req, e: OSError) -> tuple[int, dict]:
+        """A verb met a disk error: one line for the caller (503 when the disk is full),
+        logged without a traceback, and not at all when the file system already turned
+        read-only after an error (the core logged that once)."""
+        from .tasks import describe
+        target = req.target.decode("ascii", "replace")[:200]
+        core = getattr(self.service, "core", None)
+        if getattr(core, "error", None) is None:
+            log.error("control request %s %s failed: %s",
+                      req.method.decode("ascii", "replace"), target, describe(e))
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+        return (STATUS_OF_KIND["busy" if full else "failed"],
+                {"error": f"{target} failed: {describe(e)}"})
 
     @staticmethod
     def _internal_error(req, e: BaseException) -> dict:

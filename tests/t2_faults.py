@@ -262,6 +262,11 @@ def test_volume_and_redo_log_errors(sites):
     rule = s.pf.add_fault("s1/journal", "write", errno="EIO")
     warnings = count_lines(s, " WARNING ") + count_lines(s, " ERROR ")
     (s.path / "lost").write_bytes(b"never committed")
+    # a verb whose consistency point meets the failure (or comes just after the commit loop
+    # did): one line for the caller, never an "internal error"
+    r = admin(s.path, "snapshot", "create", "during", check=False)
+    assert r.returncode != 0 and "read-only after an error" in r.stderr, r.stderr
+    assert "internal error" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     st = wait_for("the commit loop to fail", lambda: (
         s.status() if s.status()["fs_error"] else None), sites_=(s,))
     assert st["readonly"] and "redo log" in st["fs_error"], st["fs_error"]
