@@ -61,7 +61,9 @@ class Secondary:
                 await trio.to_thread.run_sync(self.receiver.attach, primary, generation)
                 svc.core.readonly = True
                 svc.readonly = True
-        if not self.playing:
+        # (a playback loop waiting out a back-off after an error is not `playing`, but lives)
+        if not self.playing and svc.supervisor.state("playback").state not in (
+                "running", "retrying", "recovering"):
             svc.nursery.start_soon(svc.supervisor.run, "playback", self.playback_loop)
         log.info("this site is now a secondary of %s (generation %d): its mount is read-only "
                  "and shows its earlier state until the initial copy is played",
