@@ -152,6 +152,7 @@ def test_readonly_core_never_frees_into_its_volume(make_fs, tmp_path):
 
 def test_empty_token_is_regenerated_durably(tmp_path, caplog):
     (tmp_path / "control.token").write_text("")
+    os.chmod(tmp_path / "control.token", 0o600)  # as a crash leaves it: made 0600, never filled
     token = ensure_token(tmp_path)
     assert "control.token is empty or damaged" in caplog.text
     assert len(token) >= 32
