@@ -14,7 +14,6 @@ Examples per property: tests/fuzzing.py (REPFS_FUZZ_EXAMPLES raises it).
 from __future__ import annotations
 
 import json
-import os
 import struct
 
 import lmdb
@@ -25,8 +24,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from repfs.fs import format as F
-from repfs.fs.format import BLOCK_SIZE, FormatError
 from repfs.fs.core import FileSystem
+from repfs.fs.format import BLOCK_SIZE, FormatError
 from repfs.fs.journal import Journal
 from repfs.repl import chunk as C
 from repfs.repl import keys as RK
@@ -76,9 +75,9 @@ def assert_sane(sb: F.Superblock) -> None:
     assert sb.orphan_head < sb.ninodes
 
 
-def decode_superblock(block: bytes) -> None:
+def decode_superblock(raw: bytes) -> None:
     try:
-        sb = F.Superblock.unpack(block)
+        sb = F.Superblock.unpack(raw)
     except FormatError:
         return
     assert_sane(sb)
@@ -86,15 +85,15 @@ def decode_superblock(block: bytes) -> None:
 
 @FUZZ
 @given(damaged(VALID_SB, struct_fields(SB_FMT)))
-def test_superblock_damaged(block):
-    decode_superblock(block)
+def test_superblock_damaged(raw):
+    decode_superblock(raw)
 
 
 @FUZZ
 @given(mutated(VALID_SB, struct_fields(SB_FMT)))
-def test_superblock_resealed(block):
+def test_superblock_resealed(raw):
     """Fields changed behind a recomputed checksum: the geometry checks must catch them."""
-    decode_superblock(reseal(block, F._SB.size, F._SB.size))
+    decode_superblock(reseal(raw, F._SB.size, F._SB.size))
 
 
 # ================================================================== inodes

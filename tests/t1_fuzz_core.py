@@ -2,17 +2,23 @@
 
 A small site is made once and filled through the core (directories large enough to have
 overflow chains, a sparse file reaching the double-indirect tree, symlinks, extended
-attributes). Each example copies its volume, damages one metadata block (an inode, a
-directory block, an indirect block, a symlink or xattr block, a bitmap, the superblock: bit
-flips, truncation, fields set to boundary values, random content) and then:
+attributes, a hard link, an orphan). Each example copies its volume, damages one metadata
+block (an inode field set to a boundary value, or a directory, indirect, symlink, xattr,
+bitmap or inode-table block, or the superblock: bit flips, truncation, fields set to boundary
+values, zeroes, random content) and then:
 
-* opens the core on it and drives lookup, readdir, getattr, read, readlink, listxattr,
-  getxattr and a few writes over the whole tree: every request returns or fails with the
-  file system's own errors (FSError, FormatError, VolumeError: the FUSE adapter turns the last
-  two into EIO), never another exception, never a hang; file data is never written into the
-  metadata area (superblock, bitmaps, inode table), whatever a damaged pointer says;
+* opens the core on it and drives lookup, readdir, getattr, read, readlink, listxattr and
+  getxattr over the whole tree, and writes, truncation, xattr changes, entries made, moved and
+  removed on the damaged inode and a few others: every request returns or fails with the file
+  system's own errors (FSError, FormatError, VolumeError: the FUSE adapter answers EIO for the
+  last two), never another exception, never a hang; file data is never written into the
+  metadata area (superblock, bitmaps, inode table), whatever a damaged pointer says; and no
+  commit fails (nothing is logged as a warning or an error);
 * runs `repfs fsck` (in this process, through the CLI's own entry point) before and after,
   with and without --repair: it exits 0, 1, 4 or 8, never with a traceback.
+
+A second test does the same exhaustively for every important field of every kind of inode at
+its boundary values; a third checks that a damaged meta.lmdb refuses the mount in one line.
 """
 
 from __future__ import annotations
