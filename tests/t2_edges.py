@@ -383,6 +383,11 @@ def test_remount_read_only_and_back(mount_site):
     assert os.stat(m / "a").st_atime_ns == old  # the read while read-only was not recorded
     sh(["mount", "-o", "remount,ro", m])
     sh(["mount", "-o", "remount,rw", m])
+    # mount(8) passes the merged list: a flag turned back on is a 'no…' word left out
+    sh(["mount", "-o", "remount,dev,noexec,nosuid", m])
+    assert {"noexec", "nosuid"} <= set(mount_options(m)) and "nodev" not in mount_options(m)
+    sh(["mount", "-o", "remount,exec", m])
+    assert "noexec" not in mount_options(m) and "nosuid" in mount_options(m)
     (m / "c").write_bytes(b"c")
     r = run_repfs("mount", "x", "/proc", "-o", "remount,ro", check=False)
     assert r.returncode == 1 and "not a repfs mount point" in r.stderr

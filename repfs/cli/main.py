@@ -236,6 +236,11 @@ def mount_helper(argv=None) -> int:
     -o OPTS`, which becomes `repfs mount SITE MNT -o OPTS`."""
     args = sys.argv[1:] if argv is None else argv
     rest = ["mount"]
+    # On a remount mount(8) hands over the whole list the mount is to end with (the mount's
+    # options merged with the new ones): an absent 'nosuid' means 'suid' (`mount -o
+    # remount,exec` passes the list without 'noexec'), so start a remount from the defaults.
+    remount = any("remount" in args[j + 1].split(",") for j in range(len(args) - 1)
+                  if args[j] == "-o")
     i = 0
     while i < len(args):
         if args[i] == "-o" and i + 1 < len(args):
