@@ -244,7 +244,7 @@ def mount_helper(argv=None) -> int:
     i = 0
     while i < len(args):
         if args[i] == "-o" and i + 1 < len(args):
-            rest += ["-o", args[i + 1]]
+            rest += ["-o", ("suid,dev,exec,async," if remount else "") + args[i + 1]]
             i += 2
         elif args[i] in ("-n", "-v", "-f", "-s"):  # mount(8) flags: no mtab, verbose, fake...
             i += 1
