@@ -216,8 +216,9 @@ def test_volume_and_redo_log_errors(sites):
     # (errors=remount-ro), keeps serving what it holds, and every fsync'd byte survives.
     kept = os.urandom(300_000)
     write_durable(s.path / "kept", kept)
-    rule = s.pf.add_fault("s1/journal", "write", errno="EIO")
     with open(s.path / "late", "wb") as f:
+        os.fsync(f.fileno())  # created and committed: what follows only writes
+        rule = s.pf.add_fault("s1/journal", "write", errno="EIO")
         f.write(b"never durable")
         f.flush()
         with pytest.raises(OSError) as ei:
@@ -258,10 +259,15 @@ def test_volume_and_redo_log_errors(sites):
     assert s.status()["fs_error"] is None
 
     # 3. The periodic commit (no fsync) meets the fault: the same, and what that commit
-    # held is absent after the remount.
-    rule = s.pf.add_fault("s1/journal", "write", errno="EIO")
-    warnings = count_lines(s, " WARNING ") + count_lines(s, " ERROR ")
-    (s.path / "lost").write_bytes(b"never committed")
+    # held (the file's data) is absent after the remount.
+    fd = os.open(s.path / "lost", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        os.fsync(fd)  # created and committed: what follows only writes
+        rule = s.pf.add_fault("s1/journal", "write", errno="EIO")
+        warnings = count_lines(s, " WARNING ") + count_lines(s, " ERROR ")
+        assert os.write(fd, b"never committed") == 15  # no fsync: the commit loop meets it
+    finally:
+        os.close(fd)
     # a verb whose consistency point meets the failure (or comes just after the commit loop
     # did): one line for the caller, never an "internal error"
     r = admin(s.path, "snapshot", "create", "during", check=False)
@@ -270,6 +276,7 @@ def test_volume_and_redo_log_errors(sites):
     st = wait_for("the commit loop to fail", lambda: (
         s.status() if s.status()["fs_error"] else None), sites_=(s,))
     assert st["readonly"] and "redo log" in st["fs_error"], st["fs_error"]
+    assert s.pf.stats()["faults"][str(rule)] >= 1
     wait_for("the kernel mount to turn read-only", lambda: "ro" in kernel_options(s.path),
              sites_=(s,))
     for _ in range(3):  # commits asked for again (fsync: EIO): nothing more is logged
@@ -285,7 +292,7 @@ def test_volume_and_redo_log_errors(sites):
     fsck_clean(s.site)
     s.mount()
     assert (s.path / "kept").read_bytes() == kept
-    assert not (s.path / "lost").exists()
+    assert (s.path / "lost").read_bytes() == b""  # its data's commit never happened
     (s.path / "after").write_bytes(b"writable again")
 
     # 4. The volume cannot be read at mount: a one-line error, no daemon left behind, and
