@@ -352,10 +352,11 @@ def test_primary_tasks_recover_from_disk_errors(sites):
     assert_same_tree(m1.path, m2.path)
 
     # 2. the cut: a new chunk file cannot be created
+    before = m1.task("cut")["errors"]
     rules.append(m1.pf.add_fault("s1/save/deltasets/*", "create", errno="EIO"))
     (m1.path / "d").write_bytes(os.urandom(100_000))
     st = wait_for("the cut to fail", lambda: (
-        m1.task("cut") if m1.task("cut")["errors"] else None), sites_=(m1, m2))
+        m1.task("cut") if m1.task("cut")["errors"] > before else None), sites_=(m1, m2))
     assert "EIO" in st["last_error"], st
     m1.alive()
     m1.expect("cut: EIO")
@@ -367,11 +368,12 @@ def test_primary_tasks_recover_from_disk_errors(sites):
     assert_same_tree(m1.path, m2.path)
 
     # 3. the send task: a chunk file cannot be read
+    name = f"send {m2.site.name}"
+    before = m1.task(name)["errors"]
     rules.append(m1.pf.add_fault("s1/save/deltasets/*", "read", errno="EIO"))
     (m1.path / "e").write_bytes(os.urandom(300_000))
-    name = f"send {m2.site.name}"
     st = wait_for("the send task to fail", lambda: (
-        m1.task(name) if m1.task(name)["errors"] else None), sites_=(m1, m2))
+        m1.task(name) if m1.task(name)["errors"] > before else None), sites_=(m1, m2))
     assert "EIO" in st["last_error"], st
     m1.alive()
     m1.expect(f"{name}: EIO")
@@ -418,10 +420,11 @@ def test_primary_tasks_recover_from_disk_errors(sites):
     # never sent (the receiver would refuse it at every resend); the destination stops with
     # the reason, the daemon stays up, and a full resync brings the secondary back
     m1.pf.add_fault("s1/save/deltasets/*", "read", errno="EIO")  # hold the send
+    last = m1.status()["last_cut_delta_set"]
     (m1.path / "f").write_bytes(os.urandom(300_000))
     n = wait_for("the next delta set", lambda: next((
         x["delta_set"] for x in m1.status()["outstanding_delta_sets"]
-        if x["state"] == "ready"), None), sites_=(m1, m2))
+        if x["state"] == "ready" and x["delta_set"] > last), None), sites_=(m1, m2))
     ds = m1.site / "save" / "deltasets" / f"{n}.ds"
     fd = os.open(ds, os.O_WRONLY)
     try:
