@@ -382,10 +382,15 @@ def _stable_tree(root: Path) -> dict:
     """The tree of a secondary's mount, read twice alike: a playback that ends while the
     tree is walked would mix two states in one read (the mount shows only boundaries, but a
     walk is not atomic)."""
-    t = tree(root)
+    def read():
+        try:
+            return tree(root)
+        except FileNotFoundError:  # a playback removed a name the walk had listed
+            return None
+    t = read()
     for _ in range(50):
-        again = tree(root)
-        if again == t:
+        again = read()
+        if again == t and t is not None:
             return t
         t = again
     raise AssertionError(f"{root} never held still")
