@@ -103,7 +103,7 @@ class ReceiverClient:
 
     # the calls
     def info(self) -> dict:
-        return self.request("GET", "/repl/receiver")
+        return checked_info(self.request("GET", "/repl/receiver"), self.site_path)
 
     def attach(self, primary: dict, generation: int, nblocks: int, force: bool) -> dict:
         return self.request("POST", "/repl/attach", {"primary": primary, "generation": generation,
@@ -120,7 +120,32 @@ class ReceiverClient:
         self.request("POST", "/repl/chunk", raw)
 
     def commit(self, header: bytes, meta: dict) -> dict:
-        return self.request("POST", "/repl/commit", {"header": header.hex(), **meta})
+        ack = self.request("POST", "/repl/commit", {"header": header.hex(), **meta})
+        if not (isinstance(ack, dict) and _u64(ack.get("acked")) and _u64(ack.get("played"))):
+            raise PermanentError(f"{self.site_path}: malformed answer to a delta-set header")
+        return ack
+
+
+def _u64(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 64
+
+
+def checked_info(doc, where: str) -> dict:
+    """A receiver's status as the send task uses it, checked: the peer's answer is trusted no
+    more than its requests are trusted by the receiver (tests/t0_fuzz.py: a string
+    last_received or a partial set of ["x"] ended the send task with a TypeError)."""
+    def sub(name: str, *fields: str) -> bool:
+        v = doc.get(name)
+        return v is None or (isinstance(v, dict) and all(_u64(v.get(f)) for f in fields))
+
+    if not (isinstance(doc, dict) and all(
+            _u64(doc.get(k)) for k in ("generation", "last_received", "last_played"))
+            and all(doc.get(k) is None or isinstance(doc[k], str)
+                    for k in ("role", "state"))
+            and sub("partial", "delta_set", "chunks") and sub("copy", "next_block")
+            and (doc.get("primary") is None or isinstance(doc["primary"], dict))):
+        raise PermanentError(f"{where}: malformed answer from its receiver")
+    return doc
 
 
 class Primary:
