@@ -572,6 +572,49 @@ def test_receiver_copy_progress(receiver):
     prop()
 
 
+def test_receiver_answers_to_the_sender(receiver):
+    """The secondary's answers are bytes from a peer too: the send task takes a status or an
+    acknowledgement that has what it uses, with the types it uses, or refuses the answer
+    with PermanentError; never a TypeError or KeyError later in the task."""
+    from repfs.repl.sender import PermanentError, ReceiverClient, checked_info
+
+    replicating(receiver)
+    receiver.partial = {"n": 11, "checksums": [1, 2], "blocks": 3, "off": 0}
+    valid = json.loads(json.dumps({**receiver.info(), "copy": {"next_block": 7, "blocks": 2}}))
+
+    class Answer(ReceiverClient):  # the transport replaced by the damaged answer
+        def __init__(self, doc):
+            self.doc, self.site_path = doc, "peer"
+
+        def request(self, method, path, body=None):
+            return self.doc
+
+    @FUZZ
+    @given(damaged_json(valid), damaged_json({"acked": 11, "played": 10}))
+    def prop(raw, raw_ack):
+        try:
+            doc = json.loads(raw)
+        except ValueError:
+            return  # ReceiverClient.request refuses non-JSON itself
+        try:
+            info = checked_info(doc, "peer")
+        except PermanentError:
+            pass
+        else:  # what the send task does with it
+            assert info["last_received"] + 1 > info["last_played"] - 2**64
+            if info.get("partial"):
+                assert info["partial"]["delta_set"] >= 0 <= info["partial"]["chunks"]
+            if info.get("copy"):
+                assert info["copy"]["next_block"] // RK.PAGE_BITS >= 0
+            (info.get("primary") or {}).get("site")
+        try:
+            ack = Answer(json.loads(raw_ack)).commit(b"", {})
+        except (PermanentError, ValueError):
+            return
+        assert ack["acked"] >= 0 and ack["played"] >= 0
+    prop()
+
+
 # ================================================================== LMDB values and keys
 
 @FUZZ
