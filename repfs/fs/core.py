@@ -284,7 +284,7 @@ class FileSystem:
         for ino in pending:
             try:
                 inode = self.iget(ino)
-            except FSError:
+            except (FSError, FormatError):  # gone, or damaged in the volume as it now is
                 continue
             self._maybe_destroy(inode)
 
@@ -305,7 +305,7 @@ class FileSystem:
         for ino, n in known.items():
             try:
                 self.iget(ino).lookups = n
-            except FSError:
+            except (FSError, FormatError):  # gone, or damaged in the volume as it now is
                 pass
 
     def close(self) -> None:
@@ -512,7 +512,7 @@ class FileSystem:
                 nb = (off + n - 1) // BS + 1 - b0
             try:
                 phys, new = self.bmap.ensure(inode, b0, nb)
-            except FSError:
+            except (FSError, FormatError):  # no space, or a damaged map (t1_fuzz_core)
                 # leave nothing mapped past EOF (indirect blocks allocated for the write)
                 self.bmap.truncate(inode, -(-inode.size // BS))
                 self._dirty(inode)
@@ -680,7 +680,7 @@ class FileSystem:
                 self.meta.new(int(p))[: len(target)] = target
                 inode.size = len(target)
             self.dirs.add(d, name, ino, mode >> 12)
-        except FSError:
+        except (FSError, FormatError):  # no space, or a damaged directory: no inode leaks
             self.bmap.truncate(inode, 0, discard=True)
             self._free_inode(inode)
             raise
