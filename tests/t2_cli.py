@@ -543,3 +543,28 @@ def test_admin_refuses_times_that_are_not_finite(tmp_path):
                      ("--playback-timeout", "-1"), ("--retention", "soon")):
         fails(run_admin("--site", site, "replicate", "policy", opt, bad, check=False), 2,
               "bad time", bad, prog="repfs-admin")
+
+
+def test_paths_on_the_sites_own_mount_do_not_wedge_its_daemon(mount_site):
+    """`replicate start --to` and `snapshot mount` given a path on the site's own mount: the
+    daemon looked the path up from its own loop, which serves that very lookup, and hung for
+    good (every request after it, the mount itself included). Now: a clear refusal, or (a
+    snapshot mounted in a directory of the live tree) it works, and the daemon still answers."""
+    a = mount_site("64M", name="a")
+    (a.path / "sub").mkdir()
+    r = run_admin("--site", a.site, "--timeout", "20", "replicate", "start", "--to", a.path,
+                  check=False)
+    fails(r, 1, "on this site's own mount", prog="repfs-admin")
+    r = run_admin("--site", a.site, "--timeout", "20", "replicate", "start", "--to",
+                  a.path / "sub" / "s2", check=False)
+    fails(r, 1, "on this site's own mount", prog="repfs-admin")
+    run_admin("--site", a.site, "snapshot", "create", "s")
+    run_admin("--site", a.site, "--timeout", "20", "snapshot", "mount", "s", a.path / "sub")
+    try:
+        assert mounted(a.path / "sub") and os.listdir(a.path / "sub") == ["sub"]
+    finally:
+        run_repfs("umount", a.path / "sub", check=False)
+        if mounted(a.path / "sub"):
+            subprocess.run(["fusermount3", "-u", "-z", str(a.path / "sub")], check=False)
+    assert json.loads(run_admin("--site", a.site, "--json", "status").stdout)["state"] == \
+        "mounted"

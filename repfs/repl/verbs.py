@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import trio
 
@@ -28,8 +29,13 @@ class ReplicateVerbs:
         svc = self.svc
         p = self._need_primary()
         svc.check_writable()
-        target = svc.peer(to)
-        if not target.volume_path.is_file():
+        # (paths are looked at from a worker thread: a path on this site's own mount is served
+        # by this daemon's loop, which a stat from the loop itself would wait on for ever)
+        target = await trio.to_thread.run_sync(svc.peer, to)
+        own = Path(svc.mountpoint or "/nonexistent")
+        if target.path == own or own in target.path.parents:
+            raise SnapError(f"{to} is on this site's own mount {own}", "invalid")
+        if not await trio.to_thread.run_sync(target.volume_path.is_file):
             raise SnapError(f"{to} is not a repfs site (make it with repfs mkfs)", "invalid")
         if target.path == svc.site.path:
             raise SnapError("a site cannot replicate to itself", "invalid")
@@ -47,7 +53,8 @@ class ReplicateVerbs:
             raise SnapError(f"cannot reach the daemon of {to}: {e} (mount it first: "
                             f"repfs mount {to} MOUNTPOINT)", "conflict") from None
         me = {"uuid": svc.core.sb.uuid.hex(), "site": str(svc.site.path)}
-        if svc.peer(info["site"]).path == svc.site.path:  # (a replica shares the volume uuid)
+        peer_site = await trio.to_thread.run_sync(svc.peer, info["site"])
+        if peer_site.path == svc.site.path:  # (a replica shares the volume uuid)
             raise SnapError("the target is this very site", "invalid")
         nblocks = svc.layer.nblocks
         if info.get("volume_blocks") != nblocks:  # --force cannot mend this

@@ -56,7 +56,9 @@ class SnapshotMounts:
             raise SnapError(f"snapshot {name!r} is already mounted at "
                             f"{self.active[name]['mountpoint']}", "conflict")
         try:
-            mp = check_mountpoint(mountpoint)
+            # (from a worker thread: a mount point on this site's own mount is looked up by
+            # this daemon's loop, which a stat from the loop itself would wait on for ever)
+            mp = await trio.to_thread.run_sync(check_mountpoint, mountpoint)
         except MountError as e:
             raise SnapError(str(e)) from None
         # the socket lives in a private directory of its own (0700) with a short path: an
