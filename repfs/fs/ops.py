@@ -96,12 +96,16 @@ class Operations(pyfuse3.Operations):
     async def commit(self) -> None:
         """Group commit: every change made so far becomes durable when this returns."""
         async with self.commit_lock:
-            txn = self.core.prepare_commit()
-            if txn is None:
-                return
-            await trio.to_thread.run_sync(self.core.write_commit, txn)
-            self.core.finish_commit()
-            self.commits += 1
+            await self._commit_locked()
+
+    async def _commit_locked(self) -> None:
+        """One commit; the caller holds commit_lock. The sync runs in a worker thread."""
+        txn = self.core.prepare_commit()
+        if txn is None:
+            return
+        await trio.to_thread.run_sync(self.core.write_commit, txn)
+        self.core.finish_commit()
+        self.commits += 1
 
     async def _maybe_commit(self) -> None:
         if self.core.commit_due() and not self.commit_lock.locked():
@@ -114,11 +118,7 @@ class Operations(pyfuse3.Operations):
         commit's blocks would otherwise save stale blocks as a new snapshot's before-images)."""
         await self.commit()
         async with self.commit_lock:
-            if self.core.has_changes():  # blocks released from quarantine by that commit
-                txn = self.core.prepare_commit()
-                await trio.to_thread.run_sync(self.core.write_commit, txn)
-                self.core.finish_commit()
-                self.commits += 1
+            await self._commit_locked()  # blocks released from quarantine by that commit
             if not self.core.readonly:
                 await trio.to_thread.run_sync(self.core.clear_journal)
 
