@@ -58,6 +58,17 @@ class Chunk:
         return sum(n for _, n in self.extents)
 
 
+def _sealed_checksum(head, *parts) -> int:
+    """xxh3-64 over a record's header, whose last 8 bytes (the checksum field) count as zero,
+    and then `parts`: the one checksum of chunks and copy records, encoded or checked."""
+    h = xxhash.xxh3_64()
+    h.update(memoryview(head)[:-8])
+    h.update(bytes(8))
+    for part in parts:
+        h.update(part)
+    return h.intdigest()
+
+
 def encode_chunk(generation: int, delta_set: int, number: int,
                  extents: list[tuple[int, int]], data) -> bytes:
     blocks = sum(n for _, n in extents)
@@ -68,12 +79,7 @@ def encode_chunk(generation: int, delta_set: int, number: int,
     ext = b"".join(struct.pack("<II", s, n) for s, n in extents)
     head = bytearray(_CHUNK_HDR.pack(_CHUNK_MAGIC, generation, delta_set, number,
                                      len(extents), blocks, 0))
-    h = xxhash.xxh3_64()
-    h.update(head)
-    h.update(ext)
-    h.update(data)
-    csum = h.intdigest()
-    struct.pack_into("<Q", head, _CHUNK_HDR.size - 8, csum)
+    struct.pack_into("<Q", head, _CHUNK_HDR.size - 8, _sealed_checksum(head, ext, data))
     return bytes(head) + ext + bytes(data)
 
 
@@ -112,12 +118,7 @@ def decode_chunk(buf) -> Chunk:
         raise ChunkError(f"chunk is {len(buf)} bytes, its header says {size}")
     magic, gen, ds, num, next_, blocks, csum = _CHUNK_HDR.unpack_from(buf, 0)
     mv = memoryview(buf)
-    head = bytearray(mv[:_CHUNK_HDR.size])
-    struct.pack_into("<Q", head, _CHUNK_HDR.size - 8, 0)
-    h = xxhash.xxh3_64()
-    h.update(head)
-    h.update(mv[_CHUNK_HDR.size:])
-    if h.intdigest() != csum:
+    if _sealed_checksum(mv[:_CHUNK_HDR.size], mv[_CHUNK_HDR.size:]) != csum:
         raise ChunkError(f"delta set {ds} chunk {num}: checksum mismatch")
     off = _CHUNK_HDR.size
     extents = [struct.unpack_from("<II", buf, off + 8 * i) for i in range(next_)]
@@ -194,10 +195,7 @@ def encode_copy(generation: int, start: int, data) -> bytes:
     if count > MAX_CHUNK_BLOCKS:
         raise ChunkError("copy record too large")
     head = bytearray(_COPY_HDR.pack(_COPY_MAGIC, generation, start, count, 0))
-    h = xxhash.xxh3_64()
-    h.update(head)
-    h.update(data)
-    struct.pack_into("<Q", head, _COPY_HDR.size - 8, h.intdigest())
+    struct.pack_into("<Q", head, _COPY_HDR.size - 8, _sealed_checksum(head, data))
     return bytes(head) + bytes(data)
 
 
@@ -214,11 +212,6 @@ def decode_copy(buf) -> CopyRecord:
         raise ChunkError(f"copy record is {len(buf)} bytes, its header says "
                          f"{_COPY_HDR.size + count * BS}")
     mv = memoryview(buf)
-    head = bytearray(mv[:_COPY_HDR.size])
-    struct.pack_into("<Q", head, _COPY_HDR.size - 8, 0)
-    h = xxhash.xxh3_64()
-    h.update(head)
-    h.update(mv[_COPY_HDR.size:])
-    if h.intdigest() != csum:
+    if _sealed_checksum(mv[:_COPY_HDR.size], mv[_COPY_HDR.size:]) != csum:
         raise ChunkError(f"copy record at block {start}: checksum mismatch")
     return CopyRecord(gen, start, count, bytes(mv[_COPY_HDR.size:]))
