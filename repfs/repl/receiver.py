@@ -308,6 +308,21 @@ class Receiver:
         self.copy = {"off": 0, "chunks": 0, "synced": 0,
                      "check": ExtentCheck(self.nblocks, ascending=True)}
 
+    def _resumable_chunks(self, path: Path, start: int, number: int, delta_set: int | None,
+                          check: ExtentCheck):
+        """After a restart: yield (end offset, chunk) for the chunks of `path` from `start`
+        that continue what was received in order (numbered from `number`, of this
+        generation and of `delta_set` unless None, extents accepted by and added to `check`);
+        stops at the first that does not (the caller cuts the file there)."""
+        for off, size, c in iter_chunks(path, start):
+            if (c.number != number or c.generation != self.generation
+                    or (delta_set is not None and c.delta_set != delta_set)
+                    or check.problem(c.extents)):
+                return
+            check.add(c.extents)
+            number += 1
+            yield off + size, c
+
     def _load_copy(self) -> None:
         """Rebuild the position of an initial copy in progress: from the last durable
         position saved, every whole chunk that verifies (a torn tail is cut off)."""
@@ -328,12 +343,8 @@ class Receiver:
             start = saved["off"]
             cp.update(off=saved["off"], chunks=saved["chunks"], synced=saved["off"])
             check.next, check.blocks = saved["next"], saved["blocks"]
-        for off, size, c in iter_chunks(path, start):
-            if c.number != cp["chunks"] or c.generation != self.generation or check.problem(
-                    c.extents):
-                break
-            check.add(c.extents)
-            cp["off"] = off + size
+        for end, _ in self._resumable_chunks(path, start, cp["chunks"], None, check):
+            cp["off"] = end
             cp["chunks"] += 1
         if path.stat().st_size != cp["off"]:
             os.truncate(path, cp["off"])
@@ -436,14 +447,10 @@ class Receiver:
         if not path.exists():
             return
         p = self._new_partial(n)
-        for off, size, c in iter_chunks(path):
-            if (c.number != len(p["checksums"]) or c.generation != self.generation
-                    or c.delta_set != n or p["check"].problem(c.extents)):
-                break
-            p["check"].add(c.extents)
+        for end, c in self._resumable_chunks(path, 0, 0, n, p["check"]):
             p["checksums"].append(c.checksum)
             p["blocks"] += c.blocks
-            p["off"] = off + size
+            p["off"] = end
         os.truncate(path, p["off"])
         self.partial = p
 
