@@ -384,6 +384,8 @@ def test_every_inode_field_at_its_boundaries(image, tmp_path, caplog):
 
 def _every_field(pristine, where, special, data_start, journal) -> int:
     nblocks = len(pristine) // BS
+    names = {"sparse": (ROOT_INO, b"sparse"), "small": (ROOT_INO, b"hardlink"),
+             "link": (ROOT_INO, b"link"), "long-link": (special["dir"], b"long-link")}
     tried = 0
     for name, ino in special.items():
         blk, off = where[ino]
@@ -407,6 +409,9 @@ def _every_field(pristine, where, special, data_start, journal) -> int:
                 logging.getLogger("repfs").addHandler(errors)
                 try:
                     visit(fs, ino, modify=True)
+                    if name in names:  # and last, its name goes (looked up first, as
+                        attempt(fs.lookup, *names[name])  # the kernel does)
+                        attempt(fs.unlink, *names[name])
                     attempt(fs.commit)
                 finally:
                     attempt(fs.close)
