@@ -74,12 +74,19 @@ def mount_site(fsname: str) -> str:
     return fsname
 
 
-def check_mountpoint(mountpoint: str) -> str:
+def check_mountpoint(mountpoint: str, served=None) -> str:
+    """The mount point, checked for a new mount. A repfs mount left there by a killed daemon
+    is cleared away: its stat fails, or `served(site_path)` says no process serves its site
+    (right after a kill -9 the kernel may still answer from its caches)."""
     mp = os.path.realpath(mountpoint)
-    if mp in repfs_mounts():
+    site = repfs_mounts().get(mp)
+    if site is not None:
         try:
             os.stat(mp)
-        except OSError:  # a dead mount left by a killed daemon: clear it away
+            dead = served is not None and not served(site)
+        except OSError:
+            dead = True
+        if dead:
             subprocess.run(["fusermount3", "-u", "-z", mp], check=False)
     if not os.path.exists(mp):
         raise MountError(f"mount point {mountpoint} does not exist")

@@ -195,6 +195,20 @@ class Site:
             raise SiteError(f"site {self.path} is in use{where}") from None
         self._lock_fd = fd
 
+    def in_use(self) -> bool:
+        """Whether a process (a daemon, fsck) holds the site; takes nothing."""
+        try:
+            fd = os.open(self.lock_path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
     def unlock(self) -> None:
         if self._lock_fd is not None:
             os.close(self._lock_fd)

@@ -14,8 +14,10 @@ import signal
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pytest
 
 from repfs.fs.format import Superblock
 from tests.conftest import fsck_clean, run_repfs
@@ -568,3 +570,32 @@ def test_paths_on_the_sites_own_mount_do_not_wedge_its_daemon(mount_site):
             subprocess.run(["fusermount3", "-u", "-z", str(a.path / "sub")], check=False)
     assert json.loads(run_admin("--site", a.site, "--json", "status").stdout)["state"] == \
         "mounted"
+
+
+def test_mount_clears_a_dead_mount_of_its_site(mount_site):
+    """After kill -9 of a daemon, `repfs mount` of the same site on the same mount point works
+    at once: the old mount is cleared even while the kernel still answers stat from its caches
+    (no process holds the site: its lock is free)."""
+    from repfs.common import check_mountpoint, repfs_mounts
+    from repfs.site import Site
+    m = mount_site("64M")
+    (m.path / "f").write_bytes(b"kept")
+    fd = os.open(m.path / "f", os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+    # a live daemon's mount is left alone ...
+    assert Site(m.site).in_use()
+    with pytest.raises(Exception, match="already a mount point"):
+        check_mountpoint(str(m.path), served=lambda p: Site(p).in_use())
+    # ... a mount whose site nobody serves is cleared, whether or not stat still answers
+    pid = int((m.site / "repfs.pid").read_text().split()[0])
+    os.kill(pid, signal.SIGKILL)
+    for _ in range(200):
+        if not Site(m.site).in_use():
+            break
+        time.sleep(0.05)
+    assert str(m.path) in repfs_mounts()
+    assert check_mountpoint(str(m.path), served=lambda p: Site(p).in_use()) == str(m.path)
+    assert str(m.path) not in repfs_mounts()
+    run_repfs("mount", m.site, m.path)
+    assert (m.path / "f").read_bytes() == b"kept"

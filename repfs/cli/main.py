@@ -101,7 +101,7 @@ def _cmd_mount(a) -> int:
     try:
         site.check()
         site.superblock()
-        mp = check_mountpoint(a.mountpoint)
+        mp = check_mountpoint(a.mountpoint, served=lambda path: Site(path).in_use())
     except (SiteError, MountError) as e:
         raise QuietError(str(e)) from None
     who = site.owner()
