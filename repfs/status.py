@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import time
 
+from .tasks import iso
+
 
 def site_status(svc) -> dict:
     core = svc.core
@@ -118,12 +120,6 @@ def _secondary_status(svc) -> dict:
         "playback_ms_p50": pct(sorted(svc.secondary.playback_ms), 50),
         "policy": svc.secondary.policy(),
     }
-
-
-def iso(ns: int) -> str | None:
-    if not ns:
-        return None
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ns / 1e9)) + f".{int(ns % 1e9) // 1000000:03d}Z"
 
 
 def pct(values: list[float], p: int) -> float | None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 
@@ -71,12 +70,12 @@ class TaskState:
         return {
             "state": self.state,
             "last_error": self.last_error,
-            "last_error_at": _iso(self.last_error_ns),
+            "last_error_at": iso(self.last_error_ns),
             "error_kind": (None if self.transient is None
                            else "transient" if self.transient else "permanent"),
             "errors": self.errors,
             "restarts": self.restarts,
-            "next_retry_at": _iso(self.retry_at_ns) if self.state == "retrying" else None,
+            "next_retry_at": iso(self.retry_at_ns) if self.state == "retrying" else None,
         }
 
 
@@ -173,9 +172,10 @@ class Supervisor:
         return {name: st.report() for name, st in sorted(self.tasks.items())}
 
 
-def _iso(ns: int) -> str | None:
+def iso(ns: int) -> str | None:
+    """A time in nanoseconds since the epoch as ISO 8601 UTC with milliseconds (None for 0),
+    as every status report shows times."""
     if not ns:
         return None
-    secs = ns / 1e9
-    return (time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(math.floor(secs)))
-            + f".{(ns // 1_000_000) % 1000:03d}Z")
+    secs, ms = divmod(ns // 1_000_000, 1000)  # in integers: a float rounds up .9999999
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{ms:03d}Z"
