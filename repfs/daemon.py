@@ -133,10 +133,13 @@ def serve(site: Site, mountpoint: str, *, readonly: bool = False, writeback_cach
     site.write_control(host, port)
     try:
         service = SiteService(site, ops, mountpoint=mountpoint, readonly=readonly)
-    except MetaError as e:  # a damaged meta.lmdb: one line, and no mount left behind
+    except Exception as e:  # noqa: BLE001 - e.g. a damaged meta.lmdb: no mount left behind
+        if not isinstance(e, MetaError):
+            log.exception("starting the site's service failed")
         pyfuse3.close(unmount=True)
         core.close()
         core.dev.close()
+        site.clear_pid()
         site.unlock()
         ready(f"{site.path}: {e}")
         return
