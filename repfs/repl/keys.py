@@ -43,6 +43,12 @@ def u64(n: int) -> bytes:
     return _U64.pack(n)
 
 
+def is_u64(v) -> bool:
+    """A value decoded from JSON (a record, a peer's answer) is an unsigned 64-bit integer
+    (not a bool, not a float)."""
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 64
+
+
 def from_u32(b: bytes) -> int:
     return _unpack(_U32, b, "32-bit value")[0]
 

@@ -717,10 +717,6 @@ def finish_interrupted_playback(env, site_path: Path, dev) -> None:
                   "again and plays it", e)
 
 
-def _u64(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 64
-
-
 def _record(raw: bytes, n: int) -> dict:
     """The record of incoming delta set `n` from LMDB, checked. A damaged one (found by
     tests/t0_fuzz.py: bad JSON stopped playback with a traceback on every round; a "file" of
@@ -730,8 +726,8 @@ def _record(raw: bytes, n: int) -> dict:
     try:
         rec = json.loads(raw)
         ok = (isinstance(rec, dict) and rec.get("number") == n
-              and _u64(rec.get("chunks")) and _u64(rec.get("blocks"))
-              and all(_u64(rec.get(k, 0)) for k in (
+              and K.is_u64(rec.get("chunks")) and K.is_u64(rec.get("blocks"))
+              and all(K.is_u64(rec.get(k, 0)) for k in (
                   "bytes", "generation", "data_checksum", "received_ns", "cut_ns",
                   "first_change_ns"))
               and rec.get("file", f"{n}.ds") in (f"{n}.ds", COPY_FILE))
@@ -751,10 +747,10 @@ def _progress(raw: bytes | None) -> dict | None:
     except ValueError:
         return None
     if not isinstance(saved, dict) or not all(
-            _u64(saved.get(k)) for k in ("off", "chunks", "next", "blocks")):
+            K.is_u64(saved.get(k)) for k in ("off", "chunks", "next", "blocks")):
         return None
     return saved
 
 
 def _int(v) -> int:
-    return v if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 64 else 0
+    return v if K.is_u64(v) else 0

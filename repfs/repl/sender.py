@@ -121,13 +121,10 @@ class ReceiverClient:
 
     def commit(self, header: bytes, meta: dict) -> dict:
         ack = self.request("POST", "/repl/commit", {"header": header.hex(), **meta})
-        if not (isinstance(ack, dict) and _u64(ack.get("acked")) and _u64(ack.get("played"))):
+        if not (isinstance(ack, dict) and K.is_u64(ack.get("acked"))
+                and K.is_u64(ack.get("played"))):
             raise PermanentError(f"{self.site_path}: malformed answer to a delta-set header")
         return ack
-
-
-def _u64(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 64
 
 
 def checked_info(doc, where: str) -> dict:
@@ -136,10 +133,10 @@ def checked_info(doc, where: str) -> dict:
     last_received or a partial set of ["x"] ended the send task with a TypeError)."""
     def sub(name: str, *fields: str) -> bool:
         v = doc.get(name)
-        return v is None or (isinstance(v, dict) and all(_u64(v.get(f)) for f in fields))
+        return v is None or (isinstance(v, dict) and all(K.is_u64(v.get(f)) for f in fields))
 
     if not (isinstance(doc, dict) and all(
-            _u64(doc.get(k)) for k in ("generation", "last_received", "last_played"))
+            K.is_u64(doc.get(k)) for k in ("generation", "last_received", "last_played"))
             and all(doc.get(k) is None or isinstance(doc[k], str)
                     for k in ("role", "state"))
             and sub("partial", "delta_set", "chunks") and sub("copy", "next_block")
