@@ -56,7 +56,7 @@ def _fuse_errors(fn):
 def _log_request_error(ops, name: str, e: BaseException) -> None:
     """Log a failed request, each distinct error at most once a minute (a failing disk
     fails every request that touches it)."""
-    seen = ops.__dict__.setdefault("_request_errors", {})
+    seen = ops.request_errors
     key = f"{type(e).__name__}: {e}"
     now = time.monotonic()
     if now - seen.get(key, -1e9) < 60:
@@ -85,6 +85,7 @@ class Operations(pyfuse3.Operations):
         self._hold.set()
         self.commits = 0
         self._direct_files: set[int] = set()  # see _keep_cache
+        self.request_errors: dict[str, float] = {}  # error -> when last logged (at most 65)
 
     # ------------------------------------------------------------------ consistency points
 
