@@ -26,8 +26,8 @@ class SnapshotVerbs:
     async def create(self, name: str, attrs: dict | None = None) -> dict:
         svc = self.svc
         svc.check_writable()
-        async with svc.ops.quiesce():
-            snap = svc.store.create(name, attrs)
+        async with svc.ops.quiesce():  # (create syncs: the save volume's name, meta.lmdb)
+            snap = await trio.to_thread.run_sync(svc.store.create, name, attrs)
         log.info("snapshot %s (id %d) created", name, snap.id)
         return snap.info()
 
