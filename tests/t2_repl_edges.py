@@ -14,8 +14,6 @@
 
 from __future__ import annotations
 
-import http.client
-import json
 import os
 import stat
 import threading
@@ -27,19 +25,7 @@ from tests.t2_repl import (
     NO_AUTO_CUT, admin, api, assert_same_tree, cut, log_tail, start_replication, status, tree,
     wait_converged,
 )
-
-
-def post(site: Path, path: str, body: dict, timeout: float = 60.0):
-    c = json.loads((Path(site) / "control.json").read_text())
-    token = (Path(site) / "control.token").read_text().strip()
-    conn = http.client.HTTPConnection(c["host"], c["port"], timeout=timeout)
-    try:
-        conn.request("POST", "/v1" + path, body=json.dumps(body).encode(), headers={
-            "Authorization": f"Bearer {token}", "Content-Type": "application/json"})
-        resp = conn.getresponse()
-        return resp.status, json.loads(resp.read())
-    finally:
-        conn.close()
+from tests.t4_repl_crash import kill9, post, remount
 
 
 def incoming_files(site: Path) -> list[str]:
@@ -148,20 +134,25 @@ def _observe(root: Path) -> list[str]:
     return obs
 
 
-def test_the_secondary_never_shows_a_torn_state_during_the_initial_copy(mount_site):
-    m1 = mount_site("1G", name="s1")
-    m2 = mount_site("1G", name="s2")
+def _before_and_after(m1, m2) -> None:
+    """Automatic cuts off on the primary m1; the same names (and so, on two fresh file
+    systems, the same inodes and blocks) with other content on each side, the secondary m2
+    holding its "before" state; 64 MiB behind the small files, so the copy takes a while."""
     admin(m1.path, "replicate", "policy", *NO_AUTO_CUT)
-    # the same names (and so, on two fresh file systems, the same inodes and blocks) with
-    # other content on each side; the secondary holds its "before" state
     for m, state in ((m2, BEFORE), (m1, AFTER)):
         (m.path / "d").mkdir()
         for n, data in state.items():
             (m.path / "d" / n).write_bytes(data)
     (m1.path / "d" / "only-after").write_bytes(b"new")
     filler = os.urandom(1 << 20)
-    for i in range(64):  # 64 MiB behind the small files: the copy takes a while
+    for i in range(64):
         (m1.path / f"big{i}").write_bytes(filler[i:] + filler[:i])
+
+
+def test_the_secondary_never_shows_a_torn_state_during_the_initial_copy(mount_site):
+    m1 = mount_site("1G", name="s1")
+    m2 = mount_site("1G", name="s2")
+    _before_and_after(m1, m2)
     want_after = tree(m1.path)
 
     stop = threading.Event()
@@ -215,18 +206,9 @@ def test_a_secondary_killed_during_the_copy_shows_its_earlier_state_then_resumes
     """kill -9 of the secondary while it stages the copy: remounted, it shows its earlier
     state whole (the copy never touched its volume), and the copy resumes to a byte-exact
     secondary."""
-    from tests.t4_repl_crash import kill9, remount
     m1 = mount_site("1G", name="s1")
     m2 = mount_site("1G", name="s2")
-    admin(m1.path, "replicate", "policy", *NO_AUTO_CUT)
-    for m, state in ((m2, BEFORE), (m1, AFTER)):
-        (m.path / "d").mkdir()
-        for n, data in state.items():
-            (m.path / "d" / n).write_bytes(data)
-    (m1.path / "d" / "only-after").write_bytes(b"new")
-    filler = os.urandom(1 << 20)
-    for i in range(64):
-        (m1.path / f"big{i}").write_bytes(filler[i:] + filler[:i])
+    _before_and_after(m1, m2)
     code, out = post(m1.site, "/replicate/start", {"to": str(m2.site), "force": True})
     assert code == 200 and out["state"] == "initial-copy", out
     deadline = time.monotonic() + 60
