@@ -186,3 +186,27 @@ def test_write_durably_leaves_no_temporary_file(tmp_path):
     assert (tmp_path / "a").read_text() == "hello"
     assert stat.S_IMODE(os.stat(tmp_path / "a").st_mode) == 0o644
     assert os.listdir(tmp_path) == ["a"]
+
+
+def test_invalidation_plan_reports_an_inode_the_change_damaged(make_fs):
+    """A change underneath (a playback, a restore) that leaves a known inode damaged in the
+    volume: finish() names it as stale for the kernel instead of failing the change."""
+    from repfs.fs.format import Inode
+    from repfs.fs.invalidate import InvalidationPlan
+    fs = make_fs()
+    ino = fs.create(ROOT_INO, b"f", 0o644).ino  # known: open and looked up
+    fs.checkpoint()  # the volume alone holds the file system
+    plan = InvalidationPlan(fs, None)
+    blk, off = fs._inode_pos(ino)
+    good = bytes(fs.dev.read(blk, 1))
+    bad = bytearray(good)
+    inode = Inode.unpack_from(ino, bad, off)
+    inode.nlink = 0  # a named, unlisted inode with no links: refused by iget
+    inode.pack_into(bad, off)
+    fs.dev.write(blk, bytes(bad), meta=True)
+    fs.reload()
+    entries, inodes = plan.finish(fs)
+    assert ino in inodes
+    fs.dev.write(blk, good, meta=True)  # undone, so the teardown's fsck is clean
+    fs.reload()
+    fs.release(ino)

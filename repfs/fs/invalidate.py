@@ -12,6 +12,7 @@ import trio
 
 from .core import FileSystem
 from .errors import FSError
+from .format import FormatError
 
 
 async def volume_changes(ops, apply, prepare):
@@ -64,7 +65,7 @@ class InvalidationPlan:
         for ino in self.known:
             try:
                 after = _signature(core.iget(ino))
-            except FSError:
+            except (FSError, FormatError):  # gone, or damaged in the volume as it now is
                 after = None
             if after != self.before[ino]:
                 inodes.append(ino)
