@@ -653,7 +653,7 @@ class Receiver:
         is gone fails verification and comes here again."""
         n = rec["number"]
         qdir = self.dir.parent / "quarantine"
-        qdir.mkdir(mode=0o700, exist_ok=True)
+        private_dir(qdir)  # raw blocks of every file, as incoming/: 0700
         src = self._file(rec)
         dst: Path | None = qdir / f"{n}-{time.time_ns()}.ds"
         try:
