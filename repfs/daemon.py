@@ -12,7 +12,7 @@ import trio
 
 from .common import fuse_opt_value, setup_logging
 from .fs.ops import Operations
-from .mountopts import MountOptions
+from .mountopts import MountOptionError, MountOptions, current_options, kernel_remount
 from .site import Site, SiteError
 from .snap.keys import MetaError
 
@@ -40,7 +40,6 @@ async def _remount_readonly(service, *, quiet: bool) -> bool:
     """errors=remount-ro in the kernel too, once the core turned read-only: the mount shows
     "ro" and the kernel refuses writes itself. Fails (EBUSY) while files are open for
     writing: tried again at the next tick; the core refuses every change meanwhile."""
-    from .mountopts import MountOptionError, current_options, kernel_remount
     mp = service.mountpoint
     try:
         async with service.remounter.lock:  # one change of the mount's flags at a time
