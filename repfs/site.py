@@ -216,6 +216,8 @@ class Site:
 
     def owner(self) -> tuple[int, str] | None:
         """(pid, mount point) of the daemon serving this site, if one runs."""
+        if not self.in_use():  # a pid file left by a power cut or kill -9 names a pid that
+            return None        # another process may have now; the daemon holds the lock
         try:
             pid_s, _, mnt = self.pid_path.read_text().partition("\n")
             pid = int(pid_s)

@@ -599,3 +599,17 @@ def test_mount_clears_a_dead_mount_of_its_site(mount_site):
     assert str(m.path) not in repfs_mounts()
     run_repfs("mount", m.site, m.path)
     assert (m.path / "f").read_bytes() == b"kept"
+
+
+def test_a_stale_pid_file_naming_a_live_process_does_not_block_the_mount(mount_site, tmp_path):
+    """repfs.pid is written durably, so a power cut (or kill -9) leaves it behind; after a
+    reboot its pid may belong to any process. The site is in use only while its lock is held:
+    such a file made `repfs mount` refuse ('already mounted at ... (pid 1)') for good."""
+    site = make_site(tmp_path / "s")
+    (site / "repfs.pid").write_text(f"{os.getpid()}\n/mnt/elsewhere\n")  # alive, not a daemon
+    st = json.loads(run_admin("--site", site, "--json", "status").stdout)
+    assert st["state"] == "not mounted" and st["pid"] is None, st
+    m = mount_site("64M", name="s")
+    (m.path / "f").write_text("mounted")
+    st = json.loads(run_admin("--site", m.path, "--json", "status").stdout)
+    assert st["state"] == "mounted" and st["pid"] != os.getpid()
