@@ -267,3 +267,24 @@ def test_raw_block_files_are_private_under_umask_0(mount_site):
     run_repfs("mount", m2.site, m2.path)
     admin(m2.path, "replicate", "policy", "--playback-timeout", "0")
     wait_converged(m1, m2, n2)
+
+
+def test_start_force_over_a_running_destination_restarts_it_once(mount_site):
+    """`replicate start --force` to a destination that is already replicating: a new initial
+    copy, then replication as before. The first send task was left running beside the new
+    one; both asked the secondary to start playback, the second was refused ('this site is
+    not receiving an initial copy') and the destination stopped in error."""
+    m1 = mount_site("64M", name="s1")
+    m2 = mount_site("64M", name="s2")
+    (m1.path / "a").write_bytes(os.urandom(200_000))
+    start_replication(m1, m2)
+    (m1.path / "b").write_bytes(os.urandom(100_000))
+    start_replication(m1, m2, "--force")
+    d = status(m1.path)["destinations"]
+    assert [(x["name"], x["state"]) for x in d] == [("s2", "replicating")], d
+    (m1.path / "c").write_bytes(os.urandom(100_000))
+    cut(m1)
+    wait_converged(m1, m2)
+    assert status(m1.path)["destinations"][0]["state"] == "replicating"
+    assert_same_tree(m1.path, m2.path)
+    assert [t for t in status(m1.path)["tasks"] if t.startswith("send ")] == ["send s2"]

@@ -261,6 +261,9 @@ class Primary:
     # ------------------------------------------------------------------ destinations
 
     def start_sender(self, nursery, name: str) -> None:
+        old = self.tasks.get(name)
+        if old is not None:  # (replicate start --force over a running destination: one task)
+            old.cancel()
         scope = trio.CancelScope()
         self.tasks[name] = scope
         nursery.start_soon(self._supervised_send, name, scope)
@@ -270,7 +273,8 @@ class Primary:
         # read, a damaged record) is contained, shown in status and retried
         with scope:
             await self.sup.run(f"send {name}", self._send_task, name)
-        self.sup.stopped(f"send {name}")
+        if self.tasks.get(name) in (scope, None):  # (not when a new task replaced this one)
+            self.sup.stopped(f"send {name}")
 
     async def _send_task(self, name: str) -> None:
         task = f"send {name}"
