@@ -238,8 +238,15 @@ class Primary:
             while self.sets.cutting:
                 await trio.sleep(0.02)
             t0 = time.monotonic()
-            async with self.service.ops.quiesce():
-                n = self.sets.cut()
+            ops = self.service.ops
+            async with ops.quiesce(), ops.commit_lock:
+                # the cut's durable LMDB commits (and, for an empty delta set, the chunk
+                # file's fdatasync and directory fsync) run in a worker thread: writers stay
+                # gated, cut_lock keeps one cut at a time, the commit lock keeps a group
+                # commit from writing the volume through the change log between the
+                # checkpoint and the swap; the copy loop and the send tasks only see the
+                # mailbox and the tables under the change-log lock and LMDB transactions
+                n = await trio.to_thread.run_sync(self.sets.cut)
             self.stall_ms.append((time.monotonic() - t0) * 1000)
             del self.stall_ms[:-1000]
             self.copy_needed.set()

@@ -84,11 +84,17 @@ class ReplicateVerbs:
         async with p.cut_lock:
             while p.sets.cutting:
                 await trio.sleep(0.02)
-            async with svc.ops.quiesce():
+            def start_at_consistency_point() -> int:
                 svc.clog.enabled = True
-                stamp = p.sets.cut()
-                svc.store.create(snap_name, {"delta_set": stamp, "purpose": "initial copy",
+                n = p.sets.cut()
+                svc.store.create(snap_name, {"delta_set": n, "purpose": "initial copy",
                                              "destination": name})
+                return n
+
+            # (durable LMDB commits, fsyncs: in a worker thread, as in Primary.cut; writers
+            # stay gated, the cut and commit locks keep cuts and group commits out)
+            async with svc.ops.quiesce(), svc.ops.commit_lock:
+                stamp = await trio.to_thread.run_sync(start_at_consistency_point)
         p.copy_needed.set()
         d = {"name": name, "site": str(target.path), "kind": "local", "state": "initial-copy",
              "snapshot": snap_name, "stamp": stamp, "acked": stamp, "played": stamp,
