@@ -139,9 +139,14 @@ class Site:
     # ---------------------------------------------------------------- checks
 
     def check(self) -> None:
-        if not self.path.is_dir():
+        try:
+            is_dir, is_site = self.path.is_dir(), self.volume_path.is_file()
+        except PermissionError:  # (a site's directory is 0700: another user, not root)
+            raise SiteError(f"{self.path}: permission denied (only the site's owner, "
+                            "usually root, may use it)") from None
+        if not is_dir:
             raise SiteError(f"{self.path} is not a directory (make a site with: repfs mkfs SITE --size SIZE)")
-        if not self.volume_path.is_file():
+        if not is_site:
             raise SiteError(f"{self.path} is not a repfs site (no volume.img)")
 
     def write_default_config(self, label: str = "") -> None:

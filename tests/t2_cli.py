@@ -613,3 +613,37 @@ def test_a_stale_pid_file_naming_a_live_process_does_not_block_the_mount(mount_s
     (m.path / "f").write_text("mounted")
     st = json.loads(run_admin("--site", m.path, "--json", "status").stdout)
     assert st["state"] == "mounted" and st["pid"] != os.getpid()
+
+
+def test_another_user_gets_one_line_not_a_traceback():
+    """A site's directory is 0700: another user's repfs mount, fsck, mkfs --force and
+    repfs-admin status ended in a PermissionError traceback. Now one line each, and the
+    site is unchanged."""
+    import shutil
+    import tempfile
+    base = Path(tempfile.mkdtemp(prefix="repfs-t2-cli-"))  # (pytest's own is 0700)
+    try:
+        os.chmod(base, 0o755)
+        site = make_site(base / "s")
+        before = digest(site)
+        mnt = base / "m"
+        mnt.mkdir(mode=0o777)
+        closed = base / "closed"
+        closed.mkdir(mode=0o700)
+        as_nobody = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+                     sys.executable, "-c"]
+        repfs = "import sys; from repfs.cli.main import main; sys.argv[0] = 'repfs'; main()"
+        admin = "import sys; from repfs.cli.admin import main; main()"
+        for code, args, rc in ((repfs, ["mount", site, mnt], 1), (repfs, ["fsck", site], 8),
+                               (repfs, ["mkfs", site, "--size", "1M", "--force"], 1),
+                               (repfs, ["mkfs", closed / "x", "--size", "1M"], 1),
+                               (admin, ["--site", site, "status"], 1)):
+            r = subprocess.run(as_nobody + [code, *map(str, args)], capture_output=True,
+                               text=True, timeout=60, cwd="/")
+            assert r.returncode == rc and "Traceback" not in r.stderr, (args, r.returncode,
+                                                                        r.stderr)
+            assert len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
+            assert "permission denied" in r.stderr.lower(), (args, r.stderr)
+        assert not mounted(mnt) and digest(site) == before and os.listdir(closed) == []
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

@@ -130,7 +130,12 @@ def _resolve(target: str, token_file: str | None) -> Target:
             site = Site(mount_site(mounts[real]))
         else:
             site = Site(real)
-            if not site.volume_path.is_file():
+            try:
+                is_site = site.volume_path.is_file()
+            except PermissionError:  # (a site's directory is 0700)
+                raise QuietError(f"{target}: permission denied (only the site's owner, "
+                                 "usually root, may use it)") from None
+            if not is_site:
                 raise QuietError(f"{target} is neither a repfs site directory nor a repfs "
                                  "mount point")
         addr = site.control_address()

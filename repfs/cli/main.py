@@ -75,6 +75,9 @@ def _cmd_mkfs(a) -> int:
         site = Site.create(a.site, size, inodes=a.inodes, label=a.label, force=a.force)
     except SiteError as e:
         raise QuietError(str(e)) from None
+    except PermissionError as e:
+        raise QuietError(f"cannot make site {a.site}: {e.strerror}"
+                         f"{f' ({e.filename})' if e.filename else ''}") from None
     sb = site.superblock()
     print(f"made site {site.path}: {sb.nblocks * 4096 / 2**30:.2f} GiB volume, "
           f"{sb.ninodes - 1} inodes, label {sb.label or '-'}")
