@@ -288,3 +288,31 @@ def test_start_force_over_a_running_destination_restarts_it_once(mount_site):
     assert status(m1.path)["destinations"][0]["state"] == "replicating"
     assert_same_tree(m1.path, m2.path)
     assert [t for t in status(m1.path)["tasks"] if t.startswith("send ")] == ["send s2"]
+
+
+def test_start_tells_the_primary_died_while_it_waited_for_the_copy(mount_site):
+    """The primary's daemon gone while `replicate start` waits for the initial copy: the
+    start was done (the copy resumes after the next mount), so the CLI says so, not only
+    'no daemon ... is the site mounted?' as if nothing had happened."""
+    import signal
+    import subprocess
+    import sys
+    m1 = mount_site("128M", name="s1")
+    m2 = mount_site("128M", name="s2")
+    (m1.path / "a").write_bytes(os.urandom(40 << 20))
+    p = subprocess.Popen([sys.executable, "-c", "from repfs.cli.admin import main; main()",
+                          "--site", str(m1.path), "replicate", "start", "--to", str(m2.site)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sec = int((m2.site / "repfs.pid").read_text().split()[0])
+    try:
+        assert p.stdout.readline().startswith("replicating to s2")  # the start was accepted
+        os.kill(sec, signal.SIGSTOP)  # the copy cannot finish meanwhile
+        kill9(m1.site)
+        out, err = p.communicate(timeout=60)
+    finally:
+        os.kill(sec, signal.SIGCONT)
+    assert p.returncode in (3, 4) and len(err.strip().splitlines()) == 1, err
+    assert "replication to s2 started" in err and "goes on by itself" in err, err
+    remount(m1)
+    wait_converged(m1, m2, timeout=120)
+    assert_same_tree(m1.path, m2.path)

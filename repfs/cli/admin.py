@@ -406,7 +406,13 @@ def _replicate(t: Target, a):
         last = None
         progress, since = None, time.monotonic()
         while True:
-            st = call(t, "GET", "/status")
+            try:
+                st = call(t, "GET", "/status")
+            except QuietError as e:  # (the start itself was done: say so, not only "no daemon")
+                raise QuietError(f"replication to {out['destination']} started, but waiting for "
+                                 f"its initial copy failed: {e}; the copy goes on by itself "
+                                 "once the site is mounted (see repfs-admin status)",
+                                 e.code) from None
             d = next((x for x in st["destinations"] if x["name"] == out["destination"]), None)
             if d is None or d["state"] != "initial-copy":
                 # the secondary plays the staged copy as delta set `stamp`: wait for it
