@@ -217,10 +217,12 @@ class Primary:
                 continue  # the last delta set failed to be made: back off
             if self.service.core.error is not None:
                 continue  # the file system turned read-only: nothing to cut at a commit
-            if self.sets.flow_control():
+            # (usage lists and stats the chunk area: in a worker thread, once per iteration)
+            used = await trio.to_thread.run_sync(self.sets.usage)
+            if used >= self.sets.capacity:  # flow control
                 if not self.flow_control:
                     log.warning("chunk area full (%d bytes): cutting paused until destinations "
-                                "catch up; the change log keeps coalescing", self.sets.usage())
+                                "catch up; the change log keeps coalescing", used)
                 self.flow_control = True
                 continue
             self.flow_control = False
