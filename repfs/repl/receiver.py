@@ -660,6 +660,13 @@ class Receiver:
             os.replace(src, dst)
         except FileNotFoundError:
             dst = None
+        else:
+            # the move durable before the record says it happened (a power cut must not
+            # keep a report naming a file that is not there): quarantine/ itself (it may be
+            # new) in save/, the new name, the old one gone (runs in a worker thread)
+            fsync_dir(qdir.parent)
+            fsync_dir(qdir)
+            fsync_dir(self.dir)
         later = [r for r in self.incoming() if r["number"] > n]
         entry = {"delta_set": n, "reason": reason, "at_ns": time.time_ns(),
                  "file": str(dst) if dst else None}
