@@ -115,8 +115,9 @@ class Secondary:
 
     # ------------------------------------------------------------------ verbs run here
 
-    def stop(self) -> dict:
-        self.receiver.detach()
+    async def stop(self) -> dict:
+        async with self.lock:  # (a durable LMDB commit: in a worker thread)
+            await trio.to_thread.run_sync(self.receiver.detach)
         self.wake.set()
         return {"stopped": "playback"}
 
@@ -128,15 +129,21 @@ class Secondary:
             pol.update(json.loads(raw))
         return pol
 
-    def set_policy(self, changes: dict) -> dict:
+    async def set_policy(self, changes: dict) -> dict:
         bad = {"timeout", "hwm"} & {k for k, v in changes.items() if v is not None}
         if bad:
             raise SnapError("--timeout and --hwm are set on the primary")
-        pol = self.policy()
-        pol.update({k: v for k, v in changes.items()
-                    if k in ("playback_timeout", "playback_hwm") and v is not None})
-        with self.svc.store.env.begin(write=True, db=self.db_ctx) as txn:
-            txn.put(b"playback_policy", json.dumps(pol).encode())
+
+        def update() -> dict:  # (a durable LMDB commit: in a worker thread)
+            pol = self.policy()
+            pol.update({k: v for k, v in changes.items()
+                        if k in ("playback_timeout", "playback_hwm") and v is not None})
+            with self.svc.store.env.begin(write=True, db=self.db_ctx) as txn:
+                txn.put(b"playback_policy", json.dumps(pol).encode())
+            return pol
+
+        async with self.lock:  # one read-modify-write at a time
+            pol = await trio.to_thread.run_sync(update)
         self.wake.set()
         return pol
 

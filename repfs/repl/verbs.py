@@ -109,7 +109,7 @@ class ReplicateVerbs:
     async def stop(self, to: str | None) -> dict:
         svc = self.svc
         if svc.primary is None:
-            return svc.secondary.stop()
+            return await svc.secondary.stop()
         p = svc.primary
         names = [d["name"] for d in p.dests()] if to is None else [to]
         for n in names:
@@ -133,7 +133,7 @@ class ReplicateVerbs:
     async def policy(self, changes: dict) -> dict:
         svc = self.svc
         if svc.primary is None:
-            return svc.secondary.set_policy(changes)
+            return await svc.secondary.set_policy(changes)
         bad = {"playback_timeout", "playback_hwm"} & {k for k, v in changes.items()
                                                       if v is not None}
         if bad:
