@@ -645,5 +645,18 @@ def test_another_user_gets_one_line_not_a_traceback():
             assert len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
             assert "permission denied" in r.stderr.lower(), (args, r.stderr)
         assert not mounted(mnt) and digest(site) == before and os.listdir(closed) == []
+        # mounted: repfs-admin at the mount point said 'no daemon ... not mounted' (exit 3),
+        # and repfs umount took the daemon for gone and said nothing (exit 0, still mounted)
+        run_repfs("mount", site, mnt)
+        try:
+            for code, args in ((admin, ["--site", mnt, "status"]), (repfs, ["umount", mnt])):
+                r = subprocess.run(as_nobody + [code, *map(str, args)], capture_output=True,
+                                   text=True, timeout=60, cwd="/")
+                assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, (
+                    args, r.returncode, r.stderr)
+            assert "permission denied" in r.stderr.lower() or "cannot unmount" in r.stderr
+            assert mounted(mnt)
+        finally:
+            run_repfs("umount", mnt, check=False)
     finally:
         shutil.rmtree(base, ignore_errors=True)

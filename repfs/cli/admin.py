@@ -128,6 +128,9 @@ def _resolve(target: str, token_file: str | None) -> Target:
         mounts = repfs_mounts()
         if real in mounts:  # a site's mount, or a snapshot's (SITE@NAME)
             site = Site(mount_site(mounts[real]))
+            if not os.access(site.path, os.X_OK):  # (not "no daemon": its lock is unreadable)
+                raise QuietError(f"{site.path}: permission denied (only the site's owner, "
+                                 "usually root, may use it)")
         else:
             site = Site(real)
             try:

@@ -175,8 +175,9 @@ def _cmd_umount(a) -> int:
     if r.returncode != 0:
         msg = (r.stderr.strip().splitlines() or ["fusermount3 failed"])[-1]
         if who is None:  # the daemon is gone (killed): clear the dead mount
-            subprocess.run(["fusermount3", "-u", "-z", mp], check=False)
-            return 0
+            z = subprocess.run(["fusermount3", "-u", "-z", mp], capture_output=True, text=True)
+            if z.returncode == 0:  # (another user, who cannot see the daemon, gets its error)
+                return 0
         raise QuietError(f"cannot unmount {a.mountpoint}: {msg.removeprefix('fusermount3: ')}")
     if who:
         deadline = time.monotonic() + a.timeout
