@@ -47,6 +47,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import h11
+import lmdb
 import trio
 
 from .errors import DomainError
@@ -485,7 +486,7 @@ class ControlServer:
             status, payload = STATUS_OF_KIND[e.kind], {"error": str(e)}
         except (UnicodeError, ValueError) as e:  # e.g. a NUL byte in a path
             status, payload = 400, {"error": f"bad value: {e}"}
-        except OSError as e:  # the disk under the site (EIO, ENOSPC): not a bug
+        except (OSError, lmdb.Error) as e:  # the disk under the site (EIO, ENOSPC): not a bug
             status, payload = self._disk_error(req, e)
         except Exception as e:  # noqa: BLE001 - a bug in one request must not take the site down
             status, payload = 500, self._internal_error(req, e)
@@ -495,17 +496,19 @@ class ControlServer:
             status, data = 500, (json.dumps(self._internal_error(req, e)) + "\n").encode()
         return status, data
 
-    def _disk_error(self, req, e: OSError) -> tuple[int, dict]:
-        """A verb met a disk error: one line for the caller (503 when the disk is full),
-        logged without a traceback, and not at all when the file system already turned
-        read-only after an error (the core logged that once)."""
+    def _disk_error(self, req, e: OSError | lmdb.Error) -> tuple[int, dict]:
+        """A verb met a disk error (under the volume, the save areas or meta.lmdb): one line
+        for the caller (503 when the disk is full), logged without a traceback, and not at all
+        when the file system already turned read-only after an error (the core logged that
+        once)."""
         from .tasks import describe
         target = req.target.decode("ascii", "replace")[:200]
         core = getattr(self.service, "core", None)
         if getattr(core, "error", None) is None:
             log.error("control request %s %s failed: %s",
                       req.method.decode("ascii", "replace"), target, describe(e))
-        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+        full = (isinstance(e, lmdb.MapFullError)
+                or getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT))
         return (STATUS_OF_KIND["busy" if full else "failed"],
                 {"error": f"{target} failed: {describe(e)}"})
 

@@ -552,6 +552,20 @@ def test_secondary_disk_errors_are_retried(sites):
     assert_same_tree(m1.path, m2.path)
     assert count_lines(m2, "playback: EIO") == 1
 
+    # meta.lmdb: one durable LMDB commit on the secondary fails (lmdb.Error, not an OSError):
+    # refused as busy and shown in status like any disk error, no traceback, then recovered
+    (m1.path / "k").write_bytes(os.urandom(300_000))
+    rule = m2.pf.add_fault("s2/meta.lmdb/*", "fsync", errno="EIO", count=1)
+    n = admin_cut(m1)
+    wait_converged(m1, m2, n, timeout=60)
+    assert m2.pf.stats()["faults"][str(rule)] == 1
+    errs = [t["last_error"] for t in m2.status()["tasks"].values() if t["last_error"]]
+    assert any("Input/output error" in e for e in errs), errs
+    m2.expect("Input/output error")
+    assert count_lines(m2, "Traceback") == 0
+    m2.alive()
+    assert_same_tree(m1.path, m2.path)
+
 
 def admin_cut(m1) -> int:
     out = json_cut(m1)

@@ -8,6 +8,7 @@ import json
 import logging
 import time
 
+import lmdb
 import trio
 
 from ..fs.invalidate import volume_changes
@@ -77,10 +78,13 @@ class Secondary:
         failed is dropped whole (a failed fsync may have lost written pages)."""
         try:
             out = await trio.to_thread.run_sync(fn, *args)
-        except OSError as e:
-            self.svc.supervisor.error("receiver", e, transient=is_transient(e))
+        except (OSError, lmdb.Error) as e:  # lmdb.Error: a disk error under meta.lmdb
+            self.svc.supervisor.error("receiver", e, transient=is_transient(e, (lmdb.Error,)))
             if fn == self.receiver.commit:
-                await trio.to_thread.run_sync(self.receiver.drop_partial)
+                try:
+                    await trio.to_thread.run_sync(self.receiver.drop_partial)
+                except (OSError, lmdb.Error) as e2:
+                    log.error("dropping the partial delta set failed: %s", describe(e2))
             raise ReceiveError(f"this site cannot store what was sent: {describe(e)}",
                                "busy") from None
         self.svc.supervisor.ok("receiver")
@@ -151,6 +155,7 @@ class Secondary:
 
     async def playback_loop(self) -> None:
         """Integrate complete delta sets in order, one consistent step at a time (FIG. 9)."""
+        svc = self.svc
         self.playing = True
         try:
             await self._playback()
