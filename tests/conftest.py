@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import subprocess
@@ -120,6 +121,35 @@ class Mount:
         run_repfs("umount", self.path)
 
 
+def holders(mountpoint: Path) -> list[str]:
+    """The processes with a working directory or an open file under `mountpoint`."""
+    prefix, out = str(mountpoint), []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            links = [os.readlink(f"/proc/{pid}/cwd")] + [
+                os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+            if any(x == prefix or x.startswith(prefix + "/") for x in links):
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+                out.append(f"{pid}: {cmd[:120]}")
+        except OSError:
+            continue
+    return out
+
+
+def umount_busy_tolerant(mountpoint: Path) -> subprocess.CompletedProcess:
+    """`repfs umount` for a fixture's teardown: garbage (an unclosed iterator over the mount)
+    is collected first, and a mount that is busy for a moment (another worker's process passing
+    through) is tried again for up to 15 s; the error names who holds it."""
+    gc.collect()
+    deadline = time.monotonic() + 15
+    while True:
+        r = run_repfs("umount", mountpoint, check=False)
+        if r.returncode == 0 or "busy" not in r.stderr or time.monotonic() > deadline:
+            return r
+        time.sleep(0.5)
+
+
 def _wait_unmounted(path: Path, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while os.path.ismount(path) and time.monotonic() < deadline:
@@ -148,9 +178,10 @@ def mount_site(tmp_path):
     for m in mounts:
         try:
             if os.path.ismount(m.path):
-                r = run_repfs("umount", m.path, check=False)
+                r = umount_busy_tolerant(m.path)
                 if r.returncode != 0:
-                    errors.append(f"umount {m.path}: {r.stderr.strip()}")
+                    errors.append(f"umount {m.path}: {r.stderr.strip()}; held by: "
+                                  f"{holders(m.path) or 'nobody any more'}")
         finally:
             if os.path.ismount(m.path):
                 subprocess.run(["fusermount3", "-u", "-z", str(m.path)], check=False)
