@@ -350,17 +350,23 @@ class Receiver:
             os.truncate(path, cp["off"])
         self.copy = cp
 
+    def _decode(self, decode, body, what: str):
+        """Decode a record from the primary; refuse it unless it is whole and of this site's
+        generation."""
+        try:
+            rec = decode(body)
+        except ChunkError as e:
+            raise ReceiveError(f"rejected {what}: {e}", "invalid") from None
+        if rec.generation != self.generation:
+            raise ReceiveError(f"rejected {what} of generation {rec.generation}: this site is "
+                               f"at generation {self.generation}")
+        return rec
+
     def receive_copy(self, body) -> dict:
         """One initial-copy record: check it, then stage it (append it as a chunk)."""
         if self.role != "secondary" or self.state != "initial-copy" or self.copy is None:
             raise ReceiveError("this site is not expecting an initial copy")
-        try:
-            rec = decode_copy(body)
-        except ChunkError as e:
-            raise ReceiveError(f"rejected copy record: {e}", "invalid") from None
-        if rec.generation != self.generation:
-            raise ReceiveError(f"rejected copy record of generation {rec.generation}: this "
-                               f"site is at generation {self.generation}")
+        rec = self._decode(decode_copy, body, "copy record")
         cp = self.copy
         check = cp["check"]
         ext = [(rec.start, rec.count)]
@@ -457,13 +463,7 @@ class Receiver:
     def receive_chunk(self, body) -> dict:
         if self.role != "secondary" or self.state != "replicating":
             raise ReceiveError("this site is not receiving delta sets")
-        try:
-            c = decode_chunk(body)
-        except ChunkError as e:
-            raise ReceiveError(f"rejected chunk: {e}", "invalid") from None
-        if c.generation != self.generation:
-            raise ReceiveError(f"rejected chunk of generation {c.generation}: this site is at "
-                               f"generation {self.generation}")
+        c = self._decode(decode_chunk, body, "chunk")
         want = self.last_received + 1
         if c.delta_set <= self.last_received:
             return {"duplicate": True}
