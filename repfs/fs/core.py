@@ -179,7 +179,8 @@ class FileSystem:
         if not self.has_changes():
             return None
         # Pack everything first: a value that does not fit the format fails the commit
-        # before any state of the running transaction changed.
+        # before any state of the running transaction changed. Then the inode-table blocks
+        # are read (EIO from the volume may strike there). Either failure stops all writing.
         try:
             packed = []
             for ino in self.dirty_inodes:
@@ -187,10 +188,6 @@ class FileSystem:
                 self.inodes[ino].pack_into(buf, 0)
                 packed.append((ino, buf))
             self.sb.pack()  # packed for real below, once the frees are applied
-        except Exception as e:  # noqa: BLE001 - any failure here is a bug; keep the state
-            self.fail("a commit could not be prepared", e)
-            raise self._failed() from e
-        try:  # reads metadata blocks that are not cached: EIO from the volume may strike
             for ino, buf in packed:
                 blk, off = self._inode_pos(ino)
                 self.meta.modify(blk)[off: off + INODE_SIZE] = buf
@@ -199,7 +196,7 @@ class FileSystem:
             freed = self.alloc.apply_pending()
             self.sb.commit_seq += 1
             self.meta.modify(0)[:] = self.sb.pack()
-        except Exception as e:  # noqa: BLE001 - the volume cannot be read: stop writing it
+        except Exception as e:  # noqa: BLE001 - a bug or an unreadable volume: keep the state
             self.fail("a commit could not be prepared", e)
             raise self._failed() from e
         self.sb_dirty = False
