@@ -41,7 +41,7 @@ import pytest
 from tests.conftest import fsck_clean, run_repfs
 from tests.powerfs import PowerFS, unmount
 from tests.t2_repl import NO_AUTO_CUT, Workload, admin, api, log_lines, tree, tree_diff
-from tests.t4_crash import WRITER, Record, clean_stray, verify
+from tests.t4_crash import WRITER, Record, _fsync, clean_stray, verify
 from tests.t4_repl_crash import Writer, check_durable, post
 from tests.t4_snap_crash import core_check, hash_tree
 
@@ -136,14 +136,6 @@ class PowerSite:
                 pass
         unmount(self.path)  # alive or dead
         self.pf.kill()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _wait_dead(pid: int, timeout: float = 30) -> None:
