@@ -576,7 +576,7 @@ def test_receiver_answers_to_the_sender(receiver):
     """The secondary's answers are bytes from a peer too: the send task takes a status or an
     acknowledgement that has what it uses, with the types it uses, or refuses the answer
     with PermanentError; never a TypeError or KeyError later in the task."""
-    from repfs.repl.sender import PermanentError, ReceiverClient, checked_info
+    from repfs.repl.transport import PermanentError, ReceiverClient, checked_info
 
     replicating(receiver)
     receiver.partial = {"n": 11, "checksums": [1, 2], "blocks": 3, "off": 0}

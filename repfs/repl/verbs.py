@@ -11,7 +11,8 @@ import trio
 
 from ..snap.store import NAME_RULE, SnapError, valid_name
 from ..tasks import describe
-from .sender import PermanentError, Primary, ReceiverClient, TransientError
+from .sender import Primary
+from .transport import PermanentError, ReceiverClient, TransientError
 
 log = logging.getLogger(__name__)
 
