@@ -80,6 +80,11 @@ class BlockDevice:
     def flush(self) -> None:
         raise NotImplementedError
 
+    def pending_bytes(self) -> int:
+        """Bytes written but held in memory by a layer until its next flush (the FUSE
+        adapter flushes early when they grow: see SnapLayer)."""
+        return 0
+
     def close(self) -> None:
         raise NotImplementedError
 
@@ -109,6 +114,9 @@ class Layer(BlockDevice):
 
     def flush(self):
         self.lower.flush()
+
+    def pending_bytes(self) -> int:
+        return self.lower.pending_bytes()
 
     def close(self):
         self.lower.close()

@@ -70,6 +70,7 @@ def _log_request_error(ops, name: str, e: BaseException) -> None:
 class Operations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_acl = False
+    HELD_LIMIT = 64 << 20  # see _maybe_flush_held
 
     def __init__(self, core: FileSystem, *, writeback_cache: bool = False,
                  cache_timeout: float = 5.0):
@@ -343,7 +344,19 @@ class Operations(pyfuse3.Operations):
         await self._modifying()
         n = self.core.write(fh, off, buf)
         await self._maybe_commit()
+        await self._maybe_flush_held()
         return n
+
+    async def _maybe_flush_held(self) -> None:
+        """The volume stack holds writes in memory until a flush (copy-on-write keeps data
+        from overwriting a block before its before-image is durable): past HELD_LIMIT, flush
+        in a worker thread; past twice that, this writer waits for it (bounded memory)."""
+        held = self.core.dev.pending_bytes()
+        if held < self.HELD_LIMIT or (held < 2 * self.HELD_LIMIT and self.commit_lock.locked()):
+            return
+        async with self.commit_lock:
+            if self.core.dev.pending_bytes() >= self.HELD_LIMIT:
+                await trio.to_thread.run_sync(self.core.dev.flush)
 
     async def flush(self, fh):
         pass

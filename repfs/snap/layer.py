@@ -2,15 +2,25 @@
 
 Writes follow FIG. 26 and FIG. 41: before a clone block Bi is overwritten, walk the snapshot
 queue from the tail toward the head; the first snapshot that already holds a before-image of
-Bi ends the walk (every older snapshot reads through to it); the first that held Bi as valid
-data (its meta bit map) without a before-image gets one, saved into the tail's save volume
-(reads of older snapshots pass through the tail). Blocks no snapshot holds as valid data are
-never saved. Reads of snapshot N follow FIG. 27 — save volume N, else the next younger one,
-else the clone — for a whole extent at once, with numpy masks instead of recursion.
+Bi ends the walk (every older snapshot reads through to it); the first that must keep Bi
+(held it as valid data, its meta bit map; a delta set's pinning snapshot: Bi is in its delta
+set) without a before-image gets one, saved into its own save volume (reads of older
+snapshots pass through it, FIG. 27). The reference saves into the tail's save volume; saving
+into the youngest snapshot that needs the block instead means that deleting a short-lived
+snapshot at the tail (a delta set's, released every few seconds) moves nothing. Blocks no
+snapshot keeps are never saved. Reads of snapshot N follow FIG. 27 — save volume N, else the
+next younger one, else the clone — for a whole extent at once, with numpy masks.
+
+Before-images are not synced one write at a time (invariant 3 needs only the order): a write
+that overwrites a block whose before-image is not yet durable is *held* in memory (reads see
+it) until the next flush, which syncs the save volumes once, then writes the held data to the
+clone volume. A group commit flushes first (ordered mode), so an fsync also gets its data
+written; `pending_bytes` tells the FUSE adapter when the held data should be flushed early.
 
 Everything is by extent: bit maps are tested a page at a time, before-images are read and
 written in runs. A lock serialises copy-on-write with snapshot reads, because the file
-system's commit thread writes through this layer too.
+system's commit thread writes through this layer too; the syncs and the index's LMDB commit
+run outside it, so a flush never holds a writer for a disk sync.
 """
 
 from __future__ import annotations
@@ -24,7 +34,7 @@ import numpy as np
 
 from .. import pagedbits
 from ..extents import runs
-from ..volume import BLOCK_SIZE, ErrnoError, Layer, ReadOnlyDevice
+from ..volume import BLOCK_SIZE, ErrnoError, Layer, ReadOnlyDevice, VolumeError
 from . import keys as K
 from .store import SnapError, Snapshot, SnapStore
 
@@ -44,61 +54,143 @@ class SnapLayer(Layer):
         self._meta: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self.reserve = reserve_bytes
         self.cow_blocks = 0
+        # writes held until the before-images they overwrite are durable: (start, data,
+        # epoch) in write order (a later entry wins), the blocks they cover, their size
+        self._held: list[tuple[int, bytes, int]] = []
+        self._held_bits = pagedbits.PagedBits()
+        self._held_bytes = 0
+        self._epoch = 0  # flushes started; an entry of epoch e is safe once flush e synced
+        self._flush_lock = threading.Lock()  # one flush (or delete) at a time; before `lock`
 
     # ---------------------------------------------------------------- writing (FIG. 41)
 
     def write(self, start: int, data, meta: bool = False) -> None:
         n = len(data) // BS
         with self.lock:
-            if self.store.queue:
-                self._copy_on_write(start, n, meta)
-            self.lower.write(start, data)
+            saved = self._copy_on_write(start, n, meta) if self.store.queue else 0
+            if saved or (self._held and self._held_bits.get_range(start, n).any()):
+                self._hold(start, data)
+            else:
+                self.lower.write(start, data)
 
-    def _needed(self, upto: int, s: int, n: int, candidates: np.ndarray) -> np.ndarray:
-        """Which `candidates` among blocks [s, s+n) some snapshot at queue position <= upto
-        still needs a before-image of: walk from `upto` toward the head (FIG. 41). A snapshot
-        that holds a before-image ends the walk for that block (older ones read through to
-        it); one that held the block as valid data needs it."""
+    def _hold(self, start: int, data) -> None:
+        """Keep a write from the clone volume until its before-images are durable (flush)."""
+        n = len(data) // BS
+        if len(data) % BS or start < 0 or start + n > self.nblocks:
+            raise VolumeError(f"write ({start}, {len(data)} bytes) outside the volume or not "
+                              f"whole blocks")
+        self._held.append((start, bytes(data), self._epoch))
+        self._held_bits.set_range(start, n)
+        self._held_bytes += n * BS
+
+    def pending_bytes(self) -> int:
+        return self._held_bytes + self.lower.pending_bytes()
+
+    def _overlay(self, s: int, n: int, buf) -> bytes:
+        """`buf` (blocks [s, s+n) of the clone volume) with the held writes applied."""
+        if not self._held or not self._held_bits.get_range(s, n).any():
+            return buf
+        out = bytearray(buf)
+        end = s + n
+        for hs, data, _ in self._held:
+            he = hs + len(data) // BS
+            if hs < end and he > s:
+                a, b = max(hs, s), min(he, end)
+                out[(a - s) * BS: (b - s) * BS] = data[(a - hs) * BS: (b - hs) * BS]
+        return bytes(out)
+
+    def read(self, start: int, count: int) -> bytes:
+        if not self._held:  # (a list's truth is atomic: no lock on the common path)
+            return self.lower.read(start, count)
+        with self.lock:
+            return self._overlay(start, count, self.lower.read(start, count))
+
+    def _needed(self, upto: int, s: int, n: int, candidates: np.ndarray):
+        """Which snapshot at queue position <= upto must get a before-image of which of the
+        `candidates` among blocks [s, s+n): walk from `upto` toward the head (FIG. 41). A
+        snapshot that holds a before-image ends the walk for that block (older ones read
+        through to it); the first one that keeps the block (`interest`, else valid in its
+        meta bit map) needs it. Returns [(snapshot, bool array)], youngest first."""
         undecided = candidates.copy()
-        need = np.zeros(n, dtype=bool)
+        out = []
         for snap in reversed(self.store.queue[: upto + 1]):
             undecided &= ~self.store.has(snap, s, n)
             if not undecided.any():
                 break
-            valid = self.meta_bits(snap, s, n) & undecided
-            need |= valid
-            undecided &= ~valid
-            if not undecided.any():
-                break
-        return need
+            keeps = (snap.interest.get_range(s, n) if snap.interest is not None
+                     else self.meta_bits(snap, s, n))
+            need = keeps & undecided
+            if need.any():
+                out.append((snap, need))
+                undecided &= ~need
+                if not undecided.any():
+                    break
+        return out
 
-    def _copy_on_write(self, s: int, n: int, meta: bool) -> None:
-        need = self._needed(len(self.store.queue) - 1, s, n, np.ones(n, dtype=bool))
-        idx = np.flatnonzero(need)
-        if not len(idx):
-            return
+    def _copy_on_write(self, s: int, n: int, meta: bool) -> int:
+        """Save the before-images the snapshots need of blocks [s, s+n) (not synced: the
+        caller holds the write). Returns the number saved."""
+        needs = self._needed(len(self.store.queue) - 1, s, n, np.ones(n, dtype=bool))
+        if not needs:
+            return 0
         cap = self.store.capacity
         if cap is not None:
-            after = self.store.usage() + (len(idx) + len(idx) // 1000 + 1) * BS
-            if after > cap - (0 if meta else self.reserve):
+            # a delta set's pinning snapshot is bounded by replication's flow control: only
+            # the user's snapshots can fill the save volumes and refuse a write
+            user = sum(int(nd.sum()) for snap, nd in needs if snap.interest is None)
+            after = self.store.usage() + (user + user // 1000 + 1) * BS
+            if user and after > cap - (0 if meta else self.reserve):
                 if not meta:
                     log.error("save volumes full (%d of %d bytes): refusing a write that would "
                               "overwrite %d blocks the snapshots still need; delete snapshots or "
-                              "raise [snap] save_capacity", self.store.usage(), cap, len(idx))
+                              "raise [snap] save_capacity", self.store.usage(), cap, user)
                     raise ErrnoError(errno.ENOSPC, "the snapshot save volumes are full")
                 log.error("save volumes over capacity: saving %d before-images of committed "
-                          "metadata anyway", len(idx))
-        parts = []
-        for _, a, c in runs(idx):
-            parts.append(self.lower.read(s + a, c))
-        self.store.add_before_images(self.store.queue[-1], (s + idx).astype(np.uint32),
-                                     b"".join(parts))
-        self.cow_blocks += len(idx)
+                          "metadata anyway", user)
+        saved = 0
+        for snap, need in needs:
+            idx = np.flatnonzero(need)
+            parts = [self._overlay(s + a, c, self.lower.read(s + a, c))
+                     for _, a, c in runs(idx)]
+            self.store.add_before_images(snap, (s + idx).astype(np.uint32), b"".join(parts))
+            saved += len(idx)
+        self.cow_blocks += saved
+        return saved
 
     def flush(self) -> None:
-        with self.lock:
-            self.store.flush()
+        """Sync the save volumes once, write the held data to the clone volume, commit the
+        indexes, flush the clone volume. Only the bookkeeping holds `lock`."""
+        with self._flush_lock:
+            self._flush_saves()
         self.lower.flush()
+
+    def _flush_saves(self) -> None:
+        with self.lock:
+            epoch = self._epoch
+            self._epoch += 1
+            token = self.store.detach()
+        self.store.sync_detached(token)
+        with self.lock:
+            self._release_held(epoch)
+        self.store.commit_detached(token)
+
+    def _release_held(self, epoch: int) -> None:
+        """Write the held entries of flushes up to `epoch` (their before-images are durable)
+        to the clone volume, in order; keep the later ones. Call under `lock`."""
+        if not self._held:
+            return
+        keep = []
+        for entry in self._held:
+            if entry[2] <= epoch:
+                self.lower.write(entry[0], entry[1])
+            else:
+                keep.append(entry)
+        self._held = keep
+        self._held_bits = pagedbits.PagedBits()
+        self._held_bytes = 0
+        for hs, data, _ in keep:
+            self._held_bits.set_range(hs, len(data) // BS)
+            self._held_bytes += len(data)
 
     def close(self) -> None:
         with self.lock:
@@ -147,7 +239,7 @@ class SnapLayer(Layer):
                 if not remaining.any():
                     return out
         for _, a, c in runs(np.flatnonzero(remaining)):
-            out[a * BS: (a + c) * BS] = self.lower.read(s + a, c)
+            out[a * BS: (a + c) * BS] = self._overlay(s + a, c, self.lower.read(s + a, c))
         return out
 
     # ---------------------------------------------------------------- deltas (FIG. 34-35, 39-40)
@@ -196,7 +288,7 @@ class SnapLayer(Layer):
         """The meta bit map page of a snapshot, or of the live volume (snap None)."""
         if snap is not None:
             return self.meta_page(snap, page)
-        return pagedbits.unpack(self.lower.read(self.bitmap_start + page, 1))
+        return pagedbits.unpack(self.read(self.bitmap_start + page, 1))
 
     def delta(self, older: Snapshot, younger: Snapshot | None, *, max_run: int = 256):
         """Yield ((start, count), data) in block order for exactly the blocks that differ
@@ -221,35 +313,36 @@ class SnapLayer(Layer):
 
     def read_live(self, s: int, n: int) -> bytes:
         with self.lock:
-            return self.lower.read(s, n)
+            return self._overlay(s, n, self.lower.read(s, n))
 
     # ---------------------------------------------------------------- delete
 
     def delete(self, snap: Snapshot) -> int:
-        """Delete a snapshot; before-images the next older snapshot still needs move to it.
-        Returns the number moved. Idempotent: a crash midway leaves the snapshot marked
-        'deleting', and running delete again finishes it."""
-        with self.lock:
-            q = self.store.queue
-            pos = self.store.position(snap)
+        """Delete a snapshot; before-images an older snapshot still needs move to the
+        youngest one that needs them. Returns the number moved. Idempotent: a crash midway
+        leaves the snapshot marked 'deleting', and running delete again finishes it. Writers
+        wait only while the images are looked up and moved, not for the durable commits."""
+        with self._flush_lock:
             self.store.mark(snap, "deleting")
             moved = 0
-            if pos > 0:
-                older = q[pos - 1]
-                for page in self.store.bit_pages(snap):
+            with self.lock:
+                pos = self.store.position(snap)
+                for page in self.store.bit_pages(snap) if pos > 0 else ():
                     mine = self.store.page_bits(snap, page)
                     if mine is None:
                         continue
                     base = page * K.BITS_PER_PAGE
-                    idx = np.flatnonzero(self._needed(pos - 1, base, K.BITS_PER_PAGE, mine))
-                    if not len(idx):
-                        continue
-                    bis = (page * K.BITS_PER_PAGE + idx).astype(np.uint32)
-                    runs = self.store.read_saved(snap, bis)
-                    self.store.add_before_images(older, bis, b"".join(d for _, _, d in runs))
-                    moved += len(idx)
-                self.store.flush()
-            self._meta = OrderedDict((k, v) for k, v in self._meta.items() if k[0] != snap.id)
+                    for older, need in self._needed(pos - 1, base, K.BITS_PER_PAGE, mine):
+                        bis = (base + np.flatnonzero(need)).astype(np.uint32)
+                        parts = self.store.read_saved(snap, bis)
+                        self.store.add_before_images(older, bis, b"".join(d for _, _, d in parts))
+                        moved += len(bis)
+            if moved:
+                self._flush_saves()  # the moved images are durable before their source goes
+            with self.lock:
+                self._meta = OrderedDict((k, v) for k, v in self._meta.items()
+                                         if k[0] != snap.id)
+                self.store.unqueue(snap)
             self.store.remove(snap)
             return moved
 

@@ -3,14 +3,16 @@
 * A save volume is a plain file ``SITE/save/<id>.save``: a log of records, each a header block
   (magic, snapshot id, sequence number, the clone-volume block numbers Bi, an xxh3 checksum
   over header and data) followed by the before-images. The save-volume address Si of a
-  before-image is its block index in the file. A record is appended and fdatasync'd before the
-  clone blocks it protects are overwritten, so a crash never loses a before-image.
+  before-image is its block index in the file. Records are appended without a sync; the
+  snapped-volume layer (layer.py) holds back the clone writes they protect until a flush has
+  made them durable (one fdatasync per save volume per group commit, not one per write), so
+  a crash never loses a before-image whose block was overwritten.
 * The indexes (bit map and block map of each snapshot) are paged and live in LMDB
   (``repfs.snap.keys``). Changes are kept in memory and written in one durable LMDB
-  transaction at each flush (the file system's group commit calls it), so a write pays one
-  fdatasync, not an LMDB commit. After a crash, records past a snapshot's ``indexed_end`` are
-  read back from its save volume and indexed again; a torn last record is cut off (the clone
-  write it protected had not been issued).
+  transaction at each flush, after the save volumes they point into are synced (`detach` /
+  `commit_detached`: the index covers only records already durable). After a crash, records
+  past a snapshot's ``indexed_end`` are read back from its save volume and indexed again; a
+  torn last record is cut off (the clone write it protected had not been issued).
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ class SaveVolume:
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self.size = os.fstat(self.fd).st_size // BS  # in blocks
         self.seq = 0
+        self.unsynced = False  # records appended since the last sync
 
     def append(self, bis: np.ndarray, data) -> np.ndarray:
         """Append before-images of blocks `bis`; returns their save addresses. Not synced."""
@@ -96,10 +99,12 @@ class SaveVolume:
             out[done: done + n] = np.arange(self.size + 1, self.size + 1 + n, dtype=np.uint32)
             self.size += 1 + n
             done += n
+        self.unsynced = True
         return out
 
     def sync(self) -> None:
         os.fdatasync(self.fd)
+        self.unsynced = False
 
     def read(self, si: int, count: int) -> bytes:
         return os.pread(self.fd, count * BS, si * BS)
@@ -150,6 +155,9 @@ class Snapshot:
     indexed_end: int = 0
     saved: int = 0
     save: SaveVolume | None = None
+    # which blocks this snapshot must keep (None: its valid blocks, FIG. 41). A delta set's
+    # pinning snapshot keeps only the blocks of its delta set (repl/deltaset.py sets it).
+    interest: object | None = field(default=None, repr=False, compare=False)
 
     def record(self) -> bytes:
         return json.dumps({
@@ -177,10 +185,15 @@ class _Pages:
         self.limit = limit
         self.clean: OrderedDict[tuple[int, int], bytes | None] = OrderedDict()
         self.dirty: dict[tuple[int, int], bytearray] = {}
+        # pages detached for a commit in progress (see SnapStore.detach): still read from here
+        self.flushing: dict[tuple[int, int], bytes] = {}
 
     def get(self, sid: int, page: int):
         k = (sid, page)
         buf = self.dirty.get(k)
+        if buf is not None:
+            return buf
+        buf = self.flushing.get(k)
         if buf is not None:
             return buf
         if k in self.clean:
@@ -221,26 +234,40 @@ class _Pages:
         found.update(p for (s, p) in self.dirty if s == sid)
         return sorted(found)
 
-    def write_dirty(self, txn) -> None:
-        for (sid, page), buf in self.dirty.items():
+    def detach(self) -> dict:
+        """Take the changed pages out for a commit (frozen copies; readers still see them
+        in `flushing` until `attach_clean`); later changes start new dirty pages."""
+        pages = {k: bytes(buf) for k, buf in self.dirty.items()}
+        self.flushing.update(pages)
+        self.dirty = {}
+        return pages
+
+    def write_pages(self, txn, pages: dict) -> None:
+        for (sid, page), buf in pages.items():
             key = K.page_key(sid, page)
             if any(buf):
-                txn.put(key, bytes(buf), db=self.db)
-                self.clean[(sid, page)] = bytes(buf)
+                txn.put(key, buf, db=self.db)
             else:
                 txn.delete(key, db=self.db)
-                self.clean[(sid, page)] = None
-        self.dirty.clear()
+
+    def attach_clean(self, pages: dict) -> None:
+        """After the commit of `pages`: they are what LMDB holds."""
+        for k, buf in pages.items():
+            if self.flushing.get(k) is buf:
+                del self.flushing[k]
+            self.clean[k] = buf if any(buf) else None
+            self.clean.move_to_end(k)
         while len(self.clean) > self.limit:
             self.clean.popitem(last=False)
 
     def drop(self, txn, sid: int) -> None:
         for p in self.pages(sid):
             txn.delete(K.page_key(sid, p), db=self.db)
-        for k in [k for k in self.clean if k[0] == sid]:
-            del self.clean[k]
-        for k in [k for k in self.dirty if k[0] == sid]:
-            del self.dirty[k]
+
+    def forget(self, sid: int) -> None:
+        for d in (self.clean, self.dirty, self.flushing):
+            for k in [k for k in d if k[0] == sid]:
+                del d[k]
 
 
 def _decode_record(key: bytes, val: bytes) -> Snapshot:
@@ -361,6 +388,14 @@ class SnapStore:
         with self.env.begin(write=True, db=self.db_snaps) as txn:
             txn.put(K.snap_key(snap.id), snap.record())
 
+    def unqueue(self, snap: Snapshot) -> None:
+        """Take a snapshot out of the queue and the caches (under the layer's lock); `remove`
+        then forgets it durably."""
+        if snap in self.queue:
+            self.queue.remove(snap)
+        self.bits.forget(snap.id)
+        self.bmap.forget(snap.id)
+
     def remove(self, snap: Snapshot) -> None:
         """Forget a snapshot and its save volume (its before-images must have been moved)."""
         with self.env.begin(write=True) as txn:
@@ -370,7 +405,8 @@ class SnapStore:
             txn.delete(snap.name.encode(), db=self.db_names)
         snap.save.close()
         snap.save.path.unlink(missing_ok=True)
-        self.queue.remove(snap)
+        if snap in self.queue:  # (the layer unqueues first, under its lock)
+            self.unqueue(snap)
 
     def mark(self, snap: Snapshot, state: str) -> None:
         snap.state = state
@@ -416,9 +452,9 @@ class SnapStore:
         snap.saved += len(bis)
 
     def add_before_images(self, snap: Snapshot, bis: np.ndarray, data) -> None:
-        """Save before-images durably, then index them (the index is written at flush)."""
+        """Save before-images and index them; neither is durable before the next flush (the
+        caller holds back the writes they protect until then)."""
         sis = snap.save.append(bis, data)
-        snap.save.sync()
         self._index(snap, bis, sis)
 
     def read_saved(self, snap: Snapshot, bis: np.ndarray) -> list[tuple[int, int, bytes]]:
@@ -429,17 +465,68 @@ class SnapStore:
             return []
         return [(i, j - i, snap.save.read(int(sis[i]), j - i)) for i, j in run_bounds(bis, sis)]
 
-    def flush(self) -> None:
-        """Make the indexes durable: one LMDB transaction for everything changed."""
-        if not self.bits.dirty and not self.bmap.dirty and all(
-                s.indexed_end == s.save.size for s in self.queue):
+    def detach(self):
+        """The first half of a flush, under the caller's lock: what must be synced and
+        indexed now (later appends go to the next flush). Returns a token for `sync_detached`
+        and `commit_detached`, which may run without the lock (one flush at a time)."""
+        fds = []
+        for snap in self.queue:
+            if snap.save.unsynced:
+                fds.append(os.dup(snap.save.fd))  # a concurrent delete may close the file
+                snap.save.unsynced = False
+        ends = {s.id: s.save.size for s in self.queue if s.indexed_end != s.save.size}
+        pages = (self.bits.detach(), self.bmap.detach())
+        return fds, ends, pages
+
+    @staticmethod
+    def sync_detached(token) -> None:
+        """Make the detached records durable (no lock needed)."""
+        fds = token[0]
+        try:
+            for fd in fds:
+                os.fdatasync(fd)
+        finally:
+            for fd in fds:
+                os.close(fd)
+            fds.clear()
+
+    def commit_detached(self, token) -> None:
+        """Write the detached indexes in one durable LMDB transaction (after sync_detached:
+        an index never points at a record that is not durable), then let readers use the
+        committed pages from the cache. If it fails, the pages are dirty again."""
+        _, ends, (bits, bmap) = token
+        if not bits and not bmap and not ends:
             return
-        with self.env.begin(write=True) as txn:
-            self.bits.write_dirty(txn)
-            self.bmap.write_dirty(txn)
+        try:
+            with self.env.begin(write=True) as txn:
+                self.bits.write_pages(txn, bits)
+                self.bmap.write_pages(txn, bmap)
+                for snap in self.queue:
+                    if snap.id in ends:
+                        rec = json.loads(snap.record())
+                        rec["indexed_end"] = ends[snap.id]
+                        txn.put(K.snap_key(snap.id), json.dumps(rec).encode(), db=self.db_snaps)
+        except BaseException:
+            for pg, pages in ((self.bits, bits), (self.bmap, bmap)):
+                for k, buf in pages.items():
+                    if pg.flushing.get(k) is buf:
+                        del pg.flushing[k]
+                        pg.dirty.setdefault(k, bytearray(buf))
             for snap in self.queue:
-                snap.indexed_end = snap.save.size
-                txn.put(K.snap_key(snap.id), snap.record(), db=self.db_snaps)
+                if snap.id in ends:
+                    snap.save.unsynced = True
+            raise
+        for snap in self.queue:
+            if snap.id in ends:
+                snap.indexed_end = max(snap.indexed_end, ends[snap.id])
+        self.bits.attach_clean(bits)
+        self.bmap.attach_clean(bmap)
+
+    def flush(self) -> None:
+        """Make every record and the indexes durable (the caller keeps writers out)."""
+        token = self.detach()
+        self.sync_detached(token)
+        self.commit_detached(token)
 
     def close(self) -> None:
         self.flush()
