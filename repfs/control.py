@@ -307,6 +307,10 @@ def raw_reply(status: int, message: str) -> bytes:
             "connection: close\r\n\r\n").encode() + data
 
 
+_AFTER_FAILED = ("not applied: an earlier upload pipelined on this connection failed; send "
+                 "again from that one")
+
+
 class _Refuse(Exception):
     """End this connection with an error reply (status, message)."""
 
@@ -325,6 +329,10 @@ class ControlServer:
       until it has made one authenticated request);
     * the token is checked from the headers before any byte of the body is read; the body
       may be MAX_JSON_BODY bytes, or MAX_BINARY_BODY for chunk and copy uploads;
+    * requests may be pipelined (sent before the answers to earlier ones): they are served
+      one at a time, in order, each checked and limited as above (what was read ahead stays
+      in h11's buffer, unread by any verb, at most one read's worth); the uploads pipelined
+      behind a chunk or copy upload that failed get a 503 and are not applied;
     * every request gets a JSON reply: 2xx, a 4xx naming the problem, or a 500 (logged) for
       a bug; a refused connection gets its reply and is closed.
     """
@@ -385,6 +393,7 @@ class ControlServer:
     async def _connection(self, stream) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
         idle = self.head_timeout  # until the peer has shown it holds the token
+        upload_failed = False  # the last request was an upload that failed
         try:
             while True:
                 req = await self._read_head(conn, stream, idle)
@@ -397,7 +406,15 @@ class ControlServer:
                                        "used by this API (GET, POST, DELETE)")
                 idle = self.idle_timeout
                 body = await self._read_body(conn, stream, req)
-                status, data = await self._dispatch(req, body)
+                upload = body_limit(req.method, req.target) == MAX_BINARY_BODY
+                if upload and upload_failed:
+                    status, data = 503, (json.dumps({"error": _AFTER_FAILED}) + "\n").encode()
+                else:
+                    status, data = await self._dispatch(req, body)
+                    # pipelined uploads are taken in order: those behind a failed one are
+                    # refused, until the peer asks something else (an initial copy accepts
+                    # any later block, so taking them would leave a hole)
+                    upload_failed = upload and status != 200
                 with trio.fail_after(self.send_timeout):
                     await self._send(conn, stream, status, data)
                 if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:

@@ -3,39 +3,200 @@
 `ReceiverClient` talks to a secondary daemon on the same host over its control port (HTTP/JSON,
 bearer token); the network transport of RCP implements the same calls. Errors are sorted into
 what a send task does about them: try again later, send again, or stop.
+
+Bulk data (delta chunks, initial-copy records) is pipelined: `send_chunks` and `send_copies`
+keep up to a window of requests in flight on one persistent HTTP/1.1 connection and take the
+acknowledgements as they come back, in order (the control port serves a connection's requests
+one after the other, and refuses the uploads pipelined behind one that failed). A send holds
+at most the window's bodies in memory. The client is a small hand-rolled HTTP/1.1 one
+(`HTTPConnection`): http.client and h11's client cannot pipeline.
 """
 
 from __future__ import annotations
 
-import http.client
+import collections
 import json
+import select
+import socket
+import time
+from typing import Iterable
 
 from . import keys as K
 from .chunk import encode_copy
 
+WINDOW = 8  # requests in flight by default in a pipelined send
+MAX_WINDOW = 64  # (the answers of a window must fit the socket buffers: ~200 bytes each)
+TIMEOUT = 60.0  # s for each answer (from the end of its request or of the previous answer)
+MAX_ANSWER_HEAD = 16 << 10  # status line and headers of an answer
+MAX_ANSWER_BODY = 16 << 20  # a JSON answer
 
-class TransientError(Exception):
+
+class TransportError(Exception):
+    """An error of a call on the receiver. `index`: which item of a pipelined send failed
+    (its position in what was handed to `send_chunks`/`send_copies`), else None."""
+
+    index: int | None = None
+
+
+class TransientError(TransportError):
     """Try again later (the peer is down, restarting, or busy)."""
 
 
-class PermanentError(Exception):
+class PermanentError(TransportError):
     """The destination refuses for a reason retrying will not fix."""
 
 
-class RejectedError(Exception):
+class RejectedError(TransportError):
     """The receiver rejected data it could not verify; send it again."""
 
 
-class ReceiverClient:
-    """Calls on a secondary daemon's control port (a site on this host)."""
+class _Broken(Exception):
+    """The connection failed (closed, reset, timed out, or the answer is not HTTP)."""
 
-    def __init__(self, site):
-        """`site`: the target site (`SiteService.peer(path)`: its path and control address)."""
+
+def error_for(status: int, doc) -> TransportError:
+    """The exception for a failing answer: a 400 that says "rejected" or "again" means send
+    it again; 401, 404 and 409 will not change by retrying; anything else may."""
+    msg = doc.get("error", f"HTTP {status}") if isinstance(doc, dict) else str(doc)
+    if not isinstance(msg, str):
+        msg = str(msg)
+    if status == 400 and ("rejected" in msg or "again" in msg):
+        return RejectedError(msg)
+    if status in (401, 404, 409):
+        return PermanentError(msg)
+    return TransientError(msg)
+
+
+def parse_answer_head(head: bytes) -> tuple[int, dict[bytes, bytes]]:
+    """An answer's status and headers (lower-case names) from its head (without the blank
+    line); raises _Broken for anything that is not an HTTP/1.x status line and headers."""
+    lines = head.split(b"\r\n")
+    parts = lines[0].split(b" ", 2)
+    if (len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or len(parts[1]) != 3
+            or not parts[1].isdigit()):
+        raise _Broken(f"not an HTTP answer: {lines[0][:80]!r}")
+    headers = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(b":")
+        if not sep:
+            raise _Broken(f"malformed header line in an answer: {line[:80]!r}")
+        headers[name.strip().lower()] = value.strip()
+    return int(parts[1]), headers
+
+
+class HTTPConnection:
+    """One persistent HTTP/1.1 client connection (blocking; one thread uses it) that may have
+    several requests in flight: `send_request` writes a request, `read_answer` reads the
+    oldest unanswered one's answer. Every request carries the bearer token; every answer
+    must have a Content-Length; each answer must come within `timeout` seconds."""
+
+    def __init__(self, host: str, port: int, token: str, *, timeout: float = TIMEOUT):
+        self.host = host
+        self.timeout = timeout
+        self.token = token
+        try:
+            self.sock = socket.create_connection((host, port), timeout=timeout)
+        except OSError as e:
+            raise _Broken(f"cannot connect to {host}:{port}: {e}") from None
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buf = bytearray()
+        self.unanswered = 0
+        self.closing = False  # an answer said "Connection: close"
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def alive(self) -> bool:
+        """Whether an idle connection may be used: nothing pending, and the peer has not
+        closed it (a daemon closes a connection idle for long, or has restarted)."""
+        if self.closing or self.unanswered or self.buf:
+            return False
+        try:
+            readable, _, _ = select.select([self.sock], [], [], 0)
+            # readable while idle: closed by the peer (b"") or an answer nobody asked for
+            return not readable
+        except (OSError, ValueError):
+            return False
+
+    def send_request(self, method: str, target: str, body=b"",
+                     ctype: str = "application/octet-stream") -> None:
+        body = memoryview(body).cast("B")
+        head = (f"{method} {target} HTTP/1.1\r\nHost: {self.host}\r\n"
+                f"Authorization: Bearer {self.token}\r\nContent-Type: {ctype}\r\n"
+                f"Content-Length: {body.nbytes}\r\n\r\n").encode()
+        self.unanswered += 1
+        try:
+            self.sock.settimeout(self.timeout)
+            if body.nbytes <= 65536:
+                self.sock.sendall(head + body)
+            else:
+                self.sock.sendall(head)
+                self.sock.sendall(body)
+        except OSError as e:
+            raise _Broken(f"sending {method} {target}: {_describe(e)}") from None
+
+    def _fill(self, deadline: float, what: str) -> None:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise _Broken(f"no answer {what} within {self.timeout:g} s")
+        try:
+            self.sock.settimeout(remaining)
+            data = self.sock.recv(1 << 16)
+        except socket.timeout:
+            raise _Broken(f"no answer {what} within {self.timeout:g} s") from None
+        except OSError as e:
+            raise _Broken(f"reading an answer: {_describe(e)}") from None
+        if not data:
+            raise _Broken("the connection was closed before the answer" if not self.buf
+                          else "the connection was closed within an answer")
+        self.buf += data
+
+    def read_answer(self) -> tuple[int, bytes]:
+        """The next answer: (status, body)."""
+        if not self.unanswered:
+            raise _Broken("no request is waiting for an answer")
+        if self.closing:
+            raise _Broken("the peer closed the connection after an earlier answer")
+        deadline = time.monotonic() + self.timeout
+        while (end := self.buf.find(b"\r\n\r\n")) < 0:
+            if len(self.buf) > MAX_ANSWER_HEAD:
+                raise _Broken(f"an answer's head is longer than {MAX_ANSWER_HEAD} bytes")
+            self._fill(deadline, "")
+        status, headers = parse_answer_head(bytes(self.buf[:end]))
+        length = headers.get(b"content-length", b"")
+        if not length.isdigit() or b"transfer-encoding" in headers:
+            raise _Broken(f"an answer ({status}) without a Content-Length")
+        length = int(length)
+        if length > MAX_ANSWER_BODY:
+            raise _Broken(f"an answer of {length} bytes (at most {MAX_ANSWER_BODY})")
+        start = end + 4
+        while len(self.buf) < start + length:
+            self._fill(deadline, "body")
+        body = bytes(self.buf[start:start + length])
+        del self.buf[:start + length]
+        self.unanswered -= 1
+        if headers.get(b"connection", b"").lower() == b"close":
+            self.closing = True
+        return status, body
+
+
+def _describe(e: OSError) -> str:
+    return e.strerror or str(e) or type(e).__name__
+
+
+class ReceiverClient:
+    """Calls on a secondary daemon's control port (a site on this host), over one persistent
+    connection."""
+
+    def __init__(self, site, *, window: int = WINDOW):
+        """`site`: the target site (`SiteService.peer(path)`: its path and control address).
+        `window`: the default number of requests in flight in `send_chunks`/`send_copies`."""
         self.site = site
         self.site_path = str(site.path)
-        self.conn: http.client.HTTPConnection | None = None
+        self.window = window
+        self.conn: HTTPConnection | None = None
 
-    def _connect(self):
+    def _connect(self) -> HTTPConnection:
         site = self.site
         addr = site.control_address()
         if addr is None:
@@ -44,40 +205,139 @@ class ReceiverClient:
             token = (site.path / "control.token").read_text().strip()
         except OSError as e:
             raise TransientError(f"cannot read the control token of {self.site_path}: {e}")
-        self.token = token
-        self.conn = http.client.HTTPConnection(addr[0], addr[1], timeout=60)
+        try:
+            self.conn = HTTPConnection(addr[0], addr[1], token)
+        except _Broken as e:
+            raise TransientError(f"{self.site_path}: {e}") from None
+        return self.conn
+
+    def _connection(self) -> tuple[HTTPConnection, bool]:
+        """A connection ready for requests, and whether it is new."""
+        if self.conn is not None and not self.conn.alive():
+            self.close()
+        if self.conn is None:
+            return self._connect(), True
+        return self.conn, False
+
+    def _outcome(self, status: int, raw: bytes) -> dict | TransportError:
+        """The JSON document of an answer, or the error it stands for."""
+        try:
+            doc = json.loads(raw)
+        except ValueError:
+            return TransientError(f"{self.site_path}: non-JSON answer {status}")
+        if status == 200:
+            return doc
+        return error_for(status, doc)
 
     def request(self, method: str, path: str, body: bytes | dict | None = None) -> dict:
+        """One call, stop-and-wait; a connection that fails is replaced and the call sent once
+        more."""
+        if isinstance(body, dict):
+            data, ctype = json.dumps(body).encode(), "application/json"
+        else:
+            data, ctype = body or b"", "application/octet-stream"
         for attempt in (1, 2):
-            if self.conn is None:
-                self._connect()
-            if isinstance(body, dict):
-                data, ctype = json.dumps(body).encode(), "application/json"
-            else:
-                data, ctype = body, "application/octet-stream"
+            conn, _ = self._connection()
             try:
-                self.conn.request(method, "/v1" + path, body=data, headers={
-                    "Authorization": f"Bearer {self.token}", "Content-Type": ctype})
-                resp = self.conn.getresponse()
-                raw = resp.read()
-            except (OSError, http.client.HTTPException) as e:
+                conn.send_request(method, "/v1" + path, data, ctype)
+                status, raw = conn.read_answer()
+            except _Broken as e:
                 self.close()
                 if attempt == 2:
                     raise TransientError(f"{self.site_path}: {e}") from None
                 continue
-            try:
-                doc = json.loads(raw)
-            except ValueError:
-                raise TransientError(f"{self.site_path}: non-JSON answer {resp.status}") from None
-            if resp.status == 200:
-                return doc
-            msg = doc.get("error", f"HTTP {resp.status}") if isinstance(doc, dict) else str(doc)
-            if resp.status == 400 and ("rejected" in msg or "again" in msg):
-                raise RejectedError(msg)
-            if resp.status in (401, 404, 409):
-                raise PermanentError(msg)
-            raise TransientError(msg)
+            doc = self._outcome(status, raw)
+            if isinstance(doc, TransportError):
+                self.close()  # (uploads pipelined behind a failed one would be refused)
+                raise doc
+            return doc
         raise TransientError("unreachable")
+
+    def send_many(self, path: str, bodies: Iterable, *, window: int | None = None,
+                  what: str = "request") -> int:
+        """POST each of `bodies` (octet-stream, taken from the iterable only as the window
+        has room) to `path`, with up to `window` requests in flight on one connection;
+        returns how many were acknowledged (all of them, or an exception is raised).
+
+        A failing answer raises what `request` raises for it, with `index` set to the body's
+        position and named in the message, once the answers to the requests in flight behind
+        it came back (the control port refuses the uploads pipelined behind a failed one, so
+        none of them is applied out of order); nothing of the send is in flight when it
+        returns or raises, except after a connection failure. A connection that fails raises TransientError for the oldest unanswered body,
+        except that a kept-alive connection failing before its first answer is replaced and
+        the window sent again once (as `request` does: the receiver takes a resent record
+        it already holds as a duplicate)."""
+        window = max(1, min(int(window or self.window), MAX_WINDOW))
+        items = iter(bodies)
+        inflight: collections.deque = collections.deque()  # (index, body), oldest first
+        written = 0  # of inflight, from the oldest: requests written
+        done = 0  # acknowledged
+        nxt = 0  # index of the next body to take
+        exhausted = False
+        broken: _Broken | None = None  # why a write failed (its answers are still read)
+        try:
+            conn, fresh = self._connection()
+            answered = False  # an answer came on this connection
+            while True:
+                try:
+                    if broken is None and not conn.closing:
+                        while not exhausted and len(inflight) < window:
+                            try:
+                                body = next(items)
+                            except StopIteration:
+                                exhausted = True
+                                break
+                            inflight.append((nxt, body))
+                            nxt += 1
+                        try:
+                            while written < len(inflight):
+                                conn.send_request("POST", "/v1" + path, inflight[written][1])
+                                written += 1
+                        except _Broken as e:
+                            # the peer may have refused it (or one before it) and closed:
+                            # what it answered says why
+                            broken, written = e, written + 1
+                    if not inflight:
+                        return done
+                    if not written:
+                        raise broken or _Broken("nothing was sent")
+                    status, raw = conn.read_answer()
+                except _Broken as e:
+                    if fresh or answered:
+                        raise TransientError(f"{self.site_path}: {broken or e}") from None
+                    # a kept-alive connection the peer closed meanwhile: again, on a new one
+                    self.close()
+                    conn, fresh = self._connect(), True
+                    written, broken = 0, None
+                    continue
+                answered = True
+                doc = self._outcome(status, raw)
+                if isinstance(doc, TransportError):
+                    # the rest of the window is refused (see the docstring): take those
+                    # answers, so that nothing of this send is still in flight
+                    self._drain(conn, written - 1)
+                    raise doc  # (for inflight[0])
+                inflight.popleft()
+                written -= 1
+                done += 1
+        except TransportError as e:
+            self.close()  # (the control port refuses the uploads after a failed one on it)
+            index = inflight[0][0] if inflight else nxt
+            e.index = index
+            e.args = (f"{e.args[0]} ({what} {index} of this send)",)
+            raise
+        except BaseException:
+            self.close()
+            raise
+
+    @staticmethod
+    def _drain(conn: HTTPConnection, n: int) -> None:
+        """Read (and drop) the answers to `n` requests, while the connection lasts."""
+        try:
+            for _ in range(n):
+                conn.read_answer()
+        except _Broken:
+            pass
 
     def close(self) -> None:
         if self.conn is not None:
@@ -95,12 +355,24 @@ class ReceiverClient:
     def copy(self, generation: int, start: int, data: bytes) -> None:
         self.request("POST", "/repl/copy", encode_copy(generation, start, data))
 
+    def send_copies(self, pieces: Iterable[tuple[int, int, bytes]], *,
+                    window: int | None = None) -> int:
+        """Initial-copy records (generation, start block, data), pipelined (`send_many`);
+        returns how many were acknowledged."""
+        return self.send_many("/repl/copy", (encode_copy(g, s, d) for g, s, d in pieces),
+                              window=window, what="copy record")
+
     def start_playback(self, after: int, generation: int, blocks: int) -> None:
         self.request("POST", "/repl/start-playback", {"after": after, "generation": generation,
                                                       "blocks": blocks})
 
     def chunk(self, raw: bytes) -> None:
         self.request("POST", "/repl/chunk", raw)
+
+    def send_chunks(self, chunks: Iterable[bytes], *, window: int | None = None) -> int:
+        """Encoded delta chunks, pipelined (`send_many`); returns how many were
+        acknowledged."""
+        return self.send_many("/repl/chunk", chunks, window=window, what="chunk")
 
     def commit(self, header: bytes, meta: dict) -> dict:
         ack = self.request("POST", "/repl/commit", {"header": header.hex(), **meta})
