@@ -70,6 +70,8 @@ BODY_TIMEOUT = 60.0  # s from the headers to the end of the body
 IDLE_TIMEOUT = 60.0  # s a kept-alive connection may wait for its next request
 SEND_TIMEOUT = 60.0  # s the peer has to take a reply
 LINGER = 2.0  # s a refused connection is drained before it is closed
+# bytes drained at most: a window of pipelined uploads (repfs/repl/transport.py MAX_WINDOW)
+LINGER_BYTES = 64 * MAX_BINARY_BODY
 MAX_JSON_DEPTH = 32
 MAX_PATH = 4096  # bytes of a path argument
 MAX_OPTIONS = 4096  # characters of a remount's mount options
@@ -382,7 +384,7 @@ class ControlServer:
         with trio.move_on_after(LINGER):
             dropped = 0
             try:
-                while dropped < MAX_BINARY_BODY:
+                while dropped < LINGER_BYTES:
                     data = await stream.receive_some(65536)
                     if not data:
                         break
