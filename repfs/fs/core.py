@@ -665,7 +665,7 @@ class FileSystem:
         inode = Inode(ino, mode=mode, uid=ctx.uid, gid=gid, nlink=2 if is_dir else 1,
                       generation=self.sb.next_generation, rdev=rdev, atime_ns=now,
                       mtime_ns=now, ctime_ns=now, crtime_ns=now,
-                      parent=parent if is_dir else 0)
+                      parent=parent)  # a file's: a hint for snapshot diff (format.py)
         self.sb.next_generation = (self.sb.next_generation + 1) & 0xFFFFFFFF or 1
         self.inodes[ino] = inode
         self._dirty(inode)
@@ -733,6 +733,7 @@ class FileSystem:
         self.dirs.add(d, name, ino, inode.mode >> 12)
         now = _now()
         inode.nlink += 1
+        inode.parent = parent  # the hint: the directory of its newest name (format.py)
         inode.ctime_ns = now
         d.mtime_ns = d.ctime_ns = now
         self._dirty(inode)
@@ -843,10 +844,8 @@ class FileSystem:
             self.dirs.replace(dold, n_old, dst.ino, dst.mode >> 12)
             self.dirs.replace(dnew, n_new, src.ino, src.mode >> 12)
             if p_old != p_new:
-                if src_dir:
-                    src.parent = p_new
-                if dst_dir:
-                    dst.parent = p_old
+                src.parent = p_new  # (a file's parent is a hint: format.py)
+                dst.parent = p_old
                 delta = int(src_dir) - int(dst_dir)
                 dold.nlink -= delta
                 dnew.nlink += delta
@@ -886,6 +885,8 @@ class FileSystem:
             src.parent = p_new
             dold.nlink -= 1
             dnew.nlink += 1
+        elif not src_dir:
+            src.parent = p_new  # the hint (format.py)
         src.ctime_ns = now
         self._dirty(src)
         for x in (dold, dnew):

@@ -207,7 +207,10 @@ _INODE = struct.Struct(
     "q"  # mtime_ns
     "q"  # ctime_ns
     "q"  # crtime_ns      creation (birth) time
-    "I"  # parent         directories: inode of the parent directory ('..'); root: itself
+    "I"  # parent         directories: inode of the parent directory ('..'); root: itself;
+    #                     other inodes: a hint, the directory that got its newest name (made,
+    #                     linked or renamed into; 0 on volumes from before the hint): it may
+    #                     be stale after an unlink (snapshot diff checks it; repfs/snap/diff.py)
     "I"  # xattr          root block of the extended attributes, 0: none
     "I"  # orphan_next    next inode on the superblock's orphan list, 0: end
     "I"  # reserved
