@@ -5,34 +5,59 @@ adapter (for quiesce), the snapped layer, the store and the change log on top.""
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 import trio
 
 from ..fs.core import FileSystem
 from ..fs.invalidate import volume_changes
-from .diff import changed_paths
+from .diff import changed_blocks, changed_paths
 from ..volume import ReadOnlyDevice
 from .layer import SnapshotDevice
 from .store import SnapError
 
 log = logging.getLogger(__name__)
 
+# A diff against the live file system pins it with an internal snapshot of this name prefix
+# and purpose; `snapshot list` does not show it, and a leftover (a daemon that died during a
+# diff) is deleted at the next mount or diff.
+DIFF_PIN_PREFIX = "diff-pin-"
+DIFF_PURPOSE = "diff"
+_HIDDEN = ("delta set", DIFF_PURPOSE)  # internal snapshots' purposes
+
 
 class SnapshotVerbs:
     def __init__(self, svc):
         self.svc = svc
+        self._pins: set[str] = set()  # the pins of the diffs running now
+        self._pin_seq = 0
+        # at the mount (no request is served yet): a pin a crash left behind goes
+        for snap in self._leftover_pins():
+            try:
+                svc.layer.delete(snap)
+                log.info("deleted %s, left by a diff that did not finish", snap.name)
+            except Exception as e:  # noqa: BLE001 - the next diff tries again
+                log.warning("cannot delete %s, left by a diff that did not finish: %s (the "
+                            "next diff tries again)", snap.name, e)
 
     async def create(self, name: str, attrs: dict | None = None) -> dict:
         svc = self.svc
         svc.check_writable()
+        if isinstance(name, str) and name.startswith("repl-"):
+            raise SnapError(f"bad snapshot name {name!r}: names starting with 'repl-' are "
+                            f"replication's own")
+        if isinstance(name, str) and name.startswith(DIFF_PIN_PREFIX):
+            raise SnapError(f"bad snapshot name {name!r}: names starting with "
+                            f"{DIFF_PIN_PREFIX!r} are snapshot diff's own")
         async with svc.ops.quiesce():  # (create syncs: the save volume's name, meta.lmdb)
             snap = await trio.to_thread.run_sync(svc.store.create, name, attrs)
         log.info("snapshot %s (id %d) created", name, snap.id)
         return snap.info()
 
     def list(self) -> list[dict]:
-        return [s.info() for s in self.svc.store.queue]
+        # (a delta set's pinning snapshot is replication's: shown in status, not here)
+        return [s.info() for s in self.svc.store.queue if s.attrs.get("purpose") not in _HIDDEN]
 
     async def delete(self, name: str, internal: bool = False) -> dict:
         svc = self.svc
@@ -69,33 +94,97 @@ class SnapshotVerbs:
         return {"restored": name, "blocks": n, "seconds": round(time.monotonic() - t0, 3)}
 
     async def diff(self, older: str, younger: str | None, *, paths: bool = True) -> dict:
+        """The blocks (and paths) changed from snapshot `older` to `younger` (None: the live
+        file system). Against the live file system, writers are held only while an internal
+        snapshot pins it (as long as a snapshot create); the diff then reads the two
+        snapshots in a worker thread while writes go on, and the pin is deleted after."""
         svc = self.svc
         a = svc.store.find(older)
         b = svc.store.find(younger) if younger else None
         if b is not None and svc.store.position(b) < svc.store.position(a):
             raise SnapError(f"snapshot {older!r} is younger than {younger!r}; swap them")
-        if b is None:  # against the live file system: its volume must hold what it shows
+        if b is not None:
+            return await self._run(a, b, paths)
+        if svc.readonly or svc.core.error is not None:
+            # nothing writes the volume but playback (a secondary), which quiesce holds off;
+            # a pin would need a writable site
             async with svc.ops.quiesce():
-                result = await trio.to_thread.run_sync(self._diff, a, b, paths)
-        else:
-            result = await trio.to_thread.run_sync(self._diff, a, b, paths)
+                return await self._run(a, None, paths)
+        pin = await self._pin()
+        try:
+            result = await self._run(a, pin, paths)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._unpin(pin)
+        result["to"] = "live"
         return result
 
-    def _diff(self, a, b, paths: bool) -> dict:
+    def _leftover_pins(self) -> list:
+        return [s for s in self.svc.store.queue
+                if s.attrs.get("purpose") == DIFF_PURPOSE and s.name not in self._pins]
+
+    async def _pin(self):
+        """An internal snapshot of the live file system, taken at a consistency point."""
+        svc = self.svc
+        for snap in self._leftover_pins():  # left by a daemon that died during a diff
+            log.info("deleting %s, left by a diff that did not finish", snap.name)
+            await trio.to_thread.run_sync(svc.layer.delete, snap)
+        self._pin_seq += 1
+        name = f"{DIFF_PIN_PREFIX}{time.time_ns()}-{self._pin_seq}"
+        self._pins.add(name)
+        try:
+            async with svc.ops.quiesce():
+                return await trio.to_thread.run_sync(svc.store.create, name,
+                                                     {"purpose": DIFF_PURPOSE})
+        except BaseException:
+            self._pins.discard(name)
+            raise
+
+    async def _unpin(self, pin) -> None:
+        """Delete a diff's pin (also when the diff failed or was cancelled); if that fails,
+        the next diff or mount deletes it."""
+        try:
+            with trio.move_on_after(60):
+                await trio.to_thread.run_sync(self.svc.layer.delete, pin)
+        except Exception as e:  # noqa: BLE001 - the diff's answer stands; the pin waits
+            log.warning("cannot delete %s after a diff: %s (the next diff or mount deletes "
+                        "it)", pin.name, e)
+        finally:
+            self._pins.discard(pin.name)
+
+    async def _run(self, a, b, paths: bool) -> dict:
+        """self._diff in a worker thread; a cancellation stops it (between two steps) and
+        waits for it, so that nothing it reads is deleted under it."""
+        stop = threading.Event()
+        done = threading.Event()
+        box: dict = {}
+
+        def work():
+            try:
+                box["value"] = self._diff(a, b, paths, stop)
+            except BaseException as e:  # noqa: BLE001 - handed to the trio task
+                box["error"] = e
+            finally:
+                done.set()
+        try:
+            await trio.to_thread.run_sync(work, abandon_on_cancel=True)
+        except trio.Cancelled:
+            stop.set()
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(done.wait)
+            raise
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
+
+    def _diff(self, a, b, paths: bool, stop: threading.Event) -> dict:
         layer = self.svc.layer
-        changed = set()
-        count = 0
-        for page, acc in layer.changed_pages(a, b):
-            meta = layer._used(b, page)
-            idx = (acc & meta).nonzero()[0] + page * 32768
-            count += len(idx)
-            if paths:
-                changed.update(idx.tolist())
-        out = {"from": a.name, "to": b.name if b else "live", "changed_blocks": count}
+        changed = changed_blocks(layer, a, b)
+        out = {"from": a.name, "to": b.name if b else "live", "changed_blocks": len(changed)}
         if paths:
             old_fs = FileSystem(SnapshotDevice(layer, a), None, readonly=True)
             new_dev = (SnapshotDevice(layer, b) if b is not None  # else the live volume
                        else ReadOnlyDevice(layer.read_live, layer.nblocks))
             new_fs = FileSystem(new_dev, None, readonly=True)
-            out["paths"] = changed_paths(old_fs, new_fs, changed)
+            out["paths"] = changed_paths(old_fs, new_fs, changed, stop=stop)
         return out
