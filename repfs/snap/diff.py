@@ -84,14 +84,16 @@ def _record_key(r: Inode) -> tuple:
             r.orphan_next)
 
 
-def _read(dev, blocks: np.ndarray):
-    """Yield (block, bytes of one block) for sorted `blocks`, read in runs."""
+def _read_pairs(dev_a, dev_b, blocks: np.ndarray):
+    """Yield (block, bytes on side a, bytes on side b) for sorted `blocks`, read in runs of
+    at most _READ_RUN blocks (memory stays bounded however many blocks changed)."""
     for _, start, count in runs(blocks):
         while count:
             m = min(count, _READ_RUN)
-            buf = dev.read(start, m)
+            a, b = dev_a.read(start, m), dev_b.read(start, m)
             for i in range(m):
-                yield start + i, buf[i * BLOCK_SIZE:(i + 1) * BLOCK_SIZE]
+                sl = slice(i * BLOCK_SIZE, (i + 1) * BLOCK_SIZE)
+                yield start + i, a[sl], b[sl]
             start += m
             count -= m
 
@@ -177,17 +179,16 @@ class _Diff:
 
     def compare_records(self) -> None:
         sb = self.new.sb
-        olds = dict(_read(self.old.fs.dev, self.itable))
-        for blk, new_buf in _read(self.new.fs.dev, self.itable):
+        for blk, old_buf, new_buf in _read_pairs(self.old.fs.dev, self.new.fs.dev, self.itable):
             self.check()
-            a = np.frombuffer(olds[blk], dtype=np.uint8).reshape(INODES_PER_BLOCK, INODE_SIZE)
+            a = np.frombuffer(old_buf, dtype=np.uint8).reshape(INODES_PER_BLOCK, INODE_SIZE)
             b = np.frombuffer(new_buf, dtype=np.uint8).reshape(INODES_PER_BLOCK, INODE_SIZE)
             base = (blk - sb.itable_start) * INODES_PER_BLOCK
             for slot in np.flatnonzero((a != b).any(axis=1)).tolist():
                 ino = base + slot
                 if not 1 <= ino < sb.ninodes:
                     continue
-                ro = Inode.unpack_from(ino, olds[blk], slot * INODE_SIZE)
+                ro = Inode.unpack_from(ino, old_buf, slot * INODE_SIZE)
                 rn = Inode.unpack_from(ino, new_buf, slot * INODE_SIZE)
                 ro = ro if ro.mode else None
                 rn = rn if rn.mode else None
@@ -217,8 +218,8 @@ class _Diff:
             if explained.all():
                 return
         rest = self.data[~explained]
-        olds = dict(_read(self.old.fs.dev, rest))
-        differ = [blk for blk, buf in _read(self.new.fs.dev, rest) if buf != olds[blk]]
+        differ = [blk for blk, a, b in _read_pairs(self.old.fs.dev, self.new.fs.dev, rest)
+                  if a != b]
         self.unexplained = np.asarray(differ, dtype=np.int64)
 
     # ------------------------------------------------------------ steps 3 and 4: paths
