@@ -56,7 +56,8 @@ class SiteService:
         self.primary: Primary | None = None
         self.sets: DeltaSets | None = None
         if self.receiver.role == "primary":
-            self.sets = DeltaSets(env, self.clog, site.path, capacity_bytes=site.chunk_capacity())
+            self.sets = DeltaSets(env, self.clog, site.path, self.layer,
+                                  capacity_bytes=site.chunk_capacity())
             self.primary = Primary(self, self.clog, self.sets)
         self.secondary = Secondary(self, self.receiver)
         self.snapshots = SnapshotVerbs(self)

@@ -13,7 +13,7 @@ def site_status(svc) -> dict:
     core = svc.core
     st = core.statfs()
     sb = core.sb
-    snaps = [s.info() for s in svc.store.queue]
+    snaps = svc.snapshots.list()
     return {
         "site": str(svc.site.path),
         "label": sb.label,
@@ -73,7 +73,7 @@ def _primary_status(svc) -> dict:
     outstanding = [
         {"delta_set": r["number"], "state": r["state"], "blocks": r["blocks"],
          "created": iso(r["cut_ns"]), "ready": iso(r["ready_ns"]) if r["ready_ns"] else None}
-        for r in sets.records() if r.get("file", True)]
+        for r in sets.records() if sets.held(r) and r["blocks"]]
     stalls = sorted(p.stall_ms)
     return {
         "role": "primary", "generation": sets.generation,

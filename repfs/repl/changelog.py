@@ -1,18 +1,17 @@
 """The change log (FIG. 8, 10): a layer of the volume stack that logs every changed block in a
-queue of two bit-map tables.
+bit-map table.
 
-Writes set bits in the *new* table. At a delta-set boundary (a consistency point) the tables
-swap: the new table becomes the *old* one, whose blocks the delta-set cutter copies into the
-chunk area in the background, and a fresh new table starts. A write that hits a block still
-set in the old table first hands it to the cutter (the reference's priority copy), so the delta
-set holds the block as it was at the boundary.
+Writes set bits in the *new* table. At a delta-set boundary (a consistency point) the table
+becomes the delta set's block list (repl/deltaset.py: its pinning snapshot keeps those blocks
+as they were at the boundary, which replaces the reference's old table and priority copy) and
+a fresh new table starts.
 
 Crash safety (invariant 3: over-marking allowed, under-marking never). Bit maps are paged
 (empty pages cost nothing). The tables are written to LMDB at every flush (the file system's
 group commit); a write-intent log covers what is only in memory: before the first write into
 an 8 MiB region since the last cut, the region is marked durably in LMDB. Recovery marks
-old ∪ new ∪ every intent region as changed. A cut writes the tables and clears the intent
-marks in one transaction.
+new ∪ every intent region (∪ the old table of a site from before issue 8) as changed. A cut
+empties the table and clears the intent marks in the transaction that records the delta set.
 """
 
 from __future__ import annotations
@@ -92,11 +91,9 @@ class ChangeLogLayer(Layer):
         self.db_ctx = env.open_db(K.CTX)
         self.lock = threading.RLock()
         self.new = PagedBits()
-        self.old: PagedBits | None = None
         self.hot: set[int] = set()  # regions with a durable intent mark
         self.changed_blocks = 0  # blocks set in the new table since the last cut
         self.first_change_ns = 0
-        self.priority_copy = None  # set by the cutter while a delta set is being cut
         with env.begin(db=self.db_ctx) as txn:
             # logging is on from the start of a mount when the site replicates, so the redo
             # log's replay (which runs before the daemon is up) is logged too
@@ -162,10 +159,6 @@ class ChangeLogLayer(Layer):
         with self.lock:
             if self.enabled:
                 self._intent(start, n)
-                if self.old is not None and self.priority_copy is not None:
-                    hit = np.flatnonzero(self.old.get_range(start, n))
-                    if len(hit):
-                        self.priority_copy(start + hit)
                 added = self.new.set_range(start, n)
                 if added:
                     if not self.changed_blocks:
@@ -192,8 +185,6 @@ class ChangeLogLayer(Layer):
         """Write the tables (one transaction). The intent marks stay until the next cut, so a
         region pays one durable mark per delta set, not one per group commit; recovery may
         over-mark those regions, which is allowed."""
-        # The old table stays in LMDB as it was at the cut until the delta set is complete:
-        # a crash drops the incomplete delta set, so every block of it must stay marked.
         if not self.new.dirty:
             return
         with self.env.begin(write=True) as txn:
@@ -202,48 +193,26 @@ class ChangeLogLayer(Layer):
 
     # ------------------------------------------------------------------ cutting
 
-    def swap(self, txn) -> PagedBits:
-        """At a consistency point: the new table becomes the old one (written in `txn`)."""
-        assert self.old is None
-        old, self.new = self.new, PagedBits()
-        old.save_all(txn, self.db_old)
-        txn.drop(self.db_new, delete=False)
-        txn.drop(self.db_intent, delete=False)
+    def clear_tables(self, txn) -> None:
+        """At a cut (under `lock`, at a consistency point): empty the persistent log in
+        `txn`, whose commit also records the delta set that takes over the table; then
+        `reset`."""
+        for db in (self.db_new, self.db_old, self.db_intent):
+            txn.drop(db, delete=False)
         txn.put(b"first_change_ns", K.u64(0), db=self.db_ctx)
+
+    def reset(self) -> None:
+        """After the cut's commit: a fresh new table."""
+        self.new = PagedBits()
         self.hot.clear()
-        self.old = old
         self.changed_blocks = 0
         self.first_change_ns = 0
-        return old
-
-    def old_done(self, txn) -> None:
-        txn.drop(self.db_old, delete=False)
-        self.old = None
-
-    def unswap(self, txn, first_change_ns: int) -> None:
-        """Undo a swap whose delta set could not be made (its chunk file failed): every block
-        of the old table as it was at the cut (kept in LMDB until the delta set is complete)
-        is marked in the new table again, written in `txn`. Over-marks the blocks a priority
-        copy took out meanwhile (allowed), never under-marks. Call under `lock`."""
-        old = PagedBits()
-        old.load(txn, self.db_old)
-        self.new.merge(old)
-        self.new.save_all(txn, self.db_new)
-        txn.drop(self.db_old, delete=False)
-        self.old = None
-        self.changed_blocks = self.new.count()
-        if first_change_ns and (not self.first_change_ns or first_change_ns < self.first_change_ns):
-            self.first_change_ns = first_change_ns
-        if self.changed_blocks and not self.first_change_ns:
-            self.first_change_ns = time.time_ns()
-        txn.put(b"first_change_ns", K.u64(self.first_change_ns), db=self.db_ctx)
 
     def disable(self) -> None:
         """Stop logging and forget the log (no destinations left)."""
         with self.lock:
             self.enabled = False
             self.new = PagedBits()
-            self.old = None
             self.hot.clear()
             self.changed_blocks = 0
             with self.env.begin(write=True) as txn:

@@ -1,16 +1,27 @@
-"""Delta sets at the primary (FIG. 8, 10): cutting, the background copy into the chunk area,
-the mailbox, retention and flow control.
+"""Delta sets at the primary (FIG. 8, 10): cutting, pinning, the mailbox, streaming,
+retention and flow control.
 
-A cut happens at a consistency point and only swaps the change log's tables (O(1) in the
-volume); the old table's blocks are then copied into ``SITE/save/deltasets/<n>.ds`` in the
-background, a few megabytes at a time, as delta chunks of coalesced extents followed by the
-delta-set header. A write that hits a block not yet copied copies it first (priority copy),
-so the delta set is exactly the state at its boundary. The mailbox (LMDB ``deltasets``)
-records each delta set: "cutting" while the copy runs, "ready" once the header is durable.
+A cut happens at a consistency point and is O(1) in the volume: the change log's table of
+changed blocks becomes the delta set's block list (kept in LMDB ``dsbits``), and a *pinning
+snapshot* (``repl-ds-N``, an internal snapshot of the snapped volume) is taken whose interest
+is exactly that block list. Nothing is copied at the cut: the sender reads the delta set's
+blocks through the pinning snapshot when it ships them, so a block still unchanged is read
+from the volume, and only a block overwritten before every destination had it was copied —
+once, by copy-on-write, into the pinning snapshot's save volume (with its sync batched like
+every before-image; repfs/snap/layer.py). While destinations keep up, a user's byte is written
+once on the primary. Each delta set is still exactly the state at its boundary (invariant 4:
+the chunks are checksummed as they are made, the header goes last).
 
-After a crash, a delta set still "cutting" is dropped (its file deleted): the change log's
-recovery put its blocks back in the new table, and the next cut — at the consistency point
-that mounting is — ships them again.
+The mailbox (LMDB ``deltasets``) records each delta set; the cut writes the block list, the
+pinning snapshot's record, the mailbox record and the emptied change log in one transaction,
+so a crash leaves either no delta set or a whole one. A delta set is *released* (its pinning
+snapshot deleted) once every destination has played it; its block list stays for the
+retention period (what recovery needs later is the block lists, not the data: FIG. 28).
+
+Flow control: cutting pauses while the pinning snapshots hold more than the capacity, or more
+than MAX_OUTSTANDING delta sets are unreleased; the change log keeps coalescing meanwhile
+(invariant 4: never dropped). Delta sets made before this design (a chunk file under
+``save/deltasets/``) are still streamed from their file.
 """
 
 from __future__ import annotations
@@ -18,123 +29,148 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
-from ..statefile import fsync_dir
 from ..extents import runs
-from ..volume import private_dir, pwrite_all
+from ..pagedbits import PagedBits
 from . import keys as K
 from .changelog import ChangeLogLayer
 from .chunk import (
-    MAX_CHUNK_BLOCKS, SetHeader, data_checksum, encode_chunk, encode_set_header, encoded_checksum,
+    MAX_CHUNK_BLOCKS, ChunkError, SetHeader, chunk_size, data_checksum, encode_chunk,
+    encode_set_header, encoded_checksum, is_set_header, SET_HEADER_SIZE,
 )
 
 log = logging.getLogger(__name__)
 BS = 4096
-COPY_STEP_BLOCKS = 256  # blocks read per step while holding the change-log lock
+PIN_PREFIX = "repl-ds-"  # the pinning snapshots' names (reserved: users cannot take them)
+MAX_OUTSTANDING = 64  # unreleased delta sets before cutting pauses (each costs the write path
+#                      one more snapshot to consult)
 
 
-class ChunkWriter:
-    """Appends one delta set's chunks to its file."""
+class ChunkEncoder:
+    """Packs extents, in block order, into delta chunks of at most MAX_CHUNK_BLOCKS blocks.
+    Deterministic: the same blocks give the same chunks, so a resumed send can skip the
+    chunks a receiver holds and still compute the delta set's header."""
 
-    def __init__(self, path: Path, generation: int, n: int):
-        self.path = path
+    def __init__(self, generation: int, n: int):
         self.generation = generation
         self.n = n
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        self.off = 0
         self.checksums: list[int] = []
         self.blocks = 0
         self._ext: list[tuple[int, int]] = []
         self._data: list[bytes] = []
         self._pending = 0
 
-    def add(self, blocks: np.ndarray, data: bytes) -> None:
-        """Add sorted blocks with their content (data is len(blocks) * 4 KiB)."""
-        if not len(blocks):
-            return
+    def add(self, start: int, data) -> list[bytes]:
+        """Add blocks [start, start + len(data)/4K); returns the chunks completed."""
+        out = []
         mv = memoryview(data)
-        for a, s, count in runs(blocks):
-            b = a + count
-            while a < b:
-                m = min(b - a, MAX_CHUNK_BLOCKS - self._pending)
-                if self._ext and self._ext[-1][0] + self._ext[-1][1] == s:
-                    self._ext[-1] = (self._ext[-1][0], self._ext[-1][1] + m)
-                else:
-                    self._ext.append((s, m))
-                self._data.append(bytes(mv[a * BS: (a + m) * BS]))
-                self._pending += m
-                a += m
-                s += m
-                if self._pending == MAX_CHUNK_BLOCKS:
-                    self._emit()
+        count = len(mv) // BS
+        a = 0
+        while a < count:
+            m = min(count - a, MAX_CHUNK_BLOCKS - self._pending)
+            s = start + a
+            if self._ext and self._ext[-1][0] + self._ext[-1][1] == s:
+                self._ext[-1] = (self._ext[-1][0], self._ext[-1][1] + m)
+            else:
+                self._ext.append((s, m))
+            self._data.append(bytes(mv[a * BS: (a + m) * BS]))
+            self._pending += m
+            a += m
+            if self._pending == MAX_CHUNK_BLOCKS:
+                out.append(self._emit())
+        return out
 
-    def _emit(self) -> None:
-        if not self._pending:
-            return
+    def _emit(self) -> bytes:
         buf = encode_chunk(self.generation, self.n, len(self.checksums), self._ext,
                            b"".join(self._data))
         self.checksums.append(encoded_checksum(buf))
-        pwrite_all(self.fd, buf, self.off)
-        self.off += len(buf)
         self.blocks += self._pending
         self._ext, self._data, self._pending = [], [], 0
+        return buf
 
-    def finish(self) -> SetHeader:
-        self._emit()
-        hdr = SetHeader(self.generation, self.n, len(self.checksums), self.blocks,
-                        data_checksum(self.checksums))
-        raw = encode_set_header(hdr)
-        pwrite_all(self.fd, raw, self.off)
-        self.off += len(raw)
-        os.fdatasync(self.fd)
-        os.close(self.fd)
-        self.fd = -1
-        # the file's name too, before the mailbox says "ready": else a power cut can keep
-        # the record and lose the file, and the send task fails on it for ever
-        # (tests/t4_power.py)
-        fsync_dir(self.path.parent)
-        return hdr
+    def finish(self) -> list[bytes]:
+        return [self._emit()] if self._pending else []
 
-    def abandon(self) -> None:
-        if self.fd >= 0:
-            try:
-                os.close(self.fd)
-            except OSError:  # EIO at the close of a failing file: it is dropped anyway
-                pass
-            self.fd = -1
-        try:
-            self.path.unlink(missing_ok=True)
-        except OSError as e:  # a later cut of the same number truncates it
-            log.warning("cannot remove %s: %s", self.path, e.strerror)
+    def header(self) -> bytes:
+        return encode_set_header(SetHeader(self.generation, self.n, len(self.checksums),
+                                           self.blocks, data_checksum(self.checksums)))
 
+
+class DeltaStream:
+    """One delta set as the sender streams it: `chunks()` yields its encoded chunks in order
+    (one in memory at a time); after that, `header()` is its delta-set header."""
+
+    READ_BLOCKS = 256  # blocks read through the pinning snapshot at a time
+
+    def __init__(self, sets: "DeltaSets", rec: dict):
+        self.sets = sets
+        self.rec = rec
+        self._header: bytes | None = None
+
+    def chunks(self):
+        rec = self.rec
+        n = rec["number"]
+        if rec.get("pinned") is None:  # made before issue 8: a chunk file
+            yield from self._file_chunks(self.sets.path(n))
+            return
+        enc = ChunkEncoder(rec["generation"], n)
+        if rec["blocks"]:
+            snap = self.sets.pin(n)
+            if snap is None:
+                raise ChunkError(f"delta set {n} is no longer held (released)")
+            layer = self.sets.layer
+            bits = snap.interest
+            for page in sorted(bits.pages):
+                for _, s, c in runs(bits.page_blocks(page)):
+                    while c:
+                        m = min(c, self.READ_BLOCKS)
+                        yield from enc.add(s, layer.read_snapshot(snap, s, m))
+                        s += m
+                        c -= m
+        yield from enc.finish()
+        if enc.blocks != rec["blocks"]:
+            raise ChunkError(f"delta set {n}: {enc.blocks} blocks streamed, "
+                             f"{rec['blocks']} cut")
+        self._header = enc.header()
+
+    def _file_chunks(self, path: Path):
+        with open(path, "rb") as f:
+            fd = f.fileno()
+            end = os.fstat(fd).st_size
+            off = 0
+            while off < end:
+                head = os.pread(fd, 64, off)
+                if is_set_header(head):
+                    self._header = os.pread(fd, SET_HEADER_SIZE, off)
+                    return
+                size = chunk_size(head)
+                yield os.pread(fd, size, off)
+                off += size
+        raise ChunkError(f"{path} ends without a delta-set header")
+
+    def header(self) -> bytes:
+        assert self._header is not None, "chunks() first"
+        return self._header
 
 
 class DeltaSets:
-    def __init__(self, env, clog: ChangeLogLayer, site_path: Path, *,
-                 capacity_bytes: int = 1 << 30):
+    def __init__(self, env, clog: ChangeLogLayer, site_path: Path, layer, *,
+                 capacity_bytes: int = 1 << 30, max_outstanding: int = MAX_OUTSTANDING):
         self.env = env
         self.clog = clog
-        self.dir = Path(site_path) / "save" / "deltasets"
-        private_dir(self.dir)  # raw blocks of every file: 0700
+        self.layer = layer  # the snapped volume: pinning snapshots
+        self.store = layer.store
+        self.dir = Path(site_path) / "save" / "deltasets"  # chunk files of before issue 8
         self.db_ctx = env.open_db(K.CTX)
         self.db_sets = env.open_db(K.DELTASETS)
         self.db_bits = env.open_db(K.DSBITS)
         self.capacity = capacity_bytes
-        self.writer: ChunkWriter | None = None
-        self.writer_lock = threading.Lock()  # order: change-log lock, then this one
+        self.max_outstanding = max_outstanding
         self.cut_started = 0.0
-        self.copied_blocks = 0  # counters for rates
-        # A chunk file that fails (EIO, ENOSPC of the host file system) makes the delta set
-        # being cut impossible: `broken` says why (a priority copy must not fail a user's
-        # write), the cut is dropped (abandon_cut) and the next one waits `cut_backoff`.
-        self.broken: BaseException | None = None
-        self.cut_backoff = 0.0
-        self.cut_not_before = 0.0
         self._recover()
 
     # ------------------------------------------------------------------ context
@@ -173,16 +209,36 @@ class DeltaSets:
     def _put_record(self, txn, rec: dict) -> None:
         txn.put(K.u64(rec["number"]), json.dumps(rec).encode(), db=self.db_sets)
 
+    def _load_bits(self, n: int) -> PagedBits:
+        bits = PagedBits()
+        prefix = K.u64(n)
+        with self.env.begin(db=self.db_bits) as txn:
+            cur = txn.cursor()
+            if cur.set_range(K.ds_page(n, 0)):
+                for key, val in cur:
+                    if key[:8] != prefix:
+                        break
+                    bits.pages[K.from_u32(key[8:12])] = np.frombuffer(val, np.uint8).copy()
+        return bits
+
     def _recover(self) -> None:
+        pins = {s.name: s for s in self.store.queue if s.name.startswith(PIN_PREFIX)}
         for rec in self.records():
-            if rec["state"] == "cutting":
+            n = rec["number"]
+            if rec["state"] == "cutting":  # a chunk-file copy of before issue 8, cut short
                 log.info("dropping delta set %d, cut when the daemon stopped; its blocks "
-                         "are in the change log again", rec["number"])
-                (self.dir / f"{rec['number']}.ds").unlink(missing_ok=True)
+                         "are in the change log again", n)
+                (self.dir / f"{n}.ds").unlink(missing_ok=True)
                 with self.env.begin(write=True) as txn:
-                    txn.delete(K.u64(rec["number"]), db=self.db_sets)
-                    self._drop_bits(txn, rec["number"])
-                    self.ctx_put("last_cut", K.u64(rec["number"] - 1), txn)
+                    txn.delete(K.u64(n), db=self.db_sets)
+                    self._drop_bits(txn, n)
+                    self.ctx_put("last_cut", K.u64(n - 1), txn)
+                continue
+            snap = pins.pop(f"{PIN_PREFIX}{n}", None)
+            if snap is not None and rec.get("pinned"):
+                snap.interest = self._load_bits(n)
+        for snap in pins.values():  # released, but the daemon stopped before the delete
+            self.layer.delete(snap)
 
     def _drop_bits(self, txn, n: int) -> None:
         cur = txn.cursor(db=self.db_bits)
@@ -195,169 +251,115 @@ class DeltaSets:
 
     @property
     def cutting(self) -> bool:
-        return self.writer is not None
+        return False  # a cut completes at its consistency point (nothing is copied after)
+
+    def pins(self) -> list:
+        return [s for s in self.store.queue if s.name.startswith(PIN_PREFIX)]
+
+    def pin(self, n: int):
+        for s in self.store.queue:
+            if s.name == f"{PIN_PREFIX}{n}":
+                return s
+        return None
 
     def usage(self) -> int:
-        total = 0
-        for f in self.dir.glob("*.ds"):
-            try:
-                total += f.stat().st_size
-            except FileNotFoundError:  # pruned meanwhile by a send task (a worker thread)
-                pass
+        """Bytes the unreleased delta sets hold: the pinning snapshots' copies of blocks
+        overwritten before they were shipped (and chunk files of before issue 8)."""
+        total = sum(s.save.size for s in self.pins()) * BS
+        if self.dir.exists():
+            for f in self.dir.glob("*.ds"):
+                try:
+                    total += f.stat().st_size
+                except FileNotFoundError:  # pruned meanwhile
+                    pass
         return total
 
-    def flow_control(self) -> bool:
-        return self.usage() >= self.capacity
+    def flow_control(self) -> str | None:
+        """Why cutting must pause now (None: it need not)."""
+        used = self.usage()
+        if used >= self.capacity:
+            return f"the unshipped delta sets hold {used} bytes (capacity {self.capacity})"
+        if len(self.pins()) >= self.max_outstanding:
+            return f"{len(self.pins())} delta sets are not yet played by every destination"
+        return None
 
     def cut(self) -> int:
-        """Close the accumulating delta set (call at a consistency point, with no cut in
-        progress). Returns its number."""
-        assert self.writer is None
+        """Close the accumulating delta set (call at a consistency point: no writer runs).
+        Returns its number. One LMDB transaction; the pinning snapshot's save volume is
+        created (and its directory entry made durable) before it."""
         with self.clog.lock:
             n = self.last_cut + 1
             first = self.clog.first_change_ns
-            with self.env.begin(write=True) as txn:
-                old = self.clog.swap(txn)
-                for page, arr in old.pages.items():
-                    txn.put(K.ds_page(n, page), arr.tobytes(), db=self.db_bits)
-                self._put_record(txn, {
-                    "number": n, "generation": self.generation, "state": "cutting",
-                    "chunks": 0, "blocks": 0, "bytes": 0, "data_checksum": 0,
-                    "first_change_ns": first, "cut_ns": time.time_ns(), "ready_ns": 0,
-                })
-                self.ctx_put("last_cut", K.u64(n), txn)
+            bits = self.clog.new
+            blocks = bits.count()
+            snap = (self.store.prepare(f"{PIN_PREFIX}{n}", {"delta_set": n, "purpose":
+                                                             "delta set"}, interest=bits)
+                    if blocks else None)
             try:
-                self.writer = ChunkWriter(self.dir / f"{n}.ds", self.generation, n)
-            except Exception:
-                self.abandon_cut()
+                with self.env.begin(write=True) as txn:
+                    self.clog.clear_tables(txn)
+                    for page, arr in bits.pages.items():
+                        txn.put(K.ds_page(n, page), arr.tobytes(), db=self.db_bits)
+                    if snap is not None:
+                        self.store.record_new(txn, snap)
+                    now = time.time_ns()
+                    self._put_record(txn, {
+                        "number": n, "generation": self.generation, "state": "ready",
+                        "pinned": snap is not None, "blocks": blocks, "bytes": blocks * BS,
+                        "first_change_ns": first, "cut_ns": now, "ready_ns": now,
+                    })
+                    self.ctx_put("last_cut", K.u64(n), txn)
+            except BaseException:
+                if snap is not None:
+                    self.store.discard_prepared(snap)
                 raise
-            self.clog.priority_copy = self._priority_copy
-            self.cut_started = time.monotonic()
-        if not old:
-            try:
-                self.finish_if_done()
-            except Exception:
-                self.abandon_cut()
-                raise
+            self.clog.reset()
+            if snap is not None:
+                with self.layer.lock:
+                    self.store.queue.append(snap)
         return n
-
-    def abandon_cut(self) -> None:
-        """The delta set being cut cannot be made (its chunk file failed): drop it, as the
-        recovery after a crash does, and mark all its blocks in the change log again, so the
-        next cut ships them. Nothing is lost; the next cut waits a growing back-off."""
-        with self.clog.lock:
-            with self.writer_lock:
-                w, self.writer = self.writer, None
-                if w is not None:
-                    w.abandon()
-            self.clog.priority_copy = None
-            self.broken = None
-            n = self.last_cut
-            rec = self.record(n)
-            with self.env.begin(write=True) as txn:
-                if self.clog.old is not None:
-                    self.clog.unswap(txn, rec.get("first_change_ns", 0) if rec else 0)
-                if rec is not None and rec["state"] == "cutting":
-                    txn.delete(K.u64(n), db=self.db_sets)
-                    self._drop_bits(txn, n)
-                    self.ctx_put("last_cut", K.u64(n - 1), txn)
-            first = self.cut_backoff == 0.0
-            self.cut_backoff = min(30.0, max(0.5, self.cut_backoff * 2))
-            self.cut_not_before = time.monotonic() + self.cut_backoff
-        if first:  # once per series of failed cuts (the task's error is logged once too)
-            log.info("delta set %d dropped: its blocks are in the change log again; cuts are "
-                     "retried with back-off until the chunk area works", n)
-
-    def _read_blocks(self, blocks: np.ndarray) -> bytes:
-        parts = []
-        for _, s, count in runs(blocks):
-            parts.append(self.clog.read(s, count))  # (passes through the log)
-        return b"".join(parts)
-
-    def _priority_copy(self, blocks: np.ndarray) -> None:
-        """Called under the change-log lock before `blocks` are overwritten."""
-        blocks = np.sort(blocks).astype(np.int64)
-        data = self._read_blocks(blocks)
-        self.clog.old.clear_blocks(blocks)
-        self.copied_blocks += len(blocks)
-        with self.writer_lock:
-            if self.broken is None:
-                try:
-                    self.writer.add(blocks, data)
-                except Exception as e:  # noqa: BLE001 - the copy task drops the cut
-                    self.broken = e
-
-    def copy_step(self) -> bool:
-        """Copy a few megabytes of the old table into the delta set; True when it is done.
-        Runs in a worker thread. Only reading the blocks and clearing their bits holds the
-        change-log lock (writers wait for that much); chunking and writing do not. If the
-        chunk file fails, the cut is dropped (abandon_cut) and the error raised."""
-        try:
-            if self.broken is not None:
-                raise self.broken
-            return self._copy_step()
-        except Exception:
-            self.abandon_cut()
-            raise
-
-    def _copy_step(self) -> bool:
-        with self.clog.lock:
-            old = self.clog.old
-            if old is None:
-                return True
-            blocks = data = None
-            if old:
-                page = min(old.pages)
-                blocks = old.page_blocks(page)[:COPY_STEP_BLOCKS]
-                data = self._read_blocks(blocks)
-                old.clear_blocks(blocks)
-                self.copied_blocks += len(blocks)
-            more = bool(old)
-        if blocks is not None:
-            with self.writer_lock:
-                self.writer.add(blocks, data)
-        if more:
-            return False
-        self.finish_if_done()
-        return True
-
-    def finish_if_done(self) -> None:
-        with self.clog.lock:
-            if self.writer is None or (self.clog.old is not None and self.clog.old):
-                return
-            w = self.writer
-            with self.writer_lock:
-                hdr = w.finish()
-            rec = self.record(w.n)
-            rec.update(state="ready", chunks=hdr.chunks, blocks=hdr.blocks, bytes=w.off,
-                       data_checksum=hdr.data_checksum, ready_ns=time.time_ns())
-            with self.env.begin(write=True) as txn:
-                self._put_record(txn, rec)
-                self.clog.old_done(txn)
-            self.clog.priority_copy = None
-            self.writer = None
-            self.cut_backoff = 0.0
-        log.info("delta set %d ready: %d blocks in %d chunks (%.2f s after the cut)",
-                 hdr.delta_set, hdr.blocks, hdr.chunks, time.monotonic() - self.cut_started)
 
     def path(self, n: int) -> Path:
         return self.dir / f"{n}.ds"
 
+    def stream(self, rec: dict) -> DeltaStream:
+        return DeltaStream(self, rec)
+
+    def held(self, rec: dict) -> bool:
+        """Whether this site can still send delta set `rec`."""
+        if rec.get("pinned") is None:
+            return rec.get("file", True)
+        return rec["pinned"] or not rec["blocks"]
+
     # ------------------------------------------------------------------ retention
 
-    def prune(self, acked_by_all: int, retention_s: float) -> None:
-        """Chunk data goes once every destination has it; block lists after `retention_s`."""
+    def release(self, rec: dict) -> None:
+        """Every destination has played delta set `rec`: delete its pinning snapshot (or
+        chunk file); the block list stays until the retention period ends."""
+        n = rec["number"]
+        snap = self.pin(n)
+        if rec.get("pinned") is None:
+            self.path(n).unlink(missing_ok=True)
+            rec["file"] = False
+        rec["pinned"] = False
+        with self.env.begin(write=True) as txn:  # first: a crash leaves an orphan pin,
+            self._put_record(txn, rec)           # which _recover deletes
+        if snap is not None:
+            self.layer.delete(snap)
+
+    def prune(self, played_by_all: int, retention_s: float) -> None:
+        """Release what every destination played; forget block lists after `retention_s`.
+        Runs in a worker thread."""
         now = time.time_ns()
         for rec in self.records():
             n = rec["number"]
             if rec["state"] != "ready":
                 continue
-            if n <= acked_by_all and rec.get("file", True):
-                self.path(n).unlink(missing_ok=True)
-                rec["file"] = False
-                with self.env.begin(write=True) as txn:
-                    self._put_record(txn, rec)
-            if not rec.get("file", True) and now - rec["cut_ns"] > retention_s * 1e9:
+            if n > played_by_all:
+                continue
+            if self.held(rec) and rec["blocks"]:
+                self.release(rec)
+            if now - rec["cut_ns"] > retention_s * 1e9:
                 with self.env.begin(write=True) as txn:
                     txn.delete(K.u64(n), db=self.db_sets)
                     self._drop_bits(txn, n)

@@ -5,9 +5,9 @@ shared with the snapshot facility). Integers in keys are big-endian.
 |---|---|---|
 | ``replctx``   | ASCII name | the replication context: ``role`` ("primary"/"secondary"), ``generation`` (u64), ``last_cut`` (u64), ``policy`` (JSON: timeout, hwm, playback_timeout, playback_hwm, retention), ``primary`` (JSON, on a secondary: the primary's uuid and site), ``last_received``, ``last_played`` (u64, on a secondary), ``first_change_ns`` (u64: first write into the accumulating delta set) |
 | ``clognew``   | page (u32) | change log, new table: 4096-byte page of bits, bit b of page p = block p*32768+b changed since the last cut |
-| ``clogold``   | page (u32) | change log, old table: the blocks of the delta set being cut, not yet copied |
+| ``clogold``   | page (u32) | change log, old table of before issue 8 (the blocks of a delta set being copied); only read by recovery now |
 | ``clogintent``| region (u32) | (empty) a write-intent mark: blocks of this 8 MiB region may have changed without their bits being in ``clognew`` yet; recovery marks the whole region |
-| ``deltasets`` | delta set (u64) | mailbox entry (JSON): number, generation, state ("cutting"/"ready"), chunks, blocks, bytes, data_checksum, first_change_ns, cut_ns, ready_ns, file |
+| ``deltasets`` | delta set (u64) | mailbox entry (JSON): number, generation, state ("ready"; "cutting" only in sites of before issue 8), blocks, bytes, first_change_ns, cut_ns, ready_ns, pinned (its pinning snapshot ``repl-ds-N`` holds it; false once released) — or, made before issue 8: chunks, data_checksum, file (a chunk file under save/deltasets/) |
 | ``dsbits``    | delta set (u64) + page (u32) | the delta set's block list (bit page), kept for the retention period (resync without a full copy needs it) |
 | ``dests``     | name (UTF-8) | destination (JSON): name, site, kind ("local"), state, acked, played, copy_pos, snapshot, started_ns, counters |
 | ``incoming``  | delta set (u64) | on a secondary: a received delta set (JSON): chunks, blocks, data_checksum, cut_ns, first_change_ns, received_ns, file; removed after playback |

@@ -1,5 +1,6 @@
-"""The primary's side of replication: destinations, the cut policy, the background copy, the
-initial copy (FIG. 11) and one send task per destination (FIG. 12).
+"""The primary's side of replication: destinations, the cut policy, the initial copy (FIG. 11)
+and one send task per destination (FIG. 12), which streams each delta set's chunks from its
+pinning snapshot (repl/deltaset.py) with a window of chunks in flight.
 
 The plan (what to send next) is a function of the mailbox and the receiver's report; the send
 task drives it, retries temporary failures with back-off, resends what a receiver rejected,
@@ -19,12 +20,13 @@ import trio
 
 from ..extents import runs
 from . import keys as K
-from .chunk import ChunkError, chunk_size, decode_chunk, decode_set_header, is_set_header
+from .chunk import ChunkError
 from .transport import PermanentError, ReceiverClient, RejectedError, TransientError
 
 log = logging.getLogger(__name__)
 BS = 4096
 COPY_PIECE = 256  # blocks per initial-copy request
+SEND_WINDOW = 8  # delta chunks in flight to one destination
 DEFAULT_POLICY = {"timeout": 5.0, "hwm": 64 << 20, "playback_timeout": 0.0,
                   "playback_hwm": 64 << 20, "retention": 7 * 86400.0}
 
@@ -38,7 +40,6 @@ class Primary:
         self.sets = sets
         self.env = sets.env
         self.db_dests = self.env.open_db(K.DESTS)
-        self.copy_needed = trio.Event()
         self.work = trio.Event()  # a delta set became ready
         self.cut_lock = trio.Lock()
         self.tasks: dict[str, trio.CancelScope] = {}
@@ -85,28 +86,22 @@ class Primary:
 
     async def run(self, nursery) -> None:
         nursery.start_soon(self.sup.run, "cut", self._cut_loop)
-        nursery.start_soon(self.sup.run, "background copy", self._copy_loop)
         for d in self.dests():
             if d["state"] != "stopped":
                 self.start_sender(nursery, d["name"])
-        if self.sets.last_cut and self.clog.enabled:
-            self.copy_needed.set()
 
     async def _cut_loop(self) -> None:
         while True:
             await trio.sleep(0.1)
-            if not self.clog.enabled or self.sets.cutting:
+            if not self.clog.enabled:
                 continue
-            if time.monotonic() < self.sets.cut_not_before:
-                continue  # the last delta set failed to be made: back off
             if self.service.core.error is not None:
                 continue  # the file system turned read-only: nothing to cut at a commit
-            # (usage lists and stats the chunk area: in a worker thread, once per iteration)
-            used = await trio.to_thread.run_sync(self.sets.usage)
-            if used >= self.sets.capacity:  # flow control
+            why = self.sets.flow_control()
+            if why:
                 if not self.flow_control:
-                    log.warning("chunk area full (%d bytes): cutting paused until destinations "
-                                "catch up; the change log keeps coalescing", used)
+                    log.warning("flow control: %s; cutting paused until destinations catch "
+                                "up (the change log keeps coalescing)", why)
                 self.flow_control = True
                 continue
             self.flow_control = False
@@ -121,35 +116,19 @@ class Primary:
         """Cut the accumulating delta set at a consistency point (writers pause only for the
         commit and the table swap)."""
         async with self.cut_lock:
-            while self.sets.cutting:
-                await trio.sleep(0.02)
             t0 = time.monotonic()
             ops = self.service.ops
             async with ops.quiesce(), ops.commit_lock:
-                # the cut's durable LMDB commits (and, for an empty delta set, the chunk
-                # file's fdatasync and directory fsync) run in a worker thread: writers stay
-                # gated, cut_lock keeps one cut at a time, the commit lock keeps a group
-                # commit from writing the volume through the change log between the
-                # checkpoint and the swap; the copy loop and the send tasks only see the
-                # mailbox and the tables under the change-log lock and LMDB transactions
+                # the cut's durable LMDB commit and the pinning snapshot's directory fsync
+                # run in a worker thread: writers stay gated, cut_lock keeps one cut at a
+                # time, the commit lock keeps a group commit from writing the volume through
+                # the change log between the checkpoint and the cut
                 n = await trio.to_thread.run_sync(self.sets.cut)
             self.stall_ms.append((time.monotonic() - t0) * 1000)
             del self.stall_ms[:-1000]
-            self.copy_needed.set()
-            return n
-
-    async def _copy_loop(self) -> None:
-        while True:
-            await self.copy_needed.wait()
-            self.copy_needed = trio.Event()
-            while self.sets.cutting:
-                # a failing chunk file drops the cut (copy_step) and raises: contained by
-                # the supervisor; the blocks are in the change log again for the next cut
-                if await trio.to_thread.run_sync(self.sets.copy_step):
-                    break
-            self.sup.ok("background copy")
             self.work.set()
             self.work = trio.Event()
+            return n
 
     # ------------------------------------------------------------------ destinations
 
@@ -292,51 +271,49 @@ class Primary:
         d["acked"], d["played"] = info["last_received"], info["last_played"]
         if changed:
             self.put_dest(d)
-            self._prune()  # played further: chunk files may go
+            self.prune()  # played further: chunk files may go
         n = d["acked"] + 1  # behind what it acked before if it quarantined a delta set
         rec = self.sets.record(n)
         if rec is None or rec["state"] != "ready":
             return False
-        if not rec.get("file", True):
+        if not self.sets.held(rec):
             raise PermanentError(f"{d['site']} asks for delta set {n} again, which this site "
                                  f"no longer holds; resync it")
-        raw = self.sets.path(n).read_bytes()
         skip = 0
         if info.get("partial") and info["partial"]["delta_set"] == n:
             skip = info["partial"]["chunks"]
-        off = 0
-        number = 0
-        try:
-            while off < len(raw) and not is_set_header(raw, off):
-                size = chunk_size(raw, off)
+        stream = self.sets.stream(rec)
+        sent = [0]
+
+        def wanted():
+            # made as they are sent (one chunk read and encoded at a time, the window's
+            # chunks in flight); the chunks the receiver holds are made again, not sent,
+            # as the header's checksum covers every chunk
+            for number, raw in enumerate(stream.chunks()):
                 if number >= skip:
-                    # verified here first: a chunk file damaged on this site's disk would be
-                    # rejected by the receiver again at every resend
-                    piece = raw[off: off + size]
-                    decode_chunk(piece)
-                    client.chunk(piece)
-                    self.sent_bytes += size
-                off += size
-                number += 1
-            decode_set_header(raw[off:])
+                    sent[0] += len(raw)
+                    yield raw
+        try:
+            client.send_chunks(wanted(), window=SEND_WINDOW)
+            header = stream.header()
         except ChunkError as e:
-            if self.sets.path(n).read_bytes() != raw:  # a bad read, not a bad file: again
-                raise TransientError(f"delta set {n} read back damaged ({e})") from None
-            raise PermanentError(f"delta set {n} is damaged in this site's chunk area ({e}); "
+            raise PermanentError(f"delta set {n} cannot be read on this site ({e}); "
                                  f"{d['site']} needs a full resync (replicate start --force)"
                                  ) from None
-        ack = client.commit(raw[off:], {"cut_ns": rec["cut_ns"],
-                                        "first_change_ns": rec["first_change_ns"]})
+        self.sent_bytes += sent[0]
+        ack = client.commit(header, {"cut_ns": rec["cut_ns"],
+                                     "first_change_ns": rec["first_change_ns"]})
         d["acked"], d["played"] = ack["acked"], ack["played"]
-        d["sent_bytes"] = d.get("sent_bytes", 0) + len(raw)
+        d["sent_bytes"] = d.get("sent_bytes", 0) + sent[0]
         self.put_dest(d)
-        self.rate_window.append((time.monotonic(), len(raw)))
-        self._prune()
+        self.rate_window.append((time.monotonic(), sent[0]))
+        self.prune()
         return True
 
-    def _prune(self) -> None:
-        # Chunk files stay until every destination has *played* them, not only received
-        # them: a secondary that finds a received delta set damaged asks for it again.
+    def prune(self) -> None:
+        """Release the delta sets every destination has played (runs in a worker thread).
+        Not when they have only received them: a secondary that finds a received delta set
+        damaged asks for it again."""
         active = [d for d in self.dests() if d["state"] != "stopped"]
         played = min((d["played"] for d in active), default=self.sets.last_cut)
         self.sets.prune(played, self.policy()["retention"])

@@ -83,8 +83,6 @@ class ReplicateVerbs:
         if any(s.name == snap_name for s in svc.store.queue):
             await svc.snapshots.delete(snap_name, internal=True)
         async with p.cut_lock:
-            while p.sets.cutting:
-                await trio.sleep(0.02)
             def start_at_consistency_point() -> int:
                 svc.clog.enabled = True
                 n = p.sets.cut()
@@ -96,7 +94,6 @@ class ReplicateVerbs:
             # stay gated, the cut and commit locks keep cuts and group commits out)
             async with svc.ops.quiesce(), svc.ops.commit_lock:
                 stamp = await trio.to_thread.run_sync(start_at_consistency_point)
-        p.copy_needed.set()
         d = {"name": name, "site": str(target.path), "kind": "local", "state": "initial-copy",
              "snapshot": snap_name, "stamp": stamp, "acked": stamp, "played": stamp,
              "copy_pos": 0, "copied": 0, "started_ns": time.time_ns()}
@@ -126,9 +123,9 @@ class ReplicateVerbs:
                 await svc.snapshots.delete(d["snapshot"], internal=True)
         if not any(d["state"] != "stopped" for d in p.dests()):
             async with p.cut_lock:
-                while p.sets.cutting:
-                    await trio.sleep(0.02)
                 svc.clog.disable()
+            # no destination is left to ship to: release what the delta sets pinned
+            await trio.to_thread.run_sync(p.prune)
         return {"stopped": names}
 
     async def policy(self, changes: dict) -> dict:
@@ -147,24 +144,16 @@ class ReplicateVerbs:
         p = self._need_primary()
         if not svc.clog.enabled:
             raise SnapError("replication is not running (replicate start --to SITE)", "conflict")
-        if p.sets.flow_control():
-            raise SnapError("the chunk area is full (flow control): cutting is paused until "
-                            "the destinations catch up; every change stays in the change log",
-                            "conflict")
+        why = p.sets.flow_control()
+        if why:
+            raise SnapError(f"flow control: {why}; cutting is paused until the destinations "
+                            f"catch up; every change stays in the change log", "conflict")
         try:
             n = await p.cut()
-        except OSError as e:  # its chunk file failed at once (dropped, nothing lost)
+        except OSError as e:  # nothing was recorded: the changes stay in the change log
             raise SnapError(f"the delta set could not be cut ({describe(e)}); its changes stay "
                             f"in the change log and the next cut ships them", "failed") from None
-        while True:
-            rec = p.sets.record(n)
-            if rec is None:  # its chunk file failed: dropped, its blocks back in the log
-                why = p.sup.state("background copy").last_error or "the chunk file failed"
-                raise SnapError(f"delta set {n} could not be made ({why}); its changes stay "
-                                f"in the change log and the next cut ships them", "failed")
-            if not wait or rec["state"] == "ready":
-                break
-            await trio.sleep(0.02)
+        rec = p.sets.record(n)
         return {"delta_set": n, "blocks": rec["blocks"], "state": rec["state"]}
 
 

@@ -295,6 +295,7 @@ class SnapStore:
         self.root = Path(site_path)
         self.save_dir = self.root / "save"
         private_dir(self.save_dir)  # raw blocks of every file: 0700
+        fsync_dir(self.root)  # its entry durable once, before any save volume goes in it
         self.env = env if env is not None else open_env(self.root)
         self.db_snaps = self.env.open_db(K.SNAPS)
         self.db_names = self.env.open_db(K.NAMES)
@@ -361,6 +362,19 @@ class SnapStore:
 
     def create(self, name: str, attrs: dict | None = None) -> Snapshot:
         """Add a snapshot at the tail of the queue (the caller holds a consistency point)."""
+        snap = self.prepare(name, attrs)
+        try:
+            with self.env.begin(write=True) as txn:
+                self.record_new(txn, snap)
+        except BaseException:
+            self.discard_prepared(snap)
+            raise
+        self.queue.append(snap)
+        return snap
+
+    def prepare(self, name: str, attrs: dict | None = None, *, interest=None) -> Snapshot:
+        """The first half of create: check the name, make the save volume (its directory
+        entry durable). `record_new` in the caller's transaction, then append to `queue`."""
         if not valid_name(name):
             raise SnapError(f"bad snapshot name {name!r} ({NAME_RULE})")
         if any(s.name == name for s in self.queue):
@@ -368,6 +382,7 @@ class SnapStore:
         raw = self.get_state("next_id")
         sid = int.from_bytes(raw, "big") if raw else 1
         snap = Snapshot(sid, name, time.time_ns(), dict(attrs or {}))
+        snap.interest = interest
         snap.save = SaveVolume(self.save_dir / f"{sid}.save", sid)
         if snap.save.size:  # a leftover of a crashed create: start empty
             snap.save.truncate(0)
@@ -375,13 +390,17 @@ class SnapStore:
         # power cut loses the file while meta.lmdb indexes before-images in it
         # (tests/t4_power.py)
         fsync_dir(self.save_dir)
-        fsync_dir(self.root)
-        with self.env.begin(write=True) as txn:
-            txn.put(K.snap_key(sid), snap.record(), db=self.db_snaps)
-            txn.put(name.encode(), K.snap_key(sid), db=self.db_names)
-            txn.put(b"next_id", (sid + 1).to_bytes(8, "big"), db=self.db_state)
-        self.queue.append(snap)
         return snap
+
+    def record_new(self, txn, snap: Snapshot) -> None:
+        txn.put(K.snap_key(snap.id), snap.record(), db=self.db_snaps)
+        txn.put(snap.name.encode(), K.snap_key(snap.id), db=self.db_names)
+        txn.put(b"next_id", (snap.id + 1).to_bytes(8, "big"), db=self.db_state)
+
+    @staticmethod
+    def discard_prepared(snap: Snapshot) -> None:
+        snap.save.close()
+        snap.save.path.unlink(missing_ok=True)
 
     def set_attrs(self, snap: Snapshot, attrs: dict) -> None:
         snap.attrs.update(attrs)
