@@ -201,3 +201,37 @@ def test_a_pin_left_by_a_killed_daemon_is_deleted_at_the_next_mount(gated):
     assert {p["path"]: p["change"] for p in d["paths"]} == {"/f": "modified"}
     g.cleanup()
     fsck_clean(g.site)
+
+
+def test_an_unmount_during_a_live_diff_cancels_it_and_deletes_the_pin(gated):
+    """The daemon goes down while a live diff runs: the diff is cancelled, its worker thread
+    is stopped and waited for, and the pin is deleted then (not left for the next mount)."""
+    g = gated
+    g.mount()
+    m = g.path
+    write_durable(m / "f", b"one")
+    admin_ok(m, "snapshot", "create", "s1")
+    write_durable(m / "f", b"two")
+    diff = g.diff_proc("s1")
+    g.wait_blocked(diff)
+    assert g.saves() == 2
+    umount = subprocess.Popen([sys.executable, "-m", "repfs", "umount", str(m)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while "diff from s1 cancelled" not in g.log():  # (a guard against a hang)
+        assert time.monotonic() < deadline and umount.poll() is None, umount.communicate()
+        time.sleep(0.05)
+    assert g.saves() == 2  # the thread is still at the gate: the pin stays meanwhile
+    g.release()
+    _, err = umount.communicate(timeout=120)
+    assert umount.returncode == 0, err
+    diff.communicate(timeout=120)
+    assert diff.returncode != 0  # cancelled: no answer
+    assert g.saves() == 1
+    g.mount()
+    assert "left by a diff that did not finish" not in g.log()
+    assert [s["name"] for s in admin_ok(m, "snapshot", "list")] == ["s1"]
+    g.cleanup()
+    fsck_clean(g.site)
+    bad = [ln for ln in g.log().splitlines() if " WARNING " in ln or " ERROR " in ln]
+    assert not bad, bad

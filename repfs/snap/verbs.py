@@ -169,6 +169,7 @@ class SnapshotVerbs:
         try:
             await trio.to_thread.run_sync(work, abandon_on_cancel=True)
         except trio.Cancelled:
+            log.info("diff from %s cancelled: stopping its worker thread", a.name)
             stop.set()
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(done.wait)
