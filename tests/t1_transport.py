@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 from repfs.control import MAX_BINARY_BODY, ControlServer
 from repfs.repl.chunk import (
-    BS, SetHeader, data_checksum, encode_chunk, encode_copy, encode_set_header,
+    BS, SetHeader, data_checksum, encode_chunk, encode_set_header,
     encoded_checksum,
 )
 from repfs.repl.receiver import Receiver
@@ -317,6 +317,27 @@ async def test_refusals_still_work_when_pipelined(tmp_path, receiver):
         assert e.value.index == 3 and str(MAX_BINARY_BODY) in str(e.value)
         assert len(receiver.partial["checksums"]) == 3 and svc.handled == 3
         assert await in_thread(client.send_chunks, iter(raws[3:])) == 5
+        client.close()
+
+
+async def test_what_the_iterator_raises_comes_after_the_acknowledgements(tmp_path, receiver):
+    """The caller's iterator fails (its chunk file cannot be read): its own exception comes
+    out unchanged, once every chunk taken before it was acknowledged."""
+    replicating(receiver)
+    svc = Receiving(receiver)
+    raws = chunks_of(AFTER + 1, 10)
+
+    def failing():
+        yield from raws[:6]
+        raise PermanentError("delta set 6 is damaged in this site's chunk area")
+
+    async with served(tmp_path, svc) as peer:
+        client = ReceiverClient(peer)
+        with pytest.raises(PermanentError) as e:
+            await in_thread(client.send_chunks, failing(), window=4)
+        assert e.value.index is None and str(e.value).endswith("chunk area")
+        assert len(receiver.partial["checksums"]) == 6 and svc.handled == 6
+        assert await in_thread(client.send_chunks, iter(raws[6:])) == 4
         client.close()
 
 

@@ -235,7 +235,8 @@ class ReceiverClient:
         if isinstance(body, dict):
             data, ctype = json.dumps(body).encode(), "application/json"
         else:
-            data, ctype = body or b"", "application/octet-stream"
+            data = body or b""
+            ctype = "application/octet-stream" if body is not None else "application/json"
         for attempt in (1, 2):
             conn, _ = self._connection()
             try:
@@ -263,10 +264,12 @@ class ReceiverClient:
         position and named in the message, once the answers to the requests in flight behind
         it came back (the control port refuses the uploads pipelined behind a failed one, so
         none of them is applied out of order); nothing of the send is in flight when it
-        returns or raises, except after a connection failure. A connection that fails raises TransientError for the oldest unanswered body,
-        except that a kept-alive connection failing before its first answer is replaced and
-        the window sent again once (as `request` does: the receiver takes a resent record
-        it already holds as a duplicate)."""
+        returns or raises, except after a connection failure. What `bodies` raises is raised
+        as it is, once the bodies taken before it were acknowledged. A connection that fails
+        raises TransientError for the oldest unanswered body, except that a kept-alive
+        connection failing before its first answer is replaced and the window sent again
+        once (as `request` does: the receiver takes a resent record it already holds as a
+        duplicate)."""
         window = max(1, min(int(window or self.window), MAX_WINDOW))
         items = iter(bodies)
         inflight: collections.deque = collections.deque()  # (index, body), oldest first
@@ -275,6 +278,7 @@ class ReceiverClient:
         nxt = 0  # index of the next body to take
         exhausted = False
         broken: _Broken | None = None  # why a write failed (its answers are still read)
+        source_error: Exception | None = None  # what `bodies` raised
         try:
             conn, fresh = self._connection()
             answered = False  # an answer came on this connection
@@ -287,6 +291,9 @@ class ReceiverClient:
                             except StopIteration:
                                 exhausted = True
                                 break
+                            except Exception as e:  # raised once what was sent is answered
+                                source_error, exhausted = e, True
+                                break
                             inflight.append((nxt, body))
                             nxt += 1
                         try:
@@ -298,7 +305,7 @@ class ReceiverClient:
                             # what it answered says why
                             broken, written = e, written + 1
                     if not inflight:
-                        return done
+                        break
                     if not written:
                         raise broken or _Broken("nothing was sent")
                     status, raw = conn.read_answer()
@@ -324,11 +331,15 @@ class ReceiverClient:
             self.close()  # (the control port refuses the uploads after a failed one on it)
             index = inflight[0][0] if inflight else nxt
             e.index = index
-            e.args = (f"{e.args[0]} ({what} {index} of this send)",)
+            e.args = (f"{e.args[0] if e.args else type(e).__name__} ({what} {index} of this "
+                      f"send)",)
             raise
         except BaseException:
             self.close()
             raise
+        if source_error is not None:
+            raise source_error
+        return done
 
     @staticmethod
     def _drain(conn: HTTPConnection, n: int) -> None:
