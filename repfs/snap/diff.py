@@ -57,18 +57,42 @@ def _used(layer, snap, page: int) -> np.ndarray:
 
 def changed_blocks(layer, older, younger) -> np.ndarray:
     """Sorted block numbers that may differ between `older` and `younger` (None: the live
-    volume) and are in use in the younger one (FIG. 39-40).
-
-    The layer's lock is held while its indexes are read (writers may be copying on write at
-    the same time: the younger side of a live diff is a pinned internal snapshot, and the
-    application goes on writing), not while the result is assembled."""
+    volume) and are in use in the younger one: SnapLayer.changed_pages (FIG. 39-40) with
+    the layer's lock taken per page, not for the whole scan (writers may be copying on write
+    meanwhile: the younger side of a live diff is a pinned internal snapshot, and the
+    application goes on writing)."""
+    store = layer.store
     with layer.lock:
-        pages = list(layer.changed_pages(older, younger))
+        q = list(store.queue)
+        span = q[q.index(older): q.index(younger) if younger is not None else len(q)]
+        pages = set().union(*(store.bit_pages(e) for e in span)) if span else set()
+    bits = pagedbits.PAGE_BITS
+    acc_by_page = {}
+    for page in sorted(pages):
+        acc = np.zeros(bits, dtype=bool)
+        with layer.lock:
+            for e in span:
+                got = store.page_bits(e, page)
+                if got is not None:
+                    acc |= got
+        acc_by_page[page] = acc
+    # blocks newly in use: only in pages whose bitmap block itself changed
+    for p in range(-(-layer.nblocks // bits)):
+        blk = layer.bitmap_start + p
+        acc = acc_by_page.get(blk // bits)
+        if acc is None or not acc[blk % bits]:
+            continue
+        with layer.lock:
+            new = _used(layer, younger, p) & ~layer.meta_page(older, p)
+        if p in acc_by_page:
+            acc_by_page[p] |= new
+        elif new.any():
+            acc_by_page[p] = new
     parts = []
-    for page, acc in pages:
-        idx = np.flatnonzero(acc & _used(layer, younger, page))
+    for page in sorted(acc_by_page):
+        idx = np.flatnonzero(acc_by_page[page] & _used(layer, younger, page))
         if len(idx):
-            parts.append(idx.astype(np.int64) + page * pagedbits.PAGE_BITS)
+            parts.append(idx.astype(np.int64) + page * bits)
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
