@@ -112,9 +112,10 @@ class HTTPConnection:
         if self.closing or self.unanswered or self.buf:
             return False
         try:
-            readable, _, _ = select.select([self.sock], [], [], 0)
+            poller = select.poll()  # (select.select fails for descriptors above 1023)
+            poller.register(self.sock, select.POLLIN)
             # readable while idle: closed by the peer (b"") or an answer nobody asked for
-            return not readable
+            return not poller.poll(0)
         except (OSError, ValueError):
             return False
 
