@@ -16,6 +16,7 @@ import os
 import random
 import stat
 
+import numpy as np
 import pytest
 
 from repfs.fs.core import FileSystem
@@ -260,6 +261,11 @@ def test_same_paths_as_the_full_walk_on_random_trees(site_fs, seed):
     for x, y in ((a, b), (a, None), (b, None)):
         got, want = both(layer, x, y)
         assert got == want, (x.name, y and y.name)
+        # the diff's own scan (the lock per page) finds what SnapLayer.changed_pages finds
+        ref = [np.flatnonzero(acc & layer._used(y, page)) + page * 32768
+               for page, acc in layer.changed_pages(x, y)]
+        assert changed_blocks(layer, x, y).tolist() == np.concatenate(
+            ref or [np.zeros(0, dtype=np.int64)]).tolist()
 
 
 def test_a_renamed_directory_lists_its_whole_subtree(site_fs):
