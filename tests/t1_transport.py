@@ -320,6 +320,31 @@ async def test_refusals_still_work_when_pipelined(tmp_path, receiver):
         client.close()
 
 
+async def test_each_pipelined_request_shows_its_token_before_its_body(tmp_path, receiver):
+    """A request pipelined behind an authorized one is judged by its own headers: a wrong
+    token gets its 401 although the body it announces never comes."""
+    replicating(receiver)
+    svc = Receiving(receiver)
+    raw = chunks_of(AFTER + 1, 1)[0]
+
+    def head(token: str, length: int) -> bytes:
+        return (f"POST /v1/repl/chunk HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+                f"Content-Type: application/octet-stream\r\nContent-Length: {length}\r\n\r\n"
+                ).encode()
+
+    async with served(tmp_path, svc) as peer:
+        stream = await trio.open_tcp_stream("127.0.0.1", peer.port)
+        await stream.send_all(head(TOKEN, len(raw)) + raw + head("w" * 43, 10**9))
+        got = b""
+        with trio.fail_after(10):
+            while data := await stream.receive_some(65536):
+                got += data
+        await stream.aclose()
+    assert got.startswith(b"HTTP/1.1 200 ") and got.count(b"HTTP/1.1 ") == 2
+    assert b"HTTP/1.1 401 " in got and b"unauthorized" in got
+    assert svc.handled == 1 and len(receiver.partial["checksums"]) == 1
+
+
 async def test_what_the_iterator_raises_comes_after_the_acknowledgements(tmp_path, receiver):
     """The caller's iterator fails (its chunk file cannot be read): its own exception comes
     out unchanged, once every chunk taken before it was acknowledged."""
