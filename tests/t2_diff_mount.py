@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -25,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import fsck_clean, run_repfs, umount_busy_tolerant
-from tests.t2_snap_mount import admin_ok
+from tests.t2_snap_mount import admin_fails, admin_ok
 
 # wraps the diff's path step in the daemon; everything else is the real `repfs mount`
 LAUNCHER = r"""
@@ -133,6 +134,9 @@ def test_writers_go_on_while_a_live_diff_runs(gated):
     assert g.saves() == 2  # s1's save volume and the pin's
     assert [s["name"] for s in admin_ok(m, "snapshot", "list")] == ["s1"]
     assert [s["name"] for s in admin_ok(m, "status")["snapshots"]] == ["s1"]
+    pin = re.search(r"pinned as (diff-pin-\S+)", g.log()).group(1)
+    assert "pins a diff that is running" in admin_fails(1, m, "snapshot", "delete", pin)
+    assert "snapshot diff's own" in admin_fails(1, m, "snapshot", "create", "diff-pin-x")
     done = threading.Event()
 
     def writer():

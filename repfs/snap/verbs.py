@@ -64,6 +64,9 @@ class SnapshotVerbs:
         if not internal:
             svc.check_writable()
         snap = svc.store.find(name)
+        if name in self._pins:
+            raise SnapError(f"snapshot {name!r} pins a diff that is running; it goes when the "
+                            "diff ends", "conflict")
         await svc.mounts.wait_unmounted(name)
         async with svc.ops.quiesce():
             moved = await trio.to_thread.run_sync(svc.layer.delete, snap)
@@ -134,8 +137,10 @@ class SnapshotVerbs:
         self._pins.add(name)
         try:
             async with svc.ops.quiesce():
-                return await trio.to_thread.run_sync(svc.store.create, name,
-                                                     {"purpose": DIFF_PURPOSE})
+                pin = await trio.to_thread.run_sync(svc.store.create, name,
+                                                    {"purpose": DIFF_PURPOSE})
+            log.info("snapshot diff: the live file system is pinned as %s", name)
+            return pin
         except BaseException:
             self._pins.discard(name)
             raise
