@@ -345,6 +345,21 @@ async def test_each_pipelined_request_shows_its_token_before_its_body(tmp_path, 
     assert svc.handled == 1 and len(receiver.partial["checksums"]) == 1
 
 
+async def test_an_answer_that_does_not_come_is_a_transient_error(tmp_path, receiver):
+    """The secondary takes a window and never answers (its receiver is stuck): each answer
+    has its time limit, then TransientError names the first chunk."""
+    replicating(receiver)
+    svc = Receiving(receiver)
+    svc.gate = trio.Event()  # never set: the first chunk never reaches the receiver
+    async with served(tmp_path, svc) as peer:
+        client = ReceiverClient(peer, timeout=0.2)
+        with pytest.raises(TransientError) as e:
+            await in_thread(client.send_chunks, iter(chunks_of(AFTER + 1, 6)), window=4)
+        assert e.value.index == 0 and "no (whole) answer within 0.2 s" in str(e.value)
+        assert client.conn is None and svc.handled == 0
+        svc.gate.set()
+
+
 async def test_what_the_iterator_raises_comes_after_the_acknowledgements(tmp_path, receiver):
     """The caller's iterator fails (its chunk file cannot be read): its own exception comes
     out unchanged, once every chunk taken before it was acknowledged."""

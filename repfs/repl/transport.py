@@ -136,15 +136,15 @@ class HTTPConnection:
         except OSError as e:
             raise _Broken(f"sending {method} {target}: {_describe(e)}") from None
 
-    def _fill(self, deadline: float, what: str) -> None:
+    def _fill(self, deadline: float) -> None:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise _Broken(f"no answer {what} within {self.timeout:g} s")
+            raise _Broken(f"no (whole) answer within {self.timeout:g} s")
         try:
             self.sock.settimeout(remaining)
             data = self.sock.recv(1 << 16)
         except socket.timeout:
-            raise _Broken(f"no answer {what} within {self.timeout:g} s") from None
+            raise _Broken(f"no (whole) answer within {self.timeout:g} s") from None
         except OSError as e:
             raise _Broken(f"reading an answer: {_describe(e)}") from None
         if not data:
@@ -162,7 +162,7 @@ class HTTPConnection:
         while (end := self.buf.find(b"\r\n\r\n")) < 0:
             if len(self.buf) > MAX_ANSWER_HEAD:
                 raise _Broken(f"an answer's head is longer than {MAX_ANSWER_HEAD} bytes")
-            self._fill(deadline, "")
+            self._fill(deadline)
         status, headers = parse_answer_head(bytes(self.buf[:end]))
         length = headers.get(b"content-length", b"")
         if not length.isdigit() or b"transfer-encoding" in headers:
@@ -172,7 +172,7 @@ class HTTPConnection:
             raise _Broken(f"an answer of {length} bytes (at most {MAX_ANSWER_BODY})")
         start = end + 4
         while len(self.buf) < start + length:
-            self._fill(deadline, "body")
+            self._fill(deadline)
         body = bytes(self.buf[start:start + length])
         del self.buf[:start + length]
         self.unanswered -= 1
@@ -189,12 +189,14 @@ class ReceiverClient:
     """Calls on a secondary daemon's control port (a site on this host), over one persistent
     connection."""
 
-    def __init__(self, site, *, window: int = WINDOW):
+    def __init__(self, site, *, window: int = WINDOW, timeout: float = TIMEOUT):
         """`site`: the target site (`SiteService.peer(path)`: its path and control address).
-        `window`: the default number of requests in flight in `send_chunks`/`send_copies`."""
+        `window`: the default number of requests in flight in `send_chunks`/`send_copies`;
+        `timeout`: seconds each answer may take."""
         self.site = site
         self.site_path = str(site.path)
         self.window = window
+        self.timeout = timeout
         self.conn: HTTPConnection | None = None
 
     def _connect(self) -> HTTPConnection:
@@ -207,7 +209,7 @@ class ReceiverClient:
         except OSError as e:
             raise TransientError(f"cannot read the control token of {self.site_path}: {e}")
         try:
-            self.conn = HTTPConnection(addr[0], addr[1], token)
+            self.conn = HTTPConnection(addr[0], addr[1], token, timeout=self.timeout)
         except _Broken as e:
             raise TransientError(f"{self.site_path}: {e}") from None
         return self.conn
