@@ -108,16 +108,19 @@ def _record_key(r: Inode) -> tuple:
             r.orphan_next)
 
 
-def _read_pairs(dev_a, dev_b, blocks: np.ndarray):
-    """Yield (block, bytes on side a, bytes on side b) for sorted `blocks`, read in runs of
-    at most _READ_RUN blocks (memory stays bounded however many blocks changed)."""
+def _differing(dev_a, dev_b, blocks: np.ndarray, unit: int):
+    """Yield (first block, bytes on side a, bytes on side b, indexes of the `unit`-byte
+    pieces that differ) for runs of sorted `blocks`, read at most _READ_RUN blocks at a time
+    (memory stays bounded however many blocks changed); numpy compares, not a loop."""
     for _, start, count in runs(blocks):
         while count:
             m = min(count, _READ_RUN)
             a, b = dev_a.read(start, m), dev_b.read(start, m)
-            for i in range(m):
-                sl = slice(i * BLOCK_SIZE, (i + 1) * BLOCK_SIZE)
-                yield start + i, a[sl], b[sl]
+            va = np.frombuffer(a, dtype=np.uint8).reshape(-1, unit)
+            vb = np.frombuffer(b, dtype=np.uint8).reshape(-1, unit)
+            diff = np.flatnonzero((va != vb).any(axis=1))
+            if len(diff):
+                yield start, a, b, diff
             start += m
             count -= m
 
@@ -203,12 +206,11 @@ class _Diff:
 
     def compare_records(self) -> None:
         sb = self.new.sb
-        for blk, old_buf, new_buf in _read_pairs(self.old.fs.dev, self.new.fs.dev, self.itable):
+        for first, old_buf, new_buf, slots in _differing(self.old.fs.dev, self.new.fs.dev,
+                                                         self.itable, INODE_SIZE):
             self.check()
-            a = np.frombuffer(old_buf, dtype=np.uint8).reshape(INODES_PER_BLOCK, INODE_SIZE)
-            b = np.frombuffer(new_buf, dtype=np.uint8).reshape(INODES_PER_BLOCK, INODE_SIZE)
-            base = (blk - sb.itable_start) * INODES_PER_BLOCK
-            for slot in np.flatnonzero((a != b).any(axis=1)).tolist():
+            base = (first - sb.itable_start) * INODES_PER_BLOCK
+            for slot in slots.tolist():
                 ino = base + slot
                 if not 1 <= ino < sb.ninodes:
                     continue
@@ -242,9 +244,10 @@ class _Diff:
             if explained.all():
                 return
         rest = self.data[~explained]
-        differ = [blk for blk, a, b in _read_pairs(self.old.fs.dev, self.new.fs.dev, rest)
-                  if a != b]
-        self.unexplained = np.asarray(differ, dtype=np.int64)
+        differ = [first + idx for first, _, _, idx in _differing(
+            self.old.fs.dev, self.new.fs.dev, rest, BLOCK_SIZE)]
+        self.unexplained = (np.concatenate(differ).astype(np.int64) if differ
+                            else np.zeros(0, dtype=np.int64))
 
     # ------------------------------------------------------------ steps 3 and 4: paths
 
