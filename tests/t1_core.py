@@ -2328,3 +2328,42 @@ def test_failed_checkpoint_flush_turns_read_only(make_fs, caplog):
     fs = _reopen_after_failure(make_fs, fs)
     assert sorted(names(fs, ROOT)) == [b"before", b"new"]  # the redo record had it
     assert fs.read(look(fs, ROOT, b"new").ino, 0, 100) == b"committed"
+
+
+@pytest.mark.parametrize("lblk", [3, 200, 5000])  # direct, single and double indirect
+def test_small_writes_into_reused_blocks_expose_nothing(make_fs, lblk):
+    # The one-block write path (no numpy): a partial write into a hole gets zeros around
+    # it, never the deleted file's bytes its new block held; a failed one leaves no block
+    # mapped. Then overwrites of mapped blocks (the other fast path) read back exactly.
+    img, jnl = paths_of(make_fs, make_fs(size=16 << 20))
+    fs = make_fs.made[-1][0]
+    fs.close()
+    fs.dev.close()
+    fs = FileSystem(_DataWriteFails(Volume(img)), jnl)
+    replace_fs(make_fs, make_fs.made[-1][0], fs)
+    fs.commit()
+    for b in range(fs.sb.data_start, fs.sb.nblocks):  # what deleted files left in free blocks
+        if not fs.alloc.blocks.test(b):
+            fs.dev.write(b, b"S" * BS)
+    f = fs.create(ROOT, b"new", 0o644).ino
+    base = lblk * BS
+    fs.dev.fail_data = True
+    with pytest.raises(OSError):
+        fs.write(f, base + 100, b"N" * 10)
+    fs.dev.fail_data = False
+    inode = fs.getattr(f)
+    assert inode.size == 0 and not fs.bmap.lookup(inode, 0, lblk + 1).any()
+    assert fs.write(f, base + 100, b"N" * 10) == 10
+    assert fs.write(f, base + BS + 4000, b"T" * 96) == 96  # ends at the block's end
+    want = bytearray(2 * BS)
+    want[100:110] = b"N" * 10
+    want[BS + 4000:] = b"T" * 96
+    assert fs.read(f, base, 2 * BS) == bytes(want)
+    assert fs.write(f, base + 50, b"O" * 4000) == 4000  # across two mapped blocks
+    want[50:4050] = b"O" * 4000
+    assert fs.write(f, base + BS, b"W" * BS) == BS  # one whole mapped block
+    want[BS:] = b"W" * BS
+    assert fs.read(f, base, 2 * BS) == bytes(want)
+    assert fs.getattr(f).size == base + 2 * BS
+    fs.release(f)
+    fs.forget(f, 1)

@@ -105,7 +105,9 @@ class Bitmap:
                 continue
             need = want - len(got)
             if need <= 64:  # small: look into candidate bytes one by one
-                for c in cand.tolist():
+                # each candidate byte has a free bit (only the first and the last may hold
+                # theirs outside [lo_bit, hi_bit)), so need + 2 of them are enough
+                for c in cand[: need + 2].tolist():
                     byte = int(raw[b0 + c])
                     base = (b0 + c) << 3
                     for k in range(8):
@@ -126,7 +128,10 @@ class Bitmap:
                 break
         if not got:
             return []
-        out = [(s, n) for _, s, n in runs(np.array(got, dtype=np.int64))]
+        if len(got) == 1:
+            out = [(got[0], 1)]
+        else:
+            out = [(s, n) for _, s, n in runs(np.array(got, dtype=np.int64))]
         last_s, last_n = out[-1]
         self.cursor = last_s + last_n if last_s + last_n < self.nbits else self.first
         return out

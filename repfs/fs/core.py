@@ -465,8 +465,12 @@ class FileSystem:
         size = min(size, inode.size - off)
         b0 = off // BS
         nb = (off + size - 1) // BS + 1 - b0
-        phys = self.bmap.lookup(inode, b0, nb)
         head = off - b0 * BS
+        p = self.bmap.contiguous(inode, b0, nb)
+        if p:  # the common case: one extent, one read, no numpy
+            data = self.dev.read(p, nb)
+            return data if head == 0 and size == len(data) else data[head: head + size]
+        phys = self.bmap.lookup(inode, b0, nb)
         rr = mapped_runs(phys)
         if len(rr) == 1 and rr[0][0] == 0 and rr[0][2] == nb:
             data = self.dev.read(rr[0][1], nb)
@@ -492,6 +496,13 @@ class FileSystem:
             n = MAX_FILE_SIZE - off
         b0 = off // BS
         nb = (off + n - 1) // BS + 1 - b0
+        p = self.bmap.contiguous(inode, b0, nb)
+        if p:  # an overwrite of one extent (random small writes): no numpy, one pwrite
+            self._overwrite(inode, p, off, n, data)
+            return n
+        if nb == 1 and self.sb.free_blocks - self.alloc.reserve > 3:
+            # one block into a hole: room for it and every indirect block it may need
+            return self._write_one(inode, b0, off, n, data)
         cur = self.bmap.lookup(inode, b0, nb)
         holes = cur == 0
         nholes = int(holes.sum())
@@ -554,6 +565,48 @@ class FileSystem:
         self._dirty(inode)
         self.data_dirty = True
         return n
+
+    def _write_one(self, inode: Inode, b0: int, off: int, n: int, data) -> int:
+        """write() within logical block b0, which may be a hole: the small-I/O path."""
+        try:
+            p, new = self.bmap.ensure_one(inode, b0)
+        except (FSError, FormatError):  # as in write(): nothing left mapped past EOF
+            self.bmap.truncate(inode, -(-inode.size // BS))
+            self._dirty(inode)
+            raise
+        try:
+            self._overwrite(inode, p, off, n, data, fresh=new)
+        except OSError:  # as in write(): the block this write mapped becomes a hole again
+            if new:
+                self.bmap.unmap(inode, b0, np.ones(1, dtype=bool))
+                self.bmap.truncate(inode, -(-inode.size // BS))
+                self._dirty(inode)
+            raise
+        return n
+
+    def _overwrite(self, inode: Inode, p: int, off: int, n: int, data, *,
+                   fresh: bool = False) -> None:
+        """Write `n` bytes at `off` into blocks already mapped to volume blocks p, p+1, ...
+        (nothing to allocate or unmap: a failed write fails the request whole). `fresh`:
+        the blocks were just allocated, so what they hold is not the file's (zeros are)."""
+        head = off % BS
+        end = head + n
+        nb = -(-end // BS)
+        if head == 0 and n % BS == 0:
+            buf = memoryview(data)[:n] if len(data) != n else data
+        else:
+            buf = bytearray(nb * BS)
+            if head and not fresh:
+                buf[:BS] = self.dev.read(p, 1)
+            if end % BS and (nb > 1 or not head) and not fresh:
+                buf[-BS:] = self.dev.read(p + nb - 1, 1)
+            buf[head:end] = memoryview(data)[:n]
+        self.dev.write(p, buf)
+        if off + n > inode.size:
+            inode.size = off + n
+        inode.mtime_ns = inode.ctime_ns = _now()
+        self._dirty(inode)
+        self.data_dirty = True
 
     def _truncate(self, inode: Inode, size: int) -> None:
         if size > MAX_FILE_SIZE:
