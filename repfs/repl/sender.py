@@ -223,24 +223,27 @@ class Primary:
         nblocks = layer.nblocks
         pos = info["copy"]["next_block"]
         d["copy_pos"] = pos
-        last_save = time.monotonic()
-        page = pos // K.PAGE_BITS
-        total = 0  # valid blocks of the snapshot, all of which the receiver must hold
-        for p in range(page):  # below the resume position: counted, not sent
-            total += int(np.count_nonzero(layer.meta_page(snap, p)[:nblocks - p * K.PAGE_BITS]))
-        while page * K.PAGE_BITS < nblocks:
-            valid = layer.meta_page(snap, page)
-            base = page * K.PAGE_BITS
-            idx = np.flatnonzero(valid)
-            idx = idx[idx + base < nblocks]
-            total += len(idx)
-            idx = idx[idx + base >= pos]
-            if len(idx):
+        counted = [0]  # valid blocks of the snapshot, all of which the receiver must hold
+
+        def pieces():
+            """The snapshot's valid extents from `pos` on, read a piece at a time as the
+            window of the pipelined send makes room (bounded memory)."""
+            last_save = time.monotonic()
+            page = pos // K.PAGE_BITS
+            for p in range(page):  # below the resume position: counted, not sent
+                counted[0] += int(np.count_nonzero(
+                    layer.meta_page(snap, p)[:nblocks - p * K.PAGE_BITS]))
+            while page * K.PAGE_BITS < nblocks:
+                base = page * K.PAGE_BITS
+                idx = np.flatnonzero(layer.meta_page(snap, page))
+                idx = idx[idx + base < nblocks]
+                counted[0] += len(idx)
+                idx = idx[idx + base >= pos]
                 for _, first, c in runs(idx):
                     s = base + first
                     while c:
                         m = min(c, COPY_PIECE)
-                        client.copy(gen, s, layer.read_snapshot(snap, s, m))
+                        yield gen, s, layer.read_snapshot(snap, s, m)
                         d["copied"] = d.get("copied", 0) + m
                         self.sent_bytes += m * BS
                         s += m
@@ -249,8 +252,11 @@ class Primary:
                         if time.monotonic() - last_save > 1.0:
                             self.put_dest(d)
                             last_save = time.monotonic()
-            page += 1
-            d["copy_pos"] = max(d["copy_pos"], page * K.PAGE_BITS)
+                page += 1
+                d["copy_pos"] = max(d["copy_pos"], page * K.PAGE_BITS)
+
+        client.send_copies(pieces(), window=SEND_WINDOW)
+        total = counted[0]
         client.start_playback(d["stamp"], gen, total)
         self._copy_done(d, name, total)
 
