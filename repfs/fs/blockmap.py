@@ -293,6 +293,25 @@ class BlockMap:
             for b in blocks.tolist():
                 self.meta.discard(b)
 
+    def _free_direct(self, inode, keep: int, discard: bool) -> None:
+        """Free the direct pointers >= keep: at most 12, so plain Python (a small file's
+        unlink or truncate need no numpy)."""
+        ptrs = sorted(self._ptr(inode, p) for p in inode.map[keep:N_DIRECT] if p)
+        inode.map[keep:N_DIRECT] = [0] * (N_DIRECT - keep)
+        if not ptrs:
+            return
+        extents = []
+        for p in ptrs:
+            if extents and extents[-1][0] + extents[-1][1] == p:
+                extents[-1][1] += 1
+            else:
+                extents.append([p, 1])
+        self.alloc.free_blocks([(s, n) for s, n in extents])
+        inode.blocks -= len(ptrs)
+        if discard:
+            for b in ptrs:
+                self.meta.discard(b)
+
     def _free_meta(self, inode, blk: int) -> None:
         self.alloc.free_blocks([(blk, 1)])
         self.meta.discard(blk)
@@ -340,9 +359,7 @@ class BlockMap:
         symlinks keep their content there).
         """
         if keep < N_DIRECT:
-            cur = np.array(inode.map[keep:N_DIRECT], dtype=np.uint32)
-            self._free_data(inode, cur, discard)
-            inode.map[keep:N_DIRECT] = [0] * (N_DIRECT - keep)
+            self._free_direct(inode, keep, discard)
         for k in (1, 2, 3):
             slot = N_DIRECT + k - 1
             ptr = inode.map[slot]

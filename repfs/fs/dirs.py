@@ -25,7 +25,7 @@ class Directories:
     # ---------------------------------------------------------------- block access
 
     def _phys(self, dinode, lblk: int) -> int:
-        p = int(self.bmap.lookup(dinode, lblk, 1)[0])
+        p = self.bmap.contiguous(dinode, lblk, 1)  # one block: no numpy on this hot path
         if p == 0:  # a FormatError like every other damage (t1_fuzz_core)
             raise FormatError(f"directory {dinode.ino}: logical block {lblk} is not mapped")
         return p
