@@ -85,6 +85,7 @@ class Operations(pyfuse3.Operations):
         self._hold = trio.Event()
         self._hold.set()
         self.commits = 0
+        self.gate_ms = 0.0  # how long the last quiesce held modifying requests back
         self._direct_files: set[int] = set()  # see _keep_cache
         self.request_errors: dict[str, float] = {}  # error -> when last logged (at most 65)
 
@@ -139,6 +140,7 @@ class Operations(pyfuse3.Operations):
                 yield self.core.dev
             finally:
                 self._gate.set()
+                self.gate_ms = (time.monotonic() - t0) * 1000
 
     @asynccontextmanager
     async def hold_all(self):
