@@ -250,10 +250,18 @@ def test_raw_block_files_are_private_under_umask_0(mount_site):
         assert time.monotonic() < deadline, log_tail(m2.site)
         time.sleep(0.05)
     assert incoming_files(m2.site) == [f"{n}.ds"]
-    m2.umount()  # the next delta set stays in the primary's chunk area
+    m2.umount()  # the next delta set stays pinned on the primary
     (m1.path / "y").write_bytes(os.urandom(100_000))
+    saves = set((m1.site / "save").glob("*.save"))
     n2 = cut(m1)
-    assert (m1.site / "save" / "deltasets" / f"{n2}.ds").exists()
+    # overwritten before it was shipped: its pinning snapshot's save volume copies the
+    # blocks of delta set n2 (raw blocks of a file)
+    with open(m1.path / "y", "r+b") as f:
+        f.write(os.urandom(100_000))
+        f.flush()
+        os.fsync(f.fileno())
+    pins = set((m1.site / "save").glob("*.save")) - saves
+    assert len(pins) == 1 and next(iter(pins)).stat().st_size >= 100_000, pins
     checked = 0
     for site in (m1.site, m2.site):
         assert stat.S_IMODE(site.stat().st_mode) == 0o700, site
