@@ -231,7 +231,8 @@ class _Pages:
                     if s != sid:
                         break
                     found.add(p)
-        found.update(p for (s, p) in self.dirty if s == sid)
+        # (list() of a dict does not let another thread in: copy-on-write may add pages)
+        found.update(p for (s, p) in list(self.dirty) + list(self.flushing) if s == sid)
         return sorted(found)
 
     def detach(self) -> dict:
