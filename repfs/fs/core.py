@@ -115,6 +115,9 @@ class FileSystem:
         self.open_count: dict[int, int] = {}
         self.data_dirty = False
         self.sb_dirty = False
+        # a change since the last commit that fdatasync must make durable: anything but file
+        # data in mapped blocks and timestamps (see sync_data)
+        self.datasync_dirty = False
         # errors=remount-ro: why a commit failed (the core turned read-only), and when
         self.error: str | None = None
         self.error_ns = 0
@@ -193,6 +196,7 @@ class FileSystem:
                 self.meta.modify(blk)[off: off + INODE_SIZE] = buf
                 self.inodes[ino].dirty = False
             self.dirty_inodes.clear()
+            self.datasync_dirty = False
             freed = self.alloc.apply_pending()
             self.sb.commit_seq += 1
             self.meta.modify(0)[:] = self.sb.pack()
@@ -230,6 +234,29 @@ class FileSystem:
                                    meta=True)
         except Exception as e:  # noqa: BLE001 - EIO, ENOSPC, a layer's refusal, a bug
             self.fail(f"commit {seq} failed {step}", e)
+            raise self._failed() from e
+
+    def data_only(self) -> bool:
+        """Whether every change since the last commit is file data in blocks already mapped
+        (and committed) or a timestamp: then fdatasync needs no redo-log record, only the
+        volume flushed (sync_data), as ext4's fdatasync skips an inode whose only change is
+        its times. The caller keeps commits out (no commit is in flight)."""
+        return not (self.datasync_dirty or self.meta.dirty or self.meta.committing
+                    or self.alloc.pending or self.sb_dirty or self.error is not None)
+
+    def sync_data(self) -> None:
+        """fdatasync when data_only(): make the file data written so far durable by flushing
+        the volume (may run in a worker thread; the caller keeps commits out). The
+        timestamps stay in the running transaction. A failed flush turns the core read-only
+        (fail), as in write_commit: the pages it could not write may be gone."""
+        if self.error is not None:
+            raise self._failed()
+        if self.readonly:
+            return
+        try:
+            self.dev.flush()
+        except Exception as e:  # noqa: BLE001 - EIO, ENOSPC under the site
+            self.fail("fdatasync failed flushing the volume", e)
             raise self._failed() from e
 
     def finish_commit(self) -> None:
@@ -330,6 +357,12 @@ class FileSystem:
         raise FSError(errno.ENOENT, f"inode {ino} does not exist")
 
     def _dirty(self, inode: Inode) -> None:
+        inode.dirty = True
+        self.dirty_inodes.add(inode.ino)
+        self.datasync_dirty = True
+
+    def _dirty_times(self, inode: Inode) -> None:
+        """The inode changed in its timestamps only (fdatasync need not commit them)."""
         inode.dirty = True
         self.dirty_inodes.add(inode.ino)
 
@@ -455,7 +488,7 @@ class FileSystem:
                 or inode.atime_ns <= inode.mtime_ns or inode.atime_ns <= inode.ctime_ns
                 or now - inode.atime_ns > self.RELATIME_NS):
             inode.atime_ns = now
-            self._dirty(inode)
+            self._dirty_times(inode)
 
     def read(self, ino: int, off: int, size: int) -> bytes:
         inode = self.iget(ino)
@@ -602,10 +635,12 @@ class FileSystem:
                 buf[-BS:] = self.dev.read(p + nb - 1, 1)
             buf[head:end] = memoryview(data)[:n]
         self.dev.write(p, buf)
+        inode.mtime_ns = inode.ctime_ns = _now()
         if off + n > inode.size:
             inode.size = off + n
-        inode.mtime_ns = inode.ctime_ns = _now()
-        self._dirty(inode)
+            self._dirty(inode)
+        else:
+            self._dirty_times(inode)
         self.data_dirty = True
 
     def _truncate(self, inode: Inode, size: int) -> None:
@@ -686,7 +721,10 @@ class FileSystem:
         if mtime_ns is not None:
             inode.mtime_ns = mtime_ns
         inode.ctime_ns = ctime_ns if ctime_ns is not None else now
-        self._dirty(inode)
+        if mode is None and uid is None and gid is None and size is None:
+            self._dirty_times(inode)  # e.g. the writeback cache's mtime before an fsync
+        else:
+            self._dirty(inode)
         return inode
 
     # ================================================================= namespace

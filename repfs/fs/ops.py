@@ -372,6 +372,13 @@ class Operations(pyfuse3.Operations):
 
     @_fuse_errors
     async def fsync(self, fh, datasync):
+        if datasync:
+            async with self.commit_lock:
+                if self.core.data_only():  # overwrites and timestamps only: no redo record
+                    await trio.to_thread.run_sync(self.core.sync_data)
+                    return
+                await self._commit_locked()
+            return
         await self.commit()
 
     @_fuse_errors
