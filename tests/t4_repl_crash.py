@@ -3,19 +3,21 @@
 Two mounted sites replicating, a writer process on the primary (every file fsync'd before it
 reports it), and SIGKILL of
 
-* the primary's daemon while a delta set is being cut,
-* the primary's daemon while the cut delta set's chunks are being copied (a writer running,
-  so the change log is persisted by group commits meanwhile),
+* the primary's daemon inside a cut (between the pinning snapshot's save volume being made
+  and the cut's transaction committing),
+* the primary's daemon while a pinned delta set is being sent and the writer (and a ticker
+  that makes the primary commit every few milliseconds) overwrite its blocks, so that its
+  pinning snapshot copies them,
 * the secondary's daemon while it plays a delta set back,
 
 a few times each at random instants. Each loop proves it hit its window at least once, from
-what the remounted daemon logs anyway: "cut when the daemon stopped" (a delta set was still
-being cut or copied) or "finishing the interrupted playback"; it goes on for a few more rounds
-until it has. After each kill the dead mount is lazily unmounted, the
-site mounted again, a delta set cut and played back: the secondary must then equal the primary
-byte for byte, and every file the writer fsync'd must be on both (invariant 3: crash safety,
-replication resumes, playback is idempotent). The fixtures check clean unmounts, clean fsck of
-both sites and logs without warnings at the end.
+what the dead site left on disk (a save volume made for a cut that never committed; a pinned
+delta set whose pin holds copied blocks) or what the remounted daemon logs ("finishing the
+interrupted playback"); it goes on for a few more rounds until it has. After each kill the
+dead mount is lazily unmounted, the site mounted again, a delta set cut and played back: the
+secondary must then equal the primary byte for byte, and every file the writer fsync'd must
+be on both (invariant 3: crash safety, replication resumes, playback is idempotent). The
+fixtures check clean unmounts, clean fsck of both sites and logs without warnings at the end.
 """
 
 from __future__ import annotations
@@ -231,72 +233,133 @@ def repl_pair(mount_site):
     return pair
 
 
-def _dropped(site: Path) -> int:
-    return sum("cut when the daemon stopped" in ln for ln in log_lines(site))
+def _meta(site: Path):
+    """The dead site's LMDB environment, read-only (close it before remounting)."""
+    import lmdb
+    return lmdb.open(str(site / "meta.lmdb"), map_size=1 << 40, max_dbs=32, subdir=True,
+                     readonly=True, lock=False)
 
 
-def _wait_cutting(site: Path, request: threading.Thread) -> bool:
-    """Poll the primary's status until a delta set shows in state "cutting" (True) or the
-    cut request has ended first (False)."""
+def _save_ids(site: Path) -> set[int]:
+    return {int(p.stem) for p in (site / "save").glob("*.save") if p.stem.isdigit()}
+
+
+def _uncommitted_save(site: Path) -> set[int]:
+    """Save volumes of snapshots made but never recorded: a cut killed between making its
+    pinning snapshot's save volume and committing (its id is not below next_id)."""
+    from repfs.snap import keys as SK
+    env = _meta(site)
+    try:
+        with env.begin() as txn:
+            raw = txn.get(b"next_id", db=env.open_db(SK.STATE, txn=txn, create=False))
+    finally:
+        env.close()
+    next_id = int.from_bytes(raw, "big") if raw else 1
+    return {i for i in _save_ids(site) if i >= next_id}
+
+
+def _pin_copies(site: Path, n: int) -> int:
+    """Bytes the pinning snapshot of delta set n holds on the dead site's disk (0: not
+    pinned, or nothing of it was overwritten)."""
+    from repfs.repl import keys as RK
+    from repfs.snap import keys as SK
+    env = _meta(site)
+    try:
+        with env.begin() as txn:
+            rec = txn.get(RK.u64(n), db=env.open_db(RK.DELTASETS, txn=txn, create=False))
+            key = txn.get(f"repl-ds-{n}".encode(),
+                          db=env.open_db(SK.NAMES, txn=txn, create=False))
+    finally:
+        env.close()
+    if rec is None or not json.loads(rec).get("pinned") or key is None:
+        return 0
+    save = site / "save" / f"{SK.unpack_id(key)}.save"
+    return save.stat().st_size if save.exists() else 0
+
+
+def _wait_released(site: Path) -> None:
+    """Every delta set played by the secondary: the pins are released, nothing held."""
     deadline = time.monotonic() + 30
-    while request.is_alive():
+    while True:
         st = api(site, "GET", "/status")
-        if any(r["state"] == "cutting" for r in st["outstanding_delta_sets"]):
-            return True
-        assert time.monotonic() < deadline, "the cut neither started nor ended in 30 s"
-    return False
+        if st["chunk_area_bytes"] == 0 and not st["outstanding_delta_sets"]:
+            return
+        assert time.monotonic() < deadline, f"pins never released: {st}"
+        time.sleep(0.1)
 
 
 def test_kill_primary_during_cut(repl_pair):
-    """kill -9 while a cut delta set is not yet complete: the test waits until the status
-    shows the delta set "cutting", then kills at a random instant a few ms later. A kill that
-    landed inside the cut is proven by the remounted daemon, which drops the incomplete delta
-    set and logs it ("cut when the daemon stopped"; the record is "cutting" from the cut's
-    commit until the set is ready, and there is no other cut: automatic cuts are off). The
-    loop goes on (up to 6 rounds) until at least one kill provably landed inside a cut."""
+    """kill -9 inside a cut: the test watches the save area and kills the moment the cut's
+    pinning snapshot's save volume appears (sometimes a few ms later), so the kill lands
+    between making it and committing the cut, or just after. A kill that landed before the
+    commit is proven by what the dead site left: a save volume no snapshot record owns; the
+    cut then left no delta set (the mailbox is as before) and the change log still holds its
+    blocks, which the next cut ships. The loop goes on (up to 6 rounds) until at least one
+    kill provably landed inside a cut."""
     pair = repl_pair
+    m1 = pair.m1
     rng = random.Random(41)
     writers = []
     hits = it = 0
-    dropped = _dropped(pair.m1.site)
     while it < 2 or (hits == 0 and it < 6):
-        w = Writer(pair.m1.path / "w", 100 + it, ticker=True)
+        w = Writer(m1.path / "w", 100 + it, ticker=True)
         writers.append(w)
         w.wait_total(rng.randrange(4, 10) << 20)
-        t = post_in_thread(pair.m1.site, "/replicate/deltaset", {"wait": True})
-        if _wait_cutting(pair.m1.site, t):
-            time.sleep(rng.uniform(0.0, 0.01))
-        kill9(pair.m1.site)
+        last = api(m1.site, "GET", "/status")["last_cut_delta_set"]
+        known = _save_ids(m1.site)
+        pid = daemon_pid(m1.site)
+        t = post_in_thread(m1.site, "/replicate/deltaset", {"wait": True})
+        deadline = time.monotonic() + 30
+        while t.is_alive() and not (_save_ids(m1.site) - known):
+            assert time.monotonic() < deadline, "the cut neither made its pin nor ended"
+        if hits or it == 0:  # (no hit yet after the first round: at once)
+            time.sleep(rng.uniform(0.0, 0.003))
+        kill9(m1.site, pid)
         t.join(30)
         w.stop()
-        remount(pair.m1)
-        hits, dropped = hits + (_dropped(pair.m1.site) > dropped), _dropped(pair.m1.site)
+        left = _uncommitted_save(m1.site)
+        remount(m1)
+        if left:
+            hits += 1
+            st = api(m1.site, "GET", "/status")
+            assert st["last_cut_delta_set"] == last, st  # no trace of the cut
+            assert st["current_delta_set_blocks"] > 0, st  # its blocks still logged
         converge_and_compare(pair, writers)
+        _wait_released(m1.site)
+        assert not _save_ids(m1.site) - known, "a leftover save volume was not reused"
         it += 1
     assert hits >= 1, "no kill landed inside a cut: test too weak"
 
 
-def test_kill_primary_during_chunk_copying(repl_pair):
+def test_kill_primary_while_pinned_delta_sets_are_sent(repl_pair):
+    """kill -9 while a big delta set is sent from its pinning snapshot and the writer and the
+    ticker overwrite its blocks (copy-on-write into the pin, before-images synced by group
+    commits). A kill in that window is proven from the dead site's disk: the delta set is
+    still pinned and its pin holds copied blocks. After the remount the pin is used again
+    (its delta set arrives as it was at its boundary: the trees compare equal) and then
+    released."""
     pair = repl_pair
+    m1 = pair.m1
     rng = random.Random(42)
     writers = []
-    dropped_before = _dropped(pair.m1.site)
     hits = it = 0
-    while it < 2 or (hits == 0 and it < 5):  # until a kill provably lands inside a copy
-        w = Writer(pair.m1.path / "w", 200 + it, ticker=True)
+    while it < 2 or (hits == 0 and it < 5):  # until a kill provably lands in the window
+        w = Writer(m1.path / "w", 200 + it, ticker=True)
         writers.append(w)
-        w.wait_total(rng.randrange(16, 28) << 20)  # a big delta set: copying takes a while
-        status, out = post(pair.m1.site, "/replicate/deltaset", {"wait": False})
+        w.wait_total(rng.randrange(16, 28) << 20)  # a big delta set: sending takes a while
+        status, out = post(m1.site, "/replicate/deltaset", {"wait": False})
         assert status == 200, out
-        # the writer goes on (fsync: group commits persist the change log during the copy)
+        n = out["delta_set"]
+        # the writer goes on (fsync: group commits make the pin's copies durable)
         time.sleep(rng.uniform(0.02, 0.12))
-        kill9(pair.m1.site)
+        kill9(m1.site)
         w.stop()
-        remount(pair.m1)
-        hits = _dropped(pair.m1.site) - dropped_before  # the set was still "cutting"
+        hits += _pin_copies(m1.site, n) > 0
+        remount(m1)
         converge_and_compare(pair, writers)
+        _wait_released(m1.site)
         it += 1
-    assert hits >= 1, "no kill landed while a delta set was being copied: test too weak"
+    assert hits >= 1, "no kill landed while a pinned delta set was overwritten: test too weak"
 
 
 def _interrupted(site: Path) -> int:
