@@ -368,3 +368,36 @@ def test_contiguous_agrees_with_lookup(seed):
         assert env.bmap.contiguous(env.inode, first, count) == want, (first, count)
         hits += bool(want)
     assert hits > 300  # the case it exists for is covered, not only the fallbacks
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_fill_holes_maps_a_run_of_holes_or_changes_nothing(seed):
+    """fill_holes() (the path for fresh pages written back by the kernel) maps a range that
+    is all holes within one leaf, in logical order, exactly as the model expects; any other
+    range (a mapped block in it, across leaves) is refused and nothing changes."""
+    rng = random.Random(seed)
+    env = Env()
+    model: dict[int, int] = {}
+    filled = refused = 0
+    for _ in range(400):
+        zs, zn = rng.choice(ZONES)
+        first = zs + rng.randrange(zn)
+        count = rng.randrange(2, min(zs + zn - first, 40) + 2)
+        if first + count > MAX_FILE_BLOCKS:
+            continue
+        before = (list(env.inode.map), env.inode.blocks, env.sb.free_blocks)
+        extents = env.bmap.fill_holes(env.inode, first, count)
+        holes = all(first + i not in model for i in range(count))
+        if extents is None:
+            assert not holes or not _one_leaf(first, count), (first, count)
+            assert (list(env.inode.map), env.inode.blocks, env.sb.free_blocks) == before
+            refused += 1
+            continue
+        assert holes and _one_leaf(first, count)
+        got = [s + i for s, n in extents for i in range(n)]
+        assert len(got) == count
+        for i, p in enumerate(got):
+            model[first + i] = p
+        filled += 1
+        env.check(model)
+    assert filled > 20 and refused > 20

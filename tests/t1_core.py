@@ -2367,3 +2367,39 @@ def test_small_writes_into_reused_blocks_expose_nothing(make_fs, lblk):
     assert fs.getattr(f).size == base + 2 * BS
     fs.release(f)
     fs.forget(f, 1)
+
+
+@pytest.mark.parametrize("lblk", [2, 600, 3000])  # direct, single and double indirect
+def test_multi_block_writes_into_holes_expose_nothing(make_fs, lblk):
+    # The path for a run of holes within one map leaf (the kernel writing back fresh
+    # pages): partial ends are zeros, never what deleted files left in the new blocks; a
+    # write that fails partway is short and leaves only the written blocks mapped.
+    img, jnl = paths_of(make_fs, make_fs(size=16 << 20))
+    fs = make_fs.made[-1][0]
+    fs.close()
+    fs.dev.close()
+    fs = FileSystem(_DataWriteFails(Volume(img)), jnl)
+    replace_fs(make_fs, make_fs.made[-1][0], fs)
+    fs.commit()
+    for b in range(fs.sb.data_start, fs.sb.nblocks):  # what deleted files left in free blocks
+        if not fs.alloc.blocks.test(b):
+            fs.dev.write(b, b"S" * BS)
+    f = fs.create(ROOT, b"new", 0o644).ino
+    base = lblk * BS
+    fs.dev.fail_data = True
+    with pytest.raises(OSError):
+        fs.write(f, base + 100, b"N" * (2 * BS))
+    fs.dev.fail_data = False
+    inode = fs.getattr(f)
+    assert inode.size == 0 and not fs.bmap.lookup(inode, 0, lblk + 4).any()
+    assert fs.write(f, base + 100, b"N" * (2 * BS)) == 2 * BS  # 3 blocks, both ends partial
+    want = bytearray(3 * BS)
+    want[100: 100 + 2 * BS] = b"N" * (2 * BS)
+    assert fs.getattr(f).size == base + 100 + 2 * BS
+    fs.setattr(f, size=base + 3 * BS)
+    assert fs.read(f, base, 3 * BS) == bytes(want)
+    assert fs.write(f, base + 3 * BS, b"W" * (4 * BS)) == 4 * BS  # whole blocks
+    assert fs.read(f, base + 3 * BS, 4 * BS) == b"W" * (4 * BS)
+    assert fs.getattr(f).blocks >= 7
+    fs.release(f)
+    fs.forget(f, 1)

@@ -136,8 +136,8 @@ class Bitmap:
                 break
         if not got:
             return []
-        if len(got) == 1:
-            out = [(got[0], 1)]
+        if got[-1] - got[0] == len(got) - 1:  # one run (found in increasing order)
+            out = [(got[0], len(got))]
         else:
             out = [(s, n) for _, s, n in runs(np.array(got, dtype=np.int64))]
         last_s, last_n = out[-1]

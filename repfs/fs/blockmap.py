@@ -218,6 +218,39 @@ class BlockMap:
         inode.blocks += 1
         return s, True
 
+    def fill_holes(self, inode, first: int, count: int):
+        """If [first, first+count) lies within one leaf and is all holes (the kernel's
+        writeback of fresh pages), allocate its data blocks and return them as extents
+        (start, n) in logical order; else None, changing nothing. Per extent, not per block,
+        and no numpy. Raises alloc.NoSpace when the volume is full."""
+        if first < N_DIRECT:
+            if first + count > N_DIRECT or any(inode.map[first: first + count]):
+                return None
+            prev = inode.map[first - 1] if first else 0
+            extents = self.alloc.alloc_blocks(count, prev + 1 if prev else None)
+            at = first
+            for s, n in extents:
+                inode.map[at: at + n] = range(s, s + n)
+                at += n
+        else:
+            k = _level_of(first)
+            idx = (first - _LEVEL_START[k]) % PTRS_PER_BLOCK
+            if idx + count > PTRS_PER_BLOCK:
+                return None
+            leaf, idx = self._leaf_block(inode, k, first)
+            if leaf and any(struct.unpack_from(f"<{count}I", self.meta.read(leaf), 4 * idx)):
+                return None
+            prev = self.contiguous(inode, first - 1, 1)
+            goal = prev + 1 if prev else None
+            buf, idx = self._leaf_for_write(inode, k, first, goal)
+            extents = self.alloc.alloc_blocks(count, goal)
+            at = 4 * idx
+            for s, n in extents:
+                struct.pack_into(f"<{n}I", buf, at, *range(s, s + n))
+                at += 4 * n
+        inode.blocks += count
+        return extents
+
     def ensure(self, inode, first: int, count: int, *, data: bool = True, goal=None):
         """Map every logical block of the range, allocating holes.
 

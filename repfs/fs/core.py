@@ -533,9 +533,14 @@ class FileSystem:
         if p:  # an overwrite of one extent (random small writes): no numpy, one pwrite
             self._overwrite(inode, p, off, n, data)
             return n
-        if nb == 1 and self.sb.free_blocks - self.alloc.reserve > 3:
-            # one block into a hole: room for it and every indirect block it may need
-            return self._write_one(inode, b0, off, n, data)
+        if self.sb.free_blocks - self.alloc.reserve > nb + 3:
+            # room for the blocks and every indirect block they may need
+            if nb == 1:  # one block, mapped or a hole
+                return self._write_one(inode, b0, off, n, data)
+            if nb <= 256:  # fresh pages written back by the kernel: a run of holes
+                done = self._write_fresh(inode, b0, off, n, data)
+                if done is not None:
+                    return done
         cur = self.bmap.lookup(inode, b0, nb)
         holes = cur == 0
         nholes = int(holes.sum())
@@ -595,6 +600,47 @@ class FileSystem:
         if off + n > inode.size:
             inode.size = off + n
         inode.mtime_ns = inode.ctime_ns = now
+        self._dirty(inode)
+        self.data_dirty = True
+        return n
+
+    def _write_fresh(self, inode: Inode, b0: int, off: int, n: int, data) -> int | None:
+        """write() into a range of holes within one map leaf (BlockMap.fill_holes): its
+        blocks allocated as extents and written extent by extent, the partial ends zero
+        filled. None if the range is not such a run (nothing changed). A failed write is
+        short, as in write(): the blocks it did not write become holes again."""
+        try:
+            extents = self.bmap.fill_holes(inode, b0, -(-(off % BS + n) // BS))
+        except (FSError, FormatError):  # as in write(): nothing left mapped past EOF
+            self.bmap.truncate(inode, -(-inode.size // BS))
+            self._dirty(inode)
+            raise
+        if extents is None:
+            return None
+        head = off % BS
+        nb = sum(c for _, c in extents)
+        if head == 0 and n == nb * BS:
+            buf = memoryview(data)[:n]
+        else:
+            buf = bytearray(nb * BS)
+            buf[head: head + n] = memoryview(data)[:n]
+        done = 0  # blocks written, in logical order
+        try:
+            for s, c in extents:
+                self.dev.write(s, buf[done * BS: (done + c) * BS])
+                done += c
+        except OSError:
+            unwritten = np.zeros(nb, dtype=bool)
+            unwritten[done:] = True
+            n = max(0, min(n, done * BS - head))
+            self.bmap.unmap(inode, b0, unwritten)
+            self.bmap.truncate(inode, -(-max(inode.size, off + n) // BS))
+            self._dirty(inode)
+            if n == 0:
+                raise
+        if off + n > inode.size:
+            inode.size = off + n
+        inode.mtime_ns = inode.ctime_ns = _now()
         self._dirty(inode)
         self.data_dirty = True
         return n
