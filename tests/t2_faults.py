@@ -18,6 +18,7 @@ import errno
 import json
 import os
 import re
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -323,42 +324,52 @@ def make_pair(sites, *, power1=True, power2=False, policy=NO_AUTO_CUT):
     return m1, m2
 
 
+def _overwrite(path: Path, data: bytes) -> None:
+    """Overwrite a file's first bytes in place (the same blocks) and fsync it."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        assert os.pwrite(fd, data, 0) == len(data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _Paused:
+    """The secondary's daemon stopped (SIGSTOP) for a moment: the primary's send task waits
+    on its first request, so a delta set cut meanwhile is not sent before the test has
+    overwritten its blocks (its pin copies them) and armed a fault."""
+
+    def __init__(self, m2: Site):
+        self.pid = int((m2.site / "repfs.pid").read_text().split()[0])
+
+    def __enter__(self):
+        os.kill(self.pid, signal.SIGSTOP)
+        return self
+
+    def __exit__(self, *exc):
+        os.kill(self.pid, signal.SIGCONT)
+
+
 def test_primary_tasks_recover_from_disk_errors(sites):
     m1, m2 = make_pair(sites, policy=("--timeout", "0.3", "--hwm", "100G"))
     (m1.path / "a").write_bytes(os.urandom(200_000))
     wait_converged(m1, m2, timeout=60)
 
-    # 1. the background copy: the chunk area's file system is full
-    rules = [m1.pf.add_fault("s1/save/deltasets/*", "write", errno="ENOSPC")]
+    # 1. the cut: its pinning snapshot's save volume cannot be created
+    before = m1.task("cut")["errors"]
+    rules = [m1.pf.add_fault("s1/save/*.save", "create", errno="EIO")]
     (m1.path / "b").write_bytes(os.urandom(500_000))
-    st = wait_for("the background copy to fail", lambda: (
-        m1.task("background copy") if m1.task("background copy")["errors"] else None),
-        sites_=(m1, m2))
-    assert "ENOSPC" in st["last_error"] and st["last_error_at"], st
+    st = wait_for("the cut to fail", lambda: (
+        m1.task("cut") if m1.task("cut")["errors"] > before else None), sites_=(m1, m2))
+    assert "EIO" in st["last_error"] and st["last_error_at"], st
     assert st["state"] in ("retrying", "recovering") and st["error_kind"] == "transient"
     m1.alive()
     (m1.path / "c").write_bytes(b"the file system is unaffected")  # writes go on
     assert (m1.path / "c").read_bytes() == b"the file system is unaffected"
     assert m1.status()["current_delta_set_blocks"] > 0  # kept in the change log
     r = admin(m1.path, "replicate", "deltaset", check=False)  # on demand: a clear error
-    assert r.returncode == 1 and "ENOSPC" in r.stderr and "next cut ships them" in r.stderr, \
+    assert r.returncode == 1 and "EIO" in r.stderr and "next cut ships them" in r.stderr, \
         r.stderr
-    m1.expect("background copy: ENOSPC")
-    assert m1.pf.stats()["faults"][str(rules[-1])] >= 1
-    m1.pf.clear_faults()
-    wait_for("the background copy to recover",
-             lambda: m1.task("background copy")["state"] == "running", sites_=(m1, m2))
-    wait_converged(m1, m2, timeout=60)
-    assert_same_tree(m1.path, m2.path)
-
-    # 2. the cut: a new chunk file cannot be created
-    before = m1.task("cut")["errors"]
-    rules.append(m1.pf.add_fault("s1/save/deltasets/*", "create", errno="EIO"))
-    (m1.path / "d").write_bytes(os.urandom(100_000))
-    st = wait_for("the cut to fail", lambda: (
-        m1.task("cut") if m1.task("cut")["errors"] > before else None), sites_=(m1, m2))
-    assert "EIO" in st["last_error"], st
-    m1.alive()
     m1.expect("cut: EIO")
     assert m1.pf.stats()["faults"][str(rules[-1])] >= 1
     m1.pf.clear_faults()
@@ -367,23 +378,33 @@ def test_primary_tasks_recover_from_disk_errors(sites):
     wait_converged(m1, m2, timeout=60)
     assert_same_tree(m1.path, m2.path)
 
-    # 3. the send task: a chunk file cannot be read
+    # 2. the send task: the pin's save volume cannot be read. Delta set n is cut while the
+    # secondary is paused, its blocks are overwritten before it is sent (the pin copies
+    # them), then every read of the save volumes fails
+    admin(m1.path, "replicate", "policy", *NO_AUTO_CUT)
     name = f"send {m2.site.name}"
     before = m1.task(name)["errors"]
-    rules.append(m1.pf.add_fault("s1/save/deltasets/*", "read", errno="EIO"))
-    (m1.path / "e").write_bytes(os.urandom(300_000))
+    with _Paused(m2):
+        e = os.urandom(300_000)
+        (m1.path / "e").write_bytes(e)
+        n = admin_cut(m1)
+        _overwrite(m1.path / "e", os.urandom(300_000))
+        assert m1.status()["chunk_area_bytes"] >= 300_000  # the pin copied e's blocks
+        rules.append(m1.pf.add_fault("s1/save/*.save", "read", errno="EIO"))
     st = wait_for("the send task to fail", lambda: (
         m1.task(name) if m1.task(name)["errors"] > before else None), sites_=(m1, m2))
     assert "EIO" in st["last_error"], st
     m1.alive()
     m1.expect(f"{name}: EIO")
     assert m1.pf.stats()["faults"][str(rules[-1])] >= 1
+    d = m1.status()["destinations"][0]
+    assert d["state"] == "replicating" and d["acked_delta_set"] < n, d  # retried, not given up
 
-    # 4. a bug-class error (KeyError) in the send task, from a damaged LMDB record of the
+    # 3. a bug-class error (KeyError) in the send task, from a damaged LMDB record of the
     # delta set it is sending: logged once with its traceback, shown as permanent, retried
     # with back-off; `status` still answers (its replication part says what it cannot
     # read); once the record is repaired the delta set is sent
-    n = m1.status()["last_cut_delta_set"]
+    assert m1.status()["last_cut_delta_set"] == n
     env = lmdb.open(str(m1.site / "meta.lmdb"), map_size=1 << 40, max_dbs=32, subdir=True)
     try:
         db = env.open_db(K.DELTASETS)
@@ -407,37 +428,100 @@ def test_primary_tasks_recover_from_disk_errors(sites):
             txn.put(K.u64(n), good)
     finally:
         env.close()
-    wait_converged(m1, m2, timeout=60)
+    wait_converged(m1, m2, n, timeout=60)
+    assert (m2.path / "e").read_bytes() == e  # as it was at n's boundary (from the pin)
     assert m1.task(name)["state"] == "running"
+    wait_converged(m1, m2, admin_cut(m1), timeout=60)
     assert_same_tree(m1.path, m2.path)
-    for needle in ("background copy: ENOSPC", "cut: EIO", f"{name}: EIO",
-                   f"{name} failed: KeyError"):
+    for needle in ("cut: EIO", f"{name}: EIO", f"{name} failed: KeyError"):
         assert count_lines(m1, needle) == 1, (needle, log_tail(m1.site))
     human = admin(m1.path, "status").stdout
-    assert "background copy" in human and "ENOSPC" in human, human
+    assert "cut" in human and "EIO" in human, human
 
-    # 5. a chunk file damaged on the primary's disk (a bit flipped before it was sent): it is
-    # never sent (the receiver would refuse it at every resend); the destination stops with
-    # the reason, the daemon stays up, and a full resync brings the secondary back
-    m1.pf.add_fault("s1/save/deltasets/*", "read", errno="EIO")  # hold the send
-    last = m1.status()["last_cut_delta_set"]
-    (m1.path / "f").write_bytes(os.urandom(300_000))
-    n = wait_for("the next delta set", lambda: next((
-        x["delta_set"] for x in m1.status()["outstanding_delta_sets"]
-        if x["state"] == "ready" and x["delta_set"] > last), None), sites_=(m1, m2))
-    ds = m1.site / "save" / "deltasets" / f"{n}.ds"
-    fd = os.open(ds, os.O_WRONLY)
-    try:
-        os.pwrite(fd, b"\xff", 100_000)  # inside the first chunk's data
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    m1.pf.clear_faults()
-    d = wait_for("the destination to stop", lambda: next((
-        x for x in m1.status()["destinations"] if x["state"] == "error"), None),
-        sites_=(m1, m2))
-    assert f"delta set {n} is damaged" in d["error"] and "resync" in d["error"], d
-    m1.expect(f"delta set {n} is damaged")
+
+@pytest.mark.xfail(strict=True, reason="product bug reported to the coordinator: a save "
+                   "volume write that fails for a delta set's pinning snapshot fails the "
+                   "user's write (ENOSPC) and, in a group commit, turns the file system "
+                   "read-only (repfs/snap/layer.py _copy_on_write -> fs/core.py write_commit)")
+def test_a_full_disk_under_the_pins_does_not_stop_the_file_system(sites):
+    """The disk under the primary's save volumes is full (then fails) while blocks of a delta
+    set not yet sent are overwritten, so its pinning snapshot cannot copy them: replication
+    is held up, not the file system. The site stays writable (new files are created and
+    fsync'd meanwhile; an overwrite that needed the copy may fail, changing nothing), status
+    shows the error, nothing is lost, and once the disk has room again the secondary
+    converges to the primary."""
+    m1, m2 = make_pair(sites)
+    (m1.path / "a").write_bytes(os.urandom(200_000))
+    wait_converged(m1, m2, admin_cut(m1), timeout=60)
+    for i, err in enumerate(("ENOSPC", "EIO")):
+        with _Paused(m2):
+            b = os.urandom(400_000)
+            (m1.path / f"b{i}").write_bytes(b)
+            n = admin_cut(m1)
+            rule = m1.pf.add_fault("s1/save/*.save", "write", errno=err)
+            new = os.urandom(100_000)
+            try:
+                _overwrite(m1.path / f"b{i}", new)  # blocks of delta set n: the pin's copy
+                b = new + b[len(new):]
+            except OSError as e:
+                assert e.errno == getattr(errno, err), e
+                assert (m1.path / f"b{i}").read_bytes() == b  # unchanged
+            # the file system goes on: new files, their directory (a block of delta set n)
+            for j in range(3):
+                write_durable(m1.path / f"c{i}-{j}", b"kept %d" % j)
+            os.utime(m1.path / f"b{i}", (1, 1))
+            st = m1.status()
+            assert st["fs_error"] is None and not st["readonly"], st
+            assert err in json.dumps(st), st  # shown
+            assert m1.pf.stats()["faults"][str(rule)] >= 1
+        m1.alive()
+        m1.expect(err)
+        m1.pf.clear_faults()
+        wait_converged(m1, m2, admin_cut(m1), timeout=60)
+        assert (m2.path / f"b{i}").read_bytes() == b
+        assert_same_tree(m1.path, m2.path)
+
+
+@pytest.mark.xfail(strict=True, reason="product bug reported to the coordinator: the sender "
+                   "reads a pinned delta set's copied blocks from the save volume without "
+                   "checking the record's checksum (repfs/snap/store.py read_saved), so a "
+                   "before-image damaged on the primary's disk is sent and played")
+def test_a_pinned_block_damaged_on_the_primary_disk_is_never_sent(sites):
+    """A copied block of a pinned delta set is damaged on the primary's disk before it is
+    sent (one flipped bit in the pin's save volume): it is never sent (the secondary would
+    apply it: the chunk's checksum is made from what was read); the destination stops with
+    the reason, the daemon stays up, and a full resync brings the secondary back."""
+    m1, m2 = make_pair(sites)
+    (m1.path / "a").write_bytes(os.urandom(200_000))
+    wait_converged(m1, m2, admin_cut(m1), timeout=60)
+    saves = {p.name for p in (m1.site / "save").glob("*.save")}
+    with _Paused(m2):
+        b = os.urandom(400_000)
+        (m1.path / "b").write_bytes(b)
+        n = admin_cut(m1)
+        _overwrite(m1.path / "b", os.urandom(400_000))
+        (pin,) = [p for p in (m1.site / "save").glob("*.save") if p.name not in saves]
+        fd = os.open(pin, os.O_WRONLY)
+        try:
+            os.pwrite(fd, b"\xff", pin.stat().st_size - 100_000)  # inside a copied block
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def outcome():
+        d = m1.status()["destinations"][0]
+        if d["state"] == "error":
+            return d
+        if m2.status()["last_played_delta_set"] >= n:
+            return "played"
+        return None
+
+    d = wait_for("the destination to stop", outcome, sites_=(m1, m2))
+    assert d != "played", f"delta set {n} was sent and played with a block damaged on the " \
+                          f"primary's disk"
+    assert f"delta set {n}" in d["error"] and "resync" in d["error"], d
+    assert m2.status()["last_played_delta_set"] < n
+    m1.expect(f"delta set {n}")
     m1.alive()
     start_replication(m1, m2, "--force")
     wait_converged(m1, m2, timeout=60)
