@@ -84,14 +84,16 @@ class Bitmap:
         """
         if goal is None or not (self.first <= goal < self.nbits):
             goal = self.cursor
-        if want == 1:  # the common case: a free bit in the goal's own byte (no numpy)
-            idx, off = divmod(goal, BITS_PER_BLOCK)
-            free = ~self.meta.read(self.start + idx)[off >> 3] & (0xFF << (off & 7)) & 0xFF
-            if free:
-                b = goal - (off & 7) + (free & -free).bit_length() - 1
-                if b < self.nbits:
-                    self.cursor = b + 1 if b + 1 < self.nbits else self.first
-                    return [(b, 1)]
+        if want == 1:  # the common case: a free bit in the goal's own byte, or else in
+            # the cursor's (random writes: the goal is usually taken), without numpy
+            for at in (goal, self.cursor):
+                idx, off = divmod(at, BITS_PER_BLOCK)
+                free = ~self.meta.read(self.start + idx)[off >> 3] & (0xFF << (off & 7)) & 0xFF
+                if free:
+                    b = at - (off & 7) + (free & -free).bit_length() - 1
+                    if b < self.nbits:
+                        self.cursor = b + 1 if b + 1 < self.nbits else self.first
+                        return [(b, 1)]
         nblk = -(-self.nbits // BITS_PER_BLOCK)
         got: list[int] = []
         start_idx = goal // BITS_PER_BLOCK

@@ -207,12 +207,18 @@ class BlockMap:
         k = _level_of(lblk)
         leaf, idx = self._leaf_block(inode, k, lblk)
         if leaf:
-            p = self._ptr(inode, _U32.unpack_from(self.meta.read(leaf), 4 * idx)[0])
+            ro = self.meta.read(leaf)
+            p = self._ptr(inode, _U32.unpack_from(ro, 4 * idx)[0])
             if p:
                 return p, False
-        prev = self.contiguous(inode, lblk - 1, 1)
-        goal = prev + 1 if prev else None
-        buf, idx = self._leaf_for_write(inode, k, lblk, goal)
+            prev = (self._ptr(inode, _U32.unpack_from(ro, 4 * idx - 4)[0]) if idx
+                    else self.contiguous(inode, lblk - 1, 1))
+            goal = prev + 1 if prev else None
+            buf = self.meta.modify(leaf)
+        else:
+            prev = self.contiguous(inode, lblk - 1, 1)
+            goal = prev + 1 if prev else None
+            buf, idx = self._leaf_for_write(inode, k, lblk, goal)
         (s, _), = self.alloc.alloc_blocks(1, goal)
         _U32.pack_into(buf, 4 * idx, s)
         inode.blocks += 1
