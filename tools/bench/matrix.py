@@ -2,8 +2,8 @@
 
 Run from the repository root, as root (page caches are dropped for the cold reads):
 
-    .venv/bin/python tools/bench/matrix.py --quick [--json FILE]     # a few minutes
-    .venv/bin/python tools/bench/matrix.py [--json FILE]             # ~20-30 minutes
+    .venv/bin/python tools/bench/matrix.py --quick [--json FILE]     # 2-3 minutes
+    .venv/bin/python tools/bench/matrix.py [--json FILE]             # 10-15 minutes
 
 Five sections, each on fresh sites in one temporary directory (one disk), each measuring its
 own baseline in the same run:
@@ -645,7 +645,8 @@ def rss_rows(a):
 
 def sec_rss(root: Path, a, rows: list[Row], raw: dict) -> None:
     keys = rss_rows(a)
-    # primary volume + (today) its chunk copy + the secondary's incoming file + its volume
+    # the primary's volume + a copy of the delta set there (chunk files before issue 8, pinned
+    # before-images at worst) + the secondary's incoming data + its volume
     need = 4 * a.rss_mib * MiB + 2 * GiB
     free = shutil.disk_usage(root).free
     raw["free_bytes"], raw["needed_bytes"] = free, need
@@ -717,7 +718,7 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Sections: " + ", ".join(SECTIONS) + ". See "
                                 "tools/bench/README.md for every row.")
-    p.add_argument("--quick", action="store_true", help="a few minutes: smaller sizes, one "
+    p.add_argument("--quick", action="store_true", help="2-3 minutes: smaller sizes, one "
                    "round, a 1 GiB delta set for the RSS row")
     p.add_argument("--only", default=",".join(SECTIONS),
                    help="comma-separated subset of " + ",".join(SECTIONS))
