@@ -255,7 +255,9 @@ def table(rows: list[Row]) -> str:
         base = fmt(r.base, r.unit) + (f" ({r.base_note})" if r.base_note and r.base is not None
                                       else "")
         ratio = "-" if r.ratio is None else f"{r.ratio:.2f}x"
-        body.append([r.title, "ERR" if r.error and r.value is None else fmt(r.value, r.unit),
+        skipped = bool(r.error and r.error.startswith("skipped"))
+        body.append([r.title, ("-" if skipped else "ERR") if r.error and r.value is None
+                     else fmt(r.value, r.unit),
                      base, ratio, r.target_cell(), r.result_cell()])
     widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
     out = []
