@@ -10,8 +10,10 @@ survives), this catches a missing or misordered sync.
 
 Cuts land at random moments, or are aimed: powerfs cuts the power right before the N-th
 write/fsync of a chosen site file (N random), and the test counts the cuts that landed in each
-aimed phase (a snapshot verb in flight, a delta set being cut and copied, received, played
-back, the initial copy) and requires at least one per phase. After each cut:
+aimed phase (a snapshot verb in flight, a delta set being cut and pinned — its pinning
+snapshot's save volume made and recorded, then copying the blocks overwritten while it is
+sent —, received, played back, the initial copy) and requires at least one per phase. After
+each cut:
 
 * the file workload: every file whose fsync (file, then directory) returned is byte-exact;
 * snapshots: every snapshot reported created reads exactly as the file system did at its
@@ -439,10 +441,54 @@ def _slowed_cut(m1, m2, active, rng, after=None) -> dict | None:
         m2.pf.clear_faults()
 
 
+class Overwriter(threading.Thread):
+    """Overwrites a file in place (its first MiB, fsync'd each time) once the primary's next
+    pinning snapshot exists (a new save volume in `save`): the file was written in the delta
+    set just cut, so each overwrite makes the pin copy the blocks it had not copied yet
+    (copy-on-write into its save volume while the delta set is sent). Stops at `stop()` or
+    when the mount dies under it. `durable`: the content of the last overwrite whose fsync
+    returned; `inflight`: whether an overwrite was under way when it stopped."""
+
+    def __init__(self, path: Path, save: Path, known: set[str], rng: random.Random):
+        super().__init__(daemon=True)
+        self.path, self.save, self.known = path, save, known
+        self.rng = random.Random(rng.randrange(1 << 30))
+        self.durable = path.read_bytes()
+        self.inflight = False
+        self.writes = 0
+        self.halt = threading.Event()
+        self.start()
+
+    def run(self) -> None:
+        try:
+            while not self.halt.is_set() and not (
+                    {p.name for p in self.save.glob("*.save")} - self.known):
+                time.sleep(0.002)
+            fd = os.open(self.path, os.O_WRONLY)
+            try:
+                while not self.halt.is_set():
+                    data = self.rng.randbytes(len(self.durable))
+                    self.inflight = True
+                    os.pwrite(fd, data, 0)
+                    os.fsync(fd)
+                    self.durable, self.inflight = data, False
+                    self.writes += 1
+            finally:
+                os.close(fd)
+        except OSError:
+            pass  # the power went off under it
+
+    def stop(self) -> None:
+        self.halt.set()
+        self.join(60)
+
+
 def test_power_cut_during_replication(power_site):
     """Cuts on the secondary and on the primary during the initial copy, on the primary while
-    a delta set is cut and copied into its chunk file and while it is sent, on the secondary
-    while it receives one and while it plays one back."""
+    a delta set is cut and pinned (its pinning snapshot's save volume made, the cut recorded
+    in meta.lmdb, then the pin copying blocks overwritten while the delta set is sent, and
+    released once played) and while it is sent, on the secondary while it receives one and
+    while it plays one back."""
     rng = random.Random(7003 + SEED)
     print(f"REPFS_POWER_SEED={SEED} REPFS_POWER_ROUNDS={ROUNDS}")  # shown if it fails
     m1, m2 = power_site("s1"), power_site("s2")
@@ -478,7 +524,12 @@ def test_power_cut_during_replication(power_site):
     boundary = _converge(m1, m2)
     want = tree(m1.path)
 
-    phases = [("cut and copy (primary)", m1, "site/save/deltasets/*", "write|fsync"),
+    # the primary's cut (its pin's save volume made, its directory synced, the cut's LMDB
+    # commit), and the pin copying the blocks a writer overwrites while the delta set is sent
+    pinned = ("cut and pin (primary)", "pin copies (primary)")
+    phases = [(pinned[0], m1, "site/save|site/save/*.save|site/meta.lmdb/*",
+               "create|write|fsync|fsyncdir"),
+              (pinned[1], m1, "site/save/*.save", "write|fsync"),
               ("receive (secondary)", m2, "site/save/incoming/*", "write|fsync"),
               ("playback (secondary)", m2, "site/volume.img", "write|fsync"),
               ("send (primary)", m1, None, None)]
@@ -495,6 +546,7 @@ def test_power_cut_during_replication(power_site):
             w.stop()
             before = want
             want = tree(m1.path)  # the primary at the next boundary
+            ow = None
             if path is None:  # sending: the secondary's disk is slow, the primary dies
                 status, out = post(m1.site, "/replicate/deltaset", {"wait": True}, timeout=120)
                 assert status == 200, out
@@ -507,17 +559,33 @@ def test_power_cut_during_replication(power_site):
                 elif m1.pid is not None:  # (sent already: cut it now)
                     m1.power_cut()
             else:
+                if phase in pinned:
+                    # a file of this delta set, overwritten while it is sent (the secondary's
+                    # disk slowed down: the pin lives a while)
+                    (m1.path / "w" / "ow").write_bytes(rng.randbytes(1 << 20))
+                    _fsync(m1.path / "w" / "ow")
+                    known = {p.name for p in (m1.site / "save").glob("*.save")}
+                    m2.pf.add_fault("site/volume.img|site/save/incoming/*", "write",
+                                    count=None, delay=0.02)
                 victim.pf.arm_cut(path, ops,
-                                  skip=rng.randrange(3), keep=rng.choice(["none", "random"]),
+                                  skip=rng.randrange(8 if phase == pinned[0] else 3),
+                                  keep=rng.choice(["none", "random"]),
                                   seed=rng.randrange(1 << 30))
                 req = Request(m1.site, "POST", "/replicate/deltaset", {"wait": True})
+                if phase in pinned:
+                    ow = Overwriter(m1.path / "w" / "ow", m1.site / "save", known, rng)
                 got = victim.pf.wait_frozen(30)
                 req.join(60 if got is None else 1)
+                if ow is not None:
+                    ow.stop()
+                    m2.pf.clear_faults()
                 if got is None:  # the phase did not touch the file often enough: cut now
                     victim.pf.freeze(rng.choice(["none", "random"]), rng.randrange(1 << 30))
                 else:
                     hits[phase] = hits.get(phase, 0) + 1
                 victim.power_cut()
+                if ow is not None:
+                    print(f"{phase}: {ow.writes} overwrites, cut at {got}", flush=True)
             if victim is m2:
                 # before it plays anything: exactly a delta-set boundary
                 victim.mount()
@@ -529,6 +597,8 @@ def test_power_cut_during_replication(power_site):
                     + "; ".join(tree_diff(want, t2)))
             else:
                 victim.mount()
+                if ow is not None and not ow.inflight:  # fsync'd while pinned: kept
+                    assert (m1.path / "w" / "ow").read_bytes() == ow.durable, phase
             # resumes by itself: nothing lost, nothing applied twice
             boundary = _converge(m1, m2, want if victim is m2 else None)
             if victim is m1:
@@ -536,6 +606,8 @@ def test_power_cut_during_replication(power_site):
             check_durable(m1.path / "w", writers)
             check_durable(m2.path / "w", writers)
             assert api(m2.site, "GET", "/status")["role"] == "secondary"
+            if ow is not None:
+                (m1.path / "w" / "ow").unlink()  # (room on the volume)
             print(f"round {rnd}: {phase}: {'aimed' if got else 'timed'} cut {got}; "
                   f"converged at delta set {boundary}", flush=True)
     for m in (m1, m2):
