@@ -122,6 +122,9 @@ class DeltaStream:
             snap = self.sets.pin(n)
             if snap is None:
                 raise ChunkError(f"delta set {n} is no longer held (released)")
+            if snap.attrs.get("broken"):
+                raise ChunkError(f"delta set {n} could not be kept on this site "
+                                 f"({snap.attrs['broken']})")
             layer = self.sets.layer
             bits = snap.interest
             for page in sorted(bits.pages):
@@ -236,7 +239,8 @@ class DeltaSets:
                 continue
             snap = pins.pop(f"{PIN_PREFIX}{n}", None)
             if snap is not None and rec.get("pinned"):
-                snap.interest = self._load_bits(n)
+                # (a broken pin keeps nothing: its delta set cannot be sent, see chunks())
+                snap.interest = PagedBits() if snap.attrs.get("broken") else self._load_bits(n)
         for snap in pins.values():  # released, but the daemon stopped before the delete
             self.layer.delete(snap)
 
@@ -295,6 +299,15 @@ class DeltaSets:
             snap = (self.store.prepare(f"{PIN_PREFIX}{n}", {"delta_set": n, "purpose":
                                                              "delta set"}, interest=bits)
                     if blocks else None)
+            if snap is not None:
+                try:
+                    # room for a copy of every block of the delta set, reserved, not
+                    # written: no copy it needs can then fail for want of space, and a
+                    # full disk stops the cut (retried) instead (the chunk file of before)
+                    snap.save.reserve(blocks)
+                except BaseException:
+                    self.store.discard_prepared(snap)
+                    raise
             try:
                 with self.env.begin(write=True) as txn:
                     self.clog.clear_tables(txn)

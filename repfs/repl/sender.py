@@ -20,6 +20,7 @@ import trio
 
 from ..extents import runs
 from . import keys as K
+from ..snap.store import DamagedRecord
 from .chunk import ChunkError
 from .transport import PermanentError, ReceiverClient, RejectedError, TransientError
 
@@ -301,7 +302,7 @@ class Primary:
         try:
             client.send_chunks(wanted(), window=SEND_WINDOW)
             header = stream.header()
-        except ChunkError as e:
+        except (ChunkError, DamagedRecord) as e:
             raise PermanentError(f"delta set {n} cannot be read on this site ({e}); "
                                  f"{d['site']} needs a full resync (replicate start --force)"
                                  ) from None

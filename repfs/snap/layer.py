@@ -152,7 +152,17 @@ class SnapLayer(Layer):
             idx = np.flatnonzero(need)
             parts = [self._overlay(s + a, c, self.lower.read(s + a, c))
                      for _, a, c in runs(idx)]
-            self.store.add_before_images(snap, (s + idx).astype(np.uint32), b"".join(parts))
+            try:
+                self.store.add_before_images(snap, (s + idx).astype(np.uint32),
+                                             b"".join(parts))
+            except OSError as e:
+                # no room or a failing disk: the write fails and changes nothing, except
+                # for committed metadata, which must go on: a pin that cannot keep its
+                # copy of it breaks (its delta set needs a resync); a user's snapshot
+                # fails the commit, as any disk error there does
+                if not meta or not self.store.break_pin(snap, e):
+                    raise
+                continue
             saved += len(idx)
         self.cow_blocks += saved
         return saved

@@ -17,6 +17,8 @@
 
 from __future__ import annotations
 
+import bisect
+import errno
 import json
 import logging
 import os
@@ -31,6 +33,7 @@ import numpy as np
 import xxhash
 
 from ..errors import DomainError
+from ..tasks import describe
 from ..statefile import fsync_dir
 from .. import pagedbits
 from ..extents import run_bounds
@@ -66,77 +69,199 @@ def open_env(site_path: Path):
                      subdir=True, lock=True, mode=0o700)  # files 0600: private, any umask
 
 
+_libc = None
+
+
+def _fallocate_keep_size(fd: int, off: int, length: int) -> None:
+    """fallocate(2) with FALLOC_FL_KEEP_SIZE (Python's os has only posix_fallocate, which
+    changes the size and emulates the call by writing where it is unsupported)."""
+    global _libc
+    if _libc is None:
+        import ctypes
+        import ctypes.util
+        _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        _libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long)
+    if _libc.fallocate(fd, 1, off, length) != 0:  # 1: FALLOC_FL_KEEP_SIZE
+        import ctypes
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+class DamagedRecord(OSError):
+    """A save-volume record fails its checksum when read back: its before-images cannot be
+    trusted (EIO for a reader; a send task stops the destination: it needs a resync)."""
+
+    def __init__(self, detail: str):
+        super().__init__(errno.EIO, detail)
+
+
 class SaveVolume:
-    """One snapshot's save volume: an append-only log of before-image records."""
+    """One snapshot's save volume: an append-only log of before-image records.
+
+    Appends go into an *open record* in memory (read from there) that is written whole when
+    it is full or at the next sync: a flush's before-images cost one header block per
+    REC_MAX of them, not one per write request. Every record is verified against its
+    checksum the first time one of its before-images is read."""
 
     def __init__(self, path: Path, sid: int):
         self.path = path
         self.sid = sid
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        self.size = os.fstat(self.fd).st_size // BS  # in blocks
+        self.size = os.fstat(self.fd).st_size // BS  # in blocks, the open record included
         self.seq = 0
         self.unsynced = False  # records appended since the last sync
+        self._open: tuple[int, list, list] | None = None  # (header Si, [Bi arrays], [data])
+        self._open_n = 0
+        self._recs: list[tuple[int, int]] | None = None  # (header Si, n) of written records
+        self._verified: set[int] = set()  # header Si of records whose checksum held
 
     def append(self, bis: np.ndarray, data) -> np.ndarray:
-        """Append before-images of blocks `bis`; returns their save addresses. Not synced."""
+        """Append before-images of blocks `bis`; returns their save addresses. Not written
+        (see write_open) nor synced."""
         out = np.empty(len(bis), dtype=np.uint32)
         mv = memoryview(data)
+        # the space first (ENOSPC here changes nothing, and fails the write that needed the
+        # copy, as before): the record is written later, at the next sync
+        room = REC_MAX - self._open_n if self._open is not None else 0
+        rest = max(0, len(bis) - room)
+        headers = -(-rest // REC_MAX)
+        if len(bis):
+            os.posix_fallocate(self.fd, self.size * BS, (len(bis) + headers) * BS)
         done = 0
         while done < len(bis):
-            n = min(REC_MAX, len(bis) - done)
-            head = bytearray(BS)
-            self.seq += 1
-            _REC.pack_into(head, 0, _REC_MAGIC, self.sid, self.seq, n)
-            head[_REC.size: _REC.size + 4 * n] = bis[done: done + n].astype("<u4").tobytes()
-            body = mv[done * BS: (done + n) * BS]
-            h = xxhash.xxh3_64()
-            h.update(memoryview(head)[:_REC_CSUM_OFF])
-            h.update(body)
-            struct.pack_into("<Q", head, _REC_CSUM_OFF, h.intdigest())
-            off = self.size * BS
-            os.pwrite(self.fd, head, off)
-            pwrite_all(self.fd, body, off + BS)
-            out[done: done + n] = np.arange(self.size + 1, self.size + 1 + n, dtype=np.uint32)
-            self.size += 1 + n
-            done += n
+            if self._open is None or self._open_n == REC_MAX:
+                self.write_open()
+                self._open = (self.size, [], [])
+                self._open_n = 0
+                self.size += 1  # the header's block
+            m = min(REC_MAX - self._open_n, len(bis) - done)
+            self._open[1].append(bis[done: done + m])
+            self._open[2].append(bytes(mv[done * BS: (done + m) * BS]))
+            out[done: done + m] = np.arange(self.size, self.size + m, dtype=np.uint32)
+            self._open_n += m
+            self.size += m
+            done += m
         self.unsynced = True
         return out
 
+    def reserve(self, blocks: int) -> bool:
+        """Reserve disk space for `blocks` more before-images (and their record headers)
+        past the end, without changing the file's size (fallocate KEEP_SIZE): copies into it
+        then cannot fail for want of space. False where the file system cannot reserve
+        (FUSE, some network file systems); ENOSPC is raised."""
+        want = blocks + -(-blocks // REC_MAX) + 1
+        try:
+            _fallocate_keep_size(self.fd, self.size * BS, want * BS)
+        except OSError as e:
+            if e.errno in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                return False
+            raise
+        return True
+
+    def write_open(self) -> None:
+        """Write the open record (header, then its before-images) to the file."""
+        if self._open is None:
+            return
+        start, bis_parts, data_parts = self._open
+        n = self._open_n
+        head = bytearray(BS)
+        self.seq += 1
+        _REC.pack_into(head, 0, _REC_MAGIC, self.sid, self.seq, n)
+        head[_REC.size: _REC.size + 4 * n] = np.concatenate(bis_parts).astype("<u4").tobytes()
+        body = b"".join(data_parts)
+        h = xxhash.xxh3_64()
+        h.update(memoryview(head)[:_REC_CSUM_OFF])
+        h.update(body)
+        struct.pack_into("<Q", head, _REC_CSUM_OFF, h.intdigest())
+        os.pwrite(self.fd, head, start * BS)
+        pwrite_all(self.fd, body, (start + 1) * BS)
+        self._open = None
+        self._open_n = 0
+        if self._recs is not None:
+            self._recs.append((start, n))
+        self._verified.add(start)  # made here, from memory
+
     def sync(self) -> None:
+        self.write_open()
         os.fdatasync(self.fd)
         self.unsynced = False
 
     def read(self, si: int, count: int) -> bytes:
+        """Before-images at save addresses [si, si+count) (within one record)."""
+        op = self._open
+        if op is not None and si > op[0]:
+            data = b"".join(op[2])
+            off = (si - op[0] - 1) * BS
+            return data[off: off + count * BS]
+        self._verify(si)
         return os.pread(self.fd, count * BS, si * BS)
 
-    def scan(self, start: int):
+    def _verify(self, si: int) -> None:
+        """Check the record holding save address `si` the first time it is read."""
+        if self._recs is None:
+            self._recs = [(pos, len(bis)) for pos, bis in
+                          ((p - 1, b) for p, b in self.scan(0, check=False))]
+        i = bisect.bisect_right(self._recs, (si, 1 << 62)) - 1
+        if i < 0 or not self._recs[i][0] < si <= self._recs[i][0] + self._recs[i][1]:
+            raise DamagedRecord(f"{self.path}: no record holds save block {si}")
+        start, n = self._recs[i]
+        if start in self._verified:
+            return
+        if not self._record_ok(start):
+            raise DamagedRecord(f"{self.path}: the before-image record at block {start} is "
+                                f"damaged (checksum)")
+        self._verified.add(start)
+
+    def _record_ok(self, pos: int):
+        """The record at `pos`: its (seq, Bi array) if whole and its checksum holds."""
+        head = os.pread(self.fd, BS, pos * BS)
+        if len(head) < BS:
+            return None
+        magic, sid, seq, n = _REC.unpack_from(head, 0)
+        if magic != _REC_MAGIC or sid != self.sid or n > REC_MAX or pos + 1 + n > self.size:
+            return None
+        body = os.pread(self.fd, n * BS, (pos + 1) * BS)
+        h = xxhash.xxh3_64()
+        h.update(head[:_REC_CSUM_OFF])
+        h.update(body)
+        if struct.unpack_from("<Q", head, _REC_CSUM_OFF)[0] != h.intdigest():
+            return None
+        return seq, np.frombuffer(head, dtype="<u4", count=n, offset=_REC.size).astype(np.uint32)
+
+    def scan(self, start: int, check: bool = True):
         """Yield (first Si, Bi array) for each whole record from block `start` on; stops at the
-        first record that is torn or foreign and sets `self.valid_end` there."""
+        first record that is torn or foreign and sets `self.valid_end` there. With `check`
+        False, only the headers are read (the record map of `_verify`)."""
         pos = start
         self.valid_end = start
         while pos < self.size:
-            head = os.pread(self.fd, BS, pos * BS)
-            if len(head) < BS:
-                break
-            magic, sid, seq, n = _REC.unpack_from(head, 0)
-            if magic != _REC_MAGIC or sid != self.sid or n > REC_MAX or pos + 1 + n > self.size:
-                break
-            body = os.pread(self.fd, n * BS, (pos + 1) * BS)
-            h = xxhash.xxh3_64()
-            h.update(head[:_REC_CSUM_OFF])
-            h.update(body)
-            if struct.unpack_from("<Q", head, _REC_CSUM_OFF)[0] != h.intdigest():
-                break
+            if check:
+                got = self._record_ok(pos)
+                if got is None:
+                    break
+                seq, bis = got
+                self._verified.add(pos)
+            else:
+                head = os.pread(self.fd, BS, pos * BS)
+                if len(head) < BS:
+                    break
+                magic, sid, seq, n = _REC.unpack_from(head, 0)
+                if magic != _REC_MAGIC or sid != self.sid or n > REC_MAX:
+                    break
+                bis = np.zeros(n, dtype=np.uint32)
             self.seq = max(self.seq, seq)
-            bis = np.frombuffer(head, dtype="<u4", count=n, offset=_REC.size).astype(np.uint32)
             yield pos + 1, bis
-            pos += 1 + n
+            pos += 1 + len(bis)
             self.valid_end = pos
 
     def truncate(self, end: int) -> None:
+        self._open = None
+        self._open_n = 0
         os.ftruncate(self.fd, end * BS)
         os.fsync(self.fd)
         self.size = end
+        self._recs = None
+        self._verified = {v for v in self._verified if v < end}
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -492,23 +617,55 @@ class SnapStore:
         fds = []
         for snap in self.queue:
             if snap.save.unsynced:
-                fds.append(os.dup(snap.save.fd))  # a concurrent delete may close the file
+                try:
+                    snap.save.write_open()
+                except OSError as e:
+                    if not self.break_pin(snap, e):
+                        raise
+                    continue
+                fds.append((snap, os.dup(snap.save.fd)))  # a delete may close the file
                 snap.save.unsynced = False
         ends = {s.id: s.save.size for s in self.queue if s.indexed_end != s.save.size}
         pages = (self.bits.detach(), self.bmap.detach())
         return fds, ends, pages
 
-    @staticmethod
-    def sync_detached(token) -> None:
-        """Make the detached records durable (no lock needed)."""
+    def sync_detached(self, token) -> None:
+        """Make the detached records durable (no lock needed). A pin whose save volume
+        fails is broken (break_pin); any other failure is raised."""
         fds = token[0]
         try:
-            for fd in fds:
-                os.fdatasync(fd)
+            for snap, fd in fds:
+                try:
+                    os.fdatasync(fd)
+                except OSError as e:
+                    if not self.break_pin(snap, e):
+                        raise
         finally:
-            for fd in fds:
+            for _, fd in fds:
                 os.close(fd)
             fds.clear()
+
+    def break_pin(self, snap: Snapshot, exc: BaseException) -> bool:
+        """A snapshot that keeps only an `interest` set (a delta set's pin) could not keep a
+        before-image (its save volume failed): it stops keeping anything and is marked
+        broken (what it should hold is lost; replication says the destination needs a
+        resync), so that the file system goes on. False for a user's snapshot: the caller
+        fails as it would have."""
+        if snap.interest is None:
+            return False
+        if not snap.attrs.get("broken"):
+            why = f"its save volume failed: {describe(exc)}"
+            log.error("snapshot %s (a delta set's pin) is broken: %s; the file system goes on, "
+                      "the delta set cannot be sent", snap.name, why)
+            snap.interest = pagedbits.PagedBits()
+            snap.save._open = None  # its unwritten copies are lost with it
+            snap.save.unsynced = False
+            try:
+                self.set_attrs(snap, {"broken": why})
+            except Exception as e:  # noqa: BLE001 - meta.lmdb failing too: in memory only
+                snap.attrs["broken"] = why
+                log.error("cannot record that %s is broken: %s", snap.name, e)
+        return True
 
     def commit_detached(self, token) -> None:
         """Write the detached indexes in one durable LMDB transaction (after sync_detached:
