@@ -72,7 +72,9 @@ def _primary_status(svc) -> dict:
         dests.append(row)
     outstanding = [
         {"delta_set": r["number"], "state": r["state"], "blocks": r["blocks"],
-         "created": iso(r["cut_ns"]), "ready": iso(r["ready_ns"]) if r["ready_ns"] else None}
+         "created": iso(r["cut_ns"]), "ready": iso(r["ready_ns"]) if r["ready_ns"] else None,
+         "broken": (sets.pin(r["number"]).attrs.get("broken")
+                    if sets.pin(r["number"]) is not None else None)}
         for r in sets.records() if sets.held(r) and r["blocks"]]
     stalls = sorted(p.stall_ms)
     return {

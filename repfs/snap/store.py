@@ -179,7 +179,6 @@ class SaveVolume:
         self._open_n = 0
         if self._recs is not None:
             self._recs.append((start, n))
-        self._verified.add(start)  # made here, from memory
 
     def sync(self) -> None:
         self.write_open()
