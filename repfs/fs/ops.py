@@ -135,6 +135,7 @@ class Operations(pyfuse3.Operations):
             if not self.core.readonly:
                 await self.checkpoint()
             self._gate = trio.Event()
+            t0 = time.monotonic()
             try:
                 await self.checkpoint()
                 yield self.core.dev
@@ -365,7 +366,7 @@ class Operations(pyfuse3.Operations):
             return
         async with self.commit_lock:
             if self.core.dev.pending_bytes() >= self.HELD_LIMIT:
-                await trio.to_thread.run_sync(self.core.dev.flush)
+                await trio.to_thread.run_sync(self.core.dev.release_held)
 
     async def flush(self, fh):
         pass

@@ -174,6 +174,12 @@ class SnapLayer(Layer):
             self._flush_saves()
         self.lower.flush()
 
+    def release_held(self) -> None:
+        """Sync the save volumes and write the held data (no sync of the clone volume)."""
+        with self._flush_lock:
+            self._flush_saves()
+        self.lower.release_held()
+
     def _flush_saves(self) -> None:
         with self.lock:
             epoch = self._epoch
