@@ -154,7 +154,7 @@ class SnapLayer(Layer):
                      for _, a, c in runs(idx)]
             try:
                 self.store.add_before_images(snap, (s + idx).astype(np.uint32),
-                                             b"".join(parts))
+                                             parts[0] if len(parts) == 1 else b"".join(parts))
             except OSError as e:
                 # no room or a failing disk: the write fails and changes nothing, except
                 # for committed metadata, which must go on: a pin that cannot keep its

@@ -136,7 +136,7 @@ class SaveVolume:
                 self.size += 1  # the header's block
             m = min(REC_MAX - self._open_n, len(bis) - done)
             self._open[1].append(bis[done: done + m])
-            self._open[2].append(bytes(mv[done * BS: (done + m) * BS]))
+            self._open[2].append(mv[done * BS: (done + m) * BS])  # (callers pass bytes)
             out[done: done + m] = np.arange(self.size, self.size + m, dtype=np.uint32)
             self._open_n += m
             self.size += m
@@ -168,13 +168,14 @@ class SaveVolume:
         self.seq += 1
         _REC.pack_into(head, 0, _REC_MAGIC, self.sid, self.seq, n)
         head[_REC.size: _REC.size + 4 * n] = np.concatenate(bis_parts).astype("<u4").tobytes()
-        body = b"".join(data_parts)
         h = xxhash.xxh3_64()
         h.update(memoryview(head)[:_REC_CSUM_OFF])
-        h.update(body)
+        for part in data_parts:
+            h.update(part)
         struct.pack_into("<Q", head, _REC_CSUM_OFF, h.intdigest())
-        os.pwrite(self.fd, head, start * BS)
-        pwrite_all(self.fd, body, (start + 1) * BS)
+        # one system call, no joined copy of the body (at most REC_MAX + 1 parts: < IOV_MAX)
+        if os.pwritev(self.fd, [head, *data_parts], start * BS) != (1 + n) * BS:
+            pwrite_all(self.fd, b"".join([head, *data_parts]), start * BS)  # short: again
         self._open = None
         self._open_n = 0
         if self._recs is not None:
@@ -189,9 +190,14 @@ class SaveVolume:
         """Before-images at save addresses [si, si+count) (within one record)."""
         op = self._open
         if op is not None and si > op[0]:
-            data = b"".join(op[2])
-            off = (si - op[0] - 1) * BS
-            return data[off: off + count * BS]
+            out, pos, want = [], op[0] + 1, (si, si + count)
+            for part in op[2]:
+                n = len(part) // BS
+                a, b = max(pos, want[0]), min(pos + n, want[1])
+                if a < b:
+                    out.append(part[(a - pos) * BS: (b - pos) * BS])
+                pos += n
+            return b"".join(out)
         self._verify(si)
         return os.pread(self.fd, count * BS, si * BS)
 
