@@ -39,7 +39,8 @@ from ..pagedbits import PagedBits
 from . import keys as K
 from .changelog import ChangeLogLayer
 from .chunk import (
-    MAX_CHUNK_BLOCKS, ChunkError, SetHeader, chunk_size, data_checksum, encode_chunk,
+    MAX_CHUNK_BLOCKS, ChunkError, SetHeader, chunk_size, data_checksum,
+    encode_chunk_parts,
     encode_set_header, encoded_checksum, is_set_header, SET_HEADER_SIZE,
 )
 
@@ -77,7 +78,7 @@ class ChunkEncoder:
                 self._ext[-1] = (self._ext[-1][0], self._ext[-1][1] + m)
             else:
                 self._ext.append((s, m))
-            self._data.append(bytes(mv[a * BS: (a + m) * BS]))
+            self._data.append(mv[a * BS: (a + m) * BS])  # (a view: copied once, at _emit)
             self._pending += m
             a += m
             if self._pending == MAX_CHUNK_BLOCKS:
@@ -85,8 +86,8 @@ class ChunkEncoder:
         return out
 
     def _emit(self) -> bytes:
-        buf = encode_chunk(self.generation, self.n, len(self.checksums), self._ext,
-                           b"".join(self._data))
+        buf = encode_chunk_parts(self.generation, self.n, len(self.checksums), self._ext,
+                                 self._data)
         self.checksums.append(encoded_checksum(buf))
         self.blocks += self._pending
         self._ext, self._data, self._pending = [], [], 0
@@ -297,17 +298,9 @@ class DeltaSets:
             bits = self.clog.new
             blocks = bits.count()
             snap = (self.store.prepare(f"{PIN_PREFIX}{n}", {"delta_set": n, "purpose":
-                                                             "delta set"}, interest=bits)
+                                                             "delta set"}, interest=bits,
+                                       durable_entry=False)
                     if blocks else None)
-            if snap is not None:
-                try:
-                    # room for a copy of every block of the delta set, reserved, not
-                    # written: no copy it needs can then fail for want of space, and a
-                    # full disk stops the cut (retried) instead (the chunk file of before)
-                    snap.save.reserve(blocks)
-                except BaseException:
-                    self.store.discard_prepared(snap)
-                    raise
             try:
                 with self.env.begin(write=True) as txn:
                     self.clog.clear_tables(txn)
@@ -331,6 +324,20 @@ class DeltaSets:
                 with self.layer.lock:
                     self.store.queue.append(snap)
         return n
+
+    def reserve(self, n: int) -> None:
+        """After the cut, writers going again: reserve room for a copy of every block of
+        delta set `n` in its pin's save volume (fallocate, nothing written), so no copy it
+        needs fails for want of space later. Where the disk is already full, the pin may
+        break at a copy (its delta set then needs a resync): logged."""
+        snap = self.pin(n)
+        if snap is None:
+            return
+        try:
+            snap.save.reserve(snap.interest.count())
+        except OSError as e:
+            log.warning("delta set %d: no room could be reserved for its copies (%s); if the "
+                        "disk stays full, an overwrite of its blocks breaks it", n, e.strerror)
 
     def path(self, n: int) -> Path:
         return self.dir / f"{n}.ds"

@@ -125,6 +125,7 @@ class Primary:
                 # the change log between the checkpoint and the cut
                 n = await trio.to_thread.run_sync(self.sets.cut)
             self.stall_ms.append(ops.gate_ms)  # what writers waited (the gate was closed)
+            await trio.to_thread.run_sync(self.sets.reserve, n)
             del self.stall_ms[:-1000]
             self.work.set()
             self.work = trio.Event()

@@ -114,6 +114,7 @@ class SaveVolume:
         self._open_n = 0
         self._recs: list[tuple[int, int]] | None = None  # (header Si, n) of written records
         self._verified: set[int] = set()  # header Si of records whose checksum held
+        self.entry_durable = True  # its directory entry (False: fsync the directory first)
 
     def append(self, bis: np.ndarray, data) -> np.ndarray:
         """Append before-images of blocks `bis`; returns their save addresses. Not written
@@ -503,9 +504,12 @@ class SnapStore:
         self.queue.append(snap)
         return snap
 
-    def prepare(self, name: str, attrs: dict | None = None, *, interest=None) -> Snapshot:
+    def prepare(self, name: str, attrs: dict | None = None, *, interest=None,
+                durable_entry: bool = True) -> Snapshot:
         """The first half of create: check the name, make the save volume (its directory
-        entry durable). `record_new` in the caller's transaction, then append to `queue`."""
+        entry durable, or with `durable_entry` False at the first sync that needs it: a
+        delta set's cut, where writers wait). `record_new` in the caller's transaction,
+        then append to `queue`."""
         if not valid_name(name):
             raise SnapError(f"bad snapshot name {name!r} ({NAME_RULE})")
         if any(s.name == name for s in self.queue):
@@ -517,10 +521,13 @@ class SnapStore:
         snap.save = SaveVolume(self.save_dir / f"{sid}.save", sid)
         if snap.save.size:  # a leftover of a crashed create: start empty
             snap.save.truncate(0)
-        # the save volume's name must be durable before the snapshot is recorded: else a
-        # power cut loses the file while meta.lmdb indexes before-images in it
-        # (tests/t4_power.py)
-        fsync_dir(self.save_dir)
+        # the save volume's name must be durable before meta.lmdb indexes a before-image
+        # in it (else a power cut loses the file while the index points into it:
+        # tests/t4_power.py) — here, or in the first sync of its records (sync_detached)
+        if durable_entry:
+            fsync_dir(self.save_dir)
+        else:
+            snap.save.entry_durable = False
         return snap
 
     def record_new(self, txn, snap: Snapshot) -> None:
@@ -645,6 +652,11 @@ class SnapStore:
                 except OSError as e:
                     if not self.break_pin(snap, e):
                         raise
+            new = [snap for snap, _ in fds if not snap.save.entry_durable]
+            if new:  # before the index or a held write depends on the records
+                fsync_dir(self.save_dir)
+                for snap in new:
+                    snap.save.entry_durable = True
         finally:
             for _, fd in fds:
                 os.close(fd)
