@@ -126,7 +126,8 @@ class Secondary(_Part):
                           and all(type(x) in (int, bool) for x in more), primary, generation)
 
     async def copy(self, body):
-        return self._call("copy", isinstance(body, bytes) and len(body) <= MAX_BINARY_BODY,
+        return self._call("copy", isinstance(body, (bytes, bytearray))  # (uploads: bytearray)
+                          and len(body) <= MAX_BINARY_BODY,
                           len(body))
 
     async def start_playback(self, after, *more):  # (more: generation, blocks)
@@ -134,7 +135,7 @@ class Secondary(_Part):
                           and all(type(x) is int and x >= 0 for x in more), after)
 
     def chunk(self, body):
-        return _Either(self._call("chunk", isinstance(body, bytes)
+        return _Either(self._call("chunk", isinstance(body, (bytes, bytearray))
                                   and len(body) <= MAX_BINARY_BODY, len(body)))
 
     def commit(self, args):

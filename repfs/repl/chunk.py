@@ -35,6 +35,7 @@ MAX_EXTENTS = 4096
 
 _CHUNK_MAGIC = b"RDCHUNK1"
 _CHUNK_HDR = struct.Struct("<8sQQIIIQ")
+_EXTENT = struct.Struct("<II")
 _SET_MAGIC = b"RDSETHD1"
 _SET_HDR = struct.Struct("<8sQQIQQQ")
 SET_HEADER_SIZE = _SET_HDR.size
@@ -50,7 +51,7 @@ class Chunk:
     delta_set: int
     number: int
     extents: list[tuple[int, int]]
-    data: bytes
+    data: bytes  # (decode_chunk: a memoryview of the buffer it decoded)
     checksum: int = 0
 
     @property
@@ -80,7 +81,36 @@ def encode_chunk(generation: int, delta_set: int, number: int,
     head = bytearray(_CHUNK_HDR.pack(_CHUNK_MAGIC, generation, delta_set, number,
                                      len(extents), blocks, 0))
     struct.pack_into("<Q", head, _CHUNK_HDR.size - 8, _sealed_checksum(head, ext, data))
-    return bytes(head) + ext + bytes(data)
+    return b"".join((head, ext, data))
+
+
+def encode_chunk_parts(generation: int, delta_set: int, number: int,
+                       extents: list[tuple[int, int]], parts) -> bytearray:
+    """`encode_chunk` with the data given as buffers in order (`parts`, whole blocks
+    together): the data is copied once, into the chunk (issue 8: the sender joined each
+    chunk's reads, then the header to the join; three copies of every byte)."""
+    blocks = sum(n for _, n in extents)
+    parts = [memoryview(p).cast("B") for p in parts]
+    if sum(p.nbytes for p in parts) != blocks * BS:
+        raise ChunkError("chunk data does not match its extents")
+    if blocks > MAX_CHUNK_BLOCKS or len(extents) > MAX_EXTENTS:
+        raise ChunkError("chunk too large")
+    hsize = _CHUNK_HDR.size + 8 * len(extents)
+    out = bytearray(hsize + blocks * BS)
+    _CHUNK_HDR.pack_into(out, 0, _CHUNK_MAGIC, generation, delta_set, number, len(extents),
+                         blocks, 0)
+    off = _CHUNK_HDR.size
+    for s, n in extents:
+        _EXTENT.pack_into(out, off, s, n)
+        off += 8
+    for p in parts:
+        out[off: off + p.nbytes] = p
+        off += p.nbytes
+    mv = memoryview(out)
+    struct.pack_into("<Q", out, _CHUNK_HDR.size - 8,
+                     _sealed_checksum(mv[:_CHUNK_HDR.size], mv[_CHUNK_HDR.size:]))
+    mv.release()
+    return out
 
 
 def encoded_checksum(buf, offset: int = 0) -> int:
@@ -124,7 +154,8 @@ def decode_chunk(buf) -> Chunk:
     extents = [struct.unpack_from("<II", buf, off + 8 * i) for i in range(next_)]
     if sum(n for _, n in extents) != blocks:
         raise ChunkError(f"delta set {ds} chunk {num}: extents do not add up")
-    return Chunk(gen, ds, num, extents, bytes(mv[off + 8 * next_:]), csum)
+    # the data is a view of `buf` (not a copy: the receiver stores and plays it as it is)
+    return Chunk(gen, ds, num, extents, mv[off + 8 * next_:], csum)
 
 
 @dataclass
@@ -185,7 +216,7 @@ class CopyRecord:
     generation: int
     start: int
     count: int
-    data: bytes
+    data: bytes  # (decode_copy: a memoryview of the buffer it decoded)
 
 
 def encode_copy(generation: int, start: int, data) -> bytes:
@@ -214,4 +245,4 @@ def decode_copy(buf) -> CopyRecord:
     mv = memoryview(buf)
     if _sealed_checksum(mv[:_COPY_HDR.size], mv[_COPY_HDR.size:]) != csum:
         raise ChunkError(f"copy record at block {start}: checksum mismatch")
-    return CopyRecord(gen, start, count, bytes(mv[_COPY_HDR.size:]))
+    return CopyRecord(gen, start, count, mv[_COPY_HDR.size:])  # (a view of `buf`)

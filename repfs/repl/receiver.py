@@ -206,6 +206,9 @@ class Receiver:
         self.db_ctx = env.open_db(K.CTX)
         self.db_in = env.open_db(K.INCOMING)
         self.partial: dict | None = None  # the delta set being received
+        # (delta set, fd): the partial delta set's file, kept open while it is received
+        # (issue 8: an open and a close per chunk cost as much as the chunk's write)
+        self._wfd: tuple[int, int] | None = None
         self.copy: dict | None = None  # the initial copy being staged
         self.played_blocks = 0
         self.received_bytes = 0
@@ -290,6 +293,7 @@ class Receiver:
         """Become a secondary of `primary` and expect an initial copy (the caller checked
         `attach_refusal`). Nothing of the volume changes until the copy is played."""
         self.partial = None
+        self.close()
         with self.env.begin(write=True) as txn:  # first: no stale record outlives its file
             txn.drop(self.db_in, delete=False)
             self._put(txn, "role", b"secondary")
@@ -437,6 +441,21 @@ class Receiver:
     def _path(self, n: int) -> Path:
         return self.dir / f"{n}.ds"
 
+    def _writer(self, n: int) -> int:
+        """The open file of partial delta set `n` (opened once, kept until it is committed,
+        dropped or replaced)."""
+        if self._wfd is None or self._wfd[0] != n:
+            self.close()
+            self._wfd = (n, os.open(self._path(n), os.O_WRONLY | os.O_CLOEXEC))
+        return self._wfd[1]
+
+    def close(self) -> None:
+        """Close the file of the delta set being received, if open (nothing is lost: it is
+        reopened for the next chunk)."""
+        if self._wfd is not None:
+            fd, self._wfd = self._wfd[1], None
+            os.close(fd)
+
     def _file(self, rec: dict) -> Path:
         return self.dir / rec["file"] if rec.get("file") else self._path(rec["number"])
 
@@ -479,17 +498,14 @@ class Receiver:
             p = self._new_partial(want)
             why = p["check"].problem(c.extents)
             if why is None:
-                os.close(create_private(self._path(want)))
+                self.close()
+                self._wfd = (want, create_private(self._path(want)))
                 self.partial = p
         else:
             why = p["check"].problem(c.extents)
         if why:
             raise ReceiveError(f"rejected chunk {c.number} of delta set {want}: {why}")
-        fd = os.open(self._path(want), os.O_WRONLY | os.O_CLOEXEC)
-        try:
-            pwrite_all(fd, body, p["off"])
-        finally:
-            os.close(fd)
+        pwrite_all(self._writer(want), body, p["off"])
         p["check"].add(c.extents)
         p["off"] += len(body)
         p["checksums"].append(c.checksum)
@@ -519,15 +535,15 @@ class Receiver:
         blocks = p["blocks"] if got else 0
         if len(got) != hdr.chunks or blocks != hdr.blocks or data_checksum(got) != hdr.data_checksum:
             self.partial = None
+            self.close()
             self._path(hdr.delta_set).unlink(missing_ok=True)
             raise ReceiveError(f"delta set {hdr.delta_set} incomplete or corrupt "
                                f"({len(got)} of {hdr.chunks} chunks): send it again", "invalid")
         if got:
-            fd = os.open(self._path(hdr.delta_set), os.O_RDONLY | os.O_CLOEXEC)
             try:
-                os.fsync(fd)
+                os.fsync(self._writer(hdr.delta_set))
             finally:
-                os.close(fd)
+                self.close()  # (received whole: no more writes to it)
             fsync_dir(self.dir)
         rec = {"number": hdr.delta_set, "chunks": hdr.chunks, "blocks": hdr.blocks,
                "bytes": p["off"] if got else 0, "generation": hdr.generation,
@@ -635,6 +651,7 @@ class Receiver:
     def drop_partial(self) -> None:
         """Forget the delta set being received (its file could not be made durable): the
         primary sends it again from its first chunk."""
+        self.close()
         if self.partial is not None:
             self._path(self.partial["n"]).unlink(missing_ok=True)
             self.partial = None
@@ -678,6 +695,7 @@ class Receiver:
             self._put(txn, "quarantined", json.dumps(reports).encode())
         for r in later:
             self._file(r).unlink(missing_ok=True)
+        self.close()
         if self.partial is not None:  # a later delta set half received: from scratch
             self._path(self.partial["n"]).unlink(missing_ok=True)
             self.partial = None
