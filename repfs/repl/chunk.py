@@ -27,6 +27,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+import numpy as np
 import xxhash
 
 BS = 4096
@@ -103,9 +104,13 @@ def encode_chunk_parts(generation: int, delta_set: int, number: int,
     for s, n in extents:
         _EXTENT.pack_into(out, off, s, n)
         off += 8
+    dst = np.frombuffer(out, dtype=np.uint8)
     for p in parts:
-        out[off: off + p.nbytes] = p
+        # (numpy copies without the GIL, a bytearray slice assignment holds it: the
+        # sender's copies ran against the FUSE requests on the daemon's trio thread)
+        np.copyto(dst[off: off + p.nbytes], np.frombuffer(p, dtype=np.uint8))
         off += p.nbytes
+    del dst
     mv = memoryview(out)
     struct.pack_into("<Q", out, _CHUNK_HDR.size - 8,
                      _sealed_checksum(mv[:_CHUNK_HDR.size], mv[_CHUNK_HDR.size:]))
