@@ -676,10 +676,6 @@ def test_a_cut_killed_before_its_commit_leaves_no_trace(tmp_path):
         st.close()
 
 
-@pytest.mark.xfail(strict=True, reason="product bug reported to the coordinator: "
-                   "DeltaSets._recover pops every pin with a mailbox record from the orphan "
-                   "list, so a pin whose record says released (pinned false) is never deleted "
-                   "and stays as a full snapshot without interest")
 def test_a_release_killed_before_its_pin_is_deleted_is_finished_at_reopen(tmp_path):
     """Every destination played the oldest delta set; kill -9 after its record says released
     and before its pinning snapshot is deleted: reopening deletes the pin (else it would

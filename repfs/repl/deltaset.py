@@ -238,8 +238,10 @@ class DeltaSets:
                     self._drop_bits(txn, n)
                     self.ctx_put("last_cut", K.u64(n - 1), txn)
                 continue
+            if not rec.get("pinned"):
+                continue  # released: a pin left of it is deleted below
             snap = pins.pop(f"{PIN_PREFIX}{n}", None)
-            if snap is not None and rec.get("pinned"):
+            if snap is not None:
                 # (a broken pin keeps nothing: its delta set cannot be sent, see chunks())
                 snap.interest = PagedBits() if snap.attrs.get("broken") else self._load_bits(n)
         for snap in pins.values():  # released, but the daemon stopped before the delete

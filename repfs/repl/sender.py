@@ -145,11 +145,11 @@ class Primary:
         # `replicate stop` cancels the scope; any other failure (a chunk file that cannot be
         # read, a damaged record) is contained, shown in status and retried
         with scope:
-            await self.sup.run(f"send {name}", self._send_task, name)
+            await self.sup.run(f"send {name}", self._send_task, name, scope)
         if self.tasks.get(name) in (scope, None):  # (not when a new task replaced this one)
             self.sup.stopped(f"send {name}")
 
-    async def _send_task(self, name: str) -> None:
+    async def _send_task(self, name: str, scope: trio.CancelScope | None = None) -> None:
         task = f"send {name}"
         d = self.dest(name)
         if d is None:
@@ -181,6 +181,8 @@ class Primary:
                         with trio.move_on_after(0.5):
                             await self.work.wait()
                 except (TransientError, RejectedError) as e:
+                    if self._superseded(scope):
+                        return
                     self.sup.error(task, e, transient=True, quiet=True)  # logged here
                     if str(e) != last_error:
                         log.info("destination %s: %s (retrying)", name, e)
@@ -193,6 +195,8 @@ class Primary:
                     await trio.sleep(backoff)
                     backoff = min(backoff * 2, 2.0)
                 except PermanentError as e:
+                    if self._superseded(scope):
+                        return
                     self.sup.error(task, e, transient=False, quiet=True)  # logged here
                     log.error("destination %s: %s; replication to it stopped", name, e)
                     d = self.dest(name)
@@ -202,6 +206,13 @@ class Primary:
                     return
         finally:
             client.close()
+
+    @staticmethod
+    def _superseded(scope: trio.CancelScope | None) -> bool:
+        """A worker thread's error arrives even after `replicate stop` or `start --force`
+        cancelled this send task: then it is not this task's to record (the destination's
+        record may be a new task's already)."""
+        return scope is not None and scope.cancel_called
 
     def _initial_copy(self, client: ReceiverClient, name: str) -> None:
         """Copy the valid extents of the stamped snapshot (FIG. 11) in block order, resuming
