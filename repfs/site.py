@@ -311,6 +311,7 @@ class Site:
         (replication), the snapped volume (copy-on-first-write for snapshots), the image file.
         The layers share the site's LMDB environment (SITE/meta.lmdb)."""
         from .repl.changelog import ChangeLogLayer
+        from .repl.deltaset import attach_pins
         from .snap.layer import SnapLayer
         from .snap.store import open_env
         try:
@@ -328,6 +329,7 @@ class Site:
             vol.close()
             raise SiteError(f"cannot open {self.path / 'meta.lmdb'}: {e}") from None
         snap = SnapLayer(vol, self.open_store(env), sb.bbitmap_start)
+        attach_pins(env, snap.store)  # before any recovery writes through the stack
         return ChangeLogLayer(snap, env)
 
     def role(self) -> str:

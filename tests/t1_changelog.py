@@ -119,7 +119,7 @@ def image(dev) -> Image:
 
 def block_list(sets: DeltaSets, n: int) -> set[int]:
     """Delta set n's block list as the cut recorded it (LMDB dsbits)."""
-    bits = sets._load_bits(n)
+    bits = sets.block_list(n)
     return set(np.flatnonzero(bits.get_range(0, sets.clog.nblocks)).tolist())
 
 

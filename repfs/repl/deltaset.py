@@ -161,6 +161,48 @@ class DeltaStream:
         return self._header
 
 
+def _load_bits(env, db_bits, n: int) -> PagedBits:
+    """Delta set `n`'s block list from LMDB ``dsbits``."""
+    bits = PagedBits()
+    prefix = K.u64(n)
+    with env.begin(db=db_bits) as txn:
+        cur = txn.cursor()
+        if cur.set_range(K.ds_page(n, 0)):
+            for key, val in cur:
+                if key[:8] != prefix:
+                    break
+                bits.pages[K.from_u32(key[8:12])] = np.frombuffer(val, np.uint8).copy()
+    return bits
+
+
+def attach_pins(env, store) -> list:
+    """Give every pinning snapshot its interest (its delta set's block list), as soon as
+    the volume stack is assembled (site.py), before any recovery writes through it: else a
+    pin would keep every valid block, as a user's snapshot does. A broken pin, and one
+    whose delta set was released (the delete cut short by a crash), keep nothing; the
+    latter are returned, to be deleted. Idempotent."""
+    db_sets = env.open_db(K.DELTASETS)
+    db_bits = env.open_db(K.DSBITS)
+    released = []
+    for snap in store.queue:
+        if not snap.name.startswith(PIN_PREFIX):
+            continue
+        n = snap.attrs.get("delta_set")
+        rec = None
+        if K.is_u64(n):
+            with env.begin(db=db_sets) as txn:
+                raw = txn.get(K.u64(n))
+            rec = json.loads(raw) if raw else None
+        if rec is None or not rec.get("pinned"):
+            snap.interest = PagedBits()
+            released.append(snap)
+        elif snap.attrs.get("broken"):  # its delta set cannot be sent (DeltaStream.chunks)
+            snap.interest = PagedBits()
+        else:
+            snap.interest = _load_bits(env, db_bits, n)
+    return released
+
+
 class DeltaSets:
     def __init__(self, env, clog: ChangeLogLayer, site_path: Path, layer, *,
                  capacity_bytes: int = 1 << 30, max_outstanding: int = MAX_OUTSTANDING):
@@ -213,20 +255,13 @@ class DeltaSets:
     def _put_record(self, txn, rec: dict) -> None:
         txn.put(K.u64(rec["number"]), json.dumps(rec).encode(), db=self.db_sets)
 
-    def _load_bits(self, n: int) -> PagedBits:
-        bits = PagedBits()
-        prefix = K.u64(n)
-        with self.env.begin(db=self.db_bits) as txn:
-            cur = txn.cursor()
-            if cur.set_range(K.ds_page(n, 0)):
-                for key, val in cur:
-                    if key[:8] != prefix:
-                        break
-                    bits.pages[K.from_u32(key[8:12])] = np.frombuffer(val, np.uint8).copy()
-        return bits
+    def block_list(self, n: int) -> PagedBits:
+        """Delta set `n`'s block list as the cut recorded it (kept for the retention period:
+        what recovery needs, FIG. 28)."""
+        return _load_bits(self.env, self.db_bits, n)
 
     def _recover(self) -> None:
-        pins = {s.name: s for s in self.store.queue if s.name.startswith(PIN_PREFIX)}
+        self.legacy_files = False  # chunk files of before issue 8 (usage() lists them)
         for rec in self.records():
             n = rec["number"]
             if rec["state"] == "cutting":  # a chunk-file copy of before issue 8, cut short
@@ -237,14 +272,9 @@ class DeltaSets:
                     txn.delete(K.u64(n), db=self.db_sets)
                     self._drop_bits(txn, n)
                     self.ctx_put("last_cut", K.u64(n - 1), txn)
-                continue
-            if not rec.get("pinned"):
-                continue  # released: a pin left of it is deleted below
-            snap = pins.pop(f"{PIN_PREFIX}{n}", None)
-            if snap is not None:
-                # (a broken pin keeps nothing: its delta set cannot be sent, see chunks())
-                snap.interest = PagedBits() if snap.attrs.get("broken") else self._load_bits(n)
-        for snap in pins.values():  # released, but the daemon stopped before the delete
+            elif rec.get("pinned") is None and rec.get("file", True):
+                self.legacy_files = True
+        for snap in attach_pins(self.env, self.store):  # released, the delete cut short
             self.layer.delete(snap)
 
     def _drop_bits(self, txn, n: int) -> None:
@@ -273,7 +303,7 @@ class DeltaSets:
         """Bytes the unreleased delta sets hold: the pinning snapshots' copies of blocks
         overwritten before they were shipped (and chunk files of before issue 8)."""
         total = sum(s.save.size for s in self.pins()) * BS
-        if self.dir.exists():
+        if self.legacy_files and self.dir.exists():
             for f in self.dir.glob("*.ds"):
                 try:
                     total += f.stat().st_size
