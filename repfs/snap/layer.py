@@ -28,6 +28,7 @@ from __future__ import annotations
 import errno
 import logging
 import threading
+import time
 from collections import OrderedDict
 
 import numpy as np
@@ -61,6 +62,7 @@ class SnapLayer(Layer):
         self._held_bytes = 0
         self._epoch = 0  # flushes started; an entry of epoch e is safe once flush e synced
         self._flush_lock = threading.Lock()  # one flush (or delete) at a time; before `lock`
+        self._indexed_at = 0.0  # when the indexes were last committed (monotonic)
 
     # ---------------------------------------------------------------- writing (FIG. 41)
 
@@ -180,15 +182,24 @@ class SnapLayer(Layer):
             self._flush_saves()
         self.lower.release_held()
 
-    def _flush_saves(self) -> None:
+    INDEX_EVERY = 1.0  # seconds between durable commits of the snapshot indexes
+
+    def _flush_saves(self, index: bool | None = None) -> None:
+        """`index`: commit the indexes too (None: if INDEX_EVERY passed or many pages are
+        dirty; an fsync then costs the save volumes' sync, not an LMDB commit as well)."""
         with self.lock:
             epoch = self._epoch
             self._epoch += 1
-            token = self.store.detach()
+            if index is None:
+                index = (time.monotonic() - self._indexed_at >= self.INDEX_EVERY
+                         or self.store.dirty_pages() >= 1024)
+            token = self.store.detach(index)
         self.store.sync_detached(token)
         with self.lock:
             self._release_held(epoch)
         self.store.commit_detached(token)
+        if index:
+            self._indexed_at = time.monotonic()
 
     def _release_held(self, epoch: int) -> None:
         """Write the held entries of flushes up to `epoch` (their before-images are durable)

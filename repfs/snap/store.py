@@ -622,10 +622,16 @@ class SnapStore:
             return []
         return [(i, j - i, snap.save.read(int(sis[i]), j - i)) for i, j in run_bounds(bis, sis)]
 
-    def detach(self):
+    def dirty_pages(self) -> int:
+        return len(self.bits.dirty) + len(self.bmap.dirty)
+
+    def detach(self, index: bool = True):
         """The first half of a flush, under the caller's lock: what must be synced and
         indexed now (later appends go to the next flush). Returns a token for `sync_detached`
-        and `commit_detached`, which may run without the lock (one flush at a time)."""
+        and `commit_detached`, which may run without the lock (one flush at a time). With
+        `index` False the index stays in memory (its pages dirty): recovery re-indexes
+        records past `indexed_end` from the save volumes, so the index needs committing
+        only now and then, not at every group commit."""
         fds = []
         for snap in self.queue:
             if snap.save.unsynced:
@@ -637,6 +643,8 @@ class SnapStore:
                     continue
                 fds.append((snap, os.dup(snap.save.fd)))  # a delete may close the file
                 snap.save.unsynced = False
+        if not index:
+            return fds, {}, ({}, {})
         ends = {s.id: s.save.size for s in self.queue if s.indexed_end != s.save.size}
         pages = (self.bits.detach(), self.bmap.detach())
         return fds, ends, pages
