@@ -57,6 +57,13 @@ def assign(buf, offsets, value: bool) -> bool:
     """Set (value True) or clear the bits at `offsets` of page `buf` in place (a bytearray or
     a uint8 array); returns whether any bit of the page is set afterwards."""
     arr = np.frombuffer(buf, dtype=np.uint8)
+    if len(offsets) <= 16:  # a few bits (a 4 KiB write): no unpacking of the whole page
+        for off in np.asarray(offsets).tolist():
+            if value:
+                arr[off >> 3] |= 1 << (off & 7)
+            else:
+                arr[off >> 3] &= 0xFF ^ (1 << (off & 7))
+        return bool(value) or bool(arr.any())
     bits = np.unpackbits(arr, bitorder="little")
     bits[offsets] = value
     arr[:] = np.packbits(bits, bitorder="little")

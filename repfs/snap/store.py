@@ -115,6 +115,8 @@ class SaveVolume:
         self._recs: list[tuple[int, int]] | None = None  # (header Si, n) of written records
         self._verified: set[int] = set()  # header Si of records whose checksum held
         self.entry_durable = True  # its directory entry (False: fsync the directory first)
+        self._room_end = self.size  # disk space taken up to here (fallocate KEEP_SIZE)
+        self._keep_size = True  # the file system can (else posix_fallocate per copy)
 
     def append(self, bis: np.ndarray, data) -> np.ndarray:
         """Append before-images of blocks `bis`; returns their save addresses. Not written
@@ -126,8 +128,9 @@ class SaveVolume:
         room = REC_MAX - self._open_n if self._open is not None else 0
         rest = max(0, len(bis) - room)
         headers = -(-rest // REC_MAX)
-        if len(bis):
-            os.posix_fallocate(self.fd, self.size * BS, (len(bis) + headers) * BS)
+        end = self.size + len(bis) + headers
+        if len(bis) and end > self._room_end:
+            self._take_room(end)
         done = 0
         while done < len(bis):
             if self._open is None or self._open_n == REC_MAX:
@@ -145,6 +148,24 @@ class SaveVolume:
         self.unsynced = True
         return out
 
+    ROOM_STEP = 256  # blocks of room taken ahead at a time (one fallocate per 1 MiB)
+
+    def _take_room(self, end: int) -> None:
+        """Disk space up to block `end` (ENOSPC here fails the copy, changing nothing)."""
+        if self._keep_size:
+            try:
+                _fallocate_keep_size(self.fd, self._room_end * BS,
+                                     (end + self.ROOM_STEP - self._room_end) * BS)
+                self._room_end = end + self.ROOM_STEP
+                return
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                    raise
+                self._keep_size = False
+        # (where the file system cannot keep the size: exactly what is needed, which
+        # changes the size as the record will)
+        os.posix_fallocate(self.fd, self.size * BS, (end - self.size) * BS)
+
     def reserve(self, blocks: int) -> bool:
         """Reserve disk space for `blocks` more before-images (and their record headers)
         past the end, without changing the file's size (fallocate KEEP_SIZE): copies into it
@@ -155,8 +176,10 @@ class SaveVolume:
             _fallocate_keep_size(self.fd, self.size * BS, want * BS)
         except OSError as e:
             if e.errno in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                self._keep_size = False
                 return False
             raise
+        self._room_end = max(self._room_end, self.size + want)
         return True
 
     def write_open(self) -> None:
@@ -266,6 +289,7 @@ class SaveVolume:
         os.ftruncate(self.fd, end * BS)
         os.fsync(self.fd)
         self.size = end
+        self._room_end = end
         self._recs = None
         self._verified = {v for v in self._verified if v < end}
 
