@@ -48,6 +48,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import h11
 import lmdb
+import numpy as np
 import trio
 
 from .errors import DomainError
@@ -501,13 +502,13 @@ class ControlServer:
         (its receive buffer, its Data event, the body being gathered, the final bytes), which
         cost the secondary more CPU than storing the chunk (issue 8). What h11 had read
         past the head is the body's start; what is read past the body (pipelined requests)
-        goes to a new h11 connection, which serves the next request (returned)."""
+        goes to a new h11 connection, which serves the next request (returned). The body
+        is a memoryview (format "B") of memory that is not zeroed first."""
         ahead = conn.trailing_data[0]
-        body = bytearray(length)
+        view = memoryview(np.empty(length, dtype=np.uint8))
         got = min(length, len(ahead))
-        body[:got] = ahead[:got]
+        view[:got] = ahead[:got]
         rest = ahead[got:]
-        view = memoryview(body)
         sock = getattr(stream, "socket", None)
         try:
             with trio.fail_after(self.body_timeout):
@@ -524,11 +525,10 @@ class ControlServer:
         except trio.TooSlowError:
             raise _Refuse(408, f"the request body did not arrive within "
                                f"{self.body_timeout:g} s") from None
-        view.release()
         after = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
         if rest:
             after.receive_data(rest)
-        return body, after
+        return view, after
 
     async def _read_h11_body(self, conn, stream, limit: int) -> bytes:
         body = bytearray()
@@ -617,7 +617,7 @@ class ControlServer:
         if ctype.startswith(b"application/octet-stream"):
             args = {"_body": body}
         else:
-            args = parse_json_body(body)
+            args = parse_json_body(bytes(body))
         return await self._route(method, parts, query, args)
 
     async def _route(self, method: str, parts: list[str], query: dict, args: dict):

@@ -126,7 +126,7 @@ class Secondary(_Part):
                           and all(type(x) in (int, bool) for x in more), primary, generation)
 
     async def copy(self, body):
-        return self._call("copy", isinstance(body, (bytes, bytearray))  # (uploads: bytearray)
+        return self._call("copy", isinstance(body, (bytes, memoryview))  # (uploads: memoryview)
                           and len(body) <= MAX_BINARY_BODY,
                           len(body))
 
@@ -135,7 +135,7 @@ class Secondary(_Part):
                           and all(type(x) is int and x >= 0 for x in more), after)
 
     def chunk(self, body):
-        return _Either(self._call("chunk", isinstance(body, (bytes, bytearray))
+        return _Either(self._call("chunk", isinstance(body, (bytes, memoryview))
                                   and len(body) <= MAX_BINARY_BODY, len(body)))
 
     def commit(self, args):

@@ -86,10 +86,13 @@ def encode_chunk(generation: int, delta_set: int, number: int,
 
 
 def encode_chunk_parts(generation: int, delta_set: int, number: int,
-                       extents: list[tuple[int, int]], parts) -> bytearray:
+                       extents: list[tuple[int, int]], parts) -> memoryview:
     """`encode_chunk` with the data given as buffers in order (`parts`, whole blocks
-    together): the data is copied once, into the chunk (issue 8: the sender joined each
-    chunk's reads, then the header to the join; three copies of every byte)."""
+    together), returned as a memoryview (format "B") of a new buffer. The data is copied
+    once, into the chunk, with numpy, which lets go of the GIL, into memory that is not
+    zeroed first (issue 8: the sender joined each chunk's reads, then the header to the
+    join: three copies of every byte, each holding the GIL against the FUSE requests that
+    the daemon's trio thread serves)."""
     blocks = sum(n for _, n in extents)
     parts = [memoryview(p).cast("B") for p in parts]
     if sum(p.nbytes for p in parts) != blocks * BS:
@@ -97,24 +100,19 @@ def encode_chunk_parts(generation: int, delta_set: int, number: int,
     if blocks > MAX_CHUNK_BLOCKS or len(extents) > MAX_EXTENTS:
         raise ChunkError("chunk too large")
     hsize = _CHUNK_HDR.size + 8 * len(extents)
-    out = bytearray(hsize + blocks * BS)
+    arr = np.empty(hsize + blocks * BS, dtype=np.uint8)
+    out = memoryview(arr)
     _CHUNK_HDR.pack_into(out, 0, _CHUNK_MAGIC, generation, delta_set, number, len(extents),
                          blocks, 0)
     off = _CHUNK_HDR.size
     for s, n in extents:
         _EXTENT.pack_into(out, off, s, n)
         off += 8
-    dst = np.frombuffer(out, dtype=np.uint8)
     for p in parts:
-        # (numpy copies without the GIL, a bytearray slice assignment holds it: the
-        # sender's copies ran against the FUSE requests on the daemon's trio thread)
-        np.copyto(dst[off: off + p.nbytes], np.frombuffer(p, dtype=np.uint8))
+        np.copyto(arr[off: off + p.nbytes], np.frombuffer(p, dtype=np.uint8))
         off += p.nbytes
-    del dst
-    mv = memoryview(out)
     struct.pack_into("<Q", out, _CHUNK_HDR.size - 8,
-                     _sealed_checksum(mv[:_CHUNK_HDR.size], mv[_CHUNK_HDR.size:]))
-    mv.release()
+                     _sealed_checksum(out[:_CHUNK_HDR.size], out[_CHUNK_HDR.size:]))
     return out
 
 
