@@ -92,6 +92,7 @@ class ChangeLogLayer(Layer):
         self.lock = threading.RLock()
         self.new = PagedBits()
         self.hot: set[int] = set()  # regions with a durable intent mark
+        self.touched: set[int] = set()  # regions written since the last cut
         self._persisted = 0.0  # when flush last wrote the table (monotonic)
         self.changed_blocks = 0  # blocks set in the new table since the last cut
         self.first_change_ns = 0
@@ -170,6 +171,10 @@ class ChangeLogLayer(Layer):
     def _intent(self, start: int, n: int) -> None:
         first = start // K.REGION_BLOCKS
         last = (start + n - 1) // K.REGION_BLOCKS
+        if first == last:
+            self.touched.add(first)
+        else:
+            self.touched.update(range(first, last + 1))
         missing = [r for r in range(first, last + 1) if r not in self.hot]
         if missing:
             # This durable commit runs on the writer's thread (the mark must be durable
@@ -216,12 +221,22 @@ class ChangeLogLayer(Layer):
         `reset`."""
         for db in (self.db_new, self.db_old, self.db_intent):
             txn.drop(db, delete=False)
+        # the regions written in the last interval are marked for the next one with the
+        # cut's commit: a writer that keeps to its regions pays no durable intent mark on
+        # its own thread after a cut (recovery over-marks them, which is allowed)
+        # (at most CARRY regions: the cut's transaction stays short, writers wait on it)
+        if len(self.touched) > self.CARRY:
+            self.touched = set()
+        for r in self.touched:
+            txn.put(K.u32(r), b"", db=self.db_intent)
         txn.put(b"first_change_ns", K.u64(0), db=self.db_ctx)
+
+    CARRY = 1024  # regions (8 GiB) whose intent marks a cut carries over
 
     def reset(self) -> None:
         """After the cut's commit: a fresh new table."""
         self.new = PagedBits()
-        self.hot.clear()
+        self.hot, self.touched = self.touched, set()
         self.changed_blocks = 0
         self.first_change_ns = 0
 
@@ -231,6 +246,7 @@ class ChangeLogLayer(Layer):
             self.enabled = False
             self.new = PagedBits()
             self.hot.clear()
+            self.touched.clear()
             self.changed_blocks = 0
             with self.env.begin(write=True) as txn:
                 for db in (self.db_new, self.db_old, self.db_intent):
