@@ -136,6 +136,9 @@ class DeltaStream:
                         s += m
                         c -= m
         yield from enc.finish()
+        if rec["blocks"] and snap.attrs.get("broken"):  # broke while it was read
+            raise ChunkError(f"delta set {n} could not be kept on this site "
+                             f"({snap.attrs['broken']})")
         if enc.blocks != rec["blocks"]:
             raise ChunkError(f"delta set {n}: {enc.blocks} blocks streamed, "
                              f"{rec['blocks']} cut")
