@@ -181,7 +181,9 @@ def _cmd_umount(a) -> int:
         raise QuietError(f"cannot unmount {a.mountpoint}: {msg.removeprefix('fusermount3: ')}")
     if who:
         deadline = time.monotonic() + a.timeout
-        while site.owner() is not None:
+        # until the daemon has let go of the site's lock (it removes its pid file first,
+        # so owner() says None a moment before fsck or a new mount can take the site)
+        while site.in_use():
             if time.monotonic() > deadline:
                 raise QuietError(f"unmounted, but daemon pid {who[0]} has not exited after "
                                  f"{a.timeout:.0f} s")

@@ -249,22 +249,29 @@ class SnapLayer(Layer):
 
     def read_snapshot(self, snap: Snapshot, s: int, n: int) -> bytes:
         with self.lock:
-            return bytes(self._read_snapshot(snap, s, n))
+            out = self._read_snapshot(snap, s, n)
+            return out if isinstance(out, bytes) else bytes(out)
 
-    def _read_snapshot(self, snap: Snapshot, s: int, n: int) -> bytearray:
+    def _read_snapshot(self, snap: Snapshot, s: int, n: int):
+        """Blocks [s, s+n) as snapshot `snap` holds them (bytes, or a bytearray when some
+        came from save volumes)."""
         q = self.store.queue
-        out = bytearray(n * BS)
+        out = None
         remaining = np.ones(n, dtype=bool)
         for e in q[self.store.position(snap):]:
             has = self.store.has(e, s, n) & remaining
             idx = np.flatnonzero(has)
             if len(idx):
+                if out is None:
+                    out = bytearray(n * BS)
                 for i, c, data in self.store.read_saved(e, (s + idx).astype(np.uint32)):
                     a = int(idx[i])
                     out[a * BS: (a + c) * BS] = data
                 remaining &= ~has
                 if not remaining.any():
                     return out
+        if out is None:  # no before-image in the range (the common case): the volume's
+            return self._overlay(s, n, self.lower.read(s, n))  # blocks, uncopied
         for _, a, c in runs(np.flatnonzero(remaining)):
             out[a * BS: (a + c) * BS] = self._overlay(s + a, c, self.lower.read(s + a, c))
         return out
