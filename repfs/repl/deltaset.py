@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -220,6 +221,7 @@ class DeltaSets:
         self.capacity = capacity_bytes
         self.max_outstanding = max_outstanding
         self.cut_started = 0.0
+        self._prune_lock = threading.Lock()
         self._recover()
 
     # ------------------------------------------------------------------ context
@@ -294,10 +296,11 @@ class DeltaSets:
         return False  # a cut completes at its consistency point (nothing is copied after)
 
     def pins(self) -> list:
-        return [s for s in self.store.queue if s.name.startswith(PIN_PREFIX)]
+        # (list(): another thread's delete may change the queue while it is read)
+        return [s for s in list(self.store.queue) if s.name.startswith(PIN_PREFIX)]
 
     def pin(self, n: int):
-        for s in self.store.queue:
+        for s in list(self.store.queue):
             if s.name == f"{PIN_PREFIX}{n}":
                 return s
         return None
@@ -369,7 +372,8 @@ class DeltaSets:
         if snap is None:
             return
         try:
-            snap.save.reserve(snap.interest.count())
+            with self.layer.lock:  # (copy-on-write takes room from the same file)
+                snap.save.reserve(snap.interest.count())
         except OSError as e:
             log.warning("delta set %d: no room could be reserved for its copies (%s); if the "
                         "disk stays full, an overwrite of its blocks breaks it", n, e.strerror)
@@ -400,11 +404,22 @@ class DeltaSets:
         with self.env.begin(write=True) as txn:  # first: a crash leaves an orphan pin,
             self._put_record(txn, rec)           # which _recover deletes
         if snap is not None:
+            with self.layer.lock:  # it keeps nothing from now on, deleted or not
+                snap.interest = PagedBits()
             self.layer.delete(snap)
 
     def prune(self, played_by_all: int, retention_s: float) -> None:
         """Release what every destination played; forget block lists after `retention_s`.
-        Runs in a worker thread."""
+        Runs in a worker thread (one at a time: each destination's send task calls it)."""
+        with self._prune_lock:
+            self._prune(played_by_all, retention_s)
+            for snap in self.pins():  # a release whose delete failed before: again
+                n = snap.attrs.get("delta_set")
+                rec = self.record(n) if K.is_u64(n) else None
+                if rec is None or not rec.get("pinned"):
+                    self.layer.delete(snap)
+
+    def _prune(self, played_by_all: int, retention_s: float) -> None:
         now = time.time_ns()
         for rec in self.records():
             n = rec["number"]

@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 BS = 4096
 COPY_FILE = "copy.ds"
 COPY_SYNC_BYTES = 64 << 20  # the staged copy is made durable (and its position saved) this often
+HELD_RELEASE = 64 << 20  # bytes held by the volume stack at which playback releases them
 
 
 class ReceiveError(DomainError):
@@ -636,6 +637,8 @@ class Receiver:
                 for start, count in c.extents:
                     dev.write(start, mv[pos: pos + count * BS], meta=True)
                     pos += count * BS
+                if getattr(dev, "pending_bytes", int)() >= HELD_RELEASE:  # held by copy-on-
+                    dev.release_held()  # write for a snapshot here: bounded memory
                 blocks += c.blocks
         dev.flush()
         with self.env.begin(write=True) as txn:

@@ -14,6 +14,7 @@ import trio
 from ..fs.invalidate import volume_changes
 from ..tasks import describe, is_transient
 from .chunk import ChunkError
+from .deltaset import PIN_PREFIX
 from .receiver import ReceiveError, attach_refusal
 from ..snap.store import SnapError
 
@@ -59,6 +60,9 @@ class Secondary:
                     svc.clog.disable()
                     svc.primary = None
                     svc.sets = None
+                # the delta sets this site pinned as a primary will never be sent: their
+                # pins would copy blocks at every playback
+                await trio.to_thread.run_sync(self._drop_pins)
                 await trio.to_thread.run_sync(self.receiver.attach, primary, generation)
                 svc.core.readonly = True
                 svc.readonly = True
@@ -70,6 +74,11 @@ class Secondary:
                  "and shows its earlier state until the initial copy is played",
                  primary["site"], generation)
         return self.receiver.info()
+
+    def _drop_pins(self) -> None:
+        layer = self.svc.layer
+        for snap in [s for s in list(layer.store.queue) if s.name.startswith(PIN_PREFIX)]:
+            layer.delete(snap)
 
     async def _store(self, fn, *args):
         """Run a receiver call in a worker thread. A disk error here (EIO, ENOSPC of the

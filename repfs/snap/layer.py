@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 BS = BLOCK_SIZE
 
 
+HELD_RELEASE = 64 << 20  # held bytes at which restore and playback release them
+
+
 class SnapLayer(Layer):
     META_CACHE = 256  # unpacked meta bit map pages (32 KiB each)
 
@@ -63,6 +66,7 @@ class SnapLayer(Layer):
         self._epoch = 0  # flushes started; an entry of epoch e is safe once flush e synced
         self._flush_lock = threading.Lock()  # one flush (or delete) at a time; before `lock`
         self._indexed_at = 0.0  # when the indexes were last committed (monotonic)
+        self._sync_error: OSError | None = None  # a save volume's sync failed (final)
 
     # ---------------------------------------------------------------- writing (FIG. 41)
 
@@ -150,7 +154,8 @@ class SnapLayer(Layer):
                 log.error("save volumes over capacity: saving %d before-images of committed "
                           "metadata anyway", user)
         saved = 0
-        for snap, need in needs:
+        while needs:
+            snap, need = needs.pop(0)
             idx = np.flatnonzero(need)
             parts = [self._overlay(s + a, c, self.lower.read(s + a, c))
                      for _, a, c in runs(idx)]
@@ -164,6 +169,9 @@ class SnapLayer(Layer):
                 # fails the commit, as any disk error there does
                 if not meta or not self.store.break_pin(snap, e):
                     raise
+                # older snapshots that read those blocks through the broken pin need
+                # their own copies now (the walk passes it: it keeps nothing any more)
+                needs.extend(self._needed(len(self.store.queue) - 1, s, n, need))
                 continue
             saved += len(idx)
         self.cow_blocks += saved
@@ -186,38 +194,69 @@ class SnapLayer(Layer):
 
     def _flush_saves(self, index: bool | None = None) -> None:
         """`index`: commit the indexes too (None: if INDEX_EVERY passed or many pages are
-        dirty; an fsync then costs the save volumes' sync, not an LMDB commit as well)."""
+        dirty; an fsync then costs the save volumes' sync, not an LMDB commit as well).
+
+        A failed sync of a save volume is final (its pages may be lost although a later
+        fsync would say nothing): this and every later flush raise, so the commit fails
+        and the file system turns read-only, and the held writes never reach the volume.
+        A failed index commit is not: the index stays dirty (recovery rescans the save
+        volumes past indexed_end anyway) and is retried."""
+        if self._sync_error is not None:
+            raise self._sync_error
         with self.lock:
             epoch = self._epoch
-            self._epoch += 1
             if index is None:
                 index = (time.monotonic() - self._indexed_at >= self.INDEX_EVERY
                          or self.store.dirty_pages() >= 1024)
             token = self.store.detach(index)
-        self.store.sync_detached(token)
+            self._epoch += 1
+        try:
+            self.store.sync_detached(token)
+        except OSError as e:
+            with self.lock:
+                self.store.undetach(token, synced=False)
+            self._sync_error = e
+            log.error("a save volume could not be synced (%s): its before-images cannot be "
+                      "trusted; nothing they protect is written any more", e)
+            raise
         with self.lock:
             self._release_held(epoch)
-        self.store.commit_detached(token)
+        try:
+            self.store.write_index(token)
+        except Exception as e:  # noqa: BLE001 - lmdb.Error, OSError: retried at the next
+            with self.lock:
+                self.store.undetach(token, synced=True)
+            log.warning("the snapshot indexes could not be committed (%s); kept in memory "
+                        "and retried", e)
+            return
+        with self.lock:
+            self.store.index_written(token)
         if index:
             self._indexed_at = time.monotonic()
 
     def _release_held(self, epoch: int) -> None:
         """Write the held entries of flushes up to `epoch` (their before-images are durable)
-        to the clone volume, in order; keep the later ones. Call under `lock`."""
+        to the clone volume, in order; keep the later ones. Call under `lock`. If the
+        volume fails, what was not written stays held (tried again at the next flush)."""
         if not self._held:
             return
         keep = []
-        for entry in self._held:
-            if entry[2] <= epoch:
-                self.lower.write(entry[0], entry[1])
-            else:
-                keep.append(entry)
-        self._held = keep
-        self._held_bits = pagedbits.PagedBits()
-        self._held_bytes = 0
-        for hs, data, _ in keep:
-            self._held_bits.set_range(hs, len(data) // BS)
-            self._held_bytes += len(data)
+        i = 0
+        try:
+            for i, entry in enumerate(self._held):
+                if entry[2] <= epoch:
+                    self.lower.write(entry[0], entry[1])
+                else:
+                    keep.append(entry)
+            i = len(self._held)
+        finally:
+            keep.extend(self._held[i:])
+            self._held = keep
+            self._held_bits = pagedbits.PagedBits()
+            self._held_bytes = 0
+            for hs, data, _ in keep:
+                self._held_bits.set_range(hs, len(data) // BS)
+                self._held_bytes += len(data)
 
     def close(self) -> None:
         with self.lock:
@@ -228,6 +267,10 @@ class SnapLayer(Layer):
 
     def meta_page(self, snap: Snapshot, page: int) -> np.ndarray:
         """The file system's block bitmap block `page` as it was when `snap` was taken."""
+        with self.lock:  # (the initial copy reads it from a worker thread)
+            return self._meta_page(snap, page)
+
+    def _meta_page(self, snap: Snapshot, page: int) -> np.ndarray:
         key = (snap.id, page)
         arr = self._meta.get(key)
         if arr is None:
@@ -357,6 +400,8 @@ class SnapLayer(Layer):
         leaves the snapshot marked 'deleting', and running delete again finishes it. Writers
         wait only while the images are looked up and moved, not for the durable commits."""
         with self._flush_lock:
+            if snap not in self.store.queue:  # deleted meanwhile (another thread)
+                return 0
             self.store.mark(snap, "deleting")
             moved = 0
             with self.lock:
@@ -371,12 +416,13 @@ class SnapLayer(Layer):
                         parts = self.store.read_saved(snap, bis)
                         self.store.add_before_images(older, bis, b"".join(d for _, _, d in parts))
                         moved += len(bis)
-            if moved:
-                self._flush_saves()  # the moved images are durable before their source goes
-            with self.lock:
+                # out of the queue in the same hold of the lock as the move: else a write
+                # in between would give its before-image to this dying snapshot alone
                 self._meta = OrderedDict((k, v) for k, v in self._meta.items()
                                          if k[0] != snap.id)
                 self.store.unqueue(snap)
+            if moved:
+                self._flush_saves()  # the moved images are durable before their source goes
             self.store.remove(snap)
             return moved
 
@@ -412,6 +458,8 @@ class SnapLayer(Layer):
                     with self.lock:
                         data = self._read_snapshot(snap, a, m)
                     top.write(a, data, meta=True)  # through the change log, if any
+                    if top.pending_bytes() >= HELD_RELEASE:  # bounded memory
+                        top.release_held()
                     n += m
                     a += m
                     c -= m

@@ -657,16 +657,17 @@ class SnapStore:
         records past `indexed_end` from the save volumes, so the index needs committing
         only now and then, not at every group commit."""
         fds = []
-        for snap in self.queue:
-            if snap.save.unsynced:
-                try:
+        try:
+            for snap in self.queue:
+                if snap.save.unsynced:
                     snap.save.write_open()
-                except OSError as e:
-                    if not self.break_pin(snap, e):
-                        raise
-                    continue
-                fds.append((snap, os.dup(snap.save.fd)))  # a delete may close the file
-                snap.save.unsynced = False
+                    fds.append((snap, os.dup(snap.save.fd)))  # a delete may close the file
+                    snap.save.unsynced = False
+        except BaseException:
+            for snap, fd in fds:
+                os.close(fd)
+                snap.save.unsynced = True
+            raise
         if not index:
             return fds, {}, ({}, {})
         ends = {s.id: s.save.size for s in self.queue if s.indexed_end != s.save.size}
@@ -674,16 +675,12 @@ class SnapStore:
         return fds, ends, pages
 
     def sync_detached(self, token) -> None:
-        """Make the detached records durable (no lock needed). A pin whose save volume
-        fails is broken (break_pin); any other failure is raised."""
+        """Make the detached records durable (no lock needed); raises if a sync fails
+        (the caller must then not trust those records: see SnapLayer._flush_saves)."""
         fds = token[0]
         try:
-            for snap, fd in fds:
-                try:
-                    os.fdatasync(fd)
-                except OSError as e:
-                    if not self.break_pin(snap, e):
-                        raise
+            for _, fd in fds:
+                os.fdatasync(fd)
             new = [snap for snap, _ in fds if not snap.save.entry_durable]
             if new:  # before the index or a held write depends on the records
                 fsync_dir(self.save_dir)
@@ -692,14 +689,13 @@ class SnapStore:
         finally:
             for _, fd in fds:
                 os.close(fd)
-            fds.clear()
 
     def break_pin(self, snap: Snapshot, exc: BaseException) -> bool:
-        """A snapshot that keeps only an `interest` set (a delta set's pin) could not keep a
-        before-image (its save volume failed): it stops keeping anything and is marked
-        broken (what it should hold is lost; replication says the destination needs a
-        resync), so that the file system goes on. False for a user's snapshot: the caller
-        fails as it would have."""
+        """A snapshot that keeps only an `interest` set (a delta set's pin) could not take a
+        before-image into its save volume (no room, a failing disk): it stops keeping
+        anything and is marked broken (its delta set cannot be sent; replication says the
+        destination needs a resync), so that the file system goes on. False for a user's
+        snapshot: the caller fails as it would have. Call under the layer's lock."""
         if snap.interest is None:
             return False
         if not snap.attrs.get("broken"):
@@ -707,8 +703,6 @@ class SnapStore:
             log.error("snapshot %s (a delta set's pin) is broken: %s; the file system goes on, "
                       "the delta set cannot be sent", snap.name, why)
             snap.interest = pagedbits.PagedBits()
-            snap.save._open = None  # its unwritten copies are lost with it
-            snap.save.unsynced = False
             try:
                 self.set_attrs(snap, {"broken": why})
             except Exception as e:  # noqa: BLE001 - meta.lmdb failing too: in memory only
@@ -716,37 +710,51 @@ class SnapStore:
                 log.error("cannot record that %s is broken: %s", snap.name, e)
         return True
 
-    def commit_detached(self, token) -> None:
+    def write_index(self, token) -> None:
         """Write the detached indexes in one durable LMDB transaction (after sync_detached:
-        an index never points at a record that is not durable), then let readers use the
-        committed pages from the cache. If it fails, the pages are dirty again."""
+        an index never points at a record that is not durable). No lock needed; then
+        `index_written`, or `undetach` if it failed."""
         _, ends, (bits, bmap) = token
         if not bits and not bmap and not ends:
             return
-        try:
-            with self.env.begin(write=True) as txn:
-                self.bits.write_pages(txn, bits)
-                self.bmap.write_pages(txn, bmap)
-                for snap in self.queue:
-                    if snap.id in ends:
-                        rec = json.loads(snap.record())
-                        rec["indexed_end"] = ends[snap.id]
-                        txn.put(K.snap_key(snap.id), json.dumps(rec).encode(), db=self.db_snaps)
-        except BaseException:
-            for pg, pages in ((self.bits, bits), (self.bmap, bmap)):
-                for k, buf in pages.items():
-                    if pg.flushing.get(k) is buf:
-                        del pg.flushing[k]
-                        pg.dirty.setdefault(k, bytearray(buf))
-            for snap in self.queue:
+        with self.env.begin(write=True) as txn:
+            self.bits.write_pages(txn, bits)
+            self.bmap.write_pages(txn, bmap)
+            for snap in list(self.queue):
                 if snap.id in ends:
-                    snap.save.unsynced = True
-            raise
+                    rec = json.loads(snap.record())
+                    rec["indexed_end"] = ends[snap.id]
+                    txn.put(K.snap_key(snap.id), json.dumps(rec).encode(), db=self.db_snaps)
+
+    def index_written(self, token) -> None:
+        """After write_index (under the layer's lock): readers use the committed pages."""
+        _, ends, (bits, bmap) = token
         for snap in self.queue:
             if snap.id in ends:
                 snap.indexed_end = max(snap.indexed_end, ends[snap.id])
         self.bits.attach_clean(bits)
         self.bmap.attach_clean(bmap)
+
+    def undetach(self, token, *, synced: bool) -> None:
+        """A flush failed (under the layer's lock): the detached index pages are dirty
+        again, and unless `synced`, the detached records must be synced by the next one."""
+        fds, ends, (bits, bmap) = token
+        for pg, pages in ((self.bits, bits), (self.bmap, bmap)):
+            for k, buf in pages.items():
+                if pg.flushing.get(k) is buf:
+                    del pg.flushing[k]
+                    pg.dirty.setdefault(k, bytearray(buf))
+        if not synced:
+            for snap, _ in fds:
+                snap.save.unsynced = True
+
+    def commit_detached(self, token) -> None:
+        try:
+            self.write_index(token)
+        except BaseException:
+            self.undetach(token, synced=True)
+            raise
+        self.index_written(token)
 
     def flush(self) -> None:
         """Make every record and the indexes durable (the caller keeps writers out)."""
