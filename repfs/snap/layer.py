@@ -220,7 +220,11 @@ class SnapLayer(Layer):
                       "trusted; nothing they protect is written any more", e)
             raise
         with self.lock:
-            self._release_held(epoch)
+            try:
+                self._release_held(epoch)
+            except BaseException:  # the volume failed: the index stays dirty for the next
+                self.store.undetach(token, synced=True)
+                raise
         try:
             self.store.write_index(token)
         except Exception as e:  # noqa: BLE001 - lmdb.Error, OSError: retried at the next
