@@ -198,9 +198,15 @@ class ChangeLogLayer(Layer):
         # (nor twice inside every consistency point, where writers wait)
         now = time.monotonic()
         if now - self._persisted >= self.PERSIST_EVERY:
-            with self.lock:
-                self.persist()
-            self._persisted = now
+            try:
+                with self.lock:
+                    self.persist()
+            except Exception as e:  # noqa: BLE001 - lmdb.Error, OSError: not needed for
+                # correctness (the intent marks cover it), so not a reason to fail a commit
+                log.warning("the change log's table could not be written (%s); the intent "
+                            "marks cover it, retried at the next flush", e)
+            else:
+                self._persisted = now
         self.lower.flush()
 
     def persist(self) -> None:
