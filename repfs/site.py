@@ -63,8 +63,9 @@ listen = "127.0.0.1:0"
 # save_capacity = "50G"
 
 [repl]
-# bytes the primary's delta-set chunk area (SITE/save/deltasets/) may hold; when it is full,
-# cutting pauses until the destinations catch up (the change log keeps every change)
+# bytes the primary's unshipped delta sets may hold (copies of blocks overwritten before they
+# were shipped, kept by their pinning snapshots); when it is full, cutting pauses until the
+# destinations catch up (the change log keeps every change)
 chunk_capacity = "1G"
 """
 

@@ -291,10 +291,6 @@ class DeltaSets:
 
     # ------------------------------------------------------------------ cutting
 
-    @property
-    def cutting(self) -> bool:
-        return False  # a cut completes at its consistency point (nothing is copied after)
-
     def pins(self) -> list:
         # (list(): another thread's delete may change the queue while it is read)
         return [s for s in list(self.store.queue) if s.name.startswith(PIN_PREFIX)]

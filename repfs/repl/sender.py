@@ -345,8 +345,6 @@ class Primary:
             rec = self.sets.record(n)
             if rec and rec["blocks"] and rec["first_change_ns"]:
                 return (now - rec["first_change_ns"]) / 1e9
-            if rec and rec["state"] == "cutting" and rec["first_change_ns"]:
-                return (now - rec["first_change_ns"]) / 1e9
         if self.clog.changed_blocks and self.clog.first_change_ns:
             return (now - self.clog.first_change_ns) / 1e9
         return 0.0

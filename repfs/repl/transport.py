@@ -366,9 +366,6 @@ class ReceiverClient:
         return self.request("POST", "/repl/attach", {"primary": primary, "generation": generation,
                                                      "nblocks": nblocks, "force": force})
 
-    def copy(self, generation: int, start: int, data: bytes) -> None:
-        self.request("POST", "/repl/copy", encode_copy(generation, start, data))
-
     def send_copies(self, pieces: Iterable[tuple[int, int, bytes]], *,
                     window: int | None = None) -> int:
         """Initial-copy records (generation, start block, data), pipelined (`send_many`);
@@ -379,9 +376,6 @@ class ReceiverClient:
     def start_playback(self, after: int, generation: int, blocks: int) -> None:
         self.request("POST", "/repl/start-playback", {"after": after, "generation": generation,
                                                       "blocks": blocks})
-
-    def chunk(self, raw: bytes) -> None:
-        self.request("POST", "/repl/chunk", raw)
 
     def send_chunks(self, chunks: Iterable[bytes], *, window: int | None = None) -> int:
         """Encoded delta chunks, pipelined (`send_many`); returns how many were
