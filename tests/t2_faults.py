@@ -447,7 +447,8 @@ def test_a_full_disk_under_the_pins_does_not_stop_the_file_system(sites):
     shows the error, nothing is lost. powerfs (FUSE) cannot reserve a pin's room at the cut
     (fallocate), so the pin cannot keep its copy of committed metadata and breaks: the
     destination stops with "needs a full resync" and `replicate start --force` brings it
-    back (on a disk file system the reservation makes this case a failed cut instead)."""
+    back (on a disk file system the room reserved right after the cut makes this rare: the
+    copies then fail only if that reservation itself found the disk full, which is logged)."""
     m1, m2 = make_pair(sites)
     (m1.path / "a").write_bytes(os.urandom(200_000))
     wait_converged(m1, m2, admin_cut(m1), timeout=60)

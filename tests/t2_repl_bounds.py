@@ -35,6 +35,12 @@ MiB = 1 << 20
 # ----------------------------------------------------------------------------- memory cgroup
 
 
+
+def run_repfs_admin_fail(mnt, *args) -> subprocess.CompletedProcess:
+    """`repfs-admin --site MNT ARGS`, expected to fail (its result, not an exception)."""
+    return subprocess.run(["repfs-admin", "--site", str(mnt), *args], capture_output=True,
+                          text=True, timeout=60)
+
 def _own_memory_cgroup() -> Path | None:
     """This process's cgroup-v1 memory directory (children of it keep the hierarchy that
     whoever runs the tests set up)."""
@@ -366,6 +372,8 @@ def test_a_stopped_destination_keeps_its_delta_sets_while_another_plays_them(
             assert len(save_volumes(m1)) == len(cuts), save_volumes(m1)
         listed = admin_json(m1.path, "snapshot", "list")
         assert "repl-ds-" not in str(listed), listed  # internal: not the user's snapshots
+        r = run_repfs_admin_fail(m1.path, "snapshot", "delete", f"repl-ds-{cuts[0]}")
+        assert r.returncode != 0 and "belongs to replication" in r.stderr, r
         assert_same_tree(m1.path, m2.path)
         boundary = tree(m2.path)  # S2 at the last cut's boundary
         st = api(m1.site, "GET", "/status")

@@ -63,6 +63,10 @@ class SnapshotVerbs:
         svc = self.svc
         if not internal:
             svc.check_writable()
+            if isinstance(name, str) and name.startswith("repl-"):
+                raise SnapError(f"snapshot {name!r} belongs to replication (it is released "
+                                f"when every destination has it; replicate stop releases "
+                                f"them all)", "conflict")
         snap = svc.store.find(name)
         if name in self._pins:
             raise SnapError(f"snapshot {name!r} pins a diff that is running; it goes when the "
