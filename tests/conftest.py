@@ -176,31 +176,38 @@ def mount_site(tmp_path):
     yield make
     errors = []
     for m in mounts:
-        try:
-            if os.path.ismount(m.path):
-                r = umount_busy_tolerant(m.path)
-                if r.returncode != 0:
-                    errors.append(f"umount {m.path}: {r.stderr.strip()}; held by: "
-                                  f"{holders(m.path) or 'nobody any more'}")
-        finally:
-            if os.path.ismount(m.path):
-                subprocess.run(["fusermount3", "-u", "-z", str(m.path)], check=False)
-                _wait_unmounted(m.path)
-        log = m.site / "repfs.log"
-        text = log.read_text(errors="replace") if log.exists() else ""
-        bad = [ln for ln in text.splitlines()
-               if (" WARNING " in ln or " ERROR " in ln or "Traceback" in ln)
-               and not any(x in ln for x in m.expected_log)]
-        if bad:
-            errors.append(f"{log} has warnings: {bad[:3]}")
-        missing = [x for x in m.expected_log if x not in text]
-        if missing:
-            errors.append(f"{log} lacks the expected lines: {missing}")
-        if not errors:
-            r = run_repfs("fsck", m.site, check=False)
-            if r.returncode != 0:
-                errors.append(f"fsck {m.site}: exit {r.returncode}\n{r.stdout}{r.stderr}")
+        teardown_mount(m.path, m.site, m.expected_log, errors)
     assert not errors, "\n".join(errors)
+
+
+def teardown_mount(path: Path, site: Path, expected_log, errors: list[str]) -> None:
+    """A test mount's end: unmount (lazily if it must), then the site's log holds no
+    WARNING/ERROR/Traceback except `expected_log` needles (each of which must appear), and,
+    if nothing went wrong so far, fsck finds it clean. Problems are appended to `errors`."""
+    try:
+        if os.path.ismount(path):
+            r = umount_busy_tolerant(path)
+            if r.returncode != 0:
+                errors.append(f"umount {path}: {r.stderr.strip()}; held by: "
+                              f"{holders(path) or 'nobody any more'}")
+    finally:
+        if os.path.ismount(path):
+            subprocess.run(["fusermount3", "-u", "-z", str(path)], check=False)
+            _wait_unmounted(path)
+    log = site / "repfs.log"
+    text = log.read_text(errors="replace") if log.exists() else ""
+    bad = [ln for ln in text.splitlines()
+           if (" WARNING " in ln or " ERROR " in ln or "Traceback" in ln)
+           and not any(x in ln for x in expected_log)]
+    if bad:
+        errors.append(f"{log} has warnings: {bad[:3]}")
+    missing = [x for x in expected_log if x not in text]
+    if missing:
+        errors.append(f"{log} lacks the expected lines: {missing}")
+    if not errors:
+        r = run_repfs("fsck", site, check=False)
+        if r.returncode != 0:
+            errors.append(f"fsck {site}: exit {r.returncode}\n{r.stdout}{r.stderr}")
 
 
 @pytest.fixture

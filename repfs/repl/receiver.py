@@ -519,13 +519,7 @@ class Receiver:
         Syncs files: call it from a worker thread."""
         if self.role != "secondary" or self.state != "replicating":
             raise ReceiveError("this site is not receiving delta sets")
-        try:
-            hdr = decode_set_header(header)
-        except ChunkError as e:
-            raise ReceiveError(f"rejected delta-set header: {e}", "invalid") from None
-        if hdr.generation != self.generation:
-            raise ReceiveError(f"rejected header of generation {hdr.generation}: this site is "
-                               f"at generation {self.generation}")
+        hdr = self._decode(decode_set_header, header, "delta-set header")
         if hdr.delta_set <= self.last_received:
             return {"acked": self.last_received, "played": self.last_played}
         p = self.partial
