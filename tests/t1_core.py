@@ -2330,11 +2330,9 @@ def test_failed_checkpoint_flush_turns_read_only(make_fs, caplog):
     assert fs.read(look(fs, ROOT, b"new").ino, 0, 100) == b"committed"
 
 
-@pytest.mark.parametrize("lblk", [3, 200, 5000])  # direct, single and double indirect
-def test_small_writes_into_reused_blocks_expose_nothing(make_fs, lblk):
-    # The one-block write path (no numpy): a partial write into a hole gets zeros around
-    # it, never the deleted file's bytes its new block held; a failed one leaves no block
-    # mapped. Then overwrites of mapped blocks (the other fast path) read back exactly.
+def _new_file_among_stale_free_blocks(make_fs):
+    """A 16 MiB file system whose data writes can be made to fail (fs.dev.fail_data), every
+    free block holding b"S" (what deleted files left there), and an empty new file in it."""
     img, jnl = paths_of(make_fs, make_fs(size=16 << 20))
     fs = make_fs.made[-1][0]
     fs.close()
@@ -2342,10 +2340,18 @@ def test_small_writes_into_reused_blocks_expose_nothing(make_fs, lblk):
     fs = FileSystem(_DataWriteFails(Volume(img)), jnl)
     replace_fs(make_fs, make_fs.made[-1][0], fs)
     fs.commit()
-    for b in range(fs.sb.data_start, fs.sb.nblocks):  # what deleted files left in free blocks
+    for b in range(fs.sb.data_start, fs.sb.nblocks):
         if not fs.alloc.blocks.test(b):
             fs.dev.write(b, b"S" * BS)
-    f = fs.create(ROOT, b"new", 0o644).ino
+    return fs, fs.create(ROOT, b"new", 0o644).ino
+
+
+@pytest.mark.parametrize("lblk", [3, 200, 5000])  # direct, single and double indirect
+def test_small_writes_into_reused_blocks_expose_nothing(make_fs, lblk):
+    # The one-block write path (no numpy): a partial write into a hole gets zeros around
+    # it, never the deleted file's bytes its new block held; a failed one leaves no block
+    # mapped. Then overwrites of mapped blocks (the other fast path) read back exactly.
+    fs, f = _new_file_among_stale_free_blocks(make_fs)
     base = lblk * BS
     fs.dev.fail_data = True
     with pytest.raises(OSError):
@@ -2374,17 +2380,7 @@ def test_multi_block_writes_into_holes_expose_nothing(make_fs, lblk):
     # The path for a run of holes within one map leaf (the kernel writing back fresh
     # pages): partial ends are zeros, never what deleted files left in the new blocks; a
     # write that fails partway is short and leaves only the written blocks mapped.
-    img, jnl = paths_of(make_fs, make_fs(size=16 << 20))
-    fs = make_fs.made[-1][0]
-    fs.close()
-    fs.dev.close()
-    fs = FileSystem(_DataWriteFails(Volume(img)), jnl)
-    replace_fs(make_fs, make_fs.made[-1][0], fs)
-    fs.commit()
-    for b in range(fs.sb.data_start, fs.sb.nblocks):  # what deleted files left in free blocks
-        if not fs.alloc.blocks.test(b):
-            fs.dev.write(b, b"S" * BS)
-    f = fs.create(ROOT, b"new", 0o644).ino
+    fs, f = _new_file_among_stale_free_blocks(make_fs)
     base = lblk * BS
     fs.dev.fail_data = True
     with pytest.raises(OSError):

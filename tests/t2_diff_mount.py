@@ -177,13 +177,19 @@ def test_writers_go_on_while_a_live_diff_runs(gated):
     assert not bad, bad
 
 
-def test_a_pin_left_by_a_killed_daemon_is_deleted_at_the_next_mount(gated):
-    g = gated
+def _mounted_with_a_change_since_s1(g) -> Path:
+    """Mount, write /f, snapshot s1, then change /f: a live diff has one path to find."""
     g.mount()
     m = g.path
     write_durable(m / "f", b"one")
     admin_ok(m, "snapshot", "create", "s1")
     write_durable(m / "f", b"two")
+    return m
+
+
+def test_a_pin_left_by_a_killed_daemon_is_deleted_at_the_next_mount(gated):
+    g = gated
+    m = _mounted_with_a_change_since_s1(g)
     pid = admin_ok(m, "status")["pid"]
     diff = g.diff_proc("s1")
     g.wait_blocked(diff)
@@ -211,11 +217,7 @@ def test_an_unmount_during_a_live_diff_cancels_it_and_deletes_the_pin(gated):
     """The daemon goes down while a live diff runs: the diff is cancelled, its worker thread
     is stopped and waited for, and the pin is deleted then (not left for the next mount)."""
     g = gated
-    g.mount()
-    m = g.path
-    write_durable(m / "f", b"one")
-    admin_ok(m, "snapshot", "create", "s1")
-    write_durable(m / "f", b"two")
+    m = _mounted_with_a_change_since_s1(g)
     diff = g.diff_proc("s1")
     g.wait_blocked(diff)
     assert g.saves() == 2
