@@ -103,7 +103,8 @@ def serve(site: Site, mountpoint: str, *, readonly: bool = False, writeback_cach
         token = ensure_token(site.path)  # (refuses a token file open to other users)
         if site.role() == "secondary":
             readonly = True  # a secondary's mount is read-only until failover
-        core = site.open_fs(readonly=readonly)
+        settings = site.settings()  # (a bad bound refuses the mount, one line)
+        core = site.open_fs(readonly=readonly, held_limit=settings.held_limit)
     except SiteError as e:
         site.unlock()
         ready(str(e))
@@ -111,6 +112,7 @@ def serve(site: Site, mountpoint: str, *, readonly: bool = False, writeback_cach
     cfg = cfg_all.get("fs", {})
     ops = Operations(core, writeback_cache=writeback_cache,
                      cache_timeout=float(cfg.get("cache_timeout", 5.0)))
+    ops.HELD_LIMIT = settings.held_limit  # [memory] held_limit (bounds the daemon's memory)
     options = set(pyfuse3.default_options)
     # the site's path escaped for libfuse's option parser (a ',' would split it into options)
     options |= {f"fsname={fuse_opt_value(str(site.path))}", "subtype=repfs", "allow_other"}

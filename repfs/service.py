@@ -56,8 +56,10 @@ class SiteService:
         self.primary: Primary | None = None
         self.sets: DeltaSets | None = None
         if self.receiver.role == "primary":
+            settings = site.settings()
             self.sets = DeltaSets(env, self.clog, site.path, self.layer,
-                                  capacity_bytes=site.chunk_capacity())
+                                  capacity_bytes=site.chunk_capacity(),
+                                  max_outstanding=settings.max_outstanding)
             self.primary = Primary(self, self.clog, self.sets)
         self.secondary = Secondary(self, self.receiver)
         self.snapshots = SnapshotVerbs(self)

@@ -22,6 +22,7 @@ import shutil
 import time
 import tomllib
 import uuid as uuidlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import tomli_w
@@ -67,7 +68,32 @@ listen = "127.0.0.1:0"
 # were shipped, kept by their pinning snapshots); when it is full, cutting pauses until the
 # destinations catch up (the change log keeps every change)
 chunk_capacity = "1G"
+# unreleased delta sets (each pinned by a snapshot) at which cutting pauses (flow control)
+max_outstanding = 64
+# delta chunks (1 MiB each) in flight to one destination
+send_window = 8
+
+[memory]
+# bytes of writes the volume stack may hold in memory until their before-images are durable;
+# past it they are released in a worker thread, past twice it writers wait (docs/user-guide.md:
+# the daemon's memory follows from this, send_window and the destinations)
+held_limit = "64M"
 """
+
+
+@dataclass(frozen=True)
+class Settings:
+    """site.toml's bounds on a daemon's memory (docs/user-guide.md, "Memory")."""
+    held_limit: int  # [memory] held_limit: bytes of held writes before they are released
+    max_outstanding: int  # [repl] max_outstanding: unreleased delta sets before cutting pauses
+    send_window: int  # [repl] send_window: delta chunks in flight to one destination
+
+
+def _human(n: int) -> str:
+    for unit, shift in (("G", 30), ("M", 20), ("K", 10)):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return f"{n >> shift}{unit}"
+    return str(n)
 
 
 def _toml_value(value) -> str:
@@ -307,10 +333,45 @@ class Site:
         except SizeError:
             raise SiteError(f"{self.config_path}: bad [repl] chunk_capacity {raw!r}") from None
 
-    def device(self):
+    def settings(self) -> "Settings":
+        """The settings that bound the daemon's memory and replication's flow control, checked:
+        a bad value is refused with one line naming it (a mount fails before it starts)."""
+        from .common import SizeError, parse_size
+        cfg = self.config()
+
+        def bad(section: str, key: str, raw, why: str) -> SiteError:
+            return SiteError(f"{self.config_path}: bad [{section}] {key} {raw!r}: {why}")
+
+        def size(section: str, key: str, default: str, low: int, high: int) -> int:
+            raw = cfg.get(section, {}).get(key, default)
+            if isinstance(raw, bool) or not isinstance(raw, (str, int)):
+                raise bad(section, key, raw, "must be a size such as \"64M\"")
+            try:
+                value = parse_size(str(raw))
+            except SizeError as e:
+                raise bad(section, key, raw, str(e)) from None
+            if not low <= value <= high:
+                raise bad(section, key, raw, f"must be between {_human(low)} and {_human(high)}")
+            return value
+
+        def count(section: str, key: str, default: int, low: int, high: int) -> int:
+            raw = cfg.get(section, {}).get(key, default)
+            if isinstance(raw, bool) or not isinstance(raw, int) or not low <= raw <= high:
+                raise bad(section, key, raw, f"must be a whole number from {low} to {high}")
+            return raw
+
+        from .repl.transport import MAX_WINDOW
+        return Settings(
+            held_limit=size("memory", "held_limit", "64M", 1 << 20, 64 << 30),
+            max_outstanding=count("repl", "max_outstanding", 64, 1, 4096),
+            send_window=count("repl", "send_window", 8, 1, MAX_WINDOW),
+        )
+
+    def device(self, *, held_limit: int | None = None):
         """The volume stack the file system writes through, top to bottom: the change log
         (replication), the snapped volume (copy-on-first-write for snapshots), the image file.
-        The layers share the site's LMDB environment (SITE/meta.lmdb)."""
+        The layers share the site's LMDB environment (SITE/meta.lmdb). `held_limit`: the held
+        writes at which a restore releases them (Settings.held_limit; a default if None)."""
         from .repl.changelog import ChangeLogLayer
         from .repl.deltaset import attach_pins
         from .snap.layer import SnapLayer
@@ -330,6 +391,8 @@ class Site:
             vol.close()
             raise SiteError(f"cannot open {self.path / 'meta.lmdb'}: {e}") from None
         snap = SnapLayer(vol, self.open_store(env), sb.bbitmap_start)
+        if held_limit is not None:
+            snap.held_release = held_limit
         attach_pins(env, snap.store)  # before any recovery writes through the stack
         return ChangeLogLayer(snap, env)
 
@@ -348,10 +411,10 @@ class Site:
             env.close()
         return raw.decode() if raw else "primary"
 
-    def open_fs(self, *, readonly: bool = False) -> FileSystem:
+    def open_fs(self, *, readonly: bool = False, held_limit: int | None = None) -> FileSystem:
         dev = None
         try:
-            dev = self.device()
+            dev = self.device(held_limit=held_limit)
             self._finish_interrupted(dev)  # recovery, like the redo-log replay: even read-only
             return FileSystem(dev, self.journal_path, readonly=readonly)
         except FormatError as e:

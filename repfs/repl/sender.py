@@ -27,7 +27,6 @@ from .transport import PermanentError, ReceiverClient, RejectedError, TransientE
 log = logging.getLogger(__name__)
 BS = 4096
 COPY_PIECE = 256  # blocks per initial-copy request
-SEND_WINDOW = 8  # delta chunks in flight to one destination
 DEFAULT_POLICY = {"timeout": 5.0, "hwm": 64 << 20, "playback_timeout": 0.0,
                   "playback_hwm": 64 << 20, "retention": 7 * 86400.0}
 
@@ -49,6 +48,7 @@ class Primary:
         self.sent_bytes = 0
         self.rate_window: list[tuple[float, int]] = []
         self.sup = service.supervisor  # contains, logs, shows and retries task failures
+        self.send_window = service.site.settings().send_window  # site.toml [repl] send_window
         self.clog.enabled = any(d["state"] != "stopped" for d in self.dests())
 
     # ------------------------------------------------------------------ state
@@ -267,7 +267,7 @@ class Primary:
                 page += 1
                 d["copy_pos"] = max(d["copy_pos"], page * K.PAGE_BITS)
 
-        client.send_copies(pieces(), window=SEND_WINDOW)
+        client.send_copies(pieces(), window=self.send_window)
         total = counted[0]
         client.start_playback(d["stamp"], gen, total)
         self._copy_done(d, name, total)
@@ -312,7 +312,7 @@ class Primary:
                     sent[0] += len(raw)
                     yield raw
         try:
-            client.send_chunks(wanted(), window=SEND_WINDOW)
+            client.send_chunks(wanted(), window=self.send_window)
             header = stream.header()
         except (ChunkError, DamagedRecord) as e:
             raise PermanentError(f"delta set {n} cannot be read on this site ({e}); "

@@ -48,6 +48,7 @@ HELD_RELEASE = 64 << 20  # held bytes at which restore and playback release them
 
 class SnapLayer(Layer):
     META_CACHE = 256  # unpacked meta bit map pages (32 KiB each)
+    held_release = HELD_RELEASE  # site.toml [memory] held_limit when a site sets it (Site.device)
 
     def __init__(self, lower, store: SnapStore, bitmap_start: int, *,
                  reserve_bytes: int = 64 << 20):
@@ -462,7 +463,7 @@ class SnapLayer(Layer):
                     with self.lock:
                         data = self._read_snapshot(snap, a, m)
                     top.write(a, data, meta=True)  # through the change log, if any
-                    if top.pending_bytes() >= HELD_RELEASE:  # bounded memory
+                    if top.pending_bytes() >= self.held_release:  # bounded memory
                         top.release_held()
                     n += m
                     a += m
