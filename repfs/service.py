@@ -52,7 +52,7 @@ class SiteService:
         self.nursery: trio.Nursery | None = None
         self.supervisor = Supervisor()  # the background tasks: contained, shown in status
         env = self.store.env
-        self.receiver = Receiver(env, site.path, self.layer.nblocks)
+        self.receiver = Receiver(env, site.path, self.layer.nblocks, self.clog)
         self.primary: Primary | None = None
         self.sets: DeltaSets | None = None
         if self.receiver.role == "primary":

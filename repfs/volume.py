@@ -24,6 +24,18 @@ def pwrite_all(fd: int, data, off: int) -> None:
         off += n
 
 
+def pwritev_all(fd: int, parts, off: int) -> int:
+    """Write the buffers `parts` one after the other from `off`, with one system call where
+    the kernel takes them all (fewer than IOV_MAX parts; a short write is finished with
+    `pwrite_all`). Returns the number of bytes written."""
+    parts = [memoryview(p).cast("B") for p in parts]
+    total = sum(p.nbytes for p in parts)
+    n = os.pwritev(fd, parts, off)
+    if n != total:
+        pwrite_all(fd, memoryview(b"".join(parts))[n:], off + n)
+    return total
+
+
 def private_dir(path: str | os.PathLike) -> None:
     """Make directory `path` (and missing parents) mode 0700: it holds raw blocks of every
     file (save volumes, delta sets), which must not bypass the files' own permissions.

@@ -470,3 +470,130 @@ def test_incoming_files_and_directories_are_private_under_any_umask(site):
         assert stat.S_IMODE((path / "save").stat().st_mode) == 0o700
     finally:
         os.umask(old)
+
+
+# ----------------------------------------------------------------------------- direct writes
+
+
+def formatted_dev(used: list[tuple[int, int]]) -> MemDev:
+    """A volume holding a superblock and a block bitmap whose `used` extents (and the
+    metadata area) are allocated: every other block is free."""
+    from repfs.fs.format import Superblock
+    dev = MemDev(NBLOCKS)
+    sb = Superblock.layout(NBLOCKS, 64)
+    bitmap = bytearray(BS)
+    for s, n in [(0, sb.data_start), *used]:
+        for b in range(s, s + n):
+            bitmap[b >> 3] |= 1 << (b & 7)
+    dev.write(0, sb.pack())
+    dev.write(sb.bbitmap_start, bytes(bitmap))
+    return dev
+
+
+def direct_secondary(site, dev, after=5) -> Receiver:
+    path, env = site
+    r = Receiver(env, path, NBLOCKS, dev)
+    r.attach(PRIMARY, GEN)
+    r.start_playback(after, GEN, 0)
+    r.play(r.next_to_play(), dev)
+    return r
+
+
+def test_blocks_free_at_the_last_boundary_go_straight_into_the_volume(site):
+    """Issue 8: a received block that was free when the last delta set was played is
+    written once, into the volume, as it arrives; the stored record keeps only the other
+    blocks. The delta set is acknowledged only once those blocks are durable (a flush), and
+    playback writes only the staged blocks. The result is the same volume."""
+    rng = random.Random(21)
+    dev = formatted_dev([(100, 100)])
+    r = direct_secondary(site, dev)
+    before = dict(dev.blocks)
+    chunks = [[(150, 4), (300, 8)], [(198, 4)], [(120, 2)]]  # mixed, mixed, all used
+    out, sums = {}, []
+    for i, ext in enumerate(chunks):
+        d = blk(rng, sum(c for _, c in ext))
+        raw = encode_chunk(GEN, 6, i, ext, d)
+        flushes = dev.flushes
+        r.receive_chunk(raw)
+        assert dev.flushes == flushes  # nothing synced per chunk
+        sums.append(encoded_checksum(raw))
+        pos = 0
+        for s, c in ext:
+            for b in range(c):
+                out[s + b] = d[(pos + b) * BS:(pos + b + 1) * BS]
+            pos += c
+    direct = list(range(300, 308)) + [200, 201]
+    for b in direct:  # in the volume already, before the delta set is complete
+        assert dev.blocks[b] == out[b]
+    for b in set(out) - set(direct):
+        assert dev.blocks.get(b) == before.get(b)  # the used blocks wait for playback
+    staged = r._path(6).stat().st_size
+    assert staged < (len(out) - len(direct) + 1) * BS  # the direct blocks are not stored
+    flushes = dev.flushes
+    r.commit(encode_set_header(SetHeader(GEN, 6, 3, len(out), data_checksum(sums))), {})
+    assert dev.flushes > flushes  # durable before the acknowledgement
+    rec = r.next_to_play()
+    assert sorted(r.extents(rec)) == sorted(e for ext in chunks for e in ext)
+    r.play(rec, dev)
+    for b, d in out.items():
+        assert dev.blocks[b] == d
+    assert r.last_played == 6
+
+
+def test_no_direct_write_while_an_earlier_delta_set_waits(site):
+    """A block free in the volume as played is not known free at the boundary the delta
+    set starts from while an earlier one is still to play: everything is staged."""
+    rng = random.Random(22)
+    dev = formatted_dev([])
+    r = direct_secondary(site, dev)
+    first = send_set(r, 6, [[(400, 2)]], rng)  # free at boundary 5: direct; not played
+    assert all(dev.blocks[b] == d for b, d in first.items())
+    second = send_set(r, 7, [[(500, 3)]], rng)  # boundary 6 is not in the volume yet
+    assert all(b not in dev.blocks for b in second)
+    r.play(r.next_to_play(), dev)
+    r.play(r.next_to_play(), dev)
+    assert all(dev.blocks[b] == d for b, d in {**first, **second}.items())
+    third = send_set(r, 8, [[(600, 2)]], rng)  # now the last boundary is 7: direct
+    assert all(dev.blocks[b] == d for b, d in third.items())
+
+
+def test_a_damaged_direct_block_is_found_before_anything_is_played(site):
+    """Playback verifies the blocks a direct record put in the volume with the chunk's own
+    checksum: damaged since, the delta set is refused whole (nothing staged is written)."""
+    rng = random.Random(23)
+    dev = formatted_dev([(100, 100)])
+    r = direct_secondary(site, dev)
+    out = send_set(r, 6, [[(150, 2), (300, 2)]], rng)
+    dev.blocks[301] = b"rot!" * 1024
+    with pytest.raises(CorruptDeltaSet, match="damaged"):
+        r.play(r.next_to_play(), dev)
+    assert dev.blocks.get(150) != out[150] and r.last_played == 5
+
+
+def test_a_partial_delta_set_with_direct_blocks_resumes_where_they_hold(site):
+    """After a restart the partial delta set is rebuilt by verifying each record, direct
+    blocks read back from the volume: a direct block lost (a power cut took the unsynced
+    write) ends the partial there, and the sender resends from that chunk."""
+    rng = random.Random(24)
+    path, env = site
+    dev = formatted_dev([])
+    r = direct_secondary(site, dev)
+    raws = [encode_chunk(GEN, 6, i, [(300 + 10 * i, 2)], blk(rng, 2)) for i in range(3)]
+    for raw in raws:
+        r.receive_chunk(raw)
+    assert Receiver(env, path, NBLOCKS, dev).info()["partial"] == {"delta_set": 6, "chunks": 3}
+    del dev.blocks[311]  # the second chunk's write did not survive
+    r2 = Receiver(env, path, NBLOCKS, dev)
+    assert r2.info()["partial"] == {"delta_set": 6, "chunks": 1}
+    assert r2.receive_chunk(raws[0]) == {"duplicate": True}
+    for raw in raws[1:]:
+        r2.receive_chunk(raw)
+    r2.commit(encode_set_header(SetHeader(GEN, 6, 3, 6, data_checksum(
+        [encoded_checksum(x) for x in raws]))), {})
+    r2.play(r2.next_to_play(), dev)
+    assert r2.last_played == 6 and dev.read(310, 2) == bytes(decode_chunk_data(raws[1]))
+
+
+def decode_chunk_data(raw):
+    from repfs.repl.chunk import decode_chunk
+    return decode_chunk(raw).data

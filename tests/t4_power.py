@@ -530,7 +530,10 @@ def test_power_cut_during_replication(power_site):
     phases = [(pinned[0], m1, "site/save|site/save/*.save|site/meta.lmdb/*",
                "create|write|fsync|fsyncdir"),
               (pinned[1], m1, "site/save/*.save", "write|fsync"),
-              ("receive (secondary)", m2, "site/save/incoming/*", "write|fsync"),
+              # (blocks free at the last boundary go straight into the volume as they
+              # arrive: the cut may take them, unsynced, before the delta set is whole)
+              ("receive (secondary)", m2, "site/save/incoming/*|site/volume.img",
+               "write|fsync"),
               ("playback (secondary)", m2, "site/volume.img", "write|fsync"),
               ("send (primary)", m1, None, None)]
     seeds = iter(range(1 << 30))

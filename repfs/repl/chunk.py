@@ -16,6 +16,19 @@ Chunk::
 The checksum is xxh3-64 over the header (with the checksum field zero), the extents and the
 data. A chunk holds at most MAX_CHUNK_BLOCKS blocks.
 
+A received chunk whose blocks were partly free at the secondary's last played boundary is
+stored as a *direct record* (issue 8: each new byte written once on the secondary): those
+blocks went straight into the volume, and the record keeps only the rest::
+
+    _DIRECT_HDR  magic "RDDIRCT1", direct run count u32, stored block count u32
+    runs         count x (start u32, length u32): the blocks written into the volume, in the
+                 chunk's block order, each inside one of its extents
+    chunk        the received chunk's header and extents, unchanged (its checksum included)
+    data         the chunk's other blocks, in order
+
+`join_direct` rebuilds the received chunk from a record and the volume, so the one check of
+`decode_chunk` (the chunk's checksum over every block) verifies the direct blocks too.
+
 Delta-set header::
 
     magic "RDSETHD1", generation u64, delta set u64, chunks u32, blocks u64,
@@ -25,7 +38,7 @@ Delta-set header::
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import xxhash
@@ -37,6 +50,8 @@ MAX_EXTENTS = 4096
 _CHUNK_MAGIC = b"RDCHUNK1"
 _CHUNK_HDR = struct.Struct("<8sQQIIIQ")
 _EXTENT = struct.Struct("<II")
+_DIRECT_MAGIC = b"RDDIRCT1"
+_DIRECT_HDR = struct.Struct("<8sII")
 _SET_MAGIC = b"RDSETHD1"
 _SET_HDR = struct.Struct("<8sQQIQQQ")
 SET_HEADER_SIZE = _SET_HDR.size
@@ -54,6 +69,7 @@ class Chunk:
     extents: list[tuple[int, int]]
     data: bytes  # (decode_chunk: a memoryview of the buffer it decoded)
     checksum: int = 0
+    direct: list = field(default_factory=list)  # runs stored in the volume (a direct record)
 
     @property
     def blocks(self) -> int:
@@ -133,9 +149,144 @@ def chunk_size(buf, offset: int = 0) -> int:
     return _CHUNK_HDR.size + 8 * next_ + blocks * BS
 
 
+def record_size(buf, offset: int = 0) -> int:
+    """Total size of the stored record (a chunk or a direct record) at `offset`, from its
+    headers alone."""
+    if bytes(buf[offset: offset + 8]) != _DIRECT_MAGIC:
+        return chunk_size(buf, offset)
+    nruns, stored = _direct_head(buf, offset)
+    inner = offset + _DIRECT_HDR.size + 8 * nruns
+    size = chunk_size(buf, inner)
+    blocks = _CHUNK_HDR.unpack_from(buf, inner)[5]
+    if stored > blocks:
+        raise ChunkError("direct record stores more blocks than its chunk has")
+    return inner - offset + size - (blocks - stored) * BS
+
+
+def _direct_head(buf, offset: int) -> tuple[int, int]:
+    if len(buf) - offset < _DIRECT_HDR.size:
+        raise ChunkError("truncated direct record header")
+    _, nruns, stored = _DIRECT_HDR.unpack_from(buf, offset)
+    if nruns > MAX_CHUNK_BLOCKS or stored > MAX_CHUNK_BLOCKS:
+        raise ChunkError("direct record header out of range")
+    if len(buf) - offset < _DIRECT_HDR.size + 8 * nruns + _CHUNK_HDR.size:
+        raise ChunkError("truncated direct record")
+    return nruns, stored
+
+
+def _chunk_offset(buf, offset: int = 0) -> int:
+    """Where the chunk header of the record at `offset` starts."""
+    if bytes(buf[offset: offset + 8]) != _DIRECT_MAGIC:
+        return offset
+    return offset + _DIRECT_HDR.size + 8 * _direct_head(buf, offset)[0]
+
+
+def direct_pieces(extents, runs) -> list[tuple[int, int, bool]]:
+    """The chunk's blocks in order as (start, count, direct) pieces: `runs` (in the chunk's
+    block order) are direct, the rest of each extent is stored. Raises ChunkError if a run is
+    not inside the extents in order."""
+    out, i = [], 0
+    for s, n in extents:
+        cur, end = s, s + n
+        while i < len(runs) and cur <= runs[i][0] and runs[i][0] + runs[i][1] <= end:
+            rs, rn = runs[i]
+            if rn <= 0:
+                raise ChunkError("an empty direct run")
+            if rs > cur:
+                out.append((cur, rs - cur, False))
+            out.append((rs, rn, True))
+            cur = rs + rn
+            i += 1
+        if cur < end:
+            out.append((cur, end - cur, False))
+    if i != len(runs):
+        raise ChunkError("a direct run lies outside its chunk's extents")
+    return out
+
+
+def encode_direct(chunk, runs) -> list:
+    """The stored record of received chunk `chunk` (its encoded bytes) whose blocks in `runs`
+    were written straight into the volume: buffers to write one after the other."""
+    mv = memoryview(chunk).cast("B")
+    next_ = _CHUNK_HDR.unpack_from(mv, 0)[4]
+    hsize = _CHUNK_HDR.size + 8 * next_
+    extents = [_EXTENT.unpack_from(mv, _CHUNK_HDR.size + 8 * i) for i in range(next_)]
+    parts, pos, stored = [], hsize, 0
+    for _, n, direct in direct_pieces(extents, runs):
+        if not direct:
+            parts.append(mv[pos: pos + n * BS])
+            stored += n
+        pos += n * BS
+    head = _DIRECT_HDR.pack(_DIRECT_MAGIC, len(runs), stored) + b"".join(
+        _EXTENT.pack(s, n) for s, n in runs)
+    return [head, mv[:hsize], *parts]
+
+
+@dataclass
+class StoredPieces:
+    """A stored record taken apart, unverified: the chunk's header and extents (`head`), its
+    blocks in order as (start, count, direct) `pieces`, and the stored blocks' data."""
+    head: memoryview
+    extents: list[tuple[int, int]]
+    runs: list[tuple[int, int]]
+    pieces: list[tuple[int, int, bool]]
+    data: memoryview
+    blocks: int
+
+
+def split_record(record) -> StoredPieces:
+    """Take a stored record (a chunk or a direct record) apart; raises ChunkError if its
+    headers and sizes disagree (nothing is verified against the checksum here)."""
+    mv = memoryview(record).cast("B")
+    if bytes(mv[:8]) == _DIRECT_MAGIC:
+        nruns, stored = _direct_head(mv, 0)
+        runs = [_EXTENT.unpack_from(mv, _DIRECT_HDR.size + 8 * i) for i in range(nruns)]
+        inner = _DIRECT_HDR.size + 8 * nruns
+    else:
+        runs, inner, stored = [], 0, None
+    chunk_size(mv, inner)
+    next_, blocks = _CHUNK_HDR.unpack_from(mv, inner)[4:6]
+    hsize = _CHUNK_HDR.size + 8 * next_
+    if stored is None:
+        stored = blocks
+    if len(mv) != inner + hsize + stored * BS:
+        raise ChunkError("stored record is not the size its headers say")
+    extents = [_EXTENT.unpack_from(mv, inner + _CHUNK_HDR.size + 8 * i) for i in range(next_)]
+    pieces = direct_pieces(extents, runs)
+    if sum(n for _, n, _ in pieces) != blocks or sum(
+            n for _, n, d in pieces if not d) != stored:
+        raise ChunkError("stored record's blocks do not add up")
+    return StoredPieces(mv[inner: inner + hsize], extents, runs, pieces, mv[inner + hsize:],
+                        blocks)
+
+
+def join_direct(record, read) -> tuple[memoryview, list[tuple[int, int]]]:
+    """The received chunk that stored `record` was, and its direct runs ([] for a plain
+    chunk, returned as it is). The direct blocks are read with `read(start, count)` (the
+    volume); `decode_chunk` of the result verifies them with the rest."""
+    mv = memoryview(record).cast("B")
+    if bytes(mv[:8]) != _DIRECT_MAGIC:
+        return mv, []
+    sp = split_record(mv)
+    hsize = len(sp.head)
+    view = memoryview(np.empty(hsize + sp.blocks * BS, dtype=np.uint8))
+    view[:hsize] = sp.head
+    pos, src = hsize, 0
+    for s, n, direct in sp.pieces:
+        if direct:
+            view[pos: pos + n * BS] = read(s, n)
+        else:
+            view[pos: pos + n * BS] = sp.data[src: src + n * BS]
+            src += n * BS
+        pos += n * BS
+    return view, sp.runs
+
+
 def peek_extents(buf, offset: int = 0) -> list[tuple[int, int]]:
     """The extents of the chunk at `offset`, from its header alone (not verified: only for
-    planning; decode_chunk verifies before anything is applied)."""
+    planning; decode_chunk verifies before anything is applied). A direct record's are its
+    chunk's."""
+    offset = _chunk_offset(buf, offset)
     chunk_size(buf, offset)
     next_ = _CHUNK_HDR.unpack_from(buf, offset)[4]
     base = offset + _CHUNK_HDR.size

@@ -30,14 +30,18 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
+
 from ..errors import DomainError
 from ..pagedbits import PagedBits
 from ..statefile import fsync_dir
-from ..volume import create_private, private_dir, pwrite_all
+from ..volume import create_private, private_dir, pwrite_all, pwritev_all
 from . import keys as K
+from ..extents import runs
+from ..fs.format import FormatError, Superblock
 from .chunk import (
-    ChunkError, chunk_size, data_checksum, decode_chunk, decode_copy,
-    decode_set_header, encode_chunk, peek_extents,
+    ChunkError, data_checksum, decode_chunk, decode_copy, decode_set_header, direct_pieces,
+    encode_chunk, encode_direct, join_direct, peek_extents, record_size, split_record,
 )
 
 log = logging.getLogger(__name__)
@@ -168,38 +172,59 @@ def _size(nblocks) -> str:
     return str(b)
 
 
-def iter_chunks(path: Path, start: int = 0):
-    """Yield (offset, size, chunk) for the verified chunks of file `path` from `start`, one
-    chunk in memory at a time. Stops at the end, at a delta-set header, or before the first
-    chunk that does not decode (the caller compares the last offset with the file size)."""
+def iter_records(path: Path, start: int = 0):
+    """Yield (offset, size, record) for the stored records (chunks and direct records) of
+    file `path` from `start` whose headers parse, one in memory at a time; stops at the end
+    or before the first that does not (nothing is verified here)."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         end = os.fstat(fd).st_size
         off = start
         while off < end:
-            head = os.pread(fd, 44, off)
+            head = os.pread(fd, 64 * 1024, off)  # holds any record's headers
             try:
-                size = chunk_size(head)
+                size = record_size(head)
             except ChunkError:
                 return
-            raw = os.pread(fd, size, off)
-            try:
-                c = decode_chunk(raw)
-            except ChunkError:
+            raw = os.pread(fd, size, off) if size > len(head) else head[:size]
+            if len(raw) != size:
                 return
-            yield off, size, c
+            yield off, size, raw
             off += size
     finally:
         os.close(fd)
+
+
+def iter_chunks(path: Path, start: int = 0, read=None):
+    """Yield (offset, size, chunk) for the verified chunks of file `path` from `start`, one
+    chunk in memory at a time: a direct record is rebuilt with the blocks it wrote into the
+    volume (`read(start, count)`; None: it counts as undecodable) and verified whole; its
+    chunk's `direct` are those runs. Stops at the end, at a delta-set header, or before the
+    first chunk that does not decode (the caller compares the last offset with the file
+    size)."""
+    for off, size, raw in iter_records(path, start):
+        try:
+            if read is None and split_record(raw).runs:
+                return
+            whole, direct = join_direct(raw, read)
+            c = decode_chunk(whole)
+        except ChunkError:
+            return
+        c.direct = direct
+        yield off, size, c
 
 
 # ----------------------------------------------------------------------------- the receiver
 
 
 class Receiver:
-    def __init__(self, env, site_path: Path, nblocks: int):
+    """`dev`: the secondary's volume stack (its top), into which chunk blocks that were free
+    at the last played boundary go at once; None: every block is staged."""
+
+    def __init__(self, env, site_path: Path, nblocks: int, dev=None):
         self.env = env
         self.nblocks = nblocks
+        self.dev = dev
         save = Path(site_path) / "save"
         self.dir = save / "incoming"
         private_dir(save)
@@ -319,7 +344,7 @@ class Receiver:
         that continue what was received in order (numbered from `number`, of this
         generation and of `delta_set` unless None, extents accepted by and added to `check`);
         stops at the first that does not (the caller cuts the file there)."""
-        for off, size, c in iter_chunks(path, start):
+        for off, size, c in iter_chunks(path, start, self._read):
             if (c.number != number or c.generation != self.generation
                     or (delta_set is not None and c.delta_set != delta_set)
                     or check.problem(c.extents)):
@@ -354,6 +379,13 @@ class Receiver:
         if path.stat().st_size != cp["off"]:
             os.truncate(path, cp["off"])
         self.copy = cp
+
+    def _read(self, start: int, count: int) -> bytes:
+        """Blocks of the volume for rebuilding a direct record (bounds checked: a damaged
+        record must not make a read fail outside the volume)."""
+        if self.dev is None:
+            raise ChunkError("a direct record, but no volume to read it from")
+        return _bounded(self.dev, self.nblocks)(start, count)
 
     def _decode(self, decode, body, what: str):
         """Decode a record from the primary; refuse it unless it is whole and of this site's
@@ -462,7 +494,7 @@ class Receiver:
 
     def _new_partial(self, n: int) -> dict:
         return {"n": n, "checksums": [], "blocks": 0, "off": 0,
-                "check": ExtentCheck(self.nblocks)}
+                "check": ExtentCheck(self.nblocks), "direct": False}
 
     def _load_partial(self) -> None:
         """Rebuild the state of a delta set whose reception was interrupted."""
@@ -477,6 +509,7 @@ class Receiver:
             p["checksums"].append(c.checksum)
             p["blocks"] += c.blocks
             p["off"] = end
+            p["direct"] = p["direct"] or bool(c.direct)
         os.truncate(path, p["off"])
         self.partial = p
 
@@ -506,13 +539,58 @@ class Receiver:
             why = p["check"].problem(c.extents)
         if why:
             raise ReceiveError(f"rejected chunk {c.number} of delta set {want}: {why}")
-        pwrite_all(self._writer(want), body, p["off"])
+        direct = self._direct_runs(want, c.extents)
+        if direct:
+            self._write_direct(c, direct)
+            p["direct"] = True
+            stored = pwritev_all(self._writer(want), encode_direct(body, direct), p["off"])
+        else:
+            pwrite_all(self._writer(want), body, p["off"])
+            stored = len(body)
         p["check"].add(c.extents)
-        p["off"] += len(body)
+        p["off"] += stored
         p["checksums"].append(c.checksum)
         p["blocks"] += c.blocks
         self.received_bytes += len(body)
         return {"accepted": c.number}
+
+    def _direct_runs(self, n: int, extents) -> list[tuple[int, int]]:
+        """The blocks of `extents` (a chunk of delta set `n`) that may go straight into the
+        volume, as runs in the chunk's block order: those free in the file system's block
+        bitmap as last played, when that is boundary n - 1 (delta set n - 1 played, none
+        playing). Nothing reads a free block, and playing delta set n is the first thing to
+        make one part of the file system, so such a block needs no staged copy: it is
+        written once. None of them may be: [] (no device, an earlier delta set still to
+        play, or a volume that does not hold a file system)."""
+        if self.dev is None or self.last_played != n - 1 or self._get("playing") is not None:
+            return []
+        try:
+            sb = Superblock.unpack(self.dev.read(0, 1))
+        except (FormatError, OSError, ValueError):
+            return []
+        bits_per = BS * 8
+        out = []
+        for s, count in extents:
+            first, last = s // bits_per, (s + count - 1) // bits_per
+            if sb.bbitmap_start + last >= sb.bbitmap_start + sb.bbitmap_blocks:
+                return []
+            raw = np.frombuffer(self.dev.read(sb.bbitmap_start + first, last - first + 1),
+                                dtype=np.uint8)
+            lo = s - first * bits_per
+            used = np.unpackbits(raw, bitorder="little")[lo: lo + count]
+            out.extend((s + i, k) for _, i, k in runs(np.flatnonzero(used == 0)))
+        return out
+
+    def _write_direct(self, c, direct) -> None:
+        """Write the blocks of chunk `c` in runs `direct` into the volume (through the
+        stack: a snapshot of this site still gets its before-images)."""
+        mv = memoryview(c.data)
+        pos = 0
+        for s, k, is_direct in direct_pieces(c.extents, direct):
+            if is_direct:
+                self.dev.write(s, mv[pos: pos + k * BS], meta=True)
+            pos += k * BS
+        _bound_held(self.dev)
 
     def commit(self, header: bytes, meta: dict) -> dict:
         """The delta-set header: verify completeness, make it durable, acknowledge.
@@ -535,6 +613,8 @@ class Receiver:
             raise ReceiveError(f"delta set {hdr.delta_set} incomplete or corrupt "
                                f"({len(got)} of {hdr.chunks} chunks): send it again", "invalid")
         if got:
+            if p["direct"]:  # its blocks in the volume durable before it is acknowledged
+                self.dev.flush()
             try:
                 os.fsync(self._writer(hdr.delta_set))
             finally:
@@ -574,18 +654,19 @@ class Receiver:
                 end = os.fstat(f.fileno()).st_size
                 while off < end:
                     head = os.pread(f.fileno(), 64 * 1024, off)  # holds any chunk's extents
-                    size = chunk_size(head)
+                    size = record_size(head)
                     out.extend(peek_extents(head))
                     off += size
         except (OSError, ChunkError, IndexError, ValueError):
             return None
         return out
 
-    def verify(self, rec: dict) -> None:
+    def verify(self, rec: dict, dev=None) -> None:
         """Check a whole received delta set before any of it is written: every chunk
-        decodes and verifies, is numbered in order, carries the delta set's generation and
-        number, its extents are valid and disjoint, and the totals match its record.
-        Raises CorruptDeltaSet."""
+        decodes and verifies (a direct record with the blocks it put in the volume, read
+        through `dev` or this receiver's device), is numbered in order, carries the delta
+        set's generation and number, its extents are valid and disjoint, and the totals
+        match its record. Raises CorruptDeltaSet."""
         n = rec["number"]
         if rec.get("damaged"):
             raise CorruptDeltaSet(f"delta set {n}: its record in meta.lmdb is damaged")
@@ -599,7 +680,8 @@ class Receiver:
         end = 0
         try:
             size = path.stat().st_size
-            for off, csize, c in iter_chunks(path):
+            read = self._read if dev is None else _bounded(dev, self.nblocks)
+            for off, csize, c in iter_chunks(path, 0, read):
                 if c.number != len(sums) or c.generation != gen or c.delta_set != want_ds:
                     raise CorruptDeltaSet(f"delta set {n}: chunk {len(sums)} is out of place")
                 try:
@@ -620,20 +702,20 @@ class Receiver:
         all of it, after `verify`, or none of it. Runs in a worker thread while readers are
         held back, one chunk in memory at a time."""
         n = rec["number"]
-        self.verify(rec)
+        self.verify(rec, dev)
         with self.env.begin(write=True) as txn:
             self._put(txn, "playing", K.u64(n))
         blocks = 0
-        if rec["chunks"]:
-            for _, _, c in iter_chunks(self._file(rec)):
-                mv = memoryview(c.data)
+        if rec["chunks"]:  # (verified whole just now: the records are taken apart only)
+            for _, _, raw in iter_records(self._file(rec)):
+                sp = split_record(raw)
                 pos = 0
-                for start, count in c.extents:
-                    dev.write(start, mv[pos: pos + count * BS], meta=True)
-                    pos += count * BS
-                if getattr(dev, "pending_bytes", int)() >= HELD_RELEASE:  # held by copy-on-
-                    dev.release_held()  # write for a snapshot here: bounded memory
-                blocks += c.blocks
+                for start, count, direct in sp.pieces:
+                    if not direct:  # (a direct run is in the volume since it was received)
+                        dev.write(start, sp.data[pos: pos + count * BS], meta=True)
+                        pos += count * BS
+                _bound_held(dev)
+                blocks += sp.blocks
         dev.flush()
         with self.env.begin(write=True) as txn:
             self._put(txn, "last_played", K.u64(n))
@@ -727,7 +809,7 @@ def finish_interrupted_playback(env, site_path: Path, dev) -> None:
     with env.begin(db=db) as txn:
         if txn.get(b"playing") is None:
             return
-    r = Receiver(env, site_path, dev.nblocks)
+    r = Receiver(env, site_path, dev.nblocks, dev)
     rec = r.interrupted_playback()
     if rec is None:
         return
@@ -737,6 +819,23 @@ def finish_interrupted_playback(env, site_path: Path, dev) -> None:
     except ReceiveError as e:  # damaged since it was first verified: it cannot be finished
         log.error("%s; the mount shows it half played until the playback loop has it sent "
                   "again and plays it", e)
+
+
+def _bound_held(dev) -> None:
+    """Let the writes that copy-on-write for a snapshot of this site holds in memory go to
+    the volume once they reach HELD_RELEASE: bounded memory while a delta set is received
+    or played."""
+    if getattr(dev, "pending_bytes", int)() >= HELD_RELEASE:
+        dev.release_held()
+
+
+def _bounded(dev, nblocks: int):
+    """`dev.read(start, count)`, refusing runs outside a volume of `nblocks` blocks."""
+    def bounded(start: int, count: int) -> bytes:
+        if start < 0 or count <= 0 or start + count > nblocks:
+            raise ChunkError(f"direct run ({start}, {count}) is not inside this volume")
+        return dev.read(start, count)
+    return bounded
 
 
 def _record(raw: bytes, n: int) -> dict:

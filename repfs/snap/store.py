@@ -37,7 +37,7 @@ from ..tasks import describe
 from ..statefile import fsync_dir
 from .. import pagedbits
 from ..extents import run_bounds
-from ..volume import BLOCK_SIZE, private_dir, pwrite_all
+from ..volume import BLOCK_SIZE, private_dir, pwritev_all
 from . import keys as K
 
 log = logging.getLogger(__name__)
@@ -198,8 +198,7 @@ class SaveVolume:
             h.update(part)
         struct.pack_into("<Q", head, _REC_CSUM_OFF, h.intdigest())
         # one system call, no joined copy of the body (at most REC_MAX + 1 parts: < IOV_MAX)
-        if os.pwritev(self.fd, [head, *data_parts], start * BS) != (1 + n) * BS:
-            pwrite_all(self.fd, b"".join([head, *data_parts]), start * BS)  # short: again
+        pwritev_all(self.fd, [head, *data_parts], start * BS)
         self._open = None
         self._open_n = 0
         if self._recs is not None:
