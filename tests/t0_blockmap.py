@@ -370,6 +370,57 @@ def test_contiguous_agrees_with_lookup(seed):
     assert hits > 300  # the case it exists for is covered, not only the fallbacks
 
 
+def _leaf_id(lblk: int):
+    """Which leaf holds logical block lblk (the direct pointers or one indirect leaf)."""
+    if lblk < N_DIRECT:
+        return (0, 0)
+    for k, start in ((3, L3), (2, L2), (1, L1)):
+        if lblk >= start:
+            return (k, (lblk - start) // PTRS_PER_BLOCK)
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_extents_agrees_with_lookup(seed):
+    """extents() (large reads of a sequential file, no numpy) gives the range's volume
+    extents exactly when it has no hole and each of its leaf segments is one consecutive
+    run, else None; it is what large sequential reads across a leaf boundary use."""
+    rng = random.Random(seed)
+    env = Env()
+    model: dict[int, int] = {}
+    for zs, zn in ZONES:  # sequential runs (leaf blocks land between them) and holes
+        pos = zs
+        while pos < zs + zn:
+            n = rng.randrange(1, 40)
+            if rng.random() < 0.8:
+                ensure_model(env, model, pos, min(n, zs + zn - pos))
+            pos += n
+    multi = hits = 0
+    for _ in range(2000):
+        zs, zn = rng.choice(ZONES)
+        first = zs + rng.randrange(zn)
+        count = rng.randrange(1, zs + zn - first + 1)
+        phys = [model.get(first + i, 0) for i in range(count)]
+        want = []
+        ok = all(phys)
+        i = 0
+        while ok and i < count:  # one consecutive run per leaf segment, merged if adjacent
+            j = i
+            while j + 1 < count and _leaf_id(first + j + 1) == _leaf_id(first + i):
+                j += 1
+            seg = phys[i: j + 1]
+            ok = seg == list(range(seg[0], seg[0] + len(seg)))
+            if want and want[-1][0] + want[-1][1] == seg[0]:
+                want[-1] = (want[-1][0], want[-1][1] + len(seg))
+            else:
+                want.append((seg[0], len(seg)))
+            i = j + 1
+        got = env.bmap.extents(env.inode, first, count)
+        assert got == (want if ok else None), (first, count)
+        hits += got is not None
+        multi += got is not None and len(got) > 1
+    assert hits > 200 and multi > 20  # both the merged and the split case are covered
+
+
 @pytest.mark.parametrize("seed", [1, 2])
 def test_fill_holes_maps_a_run_of_holes_or_changes_nothing(seed):
     """fill_holes() (the path for fresh pages written back by the kernel) maps a range that

@@ -133,6 +133,22 @@ class BlockMap:
             raise self._damaged(inode)
         return p
 
+    def extents(self, inode, first: int, count: int) -> list[tuple[int, int]] | None:
+        """The range as volume extents [(start, n)] in logical order when it has no hole and
+        each of its leaf segments is one consecutive run (a file written sequentially: a
+        large read crosses a leaf boundary, where the indirect block sits between two runs),
+        else None (use lookup). Like contiguous: no numpy."""
+        out: list[tuple[int, int]] = []
+        for _, pos, n in _segments(first, count):
+            p = self.contiguous(inode, pos, n)
+            if not p:
+                return None
+            if out and out[-1][0] + out[-1][1] == p:
+                out[-1] = (out[-1][0], out[-1][1] + n)
+            else:
+                out.append((p, n))
+        return out
+
     def lookup(self, inode, first: int, count: int) -> np.ndarray:
         """Volume block of each logical block in the range (0 for a hole)."""
         out = np.zeros(count, dtype=np.uint32)

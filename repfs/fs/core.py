@@ -503,6 +503,10 @@ class FileSystem:
         if p:  # the common case: one extent, one read, no numpy
             data = self.dev.read(p, nb)
             return data if head == 0 and size == len(data) else data[head: head + size]
+        ext = self.bmap.extents(inode, b0, nb)
+        if ext is not None:  # a sequential file across a leaf boundary: one read per run
+            data = b"".join([self.dev.read(s, n) for s, n in ext])
+            return data if head == 0 and size == len(data) else data[head: head + size]
         phys = self.bmap.lookup(inode, b0, nb)
         rr = mapped_runs(phys)
         if len(rr) == 1 and rr[0][0] == 0 and rr[0][2] == nb:
