@@ -73,6 +73,7 @@ async def _serve(service, interval: float, control_sock, token: str) -> None:
         nursery.start_soon(service.supervisor.run, "commit", _commit_loop, ops, interval,
                            service.supervisor, service)
         nursery.start_soon(_signal_loop)
+        nursery.start_soon(ops.tune_readahead, service.mountpoint)
         nursery.start_soon(ControlServer(service, token).serve, control_sock)
         await pyfuse3.main()
         await service.mounts.close_all()

@@ -978,6 +978,22 @@ def test_xattrs(shared):
     assert os.listxattr(f) == []
 
 
+def test_mount_readahead_raised(shared):
+    """The daemon raises its mount's readahead (the kernel's FUSE default is 128 KiB) once
+    the kernel has its INIT reply, so cold sequential reads take fewer READ round trips."""
+    from repfs.fs.ops import Operations
+    st = os.stat(shared.path)
+    path = Path(f"/sys/class/bdi/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/read_ahead_kb")
+    deadline = time.monotonic() + 10  # set by a task of the daemon right after INIT
+    while path.read_text().strip() != str(Operations.READ_AHEAD_KB) and \
+            time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert path.read_text().strip() == str(Operations.READ_AHEAD_KB)
+    data = os.urandom(3 << 20)  # and a sequential read returns the file
+    (shared.path / "ra").write_bytes(data)
+    assert (shared.path / "ra").read_bytes() == data
+
+
 _libc.getxattr.restype = _libc.listxattr.restype = ctypes.c_ssize_t
 _libc.getxattr.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t]
 _libc.listxattr.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t]
