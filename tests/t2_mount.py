@@ -12,6 +12,7 @@ import pickle
 import random
 import socket
 import stat
+import struct
 import subprocess
 import time
 from pathlib import Path
@@ -992,6 +993,27 @@ def test_mount_readahead_raised(shared):
     data = os.urandom(3 << 20)  # and a sequential read returns the file
     (shared.path / "ra").write_bytes(data)
     assert (shared.path / "ra").read_bytes() == data
+
+
+def test_security_capability_answered_and_killed_by_a_write(shared):
+    """The kernel asks for security.capability before every write; the adapter answers a file
+    without attributes on a fast path. A file that has file capabilities gets them read
+    (not the fast path's ENODATA), and a write removes them, as on ext4; a file with other
+    attributes but no capabilities answers ENODATA too."""
+    m = shared.path
+    f, g = m / "caps", m / "plain"
+    f.write_bytes(b"x" * 4096)
+    g.write_bytes(b"y")
+    expect(errno.ENODATA, os.getxattr, f, "security.capability")
+    caps = struct.pack("<5I", 0x02000001, 1 << 10, 0, 0, 0)  # v2, effective, cap_net_bind
+    os.setxattr(f, "security.capability", caps)
+    os.setxattr(g, "user.other", b"1")
+    assert os.getxattr(f, "security.capability") == caps
+    expect(errno.ENODATA, os.getxattr, g, "security.capability")
+    with open(f, "r+b") as fh:
+        fh.write(b"z")
+    expect(errno.ENODATA, os.getxattr, f, "security.capability")
+    assert f.read_bytes() == b"z" + b"x" * 4095
 
 
 _libc.getxattr.restype = _libc.listxattr.restype = ctypes.c_ssize_t
