@@ -413,16 +413,21 @@ class Receiver:
         if why:
             raise ReceiveError(f"rejected copy record: {why}")
         raw = encode_chunk(self.generation, 0, cp["chunks"], ext, rec.data)
+        # blocks free in the file system the mount shows (its state until the copy is
+        # played) go straight into the volume: the copy of a new secondary is written once
+        direct = self._free_runs(ext) if self.dev is not None else []
         fd = os.open(self.dir / COPY_FILE, os.O_WRONLY | os.O_CLOEXEC)
         try:
-            pwrite_all(fd, raw, cp["off"])
-            synced = cp["off"] + len(raw) - cp["synced"] >= COPY_SYNC_BYTES
-            if synced:
+            stored = self._store_record(fd, cp["off"], raw, ext, rec.data, direct)
+            synced = cp["off"] + stored - cp["synced"] >= COPY_SYNC_BYTES
+            if synced:  # the volume's direct blocks durable before the position says so
+                if self.dev is not None:
+                    self.dev.flush()
                 os.fdatasync(fd)
         finally:
             os.close(fd)
         check.add(ext)
-        cp["off"] += len(raw)
+        cp["off"] += stored
         cp["chunks"] += 1
         self.received_bytes += len(raw)
         if synced:
@@ -448,6 +453,8 @@ class Receiver:
             raise ReceiveError(f"the initial copy is incomplete: this site holds "
                                f"{cp['check'].blocks} of {blocks} blocks")
         path = self.dir / COPY_FILE
+        if self.dev is not None:  # the copy's direct blocks
+            self.dev.flush()
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             os.fsync(fd)
@@ -540,13 +547,9 @@ class Receiver:
         if why:
             raise ReceiveError(f"rejected chunk {c.number} of delta set {want}: {why}")
         direct = self._direct_runs(want, c.extents)
-        if direct:
-            self._write_direct(c, direct)
-            p["direct"] = True
-            stored = pwritev_all(self._writer(want), encode_direct(body, direct), p["off"])
-        else:
-            pwrite_all(self._writer(want), body, p["off"])
-            stored = len(body)
+        stored = self._store_record(self._writer(want), p["off"], body, c.extents, c.data,
+                                    direct)
+        p["direct"] = p["direct"] or bool(direct)
         p["check"].add(c.extents)
         p["off"] += stored
         p["checksums"].append(c.checksum)
@@ -564,6 +567,11 @@ class Receiver:
         play, or a volume that does not hold a file system)."""
         if self.dev is None or self.last_played != n - 1 or self._get("playing") is not None:
             return []
+        return self._free_runs(extents)
+
+    def _free_runs(self, extents) -> list[tuple[int, int]]:
+        """The blocks of `extents` free in the block bitmap of the volume as it is, as runs
+        in the extents' order ([] if the volume holds no file system)."""
         try:
             sb = Superblock.unpack(self.dev.read(0, 1))
         except (FormatError, OSError, ValueError):
@@ -581,16 +589,22 @@ class Receiver:
             out.extend((s + i, k) for _, i, k in runs(np.flatnonzero(used == 0)))
         return out
 
-    def _write_direct(self, c, direct) -> None:
-        """Write the blocks of chunk `c` in runs `direct` into the volume (through the
-        stack: a snapshot of this site still gets its before-images)."""
-        mv = memoryview(c.data)
+    def _store_record(self, fd: int, off: int, chunk, extents, data, direct) -> int:
+        """Store received chunk `chunk` (its `extents` and `data`) at `off` of file `fd`:
+        whole, or its blocks in runs `direct` written into the volume first (through the
+        stack: a snapshot of this site still gets its before-images) and a direct record of
+        the rest. Returns the bytes stored."""
+        if not direct:
+            pwrite_all(fd, chunk, off)
+            return len(chunk)
+        mv = memoryview(data)
         pos = 0
-        for s, k, is_direct in direct_pieces(c.extents, direct):
+        for s, k, is_direct in direct_pieces(extents, direct):
             if is_direct:
                 self.dev.write(s, mv[pos: pos + k * BS], meta=True)
             pos += k * BS
         _bound_held(self.dev)
+        return pwritev_all(fd, encode_direct(chunk, direct), off)
 
     def commit(self, header: bytes, meta: dict) -> dict:
         """The delta-set header: verify completeness, make it durable, acknowledge.
