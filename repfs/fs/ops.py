@@ -173,6 +173,51 @@ class Operations(pyfuse3.Operations):
                 self._gate.set()
                 self.gate_ms = (time.monotonic() - t0) * 1000
 
+    async def cut_point(self, cut, written, durable):
+        """A consistency point whose syncs run after the gate opens (a delta-set cut: the
+        writers' stall is the in-memory part and `cut`'s one LMDB commit, not a sync of the
+        volume under a saturating write load).
+
+        With the commit lock taken first (a group commit in flight ends while writers go
+        on), the gate closes and the running transaction is closed (prepare_commit: its
+        blocks in memory, nothing written). `cut(blocks)` runs in a worker thread with
+        writers held: it records the boundary, `blocks` (the transaction's metadata block
+        numbers, not yet in the volume) included, and returns a token. Then the gate
+        opens; the commit lock stays held, so no other commit runs until the boundary is
+        durable: the transaction is committed (volume flushed, redo record, its blocks
+        written), `written(token)` runs, the redo log is emptied (the volume flushed again:
+        no replay after a crash can write through the boundary), then `durable(token)`
+        runs in a worker thread. If `cut` fails, the transaction is still committed and
+        the error raised."""
+        async with self.quiesce_lock, self.commit_lock:
+            self._gate = trio.Event()
+            t0 = time.monotonic()
+            txn = None
+            try:
+                txn = self.core.prepare_commit()
+                token = await trio.to_thread.run_sync(cut, sorted(txn[1]) if txn else [])
+            except BaseException:
+                self._gate.set()
+                self.gate_ms = (time.monotonic() - t0) * 1000
+                if txn is not None:
+                    with trio.CancelScope(shield=True):
+                        await trio.to_thread.run_sync(self.core.write_commit, txn)
+                        self.core.finish_commit()
+                raise
+            self._gate.set()
+            self.gate_ms = (time.monotonic() - t0) * 1000
+            with trio.CancelScope(shield=True):  # (a prepared transaction is committed)
+                if txn is not None:
+                    await trio.to_thread.run_sync(self.core.write_commit, txn)
+                    written(token)
+                    self.core.finish_commit()
+                    self.commits += 1
+                else:
+                    written(token)
+                if not self.core.readonly:
+                    await trio.to_thread.run_sync(self.core.clear_journal)
+                await trio.to_thread.run_sync(durable, token)
+
     @asynccontextmanager
     async def hold_all(self):
         """Hold back every request (reads too) while the volume changes underneath; the

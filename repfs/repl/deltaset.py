@@ -14,7 +14,10 @@ the chunks are checksummed as they are made, the header goes last).
 
 The mailbox (LMDB ``deltasets``) records each delta set; the cut writes the block list, the
 pinning snapshot's record, the mailbox record and the emptied change log in one transaction,
-so a crash leaves either no delta set or a whole one. A delta set is *released* (its pinning
+so a crash leaves either no delta set or a whole one. A cut at a consistency point whose
+syncs run after the writers go on (Primary.cut) records it in state "cut", and "ready" (sent
+from then on) once its boundary is durable; a crash in between undoes it at the next open
+(`undo_unready`: never sent, its blocks go back into the change log). A delta set is *released* (its pinning
 snapshot deleted) once every destination has played it; its block list stays for the
 retention period (what recovery needs later is the block lists, not the data: FIG. 28).
 
@@ -31,6 +34,7 @@ import logging
 import os
 import threading
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -165,12 +169,12 @@ class DeltaStream:
         return self._header
 
 
-def _load_bits(env, db_bits, n: int) -> PagedBits:
-    """Delta set `n`'s block list from LMDB ``dsbits``."""
+def _load_bits(env, db_bits, n: int, txn=None) -> PagedBits:
+    """Delta set `n`'s block list from LMDB ``dsbits`` (read in `txn` if given)."""
     bits = PagedBits()
     prefix = K.u64(n)
-    with env.begin(db=db_bits) as txn:
-        cur = txn.cursor()
+    with (env.begin(db=db_bits) if txn is None else nullcontext(txn)) as txn:
+        cur = txn.cursor(db=db_bits)
         if cur.set_range(K.ds_page(n, 0)):
             for key, val in cur:
                 if key[:8] != prefix:
@@ -179,12 +183,61 @@ def _load_bits(env, db_bits, n: int) -> PagedBits:
     return bits
 
 
+def undo_unready(env) -> list[int]:
+    """Undo the delta sets that were cut but never made ready (a crash between a cut and
+    the end of its syncs: Primary.cut, Operations.cut_point). Nothing of them was sent, so
+    they count as never cut: each one's block list goes back into the change log (its old
+    table, which the change log's recovery merges into the new one; the earliest
+    first_change_ns is kept), its record and block list go and last_cut steps back, all in
+    one transaction; its pinning snapshot then keeps nothing and is deleted (attach_pins,
+    DeltaSets._recover). Run before the change log and the file system's redo-log replay
+    open the volume stack (site.py: attach_pins). Returns the numbers undone."""
+    db_sets = env.open_db(K.DELTASETS)
+    db_bits = env.open_db(K.DSBITS)
+    db_old = env.open_db(K.CLOG_OLD)
+    db_ctx = env.open_db(K.CTX)
+    with env.begin(db=db_sets) as txn:
+        undo = [json.loads(v) for _, v in txn.cursor()]
+    undo = [r for r in undo if r.get("state") == "cut"]
+    if not undo:
+        return []
+    with env.begin(write=True) as txn:
+        first = 0
+        raw = txn.get(b"first_change_ns", db=db_ctx)
+        if raw is not None and len(raw) == 8:
+            first = K.from_u64(raw)
+        for rec in undo:
+            n = rec["number"]
+            for page, arr in _load_bits(env, db_bits, n, txn).pages.items():
+                have = txn.get(K.u32(page), db=db_old)
+                if have is not None and len(have) == len(arr):
+                    arr |= np.frombuffer(have, np.uint8)
+                txn.put(K.u32(page), arr.tobytes(), db=db_old)
+            if rec.get("first_change_ns") and (not first or rec["first_change_ns"] < first):
+                first = rec["first_change_ns"]
+            txn.delete(K.u64(n), db=db_sets)
+            cur = txn.cursor(db=db_bits)
+            if cur.set_range(K.ds_page(n, 0)):
+                while cur.key()[:8] == K.u64(n):
+                    if not cur.delete():
+                        break
+        txn.put(b"first_change_ns", K.u64(first), db=db_ctx)
+        txn.put(b"last_cut", K.u64(min(r["number"] for r in undo) - 1), db=db_ctx)
+    nums = sorted(r["number"] for r in undo)
+    log.info("delta set %s was cut but its boundary was not durable when the daemon "
+             "stopped: undone, its blocks are in the change log again (nothing of it was "
+             "sent)", ", ".join(map(str, nums)))
+    return nums
+
+
 def attach_pins(env, store) -> list:
     """Give every pinning snapshot its interest (its delta set's block list), as soon as
     the volume stack is assembled (site.py), before any recovery writes through it: else a
     pin would keep every valid block, as a user's snapshot does. A broken pin, and one
-    whose delta set was released (the delete cut short by a crash), keep nothing; the
-    latter are returned, to be deleted. Idempotent."""
+    whose delta set was released (the delete cut short by a crash) or undone
+    (undo_unready, run first), keep nothing; the latter are returned, to be deleted.
+    Idempotent."""
+    undo_unready(env)
     db_sets = env.open_db(K.DELTASETS)
     db_bits = env.open_db(K.DSBITS)
     released = []
@@ -323,30 +376,55 @@ class DeltaSets:
         return None
 
     def cut(self) -> int:
-        """Close the accumulating delta set (call at a consistency point: no writer runs).
-        Returns its number. One LMDB transaction; the pinning snapshot's save volume is
-        created (and its directory entry made durable) before it."""
+        """Close the accumulating delta set in one durable step (call at a consistency point
+        whose volume is already durable, as FileSystem.checkpoint leaves it: tools, tests).
+        Returns its number."""
+        return self.cut_begin((), state="ready")
+
+    def cut_begin(self, meta_blocks=(), *, state: str = "cut") -> int:
+        """Close the accumulating delta set at a consistency point (no writer runs); returns
+        its number. One LMDB transaction: the change log's table (plus `meta_blocks`, the
+        closing commit's metadata blocks, not yet written to the volume) becomes the block
+        list, the pinning snapshot is recorded (its save volume made before it, its
+        directory entry made durable at its first sync) and the mailbox record written with
+        `state`. A delta set in state "cut" is not sent: its boundary is not yet durable
+        in the volume (Primary.cut, Operations.cut_point). Until `cut_written` the pin
+        keeps nothing of `meta_blocks`: the commit writes their boundary content after the
+        cut, which must not be saved as their before-images."""
         with self.clog.lock:
             n = self.last_cut + 1
-            first = self.clog.first_change_ns
+            first = self.clog.first_change_ns or (time.time_ns() if len(meta_blocks) else 0)
             bits = self.clog.new
-            blocks = bits.count()
+            listed = bits
+            if len(meta_blocks):
+                listed = PagedBits()
+                listed.merge(bits)
+                interest = PagedBits()
+                interest.merge(bits)
+                meta = np.asarray(meta_blocks, dtype=np.int64)
+                for _, s, c in runs(meta):
+                    listed.set_range(s, c)
+                interest.clear_blocks(meta)
+            else:
+                interest = bits
+            blocks = listed.count()
             snap = (self.store.prepare(f"{PIN_PREFIX}{n}", {"delta_set": n, "purpose":
-                                                             "delta set"}, interest=bits,
+                                                             "delta set"}, interest=interest,
                                        durable_entry=False)
                     if blocks else None)
             try:
                 with self.env.begin(write=True) as txn:
                     self.clog.clear_tables(txn)
-                    for page, arr in bits.pages.items():
+                    for page, arr in listed.pages.items():
                         txn.put(K.ds_page(n, page), arr.tobytes(), db=self.db_bits)
                     if snap is not None:
                         self.store.record_new(txn, snap)
                     now = time.time_ns()
                     self._put_record(txn, {
-                        "number": n, "generation": self.generation, "state": "ready",
+                        "number": n, "generation": self.generation, "state": state,
                         "pinned": snap is not None, "blocks": blocks, "bytes": blocks * BS,
-                        "first_change_ns": first, "cut_ns": now, "ready_ns": now,
+                        "first_change_ns": first, "cut_ns": now,
+                        "ready_ns": now if state == "ready" else None,
                     })
                     self.ctx_put("last_cut", K.u64(n), txn)
             except BaseException:
@@ -358,6 +436,32 @@ class DeltaSets:
                 with self.layer.lock:
                     self.store.queue.append(snap)
         return n
+
+    def cut_written(self, n: int, meta_blocks) -> None:
+        """The closing commit's metadata blocks are in the volume (not yet durable): from now
+        on the pin of delta set `n` keeps them (an overwrite by a later commit copies their
+        boundary content). Call before any later commit can run."""
+        snap = self.pin(n)
+        if snap is None or not len(meta_blocks):
+            return
+        meta = np.asarray(meta_blocks, dtype=np.int64)
+        with self.layer.lock:
+            for _, s, c in runs(meta):
+                snap.interest.set_range(s, c)
+
+    def cut_ready(self, n: int) -> None:
+        """Delta set `n`'s boundary is durable in the volume (and the redo log empty): mark
+        it "ready" (one durable commit), after which it is sent."""
+        with self.env.begin(write=True) as txn:
+            raw = txn.get(K.u64(n), db=self.db_sets)
+            if raw is None:
+                raise ChunkError(f"delta set {n} vanished before it was ready")
+            rec = json.loads(raw)
+            if rec["state"] == "ready":
+                return
+            rec["state"] = "ready"
+            rec["ready_ns"] = time.time_ns()
+            self._put_record(txn, rec)
 
     def reserve(self, n: int) -> None:
         """After the cut, writers going again: reserve room for a copy of every block of

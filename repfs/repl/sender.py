@@ -45,6 +45,7 @@ class Primary:
         self.tasks: dict[str, trio.CancelScope] = {}
         self.flow_control = False
         self.stall_ms: list[float] = []
+        self.unready: int | None = None  # a delta set cut whose "ready" commit failed
         self.sent_bytes = 0
         self.rate_window: list[tuple[float, int]] = []
         self.sup = service.supervisor  # contains, logs, shows and retries task failures
@@ -114,16 +115,37 @@ class Primary:
                 self.sup.ok("cut")
 
     async def cut(self) -> int:
-        """Cut the accumulating delta set at a consistency point (writers pause only for the
-        commit and the table swap)."""
+        """Cut the accumulating delta set at a consistency point. Writers pause only while
+        the boundary is recorded (the closing commit prepared in memory, one LMDB commit:
+        the delta set in state "cut"); its syncs run after they go on (Operations.
+        cut_point), and the delta set turns "ready" (sent from then on) once its boundary
+        is durable. A crash before that undoes it (deltaset.undo_unready)."""
         async with self.cut_lock:
             ops = self.service.ops
-            async with ops.quiesce(), ops.commit_lock:
-                # the cut's durable LMDB commit and the pinning snapshot's directory fsync
-                # run in a worker thread: writers stay gated, cut_lock keeps one cut at a
-                # time, the commit lock keeps a group commit from writing the volume through
-                # the change log between the checkpoint and the cut
-                n = await trio.to_thread.run_sync(self.sets.cut)
+            if self.unready is not None:  # its syncs ran, its last commit failed: again
+                await trio.to_thread.run_sync(self.sets.cut_ready, self.unready)
+                self.unready = None
+            token = []
+
+            def begin(meta_blocks):
+                # (the change log lock keeps a write from the table while it turns into
+                # the block list; the commit lock is held: no group commit writes the
+                # volume between the prepared commit and the cut)
+                token[:] = [self.sets.cut_begin(meta_blocks), meta_blocks]
+                return token
+
+            def written(tok):
+                self.sets.cut_written(*tok)
+
+            def durable(tok):
+                try:
+                    self.sets.cut_ready(tok[0])
+                except BaseException:
+                    self.unready = tok[0]  # (never sent before it is ready)
+                    raise
+
+            await ops.cut_point(begin, written, durable)
+            n = token[0]
             self.stall_ms.append(ops.gate_ms)  # what writers waited (the gate was closed)
             await trio.to_thread.run_sync(self.sets.reserve, n)
             del self.stall_ms[:-1000]
