@@ -2399,3 +2399,35 @@ def test_multi_block_writes_into_holes_expose_nothing(make_fs, lblk):
     assert fs.getattr(f).blocks >= 7
     fs.release(f)
     fs.forget(f, 1)
+
+
+def test_reads_across_map_leaf_boundaries(make_fs):
+    """A sequentially written file has an indirect block between the data runs of two map
+    leaves: reads across that boundary (read() then takes one read per run, BlockMap.extents)
+    return the file's bytes, at any offset and size, also with a hole or a rewritten block
+    in the range (the general path)."""
+    fs = make_fs(size=64 << 20)
+    data = bytearray(random.Random(7).randbytes(6 << 20))
+    f = fs.create(ROOT, b"seq", 0o644)
+    for off in range(0, len(data), 1 << 20):  # 1 MiB writes, as the kernel sends them
+        assert fs.write(f.ino, off, bytes(data[off: off + (1 << 20)])) == 1 << 20
+    BS = 4096
+    edges = [12 * BS, (12 + 1024) * BS, (12 + 2048) * BS]  # direct | leaf 0 | leaf 1 | ...
+    rng = random.Random(8)
+    for _ in range(300):
+        e = rng.choice(edges)
+        off = max(0, e - rng.randrange(1, 600_000))
+        size = rng.randrange(1, 1_300_000)
+        assert fs.read(f.ino, off, size) == bytes(data[off: off + size]), (off, size)
+    # a punched range (truncate and rewrite past it) and an overwrite elsewhere: still right
+    fs.setattr(f.ino, size=(12 + 1024) * BS + 100)
+    del data[(12 + 1024) * BS + 100:]
+    data += bytes(3 * BS)  # a hole...
+    tail = random.Random(9).randbytes(BS)
+    assert fs.write(f.ino, len(data), tail) == BS  # ...then data again
+    data += tail
+    assert fs.write(f.ino, 5 * BS, b"\xff" * BS) == BS
+    data[5 * BS: 6 * BS] = b"\xff" * BS
+    for off, size in [(0, len(data)), (1030 * BS, 12 * BS), ((12 + 1024) * BS - 1, 5 * BS)]:
+        assert fs.read(f.ino, off, size) == bytes(data[off: off + size]), (off, size)
+    fs.release(f.ino)
