@@ -452,11 +452,25 @@ def measure(results: dict, key: str, fn, *args, **kw) -> None:
     log(f"  {key:24s} {results[key].cell():>12s}   ({time.perf_counter() - t0:.1f} s)")
 
 
+def readahead_kb(path: Path) -> str:
+    """The readahead of the file system holding `path` (its bdi's read_ahead_kb; repfs raises
+    its mount's to 512 KiB, the FUSE default is 128), or '?'."""
+    try:
+        st = os.stat(path)
+        return (Path(f"/sys/class/bdi/{os.major(st.st_dev)}:{os.minor(st.st_dev)}")
+                / "read_ahead_kb").read_text().strip()
+    except OSError:
+        return "?"
+
+
 def run_target(t: Target, a, results: dict, mem: dict) -> None:
     log(f"\n== {t.label} ==  ({time.strftime('%H:%M:%S')}, load average {loadavg()})")
     t.setup()
     t.start()
     d = t.dir
+    if t.pid:
+        time.sleep(0.2)  # (repfs sets its readahead right after the mount's INIT)
+    log(f"  readahead {readahead_kb(d)} KiB")
     big = d / "seq.dat"
     # first without fsync (the cost of the write path alone; the passthrough example has no
     # fsync handler, so its "fsync" below is a no-op), thrown away untimed
