@@ -540,21 +540,41 @@ def test_blocks_free_at_the_last_boundary_go_straight_into_the_volume(site):
     assert r.last_played == 6
 
 
-def test_no_direct_write_while_an_earlier_delta_set_waits(site):
-    """A block free in the volume as played is not known free at the boundary the delta
-    set starts from while an earlier one is still to play: everything is staged."""
+def test_direct_writes_while_earlier_delta_sets_wait_use_their_boundary(site):
+    """Chunks that arrive while earlier delta sets wait to be played: a block is written
+    into the volume only if it is free in the bitmap at the boundary the delta set starts
+    from (the volume's bitmap with the waiting sets' bitmap blocks laid over it) and no
+    waiting set writes it (its playback would overwrite it). After a restart, the waiting
+    sets' bitmap blocks are not known: staged until they are played."""
     rng = random.Random(22)
+    path, env = site
     dev = formatted_dev([])
     r = direct_secondary(site, dev)
-    first = send_set(r, 6, [[(400, 2)]], rng)  # free at boundary 5: direct; not played
-    assert all(dev.blocks[b] == d for b, d in first.items())
-    second = send_set(r, 7, [[(500, 3)]], rng)  # boundary 6 is not in the volume yet
-    assert all(b not in dev.blocks for b in second)
-    r.play(r.next_to_play(), dev)
-    r.play(r.next_to_play(), dev)
-    assert all(dev.blocks[b] == d for b, d in {**first, **second}.items())
-    third = send_set(r, 8, [[(600, 2)]], rng)  # now the last boundary is 7: direct
-    assert all(dev.blocks[b] == d for b, d in third.items())
+    bitmap = bytearray(dev.read(1, 1))  # delta set 6 allocates 400-401 and 500-502
+    for b in (400, 401, 500, 501, 502):
+        bitmap[b >> 3] |= 1 << (b & 7)
+    # (450: written by 6 and free again at its boundary, e.g. a file made and deleted)
+    raw6 = encode_chunk(GEN, 6, 0, [(1, 1), (400, 2), (450, 1)], bytes(bitmap) + blk(rng, 3))
+    r.receive_chunk(raw6)
+    r.commit(encode_set_header(SetHeader(GEN, 6, 1, 4, data_checksum(
+        [encoded_checksum(raw6)]))), {})
+    assert dev.read(1, 1) != bytes(bitmap)  # the bitmap block is used: staged
+    assert dev.read(400, 2) + dev.read(450, 1) == raw6[-3 * BS:]  # free at 5: direct
+    seven = send_set(r, 7, [[(401, 1)], [(450, 1)], [(500, 3)], [(600, 2)]], rng)  # 6 waits
+    assert dev.read(401, 1) != seven[401]  # written (and allocated) by delta set 6: staged
+    assert dev.read(450, 1) == raw6[-BS:]  # free at 6, but 6's playback writes it: staged
+    assert all(b not in dev.blocks for b in (500, 501, 502))  # allocated at 6: staged
+    assert dev.blocks[600] == seven[600] and dev.blocks[601] == seven[601]  # free at 6
+    r2 = Receiver(env, path, NBLOCKS, dev)  # a restart: 6 and 7 wait, their bitmaps unknown
+    eight = send_set(r2, 8, [[(700, 1)]], rng)
+    assert 700 not in dev.blocks
+    for _ in range(3):
+        r2.play(r2.next_to_play(), dev)
+    assert dev.read(1, 1) == bytes(bitmap)
+    assert all(dev.blocks[b] == d for b, d in {**seven, **eight}.items())
+    assert dev.read(400, 1) == raw6[-3 * BS:-2 * BS]
+    nine = send_set(r2, 9, [[(800, 1)]], rng)  # all played: the volume's bitmap again
+    assert dev.blocks[800] == nine[800]
 
 
 def test_a_damaged_direct_block_is_found_before_anything_is_played(site):

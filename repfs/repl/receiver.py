@@ -49,6 +49,7 @@ BS = 4096
 COPY_FILE = "copy.ds"
 COPY_SYNC_BYTES = 64 << 20  # the staged copy is made durable (and its position saved) this often
 HELD_RELEASE = 64 << 20  # bytes held by the volume stack at which playback releases them
+WAITING_BITMAP_BYTES = 16 << 20  # bitmap block images kept for the delta sets not yet played
 
 
 class ReceiveError(DomainError):
@@ -236,6 +237,9 @@ class Receiver:
         # (issue 8: an open and a close per chunk cost as much as the chunk's write)
         self._wfd: tuple[int, int] | None = None
         self.copy: dict | None = None  # the initial copy being staged
+        # delta sets received whole by this process and not yet played: their blocks and
+        # bitmap block images, for the direct writes of the ones after them
+        self._waiting: dict[int, dict] = {}
         self.played_blocks = 0
         self.received_bytes = 0
         self._load_partial()
@@ -319,6 +323,7 @@ class Receiver:
         """Become a secondary of `primary` and expect an initial copy (the caller checked
         `attach_refusal`). Nothing of the volume changes until the copy is played."""
         self.partial = None
+        self._waiting.clear()
         self.close()
         with self.env.begin(write=True) as txn:  # first: no stale record outlives its file
             txn.drop(self.db_in, delete=False)
@@ -415,7 +420,8 @@ class Receiver:
         raw = encode_chunk(self.generation, 0, cp["chunks"], ext, rec.data)
         # blocks free in the file system the mount shows (its state until the copy is
         # played) go straight into the volume: the copy of a new secondary is written once
-        direct = self._free_runs(ext) if self.dev is not None else []
+        area = self._bitmap_area() if self.dev is not None else None
+        direct = self._free_runs(ext, area) if area is not None else []
         fd = os.open(self.dir / COPY_FILE, os.O_WRONLY | os.O_CLOEXEC)
         try:
             stored = self._store_record(fd, cp["off"], raw, ext, rec.data, direct)
@@ -501,7 +507,7 @@ class Receiver:
 
     def _new_partial(self, n: int) -> dict:
         return {"n": n, "checksums": [], "blocks": 0, "off": 0,
-                "check": ExtentCheck(self.nblocks), "direct": False}
+                "check": ExtentCheck(self.nblocks), "direct": False, "bitmap": {}}
 
     def _load_partial(self) -> None:
         """Rebuild the state of a delta set whose reception was interrupted."""
@@ -512,7 +518,9 @@ class Receiver:
         if not path.exists():
             return
         p = self._new_partial(n)
+        area = self._bitmap_area() if self.dev is not None else None
         for end, c in self._resumable_chunks(path, 0, 0, n, p["check"]):
+            self._keep_bitmap(p, area, c)
             p["checksums"].append(c.checksum)
             p["blocks"] += c.blocks
             p["off"] = end
@@ -546,7 +554,9 @@ class Receiver:
             why = p["check"].problem(c.extents)
         if why:
             raise ReceiveError(f"rejected chunk {c.number} of delta set {want}: {why}")
-        direct = self._direct_runs(want, c.extents)
+        area = self._bitmap_area() if self.dev is not None else None
+        direct = self._direct_runs(want, c.extents, area)
+        self._keep_bitmap(p, area, c)
         stored = self._store_record(self._writer(want), p["off"], body, c.extents, c.data,
                                     direct)
         p["direct"] = p["direct"] or bool(direct)
@@ -557,36 +567,75 @@ class Receiver:
         self.received_bytes += len(body)
         return {"accepted": c.number}
 
-    def _direct_runs(self, n: int, extents) -> list[tuple[int, int]]:
-        """The blocks of `extents` (a chunk of delta set `n`) that may go straight into the
-        volume, as runs in the chunk's block order: those free in the file system's block
-        bitmap as last played, when that is boundary n - 1 (delta set n - 1 played, none
-        playing). Nothing reads a free block, and playing delta set n is the first thing to
-        make one part of the file system, so such a block needs no staged copy: it is
-        written once. None of them may be: [] (no device, an earlier delta set still to
-        play, or a volume that does not hold a file system)."""
-        if self.dev is None or self.last_played != n - 1 or self._get("playing") is not None:
-            return []
-        return self._free_runs(extents)
-
-    def _free_runs(self, extents) -> list[tuple[int, int]]:
-        """The blocks of `extents` free in the block bitmap of the volume as it is, as runs
-        in the extents' order ([] if the volume holds no file system)."""
+    def _bitmap_area(self) -> tuple[int, int] | None:
+        """(first block, blocks) of the block bitmap of the file system in the volume, or
+        None if the volume holds none."""
         try:
             sb = Superblock.unpack(self.dev.read(0, 1))
         except (FormatError, OSError, ValueError):
+            return None
+        return sb.bbitmap_start, sb.bbitmap_blocks
+
+    def _keep_bitmap(self, p: dict, area, c) -> None:
+        """Keep the images of the bitmap blocks that chunk `c` of the partial delta set
+        carries (their state at its boundary), for the direct writes of later delta sets
+        received before it is played; past WAITING_BITMAP_BYTES in all, none are kept for
+        it (later ones are then staged until it is played)."""
+        if area is None or p["bitmap"] is None:
+            p["bitmap"] = None
+            return
+        start, count = area
+        mv, pos = memoryview(c.data), 0
+        for s, k in c.extents:
+            for b in range(max(s, start), min(s + k, start + count)):  # (bitmap blocks only)
+                p["bitmap"][b - start] = bytes(mv[pos + (b - s) * BS: pos + (b - s + 1) * BS])
+            pos += k * BS
+        if (len(p["bitmap"]) + sum(len(w["bitmap"]) for w in self._waiting.values())
+                ) * BS > WAITING_BITMAP_BYTES:
+            p["bitmap"] = None
+
+    def _direct_runs(self, n: int, extents, area) -> list[tuple[int, int]]:
+        """The blocks of `extents` (a chunk of delta set `n`) that may go straight into the
+        volume, as runs in the chunk's block order: those free at boundary n - 1 and not
+        written by a delta set still to be played before n. Nothing reads a free block,
+        and playing delta set n is the first thing to make one part of the file system, so
+        such a block needs no staged copy: it is written once. The bitmap at boundary n - 1
+        is the volume's as played, with the bitmap blocks of the delta sets received since
+        (kept while they were received) laid over it. [] when it is not known: no device, no
+        file system, or a delta set to be played before n that this process did not receive
+        whole (received before a restart, the initial copy, too many bitmap blocks)."""
+        if self.dev is None or area is None:
             return []
+        played = self.last_played
+        for k in [k for k in self._waiting if k <= played]:
+            del self._waiting[k]
+        sets = [self._waiting.get(k) for k in range(played + 1, n)]
+        if None in sets:
+            return []
+        return self._free_runs(extents, area, sets)
+
+    def _free_runs(self, extents, area, sets=()) -> list[tuple[int, int]]:
+        """The blocks of `extents` free in the block bitmap (the volume's, with the bitmap
+        blocks of `sets` laid over it in order) and in none of `sets`' blocks, as runs in
+        the extents' order."""
+        start, count = area
         bits_per = BS * 8
         out = []
-        for s, count in extents:
-            first, last = s // bits_per, (s + count - 1) // bits_per
-            if sb.bbitmap_start + last >= sb.bbitmap_start + sb.bbitmap_blocks:
+        for s, k in extents:
+            first, last = s // bits_per, (s + k - 1) // bits_per
+            if last >= count:
                 return []
-            raw = np.frombuffer(self.dev.read(sb.bbitmap_start + first, last - first + 1),
-                                dtype=np.uint8)
+            raw = bytearray(self.dev.read(start + first, last - first + 1))
+            for w in sets:  # (oldest first: the latest image of a bitmap block wins)
+                for i in range(first, last + 1):
+                    if i in w["bitmap"]:
+                        raw[(i - first) * BS: (i - first + 1) * BS] = w["bitmap"][i]
             lo = s - first * bits_per
-            used = np.unpackbits(raw, bitorder="little")[lo: lo + count]
-            out.extend((s + i, k) for _, i, k in runs(np.flatnonzero(used == 0)))
+            free = np.unpackbits(np.frombuffer(raw, dtype=np.uint8),
+                                 bitorder="little")[lo: lo + k] == 0
+            for w in sets:
+                free &= ~w["blocks"].get_range(s, k)
+            out.extend((s + i, n) for _, i, n in runs(np.flatnonzero(free)))
         return out
 
     def _store_record(self, fd: int, off: int, chunk, extents, data, direct) -> int:
@@ -642,6 +691,10 @@ class Receiver:
         with self.env.begin(write=True) as txn:
             txn.put(K.u64(hdr.delta_set), json.dumps(rec).encode(), db=self.db_in)
             self._put(txn, "last_received", K.u64(hdr.delta_set))
+        if not got:
+            self._waiting[hdr.delta_set] = {"blocks": PagedBits(), "bitmap": {}}
+        elif p["bitmap"] is not None:
+            self._waiting[hdr.delta_set] = {"blocks": p["check"].seen, "bitmap": p["bitmap"]}
         self.partial = None
         return {"acked": hdr.delta_set, "played": self.last_played}
 
@@ -778,6 +831,7 @@ class Receiver:
             fsync_dir(qdir)
             fsync_dir(self.dir)
         later = [r for r in self.incoming() if r["number"] > n]
+        self._waiting = {k: w for k, w in self._waiting.items() if k < n}
         entry = {"delta_set": n, "reason": reason, "at_ns": time.time_ns(),
                  "file": str(dst) if dst else None}
         reports = (self.quarantined() + [entry])[-self.QUARANTINE_KEEP:]
