@@ -7,11 +7,23 @@ as they were at the boundary, which replaces the reference's old table and prior
 a fresh new table starts.
 
 Crash safety (invariant 3: over-marking allowed, under-marking never). Bit maps are paged
-(empty pages cost nothing). The tables are written to LMDB at every flush (the file system's
-group commit); a write-intent log covers what is only in memory: before the first write into
-an 8 MiB region since the last cut, the region is marked durably in LMDB. Recovery marks
-new ∪ every intent region (∪ the old table of a site from before issue 8) as changed. A cut
-empties the table and clears the intent marks in the transaction that records the delta set.
+(empty pages cost nothing). The tables are written to LMDB at most once a second at a flush
+(the file system's group commit); a write-intent log covers what is only in memory: before
+any write into an 8 MiB region since the last cut reaches the volume, the region is marked
+durably in LMDB. Recovery marks new ∪ every intent region (∪ the old table of a site from
+before issue 8) as changed. A cut empties the table and clears the intent marks in the
+transaction that records the delta set.
+
+No durable commit on the writer's thread (the FUSE handlers run on the trio thread). A write
+into a region without a durable mark is passed to the snapped volume below *held*
+(SnapLayer.write(hold=True): its copy-on-write and its refusals happen now, its data waits in
+memory, readers see it) and the region is queued for marking. A worker thread commits the
+queued marks, a few regions ahead of a sequential writer, so it usually never meets an
+unmarked region; and the snapped volume calls `_commit_marks` (its `before_release`) before
+it lets any held write reach the volume (at a flush or when the held bytes pass the memory
+bound, both off the trio thread). So a region's mark is durable before any write in it can
+reach the volume, whichever thread got there first. Crash at any instant: a held write was
+in memory only (lost, and nothing on the volume differs), or its mark was durable.
 """
 
 from __future__ import annotations
@@ -96,6 +108,17 @@ class ChangeLogLayer(Layer):
         self._persisted = 0.0  # when flush last wrote the table (monotonic)
         self.changed_blocks = 0  # blocks set in the new table since the last cut
         self.first_change_ns = 0
+        self._want: set[int] = set()  # regions whose mark is asked for, not yet durable
+        self._epoch = 0  # cuts (and disables) so far: a mark committed before one is gone
+        # the snapped volume below holds writes until their marks are durable (a bare
+        # device, in unit tests, gets its marks synchronously instead)
+        self._hold_below = hasattr(lower, "before_release")
+        if self._hold_below:
+            lower.before_release = self._commit_marks
+        self._marker: threading.Thread | None = None  # the worker that commits marks
+        self._wake = threading.Event()
+        self._closing = False
+        self.mark_error: Exception | None = None  # the worker's last failure (None: fine)
         with env.begin(db=self.db_ctx) as txn:
             # logging is on from the start of a mount when the site replicates, so the redo
             # log's replay (which runs before the daemon is up) is logged too
@@ -160,33 +183,103 @@ class ChangeLogLayer(Layer):
         n = len(data) // 4096
         with self.lock:
             if self.enabled:
-                self._intent(start, n)
+                unmarked = self._intent(start, n)
                 added = self.new.set_range(start, n)
                 if added:
                     if not self.changed_blocks:
                         self.first_change_ns = time.time_ns()
                     self.changed_blocks += added
+                if unmarked:
+                    if self._hold_below:  # held below until the marks are durable
+                        self.lower.write(start, data, meta, hold=True)
+                        return
+                    self._commit_marks()  # a bare device: now, on this thread
             self.lower.write(start, data, meta)
 
-    def _intent(self, start: int, n: int) -> None:
+    def _intent(self, start: int, n: int) -> bool:
+        """Note the write's regions; ask for the marks it lacks (and, when it nears the
+        end of the marked run, for the next INTENT_AHEAD regions). Under `lock`. Returns
+        whether a region of the write has no durable mark yet."""
         first = start // K.REGION_BLOCKS
         last = (start + n - 1) // K.REGION_BLOCKS
         if first == last:
             self.touched.add(first)
+            unmarked = first not in self.hot
         else:
             self.touched.update(range(first, last + 1))
-        missing = [r for r in range(first, last + 1) if r not in self.hot]
-        if missing:
-            # This durable commit runs on the writer's thread (the mark must be durable
-            # before the write can reach the disk). Marking the next INTENT_AHEAD regions
-            # with it makes a sequential writer pay one per 64 MiB, not one per 8 MiB;
-            # recovery over-marks at most that much more, which is allowed.
-            end = min(last + 1 + self.INTENT_AHEAD, -(-self.nblocks // K.REGION_BLOCKS))
-            missing += [r for r in range(last + 1, end) if r not in self.hot]
+            unmarked = any(r not in self.hot for r in range(first, last + 1))
+        nxt = last + 1
+        nregions = -(-self.nblocks // K.REGION_BLOCKS)
+        if unmarked or (nxt < nregions and nxt not in self.hot and nxt not in self._want):
+            # marking ahead makes a sequential writer find its next regions marked (one
+            # commit per 64 MiB); recovery over-marks at most that much more, which is allowed
+            want = {r for r in range(first, min(nxt + self.INTENT_AHEAD, nregions))
+                    if r not in self.hot}
+            if not want <= self._want:
+                self._want |= want
+                self._kick()
+        return unmarked
+
+    def _kick(self) -> None:
+        """Wake the worker that commits the asked-for marks (started on first use)."""
+        if not self._hold_below:
+            return
+        if self._marker is None or not self._marker.is_alive():
+            self._marker = threading.Thread(target=self._marker_main, daemon=True,
+                                            name="repfs-intent-marks")
+            self._marker.start()
+        self._wake.set()
+
+    def _marker_main(self) -> None:
+        failed = 0
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            if self._closing:
+                return
+            try:
+                self._commit_marks()
+            except Exception as e:  # noqa: BLE001 - lmdb.Error, OSError: the writes stay
+                # held (nothing reaches the volume unmarked); a flush tries again and fails
+                # the commit if it cannot either
+                self.mark_error = e
+                failed += 1
+                if failed == 1:
+                    log.warning("the change log's intent marks could not be written (%s); "
+                                "the writes stay held, retried", e)
+                time.sleep(min(0.05 * 2 ** failed, 1.0))
+                self._wake.set()
+            else:
+                if failed:
+                    log.info("the change log's intent marks are written again")
+                failed = 0
+                self.mark_error = None
+
+    def _commit_marks(self) -> None:
+        """Make every asked-for intent mark durable (one LMDB transaction, outside `lock`).
+        Called by the worker, and by the snapped volume before it releases held writes to
+        the volume (`before_release`, in the flushing thread): when this returns, every
+        region asked for before it was called has a durable mark. Raises if LMDB fails."""
+        while True:
+            with self.lock:
+                if not self.enabled:
+                    self._want.clear()
+                    return
+                regions = sorted(self._want - self.hot)
+                epoch = self._epoch
+                if not regions:
+                    self._want.clear()
+                    return
             with self.env.begin(write=True) as txn:
-                for r in missing:
+                for r in regions:
                     txn.put(K.u32(r), b"", db=self.db_intent)
-            self.hot.update(missing)
+            with self.lock:
+                # a cut in between dropped the intent log (after this transaction, or this
+                # one ran after it: unknown), so then mark again what is still unmarked
+                if epoch == self._epoch:
+                    self.hot.update(regions)
+                    self._want.difference_update(regions)
+                    return
 
     PERSIST_EVERY = 1.0  # seconds between writes of the table at flushes
     INTENT_AHEAD = 7  # regions marked ahead of a write with its intent mark (see _intent)
@@ -199,25 +292,51 @@ class ChangeLogLayer(Layer):
         now = time.monotonic()
         if now - self._persisted >= self.PERSIST_EVERY:
             try:
-                with self.lock:
-                    self.persist()
+                self.persist()
             except Exception as e:  # noqa: BLE001 - lmdb.Error, OSError: not needed for
                 # correctness (the intent marks cover it), so not a reason to fail a commit
                 log.warning("the change log's table could not be written (%s); the intent "
                             "marks cover it, retried at the next flush", e)
             else:
                 self._persisted = now
-        self.lower.flush()
+        self.lower.flush()  # (the snapped volume commits the marks before held writes go)
 
     def persist(self) -> None:
         """Write the tables (one transaction). The intent marks stay until the next cut, so a
         region pays one durable mark per delta set, not one per group commit; recovery may
-        over-mark those regions, which is allowed."""
-        if not self.new.dirty:
-            return
-        with self.env.begin(write=True) as txn:
-            self.new.save_dirty(txn, self.db_new)
-            txn.put(b"first_change_ns", K.u64(self.first_change_ns), db=self.db_ctx)
+        over-mark those regions, which is allowed. The changed pages are copied under `lock`
+        and committed outside it (writers do not wait for the commit)."""
+        with self.lock:
+            if not self.new.dirty:
+                return
+            pages = {p: (a.tobytes() if (a := self.new.pages.get(p)) is not None else None)
+                     for p in self.new.dirty}
+            self.new.dirty.clear()
+            first = self.first_change_ns
+            epoch = self._epoch
+        try:
+            with self.env.begin(write=True) as txn:
+                # (a cut's transaction empties the table and moves the epoch on: if it ran
+                # since the copy, these pages belong to the delta set it recorded)
+                if epoch == self._epoch:
+                    for page, raw in pages.items():
+                        if raw is None:
+                            txn.delete(K.u32(page), db=self.db_new)
+                        else:
+                            txn.put(K.u32(page), raw, db=self.db_new)
+                    txn.put(b"first_change_ns", K.u64(first), db=self.db_ctx)
+        except BaseException:
+            with self.lock:
+                if epoch == self._epoch:
+                    self.new.dirty.update(pages)  # written at the next flush
+            raise
+
+    def close(self) -> None:
+        self._closing = True
+        self._wake.set()
+        if self._marker is not None:
+            self._marker.join(timeout=10)
+        self.lower.close()
 
     # ------------------------------------------------------------------ cutting
 
@@ -227,6 +346,7 @@ class ChangeLogLayer(Layer):
         `reset`."""
         for db in (self.db_new, self.db_old, self.db_intent):
             txn.drop(db, delete=False)
+        self._epoch += 1  # (in the cut's transaction: a mark or page commit after it sees it)
         # the regions written in the last interval are marked for the next one with the
         # cut's commit: a writer that keeps to its regions pays no durable intent mark on
         # its own thread after a cut (recovery over-marks them, which is allowed)
@@ -243,6 +363,7 @@ class ChangeLogLayer(Layer):
         """After the cut's commit: a fresh new table."""
         self.new = PagedBits()
         self.hot, self.touched = self.touched, set()
+        self._want -= self.hot
         self.changed_blocks = 0
         self.first_change_ns = 0
 
@@ -253,6 +374,8 @@ class ChangeLogLayer(Layer):
             self.new = PagedBits()
             self.hot.clear()
             self.touched.clear()
+            self._want.clear()
+            self._epoch += 1
             self.changed_blocks = 0
             with self.env.begin(write=True) as txn:
                 for db in (self.db_new, self.db_old, self.db_intent):

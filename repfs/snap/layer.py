@@ -68,14 +68,20 @@ class SnapLayer(Layer):
         self._flush_lock = threading.Lock()  # one flush (or delete) at a time; before `lock`
         self._indexed_at = 0.0  # when the indexes were last committed (monotonic)
         self._sync_error: OSError | None = None  # a save volume's sync failed (final)
+        # called before held writes are released to the volume (set by the change log above:
+        # it makes the intent marks of the held writes durable; may raise)
+        self.before_release = None
 
     # ---------------------------------------------------------------- writing (FIG. 41)
 
-    def write(self, start: int, data, meta: bool = False) -> None:
+    def write(self, start: int, data, meta: bool = False, hold: bool = False) -> None:
+        """`hold`: keep the data from the volume until the next release of held writes,
+        which first calls `before_release` (the change log's intent marks: a layer above
+        asks this for a write whose mark is not yet durable)."""
         n = len(data) // BS
         with self.lock:
             saved = self._copy_on_write(start, n, meta) if self.store.queue else 0
-            if saved or (self._held and self._held_bits.get_range(start, n).any()):
+            if saved or hold or (self._held and self._held_bits.get_range(start, n).any()):
                 self._hold(start, data)
             else:
                 self.lower.write(start, data)
@@ -220,6 +226,13 @@ class SnapLayer(Layer):
             log.error("a save volume could not be synced (%s): its before-images cannot be "
                       "trusted; nothing they protect is written any more", e)
             raise
+        if self.before_release is not None:
+            try:  # (every entry of epoch <= `epoch` asked for its marks before it was held)
+                self.before_release()
+            except BaseException:  # nothing released: the held writes wait for the next flush
+                with self.lock:
+                    self.store.undetach(token, synced=True)
+                raise
         with self.lock:
             try:
                 self._release_held(epoch)
