@@ -207,6 +207,8 @@ def _cmd_fsck(a) -> int:
         try:
             checker = Fsck(fs, repair=a.repair)
             report = checker.run()
+            from ..snap.layer import SnapLayer
+            orphans = fs.dev.find_layer(SnapLayer).store.orphans_removed
         finally:
             fs.close()
             fs.dev.close()
@@ -214,6 +216,9 @@ def _cmd_fsck(a) -> int:
         site.unlock()
     for note in report.notes:
         print(f"note: {note}")
+    for name, size in orphans:  # (removed when the site was opened, as a mount does)
+        print(f"note: removed save/{name} ({size} bytes), which no snapshot owned "
+              f"(left by a crash)")
     for name in CHECKS:
         probs = [p for p in report.problems if p.check == name]
         if not a.quiet:

@@ -34,7 +34,7 @@ import xxhash
 
 from ..errors import DomainError
 from ..tasks import describe
-from ..statefile import fsync_dir
+from ..statefile import fsync_dir, remove_durably
 from .. import pagedbits
 from ..extents import run_bounds
 from ..volume import BLOCK_SIZE, private_dir, pwritev_all
@@ -470,12 +470,33 @@ class SnapStore:
                 snap.save = SaveVolume(self.save_dir / f"{snap.id}.save", snap.id)
                 self.queue.append(snap)
         self.queue.sort(key=lambda s: s.id)
+        self.orphans_removed = self._remove_orphans()
         recovered = 0
         for snap in self.queue:
             recovered += self._recover(snap)
         if recovered:
             log.info("re-indexed %d before-images from save volumes after a crash", recovered)
             self.flush()
+
+    def _remove_orphans(self) -> list[tuple[str, int]]:
+        """Remove the save volumes no snapshot record owns — left by a crash in a create
+        (made before its record) or in a delete (its record gone before the file), or by a
+        power cut that brought back a file whose removal was not yet durable — so their space
+        is never lost. Only the site's owner (the daemon, fsck) opens the store, and it
+        creates nothing before this runs. Returns [(file name, bytes)]."""
+        owned = {f"{s.id}.save" for s in self.queue}
+        gone = []
+        for p in sorted(self.save_dir.glob("*.save")):
+            if p.name in owned or not p.name[:-5].isdigit() or not p.is_file():
+                continue
+            size = p.stat().st_size
+            p.unlink()
+            gone.append((p.name, size))
+        if gone:
+            fsync_dir(self.save_dir)
+            log.info("removed %d save volume(s) no snapshot owns (left by a crash): %s",
+                     len(gone), ", ".join(f"{n} ({b} bytes)" for n, b in gone))
+        return gone
 
     def _recover(self, snap: Snapshot) -> int:
         n = 0
@@ -584,7 +605,10 @@ class SnapStore:
             txn.delete(K.snap_key(snap.id), db=self.db_snaps)
             txn.delete(snap.name.encode(), db=self.db_names)
         snap.save.close()
-        snap.save.path.unlink(missing_ok=True)
+        # the name's removal made durable too (the caller runs in a worker thread, without
+        # the layer's lock): else a power cut brings the file back, owned by no snapshot
+        # (startup would remove it again: _remove_orphans)
+        remove_durably(snap.save.path)
         if snap in self.queue:  # (the layer unqueues first, under its lock)
             self.unqueue(snap)
 
