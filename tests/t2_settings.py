@@ -5,7 +5,7 @@
   mount with one line naming the setting and a non-zero exit; nothing is mounted and the site
   still mounts once the value is fixed.
 * `[repl] max_outstanding` is honoured: with the secondary down, cutting pauses (flow control)
-  at exactly the configured number of unreleased delta sets, and nothing is lost.
+  at exactly the configured number of unreleased delta sets.
 """
 
 from __future__ import annotations
@@ -19,9 +19,7 @@ import pytest
 
 from repfs.site import Settings, Site, SiteError
 from tests.conftest import REPFS, run_repfs
-from tests.t2_repl import (
-    NO_AUTO_CUT, admin, api, assert_same_tree, cut, start_replication, wait_converged,
-)
+from tests.t2_repl import NO_AUTO_CUT, admin, api, start_replication
 
 
 def set_setting(site, section: str, key: str, value: str) -> None:
@@ -94,7 +92,7 @@ def test_bad_memory_settings_refuse_the_mount_with_one_line(tmp_path):
 def test_max_outstanding_pauses_cutting_at_the_configured_count(mount_site, tmp_path):
     """With `[repl] max_outstanding = 2` and the secondary down, two delta sets are cut; the
     third on-demand cut is refused (flow control, the changes stay in the change log) and
-    status shows flow control; when the secondary returns, everything arrives."""
+    status shows flow control."""
     run_repfs("mkfs", tmp_path / "s1", "--size", "256M")
     set_setting(tmp_path / "s1", "repl", "max_outstanding", "2")
     set_setting(tmp_path / "s1", "repl", "send_window", "2")
@@ -122,9 +120,5 @@ def test_max_outstanding_pauses_cutting_at_the_configured_count(mount_site, tmp_
         time.sleep(0.1)
         st = api(m1.site, "GET", "/status")
     m1.expect_log("flow control:")  # its WARNING is by design
-    # back up: the pins are played and released, the change log is cut and shipped
-    run_repfs("mount", m2.site, m2.path)
-    wait_converged(m1, m2, timeout=60)
-    wait_converged(m1, m2, cut(m1), timeout=60)
-    assert_same_tree(m1.path, m2.path)
-    assert api(m1.site, "GET", "/status")["chunk_area_bytes"] == 0
+    # (that nothing is lost once the destination is back: t2_repl.py's
+    # test_flow_control_loses_nothing, whose flow control is the same code)
