@@ -449,11 +449,12 @@ class Overwriter(threading.Thread):
     when the mount dies under it. `durable`: the content of the last overwrite whose fsync
     returned; `inflight`: whether an overwrite was under way when it stopped."""
 
-    def __init__(self, path: Path, save: Path, known: set[str], rng: random.Random):
+    def __init__(self, path: Path, save: Path, known: set[str], rng: random.Random,
+                 durable: bytes):
         super().__init__(daemon=True)
         self.path, self.save, self.known = path, save, known
         self.rng = random.Random(rng.randrange(1 << 30))
-        self.durable = path.read_bytes()
+        self.durable = durable  # (not read back: the power may be off already)
         self.inflight = False
         self.writes = 0
         self.halt = threading.Event()
@@ -565,7 +566,8 @@ def test_power_cut_during_replication(power_site):
                 if phase in pinned:
                     # a file of this delta set, overwritten while it is sent (the secondary's
                     # disk slowed down: the pin lives a while)
-                    (m1.path / "w" / "ow").write_bytes(rng.randbytes(1 << 20))
+                    first = rng.randbytes(1 << 20)
+                    (m1.path / "w" / "ow").write_bytes(first)
                     _fsync(m1.path / "w" / "ow")
                     known = {p.name for p in (m1.site / "save").glob("*.save")}
                     m2.pf.add_fault("site/volume.img|site/save/incoming/*", "write",
@@ -576,7 +578,7 @@ def test_power_cut_during_replication(power_site):
                                   seed=rng.randrange(1 << 30))
                 req = Request(m1.site, "POST", "/replicate/deltaset", {"wait": True})
                 if phase in pinned:
-                    ow = Overwriter(m1.path / "w" / "ow", m1.site / "save", known, rng)
+                    ow = Overwriter(m1.path / "w" / "ow", m1.site / "save", known, rng, first)
                 got = victim.pf.wait_frozen(30)
                 req.join(60 if got is None else 1)
                 if ow is not None:
