@@ -118,7 +118,6 @@ class ChangeLogLayer(Layer):
         self._marker: threading.Thread | None = None  # the worker that commits marks
         self._wake = threading.Event()
         self._closing = False
-        self.mark_error: Exception | None = None  # the worker's last failure (None: fine)
         with env.begin(db=self.db_ctx) as txn:
             # logging is on from the start of a mount when the site replicates, so the redo
             # log's replay (which runs before the daemon is up) is logged too
@@ -242,7 +241,6 @@ class ChangeLogLayer(Layer):
             except Exception as e:  # noqa: BLE001 - lmdb.Error, OSError: the writes stay
                 # held (nothing reaches the volume unmarked); a flush tries again and fails
                 # the commit if it cannot either
-                self.mark_error = e
                 failed += 1
                 if failed == 1:
                     log.warning("the change log's intent marks could not be written (%s); "
@@ -253,7 +251,6 @@ class ChangeLogLayer(Layer):
                 if failed:
                     log.info("the change log's intent marks are written again")
                 failed = 0
-                self.mark_error = None
 
     def _commit_marks(self) -> None:
         """Make every asked-for intent mark durable (one LMDB transaction, outside `lock`).
