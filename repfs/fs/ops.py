@@ -113,7 +113,8 @@ class Operations(pyfuse3.Operations):
         (which sets it). Best effort: only root may, and a failure changes nothing else."""
         await self._initialized.wait()
         try:
-            st = await trio.to_thread.run_sync(os.stat, mountpoint)  # GETATTR: not on our thread
+            # a GETATTR to ourselves: not on the trio thread, and never holding up an unmount
+            st = await trio.to_thread.run_sync(os.stat, mountpoint, abandon_on_cancel=True)
             path = f"/sys/class/bdi/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/read_ahead_kb"
             await trio.to_thread.run_sync(_write_text, path, f"{self.READ_AHEAD_KB}\n")
         except OSError as e:
