@@ -603,32 +603,43 @@ def stall_run(p, a, repl: bool) -> dict:
 
 
 def sec_stall(root: Path, a, rows: list[Row], raw: dict) -> None:
-    for mode in ("plain", "repl"):
-        p = rpb.fresh_pair(root, f"stall-{mode}", a.site_size)
-        try:
-            if mode == "repl":
-                p.replicate(timeout=0.5)
-            s = raw[mode] = stall_run(p, a, mode == "repl")
-            log(f"  {mode:5s}: load {s['load_mib_s']:.1f} MiB/s; probe {s['writes']} writes, "
-                f"p50 {rpb.f2(s['p50_ms'])} ms, p99 {rpb.f2(s['p99_ms'])} ms, max "
-                f"{rpb.f1(s['max_ms'])} ms; longest write per "
-                + (f"cut p99 {rpb.f1(s['window_p99_ms'])} ms ({s['cuts_status']} cuts, "
-                   f"{s['windows']} timed), daemon cut_stall_ms p99 "
-                   f"{s['daemon_cut_stall_ms']['p99']}" if mode == "repl" else
-                   f"0.5 s window p99 {rpb.f1(s['window_p99_ms'])} ms"))
-        finally:
-            done_pair(p)
+    runs: dict[str, list[dict]] = {"plain": [], "repl": []}
+    for rnd in range(a.rounds):  # (rounds interleaved: plain, repl, plain, repl, ...)
+        for mode in ("plain", "repl"):
+            p = rpb.fresh_pair(root, f"stall-{mode}-{rnd}", a.site_size)
+            try:
+                if mode == "repl":
+                    p.replicate(timeout=0.5)
+                s = stall_run(p, a, mode == "repl")
+                runs[mode].append(s)
+                log(f"  {mode:5s}: load {s['load_mib_s']:.1f} MiB/s; probe {s['writes']} writes, "
+                    f"p50 {rpb.f2(s['p50_ms'])} ms, p99 {rpb.f2(s['p99_ms'])} ms, max "
+                    f"{rpb.f1(s['max_ms'])} ms; longest write per "
+                    + (f"cut p99 {rpb.f1(s['window_p99_ms'])} ms ({s['cuts_status']} cuts, "
+                       f"{s['windows']} timed), daemon cut_stall_ms p50 "
+                       f"{s['daemon_cut_stall_ms']['p50']} p99 "
+                       f"{s['daemon_cut_stall_ms']['p99']}" if mode == "repl" else
+                       f"0.5 s window p99 {rpb.f1(s['window_p99_ms'])} ms"))
+            finally:
+                done_pair(p)
+    raw["plain"], raw["repl"] = runs["plain"][-1], runs["repl"][-1]
+    raw["rounds"] = runs
     r, b = raw["repl"], raw["plain"]
-    note = (f"load {r['load_mib_s']:.0f} MiB/s replicating, {b['load_mib_s']:.0f} not; "
-            f"{r['cuts_status']} cuts, {r['windows']} timed; probe p99 over all writes "
-            f"{rpb.f1(r['p99_ms'])} ms replicating, {rpb.f1(b['p99_ms'])} ms not")
+    rw = [x["window_p99_ms"] for x in runs["repl"] if x["window_max_ms"]]
+    note = (f"load {med([x['load_mib_s'] for x in runs['repl']]):.0f} MiB/s replicating, "
+            f"{med([x['load_mib_s'] for x in runs['plain']]):.0f} not; "
+            f"{r['cuts_status']} cuts, {r['windows']} timed (last round); probe p99 over all "
+            f"writes {rpb.f1(med([x['p99_ms'] for x in runs['repl']]))} ms replicating, "
+            f"{rpb.f1(med([x['p99_ms'] for x in runs['plain']]))} ms not"
+            + (f"; medians of {a.rounds} rounds" if a.rounds > 1 else ""))
     (k1, t1, u1, kd1, g1), (k2, t2, u2, kd2, g2) = STALL_ROWS
-    err = None if r["window_max_ms"] else "no cut of the primary fell within the probe's run"
-    rows.append(Row("stall", k1, t1, u1, kind=kd1, target=g1, value=r["window_p99_ms"],
-                    base=b["window_p99_ms"], base_note="no repl", note=note, error=err,
-                    higher_better=False))
+    err = None if rw else "no cut of the primary fell within the probe's run"
+    rows.append(Row("stall", k1, t1, u1, kind=kd1, target=g1, value=med(rw) if rw else None,
+                    base=med([x["window_p99_ms"] for x in runs["plain"]]), base_note="no repl",
+                    note=note, error=err, higher_better=False))
     rows.append(Row("stall", k2, t2, u2, kind=kd2, target=g2,
-                    value=r["daemon_cut_stall_ms"]["p99"], higher_better=False))
+                    value=med([x["daemon_cut_stall_ms"]["p99"] for x in runs["repl"]]),
+                    higher_better=False))
 
 
 # ----------------------------------------------------------------------------- rss
@@ -724,8 +735,8 @@ def main(argv=None) -> int:
                    "round, a 1 GiB delta set for the RSS row")
     p.add_argument("--only", default=",".join(SECTIONS),
                    help="comma-separated subset of " + ",".join(SECTIONS))
-    p.add_argument("--rounds", type=int, help="rounds of the throughput comparisons "
-                   "(median; default 2, --quick 1)")
+    p.add_argument("--rounds", type=int, help="rounds of the throughput comparisons and "
+                   "of the stall runs (median; default 2, --quick 1)")
     p.add_argument("--rss-mib", type=int, help="size of the delta set for the RSS row in MiB "
                    "(default 4096, --quick 1024)")
     p.add_argument("--tmpdir", help="where to make the temp directory (default $TMPDIR or "
