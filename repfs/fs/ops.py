@@ -76,6 +76,9 @@ class Operations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_acl = False
     HELD_LIMIT = 64 << 20  # see _maybe_flush_held
+    # a cut_point whose running transaction has more dirty inodes than this commits it first,
+    # before the gate closes (packing an inode may read its table block from the volume)
+    CUT_PRECOMMIT_INODES = 64
 
     def __init__(self, core: FileSystem, *, writeback_cache: bool = False,
                  cache_timeout: float = 5.0):
@@ -180,7 +183,8 @@ class Operations(pyfuse3.Operations):
         volume under a saturating write load).
 
         With the commit lock taken first (a group commit in flight ends while writers go
-        on), the gate closes and the running transaction is closed (prepare_commit: its
+        on; a running transaction of more than CUT_PRECOMMIT_INODES inodes is committed
+        then too), the gate closes and the running transaction is closed (prepare_commit: its
         blocks in memory, nothing written). `cut(blocks)` runs in a worker thread with
         writers held: it records the boundary, `blocks` (the transaction's metadata block
         numbers, not yet in the volume) included, and returns a token. Then the gate
@@ -191,6 +195,8 @@ class Operations(pyfuse3.Operations):
         runs in a worker thread. If `cut` fails, the transaction is still committed and
         the error raised."""
         async with self.quiesce_lock, self.commit_lock:
+            if len(self.core.dirty_inodes) > self.CUT_PRECOMMIT_INODES:
+                await self._commit_locked()  # writers go on; the gate packs only the rest
             self._gate = trio.Event()
             t0 = time.monotonic()
             txn = None
@@ -210,9 +216,11 @@ class Operations(pyfuse3.Operations):
             with trio.CancelScope(shield=True):  # (a prepared transaction is committed)
                 if txn is not None:
                     await trio.to_thread.run_sync(self.core.write_commit, txn)
-                    written(token)
-                    self.core.finish_commit()
-                    self.commits += 1
+                    try:
+                        written(token)
+                    finally:
+                        self.core.finish_commit()
+                        self.commits += 1
                 else:
                     written(token)
                 if not self.core.readonly:

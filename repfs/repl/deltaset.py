@@ -196,9 +196,16 @@ def undo_unready(env) -> list[int]:
     db_bits = env.open_db(K.DSBITS)
     db_old = env.open_db(K.CLOG_OLD)
     db_ctx = env.open_db(K.CTX)
+    undo = []
     with env.begin(db=db_sets) as txn:
-        undo = [json.loads(v) for _, v in txn.cursor()]
-    undo = [r for r in undo if r.get("state") == "cut"]
+        for _, raw in txn.cursor():
+            try:
+                rec = json.loads(raw)
+            except ValueError:  # (a damaged record is not this function's to judge)
+                continue
+            if (isinstance(rec, dict) and rec.get("state") == "cut"
+                    and K.is_u64(rec.get("number")) and rec["number"] > 0):
+                undo.append(rec)
     if not undo:
         return []
     with env.begin(write=True) as txn:
@@ -213,8 +220,9 @@ def undo_unready(env) -> list[int]:
                 if have is not None and len(have) == len(arr):
                     arr |= np.frombuffer(have, np.uint8)
                 txn.put(K.u32(page), arr.tobytes(), db=db_old)
-            if rec.get("first_change_ns") and (not first or rec["first_change_ns"] < first):
-                first = rec["first_change_ns"]
+            rf = rec.get("first_change_ns")
+            if K.is_u64(rf) and rf and (not first or rf < first):
+                first = rf
             txn.delete(K.u64(n), db=db_sets)
             cur = txn.cursor(db=db_bits)
             if cur.set_range(K.ds_page(n, 0)):
