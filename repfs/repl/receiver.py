@@ -341,7 +341,7 @@ class Receiver:
             f.unlink()
         os.close(create_private(self.dir / COPY_FILE))
         fsync_dir(self.dir)
-        self.copy = {"off": 0, "chunks": 0, "synced": 0,
+        self.copy = {"off": 0, "chunks": 0, "unsynced": 0,
                      "check": ExtentCheck(self.nblocks, ascending=True)}
 
     def _resumable_chunks(self, path: Path, start: int, number: int, delta_set: int | None,
@@ -366,7 +366,7 @@ class Receiver:
             return
         path = self.dir / COPY_FILE
         check = ExtentCheck(self.nblocks, ascending=True)
-        cp = {"off": 0, "chunks": 0, "synced": 0, "check": check}
+        cp = {"off": 0, "chunks": 0, "unsynced": 0, "check": check}
         saved = _progress(self._get("copy_progress"))
         for f in self.dir.glob("*.ds"):  # delta sets of an earlier primary (attach crashed)
             if f.name != COPY_FILE:
@@ -377,7 +377,7 @@ class Receiver:
         start = 0  # the saved position counts only if the file still reaches it
         if saved and path.stat().st_size >= saved["off"]:
             start = saved["off"]
-            cp.update(off=saved["off"], chunks=saved["chunks"], synced=saved["off"])
+            cp.update(off=saved["off"], chunks=saved["chunks"])
             check.next, check.blocks = saved["next"], saved["blocks"]
         for end, _ in self._resumable_chunks(path, start, cp["chunks"], None, check):
             cp["off"] = end
@@ -426,7 +426,9 @@ class Receiver:
         fd = os.open(self.dir / COPY_FILE, os.O_WRONLY | os.O_CLOEXEC)
         try:
             stored = self._store_record(fd, cp["off"], raw, ext, rec.data, direct)
-            synced = cp["off"] + stored - cp["synced"] >= COPY_SYNC_BYTES
+            # (counted in bytes received: a direct record stores a few bytes per MiB, and a
+            # restart re-verifies every block copied since the last recorded position)
+            synced = cp["unsynced"] + len(raw) >= COPY_SYNC_BYTES
             if synced:  # the volume's direct blocks durable before the position says so
                 if self.dev is not None:
                     self.dev.flush()
@@ -437,8 +439,8 @@ class Receiver:
         cp["off"] += stored
         cp["chunks"] += 1
         self.received_bytes += len(raw)
+        cp["unsynced"] = 0 if synced else cp["unsynced"] + len(raw)
         if synced:
-            cp["synced"] = cp["off"]
             with self.env.begin(write=True) as txn:
                 self._put(txn, "copy_progress", json.dumps(
                     {"off": cp["off"], "next": check.next, "chunks": cp["chunks"],
@@ -600,11 +602,12 @@ class Receiver:
         volume, as runs in the chunk's block order: those free at boundary n - 1 and not
         written by a delta set still to be played before n. Nothing reads a free block,
         and playing delta set n is the first thing to make one part of the file system, so
-        such a block needs no staged copy: it is written once. The bitmap at boundary n - 1
-        is the volume's as played, with the bitmap blocks of the delta sets received since
-        (kept while they were received) laid over it. [] when it is not known: no device, no
-        file system, or a delta set to be played before n that this process did not receive
-        whole (received before a restart, the initial copy, too many bitmap blocks)."""
+        such a block needs no staged copy: it is written once. Free means free at every
+        boundary from the one played to n - 1: in the volume's bitmap and in the bitmap
+        block images of the delta sets received since (kept while they were received). []
+        when that is not known: no device, no file system, or a delta set to be played
+        before n that this process did not receive whole (received before a restart, the
+        initial copy, too many bitmap blocks)."""
         if self.dev is None or area is None:
             return []
         played = self.last_played
@@ -616,9 +619,10 @@ class Receiver:
         return self._free_runs(extents, area, sets)
 
     def _free_runs(self, extents, area, sets=()) -> list[tuple[int, int]]:
-        """The blocks of `extents` free in the block bitmap (the volume's, with the bitmap
-        blocks of `sets` laid over it in order) and in none of `sets`' blocks, as runs in
-        the extents' order."""
+        """The blocks of `extents` free in the volume's block bitmap (the boundary the mount
+        shows) and in every bitmap block image of `sets` (each boundary up to the one the
+        delta set starts from: a block in use at any of them is read by the mount once that
+        one is played), and in none of `sets`' blocks, as runs in the extents' order."""
         start, count = area
         bits_per = BS * 8
         out = []
@@ -626,14 +630,15 @@ class Receiver:
             first, last = s // bits_per, (s + k - 1) // bits_per
             if last >= count:
                 return []
-            raw = bytearray(self.dev.read(start + first, last - first + 1))
-            for w in sets:  # (oldest first: the latest image of a bitmap block wins)
+            used = np.frombuffer(self.dev.read(start + first, last - first + 1),
+                                 dtype=np.uint8).copy()
+            for w in sets:  # used at any boundary from the one the mount shows to n - 1
                 for i in range(first, last + 1):
                     if i in w["bitmap"]:
-                        raw[(i - first) * BS: (i - first + 1) * BS] = w["bitmap"][i]
+                        used[(i - first) * BS: (i - first + 1) * BS] |= np.frombuffer(
+                            w["bitmap"][i], dtype=np.uint8)
             lo = s - first * bits_per
-            free = np.unpackbits(np.frombuffer(raw, dtype=np.uint8),
-                                 bitorder="little")[lo: lo + k] == 0
+            free = np.unpackbits(used, bitorder="little")[lo: lo + k] == 0
             for w in sets:
                 free &= ~w["blocks"].get_range(s, k)
             out.extend((s + i, n) for _, i, n in runs(np.flatnonzero(free)))
