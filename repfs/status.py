@@ -115,6 +115,9 @@ def _secondary_status(svc) -> dict:
             {"delta_set": x["number"], "blocks": x["blocks"], "created": iso(x["cut_ns"]),
              "received": iso(x["received_ns"])} for x in incoming],
         "played_blocks": r.played_blocks,
+        # of the blocks received since the daemon started, those written once, straight
+        # into the volume (free at the boundaries before them: docs/replication.md)
+        "direct_blocks": r.direct_blocks,
         # delta sets found damaged at playback: kept aside, never played, asked for again
         "quarantined_delta_sets": [
             {"delta_set": q.get("delta_set"), "reason": q.get("reason"),

@@ -735,6 +735,44 @@ def test_start_onto_a_site_with_files_needs_force(mount_site):
     assert_same_tree(m1.path, m2.path)
 
 
+def test_direct_writes_never_touch_what_the_secondary_shows(mount_site):
+    """Blocks free at the secondary's boundaries go straight into its volume as they arrive
+    (`direct_blocks`), but never a block the read-only mount still shows: a file deleted by
+    a delta set that waits to be played, whose blocks the next delta set reuses, reads back
+    whole until the deletion is played (review of e59fb2b: 2325 of 9216 blocks read the next
+    file's bytes)."""
+    m1 = mount_site("64M", name="s1")
+    m2 = mount_site("64M", name="s2")
+    admin(m1.path, "replicate", "policy", "--timeout", "3600", "--hwm", "100G")
+    start_replication(m1, m2)
+    xdata = os.urandom(36 << 20)  # (over half the volume: the next file reuses its blocks)
+    with open(m1.path / "x", "wb") as f:
+        f.write(xdata)
+        os.fsync(f.fileno())
+    wait_converged(m1, m2, cut(m1))
+    assert api(m2.site, "GET", "/status")["direct_blocks"] >= 9000  # x: written once
+    assert (m2.path / "x").read_bytes() == xdata
+    admin(m2.path, "replicate", "policy", "--playback-timeout", "3600")
+    (m1.path / "x").unlink()
+    n = cut(m1)
+    ydata = os.urandom(36 << 20)
+    with open(m1.path / "y", "wb") as f:
+        f.write(ydata)
+        os.fsync(f.fileno())
+    n2 = cut(m1)
+    deadline = time.monotonic() + 120
+    while api(m2.site, "GET", "/status")["last_received_delta_set"] != n2:
+        assert time.monotonic() < deadline, "the secondary never received the delta sets"
+        time.sleep(0.1)
+    assert api(m2.site, "GET", "/status")["last_played_delta_set"] < n
+    with open("/proc/sys/vm/drop_caches", "w") as f:  # read the volume, not the page cache
+        f.write("1\n")
+    assert (m2.path / "x").read_bytes() == xdata  # the mount still shows x whole
+    admin(m2.path, "replicate", "policy", "--playback-timeout", "0")
+    wait_converged(m1, m2, n2)
+    assert not (m2.path / "x").exists() and (m2.path / "y").read_bytes() == ydata
+
+
 def test_playback_when_a_directory_inode_is_reused_by_a_file(pair):
     """The secondary's kernel knows a directory; on the primary it is removed and its inode
     number is reused by a regular file (after a remount the allocator starts from the lowest

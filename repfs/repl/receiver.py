@@ -243,6 +243,7 @@ class Receiver:
         self._waiting: dict[int, dict] = {}
         self.played_blocks = 0
         self.received_bytes = 0
+        self.direct_blocks = 0  # received blocks written straight into the volume
         self._load_partial()
         self._load_copy()
 
@@ -659,6 +660,7 @@ class Receiver:
                 self.dev.write(s, mv[pos: pos + k * BS], meta=True)
             pos += k * BS
         _bound_held(self.dev)
+        self.direct_blocks += sum(k for _, k in direct)
         return pwritev_all(fd, encode_direct(chunk, direct), off)
 
     def commit(self, header: bytes, meta: dict) -> dict:
