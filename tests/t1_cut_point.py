@@ -36,16 +36,20 @@ from tests.t1_changelog import (BS, ROOT_DIR, VOL, Image, Stack, block_list, che
                                 digest, image, read_stream)
 
 
-def cut_point(st: Stack, between=None, after_commit=None) -> tuple[int, set[int], Image, list]:
+def cut_point(st: Stack, between=None, after_commit=None,
+              prepare: bool = False) -> tuple[int, set[int], Image, list]:
     """What Operations.cut_point and Primary.cut do, on the stack: returns the delta set's
     number, the blocks its list must hold, the volume at its boundary and the closing
     commit's metadata blocks. `between()` runs
     where writers go on (after the gate, before the commit); `after_commit()` after the
     commit, before "ready" — no commit may run there (the commit lock is held)."""
+    pre = st.sets.cut_prepare() if prepare else None  # (Primary.cut: before the gate)
     txn = st.fs.prepare_commit()
     meta = sorted(txn[1]) if txn else []
     written = st.rec.take() | set(meta)
-    n = st.sets.cut_begin(meta)
+    n = st.sets.cut_begin(meta, prepared=pre)
+    if pre is not None:
+        assert st.sets.pin(n) is pre, "the prepared pin was not taken"
     rec = st.sets.record(n)
     assert rec["state"] == "cut" and rec["blocks"] == len(written)
     assert block_list(st.sets, n) == written
@@ -61,6 +65,10 @@ def cut_point(st: Stack, between=None, after_commit=None) -> tuple[int, set[int]
         st.fs.write_commit(txn)
         st.sets.cut_written(n, meta)
         st.fs.finish_commit()
+        # the commit's blocks are this delta set's content, not a change after it (only the
+        # commit writes metadata blocks, and no other commit runs in between)
+        assert not st.clog.new.get_range(0, st.clog.nblocks)[meta].any()
+        st.rec.written.difference_update(meta)
     if after_commit is not None:
         after_commit()
     st.fs.clear_journal()
@@ -93,7 +101,8 @@ def test_a_cut_point_ships_its_boundary_though_its_commit_and_writes_come_after_
                 st.new_file(100 << 10)
 
             interval = set(np.flatnonzero(st.clog.new.get_range(0, st.clog.nblocks)).tolist())
-            n, written, boundary, meta = cut_point(st, between=writers_go_on)
+            n, written, boundary, meta = cut_point(st, between=writers_go_on,
+                                                   prepare=rnd % 2 == 0)
             twice += len(interval & set(meta))
             # a later commit overwrites the same metadata blocks: the pin keeps them
             for _ in range(10):
@@ -117,7 +126,7 @@ def test_an_empty_interval_with_only_a_commit_still_cuts_its_metadata(tmp_path):
         st.rec.take()
         st.fs.setattr(ino, mode=0o600)
         assert not st.clog.new, "a setattr wrote a block before its commit"
-        n, written, boundary, meta = cut_point(st)
+        n, written, boundary, meta = cut_point(st, prepare=True)
         assert written == set(meta) and st.sets.pin(n) is not None
         check_set(st, n, written, prev, boundary)
     finally:
@@ -222,3 +231,23 @@ def test_a_cut_killed_before_it_is_ready_is_undone_at_reopen(tmp_path, at):
     finally:
         st.close()
     fsck_clean(site_path)
+
+
+def test_a_prepared_pin_not_taken_by_an_empty_cut_is_discarded(tmp_path):
+    """Primary.cut makes the pin's save volume before the gate; a cut with nothing to ship
+    pins nothing, and the prepared save volume goes (its file too)."""
+    st = Stack(tmp_path / "s")
+    try:
+        st.new_file(64 << 10)
+        st.cut()
+        pre = st.sets.cut_prepare()
+        assert pre.save.path.exists()
+        assert st.fs.prepare_commit() is None  # nothing changed since the cut
+        n = st.sets.cut_begin((), prepared=pre)
+        assert st.sets.pin(n) is None and not st.sets.record(n)["pinned"]
+        st.sets.store.discard_prepared(pre)  # what Primary.cut does with an untaken one
+        assert not pre.save.path.exists()
+        st.sets.cut_ready(n)
+        assert [p.name for p in st.sets.pins()] == [f"{PIN_PREFIX}{n - 1}"]
+    finally:
+        st.close()

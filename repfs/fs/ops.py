@@ -177,7 +177,7 @@ class Operations(pyfuse3.Operations):
                 self._gate.set()
                 self.gate_ms = (time.monotonic() - t0) * 1000
 
-    async def cut_point(self, cut, written, durable):
+    async def cut_point(self, cut, written, durable, prepare=None):
         """A consistency point whose syncs run after the gate opens (a delta-set cut: the
         writers' stall is the in-memory part and `cut`'s one LMDB commit, not a sync of the
         volume under a saturating write load).
@@ -193,10 +193,14 @@ class Operations(pyfuse3.Operations):
         written), `written(token)` runs, the redo log is emptied (the volume flushed again:
         no replay after a crash can write through the boundary), then `durable(token)`
         runs in a worker thread. If `cut` fails, the transaction is still committed and
-        the error raised."""
+        the error raised. `prepare()`, if given, runs in a worker thread before the gate
+        closes (with both locks held: I/O the cut needs that does not depend on the
+        boundary)."""
         async with self.quiesce_lock, self.commit_lock:
             if len(self.core.dirty_inodes) > self.CUT_PRECOMMIT_INODES:
                 await self._commit_locked()  # writers go on; the gate packs only the rest
+            if prepare is not None:
+                await trio.to_thread.run_sync(prepare)
             self._gate = trio.Event()
             t0 = time.monotonic()
             txn = None

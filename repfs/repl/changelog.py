@@ -364,6 +364,23 @@ class ChangeLogLayer(Layer):
         self.changed_blocks = 0
         self.first_change_ns = 0
 
+    def unmark(self, blocks: np.ndarray) -> None:
+        """Clear the marks of `blocks` (sorted block numbers) in the new table: the closing
+        commit of a cut wrote them just after the cut with the content its delta set carries
+        (Primary.cut: nothing else writes them meanwhile, the commit lock is held). Their
+        intent regions stay marked (over-marking is allowed)."""
+        from ..extents import runs
+        if not len(blocks):
+            return
+        with self.lock:
+            was = sum(int(self.new.get_range(s, c).sum()) for _, s, c in runs(blocks))
+            if not was:
+                return
+            self.new.clear_blocks(blocks)
+            self.changed_blocks -= was
+            if not self.changed_blocks:
+                self.first_change_ns = 0
+
     def disable(self) -> None:
         """Stop logging and forget the log (no destinations left)."""
         with self.lock:

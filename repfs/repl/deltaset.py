@@ -389,7 +389,17 @@ class DeltaSets:
         Returns its number."""
         return self.cut_begin((), state="ready")
 
-    def cut_begin(self, meta_blocks=(), *, state: str = "cut") -> int:
+    def cut_prepare(self):
+        """The next delta set's pinning snapshot, prepared before the writers' gate closes
+        (its save volume made: creating a file can wait long on a busy disk), to be given to
+        `cut_begin`; the caller holds the cut and quiesce locks (no other snapshot takes its
+        id meanwhile) and discards it (`store.discard_prepared`) if `cut_begin` did not take
+        it (an empty delta set pins nothing; a failed cut)."""
+        n = self.last_cut + 1
+        return self.store.prepare(f"{PIN_PREFIX}{n}", {"delta_set": n, "purpose": "delta set"},
+                                  durable_entry=False)
+
+    def cut_begin(self, meta_blocks=(), *, state: str = "cut", prepared=None) -> int:
         """Close the accumulating delta set at a consistency point (no writer runs); returns
         its number. One LMDB transaction: the change log's table (plus `meta_blocks`, the
         closing commit's metadata blocks, not yet written to the volume) becomes the block
@@ -416,10 +426,15 @@ class DeltaSets:
             else:
                 interest = bits
             blocks = listed.count()
-            snap = (self.store.prepare(f"{PIN_PREFIX}{n}", {"delta_set": n, "purpose":
-                                                             "delta set"}, interest=interest,
-                                       durable_entry=False)
-                    if blocks else None)
+            snap = None
+            if blocks and prepared is not None and prepared.name == f"{PIN_PREFIX}{n}":
+                snap = prepared  # (the caller's to discard if this fails)
+                snap.interest = interest
+                snap.created_ns = time.time_ns()
+            elif blocks:
+                snap = self.store.prepare(f"{PIN_PREFIX}{n}", {"delta_set": n, "purpose":
+                                                               "delta set"},
+                                          interest=interest, durable_entry=False)
             try:
                 with self.env.begin(write=True) as txn:
                     self.clog.clear_tables(txn)
@@ -436,7 +451,7 @@ class DeltaSets:
                     })
                     self.ctx_put("last_cut", K.u64(n), txn)
             except BaseException:
-                if snap is not None:
+                if snap is not None and snap is not prepared:
                     self.store.discard_prepared(snap)
                 raise
             self.clog.reset()
@@ -448,11 +463,17 @@ class DeltaSets:
     def cut_written(self, n: int, meta_blocks) -> None:
         """The closing commit's metadata blocks are in the volume (not yet durable): from now
         on the pin of delta set `n` keeps them (an overwrite by a later commit copies their
-        boundary content). Call before any later commit can run."""
-        snap = self.pin(n)
-        if snap is None or not len(meta_blocks):
+        boundary content), and the change log forgets that the commit wrote them after the
+        cut. Call before any later commit can run."""
+        if not len(meta_blocks):
             return
         meta = np.asarray(meta_blocks, dtype=np.int64)
+        # written after the cut with the content this delta set carries: not a change since
+        # it (else every cut left its commit's blocks for the next delta set to send again)
+        self.clog.unmark(meta)
+        snap = self.pin(n)
+        if snap is None:
+            return
         with self.layer.lock:
             for _, s, c in runs(meta):
                 snap.interest.set_range(s, c)

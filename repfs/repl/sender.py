@@ -126,12 +126,20 @@ class Primary:
                 await trio.to_thread.run_sync(self.sets.cut_ready, self.unready)
                 self.unready = None
             token = []
+            prepared = []  # the pin, its save volume made before the gate
+
+            def prepare():
+                prepared.append(self.sets.cut_prepare())
 
             def begin(meta_blocks):
                 # (the change log lock keeps a write from the table while it turns into
                 # the block list; the commit lock is held: no group commit writes the
                 # volume between the prepared commit and the cut)
-                token[:] = [self.sets.cut_begin(meta_blocks), meta_blocks]
+                n = self.sets.cut_begin(meta_blocks,
+                                        prepared=prepared[0] if prepared else None)
+                if prepared and self.sets.pin(n) is prepared[0]:
+                    prepared.clear()  # taken
+                token[:] = [n, meta_blocks]
                 return token
 
             def written(tok):
@@ -144,7 +152,12 @@ class Primary:
                     self.unready = tok[0]  # (never sent before it is ready)
                     raise
 
-            await ops.cut_point(begin, written, durable)
+            try:
+                await ops.cut_point(begin, written, durable, prepare)
+            finally:
+                with trio.CancelScope(shield=True):
+                    for snap in prepared:  # not taken (an empty delta set, a failed cut)
+                        await trio.to_thread.run_sync(self.sets.store.discard_prepared, snap)
             n = token[0]
             self.stall_ms.append(ops.gate_ms)  # what writers waited (the gate was closed)
             await trio.to_thread.run_sync(self.sets.reserve, n)
