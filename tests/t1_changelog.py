@@ -747,3 +747,50 @@ def test_intent_regions_cover_unflushed_writes_only_within_their_region(tmp_path
         assert marks[must].all()
     finally:
         st.close()
+
+
+def test_a_cut_left_unready_below_a_ready_one_is_made_ready_at_open(tmp_path):
+    """Review of d22669a: delta set n's "ready" commit failed after its syncs (the
+    primary retries it at its next cut); a one-step ready cut n + 1 (replicate start) came
+    before that, then a crash. At open n is durable (n + 1's syncs came after its boundary):
+    it is made ready, not undone behind n + 1 (which stepped last_cut back below a ready
+    delta set, and the cut after next failed on a pin's name)."""
+    from repfs.repl.deltaset import undo_unready
+    from repfs.snap.store import open_env
+    p = tmp_path / "s"
+    st = Stack(p)
+    for _ in range(10):
+        st.op()
+    st.cut()
+    for _ in range(10):
+        st.op()
+    txn = st.fs.prepare_commit()  # Primary.cut up to its syncs; cut_ready(n) fails
+    meta = sorted(txn[1]) if txn else []
+    n = st.sets.cut_begin(meta)
+    if txn:
+        st.fs.write_commit(txn)
+        st.sets.cut_written(n, meta)
+        st.fs.finish_commit()
+    st.fs.clear_journal()
+    for _ in range(10):
+        st.op()
+    st.fs.checkpoint()
+    m = st.sets.cut()  # replicate start's cut: ready in one step
+    assert m == n + 1 and st.sets.record(n)["state"] == "cut"
+    st.close()
+    env = open_env(p)
+    try:
+        assert undo_unready(env) == []
+    finally:
+        env.close()
+    st = Stack(p, create=False)
+    try:
+        assert st.sets.last_cut == m
+        assert [(r["number"], r["state"]) for r in st.sets.records()][-2:] == [
+            (n, "ready"), (m, "ready")]
+        for _ in range(5):
+            st.op()
+        st.fs.checkpoint()
+        assert st.sets.cut() == m + 1
+    finally:
+        st.close()

@@ -196,16 +196,32 @@ def undo_unready(env) -> list[int]:
     db_bits = env.open_db(K.DSBITS)
     db_old = env.open_db(K.CLOG_OLD)
     db_ctx = env.open_db(K.CTX)
-    undo = []
+    undo, done = [], 0
     with env.begin(db=db_sets) as txn:
         for _, raw in txn.cursor():
             try:
                 rec = json.loads(raw)
             except ValueError:  # (a damaged record is not this function's to judge)
                 continue
-            if (isinstance(rec, dict) and rec.get("state") == "cut"
-                    and K.is_u64(rec.get("number")) and rec["number"] > 0):
+            if not (isinstance(rec, dict) and K.is_u64(rec.get("number"))
+                    and rec["number"] > 0):
+                continue
+            if rec.get("state") == "cut":
                 undo.append(rec)
+            else:
+                done = max(done, rec["number"])
+    # one cut below a later one that became ready: its "ready" commit failed after its
+    # syncs, and the later cut's syncs came after its boundary: it is durable, made ready
+    # (undoing it would put last_cut behind the later one)
+    late = [r for r in undo if r["number"] < done]
+    undo = [r for r in undo if r["number"] > done]
+    if late:
+        with env.begin(write=True) as txn:
+            for rec in late:
+                rec.update(state="ready", ready_ns=time.time_ns())
+                txn.put(K.u64(rec["number"]), json.dumps(rec).encode(), db=db_sets)
+        log.info("delta set %s was cut before a later one was made ready: made ready too",
+                 ", ".join(str(r["number"]) for r in late))
     if not undo:
         return []
     with env.begin(write=True) as txn:

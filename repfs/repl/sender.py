@@ -114,6 +114,14 @@ class Primary:
                 await self.cut()
                 self.sup.ok("cut")
 
+    async def ready_unready(self) -> None:
+        """Before any other cut (the caller holds cut_lock): the delta set whose syncs ran
+        but whose "ready" commit failed is made ready first, so no delta set is ready
+        after one that is not (a restart would undo it behind its successor)."""
+        if self.unready is not None:
+            await trio.to_thread.run_sync(self.sets.cut_ready, self.unready)
+            self.unready = None
+
     async def cut(self) -> int:
         """Cut the accumulating delta set at a consistency point. Writers pause only while
         the boundary is recorded (the closing commit prepared in memory, one LMDB commit:
@@ -122,9 +130,7 @@ class Primary:
         is durable. A crash before that undoes it (deltaset.undo_unready)."""
         async with self.cut_lock:
             ops = self.service.ops
-            if self.unready is not None:  # its syncs ran, its last commit failed: again
-                await trio.to_thread.run_sync(self.sets.cut_ready, self.unready)
-                self.unready = None
+            await self.ready_unready()
             token = []
             prepared = []  # the pin, its save volume made before the gate
 

@@ -83,6 +83,8 @@ class ReplicateVerbs:
         if any(s.name == snap_name for s in svc.store.queue):
             await svc.snapshots.delete(snap_name, internal=True)
         async with p.cut_lock:
+            await p.ready_unready()  # (review of d22669a: else a restart undoes it behind n)
+
             def start_at_consistency_point() -> int:
                 svc.clog.enabled = True
                 n = p.sets.cut()
