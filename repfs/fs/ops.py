@@ -97,6 +97,7 @@ class Operations(pyfuse3.Operations):
         self._direct_files: set[int] = set()  # see _keep_cache
         self.request_errors: dict[str, float] = {}  # error -> when last logged (at most 65)
         self._initialized = trio.Event()  # set by init(): the kernel has sent FUSE_INIT
+        self._releasing = False  # a _release_held_behind task runs
 
     # ------------------------------------------------------------------ the mount
 
@@ -460,11 +461,32 @@ class Operations(pyfuse3.Operations):
         from overwriting a block before its before-image is durable): past HELD_LIMIT, flush
         in a worker thread; past twice that, this writer waits for it (bounded memory)."""
         held = self.core.dev.pending_bytes()
-        if held < self.HELD_LIMIT or (held < 2 * self.HELD_LIMIT and self.commit_lock.locked()):
+        if held < self.HELD_LIMIT:
+            return
+        if held < 2 * self.HELD_LIMIT:
+            # the writer goes on while the flush syncs the save volumes (issue 8: waiting
+            # for each 64 MiB of before-images to reach the disk serialized the disk's
+            # work with the writer's)
+            if not self._releasing and not self.commit_lock.locked():
+                self._releasing = True
+                trio.lowlevel.spawn_system_task(self._release_held_behind)
             return
         async with self.commit_lock:
             if self.core.dev.pending_bytes() >= self.HELD_LIMIT:
                 await trio.to_thread.run_sync(self.core.dev.release_held)
+
+    async def _release_held_behind(self) -> None:
+        """release_held for _maybe_flush_held, behind the writer. A failure is logged: the
+        layer that failed refuses every later flush itself (a failed save-volume sync is
+        final), so the next commit turns the file system read-only."""
+        try:
+            async with self.commit_lock:
+                if self.core.dev.pending_bytes() >= self.HELD_LIMIT:
+                    await trio.to_thread.run_sync(self.core.dev.release_held)
+        except Exception as e:  # (a system task must not raise)
+            log.error("releasing held writes failed: %s", e)
+        finally:
+            self._releasing = False
 
     async def flush(self, fh):
         pass
