@@ -1608,6 +1608,26 @@ def test_write_updates_mtime_and_size_change_updates_mtime(core_fs):
     assert fs.getattr(f).mtime_ns > 1
 
 
+def test_with_the_writeback_cache_a_write_keeps_the_kernels_times(core_fs):
+    """With FUSE's writeback cache the kernel keeps a regular file's mtime and ctime and sends
+    them in a SETATTR (at close, fsync, inode writeback). A WRITE that reaches the daemon after
+    that SETATTR (the close's page writeback racing its flush of the times) must not stamp the
+    daemon's clock over them: the site then held other times than the mount showed, and they
+    changed at the next remount (tools/conformance REPLICATE=1 MOUNT_ARGS=--writeback-cache:
+    the secondary's mtime and ctime of fio's state file 2.6 ms off the primary's mount)."""
+    from repfs.fs.ops import Operations
+    fs = core_fs
+    Operations(fs, writeback_cache=True)  # the mount tells the core who keeps the times
+    f = mkfile(fs, b"f")
+    fs.write(f, 0, b"a" * 10000)
+    fs.setattr(f, mtime_ns=5_000_000_000, ctime_ns=6_000_000_000)  # the kernel's flush
+    fs.write(f, 0, b"b" * 100)  # an overwrite (one block)
+    fs.write(f, 9000, b"c" * 9000)  # across blocks, extending the file
+    fs.write(f, 40000, b"d" * 8192)  # fresh blocks past a hole
+    a = fs.getattr(f)
+    assert (a.mtime_ns, a.ctime_ns, a.size) == (5_000_000_000, 6_000_000_000, 48192)
+
+
 @pytest.mark.parametrize("mode,change,want", [
     (0o4755, {"uid": 1000}, 0o0755),  # set-uid cleared on chown
     (0o6755, {"gid": 100}, 0o0755),  # set-gid with group exec: cleared too

@@ -1498,9 +1498,13 @@ def test_mount_dash_t_helper(tmp_path):
             for i in range(0, len(data), 1000):
                 f.write(data[i:i + 1000])
         assert (mnt / "wb").read_bytes() == data
+        # the kernel keeps the file's times under the writeback cache: the site gets exactly
+        # those (its SETATTR), not the daemon's clock at each WRITE
+        times = os.stat(mnt / "wb").st_mtime_ns, os.stat(mnt / "wb").st_ctime_ns
         run_repfs("umount", mnt)
         sh(["mount", "-t", "fuse.repfs", site, mnt])
         assert (mnt / "wb").read_bytes() == data
+        assert (os.stat(mnt / "wb").st_mtime_ns, os.stat(mnt / "wb").st_ctime_ns) == times
         assert (mnt / "f").read_bytes() == b"via mount -t"
         # an unknown option is refused with a message, nothing mounted
         run_repfs("umount", mnt)

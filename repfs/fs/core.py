@@ -105,6 +105,11 @@ class FileSystem:
             raise FormatError(f"superblock says {self.sb.nblocks} blocks, the volume has "
                               f"{dev.nblocks}")
         self.meta = MetaCache(dev, cache_blocks)
+        # True under FUSE's writeback cache (set by Operations): the kernel keeps a regular
+        # file's mtime and ctime and sends them in a SETATTR, so a write does not stamp them
+        # (a WRITE arriving after that SETATTR would put other times on the volume than the
+        # mount showed, changed again at the next flush of the kernel's or a remount)
+        self.kernel_times = False
         reserve = min(max(16, self.sb.nblocks // 200), 32768)
         self.alloc = Allocator(self.meta, self.sb, reserve)
         self.bmap = BlockMap(self.meta, self.alloc)
@@ -604,7 +609,8 @@ class FileSystem:
         now = _now()
         if off + n > inode.size:
             inode.size = off + n
-        inode.mtime_ns = inode.ctime_ns = now
+        if not self.kernel_times:
+            inode.mtime_ns = inode.ctime_ns = now
         self._dirty(inode)
         self.data_dirty = True
         return n
@@ -645,7 +651,8 @@ class FileSystem:
                 raise
         if off + n > inode.size:
             inode.size = off + n
-        inode.mtime_ns = inode.ctime_ns = _now()
+        if not self.kernel_times:
+            inode.mtime_ns = inode.ctime_ns = _now()
         self._dirty(inode)
         self.data_dirty = True
         return n
@@ -686,7 +693,8 @@ class FileSystem:
                 buf[-BS:] = self.dev.read(p + nb - 1, 1)
             buf[head:end] = memoryview(data)[:n]
         self.dev.write(p, buf)
-        inode.mtime_ns = inode.ctime_ns = _now()
+        if not self.kernel_times:
+            inode.mtime_ns = inode.ctime_ns = _now()
         if off + n > inode.size:
             inode.size = off + n
             self._dirty(inode)

@@ -85,6 +85,7 @@ class Operations(pyfuse3.Operations):
         super().__init__()
         self.core = core
         self.enable_writeback_cache = writeback_cache
+        core.kernel_times = writeback_cache  # the kernel then keeps mtime/ctime of files
         self.timeout = cache_timeout
         self.commit_lock = trio.Lock()
         self.quiesce_lock = trio.Lock()
