@@ -342,21 +342,28 @@ def _one_leaf(first: int, count: int) -> bool:
         and not (first < L3 <= first + count - 1)
 
 
+def zoned_map(rng, longest: int, mapped: float):
+    """A block map over ZONES built piece by piece: pieces of 1 to `longest - 1` blocks,
+    each mapped with probability `mapped` (else a hole). Returns (Env, model)."""
+    env = Env()
+    model: dict[int, int] = {}
+    for zs, zn in ZONES:
+        pos = zs
+        while pos < zs + zn:
+            n = rng.randrange(1, longest)
+            if rng.random() < mapped:
+                ensure_model(env, model, pos, min(n, zs + zn - pos))
+            pos += n
+    return env, model
+
+
 @pytest.mark.parametrize("seed", [1, 2])
 def test_contiguous_agrees_with_lookup(seed):
     """contiguous() (the small-I/O path, no numpy) gives the first volume block exactly when
     the range is mapped to consecutive blocks within one leaf, else 0; also for holes, breaks
     and ranges across leaves and levels."""
     rng = random.Random(seed)
-    env = Env()
-    model: dict[int, int] = {}
-    for zs, zn in ZONES:  # mapped in pieces with holes between them
-        pos = zs
-        while pos < zs + zn:
-            n = rng.randrange(1, 9)
-            if rng.random() < 0.75:
-                ensure_model(env, model, pos, min(n, zs + zn - pos))
-            pos += n
+    env, model = zoned_map(rng, 9, 0.75)  # mapped in pieces with holes between them
     hits = 0
     for _ in range(3000):
         zs, zn = rng.choice(ZONES)
@@ -385,15 +392,7 @@ def test_extents_agrees_with_lookup(seed):
     extents exactly when it has no hole and each of its leaf segments is one consecutive
     run, else None; it is what large sequential reads across a leaf boundary use."""
     rng = random.Random(seed)
-    env = Env()
-    model: dict[int, int] = {}
-    for zs, zn in ZONES:  # sequential runs (leaf blocks land between them) and holes
-        pos = zs
-        while pos < zs + zn:
-            n = rng.randrange(1, 40)
-            if rng.random() < 0.8:
-                ensure_model(env, model, pos, min(n, zs + zn - pos))
-            pos += n
+    env, model = zoned_map(rng, 40, 0.8)  # sequential runs (leaf blocks between) and holes
     multi = hits = 0
     for _ in range(2000):
         zs, zn = rng.choice(ZONES)

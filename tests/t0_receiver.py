@@ -67,6 +67,15 @@ def secondary(site, *, copy=None, after=5) -> Receiver:
 
 def send_set(r: Receiver, n: int, chunks: list[list[tuple[int, int]]], rng, gen=GEN):
     """Send delta set n made of chunks with the given extents; returns {block: data}."""
+    out, sums = send_chunks(r, n, chunks, rng, gen)
+    hdr = SetHeader(gen, n, len(chunks), sum(c for ch in chunks for _, c in ch),
+                    data_checksum(sums))
+    r.commit(encode_set_header(hdr), {})
+    return out
+
+
+def send_chunks(r: Receiver, n: int, chunks, rng, gen=GEN):
+    """The chunks of delta set n (no header); returns ({block: data}, chunk checksums)."""
     out, sums = {}, []
     for i, ext in enumerate(chunks):
         data = blk(rng, sum(c for _, c in ext))
@@ -78,10 +87,7 @@ def send_set(r: Receiver, n: int, chunks: list[list[tuple[int, int]]], rng, gen=
             for b in range(c):
                 out[s + b] = data[(pos + b) * BS:(pos + b + 1) * BS]
             pos += c
-    hdr = SetHeader(gen, n, len(chunks), sum(c for ch in chunks for _, c in ch),
-                    data_checksum(sums))
-    r.commit(encode_set_header(hdr), {})
-    return out
+    return out, sums
 
 
 # ----------------------------------------------------------------------------- ExtentCheck
@@ -509,19 +515,9 @@ def test_blocks_free_at_the_last_boundary_go_straight_into_the_volume(site):
     r = direct_secondary(site, dev)
     before = dict(dev.blocks)
     chunks = [[(150, 4), (300, 8)], [(198, 4)], [(120, 2)]]  # mixed, mixed, all used
-    out, sums = {}, []
-    for i, ext in enumerate(chunks):
-        d = blk(rng, sum(c for _, c in ext))
-        raw = encode_chunk(GEN, 6, i, ext, d)
-        flushes = dev.flushes
-        r.receive_chunk(raw)
-        assert dev.flushes == flushes  # nothing synced per chunk
-        sums.append(encoded_checksum(raw))
-        pos = 0
-        for s, c in ext:
-            for b in range(c):
-                out[s + b] = d[(pos + b) * BS:(pos + b + 1) * BS]
-            pos += c
+    flushes = dev.flushes
+    out, sums = send_chunks(r, 6, chunks, rng)
+    assert dev.flushes == flushes  # nothing synced before the header
     direct = list(range(300, 308)) + [200, 201]
     for b in direct:  # in the volume already, before the delta set is complete
         assert dev.blocks[b] == out[b]

@@ -460,15 +460,21 @@ child_main({args!r})
 """
 
 
-def child_main(args: dict) -> None:
-    """In a child process: build the stack, write, cut as asked, report, then SIGKILL (or,
-    with `final`, get killed inside a cut's transaction or inside a release)."""
-    site = Site(args["site"])
+def logging_stack(path):
+    """Open site `path`'s file system with its change log on and its delta sets (in a
+    child process of a kill or power-cut test): (file system, change log, delta sets)."""
+    site = Site(path)
     fs = site.open_fs()
     clog = fs.dev
     fs.checkpoint()
     clog.enabled = True
-    sets = DeltaSets(clog.env, clog, site.path, clog.lower)
+    return fs, clog, DeltaSets(clog.env, clog, site.path, clog.lower)
+
+
+def child_main(args: dict) -> None:
+    """In a child process: build the stack, write, cut as asked, report, then SIGKILL (or,
+    with `final`, get killed inside a cut's transaction or inside a release)."""
+    fs, clog, sets = logging_stack(args["site"])
     rng = random.Random(args["seed"])
     report = {"last_ready": sets.last_cut, "pinned": {}}
     written = set()

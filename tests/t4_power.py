@@ -484,6 +484,19 @@ class Overwriter(threading.Thread):
         self.join(60)
 
 
+def power_pair(power_site, workload: str, seconds: float):
+    """Two 128M sites on powerfs, mounted; the first without automatic cuts and a file
+    workload of `seconds` in it (named `workload`); not yet replicating."""
+    print(f"REPFS_POWER_SEED={SEED} REPFS_POWER_ROUNDS={ROUNDS}")  # shown if it fails
+    m1, m2 = power_site("s1"), power_site("s2")
+    for m in (m1, m2):
+        m.create("128M")
+        m.mount()
+    admin(m1.path, "replicate", "policy", *NO_AUTO_CUT)
+    Workload(m1.path, workload).run(seconds)
+    return m1, m2
+
+
 def test_power_cut_during_replication(power_site):
     """Cuts on the secondary and on the primary during the initial copy, on the primary while
     a delta set is cut and pinned (its pinning snapshot's save volume made, the cut recorded
@@ -491,13 +504,7 @@ def test_power_cut_during_replication(power_site):
     released once played) and while it is sent, on the secondary while it receives one and
     while it plays one back."""
     rng = random.Random(7003 + SEED)
-    print(f"REPFS_POWER_SEED={SEED} REPFS_POWER_ROUNDS={ROUNDS}")  # shown if it fails
-    m1, m2 = power_site("s1"), power_site("s2")
-    for m in (m1, m2):
-        m.create("128M")
-        m.mount()
-    admin(m1.path, "replicate", "policy", *NO_AUTO_CUT)
-    Workload(m1.path, "power-base").run(15)
+    m1, m2 = power_pair(power_site, "power-base", 15)
     with open(m1.path / "big", "wb") as f:
         for _ in range(12):
             f.write(rng.randbytes(1 << 20))

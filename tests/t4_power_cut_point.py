@@ -19,8 +19,9 @@ from __future__ import annotations
 import random
 import time
 
-from tests.t2_repl import NO_AUTO_CUT, Workload, admin, api
-from tests.t4_power import (ROUNDS, SEED, Request, _converge, _dest, _wait, power_site)  # noqa: F401
+from tests.t2_repl import admin, api
+from tests.t4_power import (ROUNDS, SEED, Request, _converge, _dest, _wait, power_pair,  # noqa: F401
+                             power_site)
 from tests.t4_repl_crash import Writer, check_durable
 
 SLOW = 1.5  # seconds each sync of the primary's volume image returns late
@@ -28,13 +29,7 @@ SLOW = 1.5  # seconds each sync of the primary's volume image returns late
 
 def test_power_cut_between_a_cut_and_its_ready_undoes_the_delta_set(power_site):
     rng = random.Random(8063 + SEED)
-    print(f"REPFS_POWER_SEED={SEED} REPFS_POWER_ROUNDS={ROUNDS}")  # shown if it fails
-    m1, m2 = power_site("s1"), power_site("s2")
-    for m in (m1, m2):
-        m.create("128M")
-        m.mount()
-    admin(m1.path, "replicate", "policy", *NO_AUTO_CUT)
-    Workload(m1.path, "cutpoint-base").run(8)
+    m1, m2 = power_pair(power_site, "cutpoint-base", 8)
     admin(m1.path, "replicate", "start", "--to", m2.site)
     _wait(lambda: _dest(m1)["state"] == "replicating", "the initial copy", sites=(m1, m2))
     _converge(m1, m2)

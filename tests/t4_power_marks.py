@@ -28,7 +28,7 @@ import numpy as np
 from repfs.site import Site
 from tests.conftest import fsck_clean
 from tests.powerfs import PowerFS
-from tests.t1_changelog import Stack, block_list
+from tests.t1_changelog import Stack, block_list, logging_stack
 from tests.t4_power import ROUNDS, SEED
 
 ROOT_DIR = Path(__file__).resolve().parent.parent
@@ -50,13 +50,7 @@ child_main({args!r})
 def child_main(args: dict) -> None:
     """Cut a delta set, say so, wait for the test to arm the power cut, then scribble into
     the area until the power goes (an OSError) or the writes run out."""
-    from repfs.repl.deltaset import DeltaSets
-    site = Site(args["site"])
-    fs = site.open_fs()
-    clog = fs.dev
-    fs.checkpoint()
-    clog.enabled = True
-    sets = DeltaSets(clog.env, clog, site.path, clog.lower)
+    fs, clog, sets = logging_stack(args["site"])
     lo, hi = AREA  # (zero: a new site's image is sparse, and mkfs writes only its start)
     # one region per mark commit (none marked ahead), so that many commits race the writes
     clog.INTENT_AHEAD = 0
