@@ -104,6 +104,11 @@ def serve(site: Site, mountpoint: str, *, readonly: bool = False, writeback_cach
         token = ensure_token(site.path)  # (refuses a token file open to other users)
         if site.role() == "secondary":
             readonly = True  # a secondary's mount is read-only until failover
+            if writeback_cache:  # (its kernel would keep stale sizes and times after playback)
+                log.warning("%s is a secondary: mounted without --writeback-cache (after "
+                            "each playback the kernel would keep stale file sizes and times)",
+                            site.path)
+                writeback_cache = False
         settings = site.settings()  # (a bad bound refuses the mount, one line)
         core = site.open_fs(readonly=readonly, held_limit=settings.held_limit)
     except SiteError as e:

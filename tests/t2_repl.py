@@ -773,6 +773,34 @@ def test_direct_writes_never_touch_what_the_secondary_shows(mount_site):
     assert not (m2.path / "x").exists() and (m2.path / "y").read_bytes() == ydata
 
 
+def test_a_secondary_never_runs_with_the_writeback_cache(mount_site):
+    """With the writeback cache the kernel keeps its own file sizes and times, which the
+    invalidation after a playback does not refresh (helper-24: a file grown on the primary
+    read at its old size on the secondary). replicate start refuses a destination mounted
+    with it (one line, nothing changed), and a secondary mounted with it gets a mount
+    without it, with a warning."""
+    m1 = mount_site("64M", name="s1")
+    m2 = mount_site("64M", "--writeback-cache", name="s2")
+    r = admin(m1.path, "replicate", "start", "--to", m2.site, check=False)
+    assert r.returncode == 1 and "--writeback-cache" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert status(m2.path)["role"] == "primary"
+    m2.umount()
+    run_repfs("mount", m2.site, m2.path)
+    start_replication(m1, m2)
+    m2.umount()
+    run_repfs("mount", m2.site, m2.path, "--writeback-cache")
+    m2.expect_log("mounted without --writeback-cache")
+    (m1.path / "grows").write_bytes(b"a" * (256 << 10))
+    wait_converged(m1, m2, cut(m1))
+    assert (m2.path / "grows").stat().st_size == 256 << 10
+    with open(m1.path / "grows", "ab") as f:
+        f.write(b"b" * (256 << 10))
+    wait_converged(m1, m2, cut(m1))
+    assert (m2.path / "grows").read_bytes() == b"a" * (256 << 10) + b"b" * (256 << 10)
+    assert (m2.path / "grows").stat().st_size == 512 << 10
+
+
 def test_playback_when_a_directory_inode_is_reused_by_a_file(pair):
     """The secondary's kernel knows a directory; on the primary it is removed and its inode
     number is reused by a regular file (after a remount the allocator starts from the lowest

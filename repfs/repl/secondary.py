@@ -50,6 +50,9 @@ class Secondary:
         svc = self.svc
         async with self.lock:
             why = attach_refusal(self.info(), primary, generation, nblocks, force)
+            if why is None and svc.ops.enable_writeback_cache:
+                why = ("this site is mounted with --writeback-cache: its kernel would keep "
+                       "stale file sizes and times after each playback; remount it without")
             if why:
                 raise ReceiveError(why)
             async with svc.ops.quiesce():
