@@ -264,10 +264,12 @@ def _change_and_sync(root: Path, rng: random.Random, rnd: int) -> None:
         p = root / f"f{rng.randrange(8)}"
         with open(p, "ab" if p.exists() else "wb") as f:
             f.write(rng.randbytes(rng.randrange(1, 150_000)))
+            f.flush()  # (a small write is buffered by Python until close: after the fsync)
             os.fsync(f.fileno())
     p = root / f"r{rnd}"
     with open(p, "wb") as f:
         f.write(rng.randbytes(rng.randrange(0, 60_000)))
+        f.flush()
         os.fsync(f.fileno())
     _fsync(root)
 

@@ -40,7 +40,8 @@ def _overwrite(root, rng: random.Random, model: dict, durable: dict, limit: int)
                 f.write(data)
                 model[name][off: off + size] = data
                 if rng.random() < 0.4:
-                    os.fsync(f.fileno())
+                    f.flush()  # (Python buffers a small write: it would reach the file
+                    os.fsync(f.fileno())  # at close, after the fsync)
                     durable[name] = bytes(model[name])
         except OSError:
             return name

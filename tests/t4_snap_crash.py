@@ -63,6 +63,7 @@ try:
             f.seek(rng.randrange(0, max(size, 1)))
             f.write(os.urandom(rng.randrange(4096, 300000)))
             if n % 4 == 0:
+                f.flush()  # (a write under Python's buffer size reaches the file at close)
                 os.fsync(f.fileno())
         print(n, flush=True)
 except OSError:
