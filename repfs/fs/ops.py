@@ -472,18 +472,21 @@ class Operations(pyfuse3.Operations):
                 self._releasing = True
                 trio.lowlevel.spawn_system_task(self._release_held_behind)
             return
+        await self._release_held()
+
+    async def _release_held(self) -> None:
+        """Release the held writes (in a worker thread, no commit running) if they are still
+        past HELD_LIMIT when the commit lock is ours."""
         async with self.commit_lock:
             if self.core.dev.pending_bytes() >= self.HELD_LIMIT:
                 await trio.to_thread.run_sync(self.core.dev.release_held)
 
     async def _release_held_behind(self) -> None:
-        """release_held for _maybe_flush_held, behind the writer. A failure is logged: the
+        """_release_held for _maybe_flush_held, behind the writer. A failure is logged: the
         layer that failed refuses every later flush itself (a failed save-volume sync is
         final), so the next commit turns the file system read-only."""
         try:
-            async with self.commit_lock:
-                if self.core.dev.pending_bytes() >= self.HELD_LIMIT:
-                    await trio.to_thread.run_sync(self.core.dev.release_held)
+            await self._release_held()
         except Exception as e:  # (a system task must not raise)
             log.error("releasing held writes failed: %s", e)
         finally:

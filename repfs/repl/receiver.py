@@ -34,7 +34,7 @@ import numpy as np
 
 from ..errors import DomainError
 from ..pagedbits import PagedBits
-from ..snap.layer import SnapLayer
+from ..snap.layer import HELD_RELEASE, SnapLayer
 from ..statefile import fsync_dir
 from ..volume import create_private, private_dir, pwrite_all, pwritev_all
 from . import keys as K
@@ -49,7 +49,6 @@ log = logging.getLogger(__name__)
 BS = 4096
 COPY_FILE = "copy.ds"
 COPY_SYNC_BYTES = 64 << 20  # the staged copy is made durable (and its position saved) this often
-HELD_RELEASE = 64 << 20  # held bytes released at, for a device without a snapshot layer
 WAITING_BITMAP_BYTES = 16 << 20  # bitmap block images kept for the delta sets not yet played
 
 
@@ -900,7 +899,7 @@ def finish_interrupted_playback(env, site_path: Path, dev) -> None:
 def _bound_held(dev) -> None:
     """Let the writes that copy-on-write for a snapshot of this site holds in memory go to
     the volume once they reach the snapshot layer's `held_release` (site.toml [memory]
-    held_limit; HELD_RELEASE for a device without one): bounded memory while a delta set is
+    held_limit; its default for a device without one): bounded memory while a delta set is
     received or played."""
     try:
         limit = dev.find_layer(SnapLayer).held_release
