@@ -113,6 +113,15 @@ class SizeError(ValueError):
     """Text that is not a size (one line for the user)."""
 
 
+def exact_size(n: int) -> str:
+    """Bytes as the largest binary unit that holds them exactly (parse_size's inverse:
+    67108864 -> '64M', 1000 -> '1000')."""
+    for unit, shift in (("T", 40), ("G", 30), ("M", 20), ("K", 10)):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return f"{n >> shift}{unit}"
+    return str(n)
+
+
 def parse_size(text: str) -> int:
     """'10G', '512M', '1T', '4096', '1.5G' -> bytes (binary units, a fraction of a byte is
     dropped). Anything that is not a positive finite size of at least one byte (nan, inf,

@@ -89,13 +89,6 @@ class Settings:
     send_window: int  # [repl] send_window: delta chunks in flight to one destination
 
 
-def _human(n: int) -> str:
-    for unit, shift in (("G", 30), ("M", 20), ("K", 10)):
-        if n >= 1 << shift and n % (1 << shift) == 0:
-            return f"{n >> shift}{unit}"
-    return str(n)
-
-
 def _toml_value(value) -> str:
     """`value` as TOML (for the DEFAULT_CONFIG template), written by tomli_w."""
     return tomli_w.dumps({"v": value}).removeprefix("v = ").rstrip("\n")
@@ -336,7 +329,7 @@ class Site:
     def settings(self) -> "Settings":
         """The settings that bound the daemon's memory and replication's flow control, checked:
         a bad value is refused with one line naming it (a mount fails before it starts)."""
-        from .common import SizeError, parse_size
+        from .common import SizeError, exact_size, parse_size
         cfg = self.config()
 
         def bad(section: str, key: str, raw, why: str) -> SiteError:
@@ -351,7 +344,8 @@ class Site:
             except SizeError as e:
                 raise bad(section, key, raw, str(e)) from None
             if not low <= value <= high:
-                raise bad(section, key, raw, f"must be between {_human(low)} and {_human(high)}")
+                raise bad(section, key, raw,
+                          f"must be between {exact_size(low)} and {exact_size(high)}")
             return value
 
         def count(section: str, key: str, default: int, low: int, high: int) -> int:

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..common import exact_size
 from ..errors import DomainError
 from ..pagedbits import PagedBits
 from ..snap.layer import HELD_RELEASE, SnapLayer
@@ -164,13 +165,7 @@ def attach_refusal(current: dict, primary, generation, nblocks, force: bool) -> 
 
 
 def _size(nblocks) -> str:
-    if not isinstance(nblocks, int):
-        return "?"
-    b = nblocks * BS
-    for unit, shift in (("T", 40), ("G", 30), ("M", 20), ("K", 10)):
-        if b % (1 << shift) == 0 and b >= 1 << shift:
-            return f"{b >> shift}{unit}"
-    return str(b)
+    return exact_size(nblocks * BS) if isinstance(nblocks, int) else "?"
 
 
 def iter_records(path: Path, start: int = 0):
