@@ -55,11 +55,12 @@ class Secondary:
                        "stale file sizes and times after each playback; remount it without")
             if why:
                 raise ReceiveError(why)
+            if svc.primary is not None:  # (its send tasks end first: writers stay ungated)
+                for name in list(svc.primary.tasks):
+                    await svc.primary.stop_sender(name)
             async with svc.ops.quiesce():
                 await trio.to_thread.run_sync(svc.core.checkpoint)
                 if svc.primary is not None:
-                    for name in list(svc.primary.tasks):
-                        svc.primary.tasks.pop(name).cancel()
                     svc.clog.disable()
                     svc.primary = None
                     svc.sets = None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 
 import numpy as np
@@ -31,6 +32,31 @@ DEFAULT_POLICY = {"timeout": 5.0, "hwm": 64 << 20, "playback_timeout": 0.0,
                   "playback_hwm": 64 << 20, "retention": 7 * 86400.0}
 
 
+class Superseded(Exception):
+    """A send task's worker thread found its task cancelled (`replicate stop`, `start
+    --force`): it stops at the next piece or chunk instead of sending on."""
+
+
+class SendTask:
+    """One destination's send task: its cancel scope, a flag its worker threads can read
+    (a cancel scope's own state must be read in the trio thread), and an event set when it
+    has ended."""
+
+    def __init__(self):
+        self.scope = trio.CancelScope()
+        self.stop = threading.Event()
+        self.ended = trio.Event()
+
+    def cancel(self) -> None:
+        self.stop.set()
+        self.scope.cancel()
+
+    def check(self) -> None:
+        """In a worker thread: raise Superseded once the task is cancelled."""
+        if self.stop.is_set():
+            raise Superseded()
+
+
 class Primary:
     """Replication at a primary site: owns the cut and copy loops and the send tasks."""
 
@@ -42,7 +68,7 @@ class Primary:
         self.db_dests = self.env.open_db(K.DESTS)
         self.work = trio.Event()  # a delta set became ready
         self.cut_lock = trio.Lock()
-        self.tasks: dict[str, trio.CancelScope] = {}
+        self.tasks: dict[str, SendTask] = {}
         self.flow_control = False
         self.stall_ms: list[float] = []
         self.unready: int | None = None  # a delta set cut whose "ready" commit failed
@@ -176,21 +202,38 @@ class Primary:
 
     def start_sender(self, nursery, name: str) -> None:
         old = self.tasks.get(name)
-        if old is not None:  # (replicate start --force over a running destination: one task)
+        if old is not None:  # (one task per destination)
             old.cancel()
-        scope = trio.CancelScope()
-        self.tasks[name] = scope
-        nursery.start_soon(self._supervised_send, name, scope)
+        task = self.tasks[name] = SendTask()
+        nursery.start_soon(self._supervised_send, name, task)
 
-    async def _supervised_send(self, name: str, scope: trio.CancelScope) -> None:
+    async def stop_sender(self, name: str) -> bool:
+        """Cancel destination `name`'s send task and wait until it has ended; True if there
+        was one. Its worker thread may be in the middle of a send: until the thread returns,
+        it may still record the destination, over what `replicate stop` or `start --force`
+        records next (CI, 5c06c21: the old task of a `start --force` found the secondary
+        taking the new copy and put the destination in error). The thread gives up at its
+        next piece or chunk once the task is cancelled (`SendTask.check`)."""
+        task = self.tasks.pop(name, None)
+        if task is None:
+            return False
+        task.cancel()
+        with trio.CancelScope(shield=True):
+            await task.ended.wait()
+        return True
+
+    async def _supervised_send(self, name: str, task: SendTask) -> None:
         # `replicate stop` cancels the scope; any other failure (a chunk file that cannot be
         # read, a damaged record) is contained, shown in status and retried
-        with scope:
-            await self.sup.run(f"send {name}", self._send_task, name, scope)
-        if self.tasks.get(name) in (scope, None):  # (not when a new task replaced this one)
-            self.sup.stopped(f"send {name}")
+        try:
+            with task.scope:
+                await self.sup.run(f"send {name}", self._send_task, name, task)
+            if self.tasks.get(name) in (task, None):  # (not when a new task replaced it)
+                self.sup.stopped(f"send {name}")
+        finally:
+            task.ended.set()
 
-    async def _send_task(self, name: str, scope: trio.CancelScope | None = None) -> None:
+    async def _send_task(self, name: str, me: SendTask) -> None:
         task = f"send {name}"
         d = self.dest(name)
         if d is None:
@@ -205,11 +248,11 @@ class Primary:
                     return
                 try:
                     if d["state"] == "initial-copy":
-                        await trio.to_thread.run_sync(self._initial_copy, client, name)
+                        await trio.to_thread.run_sync(self._initial_copy, client, name, me)
                         await self.service.snapshots.delete(d["snapshot"], internal=True)
                         self.sup.ok(task)
                         continue
-                    sent = await trio.to_thread.run_sync(self._send_next, client, name)
+                    sent = await trio.to_thread.run_sync(self._send_next, client, name, me)
                     self.sup.ok(task)
                     if last_error:
                         log.info("destination %s: reachable again", name)
@@ -221,9 +264,11 @@ class Primary:
                     if not sent:
                         with trio.move_on_after(0.5):
                             await self.work.wait()
+                except Superseded:
+                    return
                 except (TransientError, RejectedError) as e:
-                    if self._superseded(scope):
-                        return
+                    if me.stop.is_set():  # (a worker thread's error arrives even after
+                        return  # the task was cancelled: the record may be a new task's)
                     self.sup.error(task, e, transient=True, quiet=True)  # logged here
                     if str(e) != last_error:
                         log.info("destination %s: %s (retrying)", name, e)
@@ -236,8 +281,8 @@ class Primary:
                     await trio.sleep(backoff)
                     backoff = min(backoff * 2, 2.0)
                 except PermanentError as e:
-                    if self._superseded(scope):
-                        return
+                    if me.stop.is_set():  # (a worker thread's error arrives even after
+                        return  # the task was cancelled: the record may be a new task's)
                     self.sup.error(task, e, transient=False, quiet=True)  # logged here
                     log.error("destination %s: %s; replication to it stopped", name, e)
                     d = self.dest(name)
@@ -248,14 +293,8 @@ class Primary:
         finally:
             client.close()
 
-    @staticmethod
-    def _superseded(scope: trio.CancelScope | None) -> bool:
-        """A worker thread's error arrives even after `replicate stop` or `start --force`
-        cancelled this send task: then it is not this task's to record (the destination's
-        record may be a new task's already)."""
-        return scope is not None and scope.cancel_called
-
-    def _initial_copy(self, client: ReceiverClient, name: str) -> None:
+    def _initial_copy(self, client: ReceiverClient, name: str,
+                      me: SendTask) -> None:
         """Copy the valid extents of the stamped snapshot (FIG. 11) in block order, resuming
         where the receiver says it holds the copy whole (after a crash of either side, its
         durable position, which may be behind what was sent)."""
@@ -296,6 +335,7 @@ class Primary:
                     s = base + first
                     while c:
                         m = min(c, COPY_PIECE)
+                        me.check()
                         yield gen, s, layer.read_snapshot(snap, s, m)
                         d["copied"] = d.get("copied", 0) + m
                         self.sent_bytes += m * BS
@@ -309,6 +349,7 @@ class Primary:
                 d["copy_pos"] = max(d["copy_pos"], page * K.PAGE_BITS)
 
         client.send_copies(pieces(), window=self.send_window)
+        me.check()
         total = counted[0]
         client.start_playback(d["stamp"], gen, total)
         self._copy_done(d, name, total)
@@ -320,7 +361,8 @@ class Primary:
         log.info("destination %s: initial copy done (%d blocks); the secondary plays it as "
                  "delta set %d", name, blocks, d["stamp"])
 
-    def _send_next(self, client: ReceiverClient, name: str) -> bool:
+    def _send_next(self, client: ReceiverClient, name: str,
+                   me: SendTask) -> bool:
         """Send the next delta set the destination lacks; False when there is none ready."""
         d = self.dest(name)
         info = client.info()
@@ -349,6 +391,7 @@ class Primary:
             # chunks in flight); the chunks the receiver holds are made again, not sent,
             # as the header's checksum covers every chunk
             for number, raw in enumerate(stream.chunks()):
+                me.check()
                 if number >= skip:
                     sent[0] += len(raw)
                     yield raw
@@ -360,6 +403,7 @@ class Primary:
                                  f"{d['site']} needs a full resync (replicate start --force)"
                                  ) from None
         self.sent_bytes += sent[0]
+        me.check()
         ack = client.commit(header, {"cut_ns": rec["cut_ns"],
                                      "first_change_ns": rec["first_change_ns"]})
         d["acked"], d["played"] = ack["acked"], ack["played"]

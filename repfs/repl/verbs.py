@@ -73,9 +73,14 @@ class ReplicateVerbs:
             if info["role"] == "primary" and info.get("destinations"):
                 raise SnapError(f"{to} is itself replicating; --force replaces its content",
                                 "conflict")
+        # a send task to this destination ends before the secondary is told to take a new
+        # copy: else it finds it no longer replicating and puts the destination in error
+        stopped = await p.stop_sender(name)
         try:
             await trio.to_thread.run_sync(client.attach, me, p.sets.generation, nblocks, force)
         except (TransientError, PermanentError) as e:
+            if stopped:  # (nothing changed: it goes on as before)
+                p.start_sender(svc.nursery, name)
             raise SnapError(f"{to} refused to become a secondary: {e}", "conflict") from None
         finally:
             client.close()
@@ -116,9 +121,8 @@ class ReplicateVerbs:
             d = p.dest(n)
             if d is None:
                 raise SnapError(f"no destination named {n!r}", "not_found")
-            scope = p.tasks.pop(n, None)
-            if scope is not None:
-                scope.cancel()
+            await p.stop_sender(n)
+            d = p.dest(n)  # (as the ended task left it)
             d["state"] = "stopped"
             p.put_dest(d)
             if any(s.name == d.get("snapshot") for s in svc.store.queue):
