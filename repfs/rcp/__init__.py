@@ -1,0 +1,1 @@
+"""RCP: the replication control protocol between sites (FIG. 13-19)."""

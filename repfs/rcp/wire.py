@@ -1,0 +1,445 @@
+"""RCP, the replication control protocol (FIG. 13-19), as bytes in and events out: no I/O.
+
+A connection starts with the client's preface (`PREFACE`, which tells the site's one port that
+this is RCP and not HTTP, FIG. 19), then frames both ways. A frame is a fixed header
+
+    type u8 | flags u8 | reserved u16 (0) | length u32 | session u32 | seq u64 | check u64
+
+(big-endian, `HEADER.size` bytes) and `length` bytes of body. `check` is xxh3-64 of the
+header's first 20 bytes and the body: a bit flipped on the wire closes the session and applies
+nothing. `seq` numbers each side's frames from 1 with no gap (a dropped, repeated or reordered
+frame is refused); `session` is 0 until the server names the session in READY, then that
+number. Control bodies are msgpack maps (`TYPES` says which keys each carries and of what
+type); the bulk bodies (an initial-copy record, a delta chunk) are the existing checksummed
+formats of repl/chunk.py, carried as they are.
+
+The handshake authenticates both ends by the replication group's shared secret, which never
+crosses the wire (HMAC-SHA256 challenge/response; `proof`):
+
+    client                                   server
+    PREFACE, HELLO {versions, group, nonce,  ─▶
+                    site, uuid}
+                                             ◀─ CHALLENGE {version, nonce, proof(server), site,
+                                                           uuid}   (or ERROR, then close)
+    AUTH {proof(client)}                     ─▶
+                                             ◀─ READY {session}    (or ERROR, then close)
+
+Each proof covers a role label, the group and both nonces: a proof replayed from an earlier
+handshake fails (the other side's nonce is new), and one reflected back at its maker fails (the
+label is the other role's). After READY the client sends requests (INFO, ATTACH, COPY,
+START_PLAYBACK, CHUNK, COMMIT, CONTROL, BLOCKLIST), as many as the window allows before their
+answers; the server answers each, in order, with ACK {seq, result} or ERROR {seq, kind,
+message}. CLOSE {reason} ends a session from either side.
+
+`Connection` is the state machine of one end. Anything malformed (unknown type, bad length,
+bad check, wrong seq or session, a message the state does not allow, a body without the keys
+of its type) raises `ProtocolError` with a one-line reason; the adapter logs it, sends
+`Connection.error_frame(...)` if it can, and closes: a connection that has failed once takes
+no further data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import struct
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import msgpack
+import xxhash
+
+PROTOCOL_VERSIONS = (1,)  # what this build speaks (HELLO offers them, CHALLENGE picks one)
+PREFACE = b"RCP/1.0 repfs\r\n"  # the framing's version: a new framing gets a new preface
+PREFACE_PREFIX = b"RCP/"  # what the port's filter looks at (FIG. 19)
+HEADER = struct.Struct(">BBHIIQQ")
+MAX_BODY = (1 << 20) + (64 << 10)  # a chunk or copy record of 256 blocks and its header
+MAX_CONTROL_BODY = 64 << 10  # a msgpack body
+NONCE = 32
+MAX_NAME = 255  # a group or site name
+
+FLAG_ZSTD = 0x01  # the body is zstd-compressed (negotiated; not yet sent by this build)
+KNOWN_FLAGS = FLAG_ZSTD
+
+CLIENT, SERVER = "client", "server"
+
+
+class ProtocolError(Exception):
+    """The peer broke the protocol; `str(e)` is the one-line reason. `kind` is what the
+    ERROR frame sent back says ("protocol", "version", "auth")."""
+
+    def __init__(self, message: str, kind: str = "protocol"):
+        super().__init__(message)
+        self.kind = kind
+
+
+# ---------------------------------------------------------------- message types
+
+@dataclass(frozen=True)
+class MsgType:
+    code: int
+    name: str
+    fields: dict[str, Any] = field(default_factory=dict)  # key -> type (or tuple of types)
+    raw: bool = False  # the body is bytes carried as they are (not msgpack)
+    sender: str = CLIENT  # who may send it: CLIENT, SERVER or "both"
+
+
+_U = int
+TYPES_LIST = [
+    MsgType(1, "HELLO", {"versions": list, "group": str, "nonce": bytes, "site": str,
+                         "uuid": str}),
+    MsgType(2, "CHALLENGE", {"version": _U, "nonce": bytes, "proof": bytes, "site": str,
+                             "uuid": str}, sender=SERVER),
+    MsgType(3, "AUTH", {"proof": bytes}),
+    MsgType(4, "READY", {"session": _U}, sender=SERVER),
+    MsgType(5, "CLOSE", {"reason": str}, sender="both"),
+    MsgType(6, "ERROR", {"seq": _U, "kind": str, "message": str}, sender="both"),
+    MsgType(7, "ACK", {"seq": _U, "result": dict}, sender=SERVER),
+    MsgType(10, "INFO", {}),
+    MsgType(11, "ATTACH", {"primary": dict, "generation": _U, "nblocks": _U, "force": bool}),
+    MsgType(12, "COPY", raw=True),
+    MsgType(13, "START_PLAYBACK", {"after": _U, "generation": _U, "blocks": _U}),
+    MsgType(14, "CHUNK", raw=True),
+    MsgType(15, "COMMIT", {"header": bytes, "cut_ns": _U, "first_change_ns": _U}),
+    MsgType(16, "CONTROL", {"op": str, "args": dict}),  # a control block (FIG. 13)
+    MsgType(17, "FLOW", {"window": _U}, sender=SERVER),  # how many requests may be in flight
+    MsgType(18, "BLOCKLIST", {"first": _U, "last": _U}),  # block lists of delta sets
+]
+TYPES = {t.code: t for t in TYPES_LIST}
+BY_NAME = {t.name: t for t in TYPES_LIST}
+REQUESTS = frozenset(("INFO", "ATTACH", "COPY", "START_PLAYBACK", "CHUNK", "COMMIT", "CONTROL",
+                      "BLOCKLIST"))
+
+
+@dataclass
+class Message:
+    """One decoded frame: its type name, sequence number, and body (a dict of the type's
+    fields, or the raw bytes of a COPY or CHUNK)."""
+    type: str
+    seq: int
+    body: Any
+    flags: int = 0
+
+
+class NeedData:
+    def __repr__(self):
+        return "NEED_DATA"
+
+
+NEED_DATA = NeedData()
+
+
+def check_of(head20: bytes, body) -> int:
+    h = xxhash.xxh3_64(head20)
+    h.update(body)
+    return h.intdigest()
+
+
+def encode_frame(code: int, body: bytes, *, session: int, seq: int, flags: int = 0) -> bytes:
+    head20 = HEADER.pack(code, flags, 0, len(body), session, seq, 0)[:20]
+    return head20 + struct.pack(">Q", check_of(head20, body)) + body
+
+
+def encode_body(t: MsgType, fields: dict | bytes) -> bytes:
+    if t.raw:
+        if not isinstance(fields, (bytes, bytearray, memoryview)):
+            raise TypeError(f"{t.name} carries bytes")
+        return bytes(fields)
+    missing = set(t.fields) - set(fields)
+    if missing:
+        raise TypeError(f"{t.name} lacks {sorted(missing)}")
+    return msgpack.packb(fields, use_bin_type=True)
+
+
+def _type_ok(value, want) -> bool:
+    if want is int:  # (bool is an int to Python, not to the protocol)
+        return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 64
+    return isinstance(value, want)
+
+
+def decode_body(t: MsgType, raw: bytes):
+    """A frame body checked against its type; raises ProtocolError."""
+    if t.raw:
+        return raw
+    if len(raw) > MAX_CONTROL_BODY:
+        raise ProtocolError(f"{t.name} body of {len(raw)} bytes (at most {MAX_CONTROL_BODY})")
+    try:
+        doc = msgpack.unpackb(raw, raw=False, strict_map_key=True,
+                              max_bin_len=MAX_CONTROL_BODY, max_str_len=MAX_CONTROL_BODY,
+                              max_array_len=4096, max_map_len=4096)
+    except Exception as e:  # noqa: BLE001 - msgpack raises many types for bad input
+        raise ProtocolError(f"{t.name} body is not msgpack ({type(e).__name__})") from None
+    if not isinstance(doc, dict):
+        raise ProtocolError(f"{t.name} body is not a map")
+    for key, want in t.fields.items():
+        if key not in doc:
+            raise ProtocolError(f"{t.name} lacks {key!r}")
+        if not _type_ok(doc[key], want):
+            raise ProtocolError(f"{t.name} {key!r} is not {want.__name__}")
+    return doc
+
+
+def proof(secret: bytes, role: str, group: str, client_nonce: bytes,
+          server_nonce: bytes) -> bytes:
+    """What an end sends to show it holds the group's secret: HMAC-SHA256 over its role,
+    the group and both nonces (so neither a replay nor a reflection verifies)."""
+    msg = b"repfs-rcp-1\0" + role.encode() + b"\0" + group.encode() + b"\0" + client_nonce + \
+        server_nonce
+    return hmac.new(secret, msg, hashlib.sha256).digest()
+
+
+# ---------------------------------------------------------------- the state machine
+
+PREFACE_WAIT, HELLO_WAIT, CHALLENGE_WAIT, AUTH_WAIT, READY_WAIT, OPEN, CLOSED = (
+    "preface", "hello", "challenge", "auth", "ready", "open", "closed")
+
+
+class Connection:
+    """One end of an RCP connection: feed it the bytes received (`receive_data`), take the
+    events (`next_event`), and send the bytes it makes (`hello`, `send`, ...).
+
+    Client: `Connection(CLIENT, group=G, secret=S, site=..., uuid=...)`; send `hello()`; the
+    CHALLENGE is checked here (a server that does not know the secret is refused) and
+    answered with `auth()`'s bytes, which `next_event` queues in `outgoing` for the adapter;
+    READY makes the connection OPEN. Server: `Connection(SERVER, secrets=lookup, site=...,
+    uuid=...)` where `lookup(group)` returns the group's secret or None; it answers HELLO
+    and AUTH itself (bytes in `outgoing`) and yields the HELLO's fields as
+    `Message("HELLO")` (so the adapter can log who connected) and then READY.
+
+    Events: `Message` for each frame a higher layer must see; NEED_DATA when more bytes are
+    needed. `state` is one of the *_WAIT constants, OPEN or CLOSED.
+    """
+
+    def __init__(self, role: str, *, site: str = "", uuid: str = "", group: str = "",
+                 secret: bytes | None = None,
+                 secrets: Callable[[str], bytes | None] | None = None,
+                 versions: tuple[int, ...] = PROTOCOL_VERSIONS,
+                 nonce: Callable[[int], bytes] = os.urandom, session: int = 0):
+        if role not in (CLIENT, SERVER):
+            raise ValueError(role)
+        self.role = role
+        self.site, self.uuid = site, uuid
+        self.group = group
+        self.secret = secret
+        self.secrets = secrets
+        self.versions = tuple(versions)
+        self._nonce = nonce
+        self.my_nonce = b""
+        self.peer_nonce = b""
+        self.version = 0
+        self.session = 0
+        self._new_session = session  # the number a server gives (its adapter picks it)
+        self.peer: dict = {}  # the peer's HELLO or CHALLENGE fields
+        self.state = PREFACE_WAIT if role == SERVER else HELLO_WAIT
+        self.buf = bytearray()
+        self.send_seq = 0
+        self.recv_seq = 0
+        self.outgoing = bytearray()  # bytes the state machine itself must send
+        self.error: ProtocolError | None = None
+
+    # -------------------------------------------------------------- sending
+
+    def _frame(self, name: str, body: dict | bytes, flags: int = 0) -> bytes:
+        t = BY_NAME[name]
+        if t.sender not in (self.role, "both"):
+            raise ValueError(f"a {self.role} does not send {name}")
+        self.send_seq += 1
+        return encode_frame(t.code, encode_body(t, body), session=self.session,
+                            seq=self.send_seq, flags=flags)
+
+    def hello(self) -> bytes:
+        """The client's first bytes: the preface and HELLO."""
+        assert self.role == CLIENT and self.state == HELLO_WAIT and not self.send_seq
+        self.my_nonce = self._nonce(NONCE)
+        self.state = CHALLENGE_WAIT
+        return PREFACE + self._frame("HELLO", {
+            "versions": list(self.versions), "group": self.group, "nonce": self.my_nonce,
+            "site": self.site, "uuid": self.uuid})
+
+    def send(self, name: str, body: dict | bytes | None = None) -> bytes:
+        """A frame of an open session; returns its bytes (its seq is `send_seq`)."""
+        if self.state != OPEN:
+            raise ValueError(f"cannot send {name}: the session is {self.state}")
+        t = BY_NAME[name]
+        if t.raw and body is None:
+            raise ValueError(f"{name} carries bytes")
+        return self._frame(name, {} if body is None else body)
+
+    def error_frame(self, kind: str, message: str, seq: int = 0) -> bytes:
+        """An ERROR frame (for any state: the adapter sends it before it closes)."""
+        self.send_seq += 1
+        return encode_frame(BY_NAME["ERROR"].code,
+                            encode_body(BY_NAME["ERROR"], {"seq": seq, "kind": kind,
+                                                           "message": message[:1000]}),
+                            session=self.session, seq=self.send_seq)
+
+    def close_frame(self, reason: str) -> bytes:
+        data = self._frame("CLOSE", {"reason": reason[:1000]})
+        self.state = CLOSED
+        return data
+
+    # -------------------------------------------------------------- receiving
+
+    def receive_data(self, data: bytes) -> None:
+        if self.state == CLOSED:
+            return
+        self.buf += data
+
+    def next_event(self):
+        """The next Message, or NEED_DATA; raises ProtocolError (then the connection is
+        CLOSED for good)."""
+        if self.error is not None:
+            raise self.error
+        try:
+            return self._next()
+        except ProtocolError as e:
+            self.error = e
+            self.state = CLOSED
+            raise
+
+    def _next(self):
+        while True:
+            if self.state == CLOSED:
+                return NEED_DATA
+            if self.state == PREFACE_WAIT:
+                n = min(len(self.buf), len(PREFACE))
+                if bytes(self.buf[:n]) != PREFACE[:n]:
+                    got = bytes(self.buf[:len(PREFACE)])
+                    if got.startswith(PREFACE_PREFIX):
+                        raise ProtocolError(
+                            f"the peer speaks {got.split(b' ')[0].decode('ascii', 'replace')}"
+                            f"; this site speaks {PREFACE.split(b' ')[0].decode()}", "version")
+                    raise ProtocolError("not an RCP connection (no RCP preface)")
+                if n < len(PREFACE):
+                    return NEED_DATA
+                del self.buf[:len(PREFACE)]
+                self.state = HELLO_WAIT
+                continue
+            if len(self.buf) < HEADER.size:
+                return NEED_DATA
+            code, flags, reserved, length, session, seq, check = HEADER.unpack_from(self.buf)
+            t = TYPES.get(code)
+            if t is None:
+                raise ProtocolError(f"unknown message type {code}")
+            if reserved or flags & ~KNOWN_FLAGS:
+                raise ProtocolError(f"{t.name}: unknown flags or reserved bits set")
+            limit = MAX_BODY if t.raw else MAX_CONTROL_BODY
+            if length > limit:
+                raise ProtocolError(f"{t.name} of {length} bytes (at most {limit})")
+            if len(self.buf) < HEADER.size + length:
+                return NEED_DATA
+            body = bytes(self.buf[HEADER.size:HEADER.size + length])
+            if check_of(bytes(self.buf[:20]), body) != check:
+                raise ProtocolError(f"{t.name} frame {seq}: checksum mismatch (damaged on "
+                                    "the wire)")
+            del self.buf[:HEADER.size + length]
+            if seq != self.recv_seq + 1:
+                raise ProtocolError(f"{t.name}: frame {seq} where {self.recv_seq + 1} was due")
+            self.recv_seq = seq
+            if session != self.session and not (t.name == "READY" and self.role == CLIENT):
+                raise ProtocolError(f"{t.name}: session {session}, not {self.session}")
+            if t.sender not in (("both", SERVER) if self.role == CLIENT else ("both", CLIENT)):
+                raise ProtocolError(f"a {'server' if self.role == CLIENT else 'client'} "
+                                    f"does not send {t.name}")
+            if flags & FLAG_ZSTD:
+                raise ProtocolError(f"{t.name}: compressed, but compression was not agreed")
+            doc = decode_body(t, body)
+            msg = Message(t.name, seq, doc, flags)
+            out = self._on(msg)
+            if out is not None:
+                return out
+
+    def _on(self, msg: Message):
+        """Handle a frame in the current state; a Message to hand up, or None."""
+        name, st = msg.type, self.state
+        if name == "ERROR" and st != OPEN:
+            b = msg.body
+            raise ProtocolError(f"the peer refused: {b['message']}", b["kind"])
+        if name == "CLOSE":
+            self.state = CLOSED
+            return msg
+        if self.role == SERVER:
+            if st == HELLO_WAIT and name == "HELLO":
+                return self._on_hello(msg)
+            if st == AUTH_WAIT and name == "AUTH":
+                return self._on_auth(msg)
+            if st == OPEN and name in REQUESTS:
+                return msg
+            if st == OPEN and name == "ERROR":
+                return msg
+        else:
+            if st == CHALLENGE_WAIT and name == "CHALLENGE":
+                return self._on_challenge(msg)
+            if st == READY_WAIT and name == "READY":
+                if not 0 < msg.body["session"] < 1 << 32:
+                    raise ProtocolError("READY with a bad session number")
+                self.session = msg.body["session"]
+                self.state = OPEN
+                return msg
+            if st == OPEN and name in ("ACK", "ERROR", "FLOW"):
+                return msg
+        raise ProtocolError(f"unexpected {name} (session state: {st})")
+
+    def _on_hello(self, msg: Message):
+        b = msg.body
+        self.peer = b
+        if len(b["nonce"]) != NONCE:
+            raise ProtocolError("HELLO nonce of the wrong size")
+        if len(b["group"]) > MAX_NAME or len(b["site"]) > 4096:
+            raise ProtocolError("HELLO names too long")
+        common = [v for v in b["versions"] if isinstance(v, int) and v in self.versions]
+        if not common:
+            offered = ", ".join(str(v) for v in b["versions"][:16])
+            raise ProtocolError(f"no common protocol version: the peer speaks {offered or 'none'}"
+                                f", this site speaks "
+                                f"{', '.join(str(v) for v in self.versions)}", "version")
+        secret = self.secrets(b["group"]) if self.secrets else None
+        if secret is None:
+            raise ProtocolError(f"unknown replication group {b['group']!r}", "auth")
+        self.version = max(common)
+        self.group = b["group"]
+        self.secret = secret
+        self.peer_nonce = b["nonce"]
+        self.my_nonce = self._nonce(NONCE)
+        self.outgoing += self._frame("CHALLENGE", {
+            "version": self.version, "nonce": self.my_nonce, "site": self.site,
+            "uuid": self.uuid,
+            "proof": proof(secret, SERVER, self.group, self.peer_nonce, self.my_nonce)})
+        self.state = AUTH_WAIT
+        return msg
+
+    def _on_auth(self, msg: Message):
+        want = proof(self.secret, CLIENT, self.group, self.peer_nonce, self.my_nonce)
+        if not hmac.compare_digest(want, msg.body["proof"]):
+            raise ProtocolError(f"authentication failed for group {self.group!r} (wrong "
+                                "secret?)", "auth")
+        self.session = self._new_session or 1
+        self.outgoing += self._frame("READY", {"session": self.session})
+        self.state = OPEN
+        return Message("READY", msg.seq, {"session": self.session})
+
+    def _on_challenge(self, msg: Message):
+        b = msg.body
+        self.peer = b
+        if b["version"] not in self.versions:
+            raise ProtocolError(f"the peer chose protocol version {b['version']}, which this "
+                                f"site does not speak", "version")
+        if len(b["nonce"]) != NONCE:
+            raise ProtocolError("CHALLENGE nonce of the wrong size")
+        want = proof(self.secret or b"", SERVER, self.group, self.my_nonce, b["nonce"])
+        if self.secret is None or not hmac.compare_digest(want, b["proof"]):
+            raise ProtocolError(f"the peer does not hold the secret of group {self.group!r}",
+                                "auth")
+        self.version = b["version"]
+        self.peer_nonce = b["nonce"]
+        self.outgoing += self._frame("AUTH", {
+            "proof": proof(self.secret, CLIENT, self.group, self.my_nonce, self.peer_nonce)})
+        self.state = READY_WAIT
+        return None
+
+    def take_outgoing(self) -> bytes:
+        """The bytes the state machine made itself (CHALLENGE, AUTH, READY), to be sent now."""
+        data = bytes(self.outgoing)
+        self.outgoing.clear()
+        return data
