@@ -52,6 +52,7 @@ import numpy as np
 import trio
 
 from .errors import DomainError
+from .rcp.wire import PREFACE_PREFIX
 from .repl.chunk import MAX_CHUNK_BLOCKS, MAX_EXTENTS
 from .site import SiteError
 from .snap.store import NAME_RULE, valid_name
@@ -383,13 +384,36 @@ class ControlServer:
                 return
             self.active += 1
             try:
-                await self._connection(stream)
+                first = await self._first_bytes(stream)
+                if first is None:
+                    return
+                if first.startswith(PREFACE_PREFIX):  # RCP shares the port (FIG. 19)
+                    from .rcp.server import RcpServer
+                    await RcpServer(self).serve(stream, first)
+                else:
+                    await self._connection(stream, first)
             finally:
                 self.active -= 1
         except Exception:  # noqa: BLE001 - a bug in one connection must not take the site down
             log.exception("control connection failed")
         finally:
             await trio.aclose_forcefully(stream)
+
+    async def _first_bytes(self, stream) -> bytes | None:
+        """A connection's first bytes, enough to tell RCP from HTTP (the port's filter,
+        FIG. 19): read within the head timeout, at most MAX_HEAD bytes; None when the peer
+        sends nothing in time or closes (closed quietly, as an idle HTTP connection is)."""
+        first = b""
+        try:
+            with trio.move_on_after(self.head_timeout):
+                while len(first) < len(PREFACE_PREFIX) and PREFACE_PREFIX.startswith(first):
+                    data = await stream.receive_some(MAX_HEAD - len(first))
+                    if not data:
+                        break
+                    first += data
+        except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
+            return None
+        return first or None
 
     async def _refuse(self, stream, status: int, message: str) -> None:
         """Send a closing error reply, then read and drop what the peer still sends for a
@@ -412,8 +436,10 @@ class ControlServer:
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 pass
 
-    async def _connection(self, stream) -> None:
+    async def _connection(self, stream, first: bytes = b"") -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        if first:
+            conn.receive_data(first)  # (what the port's filter read)
         idle = self.head_timeout  # until the peer has shown it holds the token
         upload_failed = False  # the last request was an upload that failed
         try:
