@@ -1,0 +1,244 @@
+"""The primary's side of RCP: the receiver calls of repl/transport.py over an RCP session.
+
+`RcpConnection` has the two methods of transport.HTTPConnection that `ReceiverClient` drives
+(`send_request`, `read_answer`, with `alive`, `close` and `closing`), so the windowed,
+pipelined sends of `ReceiverClient.send_many` serve both transports unchanged: an API path
+becomes its message type (`TYPE_OF`), an ACK the 200 with its result, an ERROR the status
+whose meaning `transport.error_for` knows ("rejected" 400: send it again; "permanent" 409;
+"transient" 503). `RcpReceiverClient` is a `ReceiverClient` whose connection is an
+authenticated RCP session to HOST:PORT in a replication group.
+
+Blocking sockets, one thread: the send task's worker thread, as for the local transport.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import select
+import socket
+import time
+from pathlib import Path
+
+from ..repl.transport import (TIMEOUT, WINDOW, PermanentError, ReceiverClient,
+                              TransientError, _Broken, _describe)
+from . import wire
+from .groups import GroupStore
+
+# API path (as ReceiverClient sends it) -> message type; the server maps them back
+# (rcp/server.py ROUTES)
+TYPE_OF = {"/v1/repl/receiver": "INFO", "/v1/repl/attach": "ATTACH", "/v1/repl/copy": "COPY",
+           "/v1/repl/start-playback": "START_PLAYBACK", "/v1/repl/chunk": "CHUNK",
+           "/v1/repl/commit": "COMMIT"}
+STATUS_OF = {"rejected": 400, "permanent": 409, "transient": 503}
+
+
+class Refused(Exception):
+    """The handshake failed: the peer refused us (or we it) for a reason retrying will not
+    fix (`permanent`: authentication, version, unknown group), or the peer does not speak
+    RCP properly (not permanent)."""
+
+    def __init__(self, message: str, permanent: bool):
+        super().__init__(message)
+        self.permanent = permanent
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """HOST:PORT (IPv6 in brackets) -> (host, port); ValueError for anything else."""
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+        raise ValueError(f"bad address {text!r} (want HOST:PORT)")
+    return host, int(port)
+
+
+class RcpConnection:
+    """One authenticated RCP session (blocking; one thread uses it), several requests in
+    flight: `send_request` sends one, `read_answer` reads the oldest one's answer. Raises
+    transport._Broken when the connection fails, Refused when the handshake is refused."""
+
+    def __init__(self, host: str, port: int, *, group: str, secret: bytes, site: str,
+                 uuid: str, timeout: float = TIMEOUT):
+        self.timeout = timeout
+        self.where = f"{host}:{port}"
+        try:
+            self.sock = socket.create_connection((host, port), timeout=timeout)
+        except OSError as e:
+            raise _Broken(f"cannot connect to {host}:{port}: {_describe(e)}") from None
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.conn = wire.Connection(wire.CLIENT, group=group, secret=secret, site=site,
+                                    uuid=uuid)
+        self.pending: collections.deque = collections.deque()  # seqs of unanswered requests
+        self.closing = False  # the peer closed the session
+        try:
+            self._handshake()
+        except BaseException:
+            self.sock.close()
+            raise
+
+    def _handshake(self) -> None:
+        conn = self.conn
+        self._sendall(conn.hello(), "the handshake")
+        deadline = time.monotonic() + self.timeout
+        while conn.state != wire.OPEN:
+            try:
+                event = conn.next_event()
+            except wire.ProtocolError as e:
+                refused = str(e).startswith("the peer refused")
+                if not refused:  # say why to the peer (it logs it), as well as we can
+                    why = (f"authentication failed: the client holds another secret of "
+                           f"group {conn.group!r} (the secrets differ)" if e.kind == "auth"
+                           else str(e))
+                    try:
+                        self.sock.settimeout(1.0)
+                        self.sock.sendall(conn.error_frame(e.kind, why))
+                    except OSError:
+                        pass
+                raise Refused(str(e), refused or e.kind in ("auth", "version")) from None
+            out = conn.take_outgoing()
+            if out:
+                self._sendall(out, "the handshake")
+            if event is wire.NEED_DATA:
+                self._fill(deadline)
+            elif event.type == "CLOSE":
+                raise _Broken(f"the peer closed the handshake: {event.body.get('reason')}")
+
+    def _sendall(self, data: bytes, what: str) -> None:
+        try:
+            self.sock.settimeout(self.timeout)
+            self.sock.sendall(data)
+        except OSError as e:
+            raise _Broken(f"sending {what}: {_describe(e)}") from None
+
+    def _fill(self, deadline: float) -> None:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise _Broken(f"no (whole) answer within {self.timeout:g} s")
+        try:
+            self.sock.settimeout(remaining)
+            data = self.sock.recv(1 << 20)
+        except socket.timeout:
+            raise _Broken(f"no (whole) answer within {self.timeout:g} s") from None
+        except OSError as e:
+            raise _Broken(f"reading an answer: {_describe(e)}") from None
+        if not data:
+            raise _Broken("the connection was closed before the answer" if not self.conn.buf
+                          else "the connection was closed within an answer")
+        self.conn.receive_data(data)
+
+    def alive(self) -> bool:
+        """Whether an idle session may be used: nothing pending, and the peer has not closed
+        it (an idle session is closed after the peer's idle timeout)."""
+        if self.closing or self.pending or self.conn.buf or self.conn.state != wire.OPEN:
+            return False
+        try:
+            poller = select.poll()
+            poller.register(self.sock, select.POLLIN)
+            return not poller.poll(0)
+        except (OSError, ValueError):
+            return False
+
+    def send_request(self, method: str, target: str, body=b"",
+                     ctype: str = "application/octet-stream") -> None:
+        name = TYPE_OF.get(target)
+        if name is None:
+            raise ValueError(f"{method} {target} has no RCP message")
+        if wire.BY_NAME[name].raw:
+            payload = body
+        else:
+            payload = json.loads(bytes(body)) if len(body) else {}
+            if name == "COMMIT":
+                payload["header"] = bytes.fromhex(payload["header"])
+        try:
+            frame = self.conn.send(name, payload)
+        except ValueError as e:  # (the session is closed)
+            raise _Broken(str(e)) from None
+        self.pending.append(self.conn.send_seq)
+        self._sendall(frame, name)
+
+    def read_answer(self) -> tuple[int, bytes]:
+        """The oldest request's answer: (status, JSON body), as HTTPConnection gives it."""
+        if not self.pending:
+            raise _Broken("no request is waiting for an answer")
+        if self.closing:
+            raise _Broken("the peer closed the session after an earlier answer")
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                event = self.conn.next_event()
+            except wire.ProtocolError as e:
+                self.closing = True
+                raise _Broken(f"RCP protocol error: {e}") from None
+            if event is wire.NEED_DATA:
+                self._fill(deadline)
+                continue
+            body = event.body
+            if event.type == "CLOSE":
+                self.closing = True
+                raise _Broken(f"the peer closed the session: {body.get('reason')}")
+            if event.type not in ("ACK", "ERROR"):
+                continue  # FLOW (not sent by this build)
+            if body["seq"] != self.pending[0]:
+                self.closing = True
+                what = body.get("message", "") if event.type == "ERROR" else ""
+                raise _Broken(f"the peer ended the session: {what}" if body["seq"] == 0 else
+                              f"{event.type} for request {body['seq']}, not "
+                              f"{self.pending[0]}")
+            self.pending.popleft()
+            if event.type == "ACK":
+                return 200, json.dumps(body["result"]).encode()
+            status = STATUS_OF.get(body["kind"], 503)
+            message = body["message"]
+            if status == 400 and "rejected" not in message and "again" not in message:
+                message = f"rejected: {message}"
+            return status, json.dumps({"error": message}).encode()
+
+    def close(self) -> None:
+        if self.conn.state == wire.OPEN and not self.pending and not self.closing:
+            try:  # (the peer logs why the session ended; best effort)
+                self.sock.settimeout(1.0)
+                self.sock.sendall(self.conn.close_frame("done"))
+            except OSError:
+                pass
+        self.sock.close()
+
+
+class RcpReceiverClient(ReceiverClient):
+    """The receiver calls on a site at HOST:PORT over RCP, in replication group `group`,
+    whose secret this site (`local`, the primary's directory) holds."""
+
+    def __init__(self, address: str, *, group: str, local: Path, uuid: str,
+                 window: int = WINDOW, timeout: float = TIMEOUT):
+        self.site = None
+        self.site_path = address  # (names the destination in error messages)
+        self.address = address
+        self.group = group
+        self.local = Path(local)
+        self.uuid = uuid
+        self.window = window
+        self.timeout = timeout
+        self.conn = None
+
+    def _connect(self) -> RcpConnection:
+        try:
+            host, port = parse_address(self.address)
+        except ValueError as e:
+            raise PermanentError(str(e)) from None
+        try:
+            secret = GroupStore(self.local).secret(self.group)
+        except OSError as e:
+            raise TransientError(f"cannot read the secret of group {self.group!r}: "
+                                 f"{_describe(e)}") from None
+        if secret is None:
+            raise PermanentError(f"this site holds no replication group {self.group!r} "
+                                 f"(repfs-admin group add {self.group} --secret-file FILE)")
+        try:
+            self.conn = RcpConnection(host, port, group=self.group, secret=secret,
+                                      site=str(self.local), uuid=self.uuid,
+                                      timeout=self.timeout)
+        except _Broken as e:
+            raise TransientError(f"{self.address}: {e}") from None
+        except Refused as e:
+            cls = PermanentError if e.permanent else TransientError
+            raise cls(f"{self.address}: RCP session refused: {e}") from None
+        return self.conn
