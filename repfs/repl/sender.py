@@ -123,6 +123,12 @@ class Primary:
             await trio.sleep(0.1)
             if not self.clog.enabled:
                 continue
+            if self.unready is not None:  # its "ready" commit failed: made ready now, also
+                async with self.cut_lock:  # when nothing was written since (no cut follows,
+                    await self.ready_unready()  # and the send task waits for it)
+                self.work.set()
+                self.work = trio.Event()
+                self.sup.ok("cut")
             if self.service.core.error is not None:
                 continue  # the file system turned read-only: nothing to cut at a commit
             why = self.sets.flow_control()
@@ -146,7 +152,8 @@ class Primary:
         after one that is not (a restart would undo it behind its successor)."""
         if self.unready is not None:
             await trio.to_thread.run_sync(self.sets.cut_ready, self.unready)
-            self.unready = None
+            n, self.unready = self.unready, None
+            await trio.to_thread.run_sync(self.sets.reserve, n)  # (its cut did not get to it)
 
     async def cut(self) -> int:
         """Cut the accumulating delta set at a consistency point. Writers pause only while
