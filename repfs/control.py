@@ -29,6 +29,12 @@ Routes (all under /v1):
 | GET | /repl/receiver | | a secondary's receiver state (for its primary) |
 | POST | /repl/attach, /start-playback, /commit | JSON | primary to secondary: attach, end of the initial copy, delta-set header |
 | POST | /repl/copy, /repl/chunk | octet-stream | primary to secondary: an initial-copy record, a delta chunk |
+| GET | /groups | | the replication groups' names (never their secrets) |
+| POST | /groups | {"name", "secret" (hex), "force"?} | `group add` (rcp/groups.py `GroupStore.put`) |
+| DELETE | /groups/NAME | | `group delete` (refused while the group has routes) |
+| GET | /routes | | {group: [next hop, ...]} (rcp/routes.py) |
+| POST | /routes | {"group", "next_hop"} | `route add` |
+| DELETE | /routes/GROUP[/NEXTHOP] | | `route delete` (all of the group's routes, or one) |
 """
 
 from __future__ import annotations
@@ -332,6 +338,57 @@ def _answer_head(status: int, length: int) -> bytes:
 
 _AFTER_FAILED = ("not applied: an earlier upload pipelined on this connection failed; send "
                  "again from that one")
+
+
+async def _rcp_config(site_path, method: str, parts: list[str], args: dict):
+    """/v1/groups and /v1/routes: the `group` and `route` verbs on a site reached by HOST:PORT
+    (repfs-admin changes a local site's files itself). A secret comes in the JSON body as hex,
+    is never logged (errors name the group, not the secret) and never sent back. The writes
+    fsync, so they run in a worker thread."""
+    from .rcp.groups import GROUP_RULE, MAX_SECRET, GroupStore, valid_group
+    from .rcp.routes import Routes, delete_group, parse_next_hop
+
+    def group(v, what="group name"):
+        if not isinstance(v, str) or not valid_group(v):
+            raise HTTPError(400, f"bad {what} {_short(v)} ({GROUP_RULE})")
+        return v
+
+    def hop(v):
+        if not isinstance(v, str) or not 0 < len(v) <= 300:
+            raise HTTPError(400, f"bad next hop {_short(v)} (want HOST:PORT)")
+        return v
+
+    run = trio.to_thread.run_sync
+    if parts == ["groups"] and method == "GET":
+        return GroupStore(site_path).names()
+    if parts == ["groups"] and method == "POST":
+        name = group(args.get("name"))
+        secret = args.get("secret")
+        if (not isinstance(secret, str) or len(secret) > 2 * MAX_SECRET
+                or not re.fullmatch(r"(?:[0-9a-f]{2})+", secret)):
+            raise HTTPError(400, "want {\"name\": string, \"secret\": the secret in hex, "
+                                 "\"force\": bool}")
+        force = _bool(args.get("force"), "force", False)
+        result = await run(lambda: GroupStore(site_path).put(name, bytes.fromhex(secret),
+                                                             force=force))
+        return {"group": name, "result": result}
+    if len(parts) == 2 and parts[0] == "groups" and method == "DELETE":
+        name = group(parts[1])
+        await run(delete_group, site_path, name)
+        return {"group": name, "deleted": True}
+    if parts == ["routes"] and method == "GET":
+        return Routes(site_path).table()
+    if parts == ["routes"] and method == "POST":
+        name, next_hop = group(args.get("group")), hop(args.get("next_hop"))
+        added = await run(Routes(site_path).add, name, next_hop)
+        return {"group": name, "next_hop": parse_next_hop(next_hop), "added": added}
+    if 2 <= len(parts) <= 3 and parts[0] == "routes" and method == "DELETE":
+        name = group(parts[1])
+        next_hop = hop(parts[2]) if len(parts) == 3 else None
+        gone = await run(Routes(site_path).delete, name, next_hop)
+        return {"group": name, "deleted": gone}
+    raise HTTPError(404 if method in ("GET", "POST", "DELETE") else 405,
+                    f"no such operation: {method} /v1/{'/'.join(parts)}")
 
 
 class _Refuse(Exception):
@@ -736,5 +793,7 @@ class ControlServer:
                         if k in args:
                             _uint(args[k], k)
                     return await svc.secondary.commit(args)
+        if parts and parts[0] in ("groups", "routes"):
+            return await _rcp_config(svc.site.path, method, parts, args)
         raise HTTPError(404 if method in ("GET", "POST", "DELETE") else 405,
                         f"no such operation: {method} /v1/{'/'.join(parts)}")

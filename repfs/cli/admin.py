@@ -107,6 +107,25 @@ def _parser() -> argparse.ArgumentParser:
                     help="primary: seconds to keep delta-set block lists (default 7 days)")
     ds = rs.add_parser("deltaset", help="cut a delta set now")
     ds.add_argument("--no-wait", action="store_true", help="do not wait until it is ready")
+    gp = sub.add_parser("group", help="replication groups: a name and a secret shared by sites")
+    gs = gp.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    ga = gs.add_parser("add", help="add a group (FILE's secret; a new one if FILE is absent)")
+    ga.add_argument("name")
+    ga.add_argument("--secret-file", required=True, metavar="FILE",
+                    help="the group's secret (one line); written, mode 0600, if absent")
+    ga.add_argument("--force", action="store_true", help="replace the group's other secret")
+    gs.add_parser("list", help="the site's groups (never their secrets)")
+    gd = gs.add_parser("delete", help="remove a group's secret from the site")
+    gd.add_argument("name")
+    ro = sub.add_parser("route", help="where the site forwards a group's delta sets (rcproute)")
+    rr = ro.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    ra = rr.add_parser("add", help="forward GROUP's delta sets to NEXTHOP too")
+    ra.add_argument("group")
+    ra.add_argument("next_hop", metavar="NEXTHOP", help="HOST:PORT of the next site")
+    rr.add_parser("list", help="each group's next hops")
+    rd = rr.add_parser("delete", help="remove a route (all of GROUP's without NEXTHOP)")
+    rd.add_argument("group")
+    rd.add_argument("next_hop", nargs="?", metavar="NEXTHOP")
     return p
 
 
@@ -390,6 +409,10 @@ def _main(argv) -> int:
                     print(f"  {p['change']:9s} {p['path']}")
     elif a.verb == "replicate":
         out = _replicate(t, a)
+    elif a.verb == "group":
+        out = _group(t, a)
+    elif a.verb == "route":
+        out = _route(t, a)
     if a.json:
         print(json.dumps(out, indent=2))
     return 0
@@ -465,6 +488,108 @@ def _replicate(t: Target, a):
         out = call(t, "POST", "/replicate/deltaset", {"wait": not a.no_wait})
         if not a.json:
             print(f"delta set {out['delta_set']} cut ({out['state']}, {out['blocks']} blocks)")
+    return out
+
+
+def _local_or_call(t: Target, local, method: str, path: str, body: dict | None = None):
+    """A `group` or `route` verb: on a local site (a directory or a mount point), its files
+    are changed here, mounted or not (the daemon reads them when it needs them); on a
+    HOST:PORT target, through the control port."""
+    from ..errors import DomainError
+    if t.site is None:
+        return call(t, method, path, body)
+    try:
+        return local(t.site.path)
+    except DomainError as e:
+        raise QuietError(str(e)) from None
+    except OSError as e:
+        raise QuietError(f"{t.site.path}: {e.strerror or e}") from None
+
+
+def _group(t: Target, a):
+    from ..rcp.groups import (GROUP_RULE, GroupError, GroupStore, create_secret_file,
+                              read_secret_file, remove_secret_file, valid_group)
+    from ..rcp.routes import delete_group
+    act = a.action
+    if act == "list":
+        out = _local_or_call(t, lambda site: GroupStore(site).names(), "GET", "/groups")
+        if not a.json:
+            print("\n".join(out) if out else "no groups")
+        return out
+    if not valid_group(a.name):
+        raise QuietError(f"bad group name {a.name!r} ({GROUP_RULE})")
+    if act == "delete":
+        _local_or_call(t, lambda site: delete_group(site, a.name), "DELETE",
+                       f"/groups/{quote(a.name, safe='')}")
+        if not a.json:
+            print(f"group {a.name} deleted from the site (the group's other sites keep it)")
+        return {"group": a.name, "deleted": True}
+    # add
+    path = a.secret_file
+    try:
+        created = not os.path.lexists(path)
+        secret = create_secret_file(path) if created else read_secret_file(path)
+    except GroupError as e:
+        raise QuietError(str(e)) from None
+    try:
+        result = _local_or_call(
+            t, lambda site: {"result": GroupStore(site).put(a.name, secret, force=a.force)},
+            "POST", "/groups", {"name": a.name, "secret": secret.hex(),
+                                "force": a.force})["result"]
+    except QuietError as e:
+        if created and e.code == NO_ANSWER:  # (the site may hold it: keep the file)
+            raise QuietError(f"{e}; {path} keeps the new secret: run the same command again",
+                             e.code) from None
+        if created:
+            remove_secret_file(path)
+        raise
+    except BaseException:
+        if created:
+            remove_secret_file(path)
+        raise
+    if not a.json:
+        if created:
+            print(f"group {a.name} added; wrote a new secret to {path}: copy it to the "
+                  "group's other sites")
+        elif result == "unchanged":
+            print(f"group {a.name} already holds the secret of {path}: nothing changed")
+        elif result == "replaced":
+            print(f"group {a.name}'s secret replaced by the one in {path} (every site of the "
+                  "group needs it)")
+        else:
+            print(f"group {a.name} added with the secret of {path}")
+    return {"group": a.name, "result": result, "secret_file": path, "new_secret_file": created}
+
+
+def _route(t: Target, a):
+    from ..rcp.groups import GroupError
+    from ..rcp.routes import Routes, parse_next_hop
+    act = a.action
+    if act == "list":
+        out = _local_or_call(t, lambda site: Routes(site).table(), "GET", "/routes")
+        if not a.json:
+            rows = [[g, h] for g, hops in out.items() for h in hops]
+            print(_table(rows, ["GROUP", "NEXT HOP"]) if rows else "no routes")
+        return out
+    try:  # (checked here first: a bad one goes nowhere)
+        hop = None if a.next_hop is None else parse_next_hop(a.next_hop)
+    except GroupError as e:
+        raise QuietError(str(e)) from None
+    g = quote(a.group, safe="")
+    if act == "add":
+        out = _local_or_call(
+            t, lambda site: {"group": a.group, "next_hop": hop,
+                             "added": Routes(site).add(a.group, hop)},
+            "POST", "/routes", {"group": a.group, "next_hop": hop})
+        if not a.json:
+            print(f"route added: group {a.group} -> {hop}" if out["added"] else
+                  f"group {a.group} already routes to {hop}: nothing changed")
+        return out
+    out = _local_or_call(
+        t, lambda site: {"group": a.group, "deleted": Routes(site).delete(a.group, hop)},
+        "DELETE", f"/routes/{g}" + (f"/{quote(hop, safe='')}" if hop else ""))
+    if not a.json:
+        print(f"route deleted: group {a.group} -> {', '.join(out['deleted'])}")
     return out
 
 
