@@ -745,7 +745,16 @@ class ControlServer:
         if parts and parts[0] == "replicate" and len(parts) == 2 and method == "POST":
             verb = parts[1]
             if verb == "start":
-                to = _path(args.get("to"), "site directory (to)")
+                to = args.get("to")
+                if isinstance(to, str) and not to.startswith("/"):  # HOST:PORT (RCP)
+                    if not 0 < len(to) <= 300 or not to.isprintable():
+                        raise HTTPError(400, f"bad destination {_short(to)} (want HOST:PORT)")
+                else:
+                    to = _path(to, "site directory (to)")
+                group = args.get("group")
+                if group is not None and (not isinstance(group, str) or not 0 < len(group)
+                                          <= 64 or not group.isprintable()):
+                    raise HTTPError(400, f"bad group name {_short(group)}")
                 name = args.get("name")
                 if name is not None:  # it names a snapshot too: repl-init-NAME
                     name = _new_name(name, "destination name", prefix="repl-init-")

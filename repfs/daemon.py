@@ -152,6 +152,10 @@ def serve(site: Site, mountpoint: str, *, readonly: bool = False, writeback_cach
         return
     log.info("mounted %s at %s%s; control port %s:%d", site.path, mountpoint,
              " read-only" if readonly else "", host, port)
+    from .rcp.server import insecure_listen_warning
+    service.security_warning = insecure_listen_warning(host)
+    if service.security_warning:
+        log.warning("%s", service.security_warning)
     ready(None)
     unmounted = False
     try:

@@ -40,6 +40,8 @@ def site_status(svc) -> dict:
         "save_used_bytes": svc.store.usage(),
         "save_capacity_bytes": svc.store.capacity,
         "snapshot_mounts": svc.mounts.mountpoints(),
+        # the port listens beyond loopback without TLS (rcp/server.insecure_listen_warning)
+        "security_warning": getattr(svc, "security_warning", None),
         **repl_status(svc),
     }
 
@@ -62,7 +64,8 @@ def _primary_status(svc) -> dict:
     p, sets, clog = svc.primary, svc.sets, svc.clog
     dests = []
     for d in p.dests():
-        row = {k: d.get(k) for k in ("name", "site", "state", "error", "last_error")}
+        row = {k: d.get(k) for k in ("name", "site", "kind", "group", "state", "error",
+                                     "last_error")}
         row.update(acked_delta_set=d["acked"], played_delta_set=d["played"],
                    lag_seconds=round(p.lag(d), 3) if d["state"] != "stopped" else None)
         if d["state"] == "initial-copy":

@@ -90,8 +90,13 @@ def _parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("replicate", help="replication to secondary sites")
     rs = rp.add_subparsers(dest="action", required=True, parser_class=_Parser)
     st = rs.add_parser("start", help="make SITE a secondary: initial copy, then delta sets")
-    st.add_argument("--to", required=True, metavar="SITE", help="the secondary's site directory")
-    st.add_argument("--name", help="destination name (default: the site directory's name)")
+    st.add_argument("--to", required=True, metavar="SITE",
+                    help="the secondary's site directory, or HOST:PORT[,HOST:PORT...] of "
+                         "sites on other hosts (their daemons' --listen addresses)")
+    st.add_argument("--group", help="the replication group of remote destinations (required "
+                                    "with HOST:PORT; see repfs-admin group)")
+    st.add_argument("--name", help="destination name (default: the site directory's name, "
+                                   "or HOST:PORT)")
     st.add_argument("--force", action="store_true",
                     help="replace the content of a site that holds files or replicates")
     st.add_argument("--no-wait", action="store_true", help="return before the initial copy ends")
@@ -306,6 +311,8 @@ def _print_status(st: dict) -> None:
         rows.append(("snapshots", str(len(st["snapshots"]))))
         rows.append(("save volumes", f"{_human(st['save_used_bytes'])} used of "
                                      f"{_human(st['save_capacity_bytes'])}"))
+    if st.get("security_warning"):  # listening beyond loopback without TLS
+        rows.insert(3, ("WARNING", st["security_warning"]))
     if st.get("fs_error"):  # errors=remount-ro: say so first
         rows.insert(3, ("FILE SYSTEM", f"READ-ONLY after an error at {st['fs_error_at']}: "
                                        f"{st['fs_error']}; remount the site"))
@@ -418,56 +425,92 @@ def _main(argv) -> int:
     return 0
 
 
+def _remote_destinations(to: str) -> list[str] | None:
+    """`--to`'s HOST:PORT list, or None when it names a site directory (an existing directory,
+    or anything that is not a list of HOST:PORT)."""
+    if os.path.isdir(to):
+        return None
+    parts = to.split(",")
+    for part in parts:
+        host, sep, port = part.rpartition(":")
+        if not sep or not host or not port.isdigit() or "/" in host:
+            return None
+    return parts
+
+
+def _replicate_wait(t: Target, a, out: dict) -> dict:
+    """Wait until the initial copy of `out` (replicate start's answer) is played, showing its
+    progress; the destination's status row."""
+    last = None
+    progress, since = None, time.monotonic()
+    while True:
+        try:
+            st = call(t, "GET", "/status")
+        except QuietError as e:  # (the start itself was done: say so, not only "no daemon")
+            raise QuietError(f"replication to {out['destination']} started, but waiting for "
+                             f"its initial copy failed: {e}; the copy goes on by itself "
+                             "once the site is mounted (see repfs-admin status)",
+                             e.code) from None
+        d = next((x for x in st["destinations"] if x["name"] == out["destination"]), None)
+        if d is None or d["state"] != "initial-copy":
+            # the secondary plays the staged copy as delta set `stamp`: wait for it
+            if (d is not None and d["state"] == "replicating"
+                    and d["played_delta_set"] < out["stamp"]
+                    and time.monotonic() - since < STALL_SECONDS):
+                time.sleep(0.1)
+                continue
+            break
+        cp = d.get("copy_progress") or {}
+        if cp.get("position") != progress:
+            progress, since = cp.get("position"), time.monotonic()
+        elif time.monotonic() - since > STALL_SECONDS:
+            raise QuietError(
+                f"the initial copy to {d['name']} has made no progress for "
+                f"{STALL_SECONDS} s ({d.get('last_error') or 'no answer'}); it goes on by "
+                "itself once the secondary is reachable (see repfs-admin status)")
+        pct = 100.0 * cp.get("position", 0) / max(1, cp.get("volume_blocks", 1))
+        line = f"  initial copy: {pct:5.1f}% ({_human(cp.get('copied_blocks', 0) * 4096)} sent)"
+        if line != last and not a.json:
+            print(line, flush=True)
+            last = line
+        time.sleep(0.5)
+    if d is None or d["state"] == "error":
+        raise QuietError(f"initial copy failed: {(d or {}).get('error', 'destination gone')}")
+    if not a.json:
+        print(f"initial copy done: {d['name']} is a read-only secondary, replicating "
+              f"(played delta set {d['played_delta_set']})")
+    return d
+
+
 def _replicate(t: Target, a):
     from . import parse_size
     act = a.action
     if act == "start":
-        to = os.path.abspath(a.to)
-        out = call(t, "POST", "/replicate/start", {"to": to, "force": a.force, "name": a.name})
+        remote = _remote_destinations(a.to)
+        if remote is None:
+            out = call(t, "POST", "/replicate/start", {"to": os.path.abspath(a.to),
+                                                       "force": a.force, "name": a.name,
+                                                       "group": a.group})
+        else:
+            if len(remote) > 1 and a.name:
+                raise QuietError("--name names one destination; give one HOST:PORT with it")
+            outs = []
+            for to in remote:  # (each checked and started by the daemon, one after another)
+                outs.append(call(t, "POST", "/replicate/start", {
+                    "to": to, "force": a.force, "name": a.name, "group": a.group}))
+                if not a.json:
+                    print(f"replicating to {outs[-1]['destination']}: initial copy of the "
+                          f"snapshot at delta set {outs[-1]['stamp']}")
+            if a.no_wait:
+                return outs if len(outs) > 1 else outs[0]
+            done = [_replicate_wait(t, a, o) for o in outs]
+            return done if len(done) > 1 else done[0]
         if not a.json:
             print(f"replicating to {out['destination']} ({out['site']}): initial copy of the "
                   f"snapshot at delta set {out['stamp']}")
         if a.no_wait:
             return out
-        last = None
-        progress, since = None, time.monotonic()
-        while True:
-            try:
-                st = call(t, "GET", "/status")
-            except QuietError as e:  # (the start itself was done: say so, not only "no daemon")
-                raise QuietError(f"replication to {out['destination']} started, but waiting for "
-                                 f"its initial copy failed: {e}; the copy goes on by itself "
-                                 "once the site is mounted (see repfs-admin status)",
-                                 e.code) from None
-            d = next((x for x in st["destinations"] if x["name"] == out["destination"]), None)
-            if d is None or d["state"] != "initial-copy":
-                # the secondary plays the staged copy as delta set `stamp`: wait for it
-                if (d is not None and d["state"] == "replicating"
-                        and d["played_delta_set"] < out["stamp"]
-                        and time.monotonic() - since < STALL_SECONDS):
-                    time.sleep(0.1)
-                    continue
-                break
-            cp = d.get("copy_progress") or {}
-            if cp.get("position") != progress:
-                progress, since = cp.get("position"), time.monotonic()
-            elif time.monotonic() - since > STALL_SECONDS:
-                raise QuietError(
-                    f"the initial copy to {d['name']} has made no progress for "
-                    f"{STALL_SECONDS} s ({d.get('last_error') or 'no answer'}); it goes on by "
-                    "itself once the secondary is reachable (see repfs-admin status)")
-            pct = 100.0 * cp.get("position", 0) / max(1, cp.get("volume_blocks", 1))
-            line = f"  initial copy: {pct:5.1f}% ({_human(cp.get('copied_blocks', 0) * 4096)} sent)"
-            if line != last and not a.json:
-                print(line, flush=True)
-                last = line
-            time.sleep(0.5)
-        if d is None or d["state"] == "error":
-            raise QuietError(f"initial copy failed: {(d or {}).get('error', 'destination gone')}")
-        if not a.json:
-            print(f"initial copy done: {d['name']} is a read-only secondary, replicating "
-                  f"(played delta set {d['played_delta_set']})")
-        out = d
+        out = _replicate_wait(t, a, out)
     elif act == "stop":
         out = call(t, "POST", "/replicate/stop", {"to": a.to})
         if not a.json:

@@ -84,7 +84,7 @@ class RcpConnection:
             try:
                 event = conn.next_event()
             except wire.ProtocolError as e:
-                refused = str(e).startswith("the peer refused")
+                refused = getattr(e, "remote", False) or str(e).startswith("the peer refused")
                 if not refused:  # say why to the peer (it logs it), as well as we can
                     why = (f"authentication failed: the client holds another secret of "
                            f"group {conn.group!r} (the secrets differ)" if e.kind == "auth"

@@ -90,6 +90,8 @@ class RcpServer:
             who = (f" (site {_short(conn.peer.get('site'))}, group {_short(conn.peer.get('group'))})"
                    if conn.peer else "")
             log.warning("RCP connection from %s%s refused: %s", peer, who, e)
+            if getattr(e, "remote", False):
+                return  # (the peer refused first: nothing to send back)
             with trio.move_on_after(min(self.control.send_timeout, 2.0)):
                 try:
                     await stream.send_all(conn.take_outgoing()

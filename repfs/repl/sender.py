@@ -32,6 +32,24 @@ DEFAULT_POLICY = {"timeout": 5.0, "hwm": 64 << 20, "playback_timeout": 0.0,
                   "playback_hwm": 64 << 20, "retention": 7 * 86400.0}
 
 
+def make_client(service, d: dict) -> ReceiverClient:
+    """The transport to destination `d` (its record, or the part `replicate start` has made):
+    an RCP session to HOST:PORT for a remote one (kind "rcp"), else the control port of a
+    site on this host."""
+    if d.get("kind") == "rcp":
+        from ..rcp.client import RcpReceiverClient
+        return RcpReceiverClient(d["site"], group=d["group"], local=service.site.path,
+                                 uuid=service.core.sb.uuid.hex())
+    return ReceiverClient(service.peer(d["site"]))
+
+
+def identity(service, d: dict) -> dict:
+    """How this primary names itself to destination `d` (ATTACH's "primary"): its uuid and
+    site directory; to a remote one, the directory prefixed by this host's name (a site at the
+    same path on another host is another site)."""
+    return d.get("me") or {"uuid": service.core.sb.uuid.hex(), "site": str(service.site.path)}
+
+
 class Superseded(Exception):
     """A send task's worker thread found its task cancelled (`replicate stop`, `start
     --force`): it stops at the next piece or chunk instead of sending on."""
@@ -245,7 +263,7 @@ class Primary:
         d = self.dest(name)
         if d is None:
             return
-        client = ReceiverClient(self.service.peer(d["site"]))
+        client = make_client(self.service, d)
         try:
             backoff = 0.2
             last_error = None
@@ -311,7 +329,8 @@ class Primary:
         gen = self.sets.generation
         info = client.info()
         if (info.get("state") == "replicating" and info.get("generation") == gen
-                and (info.get("primary") or {}).get("site") == str(self.service.site.path)
+                and (info.get("primary") or {}).get("site") == identity(self.service,
+                                                                         d)["site"]
                 and info.get("last_received", 0) >= d["stamp"]):
             # it took the copy, but its answer to "start playback" was lost (a crash of
             # either side, a dropped connection): the copy is done

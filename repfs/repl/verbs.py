@@ -4,6 +4,7 @@ drive `sender.Primary`; `stop` and `policy` at a secondary go to its playback.""
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from pathlib import Path
 
@@ -11,8 +12,10 @@ import trio
 
 from ..snap.store import NAME_RULE, SnapError, valid_name
 from ..tasks import describe
-from .sender import Primary
-from .transport import PermanentError, ReceiverClient, TransientError
+from ..rcp.client import parse_address
+from ..rcp.groups import GroupStore
+from .sender import Primary, identity, make_client
+from .transport import PermanentError, TransientError
 
 log = logging.getLogger(__name__)
 
@@ -26,37 +29,57 @@ class ReplicateVerbs:
             raise SnapError("this site is a secondary; run this on its primary", "conflict")
         return self.svc.primary
 
-    async def start(self, to: str, *, force: bool = False, name: str | None = None):
+    async def start(self, to: str, *, force: bool = False, name: str | None = None,
+                    group: str | None = None):
+        """Start replicating to `to`: a site directory on this host, or HOST:PORT, a site
+        reached by RCP in replication `group` (which this site must hold)."""
         svc = self.svc
         p = self._need_primary()
         svc.check_writable()
-        # (paths are looked at from a worker thread: a path on this site's own mount is served
-        # by this daemon's loop, which a stat from the loop itself would wait on for ever)
-        target = await trio.to_thread.run_sync(svc.peer, to)
-        own = Path(svc.mountpoint or "/nonexistent")
-        if target.path == own or own in target.path.parents:
-            raise SnapError(f"{to} is on this site's own mount {own}", "invalid")
-        if not await trio.to_thread.run_sync(target.volume_path.is_file):
-            raise SnapError(f"{to} is not a repfs site (make it with repfs mkfs)", "invalid")
-        if target.path == svc.site.path:
-            raise SnapError("a site cannot replicate to itself", "invalid")
-        name = name or target.path.name
+        if to.startswith("/"):
+            if group is not None:
+                raise SnapError("--group is for a remote destination (HOST:PORT); a site on "
+                                "this host needs none", "invalid")
+            # (paths are looked at from a worker thread: a path on this site's own mount is
+            # served by this daemon's loop, which a stat from the loop itself would wait on
+            # for ever)
+            target = await trio.to_thread.run_sync(svc.peer, to)
+            own = Path(svc.mountpoint or "/nonexistent")
+            if target.path == own or own in target.path.parents:
+                raise SnapError(f"{to} is on this site's own mount {own}", "invalid")
+            if not await trio.to_thread.run_sync(target.volume_path.is_file):
+                raise SnapError(f"{to} is not a repfs site (make it with repfs mkfs)", "invalid")
+            if target.path == svc.site.path:
+                raise SnapError("a site cannot replicate to itself", "invalid")
+            name = name or target.path.name
+            base = {"kind": "local", "site": str(target.path)}
+        else:
+            base = await self._remote(to, group)
+            name = name or to
         if not valid_name(f"repl-init-{name}"):  # (it names an LMDB key and a snapshot)
             raise SnapError(f"bad destination name {name!r} ({NAME_RULE}, after the prefix "
                             "'repl-init-'): give one with --name", "invalid")
         old = p.dest(name)
         if old and old["state"] not in ("stopped", "error") and not force:
             raise SnapError(f"already replicating to {name} ({old['state']})", "conflict")
-        client = ReceiverClient(target)
+        client = make_client(svc, base)
         try:
             info = await trio.to_thread.run_sync(client.info)
-        except (TransientError, PermanentError) as e:
-            raise SnapError(f"cannot reach the daemon of {to}: {e} (mount it first: "
-                            f"repfs mount {to} MOUNTPOINT)", "conflict") from None
-        me = {"uuid": svc.core.sb.uuid.hex(), "site": str(svc.site.path)}
-        peer_site = await trio.to_thread.run_sync(svc.peer, info["site"])
-        if peer_site.path == svc.site.path:  # (a replica shares the volume uuid)
-            raise SnapError("the target is this very site", "invalid")
+        except PermanentError as e:
+            raise SnapError(f"{to} refused: {_unprefixed(e, to)}", "conflict") from None
+        except TransientError as e:
+            hint = (f"mount it first: repfs mount {to} MOUNTPOINT" if base["kind"] == "local"
+                    else "is its daemon running with --listen on that address?")
+            raise SnapError(f"cannot reach the daemon of {to}: {_unprefixed(e, to)} ({hint})",
+                            "conflict") from None
+        me = identity(svc, base)
+        if base["kind"] == "local":
+            peer_site = await trio.to_thread.run_sync(svc.peer, info["site"])
+            if peer_site.path == svc.site.path:  # (a replica shares the volume uuid)
+                raise SnapError("the target is this very site", "invalid")
+        elif (info.get("uuid"), info.get("site")) == (svc.core.sb.uuid.hex(), str(
+                svc.site.path)) and _my_port(svc) == parse_address(to)[1]:
+            raise SnapError(f"{to} is this very site", "invalid")
         nblocks = svc.layer.nblocks
         if info.get("volume_blocks") != nblocks:  # --force cannot mend this
             theirs = info.get("volume_blocks")
@@ -101,15 +124,35 @@ class ReplicateVerbs:
             # stay gated, the cut and commit locks keep cuts and group commits out)
             async with svc.ops.quiesce(), svc.ops.commit_lock:
                 stamp = await trio.to_thread.run_sync(start_at_consistency_point)
-        d = {"name": name, "site": str(target.path), "kind": "local", "state": "initial-copy",
-             "snapshot": snap_name, "stamp": stamp, "acked": stamp, "played": stamp,
+        d = {"name": name, **base, "state": "initial-copy", "snapshot": snap_name,
+             "stamp": stamp, "acked": stamp, "played": stamp,
              "copy_pos": 0, "copied": 0, "started_ns": time.time_ns()}
         p.put_dest(d)
         p.start_sender(svc.nursery, name)
         log.info("replication to %s (%s) started: initial copy of snapshot %s (delta set %d)",
-                 name, target.path, snap_name, stamp)
-        return {"destination": name, "site": str(target.path), "stamp": stamp,
+                 name, base["site"], snap_name, stamp)
+        return {"destination": name, "site": base["site"], "stamp": stamp,
                 "state": "initial-copy"}
+
+    async def _remote(self, to: str, group: str | None) -> dict:
+        """The record of a remote destination HOST:PORT (checked) in `group`."""
+        svc = self.svc
+        try:
+            parse_address(to)
+        except ValueError as e:
+            raise SnapError(f"{e}: --to takes a site directory or HOST:PORT", "invalid"
+                            ) from None
+        if group is None:
+            raise SnapError(f"a remote destination ({to}) needs --group NAME, a replication "
+                            "group this site and the destination hold (repfs-admin group list)",
+                            "invalid")
+        if await trio.to_thread.run_sync(GroupStore(svc.site.path).secret, group) is None:
+            raise SnapError(f"this site holds no replication group {group!r} (repfs-admin "
+                            f"group add {group} --secret-file FILE, with the file the "
+                            f"destination's group was made from)", "invalid")
+        return {"kind": "rcp", "site": to, "group": group,
+                "me": {"uuid": svc.core.sb.uuid.hex(),
+                       "site": f"{socket.gethostname()}:{svc.site.path}"}}
 
     async def stop(self, to: str | None) -> dict:
         svc = self.svc
@@ -161,6 +204,17 @@ class ReplicateVerbs:
                             f"in the change log and the next cut ships them", "failed") from None
         rec = p.sets.record(n)
         return {"delta_set": n, "blocks": rec["blocks"], "state": rec["state"]}
+
+
+def _unprefixed(e: Exception, where: str) -> str:
+    """An error's message without the destination it starts with (the caller names it)."""
+    msg = str(e)
+    return msg[len(where) + 2:] if msg.startswith(f"{where}: ") else msg
+
+
+def _my_port(svc) -> int | None:
+    addr = svc.site.control_address()
+    return addr[1] if addr else None
 
 
 def _bytes(nblocks) -> str:
