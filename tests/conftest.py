@@ -41,8 +41,9 @@ hypothesis_settings.load_profile("repfs-long" if os.environ.get("REPFS_FUZZ_EXAM
                                  else "repfs-ci")
 
 
-def run_repfs(*args, check=True, timeout=120, **kw) -> subprocess.CompletedProcess:
-    r = subprocess.run([*REPFS, *map(str, args)], capture_output=True, text=True,
+def run_repfs(*args, check=True, timeout=120, prefix=(), **kw) -> subprocess.CompletedProcess:
+    """`repfs ARGS`; `prefix` runs it under another command (tests/netns.py: nsenter --net)."""
+    r = subprocess.run([*prefix, *REPFS, *map(str, args)], capture_output=True, text=True,
                        timeout=timeout, **kw)
     if check and r.returncode != 0:
         raise AssertionError(f"repfs {' '.join(map(str, args))} exited {r.returncode}: "
