@@ -99,12 +99,14 @@ def check_mountpoint(mountpoint: str, served=None) -> str:
     return mp
 
 
+LOG_FORMAT = "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"  # a site's log
+
+
 def setup_logging(path: str | None, level=logging.INFO) -> None:
     root = logging.getLogger()
     root.handlers.clear()
     handler = logging.FileHandler(path) if path else logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(
-        "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
     root.addHandler(handler)
     root.setLevel(level)
 

@@ -19,9 +19,11 @@ import logging
 import json
 import os
 import shutil
+import sys
 import time
 import tomllib
 import uuid as uuidlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -405,7 +407,44 @@ class Site:
             env.close()
         return raw.decode() if raw else "primary"
 
+    @contextmanager
+    def _recovery_logged(self):
+        """The recovery an open does (a delta set undone, before-images re-indexed, the change
+        log's marks, an interrupted restore finished) changes the site, and the open that
+        does it is the only one that can say so: in a process that has not set up logging
+        (`repfs fsck`), its lines go to the site's log too (else a crash's undo was written
+        nowhere: the mount after the fsck finds nothing left to undo). Warnings still go to
+        stderr, as they did."""
+        if logging.getLogger().handlers:  # (a daemon, a foreground mount, a test's capture)
+            yield
+            return
+        try:
+            to_file = logging.FileHandler(self.log_path)
+        except OSError:
+            yield
+            return
+        from .common import LOG_FORMAT
+        to_file.setFormatter(logging.Formatter(LOG_FORMAT))
+        to_stderr = logging.StreamHandler(sys.stderr)
+        to_stderr.setLevel(logging.WARNING)
+        top = logging.getLogger("repfs")
+        level = top.level
+        top.setLevel(logging.INFO)
+        top.addHandler(to_file)
+        top.addHandler(to_stderr)
+        try:
+            yield
+        finally:
+            top.removeHandler(to_stderr)
+            top.removeHandler(to_file)
+            top.setLevel(level)
+            to_file.close()
+
     def open_fs(self, *, readonly: bool = False, held_limit: int | None = None) -> FileSystem:
+        with self._recovery_logged():
+            return self._open_fs(readonly=readonly, held_limit=held_limit)
+
+    def _open_fs(self, *, readonly: bool, held_limit: int | None) -> FileSystem:
         dev = None
         try:
             dev = self.device(held_limit=held_limit)

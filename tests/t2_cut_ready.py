@@ -15,11 +15,16 @@ then run: the core is written only where a writer would pass the gate).
 
 from __future__ import annotations
 
+import json
 import logging
 import random
+import signal
+import subprocess
+import sys
 
 import lmdb
 import numpy as np
+import pytest
 import trio
 
 from repfs.fs.format import ROOT_INO
@@ -27,6 +32,9 @@ from repfs.fs.ops import Operations
 from repfs.repl import keys as K
 from repfs.service import SiteService
 from repfs.site import Site
+from tests.conftest import run_repfs
+from tests.t1_changelog import ROOT_DIR, Stack
+from tests.t1_cut_point import CHILD
 from tests.t2_repl import api
 
 SIZE = 64 << 20
@@ -186,3 +194,39 @@ async def test_a_failed_ready_commit_is_retried_without_new_writes_and_shipped_o
     finally:
         core.close()
         core.dev.close()
+
+
+def crash_between_cut_and_ready(site_path) -> int:
+    """A site with one delta set cut whole, then one cut whose syncs all ran (the redo log
+    emptied) and whose process was killed (SIGKILL) before "ready"
+    (tests/t1_cut_point.py's child). Returns that delta set's number."""
+    st = Stack(site_path)
+    for _ in range(10):
+        st.op()
+    st.cut()
+    st.close()
+    code = CHILD.format(root=str(ROOT_DIR), args={"site": str(site_path), "at": "cleared"})
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=120, cwd=ROOT_DIR)
+    assert r.returncode == -signal.SIGKILL, f"child exited {r.returncode}: {r.stderr[-3000:]}"
+    return json.loads(r.stdout.strip().splitlines()[-1])["n"]
+
+
+@pytest.mark.parametrize("fsck_first", [False, True], ids=["mount", "fsck-then-mount"])
+def test_the_undo_at_open_is_in_the_sites_log(tmp_path, mount_site, fsck_first):
+    """The undo of a delta set left "cut" by a kill -9 says so in SITE/repfs.log, once,
+    whichever opens the site first: the daemon of a mount, or `repfs fsck` before it (which
+    sets up no logging of its own; the mount after it finds nothing left to undo)."""
+    site_path = tmp_path / "site"
+    n = crash_between_cut_and_ready(site_path)
+    log_file = site_path / "repfs.log"
+    log_file.unlink(missing_ok=True)  # (only what the opens below write)
+    if fsck_first:
+        r = run_repfs("fsck", site_path)
+        assert not r.stderr, r.stderr
+    m = mount_site(name="site")
+    assert api(m.site, "GET", "/status")["last_cut_delta_set"] == n - 1
+    text = log_file.read_text()
+    needle = (f"delta set {n} was cut but its boundary was not durable when the daemon "
+              f"stopped: undone")
+    assert text.count(needle) == 1, text
