@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import http.client
 import io
 import json
 import os
@@ -288,6 +289,33 @@ def test_groups_and_routes_of_a_mounted_site(mount_site, tmp_path):
     run_admin(*R, "route", "delete", "g2")
     run_admin(*R, "group", "delete", "g2")
     assert run_admin(*L, "group", "list").stdout.split() == ["g1"]
+    # the control port checks every argument before it touches the site
+    before = tree(tmp_path / "site")
+    conn = http.client.HTTPConnection(ctl["host"], ctl["port"], timeout=60)
+    good = "ab" * 16
+    for method, path, body, words in (
+            ("POST", "/v1/groups", {"name": "g3"}, "secret in hex"),
+            ("POST", "/v1/groups", {"name": "g3", "secret": "zz" * 16}, "secret in hex"),
+            ("POST", "/v1/groups", {"name": "g3", "secret": "abc"}, "secret in hex"),
+            ("POST", "/v1/groups", {"name": "g3", "secret": "ab" * 8}, "at least 16"),
+            ("POST", "/v1/groups", {"name": "g3", "secret": "ab" * 4097}, "secret in hex"),
+            ("POST", "/v1/groups", {"name": 3, "secret": good}, "bad group name"),
+            ("POST", "/v1/groups", {"name": "a/b", "secret": good}, "bad group name"),
+            ("POST", "/v1/groups", {"name": "g3", "secret": good, "force": 1}, "bad force"),
+            ("POST", "/v1/routes", {"group": "g1", "next_hop": 7000}, "bad next hop"),
+            ("POST", "/v1/routes", {"group": "g1", "next_hop": "x:99999"}, "bad next hop"),
+            ("POST", "/v1/routes", {"group": ["g1"], "next_hop": "x:1"}, "bad group name"),
+            ("DELETE", "/v1/routes/g1/x:0", None, "bad next hop"),
+            ("DELETE", "/v1/groups/..", None, "bad group name")):
+        conn.request(method, path, body=None if body is None else json.dumps(body),
+                     headers={"Authorization": f"Bearer {token.read_text().strip()}",
+                              "Content-Type": "application/json"})
+        resp = conn.getresponse()
+        doc = json.loads(resp.read())
+        assert resp.status == 400 and words in doc["error"], (path, body, resp.status, doc)
+        assert good not in doc["error"]
+    conn.close()
+    assert tree(tmp_path / "site") == before
     log = (m.site / "repfs.log").read_text()
     for s in (s1, s2):
         secret = s.read_text().strip()
