@@ -19,8 +19,11 @@ import stat
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from repfs.cli import run_cli
 from repfs.cli.admin import _main
+from repfs.rcp.client import RcpConnection, Refused
 from repfs.rcp.groups import GroupStore
 from repfs.rcp.routes import Routes
 from tests.conftest import run_repfs
@@ -259,6 +262,14 @@ def test_groups_and_routes_of_a_mounted_site(mount_site, tmp_path):
     r = run_admin(*L, "group", "add", "g1", "--secret-file", s1)
     assert "wrote a new secret" in r.stdout
     assert run_admin(*R, "group", "list").stdout.split() == ["g1"]  # the daemon sees it
+    # ... and its next RCP handshake does: the group's secret opens a session, another not
+    secret1 = s1.read_bytes().strip()
+    rcp = dict(host=ctl["host"], port=ctl["port"], site="t1_groups", uuid="0" * 32, timeout=30)
+    RcpConnection(group="g1", secret=secret1, **rcp).close()
+    m.expect_log("the client holds another secret of group 'g1'")
+    m.expect_log("unknown replication group 'g1'")
+    with pytest.raises(Refused):
+        RcpConnection(group="g1", secret=b"another secret of sixteen+", **rcp)
     s2 = tmp_path / "s2"
     r = admin_process(*R, "group", "add", "g2", "--secret-file", s2)
     assert f"wrote a new secret to {s2}" in r.stdout and mode(s2) == 0o600
@@ -289,6 +300,9 @@ def test_groups_and_routes_of_a_mounted_site(mount_site, tmp_path):
     run_admin(*R, "route", "delete", "g2")
     run_admin(*R, "group", "delete", "g2")
     assert run_admin(*L, "group", "list").stdout.split() == ["g1"]
+    run_admin(*L, "group", "delete", "g1")
+    with pytest.raises(Refused):  # deleted: the daemon no longer takes it
+        RcpConnection(group="g1", secret=secret1, **rcp)
     # the control port checks every argument before it touches the site
     before = tree(tmp_path / "site")
     conn = http.client.HTTPConnection(ctl["host"], ctl["port"], timeout=60)
