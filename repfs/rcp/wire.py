@@ -34,8 +34,11 @@ message}. CLOSE {reason} ends a session from either side.
 `Connection` is the state machine of one end. Anything malformed (unknown type, bad length,
 bad check, wrong seq or session, a message the state does not allow, a body without the keys
 of its type) raises `ProtocolError` with a one-line reason; the adapter logs it, sends
-`Connection.error_frame(...)` if it can, and closes: a connection that has failed once takes
-no further data.
+`Connection.error_frame(...)` if it can (not when `e.remote`: the peer refused first), and
+closes: a connection that has failed once takes no further data. A frame of a type the state
+does not take (`ALLOWED`) is refused from its header alone, and before READY no frame may
+exceed `MAX_HANDSHAKE_BODY`: an unauthenticated peer makes an end buffer little.
+docs/protocol.md describes the protocol for operators and implementers.
 """
 
 from __future__ import annotations
@@ -56,8 +59,12 @@ PREFACE_PREFIX = b"RCP/"  # what the port's filter looks at (FIG. 19)
 HEADER = struct.Struct(">BBHIIQQ")
 MAX_BODY = (1 << 20) + (64 << 10)  # a chunk or copy record of 256 blocks and its header
 MAX_CONTROL_BODY = 64 << 10  # a msgpack body
+MAX_HANDSHAKE_BODY = 16 << 10  # any frame before READY: what an unauthenticated peer can make
+#                                an end buffer is bounded by this (and the header)
 NONCE = 32
-MAX_NAME = 255  # a group or site name
+MAX_NAME = 255  # a group name
+MAX_SITE = 4096  # a site's name (a path) in HELLO or CHALLENGE
+MAX_VERSIONS = 64  # versions a HELLO may offer
 
 FLAG_ZSTD = 0x01  # the body is zstd-compressed (negotiated; not yet sent by this build)
 KNOWN_FLAGS = FLAG_ZSTD
@@ -67,11 +74,22 @@ CLIENT, SERVER = "client", "server"
 
 class ProtocolError(Exception):
     """The peer broke the protocol; `str(e)` is the one-line reason. `kind` is what the
-    ERROR frame sent back says ("protocol", "version", "auth")."""
+    ERROR frame sent back says ("protocol", "version", "auth"). `remote` is True when the
+    peer itself refused (its ERROR arrived during the handshake): nothing to send back."""
 
-    def __init__(self, message: str, kind: str = "protocol"):
+    def __init__(self, message: str, kind: str = "protocol", *, remote: bool = False):
         super().__init__(message)
         self.kind = kind
+        self.remote = remote
+
+
+def one_line(text, limit: int = 200) -> str:
+    """A peer's text made fit for a one-line log message: control characters escaped, cut
+    at `limit` characters."""
+    text = text if isinstance(text, str) else repr(text)
+    out = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                  for c in text[:limit])
+    return out[:limit] + ("..." if len(text) > limit or len(out) > limit else "")
 
 
 # ---------------------------------------------------------------- message types
@@ -110,16 +128,18 @@ TYPES = {t.code: t for t in TYPES_LIST}
 BY_NAME = {t.name: t for t in TYPES_LIST}
 REQUESTS = frozenset(("INFO", "ATTACH", "COPY", "START_PLAYBACK", "CHUNK", "COMMIT", "CONTROL",
                       "BLOCKLIST"))
+HANDSHAKE = frozenset(("HELLO", "CHALLENGE", "AUTH", "READY"))
 
 
 @dataclass
 class Message:
     """One decoded frame: its type name, sequence number, and body (a dict of the type's
-    fields, or the raw bytes of a COPY or CHUNK)."""
+    fields, or the raw bytes of a COPY or CHUNK), and the session its header named."""
     type: str
     seq: int
     body: Any
     flags: int = 0
+    session: int = 0
 
 
 class NeedData:
@@ -194,6 +214,15 @@ def proof(secret: bytes, role: str, group: str, client_nonce: bytes,
 PREFACE_WAIT, HELLO_WAIT, CHALLENGE_WAIT, AUTH_WAIT, READY_WAIT, OPEN, CLOSED = (
     "preface", "hello", "challenge", "auth", "ready", "open", "closed")
 
+# What each end takes in each state (CLOSE and ERROR besides, in every state): a frame of any
+# other type is refused as soon as its header arrives, before its body is waited for.
+ALLOWED = {
+    SERVER: {HELLO_WAIT: frozenset(("HELLO",)), AUTH_WAIT: frozenset(("AUTH",)),
+             OPEN: REQUESTS},
+    CLIENT: {CHALLENGE_WAIT: frozenset(("CHALLENGE",)), READY_WAIT: frozenset(("READY",)),
+             OPEN: frozenset(("ACK", "FLOW"))},
+}
+
 
 class Connection:
     """One end of an RCP connection: feed it the bytes received (`receive_data`), take the
@@ -218,6 +247,8 @@ class Connection:
                  nonce: Callable[[int], bytes] = os.urandom, session: int = 0):
         if role not in (CLIENT, SERVER):
             raise ValueError(role)
+        if not 0 <= session < 1 << 32:
+            raise ValueError(f"session {session} does not fit the header's 32 bits")
         self.role = role
         self.site, self.uuid = site, uuid
         self.group = group
@@ -250,7 +281,9 @@ class Connection:
 
     def hello(self) -> bytes:
         """The client's first bytes: the preface and HELLO."""
-        assert self.role == CLIENT and self.state == HELLO_WAIT and not self.send_seq
+        if self.role != CLIENT or self.state != HELLO_WAIT or self.send_seq:
+            raise ValueError(f"hello() is a client's first call (this is a {self.role} in "
+                             f"state {self.state})")
         self.my_nonce = self._nonce(NONCE)
         self.state = CHALLENGE_WAIT
         return PREFACE + self._frame("HELLO", {
@@ -262,6 +295,8 @@ class Connection:
         if self.state != OPEN:
             raise ValueError(f"cannot send {name}: the session is {self.state}")
         t = BY_NAME[name]
+        if name in HANDSHAKE:
+            raise ValueError(f"{name} belongs to the handshake, which the state machine sends")
         if t.raw and body is None:
             raise ValueError(f"{name} carries bytes")
         return self._frame(name, {} if body is None else body)
@@ -298,22 +333,38 @@ class Connection:
             self.state = CLOSED
             raise
 
+    def _preface(self):
+        """PREFACE_WAIT: True once the preface is taken, NEED_DATA before; raises if the
+        first bytes are not this build's preface."""
+        n = min(len(self.buf), len(PREFACE))
+        if bytes(self.buf[:n]) == PREFACE[:n]:
+            if n < len(PREFACE):
+                return NEED_DATA
+            del self.buf[:len(PREFACE)]
+            return True
+        got = bytes(self.buf[:len(PREFACE)])
+        if not got.startswith(PREFACE_PREFIX):
+            raise ProtocolError(f"not an RCP connection (it starts {one_line(got[:16])}, not "
+                                f"{PREFACE_PREFIX.decode()})")
+        # another RCP: name its version (its preface's first word) whatever the split
+        word = got.split(b" ")[0]
+        if word == got and not any(c in got for c in b"\r\n") and len(got) < len(PREFACE):
+            return NEED_DATA
+        word = word.split(b"\r")[0].split(b"\n")[0]
+        mine = PREFACE.split(b" ")[0]
+        if word == mine:
+            raise ProtocolError(f"malformed RCP preface {one_line(got)}")
+        raise ProtocolError(f"the peer speaks {one_line(word.decode('ascii', 'replace'), 32)}; "
+                            f"this site speaks {mine.decode()}", "version")
+
     def _next(self):
         while True:
             if self.state == CLOSED:
                 return NEED_DATA
             if self.state == PREFACE_WAIT:
-                n = min(len(self.buf), len(PREFACE))
-                if bytes(self.buf[:n]) != PREFACE[:n]:
-                    got = bytes(self.buf[:len(PREFACE)])
-                    if got.startswith(PREFACE_PREFIX):
-                        raise ProtocolError(
-                            f"the peer speaks {got.split(b' ')[0].decode('ascii', 'replace')}"
-                            f"; this site speaks {PREFACE.split(b' ')[0].decode()}", "version")
-                    raise ProtocolError("not an RCP connection (no RCP preface)")
-                if n < len(PREFACE):
-                    return NEED_DATA
-                del self.buf[:len(PREFACE)]
+                got = self._preface()
+                if got is NEED_DATA:
+                    return got
                 self.state = HELLO_WAIT
                 continue
             if len(self.buf) < HEADER.size:
@@ -324,13 +375,24 @@ class Connection:
                 raise ProtocolError(f"unknown message type {code}")
             if reserved or flags & ~KNOWN_FLAGS:
                 raise ProtocolError(f"{t.name}: unknown flags or reserved bits set")
-            limit = MAX_BODY if t.raw else MAX_CONTROL_BODY
+            # refused from the header alone: an unauthenticated peer cannot make this end
+            # wait for (and buffer) a body it would refuse anyway
+            if t.sender not in (("both", SERVER) if self.role == CLIENT else ("both", CLIENT)):
+                raise ProtocolError(f"a {'server' if self.role == CLIENT else 'client'} "
+                                    f"does not send {t.name}")
+            if t.name not in ("CLOSE", "ERROR") and \
+                    t.name not in ALLOWED[self.role].get(self.state, ()):
+                raise ProtocolError(f"unexpected {t.name} (session state: {self.state})")
+            limit = (MAX_HANDSHAKE_BODY if self.state != OPEN
+                     else MAX_BODY if t.raw else MAX_CONTROL_BODY)
             if length > limit:
                 raise ProtocolError(f"{t.name} of {length} bytes (at most {limit})")
             if len(self.buf) < HEADER.size + length:
                 return NEED_DATA
-            body = bytes(self.buf[HEADER.size:HEADER.size + length])
-            if check_of(bytes(self.buf[:20]), body) != check:
+            with memoryview(self.buf) as view:
+                body = bytes(view[HEADER.size:HEADER.size + length])
+                ok = check_of(view[:20], body) == check
+            if not ok:
                 raise ProtocolError(f"{t.name} frame {seq}: checksum mismatch (damaged on "
                                     "the wire)")
             del self.buf[:HEADER.size + length]
@@ -339,64 +401,61 @@ class Connection:
             self.recv_seq = seq
             if session != self.session and not (t.name == "READY" and self.role == CLIENT):
                 raise ProtocolError(f"{t.name}: session {session}, not {self.session}")
-            if t.sender not in (("both", SERVER) if self.role == CLIENT else ("both", CLIENT)):
-                raise ProtocolError(f"a {'server' if self.role == CLIENT else 'client'} "
-                                    f"does not send {t.name}")
             if flags & FLAG_ZSTD:
                 raise ProtocolError(f"{t.name}: compressed, but compression was not agreed")
             doc = decode_body(t, body)
-            msg = Message(t.name, seq, doc, flags)
+            msg = Message(t.name, seq, doc, flags, session)
             out = self._on(msg)
             if out is not None:
                 return out
 
     def _on(self, msg: Message):
-        """Handle a frame in the current state; a Message to hand up, or None."""
+        """Handle a frame the state allows (`ALLOWED`); a Message to hand up, or None."""
         name, st = msg.type, self.state
         if name == "ERROR" and st != OPEN:
             b = msg.body
-            raise ProtocolError(f"the peer refused: {b['message']}", b["kind"])
+            raise ProtocolError(f"the peer refused: {one_line(b['message'])}",
+                                one_line(b["kind"], 32), remote=True)
         if name == "CLOSE":
             self.state = CLOSED
             return msg
-        if self.role == SERVER:
-            if st == HELLO_WAIT and name == "HELLO":
-                return self._on_hello(msg)
-            if st == AUTH_WAIT and name == "AUTH":
-                return self._on_auth(msg)
-            if st == OPEN and name in REQUESTS:
-                return msg
-            if st == OPEN and name == "ERROR":
-                return msg
-        else:
-            if st == CHALLENGE_WAIT and name == "CHALLENGE":
-                return self._on_challenge(msg)
-            if st == READY_WAIT and name == "READY":
-                if not 0 < msg.body["session"] < 1 << 32:
-                    raise ProtocolError("READY with a bad session number")
-                self.session = msg.body["session"]
-                self.state = OPEN
-                return msg
-            if st == OPEN and name in ("ACK", "ERROR", "FLOW"):
-                return msg
-        raise ProtocolError(f"unexpected {name} (session state: {st})")
+        if name in ("ACK", "ERROR") and msg.body["seq"] > self.send_seq:
+            raise ProtocolError(f"{name} for frame {msg.body['seq']}, which this end has not "
+                                f"sent")
+        if name == "HELLO":
+            return self._on_hello(msg)
+        if name == "AUTH":
+            return self._on_auth(msg)
+        if name == "CHALLENGE":
+            return self._on_challenge(msg)
+        if name == "READY":
+            s = msg.body["session"]
+            if not 0 < s < 1 << 32 or s != msg.session:
+                raise ProtocolError(f"READY with a bad session number ({s} in the body, "
+                                    f"{msg.session} in the header)")
+            self.session = s
+            self.state = OPEN
+        return msg
 
     def _on_hello(self, msg: Message):
         b = msg.body
         self.peer = b
         if len(b["nonce"]) != NONCE:
             raise ProtocolError("HELLO nonce of the wrong size")
-        if len(b["group"]) > MAX_NAME or len(b["site"]) > 4096:
+        if len(b["group"]) > MAX_NAME or len(b["site"]) > MAX_SITE or len(b["uuid"]) > MAX_NAME:
             raise ProtocolError("HELLO names too long")
-        common = [v for v in b["versions"] if isinstance(v, int) and v in self.versions]
+        versions = b["versions"]
+        if len(versions) > MAX_VERSIONS:
+            raise ProtocolError(f"HELLO offers {len(versions)} versions (at most {MAX_VERSIONS})")
+        common = [v for v in versions if _type_ok(v, int) and v in self.versions]
         if not common:
-            offered = ", ".join(str(v) for v in b["versions"][:16])
+            offered = ", ".join(one_line(v, 20) for v in versions[:16])
             raise ProtocolError(f"no common protocol version: the peer speaks {offered or 'none'}"
                                 f", this site speaks "
                                 f"{', '.join(str(v) for v in self.versions)}", "version")
         secret = self.secrets(b["group"]) if self.secrets else None
         if secret is None:
-            raise ProtocolError(f"unknown replication group {b['group']!r}", "auth")
+            raise ProtocolError(f"unknown replication group {one_line(b['group'])!r}", "auth")
         self.version = max(common)
         self.group = b["group"]
         self.secret = secret
@@ -417,7 +476,7 @@ class Connection:
         self.session = self._new_session or 1
         self.outgoing += self._frame("READY", {"session": self.session})
         self.state = OPEN
-        return Message("READY", msg.seq, {"session": self.session})
+        return Message("READY", msg.seq, {"session": self.session}, 0, self.session)
 
     def _on_challenge(self, msg: Message):
         b = msg.body
@@ -427,6 +486,8 @@ class Connection:
                                 f"site does not speak", "version")
         if len(b["nonce"]) != NONCE:
             raise ProtocolError("CHALLENGE nonce of the wrong size")
+        if len(b["site"]) > MAX_SITE or len(b["uuid"]) > MAX_NAME:
+            raise ProtocolError("CHALLENGE names too long")
         want = proof(self.secret or b"", SERVER, self.group, self.my_nonce, b["nonce"])
         if self.secret is None or not hmac.compare_digest(want, b["proof"]):
             raise ProtocolError(f"the peer does not hold the secret of group {self.group!r}",
