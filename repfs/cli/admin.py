@@ -3,6 +3,8 @@
 TARGET is HOST:PORT, a site directory or a repfs mount point. For a site directory or a mount
 point the address and the token come from the site (``control.json``, ``control.token``); for
 HOST:PORT the token comes from ``--token-file`` or the environment variable REPFS_TOKEN.
+The `group` and `route` verbs (docs/security.md) change a local site's files themselves,
+mounted or not, and go through the control port only for a HOST:PORT target.
 Tables for people; ``--json`` prints one JSON document for scripts. Exit status: 0 success,
 1 the operation failed (the message says why), 2 bad arguments, 3 no daemon to ask (the site
 is not mounted, nothing listens at HOST:PORT), 4 the daemon did not answer within --timeout
