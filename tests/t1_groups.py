@@ -25,7 +25,7 @@ from repfs.cli import run_cli
 from repfs.cli.admin import _main
 from repfs.rcp.client import RcpConnection, Refused
 from repfs.rcp.groups import GroupStore
-from repfs.rcp.routes import Routes
+from repfs.rcp.routes import MAX_HOPS, Routes
 from tests.conftest import run_repfs
 from tests.t2_cli import fails
 from tests.t2_cli import run_admin as admin_process
@@ -239,7 +239,18 @@ def test_routes(tmp_path):
     assert "fwd.example:7000, 10.0.0.2:7002" in r.stdout
     assert Routes(site).table() == {"g2": ["fwd.example:7000"]}
     run_admin(*A, "group", "delete", "g1")  # (no routes left)
+    # at most MAX_HOPS next hops per group
+    for i in range(2, MAX_HOPS + 1):
+        assert Routes(site).add("g2", f"10.0.0.{i}:7000")
+    before = tree(tmp_path)
+    refused(run_admin(*A, "route", "add", "g2", "10.0.1.1:7000", check=False),
+            f"g2 has {MAX_HOPS} next hops already")
+    assert tree(tmp_path) == before
+    assert len(Routes(site).next_hops("g2")) == MAX_HOPS
+    run_admin(*A, "route", "delete", "g2")
     # a damaged table is reported, not guessed at
+    (site / "routes.json").write_text('{"format": 1, "routes": {"g2": "x:1"}}')
+    refused(run_admin(*A, "route", "list", check=False), "routes.json is damaged")
     (site / "routes.json").write_text("{not json")
     before = tree(tmp_path)
     refused(run_admin(*A, "route", "list", check=False), "routes.json is damaged")

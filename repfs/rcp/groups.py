@@ -91,7 +91,7 @@ def create_secret_file(path: str | os.PathLike) -> bytes:
     or absent after a crash (written beside it, then linked in). Returns the secret."""
     path = Path(path)
     secret = new_secret()
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.new")
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.new")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
                      0o600)
