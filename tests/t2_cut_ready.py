@@ -21,6 +21,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 
 import lmdb
 import numpy as np
@@ -32,6 +33,7 @@ from repfs.fs.ops import Operations
 from repfs.repl import keys as K
 from repfs.service import SiteService
 from repfs.site import Site
+from repfs.snap.store import SnapError
 from tests.conftest import run_repfs
 from tests.t1_changelog import ROOT_DIR, Stack
 from tests.t1_cut_point import CHILD
@@ -42,17 +44,26 @@ SIZE = 64 << 20
 
 class FailingReady:
     """Wraps a DeltaSets' cut_ready: while armed, the next call fails (before its commit),
-    once. Records the delta set's state seen at each failure."""
+    once, and the calls after it wait until `resume` is set (in their worker thread: the
+    test looks at the failed state first); with `fail_all`, every call fails. Records the
+    delta set and its state at each failure."""
 
     def __init__(self, sets):
         self.sets = sets
         self.real = sets.cut_ready
         self.armed = False
+        self.fail_all = False
+        self.resume = threading.Event()
+        self.resume.set()
         self.failed: list[tuple[int, str]] = []
         sets.cut_ready = self
 
     def __call__(self, n: int) -> None:
-        if self.armed:
+        if not self.armed and not self.fail_all:
+            assert self.resume.wait(60), "the test never let the retry go on"
+        if self.armed or self.fail_all:
+            if self.armed:
+                self.resume.clear()
             self.armed = False
             self.failed.append((n, self.sets.record(n)["state"]))
             raise lmdb.Error("injected: the ready commit failed")
@@ -76,6 +87,15 @@ async def wait_for(what: str, cond, timeout: float = 30.0) -> None:
 
 async def secondary(site) -> dict:
     return await trio.to_thread.run_sync(api, site, "GET", "/status")
+
+
+async def release_at_exit(fault: FailingReady) -> None:
+    """A retry held in its worker thread must not keep the test's nursery from ending."""
+    try:
+        await trio.sleep_forever()
+    finally:
+        fault.fail_all = True
+        fault.resume.set()
 
 
 def take_logged(caplog, needle: str) -> list[str]:
@@ -102,6 +122,7 @@ async def test_a_failed_ready_commit_is_retried_without_new_writes_and_shipped_o
             await svc.replicate.start(str(m2.site))
             await wait_for("the initial copy", lambda: p.dests()[0]["state"] == "replicating")
             fault = FailingReady(sets)
+            nursery.start_soon(release_at_exit, fault)
             polls = []  # the send task's looks for the next delta set while it is not ready
             real_send_next = p._send_next
 
@@ -135,12 +156,14 @@ async def test_a_failed_ready_commit_is_retried_without_new_writes_and_shipped_o
             await wait_for("two looks of the send task", lambda: len(polls) >= 2)
             assert not any(polls), "a delta set that was not ready was sent"
             assert (await secondary(m2.site))["last_received_delta_set"] < n
+            assert p.unready == n and sets.record(n)["state"] == "cut"
 
             # 3. made ready with nothing written after it (the cut loop, not the next cut),
             # shipped and played; the cut task recovered
-            fault.armed = False
-            await wait_for(f"delta set {n} ready", lambda: sets.record(n)["state"] == "ready")
-            assert p.unready is None and sets.last_cut == n, "made ready by a new cut"
+            fault.resume.set()
+            await wait_for(f"delta set {n} ready", lambda: p.unready is None)
+            assert sets.record(n)["state"] == "ready"
+            assert sets.last_cut == n, "made ready by a new cut"
             await wait_for(f"delta set {n} shipped", lambda: p.dests()[0]["acked"] >= n)
             await wait_for("the cut task recovering",
                            lambda: svc.supervisor.tasks["cut"].state == "running")
@@ -165,18 +188,33 @@ async def test_a_failed_ready_commit_is_retried_without_new_writes_and_shipped_o
                     await trio.sleep(0.05)
             assert await trio.to_thread.run_sync((m2.path / "b").read_bytes) == b
 
-            # 5. fails again, and the primary stops before it is made ready
+            # 5. `replicate deltaset` whose ready commit fails says so in one line; the cut
+            # loop makes it ready (no automatic cut meanwhile: the policy's timeout is long)
+            p.set_policy(timeout=3600.0)
             fault.armed = True
             async with p.cut_lock:
+                write_file(core, "v", rng.randbytes(50 << 10))
+            with pytest.raises(SnapError, match=f"delta set {n + 2} was cut but could not be "
+                                                f"made ready .*injected"):
+                await svc.replicate.deltaset()
+            assert sets.record(n + 2)["state"] == "cut"
+            fault.resume.set()
+            await wait_for(f"delta set {n + 2} shipped", lambda: p.dests()[0]["acked"] > n + 1)
+            assert sets.last_cut == n + 2 and p.unready is None
+            p.set_policy(timeout=0.0)
+
+            # 6. fails again (and at every retry), and the primary stops before it is ready
+            fault.fail_all = True
+            async with p.cut_lock:
                 write_file(core, "c", rng.randbytes(200 << 10))
-            await wait_for("the second failure", lambda: len(fault.failed) == 2)
-            n2 = fault.failed[1][0]
+            await wait_for("the third failure", lambda: len(fault.failed) == 3)
+            n2 = fault.failed[2][0]
             assert p.unready == n2
-            take_logged(caplog, "injected")
             blocks = np.flatnonzero(sets.block_list(n2).get_range(0, SIZE // 4096))
             nursery.cancel_scope.cancel()
+        take_logged(caplog, "injected")
         assert sets.record(n2)["state"] == "cut"
-        assert (await secondary(m2.site))["last_received_delta_set"] == n + 1
+        assert (await secondary(m2.site))["last_received_delta_set"] == n + 2 == n2 - 1
     finally:
         with trio.CancelScope(shield=True):
             core.close()

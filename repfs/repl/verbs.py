@@ -199,7 +199,14 @@ class ReplicateVerbs:
                             f"catch up; every change stays in the change log", "conflict")
         try:
             n = await p.cut()
-        except OSError as e:  # nothing was recorded: the changes stay in the change log
+        except Exception as e:  # noqa: BLE001 - said in one line either way
+            if p.unready is not None:  # cut, its boundary durable, its "ready" commit failed
+                raise SnapError(f"delta set {p.unready} was cut but could not be made ready "
+                                f"({describe(e)}); the cut loop retries, and it is sent once "
+                                f"it is ready", "failed") from None
+            if not isinstance(e, OSError):
+                raise
+            # nothing was recorded: the changes stay in the change log
             raise SnapError(f"the delta set could not be cut ({describe(e)}); its changes stay "
                             f"in the change log and the next cut ships them", "failed") from None
         rec = p.sets.record(n)
