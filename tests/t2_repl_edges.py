@@ -324,3 +324,52 @@ def test_start_tells_the_primary_died_while_it_waited_for_the_copy(mount_site):
     remount(m1)
     wait_converged(m1, m2, timeout=120)
     assert_same_tree(m1.path, m2.path)
+
+
+
+def test_stop_does_not_wait_for_a_wedged_destination(mount_site):
+    """A destination whose daemon is stopped (SIGSTOP: it takes connections and never
+    answers). `replicate stop` waits for the send task to end (7b226b0), and the task's
+    thread was blocked in a call on that daemon for the transport's timeouts (60 s, twice):
+    the stop took ~2 min, past the CLI's --timeout. Cancelling aborts the connection now."""
+    import signal
+    m1 = mount_site("64M", name="s1")
+    m2 = mount_site("64M", name="s2")
+    (m1.path / "a").write_bytes(os.urandom(100_000))
+    start_replication(m1, m2)
+    sec = int((m2.site / "repfs.pid").read_text().split()[0])
+    os.kill(sec, signal.SIGSTOP)
+    try:
+        time.sleep(1.0)  # the send task asks the stopped daemon for its state
+        admin(m1.path, "--timeout", "30", "replicate", "stop")  # exit 4 if it waited longer
+    finally:
+        os.kill(sec, signal.SIGCONT)
+    assert [d["state"] for d in status(m1.path)["destinations"]] == ["stopped"]
+
+
+def test_a_primary_made_a_secondary_drops_the_snapshot_of_an_unfinished_copy(mount_site):
+    """A primary whose initial copy to a wedged destination is under way is made the
+    secondary of a third site: its send task ends at once (its connection aborted) and the
+    `repl-init-` snapshot of the unfinished copy goes with its pins. Kept, it copied every
+    block playback overwrites into the save area, for ever, and a read-only site cannot
+    delete it (review of 7b226b0)."""
+    import signal
+    m1 = mount_site("256M", name="s1")
+    m2 = mount_site("256M", name="s2")
+    m3 = mount_site("256M", name="s3")
+    (m1.path / "a").write_bytes(os.urandom(120 << 20))
+    sec = int((m2.site / "repfs.pid").read_text().split()[0])
+    admin(m1.path, "replicate", "start", "--to", str(m2.site), "--no-wait")
+    os.kill(sec, signal.SIGSTOP)
+    try:
+        assert [d["state"] for d in status(m1.path)["destinations"]] == ["initial-copy"]
+        start_replication(m3, m1, "--force", timeout=60.0)
+    finally:
+        os.kill(sec, signal.SIGCONT)
+    snaps = [s["name"] for s in api(m1.site, "GET", "/snapshots")]
+    assert not [n for n in snaps if n.startswith("repl-")], snaps
+    (m3.path / "b").write_bytes(os.urandom(1 << 20))
+    cut(m3)
+    wait_converged(m3, m1)
+    assert_same_tree(m3.path, m1.path)
+    assert status(m1.path)["save_used_bytes"] == 0

@@ -56,8 +56,7 @@ class Secondary:
             if why:
                 raise ReceiveError(why)
             if svc.primary is not None:  # (its send tasks end first: writers stay ungated)
-                for name in list(svc.primary.tasks):
-                    await svc.primary.stop_sender(name)
+                await svc.primary.stop_senders(*svc.primary.tasks)
             async with svc.ops.quiesce():
                 await trio.to_thread.run_sync(svc.core.checkpoint)
                 if svc.primary is not None:
@@ -80,8 +79,13 @@ class Secondary:
         return self.receiver.info()
 
     def _drop_pins(self) -> None:
+        """The snapshots this site kept for its replication as a primary: its delta sets'
+        pins and its initial copies' snapshots (`repl-init-*`, left when the copy never
+        finished). Kept, each would copy every block playback overwrites, and a read-only
+        site cannot delete them."""
         layer = self.svc.layer
-        for snap in [s for s in list(layer.store.queue) if s.name.startswith(PIN_PREFIX)]:
+        for snap in [s for s in list(layer.store.queue) if s.name.startswith(PIN_PREFIX)
+                     or (s.name.startswith("repl-init-") and "destination" in s.attrs)]:
             layer.delete(snap)
 
     async def _store(self, fn, *args):

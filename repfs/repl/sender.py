@@ -58,16 +58,20 @@ class Superseded(Exception):
 class SendTask:
     """One destination's send task: its cancel scope, a flag its worker threads can read
     (a cancel scope's own state must be read in the trio thread), and an event set when it
-    has ended."""
+    has ended. Cancelling it also aborts its client's connection, so that a worker thread
+    blocked on a wedged or unreachable peer returns at once instead of after its timeouts."""
 
     def __init__(self):
         self.scope = trio.CancelScope()
         self.stop = threading.Event()
         self.ended = trio.Event()
+        self.client: ReceiverClient | None = None
 
     def cancel(self) -> None:
         self.stop.set()
         self.scope.cancel()
+        if self.client is not None:
+            self.client.abort()
 
     def check(self) -> None:
         """In a worker thread: raise Superseded once the task is cancelled."""
@@ -232,20 +236,27 @@ class Primary:
         task = self.tasks[name] = SendTask()
         nursery.start_soon(self._supervised_send, name, task)
 
-    async def stop_sender(self, name: str) -> bool:
-        """Cancel destination `name`'s send task and wait until it has ended; True if there
-        was one. Its worker thread may be in the middle of a send: until the thread returns,
-        it may still record the destination, over what `replicate stop` or `start --force`
-        records next (CI, 5c06c21: the old task of a `start --force` found the secondary
-        taking the new copy and put the destination in error). The thread gives up at its
-        next piece or chunk once the task is cancelled (`SendTask.check`)."""
-        task = self.tasks.pop(name, None)
-        if task is None:
-            return False
-        task.cancel()
+    async def stop_senders(self, *names: str) -> list[str]:
+        """Cancel the send tasks of destinations `names` and wait until they have all ended;
+        returns the names whose task was still running. A worker thread may be in the middle
+        of a send: until it returns, it may still record its destination, over what
+        `replicate stop` or `start --force` records next (CI, 5c06c21: the old task of a
+        `start --force` found the secondary taking the new copy and put the destination in
+        error). All are cancelled before any is waited for; a cancel aborts the task's
+        connection (`SendTask.cancel`) and the thread gives up at its next piece or chunk
+        (`SendTask.check`), so this takes moments, not the peers' timeouts. A task stays in
+        `tasks` until it has ended, so a concurrent stop waits for it too."""
+        found = [(n, self.tasks[n]) for n in names if n in self.tasks]
+        live = [n for n, t in found if not t.ended.is_set()]
+        for _, t in found:
+            t.cancel()
         with trio.CancelScope(shield=True):
-            await task.ended.wait()
-        return True
+            for _, t in found:
+                await t.ended.wait()
+        for n, t in found:
+            if self.tasks.get(n) is t:
+                del self.tasks[n]
+        return live
 
     async def _supervised_send(self, name: str, task: SendTask) -> None:
         # `replicate stop` cancels the scope; any other failure (a chunk file that cannot be
@@ -264,6 +275,9 @@ class Primary:
         if d is None:
             return
         client = make_client(self.service, d)
+        me.client = client
+        if me.stop.is_set():  # (cancelled before it had a client to abort)
+            return
         try:
             backoff = 0.2
             last_error = None

@@ -189,6 +189,8 @@ class ReceiverClient:
     """Calls on a secondary daemon's control port (a site on this host), over one persistent
     connection."""
 
+    aborted = False  # `abort` was called: every call fails
+
     def __init__(self, site, *, window: int = WINDOW, timeout: float = TIMEOUT):
         """`site`: the target site (`SiteService.peer(path)`: its path and control address).
         `window`: the default number of requests in flight in `send_chunks`/`send_copies`;
@@ -214,8 +216,22 @@ class ReceiverClient:
             raise TransientError(f"{self.site_path}: {e}") from None
         return self.conn
 
+    def abort(self) -> None:
+        """From another thread: make the call in progress fail at once (its socket is shut
+        down) and every later one (`replicate stop` must not wait for a wedged peer's
+        timeouts)."""
+        self.aborted = True
+        conn = self.conn
+        if conn is not None:
+            try:
+                conn.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
     def _connection(self) -> tuple[HTTPConnection, bool]:
         """A connection ready for requests, and whether it is new."""
+        if self.aborted:
+            raise TransientError(f"{self.site_path}: the send was stopped")
         if self.conn is not None and not self.conn.alive():
             self.close()
         if self.conn is None:
@@ -317,7 +333,8 @@ class ReceiverClient:
                         raise TransientError(f"{self.site_path}: {broken or e}") from None
                     # a kept-alive connection the peer closed meanwhile: again, on a new one
                     self.close()
-                    conn, fresh = self._connect(), True
+                    self.conn = None
+                    conn, fresh = self._connection()
                     written, broken = 0, None
                     continue
                 answered = True

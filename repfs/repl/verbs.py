@@ -98,15 +98,32 @@ class ReplicateVerbs:
                                 "conflict")
         # a send task to this destination ends before the secondary is told to take a new
         # copy: else it finds it no longer replicating and puts the destination in error
-        stopped = await p.stop_sender(name)
+        live = await p.stop_senders(name)
         try:
             await trio.to_thread.run_sync(client.attach, me, p.sets.generation, nblocks, force)
         except (TransientError, PermanentError) as e:
-            if stopped:  # (nothing changed: it goes on as before)
+            if live:  # (nothing changed: it goes on as before)
                 p.start_sender(svc.nursery, name)
             raise SnapError(f"{to} refused to become a secondary: {e}", "conflict") from None
         finally:
             client.close()
+        begun = time.time_ns()
+        try:
+            return await self._start_copy(p, name, base)
+        except BaseException as e:
+            # the destination waits for a copy this start did not begin: an old record of
+            # it must not say it replicates (no task runs for it now)
+            d = p.dest(name)
+            if d is not None and d.get("started_ns", 0) < begun:
+                d.update(state="error", error=f"replicate start failed after the destination "
+                                              f"was attached ({describe(e)}); start it again")
+                p.put_dest(d)
+            raise
+
+    async def _start_copy(self, p: Primary, name: str, base: dict) -> dict:
+        """Begin the initial copy to an attached destination: its snapshot at a consistency
+        point, its record, its send task."""
+        svc = self.svc
         snap_name = f"repl-init-{name}"
         if any(s.name == snap_name for s in svc.store.queue):
             await svc.snapshots.delete(snap_name, internal=True)
@@ -161,10 +178,10 @@ class ReplicateVerbs:
         p = svc.primary
         names = [d["name"] for d in p.dests()] if to is None else [to]
         for n in names:
-            d = p.dest(n)
-            if d is None:
+            if p.dest(n) is None:
                 raise SnapError(f"no destination named {n!r}", "not_found")
-            await p.stop_sender(n)
+        await p.stop_senders(*names)
+        for n in names:
             d = p.dest(n)  # (as the ended task left it)
             d["state"] = "stopped"
             p.put_dest(d)
