@@ -759,7 +759,8 @@ class ControlServer:
                 if name is not None:  # it names a snapshot too: repl-init-NAME
                     name = _new_name(name, "destination name", prefix="repl-init-")
                 return await svc.replicate.start(to, force=_bool(args.get("force"), "force",
-                                                                 False), name=name)
+                                                                 False), name=name,
+                                                 group=group)
             if verb == "stop":
                 to = args.get("to")
                 return await svc.replicate.stop(

@@ -113,11 +113,11 @@ def wait_converged(m1, m2, n: int | None = None, timeout: float = 60.0) -> int:
         time.sleep(0.1)
 
 
-def start_replication(m1, m2, *extra, timeout: float = 120.0) -> dict:
+def start_replication(m1, m2, *extra, timeout: float = 120.0, to: str | None = None) -> dict:
     """`replicate start --to S2` (waits for the initial copy), watching that neither daemon
-    dies meanwhile (the command would wait for ever)."""
-    cmd = [ADMIN, "--site", str(m1.path), "--json", "replicate", "start", "--to", str(m2.site),
-           *extra]
+    dies meanwhile (the command would wait for ever). `to`: another --to (HOST:PORT)."""
+    cmd = [ADMIN, "--site", str(m1.path), "--json", "replicate", "start", "--to",
+           to or str(m2.site), *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + timeout
     try:

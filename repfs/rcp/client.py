@@ -208,13 +208,15 @@ class RcpReceiverClient(ReceiverClient):
     whose secret this site (`local`, the primary's directory) holds."""
 
     def __init__(self, address: str, *, group: str, local: Path, uuid: str,
-                 window: int = WINDOW, timeout: float = TIMEOUT):
+                 name: str | None = None, window: int = WINDOW, timeout: float = TIMEOUT):
+        """`name`: how this site names itself in HELLO (default: its directory)."""
         self.site = None
         self.site_path = address  # (names the destination in error messages)
         self.address = address
         self.group = group
         self.local = Path(local)
         self.uuid = uuid
+        self.name = name or str(self.local)
         self.window = window
         self.timeout = timeout
         self.conn = None
@@ -234,7 +236,7 @@ class RcpReceiverClient(ReceiverClient):
                                  f"(repfs-admin group add {self.group} --secret-file FILE)")
         try:
             self.conn = RcpConnection(host, port, group=self.group, secret=secret,
-                                      site=str(self.local), uuid=self.uuid,
+                                      site=self.name, uuid=self.uuid,
                                       timeout=self.timeout)
         except _Broken as e:
             raise TransientError(f"{self.address}: {e}") from None

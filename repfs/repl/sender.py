@@ -39,7 +39,8 @@ def make_client(service, d: dict) -> ReceiverClient:
     if d.get("kind") == "rcp":
         from ..rcp.client import RcpReceiverClient
         return RcpReceiverClient(d["site"], group=d["group"], local=service.site.path,
-                                 uuid=service.core.sb.uuid.hex())
+                                 uuid=service.core.sb.uuid.hex(),
+                                 name=identity(service, d)["site"])
     return ReceiverClient(service.peer(d["site"]))
 
 
