@@ -140,3 +140,31 @@ def test_a_failed_release_of_held_writes_keeps_the_index(tmp_path, caplog):
     assert store.has(snap, Z, 1)[0]
     assert layer.read_snapshot(snap, Z, 1) == _block(b"z0")
     layer.close()
+
+
+def test_the_rescan_after_a_crash_is_recorded_once(tmp_path, caplog):
+    """Before-images made durable but not indexed (a crash between a save volume's sync and
+    the index commit) are re-indexed at the next open, and that is recorded: the open after
+    it has nothing to rescan. Before, the rescan set indexed_end in memory only, so the flush
+    after it had nothing to write, and every later open re-indexed the same records and
+    logged 'after a crash' again."""
+    import logging
+    vol, store = _site(tmp_path)
+    layer = SnapLayer(vol, store, 1)
+    _keeping(store, "S", [Z])
+    layer.write(Z, _block(b"z1"))  # before-image saved
+    layer._flush_saves(index=False)  # the record durable, the index not
+    store.env.close()  # the crash: nothing more is written
+    vol.close()
+    caplog.set_level(logging.INFO, logger="repfs.snap.store")
+    opens = []
+    for _ in range(2):
+        caplog.clear()
+        store = SnapStore(tmp_path)
+        opens.append([r.getMessage() for r in caplog.records if "re-indexed" in r.getMessage()])
+        snap = store.find("S")
+        snap.interest = PagedBits()
+        layer = SnapLayer(Volume(tmp_path / "volume.img"), store, 1)
+        assert layer.read_snapshot(snap, Z, 1) == _block(b"z0")
+        layer.close()
+    assert len(opens[0]) == 1 and opens[1] == [], opens

@@ -476,6 +476,7 @@ class SnapStore:
             recovered += self._recover(snap)
         if recovered:
             log.info("re-indexed %d before-images from save volumes after a crash", recovered)
+        if any(s.indexed_end != s.save.size for s in self.queue):
             self.flush()
 
     def _remove_orphans(self) -> list[tuple[str, int]]:
@@ -507,7 +508,8 @@ class SnapStore:
             log.info("snapshot %s: cutting a torn save-volume record at block %d", snap.name,
                      snap.save.valid_end)
             snap.save.truncate(snap.save.valid_end)
-        snap.indexed_end = snap.save.size
+        # (indexed_end moves when the flush after this records it: set here, the flush
+        # would find nothing to record, and every later open would scan again)
         return n
 
     def get_state(self, name: str) -> bytes | None:
