@@ -98,9 +98,11 @@ class Mounts(_Part):
 
 
 class Replicate(_Part):
-    async def start(self, to, *, force, name):
-        return self._call("start", _path_ok(to) and isinstance(force, bool)
-                          and (name is None or valid_name("repl-init-" + name)), to, force, name)
+    async def start(self, to, *, force, name, group=None):
+        remote = isinstance(to, str) and not to.startswith("/") and to.isprintable()
+        return self._call("start", (_path_ok(to) or remote) and isinstance(force, bool)
+                          and (name is None or valid_name("repl-init-" + name))
+                          and (group is None or isinstance(group, str)), to, force, name)
 
     async def stop(self, to):
         return self._call("stop", to is None or _lookup_ok(to), to)
@@ -499,6 +501,8 @@ def test_arguments_are_type_and_range_checked():
         post("/v1/snapshots/s/mount", {"mountpoint": "/a\0b"}),
         post("/v1/replicate/start", {"to": "/b", "force": "false"}),
         post("/v1/replicate/start", {"to": "/b", "name": "x" * 195}),
+        post("/v1/replicate/start", {"to": "b:7410", "group": 5}),
+        post("/v1/replicate/start", {"to": "b:7410\n", "group": "g1"}),
         post("/v1/replicate/policy", {"timeout": -1}),
         post("/v1/replicate/policy", {"timeout": True}),
         post("/v1/replicate/policy", {"hwm": 1.5}),
@@ -524,10 +528,11 @@ def test_arguments_are_type_and_range_checked():
     assert "255 bytes" in doc["error"]
     ok = [post("/v1/snapshots", {"name": "😀" * 63, "attrs": {"k": 1, "j": "v"}}),
           post("/v1/replicate/policy", {"timeout": 0, "hwm": 4096, "retention": 86400.5}),
-          post("/v1/replicate/start", {"to": "/b", "force": True, "name": "x" * 190})]
+          post("/v1/replicate/start", {"to": "/b", "force": True, "name": "x" * 190}),
+          post("/v1/replicate/start", {"to": "b:7410", "group": "g1"})]
     for r in ok:
         assert ask(r, site=site)[0][0] == 200
-    assert len(site.calls) == 3
+    assert len(site.calls) == 4
 
 
 def test_methods_and_paths():

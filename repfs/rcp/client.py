@@ -195,9 +195,9 @@ class RcpConnection:
 
     def close(self) -> None:
         if self.conn.state == wire.OPEN and not self.pending and not self.closing:
-            try:  # (the peer logs why the session ended; best effort)
-                self.sock.settimeout(1.0)
-                self.sock.sendall(self.conn.close_frame("done"))
+            try:  # (the peer logs why the session ended; best effort, never waits: a
+                self.sock.setblocking(False)  # send task closes it from the trio thread)
+                self.sock.send(self.conn.close_frame("done"))
             except OSError:
                 pass
         self.sock.close()

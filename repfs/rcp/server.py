@@ -99,15 +99,14 @@ class RcpServer:
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                     pass
         except trio.TooSlowError:
-            log.warning("RCP connection from %s closed: no authentication within %g s", peer,
-                        self.control.head_timeout)
+            pass  # the peer does not read its answers
         except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
             pass  # the peer went away
 
     async def _session(self, conn, stream, peer: str, got: int) -> None:
         ctl = self.control
         # the handshake: bounded in time and size
-        with trio.fail_after(ctl.head_timeout):
+        with trio.move_on_after(ctl.head_timeout) as slow:
             while conn.state != wire.OPEN:
                 event = conn.next_event()
                 out = conn.take_outgoing()
@@ -124,6 +123,8 @@ class RcpServer:
                     conn.receive_data(data)
                 elif event.type == "CLOSE":
                     return
+        if slow.cancelled_caught:
+            raise wire.ProtocolError(f"no authentication within {ctl.head_timeout:g} s")
         hello = conn.peer
         log.info("RCP session %d from %s: site %s, group %s (protocol version %d)",
                  conn.session, peer, _short(hello.get("site")), hello.get("group"),
