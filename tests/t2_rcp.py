@@ -17,6 +17,7 @@ import threading
 import time
 from pathlib import Path
 
+from repfs.rcp import wire
 from repfs.rcp.client import RcpConnection
 from repfs.rcp.groups import GroupStore
 from tests.conftest import run_repfs
@@ -122,6 +123,39 @@ def test_remote_replication_refusals_convergence_and_the_shared_port(mount_site)
     finally:
         conn.close()
     assert status(m2.path)["security_warning"] is None  # (loopback)
+    abuse(m1, m2)
+    wait_converged(m1, m2, n)  # (nothing of it applied; the replication goes on)
+    assert_same_tree(m1.path, m2.path)
+
+
+def abuse(m1, m2) -> None:
+    """What breaks the protocol closes the connection with an ERROR and a logged reason and
+    applies nothing: a large frame before authentication, a damaged frame in a session."""
+    m2.expect_log("refused: HELLO of 1048576 bytes")
+    m2.expect_log("checksum mismatch")
+    before = receiver(m2)
+    with socket.create_connection(("127.0.0.1", port_of(m2.site)), timeout=30) as s:
+        s.sendall(wire.PREFACE + wire.encode_frame(1, b"", session=0, seq=1)[:4]
+                  + (1 << 20).to_bytes(4, "big") + bytes(20))  # (a HELLO of 1 MiB)
+        answer = _read_all(s)
+    assert answer[:1] == bytes([wire.BY_NAME["ERROR"].code]) and b"1048576" in answer
+    conn = RcpConnection("127.0.0.1", port_of(m2.site), group=GROUP, secret=SECRET,
+                         site="t2_rcp", uuid="0" * 32, timeout=30)
+    try:
+        frame = bytearray(conn.conn.send("CHUNK", b"x" * 5000))
+        frame[-1] ^= 1  # one bit flipped in the body
+        conn.sock.sendall(frame)
+        assert b"checksum mismatch" in _read_all(conn.sock)
+    finally:
+        conn.sock.close()
+    assert receiver(m2) == before
+
+
+def _read_all(s) -> bytes:
+    out = b""
+    while data := s.recv(65536):
+        out += data
+    return out
 
 
 class HoldingProxy:
