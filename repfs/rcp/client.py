@@ -147,8 +147,10 @@ class RcpConnection:
             payload = body
         else:
             payload = json.loads(bytes(body)) if len(body) else {}
-            if name == "COMMIT":
+            if name == "COMMIT":  # (the HTTP route takes the times as optional; 0: unknown)
                 payload["header"] = bytes.fromhex(payload["header"])
+                payload.setdefault("cut_ns", 0)
+                payload.setdefault("first_change_ns", 0)
         try:
             frame = self.conn.send(name, payload)
         except ValueError as e:  # (the session is closed)
