@@ -13,6 +13,11 @@ before a verb runs. Domain errors (repfs/errors.py) become HTTP statuses here al
 (STATUS_OF_KIND); anything unexpected is a logged 500. The limits are documented in
 docs/user-guide.md ("The control port and repfs-admin").
 
+The same port serves RCP, the replication protocol between hosts (FIG. 19): `handle` reads a
+connection's first bytes and gives those that start with RCP's preface to rcp/server.py,
+which runs each authenticated request through `_dispatch` on the route of its receiver
+endpoint (the same checks and statuses); the connection counts against the same limit.
+
 Routes (all under /v1):
 
 | method | path | body | does |

@@ -51,6 +51,7 @@ class SiteService:
         self.started = time.time()
         self.nursery: trio.Nursery | None = None
         self.supervisor = Supervisor()  # the background tasks: contained, shown in status
+        ops.supervisor = self.supervisor  # (the FUSE adapter's release of held writes too)
         env = self.store.env
         self.receiver = Receiver(env, site.path, self.layer.nblocks, self.clog)
         self.primary: Primary | None = None

@@ -36,6 +36,10 @@ def site_status(svc) -> dict:
         "format_version": sb.version,
         "commits": svc.ops.commits,  # completed (group) commits since the mount
         "committing": svc.ops.commit_lock.locked(),  # a commit is being written now
+        # writes held until their before-images are durable: bytes held now, and releases
+        # past [memory] held_limit since the mount (behind the writer; by a waiting writer)
+        "held_bytes": core.dev.pending_bytes(),
+        "held_releases": dict(svc.ops.held_releases),
         "snapshots": snaps,
         "save_used_bytes": svc.store.usage(),
         "save_capacity_bytes": svc.store.capacity,

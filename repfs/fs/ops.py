@@ -20,6 +20,7 @@ import pyfuse3
 import trio
 
 from .core import FileSystem
+from ..tasks import Supervisor
 from ..volume import VolumeError
 from .errors import FSError
 from .format import FormatError
@@ -76,6 +77,7 @@ class Operations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_acl = False
     HELD_LIMIT = 64 << 20  # see _maybe_flush_held
+    RELEASE_TASK = "release-held"  # the supervised task that releases held writes behind
     # a cut_point whose running transaction has more dirty inodes than this commits it first,
     # before the gate closes (packing an inode may read its table block from the volume)
     CUT_PRECOMMIT_INODES = 64
@@ -98,7 +100,14 @@ class Operations(pyfuse3.Operations):
         self._direct_files: set[int] = set()  # see _keep_cache
         self.request_errors: dict[str, float] = {}  # error -> when last logged (at most 65)
         self._initialized = trio.Event()  # set by init(): the kernel has sent FUSE_INIT
-        self._releasing = False  # a _release_held_behind task runs
+        # the release of held writes behind the writer: a supervised task (RELEASE_TASK),
+        # started at its first need and woken by writers past HELD_LIMIT; the daemon's
+        # SiteService puts its own supervisor here, so status shows the task and its errors
+        self.supervisor = Supervisor()
+        self._release_wake: trio.Event | None = None
+        # releases of held writes past HELD_LIMIT since the mount (status "held_releases"):
+        # behind the writer, and by a writer that waited for them (past twice the limit)
+        self.held_releases = {"behind": 0, "waited": 0}
 
     # ------------------------------------------------------------------ the mount
 
@@ -468,29 +477,37 @@ class Operations(pyfuse3.Operations):
             # the writer goes on while the flush syncs the save volumes (issue 8: waiting
             # for each 64 MiB of before-images to reach the disk serialized the disk's
             # work with the writer's)
-            if not self._releasing and not self.commit_lock.locked():
-                self._releasing = True
-                trio.lowlevel.spawn_system_task(self._release_held_behind)
+            if not self.commit_lock.locked():
+                if self._release_wake is None:  # the first time: start the task
+                    self._release_wake = trio.Event()
+                    trio.lowlevel.spawn_system_task(self.supervisor.run, self.RELEASE_TASK,
+                                                    self._release_held_behind)
+                self._release_wake.set()
             return
-        await self._release_held()
+        if await self._release_held():
+            self.held_releases["waited"] += 1
 
-    async def _release_held(self) -> None:
+    async def _release_held(self) -> bool:
         """Release the held writes (in a worker thread, no commit running) if they are still
-        past HELD_LIMIT when the commit lock is ours."""
+        past HELD_LIMIT when the commit lock is ours. True if it released them."""
         async with self.commit_lock:
             if self.core.dev.pending_bytes() >= self.HELD_LIMIT:
                 await trio.to_thread.run_sync(self.core.dev.release_held)
+                return True
+        return False
 
     async def _release_held_behind(self) -> None:
-        """_release_held for _maybe_flush_held, behind the writer. A failure is logged: the
-        layer that failed refuses every later flush itself (a failed save-volume sync is
-        final), so the next commit turns the file system read-only."""
-        try:
-            await self._release_held()
-        except Exception as e:  # (a system task must not raise)
-            log.error("releasing held writes failed: %s", e)
-        finally:
-            self._releasing = False
+        """_release_held for _maybe_flush_held, behind the writer, each time a writer wakes
+        it. Runs under the supervisor: a failure is shown in status, logged once per
+        distinct error and the task restarted after a back-off (the writers' wakes wait for
+        it). The layer that failed refuses every later flush itself (a failed save-volume
+        sync is final), so the next commit turns the file system read-only."""
+        while True:
+            await self._release_wake.wait()
+            self._release_wake = trio.Event()
+            if await self._release_held():
+                self.held_releases["behind"] += 1
+                self.supervisor.ok(self.RELEASE_TASK)
 
     async def flush(self, fh):
         pass
