@@ -233,12 +233,12 @@ class SnapLayer(Layer):
                 with self.lock:
                     self.store.undetach(token, synced=True)
                 raise
-        with self.lock:
-            try:
-                self._release_held(epoch)
-            except BaseException:  # the volume failed: the index stays dirty for the next
+        try:
+            self._release_held(epoch)
+        except BaseException:  # the volume failed: the index stays dirty for the next
+            with self.lock:
                 self.store.undetach(token, synced=True)
-                raise
+            raise
         try:
             self.store.write_index(token)
         except Exception as e:  # noqa: BLE001 - lmdb.Error, OSError: retried at the next
@@ -254,27 +254,30 @@ class SnapLayer(Layer):
 
     def _release_held(self, epoch: int) -> None:
         """Write the held entries of flushes up to `epoch` (their before-images are durable)
-        to the clone volume, in order; keep the later ones. Call under `lock`. If the
-        volume fails, what was not written stays held (tried again at the next flush)."""
-        if not self._held:
-            return
-        keep = []
-        i = 0
+        to the clone volume, in order; keep the later ones. Call under `_flush_lock` (one
+        release at a time), not under `lock`: the volume writes (up to twice the held limit)
+        run without it, so the FUSE thread's reads and writes do not wait for them (review
+        of d4731f2). Until an entry is written it stays in `_held`: reads see it through the
+        overlay, a write to its blocks is held behind it (a later epoch) and a before-image
+        of its blocks is taken from it, as before. If the volume fails, what was not written
+        stays held (tried again at the next flush)."""
+        with self.lock:
+            batch = [e for e in self._held if e[2] <= epoch]
+        done = 0
         try:
-            for i, entry in enumerate(self._held):
-                if entry[2] <= epoch:
-                    self.lower.write(entry[0], entry[1])
-                else:
-                    keep.append(entry)
-            i = len(self._held)
+            for start, data, _ in batch:
+                self.lower.write(start, data)
+                done += 1
         finally:
-            keep.extend(self._held[i:])
-            self._held = keep
-            self._held_bits = pagedbits.PagedBits()
-            self._held_bytes = 0
-            for hs, data, _ in keep:
-                self._held_bits.set_range(hs, len(data) // BS)
-                self._held_bytes += len(data)
+            if done:
+                written = {id(e) for e in batch[:done]}
+                with self.lock:
+                    self._held = [e for e in self._held if id(e) not in written]
+                    self._held_bits = pagedbits.PagedBits()
+                    self._held_bytes = 0
+                    for hs, data, _ in self._held:
+                        self._held_bits.set_range(hs, len(data) // BS)
+                        self._held_bytes += len(data)
 
     def close(self) -> None:
         with self.lock:
