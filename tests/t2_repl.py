@@ -234,8 +234,11 @@ class Workload:
         for dirpath, dirnames, filenames in os.walk(self.root):
             for name in (dirnames if kind == "dir" else filenames):
                 p = Path(dirpath) / name
-                if kind == "dir" or (kind == "file" and p.is_file() and not p.is_symlink()) \
-                        or (kind == "any" and not p.is_dir()):
+                # (a symlink is looked at before it is followed: its target may be a name
+                # too long to stat, ENAMETOOLONG, which pathlib does not swallow)
+                link = p.is_symlink()
+                if kind == "dir" or (kind == "file" and not link and p.is_file()) \
+                        or (kind == "any" and (link or not p.is_dir())):
                     items.append(p)
         items.sort()
         return self.rng.choice(items) if items else None
