@@ -167,7 +167,11 @@ class RcpServer:
             if status == 200:
                 frame = conn.send("ACK", {"seq": event.seq, "result": result})
             else:
-                frame = conn.send("ERROR", {"seq": event.seq, "kind": kind_of(status, message),
+                kind = kind_of(status, message)
+                if kind == "permanent":  # (the primary stops: say why here too)
+                    log.info("RCP session %d from %s: %s refused: %s", conn.session, peer,
+                             event.type, _short(message))
+                frame = conn.send("ERROR", {"seq": event.seq, "kind": kind,
                                             "message": message[:1000]})
             with trio.fail_after(ctl.send_timeout):
                 await stream.send_all(frame)
