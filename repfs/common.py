@@ -147,3 +147,28 @@ def parse_size(text: str) -> int:
     if size < 1:
         raise SizeError(f"bad size {text!r}: less than one byte")
     return size
+
+
+class Latencies:
+    """Durations of one kind of event (a commit, a delta-set cut) for status and /metrics
+    (repfs/metrics.py): a count and a sum since the daemon started (a Prometheus summary's
+    _count and _sum, which only grow) and the last `keep` durations for quantiles. One
+    append and two additions per event: it costs nothing per write."""
+
+    def __init__(self, keep: int = 1000):
+        import collections
+        self.count = 0
+        self.sum = 0.0  # seconds
+        self.recent: collections.deque[float] = collections.deque(maxlen=keep)
+
+    def add(self, seconds: float) -> None:
+        self.count += 1
+        self.sum += seconds
+        self.recent.append(seconds)
+
+    def quantile(self, q: float) -> float | None:
+        """The q-quantile (0..1) of the recent durations in seconds; None before the first."""
+        if not self.recent:
+            return None
+        values = sorted(self.recent)
+        return values[min(len(values) - 1, int(len(values) * q))]

@@ -40,6 +40,9 @@ Routes (all under /v1):
 | GET | /routes | | {group: [next hop, ...]} (rcp/routes.py) |
 | POST | /routes | {"group", "next_hop"} | `route add` |
 | DELETE | /routes/GROUP[/NEXTHOP] | | `route delete` (all of the group's routes, or one) |
+
+And `GET /metrics` (outside /v1): Prometheus metrics in the text exposition format
+(repfs/metrics.py), without the token if site.toml says `[metrics] open = true`.
 """
 
 from __future__ import annotations
@@ -341,6 +344,11 @@ def _answer_head(status: int, length: int) -> bytes:
             ).encode()
 
 
+def _is_metrics(req) -> bool:
+    """A request for the Prometheus metrics (GET /metrics, repfs/metrics.py)."""
+    return req.target.split(b"?")[0].rstrip(b"/") == b"/metrics"
+
+
 _AFTER_FAILED = ("not applied: an earlier upload pipelined on this connection failed; send "
                  "again from that one")
 
@@ -424,7 +432,8 @@ class ControlServer:
 
     def __init__(self, service, token: str, *, max_connections: int = MAX_CONNECTIONS,
                  head_timeout: float = HEAD_TIMEOUT, body_timeout: float = BODY_TIMEOUT,
-                 idle_timeout: float = IDLE_TIMEOUT, send_timeout: float = SEND_TIMEOUT):
+                 idle_timeout: float = IDLE_TIMEOUT, send_timeout: float = SEND_TIMEOUT,
+                 metrics_open: bool = False):
         self.service = service
         self.token = token.encode()
         self.max_connections = max_connections
@@ -432,6 +441,7 @@ class ControlServer:
         self.body_timeout = body_timeout
         self.idle_timeout = idle_timeout
         self.send_timeout = send_timeout
+        self.metrics_open = metrics_open  # GET /metrics without the token (site.toml)
         self.active = 0
 
     async def serve(self, sock: socket.socket, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -509,16 +519,22 @@ class ControlServer:
                 req = await self._read_head(conn, stream, idle)
                 if req is None:
                     return
-                if not self._authorized(req):
+                metrics = _is_metrics(req)  # (repfs/metrics.py: open or not, [metrics] open)
+                authorized = self._authorized(req)
+                if not authorized and not (metrics and self.metrics_open):
                     raise _Refuse(401, "unauthorized: missing or wrong control token")
                 if req.method not in (b"GET", b"POST", b"DELETE"):
                     raise _Refuse(405, f"method {req.method.decode('ascii', 'replace')} is not "
                                        "used by this API (GET, POST, DELETE)")
-                idle = self.idle_timeout
+                if authorized:
+                    idle = self.idle_timeout
                 body, after = await self._read_body(conn, stream, req)
                 upload = body_limit(req.method, req.target) == MAX_BINARY_BODY
+                ctype = "application/json"
                 if upload and upload_failed:
                     status, data = 503, (json.dumps({"error": _AFTER_FAILED}) + "\n").encode()
+                elif metrics:
+                    status, data, ctype = self._metrics(req)
                 else:
                     status, data = await self._dispatch(req, body)
                     # pipelined uploads are taken in order: those behind a failed one are
@@ -531,7 +547,7 @@ class ControlServer:
                     conn = after
                     continue
                 with trio.fail_after(self.send_timeout):
-                    await self._send(conn, stream, status, data)
+                    await self._send(conn, stream, status, data, ctype)
                 if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
                     return
                 conn.start_next_cycle()
@@ -640,11 +656,25 @@ class ControlServer:
         except h11.RemoteProtocolError as e:
             raise _Refuse(400, f"malformed request body: {e}") from None
 
-    async def _send(self, conn, stream, status: int, data: bytes) -> None:
-        headers = [("content-type", "application/json"), ("content-length", str(len(data)))]
+    async def _send(self, conn, stream, status: int, data: bytes,
+                    ctype: str = "application/json") -> None:
+        headers = [("content-type", ctype), ("content-length", str(len(data)))]
         await stream.send_all(conn.send(h11.Response(status_code=status, headers=headers)))
         await stream.send_all(conn.send(h11.Data(data=data)))
         await stream.send_all(conn.send(h11.EndOfMessage()))
+
+    def _metrics(self, req) -> tuple[int, bytes, str]:
+        """GET /metrics (repfs/metrics.py): the text exposition format, or a JSON error."""
+        if req.method != b"GET":
+            return 405, b'{"error": "/metrics takes GET"}\n', "application/json"
+        try:
+            from .metrics import render
+            accept = dict(req.headers).get(b"accept", b"").decode("latin-1")
+            data, ctype = render(self.service, accept)
+            return 200, data, ctype
+        except Exception as e:  # noqa: BLE001 - a bug in a scrape must not take the site down
+            data = (json.dumps(self._internal_error(req, e)) + "\n").encode()
+            return 500, data, "application/json"
 
     def _authorized(self, req) -> bool:
         for name, value in req.headers:

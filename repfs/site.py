@@ -80,6 +80,11 @@ send_window = 8
 # past it they are released in a worker thread, past twice it writers wait (docs/user-guide.md:
 # the daemon's memory follows from this, send_window and the destinations)
 held_limit = "64M"
+
+[metrics]
+# GET /metrics (Prometheus) without the control token: read-only, no secrets in it
+# (docs/replication.md, "Metrics"); by default it wants the token like every other request
+# open = false
 """
 
 
@@ -89,6 +94,7 @@ class Settings:
     held_limit: int  # [memory] held_limit: bytes of held writes before they are released
     max_outstanding: int  # [repl] max_outstanding: unreleased delta sets before cutting pauses
     send_window: int  # [repl] send_window: delta chunks in flight to one destination
+    metrics_open: bool = False  # [metrics] open: GET /metrics without the token
 
 
 def _toml_value(value) -> str:
@@ -356,11 +362,15 @@ class Site:
                 raise bad(section, key, raw, f"must be a whole number from {low} to {high}")
             return raw
 
+        metrics_open = cfg.get("metrics", {}).get("open", False)
+        if not isinstance(metrics_open, bool):
+            raise bad("metrics", "open", metrics_open, "must be true or false")
         from .repl.transport import MAX_WINDOW
         return Settings(
             held_limit=size("memory", "held_limit", "64M", 1 << 20, 64 << 30),
             max_outstanding=count("repl", "max_outstanding", 64, 1, 4096),
             send_window=count("repl", "send_window", 8, 1, MAX_WINDOW),
+            metrics_open=metrics_open,
         )
 
     def device(self, *, held_limit: int | None = None):

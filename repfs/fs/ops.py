@@ -19,6 +19,7 @@ from contextlib import asynccontextmanager
 import pyfuse3
 import trio
 
+from ..common import Latencies
 from .core import FileSystem
 from ..tasks import Supervisor
 from ..volume import VolumeError
@@ -96,6 +97,7 @@ class Operations(pyfuse3.Operations):
         self._hold = trio.Event()
         self._hold.set()
         self.commits = 0
+        self.commit_latency = Latencies()  # group commits' durations (/metrics)
         self.gate_ms = 0.0  # how long the last quiesce held modifying requests back
         self._direct_files: set[int] = set()  # see _keep_cache
         self.request_errors: dict[str, float] = {}  # error -> when last logged (at most 65)
@@ -151,9 +153,11 @@ class Operations(pyfuse3.Operations):
         txn = self.core.prepare_commit()
         if txn is None:
             return
+        t0 = time.monotonic()
         await trio.to_thread.run_sync(self.core.write_commit, txn)
         self.core.finish_commit()
         self.commits += 1
+        self.commit_latency.add(time.monotonic() - t0)
 
     async def _maybe_commit(self) -> None:
         if self.core.commit_due() and not self.commit_lock.locked():

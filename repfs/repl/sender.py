@@ -19,6 +19,7 @@ import time
 import numpy as np
 import trio
 
+from ..common import Latencies
 from ..extents import runs
 from . import keys as K
 from ..snap.store import DamagedRecord
@@ -94,6 +95,9 @@ class Primary:
         self.tasks: dict[str, SendTask] = {}
         self.flow_control = False
         self.stall_ms: list[float] = []
+        # cuts: the writers' stall and the whole cut, boundary durable (/metrics)
+        self.cut_stall = Latencies()
+        self.cut_latency = Latencies()
         self.unready: int | None = None  # a delta set cut whose "ready" commit failed
         self.sent_bytes = 0
         self.rate_window: list[tuple[float, int]] = []
@@ -186,6 +190,7 @@ class Primary:
         is durable. A crash before that undoes it (deltaset.undo_unready)."""
         async with self.cut_lock:
             ops = self.service.ops
+            t0 = time.monotonic()
             await self.ready_unready()
             token = []
             prepared = []  # the pin, its save volume made before the gate
@@ -222,6 +227,8 @@ class Primary:
                         await trio.to_thread.run_sync(self.sets.store.discard_prepared, snap)
             n = token[0]
             self.stall_ms.append(ops.gate_ms)  # what writers waited (the gate was closed)
+            self.cut_stall.add(ops.gate_ms / 1000)
+            self.cut_latency.add(time.monotonic() - t0)
             await trio.to_thread.run_sync(self.sets.reserve, n)
             del self.stall_ms[:-1000]
             self.work.set()
@@ -450,7 +457,7 @@ class Primary:
         d["acked"], d["played"] = ack["acked"], ack["played"]
         d["sent_bytes"] = d.get("sent_bytes", 0) + sent[0]
         self.put_dest(d)
-        self.rate_window.append((time.monotonic(), sent[0]))
+        self.rate_window.append((time.monotonic(), sent[0], name))
         self.prune()
         return True
 
@@ -475,7 +482,9 @@ class Primary:
             return (now - self.clog.first_change_ns) / 1e9
         return 0.0
 
-    def rate(self) -> float:
+    def rate(self, name: str | None = None) -> float:
+        """Bytes per second of delta chunks sent over the last 10 s (to destination `name`,
+        or to all)."""
         now = time.monotonic()
-        self.rate_window = [(t, b) for t, b in self.rate_window if now - t < 10]
-        return sum(b for _, b in self.rate_window) / 10.0
+        self.rate_window = [x for x in self.rate_window if now - x[0] < 10]
+        return sum(b for _, b, n in self.rate_window if name in (None, n)) / 10.0
