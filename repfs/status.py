@@ -75,6 +75,9 @@ def _primary_status(svc) -> dict:
         if d["state"] == "initial-copy":
             row["copy_progress"] = {"copied_blocks": d.get("copied", 0),
                                     "position": d.get("copy_pos", 0),
+                                    # the snapshot's valid blocks: what the copy sends in
+                                    # all (None until the copy has counted them)
+                                    "total_blocks": d.get("copy_total"),
                                     "volume_blocks": svc.layer.nblocks}
         dests.append(row)
     outstanding = [

@@ -440,9 +440,56 @@ def _remote_destinations(to: str) -> list[str] | None:
     return parts
 
 
+class _CopyProgress:
+    """The initial copy's one updating line on a terminal (stderr): bytes sent of the total,
+    the rate since the command began watching and the time left at that rate. Redrawn in
+    place with a carriage return; `end` moves past it."""
+
+    def __init__(self, name: str, stream=None):
+        self.name = name
+        self.stream = stream or sys.stderr
+        self.first: tuple[float, int] | None = None  # (when, bytes) of the first report
+        self.width = 0
+
+    def show(self, cp: dict) -> None:
+        now, sent = time.monotonic(), cp.get("copied_blocks", 0) * 4096
+        total = cp.get("total_blocks")
+        total = None if total is None else max(total * 4096, sent)
+        if self.first is None:
+            self.first = (now, sent)
+        t0, s0 = self.first
+        rate = (sent - s0) / (now - t0) if sent > s0 and now > t0 else None
+        text = f"initial copy to {self.name}: {_human(sent)}"
+        if total:
+            text += f" of {_human(total)} ({100.0 * sent / total:.0f}%)"
+        text += f", {_human(rate)}/s" if rate else ", rate -"
+        if rate and total:
+            left = int((total - sent) / rate)
+            text += f", ETA {left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}"
+        self.stream.write("\r" + text.ljust(self.width))
+        self.stream.flush()
+        self.width = len(text)
+
+    def end(self) -> None:
+        if self.width:
+            self.stream.write("\n")
+            self.stream.flush()
+            self.width = 0
+
+
 def _replicate_wait(t: Target, a, out: dict) -> dict:
     """Wait until the initial copy of `out` (replicate start's answer) is played, showing its
-    progress; the destination's status row."""
+    progress (on a terminal, one updating line on stderr: _CopyProgress); the destination's
+    status row."""
+    tty = None if a.json or not sys.stderr.isatty() else _CopyProgress(out["destination"])
+    try:
+        return _replicate_watch(t, a, out, tty)
+    finally:
+        if tty is not None:
+            tty.end()
+
+
+def _replicate_watch(t: Target, a, out: dict, tty) -> dict:
     last = None
     progress, since = None, time.monotonic()
     while True:
@@ -472,10 +519,14 @@ def _replicate_wait(t: Target, a, out: dict) -> dict:
                 "itself once the secondary is reachable (see repfs-admin status)")
         pct = 100.0 * cp.get("position", 0) / max(1, cp.get("volume_blocks", 1))
         line = f"  initial copy: {pct:5.1f}% ({_human(cp.get('copied_blocks', 0) * 4096)} sent)"
-        if line != last and not a.json:
+        if tty is not None:
+            tty.show(cp)
+        elif line != last and not a.json:
             print(line, flush=True)
             last = line
         time.sleep(0.5)
+    if tty is not None:
+        tty.end()
     if d is None or d["state"] == "error":
         raise QuietError(f"initial copy failed: {(d or {}).get('error', 'destination gone')}")
     if not a.json:

@@ -363,6 +363,11 @@ class Primary:
         nblocks = layer.nblocks
         pos = info["copy"]["next_block"]
         d["copy_pos"] = pos
+        if "copy_total" not in d:  # the blocks it sends in all (status, the progress line)
+            d["copy_total"] = sum(int(np.count_nonzero(
+                layer.meta_page(snap, p)[:nblocks - p * K.PAGE_BITS]))
+                for p in range(-(-nblocks // K.PAGE_BITS)))
+            self.put_dest(d)
         counted = [0]  # valid blocks of the snapshot, all of which the receiver must hold
 
         def pieces():
