@@ -87,8 +87,8 @@ class RcpServer:
         try:
             await self._session(conn, stream, peer, len(first))
         except wire.ProtocolError as e:
-            who = (f" (site {_short(conn.peer.get('site'))}, group {_short(conn.peer.get('group'))})"
-                   if conn.peer else "")
+            who = (f" (site {_short(conn.peer.get('site'))}, group "
+                   f"{_short(conn.peer.get('group'))})" if conn.peer else "")
             log.warning("RCP connection from %s%s refused: %s", peer, who, e)
             if getattr(e, "remote", False):
                 return  # (the peer refused first: nothing to send back)
@@ -212,5 +212,6 @@ def _peer_name(stream) -> str:
 
 
 def _short(v) -> str:
-    r = v if isinstance(v, str) else repr(v)
+    """A peer's name for a log line (one line: anything unprintable as its repr)."""
+    r = v if isinstance(v, str) and v.isprintable() else repr(v)
     return r if len(r) <= 200 else r[:197] + "..."
