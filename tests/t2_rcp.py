@@ -17,8 +17,12 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from repfs.rcp import wire
-from repfs.rcp.client import RcpConnection
+from repfs.rcp.client import RcpConnection, RcpReceiverClient
+from repfs.repl.chunk import encode_chunk
+from repfs.repl.transport import PermanentError, RejectedError
 from repfs.rcp.groups import GroupStore
 from tests.conftest import run_repfs
 from tests.t2_repl import (Workload, admin, api, assert_same_tree, cut, log_tail, start_replication,
@@ -99,6 +103,8 @@ def test_remote_replication_refusals_convergence_and_the_shared_port(mount_site)
         wait_converged(m1, m2, n)
         assert_same_tree(m1.path, m2.path)
 
+    errors_over_rcp(m1, m2, n)
+
     # HTTP and RCP on the one port at once: a session open (authenticated, a request
     # answered), HTTP requests answered meanwhile, and the session goes on after them
     s2 = m2.site
@@ -126,6 +132,27 @@ def test_remote_replication_refusals_convergence_and_the_shared_port(mount_site)
     abuse(m1, m2)
     wait_converged(m1, m2, n)  # (nothing of it applied; the replication goes on)
     assert_same_tree(m1.path, m2.path)
+
+
+def errors_over_rcp(m1, m2, n: int) -> None:
+    """The receiver's refusals reach the primary's client as over HTTP: a damaged chunk is
+    rejected (send it again) and the valid one pipelined behind it is refused unapplied; a
+    copy record the secondary does not expect is a permanent refusal."""
+    gen = receiver(m2)["generation"]
+    c = RcpReceiverClient(address(m2), group=GROUP, local=m1.site, uuid="0" * 32,
+                          name="t2_rcp")
+    try:
+        valid = encode_chunk(gen, n + 1, 0, [(1000, 1)], bytes(4096))
+        with pytest.raises(RejectedError) as e:
+            c.send_chunks([b"garbage" * 100, valid], window=2)
+        assert e.value.index == 0 and "rejected chunk" in str(e.value)
+        assert receiver(m2)["partial"] is None  # (the valid one behind it: not applied)
+        with pytest.raises(PermanentError) as e:
+            c.send_copies([(gen, 0, bytes(4096))])
+        assert "not expecting an initial copy" in str(e.value)
+    finally:
+        c.close()
+    assert receiver(m2)["last_received"] == n
 
 
 def abuse(m1, m2) -> None:
