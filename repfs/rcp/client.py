@@ -34,9 +34,9 @@ STATUS_OF = {"rejected": 400, "permanent": 409, "transient": 503}
 
 
 class Refused(Exception):
-    """The handshake failed: the peer refused us (or we it) for a reason retrying will not
-    fix (`permanent`: authentication, version, unknown group), or the peer does not speak
-    RCP properly (not permanent)."""
+    """The handshake failed: refused by the peer or by us, `permanent` for a reason retrying
+    will not fix (authentication, an unknown group, no common version), else not (a peer
+    that does not speak RCP properly, or too slowly)."""
 
     def __init__(self, message: str, permanent: bool):
         super().__init__(message)
@@ -94,7 +94,8 @@ class RcpConnection:
                         self.sock.sendall(conn.error_frame(e.kind, why))
                     except OSError:
                         pass
-                raise Refused(str(e), refused or e.kind in ("auth", "version")) from None
+                # (a refusal for another reason, a slow handshake say, may pass)
+                raise Refused(str(e), e.kind in ("auth", "version")) from None
             out = conn.take_outgoing()
             if out:
                 self._sendall(out, "the handshake")
