@@ -366,15 +366,26 @@ def wait_dests(p: BenchSite, n: int, limit: float = 600) -> dict:
         time.sleep(0.02)
 
 
-def ship(p: BenchSite, mib: int, buf: bytes, name: str) -> dict:
-    """Write a new file of `mib` MiB (fsync), cut one delta set, time it to acked/played."""
+def cpu_s(pid: int) -> float:
+    """utime + stime of a process, in seconds."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def ship(p: BenchSite, mib: int, buf: bytes, name: str, ss=()) -> dict:
+    """Write a new file of `mib` MiB (fsync), cut one delta set, time it to acked/played;
+    with the secondaries `ss`, the CPU seconds per GiB each daemon used from cut to played
+    (the status polls every 20 ms included)."""
     wt = write_file(p.mnt / name, mib, buf)
+    c0 = [cpu_s(s.pid) for s in (p, *ss)]
     t0 = time.monotonic()
     r = p.api("POST", "/replicate/deltaset", {"wait": True})
     t_ready = time.monotonic()
     n = r["delta_set"]
     t = wait_dests(p, n)
-    return {"mib": mib, "write_s": wt, "delta_set": n, "ready_s": t_ready - t0,
+    cpu = [(cpu_s(s.pid) - c) * 1024 / mib for s, c in zip((p, *ss), c0)]
+    return {"mib": mib, "cpu_s_per_gib": cpu, "write_s": wt, "delta_set": n, "ready_s": t_ready - t0,
             "acked_s": t["acked"] - t0, "played_s": t["played"] - t0,
             "acked_mib_s": mib / (t["acked"] - t0), "played_mib_s": mib / (t["played"] - t0),
             "ship_mib_s": mib / max(1e-9, t["acked"] - t_ready)}
@@ -387,6 +398,8 @@ def tcp_rate(mib: int, listen_host: str, connect_host: str | None = None,
     """MiB/s from a trio sender process to a trio receiver process (1 MiB sends, recv_into),
     measured by the receiver from the accept to EOF. connect_host/port: another path to the
     listener (a proxy in between)."""
+    import resource
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     rx = spawn([sys.executable, __file__, "_tcp-recv", listen_host], prefix=rx_prefix)
     lport = int(rx.stdout.readline())
     tx = spawn([sys.executable, __file__, "_tcp-send", connect_host or listen_host,
@@ -395,6 +408,9 @@ def tcp_rate(mib: int, listen_host: str, connect_host: str | None = None,
     res = json.loads(finish(rx))
     if res["bytes"] != mib * MiB:
         raise RuntimeError(f"raw TCP: {res['bytes']} bytes arrived of {mib * MiB}")
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime) * 1024 / mib
+    log(f"      (raw TCP: both processes together {cpu:.2f} CPU s per GiB, start-up included)")
     return res["bytes"] / MiB / res["seconds"]
 
 
@@ -553,14 +569,16 @@ def sec_tput(root: Path, a, out: dict) -> None:
             rows["tcp_ns"].append(tcp_rate(a.tcp_mib, hb["addr"], rx_prefix=hb["nsenter"],
                                            tx_prefix=ha["nsenter"]))
             log(f"    raw TCP namespaces:       {rows['tcp_ns'][-1]:8.0f} MiB/s")
-            for key, (p, _ss) in (("rcp_lo", lo_rcp), ("local_lo", lo_loc),
-                                  ("rcp_ns", ns_rcp)):
-                res = ship(p, a.mib, buf, f"r{r}")
+            for key, (p, ss) in (("rcp_lo", lo_rcp), ("local_lo", lo_loc),
+                                 ("rcp_ns", ns_rcp)):
+                res = ship(p, a.mib, buf, f"r{r}", ss)
                 rows[key].append(res)
                 log(f"    {key:10s} {a.mib} MiB: write {a.mib / res['write_s']:.0f} MiB/s; "
                     f"cut->ready {res['ready_s']:.2f} s, ->acked {res['acked_s']:.2f} s "
                     f"({res['acked_mib_s']:.0f} MiB/s; ready->acked {res['ship_mib_s']:.0f}), "
-                    f"->played {res['played_s']:.2f} s ({res['played_mib_s']:.0f} MiB/s)")
+                    f"->played {res['played_s']:.2f} s ({res['played_mib_s']:.0f} MiB/s); CPU s per "
+                    f"GiB: primary {res['cpu_s_per_gib'][0]:.2f}, secondary "
+                    f"{res['cpu_s_per_gib'][1]:.2f}")
         out["tput"] = rows
         tlo, tns = med(rows["tcp_lo"]), med(rows["tcp_ns"])
         table = out.setdefault("table", [])
