@@ -442,7 +442,8 @@ def me(**kw):
     (me(role="secondary", state="stopped", primary=PRIMARY, generation=2), PRIMARY, 1,
      NBLOCKS, False, "older than this site's 2"),
     (me(role="secondary", state="stopped", primary=PRIMARY, generation=2), PRIMARY, 1,
-     NBLOCKS, True, None),
+     NBLOCKS, True, "not even with --force"),  # (invariant 5)
+    (me(generation=3), PRIMARY, 2, NBLOCKS, True, "older than this site's 3"),
     (me(role="secondary", state="stopped", primary={"uuid": "cd" * 16, "site": "/srv/q"}),
      PRIMARY, 1, NBLOCKS, False, "secondary of /srv/q"),
     (me(role="secondary", state="stopped", primary={"uuid": "cd" * 16, "site": "/srv/q"}),

@@ -124,8 +124,10 @@ def attach_refusal(current: dict, primary, generation, nblocks, force: bool) -> 
     ``state``, ``generation``, ``primary`` (the one it follows, if a secondary),
     ``root_entries`` (names in its root directory) and ``destinations`` (if a primary).
     A malformed request, a volume of another size or the site itself are refused always;
-    `force` replaces the content of a site that holds files, replicates, follows another
-    primary, or knows a newer generation."""
+    `force` replaces the content of a site that holds files, replicates or follows another
+    primary; nothing lets a primary of an older generation than this site's take it
+    (invariant 5: a returning old primary cannot overwrite the new one, not even by
+    --force)."""
     if (not isinstance(primary, dict) or not isinstance(primary.get("site"), str)
             or not primary["site"] or not isinstance(primary.get("uuid"), str)
             or len(primary["uuid"]) != 32):
@@ -144,6 +146,10 @@ def attach_refusal(current: dict, primary, generation, nblocks, force: bool) -> 
                 f"(make it with repfs mkfs --size {_size(nblocks)})")
     if os.path.realpath(primary["site"]) == os.path.realpath(current["site"]):
         return "a site cannot be its own secondary"
+    if generation < current.get("generation", 0):
+        return (f"the primary's generation {generation} is older than this site's "
+                f"{current['generation']}: a stale primary cannot take it, not even with "
+                f"--force")
     if force:
         return None
     if current["role"] == "secondary":
@@ -151,9 +157,6 @@ def attach_refusal(current: dict, primary, generation, nblocks, force: bool) -> 
         if prev and (prev.get("uuid"), prev.get("site")) != (primary["uuid"], primary["site"]):
             return (f"this site is a secondary of {prev.get('site')}; --force makes it follow "
                     f"{primary['site']}")
-        if generation < current["generation"]:
-            return (f"the primary's generation {generation} is older than this site's "
-                    f"{current['generation']} (a stale primary?); --force overrides")
         if current["state"] in ("replicating", "initial-copy"):
             return "this site is already a replicating secondary; --force replaces its content"
         return None

@@ -87,6 +87,10 @@ class ReplicateVerbs:
                 f"{to} has a volume of {_bytes(theirs)}, this site {_bytes(nblocks)}: a "
                 f"secondary must be exactly the primary's size (repfs mkfs SITE --size "
                 f"{nblocks * 4096})", "conflict")
+        if info.get("generation", 0) > p.sets.generation:  # (invariant 5: before the rest)
+            raise SnapError(f"{to} knows generation {info['generation']}, newer than this "
+                            f"site's {p.sets.generation}: this site is a stale primary and "
+                            f"cannot take it, not even with --force", "conflict")
         if not force:
             if info["role"] == "secondary" and info["state"] != "stopped":
                 raise SnapError(f"{to} is already a replicating secondary; --force replaces "
