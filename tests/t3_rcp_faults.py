@@ -36,8 +36,8 @@ from repfs.rcp.client import RcpConnection
 from repfs.repl import keys as RK
 from tests.conftest import run_repfs
 from tests.t2_rcp import GROUP, SECRET, port_of, receiver, remote_pair
-from tests.t2_repl import (api, assert_same_tree, cut, log_tail, start_replication, status,
-                          tree, wait_converged)
+from tests.t2_repl import (ADMIN, api, assert_same_tree, cut, log_tail, start_replication,
+                          status, tree, wait_converged)
 from tests.t4_repl_crash import kill9
 
 CODE = {t.name: t.code for t in wire.TYPES_LIST}
@@ -394,3 +394,10 @@ def stale_generation(m1, m2) -> None:
     assert f"ATTACH refused: {older}" in (m2.site / "repfs.log").read_text(), log_tail(m2.site)
     assert receiver(m2) == before and tree(m2.path) == shown
     assert not (m2.path / "stale").exists()
+    # nor can `replicate start --force` make the stale primary take it (invariant 5)
+    r = subprocess.run([ADMIN, "--site", str(m1.path), "replicate", "start", "--to",
+                        f"127.0.0.1:{port_of(m2.site)}", "--group", GROUP, "--force"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "stale primary" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert receiver(m2) == before and tree(m2.path) == shown
