@@ -7,18 +7,18 @@ syncs the save volumes, then writes the held data to the volume, while the write
 past twice the limit the writer waits for a release itself (Operations._maybe_flush_held).
 With the default 64 MiB no other test gets there; here the site's held_limit is the lowest
 the setting allows (1M) and each round overwrites 6 MiB under a new snapshot, fsyncing
-what it wrote every 1.5-3.5 MiB in a second thread while it goes on writing. The volume
-image's syncs are slowed down (powerfs), so while a commit holds the commit lock the writer
-passes twice the limit and waits. Sweeps without a cut run first until status's
-"held_releases" counters (behind, waited) show that both paths ran.
+what it wrote every 1.5-3 MiB in a second thread while it goes on writing. The volume
+image's first sync in a sweep is slowed down (powerfs), so while that commit holds the
+commit lock the writer passes twice the limit and waits. Sweeps without a cut run first
+until status's "held_releases" counters (behind, waited) show that both paths ran.
 
 Cuts (powerfs, tests/t4_power.py) are aimed at a random fsync of a save volume, a random
 write of the volume image, or a random moment. The commit loop is off (commit_interval 60),
 so a save-volume sync or a volume write while the writer is inside a write() and no fsync
 is under way belongs to a release past the limit: such a cut is counted as "in a release",
-and at least one is required (up to four extra aimed rounds get one). After each cut:
-`repfs fsck` clean, every snapshot byte-exact with the tree at its creation (the core API,
-which fscks each), every fsync'd file byte-exact.
+and at least one is required (up to four extra rounds aimed early in a sweep get one).
+After each cut: `repfs fsck` clean, every snapshot byte-exact with the tree at its creation
+(the core API, which fscks each), every fsync'd file byte-exact.
 
 A second test injects EIO into the save volumes' syncs (a powerfs fault, below the daemon):
 the release behind fails, is shown in status as the "release-held" task with its error, and is
@@ -43,8 +43,8 @@ from tests.t4_crash import _fsync
 from tests.t4_power import ROUNDS, SEED, Request, power_site  # noqa: F401
 from tests.t4_snap_crash import core_check, hash_tree
 
-FILES = 3
-FILE_SIZE = 2 << 20  # 6 MiB in all: a new snapshot makes each block's next overwrite held
+FILES = 4
+FILE_SIZE = 3 << 19  # 6 MiB in all: a new snapshot makes each block's next overwrite held
 SAVES = "site/save/*.save"
 AIMS = ["save volume fsync", "volume write", "random moment"]
 
@@ -71,13 +71,14 @@ def _fill(s, rng: random.Random) -> dict[str, bytearray]:
     return model
 
 
-def _slow_volume(s) -> None:
-    """A slow disk under the volume image: each of its syncs returns 0.3 s late (powerfs).
-    A commit syncs it last, holding the commit lock, so a writer passes twice held_limit
-    meanwhile and waits. (A slow sync of a save volume would not do: the kernel holds the
-    file's inode lock through a FUSE fsync, so the daemon's appends of before-images, and
-    with them the writer, wait for it too.)"""
-    s.pf.add_fault("site/volume.img", "fsync", delay=0.3)
+def _slow_volume(s, delay: float) -> None:
+    """A slow disk under the volume image: its next sync returns `delay` s late (powerfs).
+    That is the first commit's of a sweep (a release does not sync the volume), which
+    syncs it holding the commit lock, while the writer has 4.5 MiB left to write: it
+    passes twice held_limit meanwhile and waits. (A slow sync of a save volume would not
+    do: the kernel holds the file's inode lock through a FUSE fsync, so the daemon's
+    appends of before-images, and with them the writer, wait for it too.)"""
+    s.pf.add_fault("site/volume.img", "fsync", count=1, delay=delay)
 
 
 def _snapshot(s, name: str) -> dict:
@@ -102,28 +103,34 @@ def _next_snapshot(s, recorded: dict, name: str) -> None:
 
 class Sweep:
     """Overwrites every file once, front to back in 128-512 KiB pieces, in a random file
-    order. After every 1.5-3.5 MiB it fsyncs the files written so far in a second thread
-    while it goes on writing: held writes pass held_limit between fsyncs (released behind
-    the writer), and pass twice it while a commit holds the commit lock (the writer waits,
-    then releases them itself). Stops at the first OSError (the power went off):
-    `failed_in` is then "write" or "fsync" (the first to fail), `failed` the file whose write
-    failed (it may hold part of it), `fsync_failed` whether an fsync failed too."""
+    order. When it has written 1.5-3 MiB since the last fsync (the first time: at the end
+    of the `first` files), it fsyncs the files it finished in a second thread and goes on with
+    the next: held writes pass held_limit between fsyncs (released behind the writer), and
+    pass twice it while a commit holds the commit lock (the writer waits, then releases
+    them itself). (Not the file being written: the kernel holds a file's inode lock through
+    an fsync, which would hold its writer too.) Stops at the first OSError (the power went
+    off): `failed_in` is then "write" or "fsync" (the first to fail), `failed` the file
+    whose write failed (it may hold part of it), `fsync_failed` whether an fsync failed."""
 
-    def __init__(self, root, rng: random.Random, model: dict, durable: dict):
+    def __init__(self, root, rng: random.Random, model: dict, durable: dict, first: int = 1):
         self.root, self.rng, self.model, self.durable = root, rng, model, durable
+        self.first = first  # files written before the first fsync
         self.failed_in: str | None = None
         self.failed: str | None = None
         self.fsync_failed = False
 
     def run(self) -> None:
-        rng, dirty, since = self.rng, set(), 0
-        threshold = rng.randrange(3, 8) << 19
+        rng, dirty, since, threshold = self.rng, set(), 0, self.first * FILE_SIZE
         fds = {n: os.open(self.root / n, os.O_WRONLY) for n in self.model}
         fsyncer = None
         try:
             names = list(self.model)
             rng.shuffle(names)
             for name in names:
+                if since >= threshold and (fsyncer is None or not fsyncer.is_alive()):
+                    fsyncer = threading.Thread(target=self._fsync, args=(fds, dirty))
+                    fsyncer.start()
+                    dirty, since, threshold = set(), 0, rng.randrange(3, 7) << 19
                 off = 0
                 while off < FILE_SIZE:
                     size = min(FILE_SIZE - off, rng.randrange(1, 5) << 17)
@@ -137,10 +144,6 @@ class Sweep:
                     dirty.add(name)
                     off += size
                     since += size
-                    if since >= threshold and (fsyncer is None or not fsyncer.is_alive()):
-                        fsyncer = threading.Thread(target=self._fsync, args=(fds, dirty))
-                        fsyncer.start()
-                        dirty, since, threshold = set(), 0, rng.randrange(3, 8) << 19
             if fsyncer is not None:
                 fsyncer.join()
             self._fsync(fds, dirty)
@@ -190,10 +193,10 @@ def test_power_cut_while_held_writes_are_released_behind_the_writer(power_site):
     counters = {aim: s.pf.add_fault(path, op, count=0)
                 for aim, path, op in (("save", SAVES, "fsync"),
                                       ("volume", "site/volume.img", "write"))}
-    _slow_volume(s)
     span = None
     for i in range(4):
         _next_snapshot(s, recorded, f"cal{i}")
+        _slow_volume(s, 1.0)
         Sweep(s.path, rng, model, durable).run()
         if span is None:
             seen = s.pf.stats()["seen"]
@@ -213,24 +216,29 @@ def test_power_cut_while_held_writes_are_released_behind_the_writer(power_site):
     in_release = 0
     rounds = 4 * ROUNDS
     rnd = 0
-    # after the planned rounds, up to four more aimed ones until a cut lands in a release
+    # after the planned rounds, up to four more until a cut lands in a release, aimed at
+    # the first quarter of a sweep whose first fsync comes after 3 MiB: before it, only
+    # releases behind the writer sync save volumes and write the volume
     while rnd < rounds or (not in_release and rnd < rounds + 4):
+        extra = rnd >= rounds
+        part = 4 if extra else 1  # the part of a sweep's syncs or writes aimed at
         _next_snapshot(s, recorded, f"s{rnd}")
-        aim = AIMS[rnd % (3 if rnd < rounds else 2)]
-        _slow_volume(s)
+        aim = AIMS[rnd % (2 if extra else 3)]
+        _slow_volume(s, 0.5)  # (shorter: a wait is likely, not needed)
         keep = rng.choice(["none", "random", "random"])
         timer = None
         if aim == "save volume fsync":
-            s.pf.arm_cut(SAVES, "fsync", skip=rng.randrange(span["save"]), keep=keep,
-                         seed=rng.randrange(1 << 30))
+            s.pf.arm_cut(SAVES, "fsync", skip=rng.randrange(-(-span["save"] // part)),
+                         keep=keep, seed=rng.randrange(1 << 30))
         elif aim == "volume write":
-            s.pf.arm_cut("site/volume.img", "write", skip=rng.randrange(span["volume"]),
+            s.pf.arm_cut("site/volume.img", "write",
+                         skip=rng.randrange(-(-span["volume"] // part)),
                          keep=keep, seed=rng.randrange(1 << 30))
         else:
             timer = threading.Timer(rng.uniform(0.05, 1.5), s.pf.freeze,
                                     (keep, rng.randrange(1 << 30)))
             timer.start()
-        sweep = Sweep(s.path, rng, model, durable)
+        sweep = Sweep(s.path, rng, model, durable, first=2 if extra else 1)
         sweep.run()
         if timer is not None:
             timer.join()
@@ -266,11 +274,11 @@ def test_a_failed_release_behind_is_a_supervised_task_logged_once(power_site):
     model = _fill(s, rng)
     recorded = {"s": _snapshot(s, "s")}
     fault = s.pf.add_fault(SAVES, "fsync", errno="EIO")
-    # 1.75 MiB of overwrites in 32 KiB writes over ~2.5 s: past 1 MiB each write wakes the
+    # 1.5 MiB of overwrites in 32 KiB writes over ~2.2 s: past 1 MiB each write wakes the
     # release task, which fails, backs off (0.2 s, 0.4 s, ...) and fails again when woken
     fd = os.open(s.path / "f0", os.O_WRONLY)
     try:
-        for i in range(56):
+        for i in range(48):  # (f0 whole: FILE_SIZE)
             os.pwrite(fd, rng.randbytes(32 << 10), i << 15)
             time.sleep(0.045)
     finally:
