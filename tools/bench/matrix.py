@@ -56,6 +56,7 @@ GiB = 1 << 30
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 SECTIONS = ("snap", "repl", "smallio", "stall", "rss")
+EXTRA_SECTIONS = ("rcp",)  # only with --only: issue 9's rcp.py (network namespaces, 4-15 min)
 
 # ----------------------------------------------------------------------------- what we start
 
@@ -726,6 +727,41 @@ def git_commit() -> str:
                                if d else "")
 
 
+# ----------------------------------------------------------------------------- rcp (issue 9)
+
+def sec_rcp(root: Path, a, rows: list[Row], raw: dict) -> None:
+    """tools/bench/rcp.py in a child process (it makes and removes its own namespaces, sites
+    and proxies; its output goes to this log), its table turned into rows."""
+    out = root / "rcp.json"
+    cmd = [sys.executable, str(HERE / "rcp.py"), *(["--quick"] if a.quick else []),
+           "--tmpdir", str(root), "--json", str(out)]
+    c = subprocess.Popen(cmd)
+    _children.append(c)
+    rc = c.wait()
+    _children.remove(c)
+    res = json.loads(out.read_text())
+    raw.update(res)
+    for title, value, ratio, target, unit in res.get("table", []):
+        key = "rcp_" + "".join(ch if ch.isalnum() else "_" for ch in title.lower())[:40]
+        if title.startswith(tuple(f"{s}: ERROR" for s in ("tput", "wan", "lag", "copy"))):
+            rows.append(Row("rcp", key, title.split(":")[0], "", kind="info", error=title))
+        elif isinstance(target, float):
+            rows.append(Row("rcp", key, title, unit, kind="ratio>=", target=target,
+                            value=value, base=value / ratio if ratio else None))
+        elif target == "<= 1.05":
+            rows.append(Row("rcp", key, title, "x", kind="max", target=1.05, value=value))
+        elif target == "< 1.0 (faster)":
+            rows.append(Row("rcp", key, title + ": time / rsync's", "x", kind="lt",
+                            target=1.0, value=ratio))
+        elif title.startswith("lag"):
+            rows.append(Row("rcp", key, title.replace(": median / max", ", median"), "s",
+                            kind="info", value=value, note=f"max {ratio} s"))
+        else:
+            rows.append(Row("rcp", key, title, unit, kind="info", value=value))
+    if rc != 0:
+        raise RuntimeError(f"rcp.py exited {rc} (see its output above)")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -734,7 +770,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="2-3 minutes: smaller sizes, one "
                    "round, a 1 GiB delta set for the RSS row")
     p.add_argument("--only", default=",".join(SECTIONS),
-                   help="comma-separated subset of " + ",".join(SECTIONS))
+                   help="comma-separated subset of " + ",".join(SECTIONS + EXTRA_SECTIONS)
+                   + " (rcp only when named)")
     p.add_argument("--rounds", type=int, help="rounds of the throughput comparisons and "
                    "of the stall runs (median; default 2, --quick 1)")
     p.add_argument("--rss-mib", type=int, help="size of the delta set for the RSS row in MiB "
@@ -745,8 +782,9 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     only = [x.strip() for x in a.only.split(",") if x.strip()]
     for x in only:
-        if x not in SECTIONS:
-            p.error(f"unknown section {x!r} (choose from {', '.join(SECTIONS)})")
+        if x not in SECTIONS + EXTRA_SECTIONS:
+            p.error(f"unknown section {x!r} (choose from "
+                    f"{', '.join(SECTIONS + EXTRA_SECTIONS)})")
     if a.rounds is not None and a.rounds < 1:
         p.error("--rounds must be at least 1")
     if a.rss_mib is not None and a.rss_mib < 1:
@@ -790,10 +828,10 @@ def main(argv=None) -> int:
     raw: dict = {}
     fns = {"snap": (sec_snap, SNAP_ROWS), "repl": (sec_repl, REPL_ROWS),
            "smallio": (sec_smallio, SMALL_ROWS), "stall": (sec_stall, STALL_ROWS),
-           "rss": (sec_rss, None)}
+           "rss": (sec_rss, None), "rcp": (sec_rcp, [("rcp_run", "rcp.py", "", "info", None)])}
     interrupted = False
     try:
-        for name in SECTIONS:
+        for name in SECTIONS + EXTRA_SECTIONS:
             if name not in only:
                 continue
             fn, keys = fns[name]
