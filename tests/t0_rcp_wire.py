@@ -289,7 +289,7 @@ def test_unknown_flags_or_reserved_bits():
     bad = bytearray(frame("INFO", {}, session=SESSION, seq=3))
     bad[3] = 1  # the reserved u16
     refused(s, bytes(bad), "protocol", "reserved bits")
-    c, s = open_pair()  # a known flag the session did not agree on
+    c, s = open_pair(features=())  # a known flag the session did not agree on
     refused(s, frame("CHUNK", b"x", session=SESSION, seq=3, flags=W.FLAG_ZSTD), "protocol",
             "compression was not agreed")
 

@@ -58,8 +58,12 @@ class RcpConnection:
     transport._Broken when the connection fails, Refused when the handshake is refused."""
 
     def __init__(self, host: str, port: int, *, group: str, secret: bytes, site: str,
-                 uuid: str, timeout: float = TIMEOUT):
+                 uuid: str, timeout: float = TIMEOUT, compress: bool = True, pace=None):
+        """`compress`: offer zstd for the bulk bodies (the peer may refuse it); `pace`:
+        called with each COPY or CHUNK frame's size before it is sent (the destination's
+        bandwidth limit, which may sleep)."""
         self.timeout = timeout
+        self.pace = pace
         self.where = f"{host}:{port}"
         try:
             self.sock = socket.create_connection((host, port), timeout=timeout)
@@ -67,7 +71,7 @@ class RcpConnection:
             raise _Broken(f"cannot connect to {host}:{port}: {_describe(e)}") from None
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.conn = wire.Connection(wire.CLIENT, group=group, secret=secret, site=site,
-                                    uuid=uuid)
+                                    uuid=uuid, features=wire.FEATURES if compress else ())
         self.pending: collections.deque = collections.deque()  # seqs of unanswered requests
         self.closing = False  # the peer closed the session
         try:
@@ -156,6 +160,12 @@ class RcpConnection:
             frame = self.conn.send(name, payload)
         except ValueError as e:  # (the session is closed)
             raise _Broken(str(e)) from None
+        if self.pace is not None and wire.BY_NAME[name].raw:
+            try:
+                self.pace(len(frame))
+            except BaseException:  # (the send task was stopped: this frame is never sent,
+                self.closing = True  # so the session cannot go on, nor be closed by CLOSE)
+                raise
         self.pending.append(self.conn.send_seq)
         self._sendall(frame, name)
 
@@ -211,8 +221,11 @@ class RcpReceiverClient(ReceiverClient):
     whose secret this site (`local`, the primary's directory) holds."""
 
     def __init__(self, address: str, *, group: str, local: Path, uuid: str,
-                 name: str | None = None, window: int = WINDOW, timeout: float = TIMEOUT):
-        """`name`: how this site names itself in HELLO (default: its directory)."""
+                 name: str | None = None, window: int = WINDOW, timeout: float = TIMEOUT,
+                 compress: bool = True):
+        """`name`: how this site names itself in HELLO (default: its directory);
+        `compress`: offer zstd on its sessions. `pace`, if set, limits the bulk frames'
+        bytes (RcpConnection)."""
         self.site = None
         self.site_path = address  # (names the destination in error messages)
         self.address = address
@@ -222,6 +235,8 @@ class RcpReceiverClient(ReceiverClient):
         self.name = name or str(self.local)
         self.window = window
         self.timeout = timeout
+        self.compress = compress
+        self.pace = None
         self.conn = None
 
     def _connect(self) -> RcpConnection:
@@ -240,7 +255,8 @@ class RcpReceiverClient(ReceiverClient):
         try:
             self.conn = RcpConnection(host, port, group=self.group, secret=secret,
                                       site=self.name, uuid=self.uuid,
-                                      timeout=self.timeout)
+                                      timeout=self.timeout, compress=self.compress,
+                                      pace=self.pace)
         except _Broken as e:
             raise TransientError(f"{self.address}: {e}") from None
         except Refused as e:

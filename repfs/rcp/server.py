@@ -126,9 +126,9 @@ class RcpServer:
         if slow.cancelled_caught:
             raise wire.ProtocolError(f"no authentication within {ctl.head_timeout:g} s")
         hello = conn.peer
-        log.info("RCP session %d from %s: site %s, group %s (protocol version %d)",
+        log.info("RCP session %d from %s: site %s, group %s (protocol version %d%s)",
                  conn.session, peer, _short(hello.get("site")), hello.get("group"),
-                 conn.version)
+                 conn.version, ", zstd" if "zstd" in conn.agreed else "")
         upload_failed = False
         while True:
             event = conn.next_event()

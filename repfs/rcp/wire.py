@@ -38,6 +38,15 @@ of its type) raises `ProtocolError` with a one-line reason; the adapter logs it,
 closes: a connection that has failed once takes no further data. A frame of a type the state
 does not take (`ALLOWED`) is refused from its header alone, and before READY no frame may
 exceed `MAX_HANDSHAKE_BODY`: an unauthenticated peer makes an end buffer little.
+
+Features: HELLO may carry `features`, the optional extensions the client speaks (this build:
+"zstd"); CHALLENGE answers with `features`, those both ends take for this session. An absent
+field means none (a peer older than the field agrees to nothing, and works as before). With
+"zstd" agreed, an end may send a COPY or CHUNK body zstd-compressed with `FLAG_ZSTD` set (one
+compressor per connection; a body that compresses to `PAYS` of its size or more goes raw,
+without the flag); the receiving end decompresses it, at most `MAX_BODY` bytes (a frame that
+would make more is a protocol error), before the body is handed up. A compressed frame of any
+other type, or without the agreement, is refused.
 docs/protocol.md describes the protocol for operators and implementers.
 """
 
@@ -53,6 +62,11 @@ from typing import Any, Callable
 import msgpack
 import xxhash
 
+try:
+    import zstandard
+except ImportError:  # pragma: no cover - a dependency; without it the build offers nothing
+    zstandard = None
+
 PROTOCOL_VERSIONS = (1,)  # what this build speaks (HELLO offers them, CHALLENGE picks one)
 PREFACE = b"RCP/1.0 repfs\r\n"  # the framing's version: a new framing gets a new preface
 PREFACE_PREFIX = b"RCP/"  # what the port's filter looks at (FIG. 19)
@@ -66,8 +80,12 @@ MAX_NAME = 255  # a group name
 MAX_SITE = 4096  # a site's name (a path) in HELLO or CHALLENGE
 MAX_VERSIONS = 64  # versions a HELLO may offer
 
-FLAG_ZSTD = 0x01  # the body is zstd-compressed (negotiated; not yet sent by this build)
+FLAG_ZSTD = 0x01  # the body is zstd-compressed (only COPY and CHUNK; "zstd" agreed)
 KNOWN_FLAGS = FLAG_ZSTD
+FEATURES = ("zstd",) if zstandard is not None else ()  # what this build can agree to
+MAX_FEATURES = 16  # features a HELLO or CHALLENGE may name
+ZSTD_LEVEL = 1  # fast: the point is fewer bytes on a slow link, not the smallest
+PAYS = 0.95  # a body compressed to this fraction of its size or more is sent raw
 
 CLIENT, SERVER = "client", "server"
 
@@ -209,6 +227,18 @@ def proof(secret: bytes, role: str, group: str, client_nonce: bytes,
     return hmac.new(secret, msg, hashlib.sha256).digest()
 
 
+def _features(body: dict, name: str) -> list[str] | None:
+    """The optional `features` of a HELLO or CHALLENGE (None when absent); raises on a
+    malformed one."""
+    got = body.get("features")
+    if got is None:
+        return None
+    if not isinstance(got, list) or len(got) > MAX_FEATURES or not all(
+            isinstance(f, str) and len(f) <= MAX_NAME for f in got):
+        raise ProtocolError(f"{name} 'features' is not a list of at most {MAX_FEATURES} names")
+    return got
+
+
 # ---------------------------------------------------------------- the state machine
 
 PREFACE_WAIT, HELLO_WAIT, CHALLENGE_WAIT, AUTH_WAIT, READY_WAIT, OPEN, CLOSED = (
@@ -238,13 +268,19 @@ class Connection:
 
     Events: `Message` for each frame a higher layer must see; NEED_DATA when more bytes are
     needed. `state` is one of the *_WAIT constants, OPEN or CLOSED.
+
+    `features`: the extensions this end offers (a client) or takes (a server); `agreed`, once
+    the handshake is through, those of the session. With "zstd" agreed, `send` compresses
+    COPY and CHUNK bodies where that pays; `raw_bytes` and `body_bytes` count those bodies
+    before and after (the wire's share of them), `compressed` the frames sent compressed.
     """
 
     def __init__(self, role: str, *, site: str = "", uuid: str = "", group: str = "",
                  secret: bytes | None = None,
                  secrets: Callable[[str], bytes | None] | None = None,
                  versions: tuple[int, ...] = PROTOCOL_VERSIONS,
-                 nonce: Callable[[int], bytes] = os.urandom, session: int = 0):
+                 nonce: Callable[[int], bytes] = os.urandom, session: int = 0,
+                 features: tuple[str, ...] = FEATURES):
         if role not in (CLIENT, SERVER):
             raise ValueError(role)
         if not 0 <= session < 1 << 32:
@@ -268,6 +304,11 @@ class Connection:
         self.recv_seq = 0
         self.outgoing = bytearray()  # bytes the state machine itself must send
         self.error: ProtocolError | None = None
+        self.features = tuple(f for f in features if f in FEATURES)
+        self.agreed: frozenset[str] = frozenset()
+        self._cctx = None  # one zstd compressor and decompressor per connection
+        self._dctx = None
+        self.raw_bytes = self.body_bytes = self.compressed = 0
 
     # -------------------------------------------------------------- sending
 
@@ -286,9 +327,11 @@ class Connection:
                              f"state {self.state})")
         self.my_nonce = self._nonce(NONCE)
         self.state = CHALLENGE_WAIT
-        return PREFACE + self._frame("HELLO", {
-            "versions": list(self.versions), "group": self.group, "nonce": self.my_nonce,
-            "site": self.site, "uuid": self.uuid})
+        hello = {"versions": list(self.versions), "group": self.group, "nonce": self.my_nonce,
+                 "site": self.site, "uuid": self.uuid}
+        if self.features:  # (absent: none; what a peer older than the field sends)
+            hello["features"] = list(self.features)
+        return PREFACE + self._frame("HELLO", hello)
 
     def send(self, name: str, body: dict | bytes | None = None) -> bytes:
         """A frame of an open session; returns its bytes (its seq is `send_seq`)."""
@@ -299,7 +342,24 @@ class Connection:
             raise ValueError(f"{name} belongs to the handshake, which the state machine sends")
         if t.raw and body is None:
             raise ValueError(f"{name} carries bytes")
+        if t.raw:
+            return self._bulk(name, body)
         return self._frame(name, {} if body is None else body)
+
+    def _bulk(self, name: str, body) -> bytes:
+        """A COPY or CHUNK frame: its body compressed when "zstd" is agreed and it pays."""
+        flags = 0
+        size = len(body)
+        if "zstd" in self.agreed and size:
+            if self._cctx is None:
+                self._cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+            packed = self._cctx.compress(body)
+            if len(packed) < size * PAYS:
+                body, flags = packed, FLAG_ZSTD
+                self.compressed += 1
+        self.raw_bytes += size
+        self.body_bytes += len(body)
+        return self._frame(name, body, flags)
 
     def error_frame(self, kind: str, message: str, seq: int = 0) -> bytes:
         """An ERROR frame (for any state: the adapter sends it before it closes)."""
@@ -402,12 +462,40 @@ class Connection:
             if session != self.session and not (t.name == "READY" and self.role == CLIENT):
                 raise ProtocolError(f"{t.name}: session {session}, not {self.session}")
             if flags & FLAG_ZSTD:
-                raise ProtocolError(f"{t.name}: compressed, but compression was not agreed")
+                body = self._inflate(t, seq, body)
             doc = decode_body(t, body)
             msg = Message(t.name, seq, doc, flags, session)
             out = self._on(msg)
             if out is not None:
                 return out
+
+    def _inflate(self, t: MsgType, seq: int, body: bytes) -> bytes:
+        """A compressed body, decompressed to at most MAX_BODY bytes (more: a protocol
+        error, never allocated: the frame header's content size is checked first)."""
+        if "zstd" not in self.agreed:
+            raise ProtocolError(f"{t.name}: compressed, but compression was not agreed")
+        if not t.raw:
+            raise ProtocolError(f"{t.name}: compressed, but only COPY and CHUNK bodies may be")
+        try:
+            size = zstandard.frame_content_size(body)
+            if size > MAX_BODY:
+                raise ProtocolError(f"{t.name} frame {seq}: decompresses to {size} bytes (at "
+                                    f"most {MAX_BODY})")
+            if self._dctx is None:
+                self._dctx = zstandard.ZstdDecompressor(max_window_size=1 << 21)
+            # (with no content size in its header, max_output_size bounds what is made)
+            out = self._dctx.decompress(body, max_output_size=MAX_BODY,
+                                        allow_extra_data=False)
+        except zstandard.ZstdError as e:
+            raise ProtocolError(f"{t.name} frame {seq}: bad compressed body "
+                                f"({one_line(str(e), 100)})") from None
+        if size >= 0 and len(out) != size:  # (zstd checks it; never trusted)
+            raise ProtocolError(f"{t.name} frame {seq}: decompressed to {len(out)} bytes, its "
+                                f"header said {size}")
+        if len(out) > MAX_BODY:
+            raise ProtocolError(f"{t.name} frame {seq}: decompresses to more than {MAX_BODY} "
+                                "bytes")
+        return out
 
     def _on(self, msg: Message):
         """Handle a frame the state allows (`ALLOWED`); a Message to hand up, or None."""
@@ -453,6 +541,7 @@ class Connection:
             raise ProtocolError(f"no common protocol version: the peer speaks {offered or 'none'}"
                                 f", this site speaks "
                                 f"{', '.join(str(v) for v in self.versions)}", "version")
+        offered = _features(b, "HELLO")
         secret = self.secrets(b["group"]) if self.secrets else None
         if secret is None:
             raise ProtocolError(f"unknown replication group {one_line(b['group'])!r}", "auth")
@@ -461,10 +550,14 @@ class Connection:
         self.secret = secret
         self.peer_nonce = b["nonce"]
         self.my_nonce = self._nonce(NONCE)
-        self.outgoing += self._frame("CHALLENGE", {
+        challenge = {
             "version": self.version, "nonce": self.my_nonce, "site": self.site,
             "uuid": self.uuid,
-            "proof": proof(secret, SERVER, self.group, self.peer_nonce, self.my_nonce)})
+            "proof": proof(secret, SERVER, self.group, self.peer_nonce, self.my_nonce)}
+        if offered is not None:  # (a peer that offers none is told none)
+            self.agreed = frozenset(f for f in self.features if f in offered)
+            challenge["features"] = sorted(self.agreed)
+        self.outgoing += self._frame("CHALLENGE", challenge)
         self.state = AUTH_WAIT
         return msg
 
@@ -492,6 +585,12 @@ class Connection:
         if self.secret is None or not hmac.compare_digest(want, b["proof"]):
             raise ProtocolError(f"the peer does not hold the secret of group {self.group!r}",
                                 "auth")
+        agreed = _features(b, "CHALLENGE") or []
+        extra = [f for f in agreed if f not in self.features]
+        if extra:
+            raise ProtocolError(f"the peer agreed to {one_line(', '.join(extra))}, which this "
+                                f"end did not offer")
+        self.agreed = frozenset(agreed)
         self.version = b["version"]
         self.peer_nonce = b["nonce"]
         self.outgoing += self._frame("AUTH", {
