@@ -56,6 +56,7 @@ import os
 import re
 import secrets
 import socket
+import ssl
 import stat
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -433,8 +434,10 @@ class ControlServer:
     def __init__(self, service, token: str, *, max_connections: int = MAX_CONNECTIONS,
                  head_timeout: float = HEAD_TIMEOUT, body_timeout: float = BODY_TIMEOUT,
                  idle_timeout: float = IDLE_TIMEOUT, send_timeout: float = SEND_TIMEOUT,
-                 metrics_open: bool = False):
+                 metrics_open: bool = False, tls=None):
+        """`tls`: an ssl.SSLContext (site.toml [tls], rcp/tls.py): the port speaks TLS only."""
         self.service = service
+        self.tls = tls
         self.token = token.encode()
         self.max_connections = max_connections
         self.head_timeout = head_timeout
@@ -456,6 +459,11 @@ class ControlServer:
                 return
             self.active += 1
             try:
+                if self.tls is not None:  # (then the same filter, inside TLS)
+                    inner = await self._tls_handshake(stream)
+                    if inner is None:
+                        return
+                    stream = inner
                 first = await self._first_bytes(stream)
                 if first is None:
                     return
@@ -470,6 +478,52 @@ class ControlServer:
             log.exception("control connection failed")
         finally:
             await trio.aclose_forcefully(stream)
+
+    async def _tls_handshake(self, stream):
+        """The connection inside TLS (rcp/tls.py), or None: a peer that sends nothing within
+        the head timeout is closed quietly; plain text, a failed handshake (an untrusted or
+        missing certificate) are logged once, with the peer and the reason, and closed."""
+        from .rcp.server import _peer_name
+        from .rcp.tls import TLS_RECORD, reason
+        peer = _peer_name(stream)
+        first = b""
+        with trio.move_on_after(self.head_timeout):
+            try:
+                first = await stream.socket.recv(1, socket.MSG_PEEK)
+            except OSError:
+                return None
+        if not first:
+            return None
+        if first[0] != TLS_RECORD:
+            log.warning("plain-text connection from %s refused: this port speaks TLS only "
+                        "(site.toml [tls])", peer)
+            await self._refuse(stream, 400, "this port speaks TLS only (site.toml [tls]): "
+                                            "connect with TLS (repfs-admin --tls-ca, "
+                                            "--tls-cert, --tls-key)")
+            return None
+        tls = trio.SSLStream(stream, self.tls, server_side=True, https_compatible=True)
+        try:
+            with trio.fail_after(self.head_timeout):
+                await tls.do_handshake()
+        except trio.TooSlowError:
+            log.warning("TLS handshake with %s refused: not done within %g s", peer,
+                        self.head_timeout)
+            return None
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+            log.warning("TLS handshake with %s refused: %s", peer,
+                        reason(e.__cause__ or e))
+            # the alert OpenSSL wrote for the peer (unknown CA, no certificate...), which
+            # trio's SSLStream leaves unsent once broken: sent, so the client learns why
+            alert = getattr(tls, "_outgoing", None)
+            data = alert.read() if isinstance(alert, ssl.MemoryBIO) else b""
+            if data:
+                with trio.move_on_after(1.0):
+                    try:
+                        await stream.send_all(data)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                        pass
+            return None
+        return tls
 
     async def _first_bytes(self, stream) -> bytes | None:
         """A connection's first bytes, enough to tell RCP from HTTP (the port's filter,
@@ -494,7 +548,8 @@ class ControlServer:
         with trio.move_on_after(min(self.send_timeout, LINGER)):
             try:
                 await stream.send_all(raw_reply(status, message))
-                await stream.send_eof()
+                if hasattr(stream, "send_eof"):  # (not inside TLS)
+                    await stream.send_eof()
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 return
         with trio.move_on_after(LINGER):

@@ -65,7 +65,7 @@ async def _signal_loop() -> None:
             return
 
 
-async def _serve(service, interval: float, control_sock, token: str) -> None:
+async def _serve(service, interval: float, control_sock, token: str, tls=None) -> None:
     from .control import ControlServer
     ops = service.ops
     async with trio.open_nursery() as nursery:
@@ -75,7 +75,7 @@ async def _serve(service, interval: float, control_sock, token: str) -> None:
         nursery.start_soon(_signal_loop)
         nursery.start_soon(ops.tune_readahead, service.mountpoint)
         nursery.start_soon(ControlServer(service, token, metrics_open=service.site.settings()
-                                         .metrics_open).serve, control_sock)
+                                         .metrics_open, tls=tls).serve, control_sock)
         await pyfuse3.main()
         await service.mounts.close_all()
         nursery.cancel_scope.cancel()
@@ -111,6 +111,7 @@ def serve(site: Site, mountpoint: str, *, readonly: bool = False, writeback_cach
                             site.path)
                 writeback_cache = False
         settings = site.settings()  # (a bad bound refuses the mount, one line)
+        tls = site.tls_context()  # site.toml [tls]: the port speaks TLS only (one-line errors)
         core = site.open_fs(readonly=readonly, held_limit=settings.held_limit)
     except SiteError as e:
         site.unlock()
@@ -151,16 +152,18 @@ def serve(site: Site, mountpoint: str, *, readonly: bool = False, writeback_cach
         site.unlock()
         ready(f"{site.path}: {e}")
         return
-    log.info("mounted %s at %s%s; control port %s:%d", site.path, mountpoint,
-             " read-only" if readonly else "", host, port)
+    log.info("mounted %s at %s%s; control port %s:%d%s", site.path, mountpoint,
+             " read-only" if readonly else "", host, port, " (TLS)" if tls else "")
     from .rcp.server import insecure_listen_warning
-    service.security_warning = insecure_listen_warning(host)
+    service.security_warning = insecure_listen_warning(host) if tls is None else None
+    service.tls = tls is not None  # (status: "tls")
     if service.security_warning:
         log.warning("%s", service.security_warning)
     ready(None)
     unmounted = False
     try:
-        trio.run(_serve, service, float(cfg.get("commit_interval", 5.0)), control_sock, token)
+        trio.run(_serve, service, float(cfg.get("commit_interval", 5.0)), control_sock, token,
+                 tls)
         unmounted = True
     finally:
         try:

@@ -373,6 +373,16 @@ class Site:
             metrics_open=metrics_open,
         )
 
+    def tls_context(self):
+        """The daemon's ssl.SSLContext from site.toml [tls] (rcp/tls.py), or None without one;
+        its files checked (missing, unreadable, not PEM, the key not the certificate's, expired,
+        not signed by the CA): SiteError, one line."""
+        from .rcp.tls import TlsError, load
+        try:
+            return load(self.path, self.config(), str(self.config_path))
+        except TlsError as e:
+            raise SiteError(str(e)) from None
+
     def device(self, *, held_limit: int | None = None):
         """The volume stack the file system writes through, top to bottom: the change log
         (replication), the snapped volume (copy-on-first-write for snapshots), the image file.

@@ -46,6 +46,7 @@ def site_status(svc) -> dict:
         "snapshot_mounts": svc.mounts.mountpoints(),
         # the port listens beyond loopback without TLS (rcp/server.insecure_listen_warning)
         "security_warning": getattr(svc, "security_warning", None),
+        "tls": getattr(svc, "tls", False),  # the port speaks TLS only (site.toml [tls])
         **repl_status(svc),
     }
 

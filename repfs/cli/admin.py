@@ -19,6 +19,7 @@ import json
 import math
 import os
 import re
+import ssl
 import sys
 import time
 from urllib.parse import quote
@@ -61,10 +62,16 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="repfs-admin", description="Administer a repfs site.")
-    p.add_argument("--site", required=True, metavar="TARGET",
+    p.add_argument("--site", metavar="TARGET",  # (required but by `tls init`: _main)
                    help="HOST:PORT, a site directory or a repfs mount point")
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.add_argument("--token-file", help="control token (for a HOST:PORT target)")
+    # TLS to a HOST:PORT target whose site.toml has [tls] (all three; docs/security.md); a
+    # site directory's own [tls] is used without them
+    p.add_argument("--tls-ca", metavar="FILE", help="the CA that signed the daemon's "
+                                                    "certificate (HOST:PORT over TLS)")
+    p.add_argument("--tls-cert", metavar="FILE", help="our certificate (signed by that CA)")
+    p.add_argument("--tls-key", metavar="FILE", help="our certificate's key")
     p.add_argument("--timeout", type=_timeout, default=TIMEOUT, metavar="SECONDS",
                    dest="request_timeout",  # (not `timeout`: replicate policy has its own)
                    help=f"give up when the daemon does not answer a request within this "
@@ -133,17 +140,68 @@ def _parser() -> argparse.ArgumentParser:
     rd = rr.add_parser("delete", help="remove a route (all of GROUP's without NEXTHOP)")
     rd.add_argument("group")
     rd.add_argument("next_hop", nargs="?", metavar="NEXTHOP")
+    tl = sub.add_parser("tls", help="certificates for TLS (no --site needed)")
+    ts = tl.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    ti = ts.add_parser("init", help="make a CA in DIR (if it has none) and a certificate "
+                                    "for one site (or an administrator) signed by it")
+    ti.add_argument("dir", metavar="DIR", help="where the CA and the certificates live")
+    ti.add_argument("--site-name", required=True, metavar="NAME",
+                    help="the certificate's name: DIR/NAME.pem, DIR/NAME.key")
+    ti.add_argument("--host", required=True, metavar="HOST[,HOST...]",
+                    help="the host names and IP addresses clients dial to reach the site")
+    ti.add_argument("--days", type=int, default=825, help="validity (default 825)")
     return p
 
 
 # ----------------------------------------------------------------------------- reaching it
 
 class Target:
-    def __init__(self, site=None, address=None, token=None, timeout: float = TIMEOUT):
+    def __init__(self, site=None, address=None, token=None, timeout: float = TIMEOUT,
+                 tls=None):
         self.site = site
         self.address = address
         self.token = token
         self.timeout = timeout
+        self.tls = tls  # (ssl context, the certificate pinned or None) (rcp/tls.py)
+
+
+def _tls_of(site, a) -> tuple | None:
+    """The TLS a request to the target uses: a site directory's own [tls] (the daemon must
+    present the site's certificate), or --tls-ca/--tls-cert/--tls-key for HOST:PORT (the
+    daemon's certificate must be signed by that CA and name HOST); None: plain."""
+    from ..rcp import tls
+    given = [x for x in (a.tls_ca, a.tls_cert, a.tls_key) if x]
+    try:
+        if site is not None:
+            return tls.site_client(site.path)
+        if not given:
+            return None
+        if len(given) != 3:
+            raise QuietError("--tls-ca, --tls-cert and --tls-key go together (all three)", 2)
+        from pathlib import Path
+        return tls.client_context(tls.TlsFiles(Path(a.tls_cert), Path(a.tls_key),
+                                               Path(a.tls_ca))), None
+    except tls.TlsError as e:
+        raise QuietError(str(e)) from None
+
+
+def _tls_init(a) -> dict:
+    from ..rcp import tls
+    hosts = [h.strip() for h in a.host.split(",") if h.strip()]
+    try:
+        made_ca, files = tls.init(a.dir, a.site_name, hosts, days=a.days)
+    except tls.TlsError as e:
+        raise QuietError(str(e)) from None
+    out = {"ca_made": made_ca, "ca": str(files.ca), "cert": str(files.cert),
+           "key": str(files.key), "hosts": hosts}
+    if not a.json:
+        if made_ca:
+            print(f"made a CA: {files.ca} (its key {files.ca.with_suffix('.key')}, mode 0600: "
+                  "keep it off the sites)")
+        print(f"made {files.cert} and {files.key} for {a.site_name} ({', '.join(hosts)})")
+        print("add to the site's site.toml (copy the three files to its host first):")
+        print(f'[tls]\ncert = "{files.cert}"\nkey = "{files.key}"\nca = "{files.ca}"')
+    return out
 
 
 def _resolve(target: str, token_file: str | None) -> Target:
@@ -201,10 +259,18 @@ def call(t: Target, method: str, path: str, body: dict | None = None):
         raise QuietError(f"no daemon: site {t.site.path} is not mounted (mount it with: "
                          f"repfs mount {t.site.path} MOUNTPOINT)", NO_DAEMON)
     host, port = t.address
-    conn = http.client.HTTPConnection(host, port, timeout=t.timeout)
+    if t.tls is not None:  # (the daemon's port speaks TLS only: rcp/tls.py)
+        conn = http.client.HTTPSConnection(host, port, timeout=t.timeout, context=t.tls[0])
+    else:
+        conn = http.client.HTTPConnection(host, port, timeout=t.timeout)
     data = json.dumps(body).encode() if body is not None else None
     headers = {"Authorization": f"Bearer {t.token}", "Content-Type": "application/json"}
     try:
+        if t.tls is not None:
+            conn.connect()
+            if t.tls[1] is not None and conn.sock.getpeercert(binary_form=True) != t.tls[1]:
+                raise QuietError(f"TLS with the daemon at {host}:{port} failed: it presents "
+                                 f"another certificate than the site's [tls] cert")
         conn.request(method, "/v1" + path, body=data, headers=headers)
         resp = conn.getresponse()
         raw = resp.read()
@@ -215,6 +281,9 @@ def call(t: Target, method: str, path: str, body: dict | None = None):
     except ConnectionRefusedError:
         raise QuietError(f"no daemon at {host}:{port}: nothing listens there (is the site "
                          "mounted?)", NO_DAEMON) from None
+    except ssl.SSLError as e:
+        from ..rcp.tls import reason
+        raise QuietError(f"TLS with the daemon at {host}:{port} failed: {reason(e)}") from None
     except (http.client.HTTPException, ConnectionError) as e:
         raise QuietError(f"the daemon at {host}:{port} closed the connection without an "
                          f"answer ({e or type(e).__name__}); see its repfs.log",
@@ -364,8 +433,16 @@ def _main(argv) -> int:
     argv = [x for x in argv if x != "--json"]
     a = _parser().parse_args(argv)
     a.json = want_json
+    if a.verb == "tls":
+        out = _tls_init(a)
+        if a.json:
+            print(json.dumps(out, indent=2))
+        return 0
+    if a.site is None:
+        raise QuietError("the following arguments are required: --site", 2)
     t = _resolve(a.site, a.token_file)
     t.timeout = a.request_timeout
+    t.tls = _tls_of(t.site, a) if t.address else None
     out = None
     if a.verb == "status":
         out = call(t, "GET", "/status") if t.address or t.site is None else offline_status(t.site)

@@ -24,6 +24,9 @@ from ..repl.transport import (TIMEOUT, WINDOW, PermanentError, ReceiverClient,
                               TransientError, _Broken, _describe)
 from . import wire
 from .groups import GroupStore
+from .tls import TlsError, client_context, site_files
+from .tls import reason as tls_reason
+from .tls import wrap as tls_wrap
 
 # API path (as ReceiverClient sends it) -> message type; the server maps them back
 # (rcp/server.py ROUTES)
@@ -58,10 +61,13 @@ class RcpConnection:
     transport._Broken when the connection fails, Refused when the handshake is refused."""
 
     def __init__(self, host: str, port: int, *, group: str, secret: bytes, site: str,
-                 uuid: str, timeout: float = TIMEOUT, compress: bool = True, pace=None):
+                 uuid: str, timeout: float = TIMEOUT, compress: bool = True, pace=None,
+                 tls=None):
         """`compress`: offer zstd for the bulk bodies (the peer may refuse it); `pace`:
         called with each COPY or CHUNK frame's size before it is sent (the destination's
-        bandwidth limit, which may sleep)."""
+        bandwidth limit, which may sleep). `tls`: an ssl.SSLContext (rcp/tls.py
+        client_context): the session runs inside TLS, the server's certificate signed by the
+        CA and naming `host`."""
         self.timeout = timeout
         self.pace = pace
         self.where = f"{host}:{port}"
@@ -70,6 +76,11 @@ class RcpConnection:
         except OSError as e:
             raise _Broken(f"cannot connect to {host}:{port}: {_describe(e)}") from None
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if tls is not None:
+            try:
+                self.sock = tls_wrap(self.sock, tls, host, timeout=timeout)
+            except OSError as e:
+                raise _Broken(f"TLS with {host}:{port} failed: {tls_reason(e)}") from None
         self.conn = wire.Connection(wire.CLIENT, group=group, secret=secret, site=site,
                                     uuid=uuid, features=wire.FEATURES if compress else ())
         self.pending: collections.deque = collections.deque()  # seqs of unanswered requests
@@ -124,8 +135,8 @@ class RcpConnection:
             data = self.sock.recv(1 << 20)
         except socket.timeout:
             raise _Broken(f"no (whole) answer within {self.timeout:g} s") from None
-        except OSError as e:
-            raise _Broken(f"reading an answer: {_describe(e)}") from None
+        except OSError as e:  # (inside TLS: the peer may refuse our certificate here)
+            raise _Broken(f"reading an answer: {tls_reason(e)}") from None
         if not data:
             raise _Broken("the connection was closed before the answer" if not self.conn.buf
                           else "the connection was closed within an answer")
@@ -252,11 +263,16 @@ class RcpReceiverClient(ReceiverClient):
         if secret is None:
             raise PermanentError(f"this site holds no replication group {self.group!r} "
                                  f"(repfs-admin group add {self.group} --secret-file FILE)")
+        try:  # this site's [tls] (rcp/tls.py): then every session runs inside TLS
+            files = site_files(self.local)
+            tls = client_context(files) if files is not None else None
+        except TlsError as e:
+            raise TransientError(f"{self.address}: {e}") from None
         try:
             self.conn = RcpConnection(host, port, group=self.group, secret=secret,
                                       site=self.name, uuid=self.uuid,
                                       timeout=self.timeout, compress=self.compress,
-                                      pace=self.pace)
+                                      pace=self.pace, tls=tls)
         except _Broken as e:
             raise TransientError(f"{self.address}: {e}") from None
         except Refused as e:

@@ -204,6 +204,7 @@ class RcpServer:
 
 
 def _peer_name(stream) -> str:
+    stream = getattr(stream, "transport_stream", stream)  # (inside TLS: the TCP stream)
     try:
         addr = stream.socket.getpeername()
         return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"

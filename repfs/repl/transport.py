@@ -90,7 +90,10 @@ class HTTPConnection:
     oldest unanswered one's answer. Every request carries the bearer token; every answer
     must have a Content-Length; each answer must come within `timeout` seconds."""
 
-    def __init__(self, host: str, port: int, token: str, *, timeout: float = TIMEOUT):
+    def __init__(self, host: str, port: int, token: str, *, timeout: float = TIMEOUT,
+                 tls=None):
+        """`tls`: (context, certificate) of rcp/tls.py site_client: inside TLS, the server
+        must present that certificate (a site on this host, reached by its control.json)."""
         self.host = host
         self.timeout = timeout
         self.token = token
@@ -99,6 +102,12 @@ class HTTPConnection:
         except OSError as e:
             raise _Broken(f"cannot connect to {host}:{port}: {e}") from None
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if tls is not None:
+            from ..rcp.tls import reason, wrap
+            try:
+                self.sock = wrap(self.sock, tls[0], host, pin=tls[1], timeout=timeout)
+            except OSError as e:
+                raise _Broken(f"TLS with {host}:{port} failed: {reason(e)}") from None
         self.buf = bytearray()
         self.unanswered = 0
         self.closing = False  # an answer said "Connection: close"
@@ -210,8 +219,13 @@ class ReceiverClient:
             token = (site.path / "control.token").read_text().strip()
         except OSError as e:
             raise TransientError(f"cannot read the control token of {self.site_path}: {e}")
+        from ..rcp.tls import TlsError, site_client
+        try:  # the secondary's [tls] (rcp/tls.py): its port speaks TLS only
+            tls = site_client(site.path)
+        except TlsError as e:
+            raise TransientError(f"{self.site_path}: {e}") from None
         try:
-            self.conn = HTTPConnection(addr[0], addr[1], token, timeout=self.timeout)
+            self.conn = HTTPConnection(addr[0], addr[1], token, timeout=self.timeout, tls=tls)
         except _Broken as e:
             raise TransientError(f"{self.site_path}: {e}") from None
         return self.conn
