@@ -34,6 +34,8 @@ Routes (all under /v1):
 | GET | /repl/receiver | | a secondary's receiver state (for its primary) |
 | POST | /repl/attach, /start-playback, /commit | JSON | primary to secondary: attach, end of the initial copy, delta-set header |
 | POST | /repl/copy, /repl/chunk | octet-stream | primary to secondary: an initial-copy record, a delta chunk |
+| POST | /verify | {"to", "repair"?, "wait"?} | `verify --to DEST`: compare with a secondary at a delta-set boundary (repl/verify.py) |
+| POST | /repl/verify | {"step", "at", "generation", "ranges"?} | primary to secondary: verify's hold of playback and range hashes |
 | GET | /groups | | the replication groups' names (never their secrets) |
 | POST | /groups | {"name", "secret" (hex), "force"?} | `group add` (rcp/groups.py `GroupStore.put`) |
 | DELETE | /groups/NAME | | `group delete` (refused while the group has routes) |
@@ -869,6 +871,8 @@ class ControlServer:
             verb = parts[1]
             if verb == "receiver" and method == "GET":
                 return svc.secondary.info()
+            if verb == "verify" and method == "POST":  # (its arguments: verify.py checks)
+                return await svc.secondary.verify.request(args)
             if method == "POST":
                 if verb == "attach":
                     prim = _scalar_map(args.get("primary"), "primary", 16, MAX_PATH)
@@ -893,6 +897,16 @@ class ControlServer:
                         if k in args:
                             _uint(args[k], k)
                     return await svc.secondary.commit(args)
+        if parts == ["verify"] and method == "POST":
+            to = args.get("to")
+            if not isinstance(to, str) or not 0 < len(to) <= MAX_PATH or not to.isprintable():
+                raise HTTPError(400, f"bad destination {_short(to)} (want its name, site "
+                                     "directory or HOST:PORT)")
+            wait = _seconds(args.get("wait"), "wait")
+            from .repl.verify import WAIT, answer
+            return answer(await svc.verifier.run(
+                to, repair=_bool(args.get("repair"), "repair", False),
+                wait=WAIT if wait is None else wait))
         if parts and parts[0] in ("groups", "routes"):
             return await _rcp_config(svc.site.path, method, parts, args)
         raise HTTPError(404 if method in ("GET", "POST", "DELETE") else 405,

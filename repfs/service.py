@@ -11,6 +11,7 @@ in the daemon's trio run, and every snapshot operation happens at a consistency 
 | `replicate` | `repfs/repl/verbs.py` | replicate start, stop, policy, deltaset |
 | `primary` | `repfs/repl/sender.py` | at a primary: cut and copy loops, send tasks |
 | `secondary` | `repfs/repl/secondary.py` | the receiver's endpoints and the playback loop |
+| `verifier` | `repfs/repl/verify.py` | verify --to DEST (and, at a secondary, `secondary.verify`) |
 
 Kernel-cache invalidation after a change underneath the file system (restore, playback) is
 `repfs/fs/invalidate.py`."""
@@ -37,6 +38,7 @@ from .repl.receiver import Receiver
 from .repl.secondary import Secondary
 from .repl.sender import Primary
 from .repl.verbs import ReplicateVerbs
+from .repl.verify import PrimaryVerify
 from .status import site_status
 
 log = logging.getLogger(__name__)
@@ -67,6 +69,7 @@ class SiteService:
         self.mounts = SnapshotMounts(self)
         self.remounter = Remounter(self)
         self.replicate = ReplicateVerbs(self)
+        self.verifier = PrimaryVerify(self)
 
     async def run(self, nursery) -> None:
         """Start the background tasks of the site's role."""

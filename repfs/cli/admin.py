@@ -140,6 +140,14 @@ def _parser() -> argparse.ArgumentParser:
     rd = rr.add_parser("delete", help="remove a route (all of GROUP's without NEXTHOP)")
     rd.add_argument("group")
     rd.add_argument("next_hop", nargs="?", metavar="NEXTHOP")
+    vf = sub.add_parser("verify", help="compare a secondary with this primary block by block "
+                                       "at a delta-set boundary (exit 1: they differ)")
+    vf.add_argument("--to", required=True, metavar="DEST",
+                    help="the destination: its name, site directory or HOST:PORT")
+    vf.add_argument("--repair", action="store_true",
+                    help="re-send the differing blocks, then verify again")
+    vf.add_argument("--wait", type=_seconds, metavar="SECONDS",
+                    help="how long to wait for DEST to play a delta set (default 120)")
     tl = sub.add_parser("tls", help="certificates for TLS (no --site needed)")
     ts = tl.add_subparsers(dest="action", required=True, parser_class=_Parser)
     ti = ts.add_parser("init", help="make a CA in DIR (if it has none) and a certificate "
@@ -499,9 +507,45 @@ def _main(argv) -> int:
         out = _group(t, a)
     elif a.verb == "route":
         out = _route(t, a)
+    elif a.verb == "verify":
+        out = _verify(t, a)
     if a.json:
         print(json.dumps(out, indent=2))
+    if a.verb == "verify" and not out["in_sync"]:
+        return 1  # (they differ: said on stdout)
     return 0
+
+
+def _verify(t: Target, a) -> dict:
+    to = a.to
+    if "/" in to or to in (".", ".."):  # a site directory (a name or HOST:PORT has none)
+        to = os.path.abspath(to)
+    out = call(t, "POST", "/verify", {"to": to, "repair": a.repair, "wait": a.wait})
+    if a.json:
+        return out
+    rep = out.get("repaired")
+    if rep:
+        print(f"{out['destination']} differed in {rep['blocks']} blocks at delta set "
+              f"{rep['before']['delta_set']}; re-sent in delta set {rep['delta_set']}")
+    if out["in_sync"]:
+        print(f"{out['destination']}: in sync at delta set {out['delta_set']} "
+              f"({out['ranges_hashed']} range hashes compared)")
+        return out
+    print(f"{out['destination']}: differs at delta set {out['delta_set']}: "
+          f"{out['differing_blocks']} blocks"
+          + (" at least (too many to descend; whole ranges listed)" if out["truncated"]
+             else ""))
+    for r in out["differences"]:
+        first, n = r["start"], r["count"]
+        where = f"block {first}" if n == 1 else f"blocks {first}-{first + n - 1}"
+        print(f"  {where}: {', '.join(r['owners']) or 'no file'}")
+    if not out.get("listed_all", True):
+        print("  ... (more not listed: --json has the first ones too)")
+    if out["files"]:
+        print(f"files: {' '.join(out['files'])}")
+    if not rep:
+        print(f"(repfs-admin --site {a.site} verify --to {a.to} --repair re-sends them)")
+    return out
 
 
 def _remote_destinations(to: str) -> list[str] | None:

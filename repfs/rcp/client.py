@@ -34,6 +34,9 @@ TYPE_OF = {"/v1/repl/receiver": "INFO", "/v1/repl/attach": "ATTACH", "/v1/repl/c
            "/v1/repl/start-playback": "START_PLAYBACK", "/v1/repl/chunk": "CHUNK",
            "/v1/repl/commit": "COMMIT"}
 STATUS_OF = {"rejected": 400, "permanent": 409, "transient": 503}
+# API path -> the op of the CONTROL message that carries it {op, args: the JSON body}
+# (rcp/server.py CONTROL_ROUTES maps it back)
+CONTROL_OP_OF = {"/v1/repl/verify": "verify"}
 
 
 class Refused(Exception):
@@ -157,9 +160,14 @@ class RcpConnection:
     def send_request(self, method: str, target: str, body=b"",
                      ctype: str = "application/octet-stream") -> None:
         name = TYPE_OF.get(target)
+        if name is None and target in CONTROL_OP_OF:
+            name = "CONTROL"
         if name is None:
             raise ValueError(f"{method} {target} has no RCP message")
-        if wire.BY_NAME[name].raw:
+        if name == "CONTROL":
+            payload = {"op": CONTROL_OP_OF[target],
+                       "args": json.loads(bytes(body)) if len(body) else {}}
+        elif wire.BY_NAME[name].raw:
             payload = body
         else:
             payload = json.loads(bytes(body)) if len(body) else {}

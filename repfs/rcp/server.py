@@ -41,6 +41,9 @@ ROUTES = {
     "CHUNK": (b"POST", b"/v1/repl/chunk", "raw"),
     "COMMIT": (b"POST", b"/v1/repl/commit", "json"),
 }
+# CONTROL {op, args}: op -> (method, API path) of the HTTP route that takes args as its JSON
+# body (rcp/client.py CONTROL_OP_OF)
+CONTROL_ROUTES = {"verify": (b"POST", b"/v1/repl/verify")}
 UPLOADS = ("COPY", "CHUNK")
 AFTER_FAILED = ("not applied: an earlier upload pipelined on this session failed; send again "
                 "from that one")
@@ -180,10 +183,20 @@ class RcpServer:
         """Run one request through the HTTP route of its endpoint: (status, error message,
         result)."""
         route = ROUTES.get(msg.type)
+        if msg.type == "CONTROL" and msg.body["op"] in CONTROL_ROUTES:
+            route = (*CONTROL_ROUTES[msg.body["op"]], "json")
         if route is None:
-            return 409, f"{msg.type} is not served by this build", None
+            what = (f"CONTROL {_short(msg.body['op'])}" if msg.type == "CONTROL"
+                    else msg.type)
+            return 409, f"{what} is not served by this build", None
         method, target, body_kind = route
-        if body_kind == "raw":
+        if msg.type == "CONTROL":
+            try:
+                body = json.dumps(msg.body["args"]).encode()
+            except (TypeError, ValueError) as e:
+                return 400, f"bad CONTROL {msg.body['op']} arguments: {e}", None
+            ctype = b"application/json"
+        elif body_kind == "raw":
             ctype, body = b"application/octet-stream", msg.body
         else:
             doc = dict(msg.body)

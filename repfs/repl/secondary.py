@@ -16,6 +16,7 @@ from ..tasks import describe, is_transient
 from .chunk import ChunkError
 from .deltaset import PIN_PREFIX
 from .receiver import ReceiveError, attach_refusal
+from .verify import PURPOSE as VERIFY_PURPOSE, SecondaryVerify
 from ..snap.store import SnapError
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,7 @@ class Secondary:
         self.lock = trio.Lock()  # one receiver request at a time (they run in worker threads)
         self.playing = False  # the playback loop runs
         self.playback_ms: list[float] = []
+        self.verify = SecondaryVerify(self)  # verify's hold of playback, hashes (verify.py)
 
     # ------------------------------------------------------------------ receiver endpoints
 
@@ -85,7 +87,8 @@ class Secondary:
         site cannot delete them."""
         layer = self.svc.layer
         for snap in [s for s in list(layer.store.queue) if s.name.startswith(PIN_PREFIX)
-                     or (s.name.startswith("repl-init-") and "destination" in s.attrs)]:
+                     or (s.name.startswith("repl-init-") and "destination" in s.attrs)
+                     or s.attrs.get("purpose") == VERIFY_PURPOSE]:
             layer.delete(snap)
 
     async def _store(self, fn, *args):
@@ -189,6 +192,8 @@ class Secondary:
                 continue
             rec = self.receiver.next_to_play()
             if rec is None:
+                continue
+            if self.verify.holds(rec["number"]):  # a verify compares the volume as it is
                 continue
             pol = self.policy()
             waiting = self.receiver.incoming()

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 # diff) is deleted at the next mount or diff.
 DIFF_PIN_PREFIX = "diff-pin-"
 DIFF_PURPOSE = "diff"
-_HIDDEN = ("delta set", DIFF_PURPOSE)  # internal snapshots' purposes
+_HIDDEN = ("delta set", DIFF_PURPOSE, "verify")  # internal snapshots' purposes
 
 
 class SnapshotVerbs:
