@@ -864,7 +864,12 @@ class ControlServer:
                     "playback_timeout": _seconds(args.get("playback_timeout"),
                                                  "playback_timeout"),
                     "playback_hwm": _size(args.get("playback_hwm"), "playback_hwm"),
-                    "retention": _seconds(args.get("retention"), "retention")})
+                    "retention": _seconds(args.get("retention"), "retention"),
+                    # one destination's own policy (repl/sender.py DEST_POLICY)
+                    "to": (None if args.get("to") is None
+                           else _lookup_name(args.get("to"), "destination name")),
+                    "bwlimit": _size(args.get("bwlimit"), "bandwidth limit (bwlimit)"),
+                    "compress": _bool(args.get("compress"), "compress", None)})
             if verb == "deltaset":
                 return await svc.replicate.deltaset(wait=_bool(args.get("wait"), "wait", True))
         if parts and parts[0] == "repl" and len(parts) == 2:

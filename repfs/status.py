@@ -72,7 +72,10 @@ def _primary_status(svc) -> dict:
         row = {k: d.get(k) for k in ("name", "site", "kind", "group", "state", "error",
                                      "last_error")}
         row.update(acked_delta_set=d["acked"], played_delta_set=d["played"],
-                   lag_seconds=round(p.lag(d), 3) if d["state"] != "stopped" else None)
+                   lag_seconds=round(p.lag(d), 3) if d["state"] != "stopped" else None,
+                   # its own policy (replicate policy --to NAME): bytes/s, 0 for none
+                   bwlimit=d.get("bwlimit", 0),  # (compression: on RCP sessions only)
+                   compress=d.get("compress", True) if d.get("kind") == "rcp" else None)
         if d["state"] == "initial-copy":
             row["copy_progress"] = {"copied_blocks": d.get("copied", 0),
                                     "position": d.get("copy_pos", 0),

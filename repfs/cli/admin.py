@@ -43,6 +43,19 @@ def _timeout(text: str) -> float:
     return v
 
 
+def _bwlimit(text: str | None) -> int | None:
+    """--bwlimit: bytes per second (10M, 512K), or 0 / none for no limit."""
+    if text is None:
+        return None
+    if text.strip().lower() in ("0", "none", "off"):
+        return 0
+    from . import parse_size
+    rate = parse_size(text)
+    if rate < 64 << 10:
+        raise QuietError(f"--bwlimit {text}: at least 64K bytes per second (or 0 for none)", 2)
+    return rate
+
+
 def _seconds(text: str) -> float:
     """A time setting: finite seconds, from 0 to ten years (what the control port accepts)."""
     try:
@@ -119,6 +132,15 @@ def _parser() -> argparse.ArgumentParser:
     po.add_argument("--playback-hwm", help="secondary: or once this much data waits (e.g. 64M)")
     po.add_argument("--retention", type=_seconds,
                     help="primary: seconds to keep delta-set block lists (default 7 days)")
+    po.add_argument("--to", metavar="NAME",
+                    help="primary: show or set destination NAME's own policy (--bwlimit, "
+                         "--compress)")
+    po.add_argument("--bwlimit", metavar="RATE",
+                    help="with --to: at most RATE bytes per second to it, e.g. 10M (binary "
+                         "units; at least 64K), 0 or none: no limit")
+    po.add_argument("--compress", choices=("on", "off"),
+                    help="with --to: compress chunks on the wire to it (zstd, where it pays; "
+                         "on by default)")
     ds = rs.add_parser("deltaset", help="cut a delta set now")
     ds.add_argument("--no-wait", action="store_true", help="do not wait until it is ready")
     gp = sub.add_parser("group", help="replication groups: a name and a secret shared by sites")
@@ -419,8 +441,10 @@ def _print_status(st: dict) -> None:
                 state += f" ({d['error']})"
             lag = d["lag_seconds"]
             rows.append([d["name"], state, d["acked_delta_set"], d["played_delta_set"],
-                         "-" if lag is None else f"{lag:.1f}s", d["site"]])
-        print(_table(rows, ["DESTINATION", "STATE", "ACKED", "PLAYED", "LAG", "SITE"]))
+                         "-" if lag is None else f"{lag:.1f}s",
+                         f"{_human(d['bwlimit'])}/s" if d.get("bwlimit") else "-", d["site"]])
+        print(_table(rows, ["DESTINATION", "STATE", "ACKED", "PLAYED", "LAG", "BWLIMIT",
+                            "SITE"]))
     if st.get("outstanding_delta_sets"):
         print()
         rows = [[x["delta_set"], x.get("state", "received"), x["blocks"], x["created"],
@@ -697,9 +721,16 @@ def _replicate(t: Target, a):
         for k in ("timeout", "playback_timeout", "retention"):
             if body[k] is not None and body[k] < 0:
                 raise QuietError(f"--{k.replace('_', '-')} must not be negative", 2)
+        if a.to is not None or a.bwlimit is not None or a.compress is not None:
+            body.update(to=a.to, bwlimit=_bwlimit(a.bwlimit),
+                        compress=None if a.compress is None else a.compress == "on")
         out = call(t, "POST", "/replicate/policy", body)
         if not a.json:
             for k, v in out.items():
+                if k == "bwlimit":
+                    v = f"{_human(v)}/s" if v else "none"
+                elif k == "compress":
+                    v = "on" if v else "off"
                 print(f"{k:17s} {_human(v) if k.endswith('hwm') else v}")
     elif act == "deltaset":
         out = call(t, "POST", "/replicate/deltaset", {"wait": not a.no_wait})

@@ -31,6 +31,46 @@ BS = 4096
 COPY_PIECE = 256  # blocks per initial-copy request
 DEFAULT_POLICY = {"timeout": 5.0, "hwm": 64 << 20, "playback_timeout": 0.0,
                   "playback_hwm": 64 << 20, "retention": 7 * 86400.0}
+# a destination's own policy, kept in its record (`replicate policy --to NAME`): its bandwidth
+# limit in bytes per second (0: none) and whether its RCP sessions offer zstd compression
+DEST_POLICY = {"bwlimit": 0, "compress": True}
+MIN_BWLIMIT = 64 << 10  # a chunk frame (up to 1 MiB) goes within the peer's idle timeout
+BURST = 0.5  # s of the limit a destination may send at once after a pause
+
+
+class TokenBucket:
+    """A bandwidth limit: `take(n)` before n bytes go on the wire sleeps as long as needed
+    for the bytes taken to stay within `rate` bytes per second (0: no limit) plus a burst
+    of BURST seconds' worth. A body larger than the bucket is taken whole (the bucket goes
+    into debt, and the next take sleeps it off), so bodies of any size pass at the rate.
+    `rate` may be changed at any time (the policy verb, from another thread); `sleep` is
+    where the sender's worker thread waits (and learns it was stopped)."""
+
+    def __init__(self, rate: int = 0, *, clock=time.monotonic, sleep=time.sleep):
+        self.rate = rate
+        self.clock, self.sleep = clock, sleep
+        self.tokens = 0.0
+        self.stamp: float | None = None
+
+    def take(self, n: int) -> float:
+        """Account for n bytes; returns the seconds slept."""
+        rate = self.rate
+        if not rate:
+            self.stamp = None  # (a limit set later starts with a full bucket)
+            return 0.0
+        now = self.clock()
+        cap = rate * BURST
+        if self.stamp is None:
+            self.tokens = cap
+        else:
+            self.tokens = min(cap, self.tokens + (now - self.stamp) * rate)
+        self.stamp = now
+        self.tokens -= n
+        if self.tokens >= 0:
+            return 0.0
+        wait = -self.tokens / rate  # (refilled by the next take: its clock has moved on)
+        self.sleep(wait)
+        return wait
 
 
 def make_client(service, d: dict) -> ReceiverClient:
@@ -41,7 +81,8 @@ def make_client(service, d: dict) -> ReceiverClient:
         from ..rcp.client import RcpReceiverClient
         return RcpReceiverClient(d["site"], group=d["group"], local=service.site.path,
                                  uuid=service.core.sb.uuid.hex(),
-                                 name=identity(service, d)["site"])
+                                 name=identity(service, d)["site"],
+                                 compress=d.get("compress", True))
     return ReceiverClient(service.peer(d["site"]))
 
 
@@ -68,6 +109,25 @@ class SendTask:
         self.stop = threading.Event()
         self.ended = trio.Event()
         self.client: ReceiverClient | None = None
+        self.bucket = TokenBucket(sleep=self._sleep)  # the destination's bandwidth limit
+
+    def _sleep(self, seconds: float) -> None:
+        """In a worker thread: wait for the bandwidth limit; Superseded once cancelled."""
+        if self.stop.wait(seconds):
+            raise Superseded()
+
+    def pace(self, client: ReceiverClient, d: dict):
+        """Apply destination `d`'s policy to this task: its limit to the bucket, which an
+        RCP client applies to its frames as they go on the wire (returns None); for a local
+        destination, returns the bucket's `take` for the bodies' generator."""
+        self.bucket.rate = d.get("bwlimit", 0)
+        if hasattr(client, "pace"):
+            client.pace = self.bucket.take
+            if client.compress != d.get("compress", True):  # (the next session offers it)
+                client.compress = d.get("compress", True)
+                client.close()
+            return None
+        return self.bucket.take
 
     def cancel(self) -> None:
         self.stop.set()
@@ -130,8 +190,32 @@ class Primary:
         return json.loads(raw) if raw else None
 
     def put_dest(self, d: dict) -> None:
+        """Record destination `d`; its policy (DEST_POLICY's keys) is the recorded one, set
+        only by `set_dest_policy` (a send task's copy of the record may predate a change;
+        a destination started again keeps its policy). `d` gets the recorded policy too."""
         with self.env.begin(write=True, db=self.db_dests) as txn:
+            old = txn.get(d["name"].encode())
+            old = json.loads(old) if old else {}
+            for k in DEST_POLICY:
+                d.pop(k, None)
+                if k in old:
+                    d[k] = old[k]
             txn.put(d["name"].encode(), json.dumps(d).encode())
+
+    def set_dest_policy(self, name: str, **changes) -> dict:
+        """Change destination `name`'s own policy (None: unchanged); its whole policy. A
+        running send task takes the limit at once, compression from its next session."""
+        with self.env.begin(write=True, db=self.db_dests) as txn:
+            raw = txn.get(name.encode())
+            if raw is None:
+                raise KeyError(name)
+            d = json.loads(raw)
+            d.update({k: v for k, v in changes.items() if k in DEST_POLICY and v is not None})
+            txn.put(name.encode(), json.dumps(d).encode())
+        task = self.tasks.get(name)
+        if task is not None:
+            task.bucket.rate = d.get("bwlimit", 0)
+        return {k: d.get(k, v) for k, v in DEST_POLICY.items()}
 
     def del_dest(self, name: str) -> None:
         with self.env.begin(write=True, db=self.db_dests) as txn:
@@ -346,6 +430,7 @@ class Primary:
         where the receiver says it holds the copy whole (after a crash of either side, its
         durable position, which may be behind what was sent)."""
         d = self.dest(name)
+        take = me.pace(client, d)  # (None: the RCP client paces its frames itself)
         layer = self.service.layer
         snap = self.service.store.find(d["snapshot"])
         gen = self.sets.generation
@@ -389,6 +474,8 @@ class Primary:
                     while c:
                         m = min(c, COPY_PIECE)
                         me.check()
+                        if take is not None:
+                            take(m * BS)
                         yield gen, s, layer.read_snapshot(snap, s, m)
                         d["copied"] = d.get("copied", 0) + m
                         self.sent_bytes += m * BS
@@ -418,6 +505,7 @@ class Primary:
                    me: SendTask) -> bool:
         """Send the next delta set the destination lacks; False when there is none ready."""
         d = self.dest(name)
+        take = me.pace(client, d)  # (None: the RCP client paces its frames itself)
         info = client.info()
         if info.get("role") != "secondary" or info.get("state") != "replicating":
             raise PermanentError(f"{d['site']} is no longer a replicating secondary")
@@ -447,6 +535,8 @@ class Primary:
                 me.check()
                 if number >= skip:
                     sent[0] += len(raw)
+                    if take is not None:
+                        take(len(raw))
                     yield raw
         try:
             client.send_chunks(wanted(), window=self.send_window)

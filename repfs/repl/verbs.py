@@ -14,7 +14,7 @@ from ..snap.store import NAME_RULE, SnapError, valid_name
 from ..tasks import describe
 from ..rcp.client import parse_address
 from ..rcp.groups import GroupStore
-from .sender import Primary, identity, make_client
+from .sender import DEST_POLICY, MIN_BWLIMIT, Primary, identity, make_client
 from .transport import PermanentError, TransientError
 
 log = logging.getLogger(__name__)
@@ -200,6 +200,10 @@ class ReplicateVerbs:
 
     async def policy(self, changes: dict) -> dict:
         svc = self.svc
+        to = changes.get("to")
+        own = {k: changes.get(k) for k in DEST_POLICY if changes.get(k) is not None}
+        if to is not None or own:
+            return await self._dest_policy(to, own, changes)
         if svc.primary is None:
             return await svc.secondary.set_policy(changes)
         bad = {"playback_timeout", "playback_hwm"} & {k for k, v in changes.items()
@@ -208,6 +212,34 @@ class ReplicateVerbs:
             raise SnapError("--playback-timeout and --playback-hwm are set on a secondary")
         return svc.primary.set_policy(**{k: changes.get(k) for k in ("timeout", "hwm",
                                                                      "retention")})
+
+    async def _dest_policy(self, to: str | None, own: dict, changes: dict) -> dict:
+        """`replicate policy --to NAME [--bwlimit RATE] [--compress on|off]`: destination
+        NAME's own policy, shown or changed (nothing changes if anything is wrong)."""
+        if to is None:
+            raise SnapError(f"--{'/--'.join(sorted(own))} is set per destination: give --to "
+                            f"NAME (repfs-admin status lists them)", "invalid")
+        site_wide = sorted(k for k, v in changes.items()
+                           if v is not None and k not in DEST_POLICY and k != "to")
+        if site_wide:
+            raise SnapError(f"--{', --'.join(k.replace('_', '-') for k in site_wide)} "
+                            f"apply to the whole site: set them without --to", "invalid")
+        p = self._need_primary()
+        rate = own.get("bwlimit")
+        if rate is not None and 0 < rate < MIN_BWLIMIT:
+            raise SnapError(f"bandwidth limit of {rate} bytes/s is too low: at least "
+                            f"{MIN_BWLIMIT >> 10}K (a chunk of 1 MiB must pass within the "
+                            f"peer's idle timeout), or 0 for none", "invalid")
+        if p.dest(to) is None:
+            raise SnapError(f"no destination named {to!r}", "not_found")
+        try:  # (a durable LMDB commit: not in the trio thread)
+            out = await trio.to_thread.run_sync(lambda: p.set_dest_policy(to, **own))
+        except KeyError:
+            raise SnapError(f"no destination named {to!r}", "not_found") from None
+        if own:
+            log.info("destination %s: policy %s", to,
+                     ", ".join(f"{k}={v}" for k, v in sorted(own.items())))
+        return {"destination": to, **out}
 
     async def deltaset(self, wait: bool = True) -> dict:
         svc = self.svc
