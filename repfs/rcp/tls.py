@@ -143,7 +143,11 @@ def server_context(files: TlsFiles) -> ssl.SSLContext:
     """The daemon's: its certificate, and a CA-signed certificate required of every peer."""
     check(files)
     try:
-        return _context(ssl.Purpose.CLIENT_AUTH, files)
+        ctx = _context(ssl.Purpose.CLIENT_AUTH, files)
+        # no TLS 1.3 session tickets: nothing resumes sessions, and a ticket arriving on an
+        # idle client connection would make it look closed (RcpConnection.alive polls it)
+        ctx.num_tickets = 0
+        return ctx
     except (ssl.SSLError, OSError) as e:
         raise TlsError(f"[tls] cannot be used: {reason(e)}") from None
 
