@@ -118,7 +118,7 @@ def check(files: TlsFiles) -> None:
     except TypeError:
         raise TlsError(f"[tls] key {files.key} is encrypted (a daemon cannot ask for its "
                        f"password): store it unencrypted, mode 0600") from None
-    except (ValueError, Exception) as e:  # noqa: BLE001 - (unsupported key types too)
+    except Exception as e:  # noqa: BLE001 - ValueError, and unsupported key types
         raise TlsError(f"[tls] key {files.key} is not a PEM private key "
                        f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     pub = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -127,7 +127,7 @@ def check(files: TlsFiles) -> None:
                        f"certificate's key?)")
     try:
         cert.verify_directly_issued_by(ca)
-    except (ValueError, TypeError, Exception):  # noqa: BLE001 - InvalidSignature and kin
+    except Exception:  # noqa: BLE001 - InvalidSignature, ValueError, TypeError
         raise TlsError(f"[tls] cert {files.cert} is not signed by ca {files.ca}") from None
 
 
