@@ -10,22 +10,23 @@ reads back equal on the secondary. Bad input gets one line and a non-zero exit.
 from __future__ import annotations
 
 import json
-import os
+import time
 from pathlib import Path
 
 from tests.conftest import run_repfs
-from tests.t2_rcp import GROUP, address, port_of, remote_pair
-from tests.t2_repl import admin, cut, start_replication, status, wait_converged
+from tests.t2_rcp import GROUP, address, remote_pair
+from tests.t2_repl import admin, api, cut, start_replication
 
 BS = 4096
 MARK = b"VERIFY-VICTIM-%04d"
+OTHER = b"VERIFY-OTHER-%04d"
 
 
-def victim_data(blocks: int = 8) -> bytes:
+def victim_data(mark: bytes = MARK, blocks: int = 8) -> bytes:
     """File content whose every block starts with a marker naming it (found in a volume)."""
     out = bytearray()
     for i in range(blocks):
-        out += (MARK % i).ljust(BS, bytes([i + 1]))
+        out += (mark % i).ljust(BS, bytes([i + 1]))
     return bytes(out)
 
 
@@ -60,67 +61,88 @@ def verify_json(m1, to, *args) -> tuple[int, dict]:
     return r.returncode, json.loads(r.stdout)
 
 
-def damage_and_repair(m1, m2, to: str, mount_args=(), *, text: bool = True) -> None:
-    """Damage one block of /dir/victim.bin in the secondary's volume, then find and repair
-    it (`text`: also check the text output of a verify that finds it)."""
-    m1.expect_log("differs at delta set")  # (a differing secondary is a warning)
-    (m1.path / "dir").mkdir()
-    data = victim_data()
-    (m1.path / "dir" / "victim.bin").write_bytes(data)
-    (m1.path / "other.bin").write_bytes(os.urandom(64 << 10))
-    wait_converged(m1, m2, cut(m1))
-    r = verify(m1, to)
-    assert r.returncode == 0, r.stderr
-    assert "in sync at delta set" in r.stdout, r.stdout
+def wait_played(m1, n: int, timeout: float = 60.0) -> None:
+    """Until every destination of `m1` has played delta set `n`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        ds = api(m1.site, "GET", "/status")["destinations"]
+        if all(d["played_delta_set"] >= n for d in ds):
+            return
+        assert time.monotonic() < deadline, ds
+        time.sleep(0.1)
 
-    # damage block 3 of the file in the secondary's volume (unmounted meanwhile)
-    b = block_of(m2.site, MARK % 3)
-    run_repfs("umount", m2.path)
-    with open(m2.site / "volume.img", "r+b") as f:
+
+def damage(m, b: int, mount_args=()) -> None:
+    """Overwrite block `b` of `m`'s volume.img with garbage, the site unmounted meanwhile."""
+    run_repfs("umount", m.path)
+    with open(m.site / "volume.img", "r+b") as f:
         f.seek(b * BS)
         f.write(b"\xa5" * BS)
-    run_repfs("mount", m2.site, m2.path, *mount_args)
-    assert (m2.path / "dir" / "victim.bin").read_bytes() != data  # (the damage shows)
+    run_repfs("mount", m.site, m.path, *mount_args)
 
-    if text:
-        r = verify(m1, to)
-        assert r.returncode == 1, (r.stdout, r.stderr)
-        assert f"block {b}: /dir/victim.bin" in r.stdout, r.stdout
-        assert "differs at delta set" in r.stdout and "1 blocks" in r.stdout, r.stdout
-    rc, doc = verify_json(m1, to, "--repair")
-    assert rc == 0, doc
+
+def check_repair(doc: dict, b: int, path: str) -> None:
+    """`verify --repair --json`'s answer: block `b` of `path` differed, was re-sent, and the
+    verify after it, at a later boundary, is in sync."""
     before = doc["repaired"]["before"]
     assert not before["in_sync"] and before["differing_blocks"] == 1, before
-    assert before["files"] == ["/dir/victim.bin"], before
-    assert before["differences"] == [{"start": b, "count": 1, "owners": ["/dir/victim.bin"]}]
-    # verified again after the repair, at a later boundary: in sync
+    assert before["files"] == [path], before
+    assert before["differences"] == [{"start": b, "count": 1, "owners": [path]}], before
     assert doc["in_sync"] and doc["differing_blocks"] == 0, doc
     assert doc["delta_set"] > doc["repaired"]["delta_set"] > before["delta_set"], doc
-    # the secondary's kernel cache of the file dropped (it was read damaged above)
-    assert (m2.path / "dir" / "victim.bin").read_bytes() == data
-    # no verify snapshot left on the primary, none shown
-    assert not [s for s in status(m1.path)["snapshots"] if "verify" in s["name"]]
 
 
-def test_verify_local_destination(mount_site):
-    m1 = mount_site("256M", name="s1")
-    m2 = mount_site("256M", name="s2")
-    admin(m1.path, "replicate", "policy", "--timeout", "3600", "--hwm", "100G")
+def test_verify_local_and_over_rcp(mount_site):
+    """A primary with a secondary on this host ("local", by its control port) and one over
+    RCP (s2): both in sync; a block of a different file damaged on each, found with the file's
+    path, repaired, read back equal (each secondary's kernel had the damaged pages cached)."""
+    m1, m3 = remote_pair(mount_site)  # (s1 and s2 listen on 127.0.0.1 and hold GROUP)
+    m2 = mount_site("256M", name="local")
+    m1.expect_log("differs at delta set")  # (a differing secondary is a warning)
     start_replication(m1, m2)
-    r = verify(m1, "s2")  # by its name (then by its site directory)
-    assert r.returncode == 0 and "s2: in sync at delta set" in r.stdout, (r.stdout, r.stderr)
-    damage_and_repair(m1, m2, str(m2.site))
+    to3 = address(m3)
+    start_replication(m1, m3, "--group", GROUP, to=to3)
+    (m1.path / "dir").mkdir()
+    data, other = victim_data(), victim_data(OTHER)
+    (m1.path / "dir" / "victim.bin").write_bytes(data)
+    (m1.path / "other.bin").write_bytes(other)
+    wait_played(m1, cut(m1))
+
+    r = verify(m1, "local")  # by its name (also: its site directory, HOST:PORT)
+    assert r.returncode == 0 and "local: in sync at delta set" in r.stdout, (r.stdout, r.stderr)
+    rc, doc = verify_json(m1, to3)
+    assert rc == 0 and doc["in_sync"] and doc["destination"] == to3, doc
+    assert doc["ranges_hashed"] == 64, doc  # (the top level alone: nothing descended)
+
+    # one block of victim.bin damaged on "local", one of other.bin on s2
+    b2 = block_of(m2.site, MARK % 3)
+    b3 = block_of(m3.site, OTHER % 5)
+    damage(m2, b2)
+    damage(m3, b3, ("--listen", to3))
+    for m, name, want in ((m2, "dir/victim.bin", data), (m3, "other.bin", other)):
+        assert (m.path / name).read_bytes() != want  # (the damage shows, and is cached)
+
+    r = verify(m1, str(m2.site))
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert f"block {b2}: /dir/victim.bin" in r.stdout, r.stdout
+    assert "differs at delta set" in r.stdout and "1 blocks" in r.stdout, r.stdout
+    assert "files: /dir/victim.bin" in r.stdout, r.stdout
+
+    rc, doc = verify_json(m1, to3, "--repair")  # (over RCP)
+    assert rc == 0, doc
+    check_repair(doc, b3, "/other.bin")
+    r = verify(m1, "local", "--repair")
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert "local differed in 1 blocks" in r.stdout and "local: in sync" in r.stdout, r.stdout
+    assert (m2.path / "dir" / "victim.bin").read_bytes() == data
+    assert (m3.path / "other.bin").read_bytes() == other
+    # no verify snapshot left on the primary, none shown
+    assert not [s for s in api(m1.site, "GET", "/status")["snapshots"]
+                if "verify" in s["name"]]
+
     # bad input: one line, non-zero
     r = verify(m1, "nosuch")
     assert r.returncode == 1 and "no destination 'nosuch'" in r.stderr, r.stderr
-    assert "replicates to: s2" in r.stderr, r.stderr
+    assert "replicates to: " in r.stderr and "local" in r.stderr, r.stderr
     r = verify(m2, str(m1.site))  # a secondary is not the one to ask
     assert r.returncode == 1 and "secondary" in r.stderr, r.stderr
-
-
-def test_verify_over_rcp(mount_site):
-    m1, m2 = remote_pair(mount_site)
-    to = address(m2)
-    start_replication(m1, m2, "--group", GROUP, to=to)
-    damage_and_repair(m1, m2, to, mount_args=("--listen", f"127.0.0.1:{port_of(m2.site)}"),
-                      text=False)

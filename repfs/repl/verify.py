@@ -438,24 +438,40 @@ class PrimaryVerify:
         if why:
             raise VerifyError(f"flow control: {why}; verify when the destinations have "
                               "caught up", "busy")
+        cut = []
         async with p.cut_lock:
             await p.ready_unready()
             n = p.sets.last_cut + 1
             await self._call(client, {"step": "hold", "at": n, "generation": gen})
-            box = []
 
             def cut_and_snapshot():
                 m = p.sets.cut()  # (the volume is durable: quiesce checkpointed it)
-                box.append(m)
-                return m, svc.store.create(f"{VERIFY_PREFIX}{m}",
-                                           {"purpose": PURPOSE, "delta_set": m})
-            async with svc.ops.quiesce():
-                m, snap = await trio.to_thread.run_sync(cut_and_snapshot)
-        await trio.to_thread.run_sync(p.sets.reserve, m)
-        p.work.set()
-        p.work = trio.Event()
-        assert m == n, (m, n)  # (under the cut lock: no other cut)
+                cut.append(m)
+                if m != n:  # (cannot be: no other cut runs under the cut lock)
+                    raise VerifyError(f"delta set {m} was cut, not {n}", "failed")
+                return svc.store.create(f"{VERIFY_PREFIX}{m}",
+                                        {"purpose": PURPOSE, "delta_set": m})
+            try:
+                async with svc.ops.quiesce():
+                    snap = await trio.to_thread.run_sync(cut_and_snapshot)
+            except BaseException:
+                with trio.CancelScope(shield=True):  # (else playback waits for the lapse)
+                    await self._release(client, gen, "its destination")
+                raise
+            finally:
+                if cut:
+                    await trio.to_thread.run_sync(p.sets.reserve, cut[0])
+                    p.work.set()
+                    p.work = trio.Event()
         return n, snap
+
+    async def _release(self, client, gen: int, name: str) -> None:
+        """End the destination's hold of playback (if that fails, it lapses by itself)."""
+        try:
+            with trio.move_on_after(10):
+                await self._call(client, {"step": "release", "generation": gen})
+        except VerifyError as e:
+            log.info("verify: releasing the hold of %s: %s (it lapses by itself)", name, e)
 
     async def _once(self, client, d: dict, wait: float) -> dict:
         svc, p = self.svc, self.svc.primary
@@ -471,12 +487,7 @@ class PrimaryVerify:
             result = await self._compare(client, n, gen, snap)
         finally:
             with trio.CancelScope(shield=True):
-                try:
-                    with trio.move_on_after(10):
-                        await self._call(client, {"step": "release", "generation": gen})
-                except VerifyError as e:
-                    log.info("verify: releasing the hold of %s: %s (it lapses by itself)",
-                             d["name"], e)
+                await self._release(client, gen, d["name"])
                 with trio.move_on_after(60):
                     await trio.to_thread.run_sync(svc.layer.delete, snap)
         result.update(destination=d["name"], delta_set=n,
@@ -507,9 +518,17 @@ class PrimaryVerify:
         while level:
             differ = []
             for batch in batches(level):
-                mine = await trio.to_thread.run_sync(hash_ranges, read, in_use, batch)
-                ans = await self._call(client, {"step": "hashes", "at": n, "generation": gen,
-                                                "ranges": [list(r) for r in batch]})
+                box = {}
+
+                async def hash_mine(batch=batch, box=box):
+                    box["mine"] = await trio.to_thread.run_sync(hash_ranges, read, in_use,
+                                                                batch)
+                async with trio.open_nursery() as nursery:  # (both sides at once)
+                    nursery.start_soon(hash_mine)
+                    ans = await self._call(client, {"step": "hashes", "at": n,
+                                                    "generation": gen,
+                                                    "ranges": [list(r) for r in batch]})
+                mine = box["mine"]
                 theirs = ans.get("hashes")
                 if not isinstance(theirs, list) or len(theirs) != len(batch):
                     raise VerifyError(f"destination {client.site_path}: a malformed answer "
