@@ -17,6 +17,7 @@ import collections
 import json
 import select
 import socket
+import ssl
 import time
 from pathlib import Path
 
@@ -150,6 +151,8 @@ class RcpConnection:
         it (an idle session is closed after the peer's idle timeout)."""
         if self.closing or self.pending or self.conn.buf or self.conn.state != wire.OPEN:
             return False
+        if isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
+            return False  # (inside TLS: bytes decrypted already, nobody asked for)
         try:
             poller = select.poll()
             poller.register(self.sock, select.POLLIN)
