@@ -123,10 +123,16 @@ class RcpConnection:
             elif event.type == "CLOSE":
                 raise _Broken(f"the peer closed the handshake: {event.body.get('reason')}")
 
-    def _sendall(self, data: bytes, what: str) -> None:
+    def _sendall(self, data, what: str) -> None:
+        """Send `data`: bytes, or a frame's (header, body) as `Connection.send_parts` makes
+        them, with vectored sends (a 1 MiB body is not copied into one buffer with its
+        header first)."""
         try:
             self.sock.settimeout(self.timeout)
-            self.sock.sendall(data)
+            if isinstance(data, tuple):
+                _sendmsg_all(self.sock, data)
+            else:
+                self.sock.sendall(data)
         except OSError as e:
             raise _Broken(f"sending {what}: {_describe(e)}") from None
 
@@ -179,12 +185,12 @@ class RcpConnection:
                 payload.setdefault("cut_ns", 0)
                 payload.setdefault("first_change_ns", 0)
         try:
-            frame = self.conn.send(name, payload)
+            frame = self.conn.send_parts(name, payload)  # (header, body: sent by one sendmsg)
         except ValueError as e:  # (the session is closed)
             raise _Broken(str(e)) from None
         if self.pace is not None and wire.BY_NAME[name].raw:
             try:
-                self.pace(len(frame))
+                self.pace(len(frame[0]) + len(frame[1]))
             except BaseException:  # (the send task was stopped: this frame is never sent,
                 self.closing = True  # so the session cannot go on, nor be closed by CLOSE)
                 raise
@@ -236,6 +242,22 @@ class RcpConnection:
             except OSError:
                 pass
         self.sock.close()
+
+
+def _sendmsg_all(sock: socket.socket, parts) -> None:
+    """socket.sendall for several buffers (sendmsg, as many calls as it takes)."""
+    import ssl
+    if isinstance(sock, ssl.SSLSocket):  # (no sendmsg inside TLS, which copies anyway)
+        sock.sendall(b"".join(parts))
+        return
+    views = [v for v in (memoryview(p).cast("B") for p in parts) if v.nbytes]
+    while views:
+        n = sock.sendmsg(views)
+        while n:
+            if n < views[0].nbytes:
+                views[0] = views[0][n:]
+                break
+            n -= views.pop(0).nbytes
 
 
 class RcpReceiverClient(ReceiverClient):

@@ -133,13 +133,21 @@ class RcpServer:
                  conn.session, peer, _short(hello.get("site")), hello.get("group"),
                  conn.version, ", zstd" if "zstd" in conn.agreed else "")
         upload_failed = False
+        sock = getattr(stream, "socket", None)  # (a TCP stream's; not inside TLS)
         while True:
             event = conn.next_event()
             if event is wire.NEED_DATA:
                 # between requests: the idle timeout; within a frame, the body timeout
                 limit = ctl.body_timeout if conn.buf else ctl.idle_timeout
+                # a bulk frame's body is read into its own buffer (no copy on its way to the
+                # receiver); else what the frame lacks (a header alone first, over TCP)
+                into = conn.receive_buffer() if sock is not None else None
                 with trio.move_on_after(limit) as idle:
-                    data = await stream.receive_some(1 << 20)
+                    if into is not None:
+                        data = into[:await sock.recv_into(into)]
+                    else:
+                        data = await stream.receive_some(
+                            conn.receive_size(1 << 20, header_first=sock is not None))
                 if idle.cancelled_caught:
                     if conn.buf:
                         raise wire.ProtocolError(f"a frame did not arrive within {limit:g} s")
@@ -151,7 +159,10 @@ class RcpServer:
                         log.warning("RCP session %d from %s: closed within a frame (nothing "
                                     "of it applied)", conn.session, peer)
                     return
-                conn.receive_data(data)
+                if into is not None:
+                    conn.received(len(data))
+                else:
+                    conn.receive_data(data)
                 continue
             if event.type == "CLOSE":
                 log.info("RCP session %d from %s closed: %s", conn.session, peer,

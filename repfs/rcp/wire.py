@@ -166,6 +166,7 @@ class NeedData:
 
 
 NEED_DATA = NeedData()
+BULK_BODY = 64 << 10  # a COPY or CHUNK body this large is read into its own buffer
 
 
 def check_of(head20: bytes, body) -> int:
@@ -175,15 +176,24 @@ def check_of(head20: bytes, body) -> int:
 
 
 def encode_frame(code: int, body: bytes, *, session: int, seq: int, flags: int = 0) -> bytes:
+    head, body = encode_frame_parts(code, body, session=session, seq=seq, flags=flags)
+    return head + body
+
+
+def encode_frame_parts(code: int, body, *, session: int, seq: int,
+                       flags: int = 0) -> tuple[bytes, Any]:
+    """`encode_frame` as (header, body), not joined: a bulk body is not copied (the adapter
+    sends both with one `sendmsg`)."""
     head20 = HEADER.pack(code, flags, 0, len(body), session, seq, 0)[:20]
-    return head20 + struct.pack(">Q", check_of(head20, body)) + body
+    return head20 + struct.pack(">Q", check_of(head20, body)), body
 
 
 def encode_body(t: MsgType, fields: dict | bytes) -> bytes:
     if t.raw:
         if not isinstance(fields, (bytes, bytearray, memoryview)):
             raise TypeError(f"{t.name} carries bytes")
-        return bytes(fields)
+        # (not copied: a 1 MiB chunk; the caller does not change it until it is sent)
+        return fields if isinstance(fields, bytes) else memoryview(fields).cast("B")
     missing = set(t.fields) - set(fields)
     if missing:
         raise TypeError(f"{t.name} lacks {sorted(missing)}")
@@ -317,8 +327,9 @@ class Connection:
         if t.sender not in (self.role, "both"):
             raise ValueError(f"a {self.role} does not send {name}")
         self.send_seq += 1
-        return encode_frame(t.code, encode_body(t, body), session=self.session,
-                            seq=self.send_seq, flags=flags)
+        head, body = encode_frame_parts(t.code, encode_body(t, body), session=self.session,
+                                        seq=self.send_seq, flags=flags)
+        return (head, body) if self._parts else head + body
 
     def hello(self) -> bytes:
         """The client's first bytes: the preface and HELLO."""
@@ -374,12 +385,67 @@ class Connection:
         self.state = CLOSED
         return data
 
+    _parts = False  # (send_parts: _frame returns the header and the body, not joined)
+
+    def send_parts(self, name: str, body: dict | bytes | None = None) -> tuple[bytes, Any]:
+        """`send` as the frame's header and its body, not joined, for a vectored send
+        (`socket.sendmsg([head, body])`): a bulk body sent as it is (a 1 MiB chunk) is not
+        copied into the frame. The body must not change until it is sent."""
+        self._parts = True
+        try:
+            return self.send(name, body)
+        finally:
+            self._parts = False
+
     # -------------------------------------------------------------- receiving
 
     def receive_data(self, data: bytes) -> None:
         if self.state == CLOSED:
             return
         self.buf += data
+
+    def receive_size(self, most: int = 1 << 20, header_first: bool = False) -> int:
+        """How many bytes the adapter should read next (at most `most`): what the frame at
+        the start of the buffer still lacks once its header is in, else `most` (or, with
+        `header_first`, what the header lacks: an adapter that reads bulk bodies with
+        `receive_buffer` reads a header alone first). Read so, a bulk frame ends the buffer,
+        and its body is handed up without a copy."""
+        if len(self.buf) >= HEADER.size:
+            need = HEADER.size + HEADER.unpack_from(self.buf)[3] - len(self.buf)
+            if need > 0:
+                return min(need, most)
+        elif header_first:
+            return HEADER.size - len(self.buf)
+        return most
+
+    _into = None  # [frame buffer, bytes in it] while receive_buffer's frame arrives
+
+    def receive_buffer(self) -> memoryview | None:
+        """For an adapter that can read into memory (a socket's recv_into): when the buffer
+        is the header of a bulk frame alone (a COPY or CHUNK of `BULK_BODY` bytes or more;
+        call it after `next_event` gave NEED_DATA, so that header was checked), a writable
+        view of the rest of a new buffer of that frame's size, to read into and report with
+        `received(n)`; else None (read `receive_size` bytes for `receive_data`). The frame
+        arrives where its body is handed up from: no copy of it in this process."""
+        if self._into is None:
+            if len(self.buf) != HEADER.size or self.state != OPEN:
+                return None
+            t = TYPES.get(self.buf[0])
+            length = HEADER.unpack_from(self.buf)[3]
+            if t is None or not t.raw or length < BULK_BODY:
+                return None
+            frame = bytearray(HEADER.size + length)
+            frame[:HEADER.size] = self.buf
+            self._into = [frame, HEADER.size]
+        frame, got = self._into
+        return memoryview(frame)[got:]
+
+    def received(self, n: int) -> None:
+        """`n` bytes were read into `receive_buffer()`'s view."""
+        into = self._into
+        into[1] += n
+        if into[1] == len(into[0]):  # whole: the frame alone in the buffer (_next takes it)
+            self.buf, self._into = into[0], None
 
     def next_event(self):
         """The next Message, or NEED_DATA; raises ProtocolError (then the connection is
@@ -449,9 +515,17 @@ class Connection:
                 raise ProtocolError(f"{t.name} of {length} bytes (at most {limit})")
             if len(self.buf) < HEADER.size + length:
                 return NEED_DATA
-            with memoryview(self.buf) as view:
-                body = bytes(view[HEADER.size:HEADER.size + length])
-                ok = check_of(view[:20], body) == check
+            if t.raw and len(self.buf) == HEADER.size + length:
+                # a bulk frame alone in the buffer (the adapter reads what `receive_size`
+                # says): its body is handed up as a view of that buffer, not copied, and a
+                # new buffer takes the next frames (so the del below finds it empty)
+                frame, self.buf = self.buf, bytearray()
+                body = memoryview(frame)[HEADER.size:]
+                ok = check_of(memoryview(frame)[:20], body) == check
+            else:
+                with memoryview(self.buf) as view:
+                    body = bytes(view[HEADER.size:HEADER.size + length])
+                    ok = check_of(view[:20], body) == check
             if not ok:
                 raise ProtocolError(f"{t.name} frame {seq}: checksum mismatch (damaged on "
                                     "the wire)")
