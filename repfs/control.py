@@ -248,6 +248,34 @@ def _scalar_map(v, what: str, max_items: int, max_str: int) -> dict:
     return v
 
 
+def _uint_pairs(v, what: str, limit: int) -> list[tuple[int, int]]:
+    """A list of at most `limit` [start, count] pairs of unsigned integers."""
+    if not isinstance(v, list) or not 0 < len(v) <= limit or not all(
+            isinstance(x, list) and len(x) == 2 for x in v):
+        raise HTTPError(400, f"bad {what}: want 1 to {limit} [start, count] pairs")
+    return [(_uint(a, f"start in {what}"), _uint(b, f"count in {what}")) for a, b in v]
+
+
+async def _verify_step(svc, args: dict):
+    """POST /v1/repl/verify: a step of a primary's verify at this secondary (repl/verify.py)."""
+    from .repl.verify import MAX_INVALIDATE, MAX_RANGES, STEPS
+    step = args.get("step")
+    if step not in STEPS:
+        raise HTTPError(400, f"bad verify step {_short(step)}: want one of {', '.join(STEPS)}")
+    gen = _uint(args.get("generation"), "generation")
+    at = ranges = inodes = None
+    if step in ("hold", "hashes"):
+        at = _uint(args.get("at"), "delta set number (at)")
+    if step == "hashes":
+        ranges = _uint_pairs(args.get("ranges"), "ranges", MAX_RANGES)
+    if step == "invalidate":
+        inodes = args.get("inodes")
+        if not isinstance(inodes, list) or len(inodes) > MAX_INVALIDATE:
+            raise HTTPError(400, f"bad inodes: want a list of at most {MAX_INVALIDATE}")
+        inodes = [_uint(i, "inode number") for i in inodes]
+    return await svc.secondary.verify.request(step, gen, at=at, ranges=ranges, inodes=inodes)
+
+
 def _binary(args: dict) -> bytes:
     body = args.get("_body")
     if body is None:
@@ -876,8 +904,8 @@ class ControlServer:
             verb = parts[1]
             if verb == "receiver" and method == "GET":
                 return svc.secondary.info()
-            if verb == "verify" and method == "POST":  # (its arguments: verify.py checks)
-                return await svc.secondary.verify.request(args)
+            if verb == "verify" and method == "POST":
+                return await _verify_step(svc, args)
             if method == "POST":
                 if verb == "attach":
                     prim = _scalar_map(args.get("primary"), "primary", 16, MAX_PATH)

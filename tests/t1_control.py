@@ -145,6 +145,24 @@ class Secondary(_Part):
                                   args.get("header")))
 
 
+def _uint_ok(v) -> bool:
+    return type(v) is int and 0 <= v <= U64_MAX
+
+
+class SecondaryVerify(_Part):
+    async def request(self, step, gen, *, at=None, ranges=None, inodes=None):
+        return self._call("request", step in ("hold", "hashes", "release", "invalidate")
+                          and _uint_ok(gen) and (at is None or _uint_ok(at))
+                          and (ranges is None or all(map(_uint_ok, sum(ranges, ()))))
+                          and (inodes is None or all(map(_uint_ok, inodes))), step)
+
+
+class Verifier(_Part):
+    async def run(self, to, *, repair, wait):
+        return self._call("run", isinstance(to, str) and isinstance(repair, bool)
+                          and _num_ok(wait) and wait is not None, to, repair, wait)
+
+
 class FakeSite:
     """The control port's view of a site: records calls, checks what it is handed."""
 
@@ -154,6 +172,8 @@ class FakeSite:
         self.mounts = Mounts(self.calls, "mounts")
         self.replicate = Replicate(self.calls, "replicate")
         self.secondary = Secondary(self.calls, "secondary")
+        self.secondary.verify = SecondaryVerify(self.calls, "secondary.verify")
+        self.verifier = Verifier(self.calls, "verifier")
         self.fail: BaseException | None = None
         self.result = None
 
@@ -256,6 +276,9 @@ TEMPLATES = [
     request("POST", "/v1/repl/copy", b"\x02" * 100, ctype="application/octet-stream"),
     post("/v1/repl/start-playback", {"after": 7}),
     post("/v1/repl/commit", {"header": "00ff", "cut_ns": 1}),
+    post("/v1/verify", {"to": "b", "repair": True, "wait": 5}),
+    post("/v1/repl/verify", {"step": "hashes", "at": 3, "generation": 1,
+                             "ranges": [[0, 64], [64, 64]]}),
 ]
 
 
@@ -315,10 +338,11 @@ def test_requests_without_the_token_reach_nothing(template, junk):
 
 JSON_ROUTES = ["/v1/snapshots", "/v1/snapshots/s/mount", "/v1/replicate/start",
                "/v1/replicate/stop", "/v1/replicate/policy", "/v1/replicate/deltaset",
-               "/v1/repl/attach", "/v1/repl/start-playback", "/v1/repl/commit"]
+               "/v1/repl/attach", "/v1/repl/start-playback", "/v1/repl/commit",
+               "/v1/verify", "/v1/repl/verify"]
 KEYS = ["name", "attrs", "mountpoint", "to", "force", "timeout", "hwm", "playback_timeout",
         "playback_hwm", "retention", "wait", "primary", "generation", "after", "header",
-        "cut_ns", "first_change_ns"]
+        "cut_ns", "first_change_ns", "repair", "step", "at", "ranges", "inodes"]
 scalars = (st.none() | st.booleans() | st.integers(-(1 << 70), 1 << 70)
            | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=300)
            | st.sampled_from(["/a/b", "s1", "\0", "😀" * 70, "a,b", "", "/" + "x" * 5000]))

@@ -71,7 +71,6 @@ from .. import pagedbits
 from ..errors import DomainError
 from ..extents import runs
 from ..fs.format import INODES_PER_BLOCK, ROOT_INO
-from . import keys as K
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +82,11 @@ MAX_RANGES = 1024  # ranges per hash request (its answer: ~36 KiB of JSON or msg
 MAX_REQUEST_BLOCKS = 1 << 18  # blocks covered by one hash request (read within a timeout)
 MAX_DIFF_RANGES = 4096  # differing ranges at one level beyond which the descent stops
 MAX_LISTED = 1000  # differing runs listed in the answer
-MAX_INVALIDATE = 10000  # inodes whose kernel cache a repair drops at the secondary
+MAX_INVALIDATE = 4096  # inodes whose kernel cache a repair drops at the secondary (the list
+#                       fits a 64 KiB JSON body or RCP control body)
 HOLD_SECONDS = 300.0  # a secondary's hold lapses this long after the last request
 WAIT = 120.0  # default seconds the primary waits for the destination to play a delta set
+STEPS = ("hold", "hashes", "release", "invalidate")  # the secondary's part (POST /v1/repl/verify)
 VERIFY_PREFIX = "repl-verify-"
 PURPOSE = "verify"
 
@@ -148,16 +149,12 @@ def hash_ranges(read, in_use, ranges) -> list[str]:
     return out
 
 
-def check_ranges(raw, nblocks: int) -> list[tuple[int, int]]:
-    """A hash request's ranges, checked (VerifyError "invalid" for anything else)."""
-    if not isinstance(raw, list) or not 0 < len(raw) <= MAX_RANGES:
-        raise VerifyError(f"want 1 to {MAX_RANGES} ranges", "invalid")
+def check_ranges(ranges, nblocks: int) -> list[tuple[int, int]]:
+    """A hash request's ranges ((start, count) pairs of integers, as the control port
+    checked them) inside a volume of `nblocks` blocks and not too many blocks in all
+    (VerifyError "invalid" otherwise)."""
     out, total = [], 0
-    for r in raw:
-        if (not isinstance(r, (list, tuple)) or len(r) != 2
-                or not all(isinstance(x, int) and not isinstance(x, bool) for x in r)):
-            raise VerifyError("a range is not [start, count]", "invalid")
-        s, c = r
+    for s, c in ranges:
         if s < 0 or c <= 0 or s + c > nblocks:
             raise VerifyError(f"range ({s}, {c}) is not inside this volume ({nblocks} "
                               f"blocks)", "invalid")
@@ -189,13 +186,6 @@ def live_in_use(layer):
 # ----------------------------------------------------------------------------- the secondary
 
 
-def _int(args: dict, key: str) -> int:
-    v = args.get(key)
-    if not K.is_u64(v):
-        raise VerifyError(f"bad {key} {v!r}: want an integer from 0 to 2^64-1", "invalid")
-    return v
-
-
 class SecondaryVerify:
     """The secondary's side: the playback hold and the hashes of its volume."""
 
@@ -215,13 +205,16 @@ class SecondaryVerify:
             return False
         return n > self.at
 
-    async def request(self, args: dict) -> dict:
+    async def request(self, step: str, gen: int, *, at: int | None = None,
+                      ranges: list | None = None, inodes: list | None = None) -> dict:
+        """One step of a verify, for the primary: "hold" (playback holds after delta set
+        `at`), "hashes" (of `ranges` of the volume, played exactly to `at`), "release",
+        "invalidate" (drop the kernel's cache of `inodes`). The control port checked the
+        arguments' types (control.py); `gen` is the primary's generation."""
         sec = self.secondary
         recv = sec.receiver
-        step = args.get("step")
         if recv.role != "secondary" or recv.state != "replicating":
             raise VerifyError("this site is not a replicating secondary")
-        gen = _int(args, "generation")
         if gen != recv.generation:
             raise VerifyError(f"verify request of generation {gen}: this site is at "
                               f"generation {recv.generation}")
@@ -232,14 +225,11 @@ class SecondaryVerify:
             sec.wake.set()
             return {"last_played": recv.last_played}
         if step == "invalidate":  # after a repair: the kernel's cache of the files it fixed
-            inos = args.get("inodes")
-            if not isinstance(inos, list) or len(inos) > MAX_INVALIDATE or not all(
-                    K.is_u64(i) for i in inos):
-                raise VerifyError(f"want at most {MAX_INVALIDATE} inode numbers", "invalid")
             from ..fs.invalidate import invalidate_all
-            await trio.to_thread.run_sync(invalidate_all, [], inos)
-            return {"invalidated": len(inos)}
-        at = _int(args, "at")
+            await trio.to_thread.run_sync(invalidate_all, [], list(inodes or ()))
+            return {"invalidated": len(inodes or ())}
+        if at is None:
+            raise VerifyError(f"verify step {step!r} needs the delta set (at)", "invalid")
         played = recv.last_played
         if step == "hold":
             if played > at:
@@ -252,7 +242,7 @@ class SecondaryVerify:
         if step != "hashes":
             raise VerifyError(f"unknown verify step {step!r}", "invalid")
         layer = sec.svc.layer
-        ranges = check_ranges(args.get("ranges"), layer.nblocks)
+        ranges = check_ranges(ranges or (), layer.nblocks)
         if played != at:
             raise VerifyError(f"this site has played delta set {played}, not {at}")
         if self.at is not None:
