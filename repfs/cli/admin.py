@@ -30,6 +30,7 @@ from . import QuietError, run_cli
 STALL_SECONDS = 60  # replicate start gives up waiting (the copy goes on) after this
 TIMEOUT = 120.0  # default --timeout: seconds the daemon has to answer a request
 NO_DAEMON, NO_ANSWER = 3, 4  # exit statuses (see the module's docstring)
+VERIFY_TIMEOUT = 3600.0  # verify's --timeout unless given
 
 
 def _timeout(text: str) -> float:
@@ -169,7 +170,8 @@ def _parser() -> argparse.ArgumentParser:
     vf.add_argument("--repair", action="store_true",
                     help="re-send the differing blocks, then verify again")
     vf.add_argument("--wait", type=_seconds, metavar="SECONDS",
-                    help="how long to wait for DEST to play a delta set (default 120)")
+                    help="how long to wait for DEST to play a delta set (default 120; "
+                         "--timeout defaults to 3600 for verify)")
     tl = sub.add_parser("tls", help="certificates for TLS (no --site needed)")
     ts = tl.add_subparsers(dest="action", required=True, parser_class=_Parser)
     ti = ts.add_parser("init", help="make a CA in DIR (if it has none) and a certificate "
@@ -541,6 +543,8 @@ def _main(argv) -> int:
 
 
 def _verify(t: Target, a) -> dict:
+    if t.timeout == TIMEOUT:  # (not given: a verify reads both volumes whole, and waits for
+        t.timeout = VERIFY_TIMEOUT  # the destination to play, twice with --repair)
     to = a.to
     if "/" in to or to in (".", ".."):  # a site directory (a name or HOST:PORT has none)
         to = os.path.abspath(to)
