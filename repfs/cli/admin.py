@@ -546,8 +546,8 @@ def _verify(t: Target, a) -> dict:
     if t.timeout == TIMEOUT:  # (not given: a verify reads both volumes whole, and waits for
         t.timeout = VERIFY_TIMEOUT  # the destination to play, twice with --repair)
     to = a.to
-    if "/" in to or to in (".", ".."):  # a site directory (a name or HOST:PORT has none)
-        to = os.path.abspath(to)
+    if "/" in to or to in (".", ".."):  # a site directory (a name or HOST:PORT has none),
+        to = os.path.realpath(to)  # as the primary recorded it (resolved)
     out = call(t, "POST", "/verify", {"to": to, "repair": a.repair, "wait": a.wait})
     if a.json:
         return out
