@@ -210,6 +210,9 @@ def test_replication_over_rcp_inside_tls_and_what_tls_refuses(tmp_path, mount_si
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "does not trust our certificate" in (m3.site / "repfs.log").read_text()
     assert status(m3.site)["role"] != "secondary" and not status(m1.site)["destinations"]
+    # `mount -o remount` asks the daemon over its port too: inside TLS (the site's own files)
+    run_repfs("mount", "-o", "remount,ro", m3.site, m3.path)
+    assert status(m3.path)["readonly"] is True
 
     # replication over RCP inside TLS converges
     Workload(m1.path, "tls-base").run(20)

@@ -202,10 +202,10 @@ def _tls_of(site, a) -> tuple | None:
     present the site's certificate), or --tls-ca/--tls-cert/--tls-key for HOST:PORT (the
     daemon's certificate must be signed by that CA and name HOST); None: plain."""
     from ..rcp import tls
-    given = [x for x in (a.tls_ca, a.tls_cert, a.tls_key) if x]
     try:
         if site is not None:
             return tls.site_client(site.path)
+        given = [x for x in (a.tls_ca, a.tls_cert, a.tls_key) if x]
         if not given:
             return None
         if len(given) != 3:
@@ -269,7 +269,8 @@ def _resolve(target: str, token_file: str | None) -> Target:
             except OSError as e:
                 raise QuietError(f"cannot read the control token of {site.path}: "
                                  f"{e.strerror}") from None
-        return Target(site, addr, token)
+        # (the site's own [tls]: its daemon's port speaks TLS only)
+        return Target(site, addr, token, tls=_tls_of(site, None) if addr else None)
     m = re.fullmatch(r"\[?([\w.\-:]+?)\]?:(\d{1,5})", target)
     if not m:
         raise QuietError(f"{target} is not HOST:PORT, a site directory or a mount point", 2)
@@ -476,7 +477,8 @@ def _main(argv) -> int:
         raise QuietError("the following arguments are required: --site", 2)
     t = _resolve(a.site, a.token_file)
     t.timeout = a.request_timeout
-    t.tls = _tls_of(t.site, a) if t.address else None
+    if t.site is None:  # (a site's own [tls] is _resolve's)
+        t.tls = _tls_of(None, a)
     out = None
     if a.verb == "status":
         out = call(t, "GET", "/status") if t.address or t.site is None else offline_status(t.site)

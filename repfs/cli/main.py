@@ -150,7 +150,7 @@ def _remount(a) -> int:
     how = {True: " read-only", False: " read-write", None: ""}[ro]
     try:
         t = _resolve(str(site.path), None)
-        t = Target(t.site, t.address, t.token, timeout=REMOUNT_TIMEOUT)
+        t = Target(t.site, t.address, t.token, timeout=REMOUNT_TIMEOUT, tls=t.tls)
         call(t, "POST", "/remount", {"options": options, "readonly": ro})
     except QuietError as e:
         raise QuietError(f"cannot remount {a.mountpoint}{how}: {e}", e.code) from None
