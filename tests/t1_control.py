@@ -108,11 +108,13 @@ class Replicate(_Part):
         return self._call("stop", to is None or _lookup_ok(to), to)
 
     async def policy(self, changes):
-        return self._call("policy", set(changes) == {"timeout", "hwm", "playback_timeout",
-                                                     "playback_hwm", "retention"}
-                          and all(map(_num_ok, changes.values()))
+        nums = ("timeout", "hwm", "playback_timeout", "playback_hwm", "retention", "bwlimit")
+        return self._call("policy", set(changes) == {*nums, "to", "compress"}
+                          and all(_num_ok(changes[k]) for k in nums)
                           and all(type(changes[k]) in (int, type(None))
-                                  for k in ("hwm", "playback_hwm")), changes)
+                                  for k in ("hwm", "playback_hwm", "bwlimit"))
+                          and (changes["to"] is None or _lookup_ok(changes["to"]))
+                          and changes["compress"] in (True, False, None), changes)
 
     async def deltaset(self, *, wait):
         return self._call("deltaset", isinstance(wait, bool), wait)
