@@ -375,6 +375,14 @@ def _answer_head(status: int, length: int) -> bytes:
             ).encode()
 
 
+def _has_body(req) -> bool:
+    """Whether a request's headers announce a body (a Content-Length above 0, or chunked)."""
+    for name, value in req.headers:
+        if name == b"transfer-encoding" or (name == b"content-length" and value != b"0"):
+            return True
+    return False
+
+
 def _is_metrics(req) -> bool:
     """A request for the Prometheus metrics (GET /metrics, repfs/metrics.py)."""
     return req.target.split(b"?")[0].rstrip(b"/") == b"/metrics"
@@ -606,7 +614,10 @@ class ControlServer:
                     return
                 metrics = _is_metrics(req)  # (repfs/metrics.py: open or not, [metrics] open)
                 authorized = self._authorized(req)
-                if not authorized and not (metrics and self.metrics_open):
+                # without the token: only an open GET /metrics, and no body is read for it
+                # (a stranger's POST would hold the connection for the body timeout)
+                if not authorized and not (metrics and self.metrics_open
+                                           and req.method == b"GET" and not _has_body(req)):
                     raise _Refuse(401, "unauthorized: missing or wrong control token")
                 if req.method not in (b"GET", b"POST", b"DELETE"):
                     raise _Refuse(405, f"method {req.method.decode('ascii', 'replace')} is not "
