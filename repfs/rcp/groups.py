@@ -161,13 +161,16 @@ class GroupStore:
         return self.dir / f"{name}.secret"
 
     def secret(self, name: str) -> bytes | None:
-        """The group's secret, or None if this site is not in the group (or `name` is not a
-        group name at all: a peer's HELLO may carry anything)."""
+        """The group's secret, or None if this site is not in the group (no secret file, or
+        `name` is not a group name at all: a peer's HELLO may carry anything) or its secret
+        file is damaged (`put` tells that apart). Any other error reading the file (EIO,
+        EMFILE, a directory in its place...) is raised as the OSError it is: it says nothing
+        about the group, and may pass."""
         if not valid_group(name):
             return None
         try:
             return parse_secret(self._path(name).read_bytes(), name)
-        except (OSError, GroupError):
+        except (FileNotFoundError, GroupError):
             return None
 
     def names(self) -> list[str]:

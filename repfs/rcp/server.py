@@ -73,6 +73,23 @@ def insecure_listen_warning(host: str) -> str | None:
             "encrypted; anyone on the path can read the data")
 
 
+def _secrets(site_path):
+    """The handshake's lookup of a group's secret (wire.Connection `secrets`): None for a
+    group this site does not hold (refused "auth": permanent at the primary); an error reading
+    its secret file refuses the session with kind "transient" (the primary retries), naming
+    the error: it is not an unknown group. (serve logs the refusal.)"""
+    store = GroupStore(site_path)
+
+    def lookup(group: str) -> bytes | None:
+        try:
+            return store.secret(group)
+        except OSError as e:
+            raise wire.ProtocolError(
+                f"cannot read the secret of group {wire.one_line(group, 64)!r} at this site: "
+                f"{e.strerror or type(e).__name__} (try again later)", "transient") from None
+    return lookup
+
+
 class RcpServer:
     """Serves RCP sessions for a `ControlServer` (its service, limits and dispatch)."""
 
@@ -84,7 +101,7 @@ class RcpServer:
         svc = self.service
         peer = _peer_name(stream)
         conn = wire.Connection(
-            wire.SERVER, secrets=GroupStore(svc.site.path).secret, site=str(svc.site.path),
+            wire.SERVER, secrets=_secrets(svc.site.path), site=str(svc.site.path),
             uuid=svc.core.sb.uuid.hex(), session=secrets.randbelow((1 << 32) - 1) + 1)
         conn.receive_data(first)
         try:
