@@ -6,7 +6,7 @@ Run from the repository root, as root (network namespaces, tc, drop_caches):
 
     .venv/bin/python tools/bench/rcp.py --quick [--json FILE]     # ~6-8 minutes
     .venv/bin/python tools/bench/rcp.py [--json FILE]             # ~15-20 minutes
-    .venv/bin/python tools/bench/rcp.py --quick --only tcp,wan    # some sections only
+    .venv/bin/python tools/bench/rcp.py --quick --only tput,wan   # some sections only
 
 Sections (`--only`):
 
@@ -31,7 +31,11 @@ Sections (`--only`):
         page caches dropped before each; time ratio (target: faster) and bytes on the wire
         per valid byte copied (target <= 1.05).
 
-TLS and compression are not built yet, so there are no columns for them.
+In tput, RCP to 127.0.0.1 is measured with compression on (the default; the random data is
+sent raw), compression off (`replicate policy --to D --compress off`, then the primary is
+remounted so that its next session takes it), TLS (`repfs-admin tls init` certificates in
+both sites' site.toml [tls]), and compressible text with compression on and off. The other
+sections run with the defaults (compression on, no TLS).
 
 Nothing here asserts on time. Every mount, daemon, child process, namespace, veth, bridge (and
 the qdiscs on the veths) this run made is removed at the end, also after a failure, Ctrl-C or
@@ -254,11 +258,20 @@ class BenchSite:
     """A site made, given the group's secret, mounted (in a namespace if `host`)."""
 
     def __init__(self, root: Path, name: str, size: str, host: dict | None = None,
-                 listen: str | None = "127.0.0.1:0", send_window: int | None = None):
+                 listen: str | None = "127.0.0.1:0", send_window: int | None = None,
+                 tls_dir: Path | None = None):
         from repfs.rcp.groups import GroupStore
         self.site, self.mnt, self.host = root / name, root / (name + "-mnt"), host
         self.pid = None
+        self.tls = None
         run([tool("repfs"), "mkfs", self.site, "--size", size])
+        if tls_dir is not None:  # site.toml [tls] with a certificate of the run's CA
+            cname = f"{root.name}-{name}"
+            run([tool("repfs-admin"), "tls", "init", tls_dir, "--site-name", cname, "--host",
+                 host["addr"] if host else "127.0.0.1"])
+            with open(self.site / "site.toml", "a") as fh:
+                fh.write(f'\n[tls]\ncert = "{tls_dir / (cname + ".pem")}"\n'
+                         f'key = "{tls_dir / (cname + ".key")}"\nca = "{tls_dir / "ca.pem"}"\n')
         if send_window is not None:
             toml = self.site / "site.toml"
             text, k = re.subn(r"(?m)^send_window = \d+$", f"send_window = {send_window}",
@@ -270,21 +283,33 @@ class BenchSite:
         self.mnt.mkdir()
         if host is not None:
             listen = f"{host['addr']}:{PORT}"
-        prefix = host["nsenter"] if host else []
+        self.listen = listen
         _sites.append(self)
+        self.mount()
+
+    def mount(self) -> None:
+        prefix = self.host["nsenter"] if self.host else []
+        if self not in _sites:
+            _sites.append(self)
         run([*prefix, tool("repfs"), "mount", self.site, self.mnt,
-             *(["--listen", listen] if listen else [])], timeout=120)
+             *(["--listen", self.listen] if self.listen else [])], timeout=120)
         self.pid = int((self.site / "repfs.pid").read_text().split()[0])
         c = json.loads((self.site / "control.json").read_text())
         self.ctl = (c["host"], int(c["port"]))
         self.token = (self.site / "control.token").read_text().strip()
+        from repfs.rcp import tls
+        self.tls = tls.site_client(self.site)  # (None without [tls])
 
     @property
     def address(self) -> str:
         return f"{self.ctl[0]}:{self.ctl[1]}"
 
     def api(self, method: str, path: str, body: dict | None = None, timeout=600) -> dict:
-        conn = http.client.HTTPConnection(*self.ctl, timeout=timeout)
+        if self.tls is not None:
+            conn = http.client.HTTPSConnection(*self.ctl, timeout=timeout,
+                                               context=self.tls[0])
+        else:
+            conn = http.client.HTTPConnection(*self.ctl, timeout=timeout)
         try:
             data = None if body is None else json.dumps(body).encode()
             hdr = {"Authorization": f"Bearer {self.token}"}
@@ -320,12 +345,15 @@ class BenchSite:
 
 
 def pair(root: Path, tag: str, size: str, *, lab: Lab | None = None, hosts=None,
-         secondaries: int = 1, send_window: int | None = None):
-    """A primary and its secondaries, mounted (in the lab's hosts if given)."""
+         secondaries: int = 1, send_window: int | None = None, tls: bool = False):
+    """A primary and its secondaries, mounted (in the lab's hosts if given; with TLS: a CA
+    and certificates made by `repfs-admin tls init` in the run's directory)."""
     d = root / tag
     d.mkdir()
-    p = BenchSite(d, "P", size, hosts[0] if hosts else None, send_window=send_window)
-    ss = [BenchSite(d, f"S{i}", size, hosts[1 + i] if hosts else None)
+    tls_dir = root / "tls" if tls else None
+    p = BenchSite(d, "P", size, hosts[0] if hosts else None, send_window=send_window,
+                  tls_dir=tls_dir)
+    ss = [BenchSite(d, f"S{i}", size, hosts[1 + i] if hosts else None, tls_dir=tls_dir)
           for i in range(secondaries)]
     p.admin("replicate", "policy", "--timeout", "3600", "--hwm", "100G")
     return p, ss
@@ -344,8 +372,9 @@ def down_all(*sites: BenchSite) -> None:
 
 
 def wait_dests(p: BenchSite, n: int, limit: float = 600) -> dict:
-    """Poll the primary every 20 ms until every destination acked and played delta set n;
-    returns the monotonic times {'acked': t, 'played': t} (the last destination's)."""
+    """Poll the primary every 20 ms (100 ms over TLS) until every destination acked and
+    played delta set n; returns the monotonic times {'acked': t, 'played': t} (the last
+    destination's)."""
     deadline = time.monotonic() + limit
     t = {}
     while True:
@@ -363,7 +392,9 @@ def wait_dests(p: BenchSite, n: int, limit: float = 600) -> dict:
                 raise RuntimeError(f"destination {d['name']}: {d.get('error')}")
         if now > deadline:
             raise RuntimeError(f"delta set {n} not played within {limit:.0f} s: {ds}")
-        time.sleep(0.02)
+        # (every request is a new connection: over TLS a handshake, which at 50 a second
+        # costs the primary enough CPU to slow what is measured)
+        time.sleep(0.1 if p.tls else 0.02)
 
 
 def cpu_s(pid: int) -> float:
@@ -385,7 +416,8 @@ def ship(p: BenchSite, mib: int, buf: bytes, name: str, ss=()) -> dict:
     n = r["delta_set"]
     t = wait_dests(p, n)
     cpu = [(cpu_s(s.pid) - c) * 1024 / mib for s, c in zip((p, *ss), c0)]
-    return {"mib": mib, "cpu_s_per_gib": cpu, "write_s": wt, "delta_set": n, "ready_s": t_ready - t0,
+    return {"mib": mib, "cpu_s_per_gib": cpu, "write_s": wt, "delta_set": n,
+            "ready_s": t_ready - t0,
             "acked_s": t["acked"] - t0, "played_s": t["played"] - t0,
             "acked_mib_s": mib / (t["acked"] - t0), "played_mib_s": mib / (t["played"] - t0),
             "ship_mib_s": mib / max(1e-9, t["acked"] - t_ready)}
@@ -542,23 +574,43 @@ def _proxy(host: str, to: str, delay: str, stats: str) -> None:
 
 # ----------------------------------------------------------------------------- sections
 
+def text_mib() -> bytes:
+    """1 MiB of compressible text (zstd level 1 makes it several times smaller)."""
+    text = b"".join(b"%08d repfs benchmark: a compressible line of text, %08x\n" % (i, i * 7)
+                    for i in range(MiB // 64))[:MiB]
+    return text + bytes(MiB - len(text))
+
+
 def sec_tput(root: Path, a, out: dict) -> None:
     log(f"\n== tput: replication vs raw TCP (load {loadavg()}) ==")
     lab = Lab()
     ha, hb = lab.add("a"), lab.add("b")
     buf = os.urandom(MiB)
     size = f"{max(4, (a.rounds * a.mib * 2) // 1024 + 2)}G"
+    text = text_mib()
     lo_rcp = pair(root, "lo-rcp", size)
     lo_loc = pair(root, "lo-local", size, )
     ns_rcp = pair(root, "ns-rcp", size, hosts=[ha, hb])
+    lo_raw = pair(root, "lo-nocomp", size)
+    lo_tls = pair(root, "lo-tls", size, tls=True)
+    pairs = [lo_rcp, lo_loc, ns_rcp, lo_raw, lo_tls]
     try:
         log("  initial copies (empty volumes):")
         for label, (p, ss), rcp in (("rcp 127.0.0.1", lo_rcp, True),
                                     ("local (HTTP 127.0.0.1)", lo_loc, False),
-                                    ("rcp namespaces", ns_rcp, True)):
+                                    ("rcp namespaces", ns_rcp, True),
+                                    ("rcp 127.0.0.1, compression off", lo_raw, True),
+                                    ("rcp 127.0.0.1, TLS", lo_tls, True)):
             to = [s.address for s in ss] if rcp else [str(s.site) for s in ss]
             log(f"    {label}: {replicate_to(p, to, rcp):.1f} s")
-        rows = {k: [] for k in ("tcp_lo", "tcp_ns", "rcp_lo", "local_lo", "rcp_ns", "disk")}
+        # compression off: the destination's policy, taken by its next session (a remount)
+        p = lo_raw[0]
+        p.admin("replicate", "policy", "--to", lo_raw[1][0].address, "--compress", "off")
+        p.down()
+        p.mount()
+        rows = {k: [] for k in ("tcp_lo", "tcp_ns", "rcp_lo", "local_lo", "rcp_ns", "disk",
+                                "rcp_lo_nocomp", "rcp_lo_tls", "rcp_lo_text",
+                                "rcp_lo_nocomp_text")}
         for r in range(a.rounds):
             log(f"  round {r + 1}/{a.rounds} (load {loadavg()})")
             rows["disk"].append(a.mib / write_file(root / "native", a.mib, buf))
@@ -569,14 +621,18 @@ def sec_tput(root: Path, a, out: dict) -> None:
             rows["tcp_ns"].append(tcp_rate(a.tcp_mib, hb["addr"], rx_prefix=hb["nsenter"],
                                            tx_prefix=ha["nsenter"]))
             log(f"    raw TCP namespaces:       {rows['tcp_ns'][-1]:8.0f} MiB/s")
-            for key, (p, ss) in (("rcp_lo", lo_rcp), ("local_lo", lo_loc),
-                                 ("rcp_ns", ns_rcp)):
-                res = ship(p, a.mib, buf, f"r{r}", ss)
+            for key, (p, ss), data in (("rcp_lo", lo_rcp, buf), ("local_lo", lo_loc, buf),
+                                       ("rcp_ns", ns_rcp, buf), ("rcp_lo_nocomp", lo_raw, buf),
+                                       ("rcp_lo_tls", lo_tls, buf),
+                                       ("rcp_lo_text", lo_rcp, text),
+                                       ("rcp_lo_nocomp_text", lo_raw, text)):
+                res = ship(p, a.mib, data, f"r{r}-{key}", ss)
                 rows[key].append(res)
-                log(f"    {key:10s} {a.mib} MiB: write {a.mib / res['write_s']:.0f} MiB/s; "
+                log(f"    {key:18s} {a.mib} MiB: write {a.mib / res['write_s']:.0f} MiB/s; "
                     f"cut->ready {res['ready_s']:.2f} s, ->acked {res['acked_s']:.2f} s "
                     f"({res['acked_mib_s']:.0f} MiB/s; ready->acked {res['ship_mib_s']:.0f}), "
-                    f"->played {res['played_s']:.2f} s ({res['played_mib_s']:.0f} MiB/s); CPU s per "
+                    f"->played {res['played_s']:.2f} s ({res['played_mib_s']:.0f} MiB/s); "
+                    f"CPU s per "
                     f"GiB: primary {res['cpu_s_per_gib'][0]:.2f}, secondary "
                     f"{res['cpu_s_per_gib'][1]:.2f}")
         out["tput"] = rows
@@ -589,13 +645,19 @@ def sec_tput(root: Path, a, out: dict) -> None:
         for key, title, base in (
                 ("rcp_lo", "RCP 127.0.0.1, cut->acked", tlo),
                 ("local_lo", "local HTTP 127.0.0.1, cut->acked", tlo),
-                ("rcp_ns", "RCP namespaces, cut->acked", tns)):
+                ("rcp_ns", "RCP namespaces, cut->acked", tns),
+                ("rcp_lo_nocomp", "RCP 127.0.0.1 compression off, cut->acked", tlo),
+                ("rcp_lo_tls", "RCP 127.0.0.1 TLS, cut->acked", tlo),
+                ("rcp_lo_text", "RCP 127.0.0.1 text data (zstd), cut->acked", tlo),
+                ("rcp_lo_nocomp_text", "RCP 127.0.0.1 text data compression off, cut->acked",
+                 tlo)):
             v = med([x["acked_mib_s"] for x in rows[key]])
             table.append((title, v, v / base, 0.7, "MiB/s"))
             v2 = med([x["played_mib_s"] for x in rows[key]])
             table.append((title.replace("acked", "played"), v2, v2 / base, None, "MiB/s"))
     finally:
-        down_all(*lo_rcp[0:1], *lo_rcp[1], *lo_loc[0:1], *lo_loc[1], *ns_rcp[0:1], *ns_rcp[1])
+        for p, ss in pairs:
+            down_all(p, *ss)
         _labs.remove(lab)
         lab.close()
 
@@ -641,6 +703,19 @@ def sec_wan(root: Path, a, out: dict) -> None:
                 out.setdefault("table", []).append(
                     (f"WAN 100 Mbit/s 50 ms, send_window {w}, cut->acked", v, v / link, 0.7,
                      "MiB/s"))
+                if w == a.windows[-1]:  # compressible text (zstd on, the default)
+                    text = text_mib()
+                    c0 = px.counts()
+                    x = ship(p, a.wan_mib, text, "text")
+                    c1 = px.counts()
+                    wire = (c1["up"] - c0["up"]) / MiB
+                    res["text"] = {"run": x, "wire_mib": wire, "window": w}
+                    log(f"  text data, send_window {w}: {a.wan_mib} MiB cut->acked "
+                        f"{x['acked_s']:.1f} s ({x['acked_mib_s']:.2f} MiB/s of data, "
+                        f"x link {x['acked_mib_s'] / link:.2f}); {wire:.1f} MiB on the wire")
+                    out.setdefault("table", []).append(
+                        (f"WAN, text data (zstd), send_window {w}, cut->acked",
+                         x["acked_mib_s"], x["acked_mib_s"] / link, 0.7, "MiB/s"))
             finally:
                 px.close()
                 down_all(p, *ss)
@@ -896,7 +971,7 @@ def main(argv=None) -> int:
         cleanup_all()
         shutil.rmtree(root, ignore_errors=True)
     out["load_end"] = loadavg()
-    log(f"\n== summary (TLS and compression are not built yet: no columns for them) ==")
+    log("\n== summary (compression: zstd, on by default; data is random unless 'text') ==")
     log(f"{'row':<58}{'value':>10} {'unit':<6}{'ratio':>8}{'target':>16}")
     for title, v, ratio, target, unit in out.get("table", []):
         if unit == "s" and title.startswith("lag"):
