@@ -17,6 +17,26 @@ it) until the next flush, which syncs the save volumes once, then writes the hel
 clone volume. A group commit flushes first (ordered mode), so an fsync also gets its data
 written; `pending_bytes` tells the FUSE adapter when the held data should be flushed early.
 
+The copies themselves are deferred (issue 8: reading and writing them on the FUSE thread was
+half its CPU under a snapshot). The writing thread only decides which snapshot needs which
+blocks and indexes the copies at the save addresses they will have; the save volume's record
+notes *which clone blocks* to copy, not their content. Full records are written behind the
+writer by a records thread of their own, the rest by the flush (under `_flush_lock`, before
+its sync), each reading the blocks from the clone volume then. That is safe because the
+write that needed the copy is held until the flush that synced the record, so the clone
+volume keeps those blocks unchanged until then: a held write is released only after the
+records of its epoch are written and synced, a later write to the blocks is held behind it,
+and a copy is deferred only when no older held write covers the blocks (else it is read now,
+through the held writes, as before: e.g. a snapshot created while writes of the previous
+queue are held). Readers of a pending copy (`read_snapshot`, delete's moves, the delta-set
+and initial-copy streams, diff and restore, all through `SaveVolume.read`) read the clone
+volume's block, i.e. the snapshot's content, not the held data; the index is complete at
+once, so every bit-map walk sees pending copies. A write that fails after deferring a copy
+holds its blocks' current content instead, so they cannot change before the flush. The
+simpler alternative (reading the copies on the FUSE thread, handing only the appends to the
+flush) keeps the read and its memory on the FUSE thread; this one leaves it the bit-map work
+and the index, and holds no before-image in memory.
+
 Everything is by extent: bit maps are tested a page at a time, before-images are read and
 written in runs. A lock serialises copy-on-write with snapshot reads, because the file
 system's commit thread writes through this layer too; the syncs and the index's LMDB commit
@@ -27,9 +47,11 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -37,7 +59,7 @@ from .. import pagedbits
 from ..extents import runs
 from ..volume import BLOCK_SIZE, ErrnoError, Layer, ReadOnlyDevice, VolumeError
 from . import keys as K
-from .store import SnapError, Snapshot, SnapStore
+from .store import SnapError, Snapshot, SnapStore, start_writeback
 
 log = logging.getLogger(__name__)
 BS = BLOCK_SIZE
@@ -71,6 +93,13 @@ class SnapLayer(Layer):
         # called before held writes are released to the volume (set by the change log above:
         # it makes the intent marks of the held writes durable; may raise)
         self.before_release = None
+        # where deferred copies are read from (looked up at each call: a wrapper put on
+        # `lower` later is used)
+        store.clone_read = lambda start, count: self.lower.read(start, count)
+        # full records are written behind the writer by one thread of their own; a flush
+        # waits for the ones submitted before it (and writes what they could not)
+        self._records_pool: ThreadPoolExecutor | None = None
+        self._records_bg: list = []  # their futures since the last flush took them
 
     # ---------------------------------------------------------------- writing (FIG. 41)
 
@@ -79,6 +108,7 @@ class SnapLayer(Layer):
         which first calls `before_release` (the change log's intent marks: a layer above
         asks this for a write whose mark is not yet durable)."""
         n = len(data) // BS
+        self._check(start, data)  # (before any copy: a deferred one needs the write held)
         with self.lock:
             saved = self._copy_on_write(start, n, meta) if self.store.queue else 0
             if saved or hold or (self._held and self._held_bits.get_range(start, n).any()):
@@ -86,12 +116,16 @@ class SnapLayer(Layer):
             else:
                 self.lower.write(start, data)
 
-    def _hold(self, start: int, data) -> None:
-        """Keep a write from the clone volume until its before-images are durable (flush)."""
+    def _check(self, start: int, data) -> None:
         n = len(data) // BS
         if len(data) % BS or start < 0 or start + n > self.nblocks:
             raise VolumeError(f"write ({start}, {len(data)} bytes) outside the volume or not "
                               f"whole blocks")
+
+    def _hold(self, start: int, data) -> None:
+        """Keep a write from the clone volume until its before-images are durable (flush)."""
+        n = len(data) // BS
+        self._check(start, data)
         self._held.append((start, bytes(data), self._epoch))
         self._held_bits.set_range(start, n)
         self._held_bytes += n * BS
@@ -160,15 +194,70 @@ class SnapLayer(Layer):
                     raise ErrnoError(errno.ENOSPC, "the snapshot save volumes are full")
                 log.error("save volumes over capacity: saving %d before-images of committed "
                           "metadata anyway", user)
+        # deferred (the common case): no held write covers these blocks, so until this
+        # write (held from now on) is released they are what the clone volume holds: the
+        # flush reads them from there when it writes the record. Else (an older held write
+        # covers some) they are read now, through the held writes, as before.
+        defer = not (self._held and self._held_bits.get_range(s, n).any())
+        saved = 0
+        touched = []
+        try:
+            saved = self._save(s, n, meta, needs, defer, touched)
+        except BaseException:
+            if defer and touched:
+                # this write fails and is not held, but some of its blocks' copies are
+                # deferred: hold the blocks' current content instead (a write of what they
+                # hold), so that they do not change before the flush reads them
+                self._hold(s, self.lower.read(s, n))
+            raise
+        finally:
+            for snap in touched:
+                if snap.save.fresh:
+                    self._write_behind(snap)
+        self.cow_blocks += saved
+        return saved
+
+    def _write_behind(self, snap: Snapshot) -> None:
+        """Hand the records an append just filled to the records thread (under `lock`)."""
+        recs, snap.save.fresh = snap.save.fresh, []
+        if self._records_pool is None:
+            self._records_pool = ThreadPoolExecutor(1, thread_name_prefix="snap-records")
+        fd = os.dup(snap.save.fd)  # (a delete may close the file meanwhile)
+        try:
+            self._records_bg.append(self._records_pool.submit(self._write_records, snap, fd,
+                                                              recs))
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def _write_records(self, snap: Snapshot, fd: int, recs) -> None:
+        """In the records thread: write full records (their deferred before-images read from
+        the clone volume: those blocks stay as they are until the flush that waits for
+        this), and start their writeback so that the flush's sync finds little to do. A
+        failure leaves them unwritten: the flush writes them itself (and reports it)."""
+        try:
+            snap.save.write_records(fd, snap.id, recs, self.store.clone_read)
+            start, end = recs[0].start, recs[-1].start + 1 + recs[-1].n
+            start_writeback(fd, start * BS, (end - start) * BS)
+        finally:
+            os.close(fd)
+        with self.lock:
+            snap.save.mark_written(recs)
+
+    def _save(self, s: int, n: int, meta: bool, needs, defer: bool, touched: list) -> int:
         saved = 0
         while needs:
             snap, need = needs.pop(0)
             idx = np.flatnonzero(need)
-            parts = [self._overlay(s + a, c, self.lower.read(s + a, c))
-                     for _, a, c in runs(idx)]
+            touched.append(snap)
+            if defer:
+                data = None
+            else:
+                parts = [self._overlay(s + a, c, self.lower.read(s + a, c))
+                         for _, a, c in runs(idx)]
+                data = parts[0] if len(parts) == 1 else b"".join(parts)
             try:
-                self.store.add_before_images(snap, (s + idx).astype(np.uint32),
-                                             parts[0] if len(parts) == 1 else b"".join(parts))
+                self.store.add_before_images(snap, (s + idx).astype(np.uint32), data)
             except OSError as e:
                 # no room or a failing disk: the write fails and changes nothing, except
                 # for committed metadata, which must go on: a pin that cannot keep its
@@ -181,7 +270,6 @@ class SnapLayer(Layer):
                 needs.extend(self._needed(len(self.store.queue) - 1, s, n, need))
                 continue
             saved += len(idx)
-        self.cow_blocks += saved
         return saved
 
     def flush(self) -> None:
@@ -212,11 +300,25 @@ class SnapLayer(Layer):
             raise self._sync_error
         with self.lock:
             epoch = self._epoch
+            behind, self._records_bg = self._records_bg, []
             if index is None:
                 index = (time.monotonic() - self._indexed_at >= self.INDEX_EVERY
                          or self.store.dirty_pages() >= 1024)
             token = self.store.detach(index)
             self._epoch += 1
+        for fut in behind:  # the records written behind the writer, before the rest
+            try:
+                fut.result()
+            except Exception as e:  # noqa: BLE001 - written below, where it is reported
+                log.debug("writing save-volume records behind the writer failed: %s", e)
+        try:  # the other records, their deferred before-images read from the clone volume
+            self.store.write_detached(token)
+        except BaseException:  # not final: they stay in memory and the next flush writes them
+            with self.lock:
+                self.store.undetach(token, synced=False)
+            raise
+        with self.lock:
+            self.store.written_detached(token)
         try:
             self.store.sync_detached(token)
         except OSError as e:
@@ -280,6 +382,9 @@ class SnapLayer(Layer):
                         self._held_bytes += len(data)
 
     def close(self) -> None:
+        if self._records_pool is not None:
+            self._records_pool.shutdown(wait=True)  # (it takes `lock` to finish)
+            self._records_pool = None
         with self.lock:
             self.store.close()  # closes the shared LMDB environment last
         self.lower.close()

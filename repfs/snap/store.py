@@ -6,7 +6,10 @@
   before-image is its block index in the file. Records are appended without a sync; the
   snapped-volume layer (layer.py) holds back the clone writes they protect until a flush has
   made them durable (one fdatasync per save volume per group commit, not one per write), so
-  a crash never loses a before-image whose block was overwritten.
+  a crash never loses a before-image whose block was overwritten. Records are built in
+  memory and written later by the layer's records thread or its flush, never by the writing
+  thread; a *deferred* part of one names the clone blocks to copy, read when it is written
+  (or when a reader asks for it before then: `clone_read`).
 * The indexes (bit map and block map of each snapshot) are paged and live in LMDB
   (``repfs.snap.keys``). Changes are kept in memory and written in one durable LMDB
   transaction at each flush, after the save volumes they point into are synced (`detach` /
@@ -36,7 +39,7 @@ from ..errors import DomainError
 from ..tasks import describe
 from ..statefile import fsync_dir, remove_durably
 from .. import pagedbits
-from ..extents import run_bounds
+from ..extents import run_bounds, runs
 from ..volume import BLOCK_SIZE, private_dir, pwritev_all
 from . import keys as K
 
@@ -72,16 +75,30 @@ def open_env(site_path: Path):
 _libc = None
 
 
-def _fallocate_keep_size(fd: int, off: int, length: int) -> None:
-    """fallocate(2) with FALLOC_FL_KEEP_SIZE (Python's os has only posix_fallocate, which
-    changes the size and emulates the call by writing where it is unsupported)."""
+def _libc_():
     global _libc
     if _libc is None:
         import ctypes
         import ctypes.util
-        _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-        _libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long)
-    if _libc.fallocate(fd, 1, off, length) != 0:  # 1: FALLOC_FL_KEEP_SIZE
+        lib = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        lib.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long)
+        lib.sync_file_range.argtypes = (ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong,
+                                        ctypes.c_uint)
+        _libc = lib
+    return _libc
+
+
+def start_writeback(fd: int, off: int, length: int) -> None:
+    """sync_file_range(2) with SYNC_FILE_RANGE_WRITE: start writing those pages to the disk
+    without waiting for them (Python's os lacks it), so that a later fdatasync finds less to
+    do. A hint: its result is ignored."""
+    _libc_().sync_file_range(fd, off, length, 2)  # 2: SYNC_FILE_RANGE_WRITE
+
+
+def _fallocate_keep_size(fd: int, off: int, length: int) -> None:
+    """fallocate(2) with FALLOC_FL_KEEP_SIZE (Python's os has only posix_fallocate, which
+    changes the size and emulates the call by writing where it is unsupported)."""
+    if _libc_().fallocate(fd, 1, off, length) != 0:  # 1: FALLOC_FL_KEEP_SIZE
         import ctypes
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
@@ -95,37 +112,81 @@ class DamagedRecord(OSError):
         super().__init__(errno.EIO, detail)
 
 
+class _Record:
+    """A record of a save volume not yet written to its file: the header's save address, its
+    count, the Bi arrays and the parts of its body. A part is the before-images themselves
+    (bytes-like) or, for a *deferred* copy, the array of clone-volume blocks to read them
+    from when the record is written (see SnapLayer: those blocks do not change until then)."""
+
+    __slots__ = ("start", "n", "bis", "parts", "seq", "written")
+
+    def __init__(self, start: int):
+        self.start = start
+        self.n = 0
+        self.bis: list[np.ndarray] = []
+        self.parts: list = []
+        self.seq = 0
+        self.written = False  # in the file (set by the thread that wrote it)
+
+
+def _holding(recs: list[tuple[int, int]], si: int):
+    """The (header Si, n) of the sorted `recs` whose record holds save address `si`, or None."""
+    i = bisect.bisect_right(recs, (si, 1 << 62)) - 1
+    if i >= 0 and recs[i][0] < si <= recs[i][0] + recs[i][1]:
+        return recs[i]
+    return None
+
+
+def _deferred(part) -> bool:
+    return isinstance(part, np.ndarray)
+
+
+def _read_clone(blocks: np.ndarray, clone_read) -> list:
+    """The clone volume's blocks `blocks` (a deferred part), one read per run."""
+    if clone_read is None:
+        raise RuntimeError("a deferred before-image without a clone volume to read it from")
+    return [clone_read(a, c) for _, a, c in runs(blocks)]
+
+
 class SaveVolume:
     """One snapshot's save volume: an append-only log of before-image records.
 
-    Appends go into an *open record* in memory (read from there) that is written whole when
-    it is full or at the next sync: a flush's before-images cost one header block per
-    REC_MAX of them, not one per write request. Every record is verified against its
-    checksum the first time one of its before-images is read."""
+    Appends go into an *open record* in memory that is sealed when it is full or at the next
+    detach; sealed records wait in memory (`_unwritten`, read from there) until the flushing
+    thread writes them (`write_records`) and the layer marks them written (`mark_written`):
+    the trio thread never writes a save volume. A flush's before-images cost one header
+    block per REC_MAX of them, not one per write request. Every record is verified against
+    its checksum the first time one of its before-images is read from the file."""
 
     def __init__(self, path: Path, sid: int):
         self.path = path
         self.sid = sid
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        self.size = os.fstat(self.fd).st_size // BS  # in blocks, the open record included
+        self.size = os.fstat(self.fd).st_size // BS  # in blocks, unwritten records included
         self.seq = 0
-        self.unsynced = False  # records appended since the last sync
-        self._open: tuple[int, list, list] | None = None  # (header Si, [Bi arrays], [data])
-        self._open_n = 0
-        self._recs: list[tuple[int, int]] | None = None  # (header Si, n) of written records
+        self.unsynced = False  # records appended since the last detach
+        self._open: _Record | None = None
+        self._unwritten: list[_Record] = []  # sealed, not yet written, in file order
+        self.fresh: list[_Record] = []  # sealed by appends since the layer last took them
+        self._recs: list[tuple[int, int]] | None = None  # (header Si, n) found in the file
+        # (header Si, n) of the records written since it was opened, sorted (the records
+        # thread and the flush mark theirs in either order)
+        self._written_here: list[tuple[int, int]] = []
         self._verified: set[int] = set()  # header Si of records whose checksum held
         self.entry_durable = True  # its directory entry (False: fsync the directory first)
         self._room_end = self.size  # disk space taken up to here (fallocate KEEP_SIZE)
         self._keep_size = True  # the file system can (else posix_fallocate per copy)
 
-    def append(self, bis: np.ndarray, data) -> np.ndarray:
-        """Append before-images of blocks `bis`; returns their save addresses. Not written
-        (see write_open) nor synced."""
+    def append(self, bis: np.ndarray, data=None) -> np.ndarray:
+        """Append before-images of blocks `bis`; returns their save addresses. `data`: the
+        before-images, or None to read them from the clone volume when the record is
+        written (the caller guarantees those blocks do not change until then). Neither
+        written nor synced here."""
         out = np.empty(len(bis), dtype=np.uint32)
-        mv = memoryview(data)
+        mv = memoryview(data) if data is not None else None
         # the space first (ENOSPC here changes nothing, and fails the write that needed the
-        # copy, as before): the record is written later, at the next sync
-        room = REC_MAX - self._open_n if self._open is not None else 0
+        # copy, as before): the record is written later, by the flush
+        room = REC_MAX - self._open.n if self._open is not None else 0
         rest = max(0, len(bis) - room)
         headers = -(-rest // REC_MAX)
         end = self.size + len(bis) + headers
@@ -133,30 +194,43 @@ class SaveVolume:
             self._take_room(end)
         done = 0
         while done < len(bis):
-            if self._open is None or self._open_n == REC_MAX:
-                self.write_open()
-                self._open = (self.size, [], [])
-                self._open_n = 0
+            if self._open is None or self._open.n == REC_MAX:
+                self._seal()
+                self._open = _Record(self.size)
                 self.size += 1  # the header's block
-            m = min(REC_MAX - self._open_n, len(bis) - done)
-            self._open[1].append(bis[done: done + m])
-            self._open[2].append(mv[done * BS: (done + m) * BS])  # (callers pass bytes)
+            op = self._open
+            m = min(REC_MAX - op.n, len(bis) - done)
+            chunk = bis[done: done + m]
+            op.bis.append(chunk)
+            op.parts.append(mv[done * BS: (done + m) * BS] if mv is not None
+                            else np.array(chunk, dtype=np.uint32))
             out[done: done + m] = np.arange(self.size, self.size + m, dtype=np.uint32)
-            self._open_n += m
+            op.n += m
             self.size += m
             done += m
         self.unsynced = True
         return out
 
-    ROOM_STEP = 256  # blocks of room taken ahead at a time (one fallocate per 1 MiB)
+    def _seal(self) -> None:
+        if self._open is not None:
+            self.seq += 1
+            self._open.seq = self.seq
+            self._unwritten.append(self._open)
+            self.fresh.append(self._open)
+            self._open = None
+
+    ROOM_STEP = 256  # blocks of room taken ahead at least (one fallocate per 1 MiB) ...
+    ROOM_STEP_MAX = 16384  # ... and at most: an eighth of the file's size up to 64 MiB (a
+    # fallocate costs ~0.5-1 ms on the writing thread; a large copy takes few of them)
 
     def _take_room(self, end: int) -> None:
         """Disk space up to block `end` (ENOSPC here fails the copy, changing nothing)."""
         if self._keep_size:
+            step = min(self.ROOM_STEP_MAX, max(self.ROOM_STEP, self.size // 8))
             try:
                 _fallocate_keep_size(self.fd, self._room_end * BS,
-                                     (end + self.ROOM_STEP - self._room_end) * BS)
-                self._room_end = end + self.ROOM_STEP
+                                     (end + step - self._room_end) * BS)
+                self._room_end = end + step
                 return
             except OSError as e:
                 if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
@@ -182,43 +256,68 @@ class SaveVolume:
         self._room_end = max(self._room_end, self.size + want)
         return True
 
-    def write_open(self) -> None:
-        """Write the open record (header, then its before-images) to the file."""
-        if self._open is None:
-            return
-        start, bis_parts, data_parts = self._open
-        n = self._open_n
-        head = bytearray(BS)
-        self.seq += 1
-        _REC.pack_into(head, 0, _REC_MAGIC, self.sid, self.seq, n)
-        head[_REC.size: _REC.size + 4 * n] = np.concatenate(bis_parts).astype("<u4").tobytes()
-        h = xxhash.xxh3_64()
-        h.update(memoryview(head)[:_REC_CSUM_OFF])
-        for part in data_parts:
-            h.update(part)
-        struct.pack_into("<Q", head, _REC_CSUM_OFF, h.intdigest())
-        # one system call, no joined copy of the body (at most REC_MAX + 1 parts: < IOV_MAX)
-        pwritev_all(self.fd, [head, *data_parts], start * BS)
-        self._open = None
-        self._open_n = 0
-        if self._recs is not None:
-            self._recs.append((start, n))
+    def pending_records(self) -> list[_Record]:
+        """Seal the open record; the records not yet written, in file order (under the
+        layer's lock; they stay readable from memory until `mark_written`)."""
+        self._seal()
+        self.fresh = []  # (the flush writes them)
+        return list(self._unwritten)
 
-    def sync(self) -> None:
-        self.write_open()
-        os.fdatasync(self.fd)
-        self.unsynced = False
+    @staticmethod
+    def write_records(fd: int, sid: int, recs: list[_Record], clone_read) -> None:
+        """Write records (header, then the before-images; deferred parts read from the clone
+        volume now) to the file `fd`, except those already written. No lock needed: sealed
+        records do not change."""
+        for rec in recs:
+            if rec.written:
+                continue
+            body = []
+            for part in rec.parts:
+                body.extend(_read_clone(part, clone_read) if _deferred(part) else (part,))
+            head = bytearray(BS)
+            _REC.pack_into(head, 0, _REC_MAGIC, sid, rec.seq, rec.n)
+            head[_REC.size: _REC.size + 4 * rec.n] = (
+                np.concatenate(rec.bis).astype("<u4").tobytes())
+            h = xxhash.xxh3_64()
+            h.update(memoryview(head)[:_REC_CSUM_OFF])
+            for part in body:
+                h.update(part)
+            struct.pack_into("<Q", head, _REC_CSUM_OFF, h.intdigest())
+            # one system call, no joined copy of the body (at most REC_MAX + 1 parts, one
+            # per run at most: < IOV_MAX)
+            pwritev_all(fd, [head, *body], rec.start * BS)
+            rec.written = True
 
-    def read(self, si: int, count: int) -> bytes:
+    def mark_written(self, recs: list[_Record]) -> None:
+        """After write_records (under the layer's lock): read them from the file now."""
+        done = {id(r) for r in recs}
+        self._unwritten = [r for r in self._unwritten if id(r) not in done]
+        for r in recs:
+            i = bisect.bisect_left(self._written_here, (r.start, 0))
+            if i == len(self._written_here) or self._written_here[i][0] != r.start:
+                self._written_here.insert(i, (r.start, r.n))
+
+    def read(self, si: int, count: int, clone_read=None) -> bytes:
         """Before-images at save addresses [si, si+count) (within one record)."""
-        op = self._open
-        if op is not None and si > op[0]:
-            out, pos, want = [], op[0] + 1, (si, si + count)
-            for part in op[2]:
-                n = len(part) // BS
+        rec = None
+        if self._open is not None and si > self._open.start:
+            rec = self._open
+        elif self._unwritten and si > self._unwritten[0].start:
+            # (the records thread and the flush may have written later ones first)
+            i = bisect.bisect_right([r.start for r in self._unwritten], si - 1) - 1
+            rec = self._unwritten[i]
+            if si > rec.start + rec.n:
+                rec = None
+        if rec is not None:
+            out, pos, want = [], rec.start + 1, (si, si + count)
+            for part in rec.parts:
+                n = len(part) if _deferred(part) else len(part) // BS
                 a, b = max(pos, want[0]), min(pos + n, want[1])
                 if a < b:
-                    out.append(part[(a - pos) * BS: (b - pos) * BS])
+                    if _deferred(part):
+                        out.extend(_read_clone(part[a - pos: b - pos], clone_read))
+                    else:
+                        out.append(part[(a - pos) * BS: (b - pos) * BS])
                 pos += n
             return b"".join(out)
         self._verify(si)
@@ -226,13 +325,15 @@ class SaveVolume:
 
     def _verify(self, si: int) -> None:
         """Check the record holding save address `si` the first time it is read."""
-        if self._recs is None:
-            self._recs = [(pos, len(bis)) for pos, bis in
-                          ((p - 1, b) for p, b in self.scan(0, check=False))]
-        i = bisect.bisect_right(self._recs, (si, 1 << 62)) - 1
-        if i < 0 or not self._recs[i][0] < si <= self._recs[i][0] + self._recs[i][1]:
+        hit = _holding(self._written_here, si)
+        if hit is None:
+            if self._recs is None:
+                self._recs = [(pos, len(bis)) for pos, bis in
+                              ((p - 1, b) for p, b in self.scan(0, check=False))]
+            hit = _holding(self._recs, si)
+        if hit is None:
             raise DamagedRecord(f"{self.path}: no record holds save block {si}")
-        start, n = self._recs[i]
+        start, n = hit
         if start in self._verified:
             return
         if not self._record_ok(start):
@@ -284,12 +385,14 @@ class SaveVolume:
 
     def truncate(self, end: int) -> None:
         self._open = None
-        self._open_n = 0
+        self._unwritten = []
+        self.fresh = []
         os.ftruncate(self.fd, end * BS)
         os.fsync(self.fd)
         self.size = end
         self._room_end = end
         self._recs = None
+        self._written_here = [r for r in self._written_here if r[0] + r[1] < end]
         self._verified = {v for v in self._verified if v < end}
 
     def close(self) -> None:
@@ -459,6 +562,9 @@ class SnapStore:
         self.bmap = _Pages(self.env, self.env.open_db(K.BMAP), K.BMAP_PER_PAGE * 4)
         self.capacity = capacity_bytes
         self.queue: list[Snapshot] = []
+        # reads the clone volume's blocks (start, count) -> bytes: where deferred copies
+        # come from (set by the snapped layer; see SnapLayer._copy_on_write)
+        self.clone_read = None
         self._load()
 
     # ---------------------------------------------------------------- state
@@ -647,6 +753,27 @@ class SnapStore:
         return out
 
     def _index(self, snap: Snapshot, bis: np.ndarray, sis: np.ndarray) -> None:
+        n = len(bis)
+        if n > 1 and int(bis[0]) // K.BITS_PER_PAGE == int(bis[-1]) // K.BITS_PER_PAGE \
+                and (np.diff(bis.astype(np.int64)) == 1).all():
+            # one run in one bit-map page (a sequential write): slices, not scatters
+            b0 = int(bis[0])
+            buf = np.frombuffer(self.bits.modify(snap.id, b0 // K.BITS_PER_PAGE),
+                                dtype=np.uint8)
+            off = b0 % K.BITS_PER_PAGE
+            a, b = off >> 3, (off + n + 7) >> 3
+            bits = np.unpackbits(buf[a:b], bitorder="little")
+            bits[off - (a << 3): off - (a << 3) + n] = 1
+            buf[a:b] = np.packbits(bits, bitorder="little")
+            pos = 0
+            while pos < n:
+                page, m0 = divmod(b0 + pos, K.BMAP_PER_PAGE)
+                m = min(n - pos, K.BMAP_PER_PAGE - m0)
+                arr = np.frombuffer(self.bmap.modify(snap.id, page), dtype="<u4")
+                arr[m0: m0 + m] = sis[pos: pos + m] + 1
+                pos += m
+            snap.saved += n
+            return
         for page, offsets in pagedbits.by_page(bis):
             pagedbits.assign(self.bits.modify(snap.id, page), offsets, True)
         mp = bis // K.BMAP_PER_PAGE
@@ -657,9 +784,10 @@ class SnapStore:
             arr[bis[sel] % K.BMAP_PER_PAGE] = sis[sel] + 1
         snap.saved += len(bis)
 
-    def add_before_images(self, snap: Snapshot, bis: np.ndarray, data) -> None:
+    def add_before_images(self, snap: Snapshot, bis: np.ndarray, data=None) -> None:
         """Save before-images and index them; neither is durable before the next flush (the
-        caller holds back the writes they protect until then)."""
+        caller holds back the writes they protect until then). `data` None: a deferred
+        copy, read from the clone volume (`clone_read`) when the record is written."""
         sis = snap.save.append(bis, data)
         self._index(snap, bis, sis)
 
@@ -669,7 +797,8 @@ class SnapStore:
         sis = self.lookup(snap, bis)
         if not len(bis):
             return []
-        return [(i, j - i, snap.save.read(int(sis[i]), j - i)) for i, j in run_bounds(bis, sis)]
+        return [(i, j - i, snap.save.read(int(sis[i]), j - i, self.clone_read))
+                for i, j in run_bounds(bis, sis)]
 
     def dirty_pages(self) -> int:
         return len(self.bits.dirty) + len(self.bmap.dirty)
@@ -685,11 +814,11 @@ class SnapStore:
         try:
             for snap in self.queue:
                 if snap.save.unsynced:
-                    snap.save.write_open()
-                    fds.append((snap, os.dup(snap.save.fd)))  # a delete may close the file
+                    # a delete may close the file: the flush writes and syncs a duplicate
+                    fds.append((snap, os.dup(snap.save.fd), snap.save.pending_records()))
                     snap.save.unsynced = False
         except BaseException:
-            for snap, fd in fds:
+            for snap, fd, _ in fds:
                 os.close(fd)
                 snap.save.unsynced = True
             raise
@@ -699,20 +828,39 @@ class SnapStore:
         pages = (self.bits.detach(), self.bmap.detach())
         return fds, ends, pages
 
+    def write_detached(self, token) -> None:
+        """Write the detached records to their files, reading their deferred before-images
+        from the clone volume (no lock needed). On failure nothing is marked written: the
+        next flush writes them again (`undetach(synced=False)`)."""
+        try:
+            for snap, fd, recs in token[0]:
+                snap.save.write_records(fd, snap.id, recs, self.clone_read)
+        except BaseException:
+            for _, fd, _ in token[0]:
+                os.close(fd)
+            raise
+
+    def written_detached(self, token) -> None:
+        """After write_detached (under the layer's lock): the records are read from the files
+        from now on."""
+        for snap, _, recs in token[0]:
+            snap.save.mark_written(recs)
+
     def sync_detached(self, token) -> None:
-        """Make the detached records durable (no lock needed); raises if a sync fails
-        (the caller must then not trust those records: see SnapLayer._flush_saves)."""
+        """Make the detached records durable (no lock needed; after write_detached); raises
+        if a sync fails (the caller must then not trust those records: see
+        SnapLayer._flush_saves). Closes the token's files either way."""
         fds = token[0]
         try:
-            for _, fd in fds:
+            for _, fd, _ in fds:
                 os.fdatasync(fd)
-            new = [snap for snap, _ in fds if not snap.save.entry_durable]
+            new = [snap for snap, _, _ in fds if not snap.save.entry_durable]
             if new:  # before the index or a held write depends on the records
                 fsync_dir(self.save_dir)
                 for snap in new:
                     snap.save.entry_durable = True
         finally:
-            for _, fd in fds:
+            for _, fd, _ in fds:
                 os.close(fd)
 
     def break_pin(self, snap: Snapshot, exc: BaseException) -> bool:
@@ -770,7 +918,7 @@ class SnapStore:
                     del pg.flushing[k]
                     pg.dirty.setdefault(k, bytearray(buf))
         if not synced:
-            for snap, _ in fds:
+            for snap, _, _ in fds:
                 snap.save.unsynced = True
 
     def commit_detached(self, token) -> None:
@@ -784,6 +932,12 @@ class SnapStore:
     def flush(self) -> None:
         """Make every record and the indexes durable (the caller keeps writers out)."""
         token = self.detach()
+        try:
+            self.write_detached(token)
+        except BaseException:
+            self.undetach(token, synced=False)
+            raise
+        self.written_detached(token)
         self.sync_detached(token)
         self.commit_detached(token)
 
