@@ -778,10 +778,12 @@ class ControlServer:
                 return hmac.compare_digest(value[7:].strip(), self.token)
         return False
 
-    async def _dispatch(self, req, body: bytes) -> tuple[int, bytes]:
-        """Run one authenticated request: (status, JSON reply). Never raises but Cancelled."""
+    async def _dispatch(self, req, body: bytes, call=None) -> tuple[int, bytes]:
+        """Run one authenticated request: (status, JSON reply). Never raises but Cancelled.
+        `call`: an async function run instead of the request's route (rcp/server.py answers
+        a failed chunk of a batch with the exception it raised)."""
         try:
-            status, payload = 200, await self._call(req, body)
+            status, payload = 200, await (call() if call else self._call(req, body))
         except HTTPError as e:
             status, payload = e.status, {"error": str(e)}
         except DomainError as e:

@@ -10,7 +10,10 @@ After the handshake (wire.Connection, authenticated by the group's secret from
 SITE/groups), each request runs the receiver endpoint of the HTTP route it stands for,
 through `ControlServer._dispatch` itself: the same argument checks, the same domain errors and
 statuses, which become the ERROR kinds the primary acts on (`kind_of`). Requests are answered
-in order; uploads pipelined behind a failed upload are refused, as on HTTP. A protocol error
+in order; uploads pipelined behind a failed upload are refused, as on HTTP. Delta chunks
+that arrived while the ones before them were stored are stored together, in one hand-off to
+a worker thread (`_gather`, Secondary.chunks: the chunk route's endpoint, a failure answered
+through `_dispatch`), and answered as one by one. A protocol error
 is logged (one line: the peer and the reason), answered with an ERROR frame if possible, and
 ends the connection; the frame that broke the protocol is never applied.
 """
@@ -21,6 +24,7 @@ import ipaddress
 import json
 import logging
 import secrets
+import select
 from types import SimpleNamespace
 
 import trio
@@ -151,21 +155,32 @@ class RcpServer:
                  conn.version, ", zstd" if "zstd" in conn.agreed else "")
         upload_failed = False
         sock = getattr(stream, "socket", None)  # (a TCP stream's; not inside TLS)
+
+        async def read(limit: float):
+            """Read what the frame being received lacks, within `limit` seconds (a bulk
+            frame's body into its own buffer: no copy on its way to the receiver; over TCP a
+            header alone first): what was read, b"" at the end of the stream, None when
+            `limit` passed."""
+            into = conn.receive_buffer() if sock is not None else None
+            with trio.move_on_after(limit):
+                if into is not None:
+                    n = await sock.recv_into(into)
+                    conn.received(n)
+                    return into[:n]
+                data = await stream.receive_some(
+                    conn.receive_size(1 << 20, header_first=sock is not None))
+                conn.receive_data(data)
+                return data
+            return None
+
+        held = None  # a frame parsed while a batch of chunks was gathered: handled next
         while True:
-            event = conn.next_event()
+            event, held = (held, None) if held is not None else (conn.next_event(), None)
             if event is wire.NEED_DATA:
                 # between requests: the idle timeout; within a frame, the body timeout
                 limit = ctl.body_timeout if conn.buf else ctl.idle_timeout
-                # a bulk frame's body is read into its own buffer (no copy on its way to the
-                # receiver); else what the frame lacks (a header alone first, over TCP)
-                into = conn.receive_buffer() if sock is not None else None
-                with trio.move_on_after(limit) as idle:
-                    if into is not None:
-                        data = into[:await sock.recv_into(into)]
-                    else:
-                        data = await stream.receive_some(
-                            conn.receive_size(1 << 20, header_first=sock is not None))
-                if idle.cancelled_caught:
+                data = await read(limit)
+                if data is None:
                     if conn.buf:
                         raise wire.ProtocolError(f"a frame did not arrive within {limit:g} s")
                     log.info("RCP session %d from %s: idle for %g s, closed", conn.session,
@@ -176,10 +191,6 @@ class RcpServer:
                         log.warning("RCP session %d from %s: closed within a frame (nothing "
                                     "of it applied)", conn.session, peer)
                     return
-                if into is not None:
-                    conn.received(len(data))
-                else:
-                    conn.receive_data(data)
                 continue
             if event.type == "CLOSE":
                 log.info("RCP session %d from %s closed: %s", conn.session, peer,
@@ -190,22 +201,42 @@ class RcpServer:
                          _short(event.body.get("message")))
                 continue
             upload = event.type in UPLOADS
-            if upload and upload_failed:
-                status, message, result = 503, AFTER_FAILED, None
+            if event.type == "CHUNK" and not upload_failed and sock is not None:
+                # the chunks that arrived meanwhile are stored with it in one hand-off to a
+                # worker thread, and answered together (each in order, as one by one)
+                batch, held = await _gather(conn, sock, read, event, ctl.body_timeout)
+                frames, upload_failed = await self._chunks(conn, peer, batch)
             else:
-                status, message, result = await self._request(event)
-                upload_failed = upload and status != 200
-            if status == 200:
-                frame = conn.send("ACK", {"seq": event.seq, "result": result})
-            else:
-                kind = kind_of(status, message)
-                if kind == "permanent":  # (the primary stops: say why here too)
-                    log.info("RCP session %d from %s: %s refused: %s", conn.session, peer,
-                             event.type, _short(message))
-                frame = conn.send("ERROR", {"seq": event.seq, "kind": kind,
-                                            "message": message[:1000]})
+                if upload and upload_failed:
+                    status, message, result = 503, AFTER_FAILED, None
+                else:
+                    status, message, result = await self._request(event)
+                    upload_failed = upload and status != 200
+                frames = [_answer(conn, peer, event, status, message, result)]
             with trio.fail_after(ctl.send_timeout):
-                await stream.send_all(frame)
+                await stream.send_all(b"".join(frames))
+
+    async def _chunks(self, conn, peer: str, batch: list) -> tuple[list[bytes], bool]:
+        """Store the chunks of `batch` (Secondary.chunks): their answers, and whether one
+        failed (it is answered as its HTTP route would answer it, those after it are
+        refused unapplied, as uploads pipelined behind a failed one)."""
+        out, err = await self.service.secondary.chunks([m.body for m in batch])
+        frames = [_answer(conn, peer, m, 200, "", r) for m, r in zip(batch, out)]
+        if err is None:
+            return frames, False
+
+        async def failed():
+            raise err
+
+        req = SimpleNamespace(method=b"POST", target=b"/v1/repl/chunk",
+                              headers=[(b"content-type", b"application/octet-stream")])
+        status, data = await self.control._dispatch(req, b"", call=failed)
+        doc = json.loads(data)
+        frames.append(_answer(conn, peer, batch[len(out)], status,
+                              str(doc.get("error", f"status {status}")), None))
+        frames += [_answer(conn, peer, m, 503, AFTER_FAILED, None)
+                   for m in batch[len(out) + 1:]]
+        return frames, True
 
     async def _request(self, msg) -> tuple[int, str, dict | None]:
         """Run one request through the HTTP route of its endpoint: (status, error message,
@@ -242,6 +273,47 @@ class RcpServer:
         if status != 200:
             return status, str(doc.get("error", f"status {status}")), None
         return 200, "", doc if isinstance(doc, dict) else {"value": doc}
+
+
+MAX_BATCH = 16  # chunks stored in one hand-off to a worker thread
+
+
+async def _gather(conn, sock, read, first, limit: float) -> tuple[list, object]:
+    """`first` (a CHUNK) and the CHUNKs after it that are already here (received, or in the
+    socket's buffer: never waits for the peer to send more), up to MAX_BATCH; and the frame
+    after them if it is another one (else None). A protocol error stops the gathering: the
+    chunks before it are answered, then `next_event` raises it again."""
+    batch = [first]
+    while len(batch) < MAX_BATCH:
+        try:
+            event = conn.next_event()
+        except wire.ProtocolError:
+            break
+        if event is wire.NEED_DATA:
+            if not _readable(sock) or not await read(limit):
+                break  # (nothing more yet; the end of the stream is seen again after)
+            continue
+        if event.type != "CHUNK":
+            return batch, event
+        batch.append(event)
+    return batch, None
+
+
+def _readable(sock) -> bool:
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    return bool(poller.poll(0))
+
+
+def _answer(conn, peer: str, event, status: int, message: str, result) -> bytes:
+    """The ACK or ERROR frame answering request `event`."""
+    if status == 200:
+        return conn.send("ACK", {"seq": event.seq, "result": result})
+    kind = kind_of(status, message)
+    if kind == "permanent":  # (the primary stops: say why here too)
+        log.info("RCP session %d from %s: %s refused: %s", conn.session, peer, event.type,
+                 _short(message))
+    return conn.send("ERROR", {"seq": event.seq, "kind": kind, "message": message[:1000]})
 
 
 def _peer_name(stream) -> str:

@@ -127,6 +127,29 @@ class Secondary:
         async with self.lock:
             return await self._store(self.receiver.receive_chunk, body)
 
+    async def chunks(self, bodies: list) -> tuple[list[dict], Exception | None]:
+        """Several delta chunks in one worker-thread hand-off (rcp/server.py: those a session
+        received while the ones before them were stored), each stored as `chunk` stores it,
+        in order, up to the first that fails: the answers of the chunks stored, and the
+        failure (None, or what `chunk` would raise: a disk error contained as in `_store`)."""
+        def store() -> tuple[list[dict], Exception | None]:
+            out = []
+            for body in bodies:
+                try:
+                    out.append(self.receiver.receive_chunk(body))
+                except Exception as e:  # noqa: BLE001 - the caller answers it as `chunk` would
+                    return out, e
+            return out, None
+
+        async with self.lock:
+            out, err = await trio.to_thread.run_sync(store)
+        if isinstance(err, (OSError, lmdb.Error)):
+            self.svc.supervisor.error("receiver", err, transient=is_transient(err, (lmdb.Error,)))
+            err = ReceiveError(f"this site cannot store what was sent: {describe(err)}", "busy")
+        elif out:
+            self.svc.supervisor.ok("receiver")
+        return out, err
+
     async def commit(self, args: dict) -> dict:
         try:
             header = bytes.fromhex(args.get("header", ""))
