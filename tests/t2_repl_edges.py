@@ -373,3 +373,31 @@ def test_a_primary_made_a_secondary_drops_the_snapshot_of_an_unfinished_copy(mou
     wait_converged(m3, m1)
     assert_same_tree(m3.path, m1.path)
     assert status(m1.path)["save_used_bytes"] == 0
+
+
+def test_a_primary_back_from_away_does_not_send_to_a_secondary_another_primary_took(
+        mount_site):
+    """A replicates to B; while A is unmounted, C takes B with `start --force` (the same
+    generation: nobody failed over). Back, A must not send on: B's numbers are C's now, and
+    A's delta sets would mix two primaries' blocks in B's volume (review of issue 9). A's
+    destination goes into error naming the primary B follows; B keeps C's tree."""
+    m1 = mount_site("64M", name="s1")
+    m2 = mount_site("64M", name="s2")
+    m3 = mount_site("64M", name="s3")
+    (m1.path / "a").write_bytes(os.urandom(100_000))
+    start_replication(m1, m2)
+    run_repfs("umount", m1.path)
+    (m3.path / "c").write_bytes(os.urandom(100_000))
+    start_replication(m3, m2, "--force")
+    run_repfs("mount", m1.site, m1.path)
+    (m1.path / "b").write_bytes(os.urandom(100_000))
+    cut(m1)
+    deadline = time.monotonic() + 60
+    while (d := status(m1.path)["destinations"][0])["state"] != "error":
+        assert time.monotonic() < deadline, log_tail(m1.site)
+        time.sleep(0.2)
+    assert f"now follows {m3.site}" in d["error"], d
+    m1.expect_log("now follows")
+    (m3.path / "d").write_bytes(b"more")
+    wait_converged(m3, m2, cut(m3))
+    assert_same_tree(m3.path, m2.path)

@@ -435,9 +435,8 @@ class Primary:
         snap = self.service.store.find(d["snapshot"])
         gen = self.sets.generation
         info = client.info()
+        self._check_follows(info, d)
         if (info.get("state") == "replicating" and info.get("generation") == gen
-                and (info.get("primary") or {}).get("site") == identity(self.service,
-                                                                         d)["site"]
                 and info.get("last_received", 0) >= d["stamp"]):
             # it took the copy, but its answer to "start playback" was lost (a crash of
             # either side, a dropped connection): the copy is done
@@ -501,6 +500,17 @@ class Primary:
         log.info("destination %s: initial copy done (%d blocks); the secondary plays it as "
                  "delta set %d", name, blocks, d["stamp"])
 
+    def _check_follows(self, info: dict, d: dict) -> None:
+        """The destination still follows this primary: another primary of its group (at the
+        same generation: nobody failed over) may have taken it with `start --force` while
+        this one was away. Its numbers are that primary's then; sending on would mix two
+        primaries' blocks in one volume (review of issue 9)."""
+        theirs = info.get("primary") or {}
+        mine = identity(self.service, d)
+        if (theirs.get("uuid"), theirs.get("site")) != (mine["uuid"], mine["site"]):
+            raise PermanentError(f"{d['site']} now follows {theirs.get('site') or 'no primary'}"
+                                 f", not this site")
+
     def _send_next(self, client: ReceiverClient, name: str,
                    me: SendTask) -> bool:
         """Send the next delta set the destination lacks; False when there is none ready."""
@@ -509,6 +519,7 @@ class Primary:
         info = client.info()
         if info.get("role") != "secondary" or info.get("state") != "replicating":
             raise PermanentError(f"{d['site']} is no longer a replicating secondary")
+        self._check_follows(info, d)
         changed = (d["acked"], d["played"]) != (info["last_received"], info["last_played"])
         d["acked"], d["played"] = info["last_received"], info["last_played"]
         if changed:
