@@ -138,3 +138,28 @@ def test_verify_local_and_over_rcp(mount_site):
     assert "replicates to: " in r.stderr and "local" in r.stderr, r.stderr
     r = verify(m2, str(m1.site))  # a secondary is not the one to ask
     assert r.returncode == 1 and "secondary" in r.stderr, r.stderr
+
+
+def test_a_verify_snapshot_left_by_a_dead_primary_goes_at_the_mount(mount_site):
+    """A primary killed mid-verify leaves its snapshot of the whole volume; kept, every
+    overwrite would copy a before-image into it, unseen (it is hidden from `snapshot
+    list`). The next mount deletes it (review of issue 9)."""
+    from repfs.site import Site
+    m = mount_site("64M", name="s1")
+    (m.path / "f").write_bytes(b"x" * 100_000)
+    run_repfs("umount", m.path)
+    store = Site(m.site).open_store()
+    try:  # what a verify had made when its daemon died
+        store.create("repl-verify-7", {"purpose": "verify", "destination": "s2"})
+    finally:
+        store.close()
+    run_repfs("mount", m.site, m.path)
+    assert "repl-verify-7, left by a verify that did not finish" in (
+        m.site / "repfs.log").read_text()
+    run_repfs("umount", m.path)
+    store = Site(m.site).open_store()
+    try:
+        assert [s.name for s in store.queue] == []
+    finally:
+        store.close()
+    run_repfs("mount", m.site, m.path)
