@@ -429,10 +429,30 @@ class PrimaryVerify:
             raise VerifyError(f"flow control: {why}; verify when the destinations have "
                               "caught up", "busy")
         cut = []
-        async with p.cut_lock:
-            await p.ready_unready()
-            n = p.sets.last_cut + 1
-            await self._call(client, {"step": "hold", "at": n, "generation": gen})
+
+        async def release_hold():
+            with trio.CancelScope(shield=True):  # (else playback waits for the lapse)
+                await self._release(client, gen, "its destination")
+
+        # the hold is asked before the cut lock is taken (a slow or wedged destination
+        # must not hold every destination's cuts for its answer's timeout: review of issue
+        # 9); a cut that came in between moves N on, and the hold with it
+        try:
+            for _ in range(5):
+                n = p.sets.last_cut + 1
+                await self._call(client, {"step": "hold", "at": n, "generation": gen})
+                await p.cut_lock.acquire()
+                if p.sets.last_cut + 1 == n:
+                    break
+                p.cut_lock.release()
+            else:
+                raise VerifyError("delta sets are being cut too often to hold one boundary; "
+                                  "try again", "busy")
+        except BaseException:
+            await release_hold()
+            raise
+        try:
+            await p.ready_unready()  # (makes a delta set ready; last_cut stays n - 1)
 
             def cut_and_snapshot():
                 m = p.sets.cut()  # (the volume is durable: quiesce checkpointed it)
@@ -441,18 +461,20 @@ class PrimaryVerify:
                     raise VerifyError(f"delta set {m} was cut, not {n}", "failed")
                 return svc.store.create(f"{VERIFY_PREFIX}{m}",
                                         {"purpose": PURPOSE, "delta_set": m})
+            async with svc.ops.quiesce():
+                snap = await trio.to_thread.run_sync(cut_and_snapshot)
+        except BaseException:
+            await release_hold()
+            raise
+        finally:
             try:
-                async with svc.ops.quiesce():
-                    snap = await trio.to_thread.run_sync(cut_and_snapshot)
-            except BaseException:
-                with trio.CancelScope(shield=True):  # (else playback waits for the lapse)
-                    await self._release(client, gen, "its destination")
-                raise
-            finally:
                 if cut:
-                    await trio.to_thread.run_sync(p.sets.reserve, cut[0])
+                    with trio.CancelScope(shield=True):  # (its room, even when cancelled)
+                        await trio.to_thread.run_sync(p.sets.reserve, cut[0])
                     p.work.set()
                     p.work = trio.Event()
+            finally:
+                p.cut_lock.release()
         return n, snap
 
     async def _release(self, client, gen: int, name: str) -> None:
