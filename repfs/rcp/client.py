@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from ..repl.transport import (TIMEOUT, WINDOW, PermanentError, ReceiverClient,
-                              TransientError, _Broken, _describe)
+                              TransientError, _Broken, _describe, open_socket)
 from . import wire
 from .groups import GroupStore
 from .tls import TlsError, client_context, site_files
@@ -66,20 +66,17 @@ class RcpConnection:
 
     def __init__(self, host: str, port: int, *, group: str, secret: bytes, site: str,
                  uuid: str, timeout: float = TIMEOUT, compress: bool = True, pace=None,
-                 tls=None):
+                 tls=None, watch=None):
         """`compress`: offer zstd for the bulk bodies (the peer may refuse it); `pace`:
         called with each COPY or CHUNK frame's size before it is sent (the destination's
         bandwidth limit, which may sleep). `tls`: an ssl.SSLContext (rcp/tls.py
         client_context): the session runs inside TLS, the server's certificate signed by the
-        CA and naming `host`."""
+        CA and naming `host`. `watch`: called with the socket before it connects
+        (transport.open_socket: the client's abort stops connect and handshakes too)."""
         self.timeout = timeout
         self.pace = pace
         self.where = f"{host}:{port}"
-        try:
-            self.sock = socket.create_connection((host, port), timeout=timeout)
-        except OSError as e:
-            raise _Broken(f"cannot connect to {host}:{port}: {_describe(e)}") from None
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = open_socket(host, port, timeout, watch)
         if tls is not None:
             try:
                 self.sock = tls_wrap(self.sock, tls, host, timeout=timeout)
@@ -302,13 +299,17 @@ class RcpReceiverClient(ReceiverClient):
         except TlsError as e:
             raise TransientError(f"{self.address}: {e}") from None
         try:
-            self.conn = RcpConnection(host, port, group=self.group, secret=secret,
-                                      site=self.name, uuid=self.uuid,
-                                      timeout=self.timeout, compress=self.compress,
-                                      pace=self.pace, tls=tls)
+            conn = RcpConnection(host, port, group=self.group, secret=secret,
+                                 site=self.name, uuid=self.uuid,
+                                 timeout=self.timeout, compress=self.compress,
+                                 pace=self.pace, tls=tls, watch=self._watch)
         except _Broken as e:
+            self._check_aborted()
             raise TransientError(f"{self.address}: {e}") from None
         except Refused as e:
+            self._check_aborted()
             cls = PermanentError if e.permanent else TransientError
             raise cls(f"{self.address}: RCP session refused: {e}") from None
-        return self.conn
+        finally:
+            self._unwatch()
+        return self._connected(conn)

@@ -27,6 +27,7 @@ from .chunk import encode_copy
 WINDOW = 8  # requests in flight by default in a pipelined send
 MAX_WINDOW = 64  # (the answers of a window must fit the socket buffers: ~200 bytes each)
 TIMEOUT = 60.0  # s for each answer (from the end of its request or of the previous answer)
+CONNECT_TIMEOUT = 15.0  # s for a TCP connection to be made (at most the answer timeout)
 MAX_ANSWER_HEAD = 16 << 10  # status line and headers of an answer
 MAX_ANSWER_BODY = 16 << 20  # a JSON answer
 
@@ -91,17 +92,14 @@ class HTTPConnection:
     must have a Content-Length; each answer must come within `timeout` seconds."""
 
     def __init__(self, host: str, port: int, token: str, *, timeout: float = TIMEOUT,
-                 tls=None):
+                 tls=None, watch=None):
         """`tls`: (context, certificate) of rcp/tls.py site_client: inside TLS, the server
-        must present that certificate (a site on this host, reached by its control.json)."""
+        must present that certificate (a site on this host, reached by its control.json).
+        `watch`: see open_socket."""
         self.host = host
         self.timeout = timeout
         self.token = token
-        try:
-            self.sock = socket.create_connection((host, port), timeout=timeout)
-        except OSError as e:
-            raise _Broken(f"cannot connect to {host}:{port}: {e}") from None
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = open_socket(host, port, timeout, watch)
         if tls is not None:
             from ..rcp.tls import reason, wrap
             try:
@@ -190,6 +188,36 @@ class HTTPConnection:
         return status, body
 
 
+def open_socket(host: str, port: int, timeout: float, watch=None) -> socket.socket:
+    """socket.create_connection (blocking, TCP_NODELAY, `timeout` set), within
+    CONNECT_TIMEOUT (or `timeout` if shorter); `watch`, if given, is called with each socket
+    before it connects (ReceiverClient._watch: then `abort` can shut it down while it
+    connects, and through the TLS and RCP handshakes after). _Broken when it fails."""
+    try:
+        infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+    except OSError as e:
+        raise _Broken(f"cannot connect to {host}:{port}: {_describe(e)}") from None
+    err: OSError | None = None
+    for family, kind, proto, _, addr in infos:
+        sock = socket.socket(family, kind, proto)
+        try:
+            if watch is not None:
+                watch(sock)
+            sock.settimeout(min(timeout, CONNECT_TIMEOUT))
+            sock.connect(addr)
+            sock.settimeout(timeout)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return sock
+        except OSError as e:
+            sock.close()
+            err = e
+        except BaseException:
+            sock.close()
+            raise
+    raise _Broken(f"cannot connect to {host}:{port}: "
+                  f"{_describe(err) if err else 'no address'}") from None
+
+
 def _describe(e: OSError) -> str:
     return e.strerror or str(e) or type(e).__name__
 
@@ -199,6 +227,7 @@ class ReceiverClient:
     connection."""
 
     aborted = False  # `abort` was called: every call fails
+    _connecting: socket.socket | None = None  # (a duplicate of) the socket being connected
 
     def __init__(self, site, *, window: int = WINDOW, timeout: float = TIMEOUT):
         """`site`: the target site (`SiteService.peer(path)`: its path and control address).
@@ -225,22 +254,52 @@ class ReceiverClient:
         except TlsError as e:
             raise TransientError(f"{self.site_path}: {e}") from None
         try:
-            self.conn = HTTPConnection(addr[0], addr[1], token, timeout=self.timeout, tls=tls)
+            conn = HTTPConnection(addr[0], addr[1], token, timeout=self.timeout, tls=tls,
+                                  watch=self._watch)
         except _Broken as e:
+            self._check_aborted()
             raise TransientError(f"{self.site_path}: {e}") from None
-        return self.conn
+        finally:
+            self._unwatch()
+        return self._connected(conn)
+
+    def _watch(self, sock: socket.socket) -> None:
+        """A connection being made hands its socket here before it connects: from then on
+        `abort` shuts it down (a duplicate descriptor of it: TLS takes over the socket
+        object's own), so that connecting, the TLS handshake and the RCP handshake, which
+        come before the connection is `self.conn`, are stopped at once too."""
+        self._unwatch()
+        self._connecting = sock.dup()
+        self._check_aborted()  # (after it is registered: abort sets the flag first)
+
+    def _unwatch(self) -> None:
+        sock, self._connecting = self._connecting, None
+        if sock is not None:
+            sock.close()
+
+    def _check_aborted(self) -> None:
+        if self.aborted:
+            raise TransientError(f"{self.site_path}: the send was stopped")
+
+    def _connected(self, conn):
+        """`conn` made: it is the connection, unless `abort` came meanwhile."""
+        self.conn = conn
+        if self.aborted:
+            self.close()
+            self._check_aborted()
+        return conn
 
     def abort(self) -> None:
         """From another thread: make the call in progress fail at once (its socket is shut
-        down) and every later one (`replicate stop` must not wait for a wedged peer's
-        timeouts)."""
+        down, also while it connects or shakes hands) and every later one (`replicate stop`
+        must not wait for a wedged peer's timeouts)."""
         self.aborted = True
-        conn = self.conn
-        if conn is not None:
-            try:
-                conn.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        for sock in (self._connecting, getattr(self.conn, "sock", None)):
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
     def _connection(self) -> tuple[HTTPConnection, bool]:
         """A connection ready for requests, and whether it is new."""
