@@ -153,6 +153,7 @@ class Primary:
         self.work = trio.Event()  # a delta set became ready
         self.cut_lock = trio.Lock()
         self.tasks: dict[str, SendTask] = {}
+        self._dest_locks: dict[str, trio.Lock] = {}
         self.flow_control = False
         self.stall_ms: list[float] = []
         # cuts: the writers' stall and the whole cut, boundary durable (/metrics)
@@ -327,6 +328,12 @@ class Primary:
             old.cancel()
         task = self.tasks[name] = SendTask()
         nursery.start_soon(self._supervised_send, name, task)
+
+    def dest_lock(self, name: str) -> trio.Lock:
+        """Held by `replicate start` and `stop` of destination `name`: two of them at once
+        could leave the first one's send thread running beside the second's task (review
+        of issue 9)."""
+        return self._dest_locks.setdefault(name, trio.Lock())
 
     async def stop_senders(self, *names: str) -> list[str]:
         """Cancel the send tasks of destinations `names` and wait until they have all ended;

@@ -3,6 +3,7 @@ drive `sender.Primary`; `stop` and `policy` at a secondary go to its playback.""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import time
@@ -100,29 +101,34 @@ class ReplicateVerbs:
             if info["role"] == "primary" and info.get("destinations"):
                 raise SnapError(f"{to} is itself replicating; --force replaces its content",
                                 "conflict")
-        # a send task to this destination ends before the secondary is told to take a new
-        # copy: else it finds it no longer replicating and puts the destination in error
-        live = await p.stop_senders(name)
-        try:
-            await trio.to_thread.run_sync(client.attach, me, p.sets.generation, nblocks, force)
-        except (TransientError, PermanentError) as e:
-            if live:  # (nothing changed: it goes on as before)
-                p.start_sender(svc.nursery, name)
-            raise SnapError(f"{to} refused to become a secondary: {e}", "conflict") from None
-        finally:
-            client.close()
-        begun = time.time_ns()
-        try:
-            return await self._start_copy(p, name, base)
-        except BaseException as e:
-            # the destination waits for a copy this start did not begin: an old record of
-            # it must not say it replicates (no task runs for it now)
-            d = p.dest(name)
-            if d is not None and d.get("started_ns", 0) < begun:
-                d.update(state="error", error=f"replicate start failed after the destination "
-                                              f"was attached ({describe(e)}); start it again")
-                p.put_dest(d)
-            raise
+        async with p.dest_lock(name):  # (one start or stop of a destination at a time)
+            # a send task to this destination ends before the secondary is told to take a
+            # new copy: else it finds it no longer replicating and puts the destination in
+            # error
+            live = await p.stop_senders(name)
+            try:
+                await trio.to_thread.run_sync(client.attach, me, p.sets.generation, nblocks,
+                                              force)
+            except (TransientError, PermanentError) as e:
+                if live:  # (nothing changed: it goes on as before)
+                    p.start_sender(svc.nursery, name)
+                raise SnapError(f"{to} refused to become a secondary: {e}",
+                                "conflict") from None
+            finally:
+                client.close()
+            begun = time.time_ns()
+            try:
+                return await self._start_copy(p, name, base)
+            except BaseException as e:
+                # the destination waits for a copy this start did not begin: an old record
+                # of it must not say it replicates (no task runs for it now)
+                d = p.dest(name)
+                if d is not None and d.get("started_ns", 0) < begun:
+                    d.update(state="error", error=f"replicate start failed after the "
+                                                  f"destination was attached ({describe(e)}); "
+                                                  f"start it again")
+                    p.put_dest(d)
+                raise
 
     async def _start_copy(self, p: Primary, name: str, base: dict) -> dict:
         """Begin the initial copy to an attached destination: its snapshot at a consistency
@@ -184,13 +190,16 @@ class ReplicateVerbs:
         for n in names:
             if p.dest(n) is None:
                 raise SnapError(f"no destination named {n!r}", "not_found")
-        await p.stop_senders(*names)
-        for n in names:
-            d = p.dest(n)  # (as the ended task left it)
-            d["state"] = "stopped"
-            p.put_dest(d)
-            if any(s.name == d.get("snapshot") for s in svc.store.queue):
-                await svc.snapshots.delete(d["snapshot"], internal=True)
+        async with contextlib.AsyncExitStack() as locks:
+            for n in sorted(set(names)):  # (one start or stop of a destination at a time)
+                await locks.enter_async_context(p.dest_lock(n))
+            await p.stop_senders(*names)
+            for n in names:
+                d = p.dest(n)  # (as the ended task left it)
+                d["state"] = "stopped"
+                p.put_dest(d)
+                if any(s.name == d.get("snapshot") for s in svc.store.queue):
+                    await svc.snapshots.delete(d["snapshot"], internal=True)
         if not any(d["state"] != "stopped" for d in p.dests()):
             async with p.cut_lock:
                 svc.clog.disable()
