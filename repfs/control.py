@@ -52,6 +52,8 @@ from __future__ import annotations
 import errno
 import hmac
 import json
+import collections
+import contextvars
 import logging
 import math
 import os
@@ -79,6 +81,8 @@ log = logging.getLogger(__name__)
 
 # Limits of the control port (docs/user-guide.md, "The control port").
 MAX_CONNECTIONS = 64  # at once; more get a 503 and are closed
+MAX_UNAUTHENTICATED = 16  # of those, not yet authenticated; a newer one closes the oldest
+REFUSALS_LOGGED = 20  # refusals of connections logged (WARNING) per minute; then a count
 MAX_HEAD = 16 << 10  # request line and headers
 MAX_JSON_BODY = 64 << 10  # a JSON request
 # a chunk upload (header, extent list, data) or an initial-copy record, with room to spare
@@ -451,10 +455,57 @@ class _Refuse(Exception):
         self.status = status
 
 
+class _Pending:
+    """A connection that has not authenticated yet: its deadline (trio time) and its scope."""
+
+    def __init__(self, deadline: float, scope: trio.CancelScope):
+        self.deadline = deadline
+        self.scope = scope
+
+
+# the connection the current task serves (each connection has its own task): its _Pending
+# until it authenticates, then None
+_pending: contextvars.ContextVar[_Pending | None] = contextvars.ContextVar("_pending",
+                                                                           default=None)
+
+
+class RefusalLog:
+    """WARNING lines for refused connections, at most `limit` per minute (strangers must not
+    fill the log): the rest are counted, and the count is logged with the next refusal after
+    the minute."""
+
+    def __init__(self, limit: int = REFUSALS_LOGGED, period: float = 60.0):
+        self.limit = limit
+        self.period = period
+        self.start = -math.inf
+        self.logged = 0
+        self.dropped = 0
+
+    def warning(self, logger: logging.Logger, fmt: str, *args) -> None:
+        now = trio.current_time()
+        if now - self.start >= self.period:
+            if self.dropped:
+                logger.warning("%d more refused connections in the last %g s were not "
+                               "logged (at most %d lines a minute)", self.dropped,
+                               now - self.start, self.limit)
+            self.start, self.logged, self.dropped = now, 0, 0
+        if self.logged >= self.limit:
+            self.dropped += 1
+            return
+        self.logged += 1
+        logger.warning(fmt, *args)
+
+
 class ControlServer:
     """Serves the control port. Every connection gets bounded time, memory and work:
 
     * at most `max_connections` at once; more get a 503 and are closed;
+    * one deadline, `head_timeout` from accept, for everything before it authenticates (the
+      TLS handshake, the first bytes, the RCP handshake up to READY, or the HTTP request
+      heads up to the first one that carries the token: `pre_auth_limit`); at most
+      `max_unauthenticated` connections are that far at once: a new one closes the oldest
+      (strangers cannot hold the slots authenticated peers need); refusals are logged at most
+      REFUSALS_LOGGED a minute (`refusals`);
     * the request line and headers (at most MAX_HEAD bytes) must arrive within `head_timeout`
       of the request's first byte, and the body within `body_timeout` of the headers; a
       connection idle between requests is closed after `idle_timeout` (after `head_timeout`
@@ -472,7 +523,8 @@ class ControlServer:
     def __init__(self, service, token: str, *, max_connections: int = MAX_CONNECTIONS,
                  head_timeout: float = HEAD_TIMEOUT, body_timeout: float = BODY_TIMEOUT,
                  idle_timeout: float = IDLE_TIMEOUT, send_timeout: float = SEND_TIMEOUT,
-                 metrics_open: bool = False, tls=None):
+                 metrics_open: bool = False, tls=None,
+                 max_unauthenticated: int = MAX_UNAUTHENTICATED):
         """`tls`: an ssl.SSLContext (site.toml [tls], rcp/tls.py): the port speaks TLS only."""
         self.service = service
         self.tls = tls
@@ -484,6 +536,35 @@ class ControlServer:
         self.send_timeout = send_timeout
         self.metrics_open = metrics_open  # GET /metrics without the token (site.toml)
         self.active = 0
+        self.max_unauthenticated = max(1, min(max_unauthenticated, max_connections))
+        self.pending: collections.OrderedDict[int, _Pending] = collections.OrderedDict()
+        self.refusals = RefusalLog()
+        self.evicted = 0  # connections closed for a newer one (not yet authenticated)
+
+    def pre_auth_limit(self) -> float:
+        """Seconds the current connection's next step may take: what is left of its
+        pre-authentication deadline until it has authenticated, then `head_timeout`."""
+        p = _pending.get()
+        if p is None:
+            return self.head_timeout
+        return max(0.0, p.deadline - trio.current_time())
+
+    def refused(self, logger: logging.Logger, fmt: str, *args) -> None:
+        """Log the refusal of the current connection: at most REFUSALS_LOGGED a minute
+        before it has authenticated (`refusals`), every one after."""
+        if _pending.get() is None:
+            logger.warning(fmt, *args)
+        else:
+            self.refusals.warning(logger, fmt, *args)
+
+    def authenticated(self) -> None:
+        """The current connection has authenticated (a request with the token, RCP READY):
+        no longer bound by the pre-authentication deadline, nor counted among those."""
+        p = _pending.get()
+        if p is not None:
+            _pending.set(None)
+            self.pending.pop(id(p), None)
+            p.scope.deadline = math.inf
 
     async def serve(self, sock: socket.socket, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
@@ -496,22 +577,40 @@ class ControlServer:
                                                 f"{self.max_connections}); try again")
                 return
             self.active += 1
+            # not authenticated yet: one deadline for all of that (the stages take what is
+            # left of it: pre_auth_limit; the scope is the backstop, with time for a refusal
+            # to be sent), and a cap: a new connection over it closes the oldest
+            scope = trio.CancelScope(deadline=trio.current_time() + self.head_timeout
+                                     + 2 * LINGER + 1.0)
+            pending = _Pending(trio.current_time() + self.head_timeout, scope)
+            from .rcp.server import _peer_name
+            while len(self.pending) >= self.max_unauthenticated:
+                _, oldest = self.pending.popitem(last=False)
+                oldest.scope.cancel()
+                self.evicted += 1
+                self.refusals.warning(log, "%d control port connections have not "
+                                      "authenticated: the oldest is closed for a new one "
+                                      "from %s", self.max_unauthenticated, _peer_name(stream))
+            self.pending[id(pending)] = pending
+            _pending.set(pending)
             try:
-                if self.tls is not None:  # (then the same filter, inside TLS)
-                    inner = await self._tls_handshake(stream)
-                    if inner is None:
+                with scope:
+                    if self.tls is not None:  # (then the same filter, inside TLS)
+                        inner = await self._tls_handshake(stream)
+                        if inner is None:
+                            return
+                        stream = inner
+                    first = await self._first_bytes(stream)
+                    if first is None:
                         return
-                    stream = inner
-                first = await self._first_bytes(stream)
-                if first is None:
-                    return
-                if first.startswith(PREFACE_PREFIX):  # RCP shares the port (FIG. 19)
-                    from .rcp.server import RcpServer
-                    await RcpServer(self).serve(stream, first)
-                else:
-                    await self._connection(stream, first)
+                    if first.startswith(PREFACE_PREFIX):  # RCP shares the port (FIG. 19)
+                        from .rcp.server import RcpServer
+                        await RcpServer(self).serve(stream, first)
+                    else:
+                        await self._connection(stream, first)
             finally:
                 self.active -= 1
+                self.pending.pop(id(pending), None)
         except Exception:  # noqa: BLE001 - a bug in one connection must not take the site down
             log.exception("control connection failed")
         finally:
@@ -525,7 +624,7 @@ class ControlServer:
         from .rcp.tls import TLS_RECORD, reason
         peer = _peer_name(stream)
         first = b""
-        with trio.move_on_after(self.head_timeout):
+        with trio.move_on_after(self.pre_auth_limit()):
             try:
                 first = await stream.socket.recv(1, socket.MSG_PEEK)
             except OSError:
@@ -533,23 +632,23 @@ class ControlServer:
         if not first:
             return None
         if first[0] != TLS_RECORD:
-            log.warning("plain-text connection from %s refused: this port speaks TLS only "
-                        "(site.toml [tls])", peer)
+            self.refusals.warning(log, "plain-text connection from %s refused: this port "
+                                  "speaks TLS only (site.toml [tls])", peer)
             await self._refuse(stream, 400, "this port speaks TLS only (site.toml [tls]): "
                                             "connect with TLS (repfs-admin --tls-ca, "
                                             "--tls-cert, --tls-key)")
             return None
         tls = trio.SSLStream(stream, self.tls, server_side=True, https_compatible=True)
         try:
-            with trio.fail_after(self.head_timeout):
+            with trio.fail_after(self.pre_auth_limit()):
                 await tls.do_handshake()
         except trio.TooSlowError:
-            log.warning("TLS handshake with %s refused: not done within %g s", peer,
-                        self.head_timeout)
+            self.refusals.warning(log, "TLS handshake with %s refused: not done within %g s "
+                                  "of the connection", peer, self.head_timeout)
             return None
         except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
-            log.warning("TLS handshake with %s refused: %s", peer,
-                        reason(e.__cause__ or e))
+            self.refusals.warning(log, "TLS handshake with %s refused: %s", peer,
+                                  reason(e.__cause__ or e))
             # the alert OpenSSL wrote for the peer (unknown CA, no certificate...), which
             # trio's SSLStream leaves unsent once broken: sent, so the client learns why
             alert = getattr(tls, "_outgoing", None)
@@ -569,7 +668,7 @@ class ControlServer:
         sends nothing in time or closes (closed quietly, as an idle HTTP connection is)."""
         first = b""
         try:
-            with trio.move_on_after(self.head_timeout):
+            with trio.move_on_after(self.pre_auth_limit()):
                 while len(first) < len(PREFACE_PREFIX) and PREFACE_PREFIX.startswith(first):
                     data = await stream.receive_some(MAX_HEAD - len(first))
                     if not data:
@@ -605,7 +704,7 @@ class ControlServer:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
         if first:
             conn.receive_data(first)  # (what the port's filter read)
-        idle = self.head_timeout  # until the peer has shown it holds the token
+        idle = None  # until the peer has shown it holds the token: pre_auth_limit
         upload_failed = False  # the last request was an upload that failed
         try:
             while True:
@@ -624,6 +723,7 @@ class ControlServer:
                                        "used by this API (GET, POST, DELETE)")
                 if authorized:
                     idle = self.idle_timeout
+                    self.authenticated()
                 body, after = await self._read_body(conn, stream, req)
                 upload = body_limit(req.method, req.target) == MAX_BINARY_BODY
                 ctype = "application/json"
@@ -657,15 +757,16 @@ class ControlServer:
         data = await stream.receive_some(size)
         conn.receive_data(data)  # b"" is the peer's end of stream
 
-    async def _read_head(self, conn, stream, idle: float):
-        """The next request's line and headers; None when the peer closes or stays idle."""
+    async def _read_head(self, conn, stream, idle: float | None):
+        """The next request's line and headers; None when the peer closes or stays idle
+        (`idle` s; None: before it authenticates, what is left of its deadline)."""
         if not conn.trailing_data[0] and not conn.trailing_data[1]:
-            with trio.move_on_after(idle):
+            with trio.move_on_after(self.pre_auth_limit() if idle is None else idle):
                 await self._receive(conn, stream)
             if not conn.trailing_data[0] and not conn.trailing_data[1]:
                 return None  # idle: close quietly (no request is waiting for a reply)
         try:
-            with trio.fail_after(self.head_timeout):
+            with trio.fail_after(self.pre_auth_limit()):
                 while True:
                     event = conn.next_event()
                     if event is h11.NEED_DATA:

@@ -113,7 +113,7 @@ class RcpServer:
         except wire.ProtocolError as e:
             who = (f" (site {_short(conn.peer.get('site'))}, group "
                    f"{_short(conn.peer.get('group'))})" if conn.peer else "")
-            log.warning("RCP connection from %s%s refused: %s", peer, who, e)
+            self.control.refused(log, "RCP connection from %s%s refused: %s", peer, who, e)
             if getattr(e, "remote", False):
                 return  # (the peer refused first: nothing to send back)
             with trio.move_on_after(min(self.control.send_timeout, 2.0)):
@@ -129,8 +129,9 @@ class RcpServer:
 
     async def _session(self, conn, stream, peer: str, got: int) -> None:
         ctl = self.control
-        # the handshake: bounded in time and size
-        with trio.move_on_after(ctl.head_timeout) as slow:
+        # the handshake: bounded in time (what is left of the connection's deadline before
+        # it authenticates: ControlServer.pre_auth_limit) and size
+        with trio.move_on_after(ctl.pre_auth_limit()) as slow:
             while conn.state != wire.OPEN:
                 event = conn.next_event()
                 out = conn.take_outgoing()
@@ -148,7 +149,9 @@ class RcpServer:
                 elif event.type == "CLOSE":
                     return
         if slow.cancelled_caught:
-            raise wire.ProtocolError(f"no authentication within {ctl.head_timeout:g} s")
+            raise wire.ProtocolError(f"no authentication within {ctl.head_timeout:g} s of "
+                                     "the connection")
+        ctl.authenticated()
         hello = conn.peer
         log.info("RCP session %d from %s: site %s, group %s (protocol version %d%s)",
                  conn.session, peer, _short(hello.get("site")), hello.get("group"),
