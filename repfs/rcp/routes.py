@@ -113,7 +113,12 @@ class Routes:
         if not valid_group(group):
             raise RouteError(f"bad group name {group!r} ({GROUP_RULE})")
         with site_lock(self.site):
-            if GroupStore(self.site).secret(group) is None:
+            try:
+                held = GroupStore(self.site).secret(group)
+            except OSError as e:
+                raise RouteError(f"cannot read the secret of group {group}: "
+                                 f"{e.strerror or e}", "failed") from None
+            if held is None:
                 raise RouteError(f"this site does not hold group {group} (add it first: "
                                  f"repfs-admin group add {group} --secret-file FILE)",
                                  "not_found")
