@@ -71,6 +71,8 @@ def _primary_status(svc) -> dict:
     for d in p.dests():
         row = {k: d.get(k) for k in ("name", "site", "kind", "group", "state", "error",
                                      "last_error")}
+        if d.get("failing_since_ns"):  # (unreachable since then; retried more slowly)
+            row["failing_seconds"] = round((time.time_ns() - d["failing_since_ns"]) / 1e9, 1)
         row.update(acked_delta_set=d["acked"], played_delta_set=d["played"],
                    lag_seconds=round(p.lag(d), 3) if d["state"] != "stopped" else None,
                    # its own policy (replicate policy --to NAME): bytes/s, 0 for none

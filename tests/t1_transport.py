@@ -440,3 +440,19 @@ def test_answers_are_bytes_from_a_peer(raw):
             conn.close()
     finally:
         lsock.close()
+
+
+def test_retries_slow_down_when_a_destination_stays_unreachable():
+    """The send task's back-off doubles up to 2 s while the failures are new, and up to 30 s
+    once a destination has failed for a minute: a site that is gone for good gets a retry
+    every 30 s, not every 2 s for ever (issue 9: 'retries continue more slowly')."""
+    from repfs.repl.sender import RETRY_FAST, RETRY_SLOW, RETRY_SLOW_AFTER, retry_delay
+    seq, b = [], 0.2
+    for _ in range(8):
+        b = retry_delay(b, 0.0)
+        seq.append(b)
+    assert seq[:3] == [0.4, 0.8, 1.6] and set(seq[3:]) == {RETRY_FAST}
+    for _ in range(8):
+        b = retry_delay(b, RETRY_SLOW_AFTER)
+    assert b == RETRY_SLOW
+    assert retry_delay(0.2, RETRY_SLOW_AFTER + 1) == 0.4  # (a new failure starts fast again)

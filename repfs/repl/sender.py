@@ -93,6 +93,17 @@ def identity(service, d: dict) -> dict:
     return d.get("me") or {"uuid": service.core.sb.uuid.hex(), "site": str(service.site.path)}
 
 
+RETRY_FAST = 2.0  # s: the longest back-off while a destination's failures are new
+RETRY_SLOW_AFTER = 60.0  # s of failing after which it retries more slowly
+RETRY_SLOW = 30.0  # s: the longest back-off then (no retry storm for a site that is gone)
+
+
+def retry_delay(backoff: float, failing_for: float) -> float:
+    """The back-off after `backoff`, once a destination has been failing for `failing_for`
+    seconds: doubled, up to RETRY_FAST at first, up to RETRY_SLOW after RETRY_SLOW_AFTER."""
+    return min(backoff * 2, RETRY_FAST if failing_for < RETRY_SLOW_AFTER else RETRY_SLOW)
+
+
 class Superseded(Exception):
     """A send task's worker thread found its task cancelled (`replicate stop`, `start
     --force`): it stops at the next piece or chunk instead of sending on."""
@@ -378,7 +389,7 @@ class Primary:
         if me.stop.is_set():  # (cancelled before it had a client to abort)
             return
         try:
-            backoff = 0.2
+            backoff, failing_since = 0.2, None
             last_error = None
             while True:
                 d = self.dest(name)
@@ -397,8 +408,9 @@ class Primary:
                         last_error = None
                         d = self.dest(name)
                         d.pop("last_error", None)
+                        d.pop("failing_since_ns", None)
                         self.put_dest(d)
-                    backoff = 0.2
+                    backoff, failing_since = 0.2, None
                     if not sent:
                         with trio.move_on_after(0.5):
                             await self.work.wait()
@@ -408,16 +420,24 @@ class Primary:
                     if me.stop.is_set():  # (a worker thread's error arrives even after
                         return  # the task was cancelled: the record may be a new task's)
                     self.sup.error(task, e, transient=True, quiet=True)  # logged here
+                    now = time.monotonic()
+                    if failing_since is None:
+                        failing_since = now
                     if str(e) != last_error:
                         log.info("destination %s: %s (retrying)", name, e)
                         last_error = str(e)
                         d = self.dest(name)
                         if d is not None:
                             d["last_error"] = last_error
+                            d.setdefault("failing_since_ns", time.time_ns())
                             self.put_dest(d)
                     client.close()
                     await trio.sleep(backoff)
-                    backoff = min(backoff * 2, 2.0)
+                    slower = retry_delay(backoff, now - failing_since)
+                    if slower > RETRY_FAST >= backoff:
+                        log.info("destination %s: failing for %.0f s; retrying every %.0f s "
+                                 "at most", name, now - failing_since, RETRY_SLOW)
+                    backoff = slower
                 except PermanentError as e:
                     if me.stop.is_set():  # (a worker thread's error arrives even after
                         return  # the task was cancelled: the record may be a new task's)
