@@ -86,6 +86,7 @@ FEATURES = ("zstd",) if zstandard is not None else ()  # what this build can agr
 MAX_FEATURES = 16  # features a HELLO or CHALLENGE may name
 ZSTD_LEVEL = 1  # fast: the point is fewer bytes on a slow link, not the smallest
 PAYS = 0.95  # a body compressed to this fraction of its size or more is sent raw
+MAX_SKIP = 32  # bodies sent raw at most before trying to compress again
 
 CLIENT, SERVER = "client", "server"
 
@@ -319,6 +320,7 @@ class Connection:
         self._cctx = None  # one zstd compressor and decompressor per connection
         self._dctx = None
         self.raw_bytes = self.body_bytes = self.compressed = 0
+        self._skip = self._skip_next = 0  # bodies sent raw untried after one that did not pay
 
     # -------------------------------------------------------------- sending
 
@@ -361,13 +363,20 @@ class Connection:
         """A COPY or CHUNK frame: its body compressed when "zstd" is agreed and it pays."""
         flags = 0
         size = len(body)
-        if "zstd" in self.agreed and size:
+        if "zstd" in self.agreed and size and self._skip:
+            self._skip -= 1  # (data that did not shrink lately: sent raw without trying)
+        elif "zstd" in self.agreed and size:
             if self._cctx is None:
                 self._cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
             packed = self._cctx.compress(body)
             if len(packed) < size * PAYS:
                 body, flags = packed, FLAG_ZSTD
                 self.compressed += 1
+                self._skip_next = 0
+            else:  # incompressible (random, already compressed): try again later, and
+                # later still while it stays so (compressing it cost ~0.45 CPU s per GiB)
+                self._skip_next = min(max(1, 2 * self._skip_next), MAX_SKIP)
+                self._skip = self._skip_next
         self.raw_bytes += size
         self.body_bytes += len(body)
         return self._frame(name, body, flags)
