@@ -478,7 +478,8 @@ out["restore"] = talk(b"POST /v1/snapshots/s1/restore HTTP/1.1\r\nHost: x\r\n"
                       b"Authorization: Bearer x\r\nContent-Length: 0\r\n\r\n")
 out["huge"] = talk(b"POST /v1/repl/chunk HTTP/1.1\r\nHost: x\r\n"
                    b"Content-Length: 999999999999\r\n\r\n", shut=False)
-# a flood of connections that say nothing: past the limit they get a 503 at once
+# a flood of connections that say nothing: past the cap on unauthenticated ones, each new
+# one closes the oldest (strangers cannot hold every slot; a 503 would refuse peers too)
 flood = [socket.create_connection((host, port), timeout=30) for _ in range(100)]
 busy, deadline = 0, time.monotonic() + 20
 waiting = list(flood)
@@ -486,7 +487,11 @@ while waiting and busy < 36 and time.monotonic() < deadline:
     ready, _, _ = select.select(waiting, [], [], 0.5)
     for s in ready:
         waiting.remove(s)
-        if s.recv(65536).startswith(b"HTTP/1.1 503"):
+        try:
+            data = s.recv(65536)
+        except ConnectionResetError:
+            data = b""
+        if data == b"" or data.startswith(b"HTTP/1.1 503"):
             busy += 1
 out["busy"] = busy
 for s in flood:
@@ -502,9 +507,11 @@ print(json.dumps(out))
 
 def test_hostile_local_user_is_refused_without_damage(mount_site):
     """Another local user (nobody) cannot read the token; garbage gets a 400 (not silence),
-    requests without the token a 401 before their body is read, a flood of connections a 503
-    past the limit; afterwards the site is unchanged and serves as before."""
+    requests without the token a 401 before their body is read, a flood of silent
+    connections is closed past the cap on unauthenticated ones (logged, rate-limited);
+    afterwards the site is unchanged and serves as before."""
     m = mount_site("64M")
+    m.expect_log("have not authenticated")
     run_admin("--site", m.site, "snapshot", "create", "s1")
     c = json.loads((m.site / "control.json").read_text())
     before = digest(m.site)
