@@ -185,18 +185,15 @@ def _read_all(s) -> bytes:
     return out
 
 
-class HoldingProxy:
-    """A TCP proxy to a site's port (looked up at each connection: it follows a remount)
-    that stops forwarding what the primary sends once `limit` bytes have passed, until
-    `release()`: a transfer held in the middle, for as long as the test needs."""
+class SiteProxy:
+    """A TCP proxy to a site's port (looked up at each connection: it follows a remount).
+    Each connection gets `connected(client, upstream)`: by default a `_pump` thread each way
+    (up: what the client sends). Subclasses set their state, then call this __init__."""
 
     def __init__(self, site: Path):
         self.site = site
         self.lsock = socket.create_server(("127.0.0.1", 0))
         self.address = f"127.0.0.1:{self.lsock.getsockname()[1]}"
-        self.limit: int | None = None
-        self.passed = 0
-        self.cond = threading.Condition()
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -211,8 +208,37 @@ class HoldingProxy:
             except (OSError, ValueError):  # (the site is down or being remounted)
                 c.close()
                 continue
-            for a, b, up in ((c, u, True), (u, c, False)):
-                threading.Thread(target=self._pump, args=(a, b, up), daemon=True).start()
+            self.connected(c, u)
+
+    def connected(self, c, u) -> None:
+        for a, b, up in ((c, u, True), (u, c, False)):
+            threading.Thread(target=self._pump, args=(a, b, up), daemon=True).start()
+
+    def _pump(self, a, b, up: bool) -> None:
+        raise NotImplementedError
+
+    @staticmethod
+    def shut(*socks) -> None:
+        for x in socks:
+            try:
+                x.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            x.close()
+
+    def close(self) -> None:
+        self.lsock.close()
+
+
+class HoldingProxy(SiteProxy):
+    """A proxy that stops forwarding what the primary sends once `limit` bytes have passed,
+    until `release()`: a transfer held in the middle, for as long as the test needs."""
+
+    def __init__(self, site: Path):
+        self.limit: int | None = None
+        self.passed = 0
+        self.cond = threading.Condition()
+        super().__init__(site)
 
     def _pump(self, a, b, up: bool) -> None:
         try:
@@ -226,12 +252,7 @@ class HoldingProxy:
         except OSError:
             pass
         finally:
-            for x in (a, b):
-                try:
-                    x.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                x.close()
+            self.shut(a, b)
 
     def hold_after(self, nbytes: int) -> None:
         with self.cond:
@@ -244,7 +265,7 @@ class HoldingProxy:
 
     def close(self) -> None:
         self.release()
-        self.lsock.close()
+        super().close()
 
 
 def test_kill9_of_the_secondary_mid_transfer_resumes(mount_site):

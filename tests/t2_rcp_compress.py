@@ -17,44 +17,25 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import socket
 import threading
 from pathlib import Path
 
 from repfs.rcp import wire
-from tests.t2_rcp import GROUP, port_of, remote_pair
+from tests.t2_rcp import GROUP, SiteProxy, remote_pair
 from tests.t2_repl import (admin, admin_json, api, assert_same_tree, cut, start_replication,
                            wait_converged)
 
 MIB = 1 << 20
 
 
-class FrameProxy:
-    """A TCP proxy to a site's port that records each frame the client sends as (type name,
-    flags, body length), in `frames` (all connections, in order of arrival)."""
+class FrameProxy(SiteProxy):
+    """A proxy that records each frame the client sends as (type name, flags, body length),
+    in `frames` (all connections, in order of arrival)."""
 
     def __init__(self, site: Path):
-        self.site = site
-        self.lsock = socket.create_server(("127.0.0.1", 0))
-        self.address = f"127.0.0.1:{self.lsock.getsockname()[1]}"
         self.frames: list[tuple[str, int, int]] = []
         self.lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                c, _ = self.lsock.accept()
-            except OSError:
-                return
-            try:
-                u = socket.create_connection(("127.0.0.1", port_of(self.site)), timeout=5)
-                u.settimeout(None)
-            except (OSError, ValueError):
-                c.close()
-                continue
-            for a, b, up in ((c, u, True), (u, c, False)):
-                threading.Thread(target=self._pump, args=(a, b, up), daemon=True).start()
+        super().__init__(site)
 
     def _pump(self, a, b, up: bool) -> None:
         buf = bytearray()
@@ -81,12 +62,7 @@ class FrameProxy:
         except OSError:
             pass
         finally:
-            for x in (a, b):
-                try:
-                    x.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                x.close()
+            self.shut(a, b)
 
     def mark(self) -> int:
         with self.lock:
@@ -100,9 +76,6 @@ class FrameProxy:
         z = [n for _, fl, n in got if fl & wire.FLAG_ZSTD]
         r = [n for _, fl, n in got if not fl & wire.FLAG_ZSTD]
         return len(z), sum(z), len(r), sum(r)
-
-    def close(self) -> None:
-        self.lsock.close()
 
 
 def text(size: int, tag: str) -> bytes:

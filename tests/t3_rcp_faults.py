@@ -35,7 +35,7 @@ from repfs.rcp import wire
 from repfs.rcp.client import RcpConnection
 from repfs.repl import keys as RK
 from tests.conftest import run_repfs
-from tests.t2_rcp import GROUP, SECRET, port_of, receiver, remote_pair
+from tests.t2_rcp import GROUP, SECRET, HoldingProxy, port_of, receiver, remote_pair
 from tests.t2_repl import (ADMIN, api, assert_same_tree, cut, log_tail, start_replication,
                           status, tree, wait_converged)
 from tests.t4_repl_crash import kill9
@@ -44,24 +44,18 @@ CODE = {t.name: t.code for t in wire.TYPES_LIST}
 NAME = {t.code: t.name for t in wire.TYPES_LIST}
 
 
-class TamperProxy:
-    """A TCP proxy to a site's port (looked up at each connection: it follows a remount).
-    What the client sends is parsed into RCP frames and forwarded a whole frame at a time, so
-    the test can flip a bit of one frame (`flip_once`) and hold the stream (`hold_after`);
-    the first frames of each connection are kept (`conns`: a list, per connection, of the
-    preface and frames as sent). Answers are forwarded as they come."""
+class TamperProxy(HoldingProxy):
+    """A proxy (tests/t2_rcp.py) that parses what the client sends into RCP frames and
+    forwards a whole frame at a time, so the test can flip a bit of one frame (`flip_once`)
+    and hold the stream (`hold_after`); the first frames of each connection are kept
+    (`conns`: a list, per connection, of the preface and frames as sent). Answers are
+    forwarded as they come."""
 
     def __init__(self, site: Path):
-        self.site = site
-        self.lsock = socket.create_server(("127.0.0.1", 0))
-        self.address = f"127.0.0.1:{self.lsock.getsockname()[1]}"
-        self.cond = threading.Condition()
         self.conns: list[list[bytes]] = []
         self.flip: tuple[str, int, int] | None = None  # (frame type, byte offset, bit)
         self.flipped: list[tuple[str, int]] = []  # (frame type, offset) flipped so far
-        self.limit: int | None = None
-        self.passed = 0
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__(site)  # (limit, passed, cond: HoldingProxy's)
 
     @property
     def sessions(self) -> int:
@@ -74,36 +68,12 @@ class TamperProxy:
         with self.cond:
             self.flip = (frame_type, offset, bit)
 
-    def hold_after(self, nbytes: int) -> None:
+    def connected(self, c, u) -> None:
         with self.cond:
-            self.limit = self.passed + nbytes
-
-    def release(self) -> None:
-        with self.cond:
-            self.limit = None
-            self.cond.notify_all()
-
-    def close(self) -> None:
-        self.release()
-        self.lsock.close()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                c, _ = self.lsock.accept()
-            except OSError:
-                return
-            try:
-                u = socket.create_connection(("127.0.0.1", port_of(self.site)), timeout=5)
-                u.settimeout(None)
-            except (OSError, ValueError):  # (the site is down or being remounted)
-                c.close()
-                continue
-            with self.cond:
-                kept: list[bytes] = []
-                self.conns.append(kept)
-            threading.Thread(target=self._up, args=(c, u, kept), daemon=True).start()
-            threading.Thread(target=self._down, args=(u, c), daemon=True).start()
+            kept: list[bytes] = []
+            self.conns.append(kept)
+        threading.Thread(target=self._up, args=(c, u, kept), daemon=True).start()
+        threading.Thread(target=self._down, args=(u, c), daemon=True).start()
 
     def _frames(self, a):
         """The client's preface, then its frames, each whole (a short tail at EOF last)."""
@@ -145,7 +115,7 @@ class TamperProxy:
         except OSError:
             pass
         finally:
-            _shut(a, b)
+            self.shut(a, b)
 
     def _down(self, a, b) -> None:
         try:
@@ -154,16 +124,7 @@ class TamperProxy:
         except OSError:
             pass
         finally:
-            _shut(a, b)
-
-
-def _shut(*socks) -> None:
-    for x in socks:
-        try:
-            x.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        x.close()
+            self.shut(a, b)
 
 
 def _read_all(s) -> bytes:

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from ..repl.transport import (TIMEOUT, WINDOW, PermanentError, ReceiverClient,
-                              TransientError, _Broken, _describe, open_socket)
+                              TransientError, _Broken, _describe, open_socket, recv_within)
 from . import wire
 from .groups import GroupStore
 from .tls import TlsError, client_context, site_files
@@ -134,16 +134,8 @@ class RcpConnection:
             raise _Broken(f"sending {what}: {_describe(e)}") from None
 
     def _fill(self, deadline: float) -> None:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise _Broken(f"no (whole) answer within {self.timeout:g} s")
-        try:
-            self.sock.settimeout(remaining)
-            data = self.sock.recv(1 << 20)
-        except socket.timeout:
-            raise _Broken(f"no (whole) answer within {self.timeout:g} s") from None
-        except OSError as e:  # (inside TLS: the peer may refuse our certificate here)
-            raise _Broken(f"reading an answer: {tls_reason(e)}") from None
+        # (inside TLS the peer may refuse our certificate here: tls_reason says so)
+        data = recv_within(self.sock, deadline, self.timeout, 1 << 20, tls_reason)
         if not data:
             raise _Broken("the connection was closed before the answer" if not self.conn.buf
                           else "the connection was closed within an answer")

@@ -144,16 +144,7 @@ class HTTPConnection:
             raise _Broken(f"sending {method} {target}: {_describe(e)}") from None
 
     def _fill(self, deadline: float) -> None:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise _Broken(f"no (whole) answer within {self.timeout:g} s")
-        try:
-            self.sock.settimeout(remaining)
-            data = self.sock.recv(1 << 16)
-        except socket.timeout:
-            raise _Broken(f"no (whole) answer within {self.timeout:g} s") from None
-        except OSError as e:
-            raise _Broken(f"reading an answer: {_describe(e)}") from None
+        data = recv_within(self.sock, deadline, self.timeout, 1 << 16)
         if not data:
             raise _Broken("the connection was closed before the answer" if not self.buf
                           else "the connection was closed within an answer")
@@ -220,6 +211,21 @@ def open_socket(host: str, port: int, timeout: float, watch=None) -> socket.sock
 
 def _describe(e: OSError) -> str:
     return e.strerror or str(e) or type(e).__name__
+
+
+def recv_within(sock, deadline: float, timeout: float, size: int, describe=_describe) -> bytes:
+    """What `sock` has (b"" at its end), waiting until `deadline` (monotonic) at most: an
+    answer's next bytes, for both transports; raises _Broken."""
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise _Broken(f"no (whole) answer within {timeout:g} s")
+    try:
+        sock.settimeout(remaining)
+        return sock.recv(size)
+    except socket.timeout:
+        raise _Broken(f"no (whole) answer within {timeout:g} s") from None
+    except OSError as e:
+        raise _Broken(f"reading an answer: {describe(e)}") from None
 
 
 class ReceiverClient:
