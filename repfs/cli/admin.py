@@ -640,8 +640,22 @@ def _replicate_wait(t: Target, a, out: dict) -> dict:
             tty.end()
 
 
+def _show_copy(cp: dict, tty, a, last: str | None) -> str | None:
+    """One look at the initial copy: the terminal's line redrawn, or a plain line when it
+    changed (not with --json); returns the plain line last printed."""
+    pct = 100.0 * cp.get("position", 0) / max(1, cp.get("volume_blocks", 1))
+    line = f"  initial copy: {pct:5.1f}% ({_human(cp.get('copied_blocks', 0) * 4096)} sent)"
+    if tty is not None:
+        tty.show(cp)
+    elif line != last and not a.json:
+        print(line, flush=True)
+        return line
+    return last
+
+
 def _replicate_watch(t: Target, a, out: dict, tty) -> dict:
     last = None
+    cp: dict = {}
     progress, since = None, time.monotonic()
     while True:
         try:
@@ -660,7 +674,7 @@ def _replicate_watch(t: Target, a, out: dict, tty) -> dict:
                 time.sleep(0.1)
                 continue
             break
-        cp = d.get("copy_progress") or {}
+        cp = d.get("copy_progress") or cp
         if cp.get("position") != progress:
             progress, since = cp.get("position"), time.monotonic()
         elif time.monotonic() - since > STALL_SECONDS:
@@ -668,14 +682,14 @@ def _replicate_watch(t: Target, a, out: dict, tty) -> dict:
                 f"the initial copy to {d['name']} has made no progress for "
                 f"{STALL_SECONDS} s ({d.get('last_error') or 'no answer'}); it goes on by "
                 "itself once the secondary is reachable (see repfs-admin status)")
-        pct = 100.0 * cp.get("position", 0) / max(1, cp.get("volume_blocks", 1))
-        line = f"  initial copy: {pct:5.1f}% ({_human(cp.get('copied_blocks', 0) * 4096)} sent)"
-        if tty is not None:
-            tty.show(cp)
-        elif line != last and not a.json:
-            print(line, flush=True)
-            last = line
+        last = _show_copy(cp, tty, a, last)
         time.sleep(0.5)
+    if d is not None and d["state"] == "replicating" and cp.get("total_blocks"):
+        # the copy is whole: its last line says so (100%, the mean rate), also when it
+        # ended between two looks at it
+        done = cp["total_blocks"]
+        _show_copy({**cp, "copied_blocks": done, "position": cp.get("volume_blocks", 1)},
+                   tty, a, last)
     if tty is not None:
         tty.end()
     if d is None or d["state"] == "error":
