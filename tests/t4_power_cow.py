@@ -26,6 +26,19 @@ AIMS = [("save volumes", "site/save/*.save", "write|fsync"),
         ("any site file", SITE_FILES, "write|fsync")]
 
 
+def fill(s, rng: random.Random, files: int = FILES, size: int = FILE_SIZE) -> dict:
+    """Files f0.. of `size` random bytes each, fsync'd with their directory: the model."""
+    model = {}
+    for i in range(files):
+        data = rng.randbytes(size)
+        with open(s.path / f"f{i}", "wb") as f:
+            f.write(data)
+            os.fsync(f.fileno())
+        model[f"f{i}"] = bytearray(data)
+    _fsync(s.path)
+    return model
+
+
 def _overwrite(root, rng: random.Random, model: dict, durable: dict, limit: int) -> str | None:
     """Overwrite ranges of the files in place, fsyncing each file now and then, until the
     power goes (an OSError) or `limit` writes. Returns the file written when it failed."""
@@ -54,14 +67,7 @@ def test_power_cut_during_overwrites_with_snapshots(power_site):
     s = power_site()
     s.create("128M")
     s.mount()
-    model = {}
-    for i in range(FILES):
-        data = rng.randbytes(FILE_SIZE)
-        with open(s.path / f"f{i}", "wb") as f:
-            f.write(data)
-            os.fsync(f.fileno())
-        model[f"f{i}"] = bytearray(data)
-    _fsync(s.path)
+    model = fill(s, rng)
     durable = {k: bytes(v) for k, v in model.items()}
     recorded: dict[str, dict] = {}
     hits: dict[str, int] = {}

@@ -41,6 +41,7 @@ from tests.t2_repl import api, log_lines
 from tests.t2_settings import set_setting
 from tests.t4_crash import _fsync
 from tests.t4_power import ROUNDS, SEED, Request, power_site  # noqa: F401
+from tests.t4_power_cow import fill
 from tests.t4_snap_crash import core_check, hash_tree
 
 FILES = 4
@@ -57,18 +58,6 @@ def _make_site(power_site):
     _fsync(s.site / "site.toml")
     s.mount()
     return s
-
-
-def _fill(s, rng: random.Random) -> dict[str, bytearray]:
-    model = {}
-    for i in range(FILES):
-        data = rng.randbytes(FILE_SIZE)
-        with open(s.path / f"f{i}", "wb") as f:
-            f.write(data)
-            os.fsync(f.fileno())
-        model[f"f{i}"] = bytearray(data)
-    _fsync(s.path)
-    return model
 
 
 def _slow_volume(s, delay: float) -> None:
@@ -183,7 +172,7 @@ def test_power_cut_while_held_writes_are_released_behind_the_writer(power_site):
     rng = random.Random(8101 + SEED)
     print(f"REPFS_POWER_SEED={SEED} REPFS_POWER_ROUNDS={ROUNDS}")  # shown if it fails
     s = _make_site(power_site)
-    model = _fill(s, rng)
+    model = fill(s, rng, FILES, FILE_SIZE)
     durable = {k: bytes(v) for k, v in model.items()}
     recorded: dict[str, dict] = {}
 
@@ -271,7 +260,7 @@ def test_a_failed_release_behind_is_a_supervised_task_logged_once(power_site):
     the writer; writes between held_limit and twice it wake the task again and again."""
     rng = random.Random(8102 + SEED)
     s = _make_site(power_site)
-    model = _fill(s, rng)
+    model = fill(s, rng, FILES, FILE_SIZE)
     recorded = {"s": _snapshot(s, "s")}
     fault = s.pf.add_fault(SAVES, "fsync", errno="EIO")
     # 1.5 MiB of overwrites in 32 KiB writes over ~2.2 s: past 1 MiB each write wakes the

@@ -93,17 +93,11 @@ def create_secret_file(path: str | os.PathLike) -> bytes:
     secret = new_secret()
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.new")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
-                     0o600)
+        _write_exclusive(tmp, secret)
     except OSError as e:
+        tmp.unlink(missing_ok=True)  # (a random name: only ever this call's)
         raise GroupError(f"cannot write the secret file {path}: {e.strerror}") from None
     try:
-        try:
-            os.fchmod(fd, 0o600)
-            os.write(fd, secret + b"\n")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
         try:
             os.link(tmp, path)  # fails if `path` appeared meanwhile: never overwritten
         except FileExistsError:
@@ -122,6 +116,8 @@ def create_secret_file(path: str | os.PathLike) -> bytes:
 
 
 def _write_exclusive(path: Path, secret: bytes) -> None:
+    """A new file (never an existing one, nor through a symbolic link) holding `secret`,
+    mode 0600 whatever the umask, synced."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
                  0o600)
     try:
