@@ -57,10 +57,11 @@ async def _remount_readonly(service, *, quiet: bool) -> bool:
     return True
 
 
-async def _signal_loop() -> None:
+async def _signal_loop(service) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
         async for sig in sigs:
             log.info("signal %d: unmounting", sig)
+            service.signalled = True  # (the kernel's mount is still there: serve unmounts it)
             pyfuse3.terminate()
             return
 
@@ -72,7 +73,7 @@ async def _serve(service, interval: float, control_sock, token: str, tls=None) -
         await service.run(nursery)
         nursery.start_soon(service.supervisor.run, "commit", _commit_loop, ops, interval,
                            service.supervisor, service)
-        nursery.start_soon(_signal_loop)
+        nursery.start_soon(_signal_loop, service)
         nursery.start_soon(ops.tune_readahead, service.mountpoint)
         nursery.start_soon(ControlServer(service, token, metrics_open=service.site.settings()
                                          .metrics_open, tls=tls).serve, control_sock)
@@ -164,7 +165,10 @@ def serve(site: Site, mountpoint: str, *, readonly: bool = False, writeback_cach
     try:
         trio.run(_serve, service, float(cfg.get("commit_interval", 5.0)), control_sock, token,
                  tls)
-        unmounted = True
+        # pyfuse3.main returned: the kernel unmounted it (repfs umount, fusermount -u), or a
+        # signal ended it and the mount is still there (a SIGTERM from systemd or kill left
+        # a dead mount: 'Transport endpoint is not connected')
+        unmounted = not getattr(service, "signalled", False)
     finally:
         try:
             pyfuse3.close(unmount=not unmounted)

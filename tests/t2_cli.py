@@ -190,6 +190,28 @@ def test_umount_errors(mount_site, tmp_path):
     assert (live.path / "f").read_text() == "x"
 
 
+def test_sigterm_unmounts_cleanly(mount_site):
+    """SIGTERM (systemd's stop, `kill`) ends the daemon as `repfs umount` does: the data
+    committed, the kernel's mount gone (it was left dead: 'Transport endpoint is not
+    connected'), the site clean; it mounts again with the data."""
+    from repfs.site import Site
+    m = mount_site("64M")
+    (m.path / "f").write_bytes(b"kept" * 1000)
+    pid = Site(m.site).owner()[0]
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 60
+    # (/proc/mounts, not ismount: a dead FUSE mount fails stat, which ismount calls "no")
+    while os.path.exists(f"/proc/{pid}") or any(
+            line.split()[1] == str(m.path)
+            for line in Path("/proc/mounts").read_text().splitlines()):
+        assert time.monotonic() < deadline, "still running or still mounted"
+        time.sleep(0.05)
+    assert "unmounted" in (m.site / "repfs.log").read_text()
+    assert run_repfs("fsck", m.site, check=False).returncode == 0
+    run_repfs("mount", m.site, m.path)
+    assert (m.path / "f").read_bytes() == b"kept" * 1000
+
+
 # ----------------------------------------------------------------------------- fsck
 
 
