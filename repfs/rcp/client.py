@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import collections
 import json
-import select
 import socket
 import ssl
 import time
 from pathlib import Path
 
 from ..repl.transport import (TIMEOUT, WINDOW, PermanentError, ReceiverClient,
-                              TransientError, _Broken, _describe, open_socket, recv_within)
+                              TransientError, _Broken, _describe, open_socket, recv_within,
+                              socket_idle)
 from . import wire
 from .groups import GroupStore
 from .tls import TlsError, client_context, site_files
@@ -146,14 +146,7 @@ class RcpConnection:
         it (an idle session is closed after the peer's idle timeout)."""
         if self.closing or self.pending or self.conn.buf or self.conn.state != wire.OPEN:
             return False
-        if isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
-            return False  # (inside TLS: bytes decrypted already, nobody asked for)
-        try:
-            poller = select.poll()
-            poller.register(self.sock, select.POLLIN)
-            return not poller.poll(0)
-        except (OSError, ValueError):
-            return False
+        return socket_idle(self.sock)
 
     def send_request(self, method: str, target: str, body=b"",
                      ctype: str = "application/octet-stream") -> None:
@@ -235,7 +228,6 @@ class RcpConnection:
 
 def _sendmsg_all(sock: socket.socket, parts) -> None:
     """socket.sendall for several buffers (sendmsg, as many calls as it takes)."""
-    import ssl
     if isinstance(sock, ssl.SSLSocket):  # (no sendmsg inside TLS, which copies anyway)
         sock.sendall(b"".join(parts))
         return

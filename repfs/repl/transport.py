@@ -18,6 +18,7 @@ import collections
 import json
 import select
 import socket
+import ssl
 import time
 from typing import Iterable
 
@@ -118,13 +119,7 @@ class HTTPConnection:
         closed it (a daemon closes a connection idle for long, or has restarted)."""
         if self.closing or self.unanswered or self.buf:
             return False
-        try:
-            poller = select.poll()  # (select.select fails for descriptors above 1023)
-            poller.register(self.sock, select.POLLIN)
-            # readable while idle: closed by the peer (b"") or an answer nobody asked for
-            return not poller.poll(0)
-        except (OSError, ValueError):
-            return False
+        return socket_idle(self.sock)
 
     def send_request(self, method: str, target: str, body=b"",
                      ctype: str = "application/octet-stream") -> None:
@@ -207,6 +202,20 @@ def open_socket(host: str, port: int, timeout: float, watch=None) -> socket.sock
             raise
     raise _Broken(f"cannot connect to {host}:{port}: "
                   f"{_describe(err) if err else 'no address'}") from None
+
+
+def socket_idle(sock) -> bool:
+    """Whether an idle connection's socket may be used: nothing readable (the peer closed
+    it, b"", or sent an answer nobody asked for) and, inside TLS, nothing decrypted already
+    that nobody asked for (poll sees only the kernel's buffer)."""
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return False
+    try:
+        poller = select.poll()  # (select.select fails for descriptors above 1023)
+        poller.register(sock, select.POLLIN)
+        return not poller.poll(0)
+    except (OSError, ValueError):
+        return False
 
 
 def _describe(e: OSError) -> str:
