@@ -126,3 +126,30 @@ def test_a_failed_write_does_not_change_blocks_under_a_deferred_copy(tmp_path):
     vol, layer = _open(tmp_path)
     assert layer.read_snapshot(layer.store.find("P"), a, 1) == _blocks(b"a0", a, 1)
     layer.close()
+
+
+def test_records_that_cannot_be_handed_to_their_thread_wait_for_the_flush(tmp_path, caplog,
+                                                                          monkeypatch):
+    """The write whose copies were deferred is held even when handing its full records to
+    the records thread fails (no file descriptor left): they are written by the flush, and a
+    second write to the same blocks cannot reach the volume before them (review of 6618de1:
+    the snapshot read the second write's data)."""
+    import repfs.snap.layer as L
+    vol, layer = _open(tmp_path)
+    s0, n = 8, REC_MAX + 10  # (fills a record: it goes to the records thread)
+    old, new1, new2 = (_blocks(t, s0, n) for t in (b"old", b"new1", b"new2"))
+    vol.write(s0, old)
+    snap = _keeping(layer.store, "S", s0, n)
+
+    def no_fd(fd):
+        raise OSError(errno.EMFILE, "Too many open files")
+    monkeypatch.setattr(L.os, "dup", no_fd)
+    layer.write(s0, new1)
+    monkeypatch.undo()
+    assert "written at the next flush" in caplog.text
+    caplog.clear()  # (the one warning this test expects)
+    layer.write(s0, new2)
+    layer.flush()
+    assert layer.read_snapshot(snap, s0, n) == old
+    assert layer.read(s0, n) == new2
+    layer.close()

@@ -218,17 +218,24 @@ class SnapLayer(Layer):
         return saved
 
     def _write_behind(self, snap: Snapshot) -> None:
-        """Hand the records an append just filled to the records thread (under `lock`)."""
+        """Hand the records an append just filled to the records thread (under `lock`).
+        Never fails the write: if they cannot be handed over (no file descriptor left, the
+        pool shut down), they stay unwritten in memory and the next flush writes them
+        (review of 6618de1: an exception here skipped the hold of a write whose copies were
+        deferred, and the next write to its blocks went straight to the volume)."""
         recs, snap.save.fresh = snap.save.fresh, []
-        if self._records_pool is None:
-            self._records_pool = ThreadPoolExecutor(1, thread_name_prefix="snap-records")
-        fd = os.dup(snap.save.fd)  # (a delete may close the file meanwhile)
+        fd = None
         try:
+            if self._records_pool is None:
+                self._records_pool = ThreadPoolExecutor(1, thread_name_prefix="snap-records")
+            fd = os.dup(snap.save.fd)  # (a delete may close the file meanwhile)
             self._records_bg.append(self._records_pool.submit(self._write_records, snap, fd,
                                                               recs))
-        except BaseException:
-            os.close(fd)
-            raise
+        except Exception as e:  # noqa: BLE001 - the flush writes them instead
+            if fd is not None:
+                os.close(fd)
+            log.warning("snapshot %s: its save volume's records are written at the next "
+                        "flush, not behind the writer (%s)", snap.name, e)
 
     def _write_records(self, snap: Snapshot, fd: int, recs) -> None:
         """In the records thread: write full records (their deferred before-images read from
