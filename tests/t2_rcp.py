@@ -169,9 +169,13 @@ def abuse(m1, m2) -> None:
     conn = RcpConnection("127.0.0.1", port_of(m2.site), group=GROUP, secret=SECRET,
                          site="t2_rcp", uuid="0" * 32, timeout=30)
     try:
+        # a chunk, then one with a bit flipped in its body, in one write: the receiver
+        # gathers both for one hand-off and stops at the damaged one (review of 75d024f:
+        # answering the first on the closed session raised, and a traceback was logged)
+        first = conn.conn.send("CHUNK", b"y" * 5000)
         frame = bytearray(conn.conn.send("CHUNK", b"x" * 5000))
-        frame[-1] ^= 1  # one bit flipped in the body
-        conn.sock.sendall(frame)
+        frame[-1] ^= 1
+        conn.sock.sendall(first + frame)
         assert b"checksum mismatch" in _read_all(conn.sock)
     finally:
         conn.sock.close()

@@ -309,7 +309,12 @@ def _readable(sock) -> bool:
 
 
 def _answer(conn, peer: str, event, status: int, message: str, result) -> bytes:
-    """The ACK or ERROR frame answering request `event`."""
+    """The ACK or ERROR frame answering request `event`; nothing once the session has
+    closed (a protocol error stopped `_gather` after the chunks before it: they are stored,
+    idempotently, and the next `next_event` raises the error, answered and logged as every
+    protocol error is; review of 75d024f: the ACK raised and a traceback was logged)."""
+    if conn.state != wire.OPEN:
+        return b""
     if status == 200:
         return conn.send("ACK", {"seq": event.seq, "result": result})
     kind = kind_of(status, message)
