@@ -217,6 +217,20 @@ async def exchange(server: ControlServer, *pieces: bytes, pause: float = 0,
     return bytes(out)
 
 
+async def status_request(port: int) -> int:
+    """An authenticated GET /v1/status on a new connection to a serving ControlServer: its
+    reply's status."""
+    s = await trio.open_tcp_stream("127.0.0.1", port)
+    try:
+        await s.send_all(request("GET", "/v1/status", extra="Connection: close\r\n"))
+        raw = b""
+        while chunk := await s.receive_some(65536):
+            raw += chunk
+    finally:
+        await s.aclose()
+    return one_reply(raw)[0]
+
+
 def replies(raw: bytes) -> list[tuple[int, dict]]:
     """Split a server's output into (status, JSON document) pairs; fail on anything else."""
     out = []
@@ -480,13 +494,7 @@ def test_connection_limit():
             await held.pop().aclose()
             while server.active > 1:
                 await trio.sleep(0.01)
-            s = await trio.open_tcp_stream("127.0.0.1", port)
-            await s.send_all(request("GET", "/v1/status", extra="Connection: close\r\n"))
-            raw = b""
-            while chunk := await s.receive_some(65536):
-                raw += chunk
-            assert one_reply(raw)[0] == 200
-            await s.aclose()
+            assert await status_request(port) == 200
             for h in held:
                 await h.aclose()
             n.cancel_scope.cancel()

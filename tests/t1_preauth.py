@@ -17,7 +17,8 @@ import trio
 
 from repfs.control import MAX_UNAUTHENTICATED, REFUSALS_LOGGED, ControlServer, RefusalLog
 from repfs.rcp import wire
-from tests.t1_control import TOKEN, FakeSite, exchange, one_reply, request, run
+from tests.t1_control import (TOKEN, FakeSite, exchange, one_reply, request, run,
+                               status_request)
 
 
 def test_an_open_metrics_port_reads_no_unauthenticated_body():
@@ -107,13 +108,7 @@ def test_strangers_cannot_hold_the_slots_of_authenticated_peers(caplog):
                 await trio.sleep(0.01)
             assert len(server.pending) == MAX_UNAUTHENTICATED
             assert server.active <= MAX_UNAUTHENTICATED + 1
-            s = await trio.open_tcp_stream("127.0.0.1", port)
-            await s.send_all(request("GET", "/v1/status", extra="Connection: close\r\n"))
-            raw = b""
-            while chunk := await s.receive_some(65536):
-                raw += chunk
-            assert one_reply(raw)[0] == 200
-            await s.aclose()
+            assert await status_request(port) == 200
             for c in silent:
                 await c.aclose()
             n.cancel_scope.cancel()
