@@ -188,8 +188,8 @@ def test_flipped_bits_replayed_handshake_and_http_beside_rcp(mount_site):
             assert f"refused: {kind} frame" in log2 and "checksum mismatch" in log2, \
                 log_tail(m2.site)
             # no retry storm: the one broken session is replaced by one new one (the primary
-            # does that without a log line, transport.ReceiverClient.send_many: counted at
-            # the proxy and in the secondary's log)
+            # logs the secondary's reason once, "(retrying)": counted at the proxy and in
+            # the secondary's log)
             assert proxy.sessions - before == 1, (proxy.sessions, before)
             assert opened(m2.site) - logged == 1, log_tail(m2.site)
         assert count(m2.site, "checksum mismatch (damaged on the wire)") == 2

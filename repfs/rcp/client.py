@@ -62,7 +62,8 @@ def parse_address(text: str) -> tuple[str, int]:
 class RcpConnection:
     """One authenticated RCP session (blocking; one thread uses it), several requests in
     flight: `send_request` sends one, `read_answer` reads the oldest one's answer. Raises
-    transport._Broken when the connection fails, Refused when the handshake is refused."""
+    transport._Broken when the connection fails, Refused when the handshake is refused,
+    TransientError (naming its reason) when the receiver refused the open session."""
 
     def __init__(self, host: str, port: int, *, group: str, secret: bytes, site: str,
                  uuid: str, timeout: float = TIMEOUT, compress: bool = True, pace=None,
@@ -203,9 +204,13 @@ class RcpConnection:
                 continue  # FLOW (not sent by this build)
             if body["seq"] != self.pending[0]:
                 self.closing = True
-                what = body.get("message", "") if event.type == "ERROR" else ""
-                raise _Broken(f"the peer ended the session: {what}" if body["seq"] == 0 else
-                              f"{event.type} for request {body['seq']}, not "
+                if event.type == "ERROR" and body["seq"] == 0:
+                    # the receiver refused the session (a damaged or malformed frame, one
+                    # too slow) and closed it: its reason is what the send task logs, not a
+                    # broken connection, which a kept-alive session's send retries silently
+                    raise TransientError(f"{self.where}: the receiver ended the session: "
+                                         f"{wire.one_line(body['message'])}")
+                raise _Broken(f"{event.type} for request {body['seq']}, not "
                               f"{self.pending[0]}")
             self.pending.popleft()
             if event.type == "ACK":

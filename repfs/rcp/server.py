@@ -116,16 +116,36 @@ class RcpServer:
             self.control.refused(log, "RCP connection from %s%s refused: %s", peer, who, e)
             if getattr(e, "remote", False):
                 return  # (the peer refused first: nothing to send back)
-            with trio.move_on_after(min(self.control.send_timeout, 2.0)):
-                try:
-                    await stream.send_all(conn.take_outgoing()
-                                          + conn.error_frame(e.kind, str(e)))
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                    pass
+            await self._refuse(stream, conn.take_outgoing() + conn.error_frame(e.kind, str(e)))
         except trio.TooSlowError:
             pass  # the peer does not read its answers
         except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
             pass  # the peer went away
+
+    async def _refuse(self, stream, frames: bytes) -> None:
+        """Send the ERROR that ends a connection, then read and drop what the peer still
+        sends for a moment (at most control.LINGER s and LINGER_BYTES: a window of
+        pipelined chunks) before it is closed: closing with unread data resets the
+        connection, and a primary still sending its window (or a proxy between) would lose
+        the ERROR, and with it the reason it logs."""
+        from ..control import LINGER, LINGER_BYTES
+        with trio.move_on_after(min(self.control.send_timeout, LINGER)):
+            try:
+                await stream.send_all(frames)
+                if hasattr(stream, "send_eof"):  # (not inside TLS)
+                    await stream.send_eof()
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                return
+        with trio.move_on_after(LINGER):
+            dropped = 0
+            try:
+                while dropped < LINGER_BYTES:
+                    data = await stream.receive_some(65536)
+                    if not data:
+                        break
+                    dropped += len(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass
 
     async def _session(self, conn, stream, peer: str, got: int) -> None:
         ctl = self.control
