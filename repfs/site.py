@@ -85,6 +85,11 @@ held_limit = "64M"
 # GET /metrics (Prometheus) without the control token: read-only, no secrets in it
 # (docs/replication.md, "Metrics"); by default it wants the token like every other request
 # open = false
+
+[rcp]
+# take zstd compression of the delta chunks and copy records a primary sends to this site
+# (docs/protocol.md, "Compression"); false: every RCP session to this site runs uncompressed
+# accept_compression = true
 """
 
 
@@ -95,6 +100,7 @@ class Settings:
     max_outstanding: int  # [repl] max_outstanding: unreleased delta sets before cutting pauses
     send_window: int  # [repl] send_window: delta chunks in flight to one destination
     metrics_open: bool = False  # [metrics] open: GET /metrics without the token
+    accept_compression: bool = True  # [rcp] accept_compression: take zstd a primary offers
 
 
 def _toml_value(value) -> str:
@@ -365,9 +371,14 @@ class Site:
         metrics_open = cfg.get("metrics", {}).get("open", False)
         if not isinstance(metrics_open, bool):
             raise bad("metrics", "open", metrics_open, "must be true or false")
+        accept_compression = cfg.get("rcp", {}).get("accept_compression", True)
+        if not isinstance(accept_compression, bool):
+            raise bad("rcp", "accept_compression", accept_compression,
+                      "must be true or false")
         from .repl.transport import MAX_WINDOW
         return Settings(
             held_limit=size("memory", "held_limit", "64M", 1 << 20, 64 << 30),
+            accept_compression=accept_compression,
             max_outstanding=count("repl", "max_outstanding", 64, 1, 4096),
             send_window=count("repl", "send_window", 8, 1, MAX_WINDOW),
             metrics_open=metrics_open,

@@ -17,6 +17,7 @@ import trio
 
 from repfs.control import MAX_UNAUTHENTICATED, REFUSALS_LOGGED, ControlServer, RefusalLog
 from repfs.rcp import wire
+from repfs.site import Site
 from tests.t1_control import (TOKEN, FakeSite, exchange, one_reply, request, run,
                                status_request)
 
@@ -63,7 +64,9 @@ def test_one_deadline_from_accept_to_authentication(caplog):
     request head or its RCP handshake (each stage had its own: 20-40 s per stranger)."""
     async def body():
         site = FakeSite()
-        site.site = SimpleNamespace(path="/nowhere")  # (what an RCP session names)
+        # (what an RCP session names, and its settings: the defaults, as a site without
+        # a site.toml has them)
+        site.site = SimpleNamespace(path="/nowhere", settings=Site("/nowhere").settings)
         site.core = SimpleNamespace(sb=SimpleNamespace(uuid=b"\x01" * 16))
         server = ControlServer(site, TOKEN)
         ht = server.head_timeout

@@ -30,6 +30,7 @@ from repfs.rcp import wire
 from repfs.rcp.client import RcpReceiverClient
 from repfs.rcp.groups import GroupStore, new_secret
 from repfs.repl.transport import PermanentError, ReceiverClient, TransientError
+from repfs.site import Site
 from tests.t1_control import TOKEN, FakeSite, exchange, run
 
 GROUP = "g1"
@@ -37,7 +38,7 @@ GROUP = "g1"
 
 def fake_site(path: Path) -> FakeSite:
     site = FakeSite()
-    site.site = SimpleNamespace(path=path)
+    site.site = SimpleNamespace(path=path, settings=Site(path).settings)
     site.core = SimpleNamespace(sb=SimpleNamespace(uuid=b"\x01" * 16))
     return site
 

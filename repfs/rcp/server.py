@@ -47,7 +47,8 @@ ROUTES = {
 }
 # CONTROL {op, args}: op -> (method, API path) of the HTTP route that takes args as its JSON
 # body (rcp/client.py CONTROL_OP_OF)
-CONTROL_ROUTES = {"verify": (b"POST", b"/v1/repl/verify")}
+CONTROL_ROUTES = {"verify": (b"POST", b"/v1/repl/verify"),
+                  "failover": (b"POST", b"/v1/repl/failover")}  # (recovery/failover.py)
 UPLOADS = ("COPY", "CHUNK")
 AFTER_FAILED = ("not applied: an earlier upload pipelined on this session failed; send again "
                 "from that one")
@@ -94,6 +95,20 @@ def _secrets(site_path):
     return lookup
 
 
+def _features(site) -> tuple[str, ...]:
+    """What this site's sessions may agree to (wire.FEATURES), read at each connection as
+    the groups are: site.toml [rcp] accept_compression = false declines "zstd" (the session
+    then runs uncompressed). A site.toml made bad since the mount (which checked it) agrees
+    to nothing, with a WARNING."""
+    from ..site import SiteError
+    try:
+        accept = site.settings().accept_compression
+    except SiteError as e:
+        log.warning("RCP: %s; sessions run uncompressed until it is fixed", e)
+        accept = False
+    return tuple(f for f in wire.FEATURES if accept or f != "zstd")
+
+
 class RcpServer:
     """Serves RCP sessions for a `ControlServer` (its service, limits and dispatch)."""
 
@@ -106,7 +121,8 @@ class RcpServer:
         peer = _peer_name(stream)
         conn = wire.Connection(
             wire.SERVER, secrets=_secrets(svc.site.path), site=str(svc.site.path),
-            uuid=svc.core.sb.uuid.hex(), session=secrets.randbelow((1 << 32) - 1) + 1)
+            uuid=svc.core.sb.uuid.hex(), session=secrets.randbelow((1 << 32) - 1) + 1,
+            features=_features(svc.site))
         conn.receive_data(first)
         try:
             await self._session(conn, stream, peer, len(first))
