@@ -34,6 +34,8 @@ Routes (all under /v1):
 | GET | /repl/receiver | | a secondary's receiver state (for its primary) |
 | POST | /repl/attach, /start-playback, /commit | JSON | primary to secondary: attach, end of the initial copy, delta-set header |
 | POST | /repl/copy, /repl/chunk | octet-stream | primary to secondary: an initial-copy record, a delta chunk |
+| POST | /failover | {"sync"?, "now"?, "dry_run"?} | `failover` at a secondary (recovery/failover.py) |
+| POST | /repl/failover | {"step", "generation", "by", "after"?} | secondary to primary at a failover: "report", "fence", "sync" |
 | POST | /verify | {"to", "repair"?, "wait"?} | `verify --to DEST`: compare with a secondary at a delta-set boundary (repl/verify.py) |
 | POST | /repl/verify | {"step", "at", "generation", "ranges"?} | primary to secondary: verify's hold of playback and range hashes |
 | GET | /groups | | the replication groups' names (never their secrets) |
@@ -1044,6 +1046,20 @@ class ControlServer:
                         if k in args:
                             _uint(args[k], k)
                     return await svc.secondary.commit(args)
+        if parts == ["failover"] and method == "POST":  # (recovery/failover.py)
+            return await svc.recovery.failover(
+                sync=_bool(args.get("sync"), "sync", False),
+                now=_bool(args.get("now"), "now", False),
+                dry_run=_bool(args.get("dry_run"), "dry_run", False))
+        if parts == ["repl", "failover"] and method == "POST":  # a secondary failing over
+            by = args.get("by")
+            if not isinstance(by, str) or not 0 < len(by) <= MAX_PATH or not by.isprintable():
+                raise HTTPError(400, f"bad site name (by) {_short(by)}")
+            step = args.get("step")
+            if not isinstance(step, str) or len(step) > 16:
+                raise HTTPError(400, f"bad failover step {_short(step)}")
+            return await svc.recovery.request(step, _uint(args.get("generation"), "generation"),
+                                              by, _uint(args.get("after", 0), "after"))
         if parts == ["verify"] and method == "POST":
             to = args.get("to")
             if not isinstance(to, str) or not 0 < len(to) <= MAX_PATH or not to.isprintable():

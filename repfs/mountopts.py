@@ -246,6 +246,11 @@ async def remount(service, mountpoint: str, opts: MountOptions) -> None:
         receiver = getattr(service, "receiver", None)
         if receiver is not None and receiver.role == "secondary":
             raise RemountError("the site is a secondary: its mount is read-only until failover")
+        recovery = getattr(service, "recovery", None)  # (recovery/failover.py)
+        fence = recovery.fence_reason() if recovery is not None else None
+        if fence:
+            raise RemountError(f"fenced: {fence}: this site is a stale primary and stays "
+                               f"read-only (resync it from the new primary)")
         was = core.readonly
         core.readonly = False
         try:

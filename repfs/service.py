@@ -11,7 +11,9 @@ in the daemon's trio run, and every snapshot operation happens at a consistency 
 | `replicate` | `repfs/repl/verbs.py` | replicate start, stop, policy, deltaset |
 | `primary` | `repfs/repl/sender.py` | at a primary: cut and copy loops, send tasks |
 | `secondary` | `repfs/repl/secondary.py` | the receiver's endpoints and the playback loop |
+| `forwarder` | `repfs/repl/forward.py` | at a secondary: the send tasks to its next hops (routes) |
 | `verifier` | `repfs/repl/verify.py` | verify --to DEST (and, at a secondary, `secondary.verify`) |
+| `recovery` | `repfs/recovery/failover.py` | failover at a secondary; the generation fence |
 
 Kernel-cache invalidation after a change underneath the file system (restore, playback) is
 `repfs/fs/invalidate.py`."""
@@ -26,6 +28,7 @@ import trio
 from .fs.core import FileSystem
 from .fs.ops import Operations
 from .mountopts import Remounter
+from .recovery.failover import Recovery
 from .site import Site
 from .snap.layer import SnapLayer
 from .snap.mounts import SnapshotMounts
@@ -65,11 +68,16 @@ class SiteService:
                                   max_outstanding=settings.max_outstanding)
             self.primary = Primary(self, self.clog, self.sets)
         self.secondary = Secondary(self, self.receiver)
+        self.forwarder = None  # a secondary's next hops (repfs/repl/forward.py)
+        if self.primary is None:
+            from .repl.forward import Forwarder
+            self.forwarder = Forwarder(self)
         self.snapshots = SnapshotVerbs(self)
         self.mounts = SnapshotMounts(self)
         self.remounter = Remounter(self)
         self.replicate = ReplicateVerbs(self)
         self.verifier = PrimaryVerify(self)
+        self.recovery = Recovery(self)  # (last: a fenced site turns read-only here)
 
     async def run(self, nursery) -> None:
         """Start the background tasks of the site's role."""
@@ -78,6 +86,8 @@ class SiteService:
             await self.primary.run(nursery)
         else:
             nursery.start_soon(self.supervisor.run, "playback", self.secondary.playback_loop)
+        if self.forwarder is not None:
+            await self.forwarder.run(nursery)
 
     @property
     def core(self) -> FileSystem:

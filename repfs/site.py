@@ -74,6 +74,9 @@ chunk_capacity = "1G"
 max_outstanding = 64
 # delta chunks (1 MiB each) in flight to one destination
 send_window = 8
+# seconds a destination that forwards (it has routes) may fail before this site sends
+# straight to its next hops, until it answers again (docs/replication.md, "Forwarders")
+bypass_after = 30
 
 [memory]
 # bytes of writes the volume stack may hold in memory until their before-images are durable;
@@ -101,6 +104,7 @@ class Settings:
     send_window: int  # [repl] send_window: delta chunks in flight to one destination
     metrics_open: bool = False  # [metrics] open: GET /metrics without the token
     accept_compression: bool = True  # [rcp] accept_compression: take zstd a primary offers
+    bypass_after: int = 30  # [repl] bypass_after: s a forwarder fails before it is bypassed
 
 
 def _toml_value(value) -> str:
@@ -381,6 +385,7 @@ class Site:
             accept_compression=accept_compression,
             max_outstanding=count("repl", "max_outstanding", 64, 1, 4096),
             send_window=count("repl", "send_window", 8, 1, MAX_WINDOW),
+            bypass_after=count("repl", "bypass_after", 30, 1, 86400),
             metrics_open=metrics_open,
         )
 

@@ -48,6 +48,9 @@ def site_status(svc) -> dict:
         "security_warning": getattr(svc, "security_warning", None),
         "tls": getattr(svc, "tls", False),  # the port speaks TLS only (site.toml [tls])
         **repl_status(svc),
+        # fenced (a peer holds a newer generation), the restart point, the last failover
+        # and what it lost (repfs/recovery/failover.py)
+        **svc.recovery.status(),
     }
 
 
@@ -65,12 +68,17 @@ def repl_status(svc) -> dict:
                 "replication_status_error": describe(e)}
 
 
-def _primary_status(svc) -> dict:
-    p, sets, clog = svc.primary, svc.sets, svc.clog
+def _dest_rows(svc, p) -> list[dict]:
+    """The destinations of a primary's or a forwarder's send tasks, each with the route tree
+    below it when it forwards (what it last said of its next hops)."""
     dests = []
     for d in p.dests():
         row = {k: d.get(k) for k in ("name", "site", "kind", "group", "state", "error",
                                      "last_error")}
+        if d.get("bypass_of"):  # standing in for a forwarder that does not answer
+            row["bypass_of"] = d["bypass_of"]
+        if d.get("forward") is not None:
+            row["hops"] = _hops(p, d["forward"])
         if d.get("failing_since_ns"):  # (unreachable since then; retried more slowly)
             row["failing_seconds"] = round((time.time_ns() - d["failing_since_ns"]) / 1e9, 1)
         row.update(acked_delta_set=d["acked"], played_delta_set=d["played"],
@@ -86,6 +94,28 @@ def _primary_status(svc) -> dict:
                                     "total_blocks": d.get("copy_total"),
                                     "volume_blocks": svc.layer.nblocks}
         dests.append(row)
+    return dests
+
+
+def _hops(p, fwd: dict, depth: int = 0) -> list[dict]:
+    """A forwarder's next hops as it reported them, with their lag as seen from this site
+    (the delta sets' numbers are the same along the whole tree)."""
+    out = []
+    for h in (fwd or {}).get("hops") or []:
+        if not isinstance(h, dict) or not isinstance(h.get("played"), int):
+            continue
+        row = {"site": h.get("site"), "group": h.get("group"), "state": h.get("state"),
+               "acked_delta_set": h.get("acked"), "played_delta_set": h["played"],
+               "lag_seconds": round(p.lag({"played": h["played"]}), 3), "error": h.get("error")}
+        if h.get("forward") is not None and depth < 8:
+            row["hops"] = _hops(p, h["forward"], depth + 1)
+        out.append(row)
+    return out
+
+
+def _primary_status(svc) -> dict:
+    p, sets, clog = svc.primary, svc.sets, svc.clog
+    dests = _dest_rows(svc, p)
     outstanding = [
         {"delta_set": r["number"], "state": r["state"], "blocks": r["blocks"],
          "created": iso(r["cut_ns"]), "ready": iso(r["ready_ns"]) if r["ready_ns"] else None,
@@ -140,7 +170,22 @@ def _secondary_status(svc) -> dict:
              "at": iso(q.get("at_ns", 0)), "file": q.get("file")} for q in r.quarantined()],
         "playback_ms_p50": pct(sorted(svc.secondary.playback_ms), 50),
         "policy": svc.secondary.policy(),
+        "forwarding": _forwarding(svc),
     }
+
+
+def _forwarding(svc) -> dict | None:
+    """A forwarder's next hops (repfs/repl/forward.py), None when it forwards nothing."""
+    f = svc.forwarder
+    if f is None or not f.on:
+        return None
+    return {"next_hops": _dest_rows(svc, f),
+            "held_delta_sets": [r["number"] for r in f.sets.records()
+                                if f.sets.held(r) and r["blocks"]],
+            "held_bytes": f.sets.usage(), "flow_control": f.paused,
+            "subtree_played_delta_set": f.subtree_played(),
+            "not_started": {hop: e["error"] for hop, e in f.start_errors.items()},
+            "routes_error": getattr(f, "routes_error", None)}
 
 
 def pct(values: list[float], p: int) -> float | None:

@@ -31,6 +31,7 @@ STALL_SECONDS = 60  # replicate start gives up waiting (the copy goes on) after 
 TIMEOUT = 120.0  # default --timeout: seconds the daemon has to answer a request
 NO_DAEMON, NO_ANSWER = 3, 4  # exit statuses (see the module's docstring)
 VERIFY_TIMEOUT = 3600.0  # verify's --timeout unless given
+FAILOVER_TIMEOUT = 3600.0  # failover's --timeout unless given (it plays what was received)
 
 
 def _timeout(text: str) -> float:
@@ -172,6 +173,16 @@ def _parser() -> argparse.ArgumentParser:
     vf.add_argument("--wait", type=_seconds, metavar="SECONDS",
                     help="how long to wait for DEST to play a delta set (default 120; "
                          "--timeout defaults to 3600 for verify)")
+    fo = sub.add_parser("failover", help="at a secondary: become the primary (a new "
+                                         "generation), on the same mount (docs/recovery.md)")
+    fo.add_argument("--sync", action="store_true",
+                    help="lose nothing: the primary (which must be up) turns read-only and "
+                         "ships its last delta set first")
+    fo.add_argument("--now", action="store_true",
+                    help="do not play the delta sets received but not yet played (they are "
+                         "discarded, and reported)")
+    fo.add_argument("--dry-run", action="store_true",
+                    help="say what would happen; change nothing")
     tl = sub.add_parser("tls", help="certificates for TLS (no --site needed)")
     ts = tl.add_subparsers(dest="action", required=True, parser_class=_Parser)
     ti = ts.add_parser("init", help="make a CA in DIR (if it has none) and a certificate "
@@ -411,12 +422,24 @@ def _print_status(st: dict) -> None:
             rows.append(("delta sets", f"received {st['last_received_delta_set']}, played "
                          f"{st['last_played_delta_set']}"))
         rows.append(("lag", f"{st['lag_seconds']:.1f} s"))
+    if st.get("restart_point"):  # (recovery/failover.py)
+        rp = st["restart_point"]
+        rows.append(("restart point", f"{rp['snapshot']} (delta set {rp['delta_set']}, "
+                                      f"generation {rp['generation']}, {rp['at']})"))
+    if st.get("last_failover"):
+        fo = st["last_failover"]
+        rows.append(("last failover", f"{fo['state']} ({fo['completed'] or fo['started']}): "
+                                      f"generation {fo['from_generation']} -> "
+                                      f"{fo['generation']}; {_lost_line(fo.get('lost'))}"))
     if "snapshots" in st:
         rows.append(("snapshots", str(len(st["snapshots"]))))
         rows.append(("save volumes", f"{_human(st['save_used_bytes'])} used of "
                                      f"{_human(st['save_capacity_bytes'])}"))
     if st.get("security_warning"):  # listening beyond loopback without TLS
         rows.insert(3, ("WARNING", st["security_warning"]))
+    if st.get("fenced"):  # a peer holds a newer generation: say so first
+        rows.insert(3, ("FENCED", f"{st['fenced']} (since {st['fenced_at']}): read-only, a "
+                                  f"stale primary; resync it from the new one"))
     if st.get("fs_error"):  # errors=remount-ro: say so first
         rows.insert(3, ("FILE SYSTEM", f"READ-ONLY after an error at {st['fs_error_at']}: "
                                        f"{st['fs_error']}; remount the site"))
@@ -432,22 +455,17 @@ def _print_status(st: dict) -> None:
     for q in st.get("quarantined_delta_sets") or []:
         print(f"delta set {q['delta_set']} quarantined at {q['at']} ({q['reason']}); kept in "
               f"{q['file']}, asked for again")
-    if st.get("destinations"):
-        print()
-        rows = []
-        for d in st["destinations"]:
-            state = d["state"]
-            if d.get("copy_progress"):
-                cp = d["copy_progress"]
-                state += f" {100.0 * cp['position'] / max(1, cp['volume_blocks']):.0f}%"
-            if d.get("error"):
-                state += f" ({d['error']})"
-            lag = d["lag_seconds"]
-            rows.append([d["name"], state, d["acked_delta_set"], d["played_delta_set"],
-                         "-" if lag is None else f"{lag:.1f}s",
-                         f"{_human(d['bwlimit'])}/s" if d.get("bwlimit") else "-", d["site"]])
-        print(_table(rows, ["DESTINATION", "STATE", "ACKED", "PLAYED", "LAG", "BWLIMIT",
-                            "SITE"]))
+    fwd = st.get("forwarding") or {}
+    for title, dests in (("DESTINATION", st.get("destinations")),
+                         ("NEXT HOP", fwd.get("next_hops"))):
+        if dests:
+            print()
+            print(_table(_route_rows(dests), [title, "STATE", "ACKED", "PLAYED", "LAG",
+                                              "BWLIMIT", "SITE"]))
+    if fwd.get("flow_control"):
+        print(f"forwarding: FLOW CONTROL: {fwd['flow_control']}")
+    for hop, why in (fwd.get("not_started") or {}).items():
+        print(f"next hop {hop} not started: {why}")
     if st.get("outstanding_delta_sets"):
         print()
         rows = [[x["delta_set"], x.get("state", "received"), x["blocks"], x["created"],
@@ -458,6 +476,29 @@ def _print_status(st: dict) -> None:
         _print_snapshots(st["snapshots"])
     for name, mp in (st.get("snapshot_mounts") or {}).items():
         print(f"snapshot {name} is mounted at {mp}")
+
+
+def _route_rows(dests: list, depth: int = 0) -> list[list]:
+    """Destination rows, each followed by the route tree below it (a forwarder's next hops,
+    indented)."""
+    rows = []
+    for d in dests:
+        state = d["state"] or "-"
+        if d.get("copy_progress"):
+            cp = d["copy_progress"]
+            state += f" {100.0 * cp['position'] / max(1, cp['volume_blocks']):.0f}%"
+        if d.get("bypass_of"):
+            state += f" (bypassing {d['bypass_of']})"
+        if d.get("error"):
+            state += f" ({d['error']})"
+        lag = d["lag_seconds"]
+        name = d.get("name") or d["site"]
+        rows.append([("  " * depth + "└ " if depth else "") + name, state,
+                     d["acked_delta_set"], d["played_delta_set"],
+                     "-" if lag is None else f"{lag:.1f}s",
+                     f"{_human(d['bwlimit'])}/s" if d.get("bwlimit") else "-", d["site"]])
+        rows.extend(_route_rows(d.get("hops") or [], depth + 1))
+    return rows
 
 
 # ----------------------------------------------------------------------------- verbs
@@ -537,11 +578,65 @@ def _main(argv) -> int:
         out = _route(t, a)
     elif a.verb == "verify":
         out = _verify(t, a)
+    elif a.verb == "failover":
+        out = _failover(t, a)
     if a.json:
         print(json.dumps(out, indent=2))
     if a.verb == "verify" and not out["in_sync"]:
         return 1  # (they differ: said on stdout)
     return 0
+
+
+def _failover(t: Target, a) -> dict:
+    """`failover [--sync] [--now] [--dry-run]` at a secondary (repfs/recovery/failover.py)."""
+    if t.timeout == TIMEOUT:  # (not given: --sync waits for the last delta set to arrive,
+        t.timeout = FAILOVER_TIMEOUT  # then everything received is played)
+    out = call(t, "POST", "/failover", {"sync": a.sync, "now": a.now, "dry_run": a.dry_run})
+    if a.json:
+        return out
+    if out.get("dry_run"):
+        print(f"failover of {out['site']} (dry run: nothing changed) would:")
+        for i, step in enumerate(out.get("steps") or [], 1):
+            print(f"  {i}. {step}")
+        if not out.get("steps"):
+            print("  nothing: this site already failed over (generation "
+                  f"{out['generation']})")
+    elif out.get("already_done"):
+        print(f"{out['site']} already failed over: it is the primary, generation "
+              f"{out['generation']} (restart point {out['restart_point']}, delta set "
+              f"{out['restart_delta_set']})")
+    else:
+        print(f"{out['site']} is now the primary, generation {out['generation']} (was "
+              f"{out['from_generation']}); its mount is "
+              f"{'STILL READ-ONLY (see the site log)' if out['readonly'] else 'read-write'}")
+        print(f"restart point: snapshot {out['restart_point']} at delta set "
+              f"{out['restart_delta_set']}")
+    fence = out.get("fence") or {}
+    if fence and not out.get("dry_run"):
+        print(f"old primary {out.get('primary')}: {fence.get('state')}"
+              + (f" ({fence['why']})" if fence.get("why") else ""))
+    for x in out.get("discarded") or []:
+        print(f"discarded (received, not played): delta set {x['delta_set']}, "
+              f"{x['blocks']} blocks")
+    if out.get("damaged"):
+        print(f"damaged, not played: delta set {out['damaged']['delta_set']} "
+              f"({out['damaged']['why']})")
+    print(_lost_line(out.get("lost")))
+    return out
+
+
+def _lost_line(lost) -> str:
+    """What a failover lost, in one line."""
+    if not lost or not lost.get("known"):
+        why = (lost or {}).get("why")
+        return ("lost: cannot be told (the old primary could not be asked"
+                + (f": {why})" if why else ")"))
+    sets = lost.get("delta_sets") or []
+    if not sets and not lost.get("uncut_blocks"):
+        return "lost: nothing (every delta set the old primary cut is here)"
+    names = ", ".join(str(x["delta_set"]) for x in sets) or "none"
+    return (f"lost: delta sets {names} and {lost.get('uncut_blocks', 0)} blocks not yet cut "
+            f"({_human(lost.get('bytes', 0))} in all)")
 
 
 def _verify(t: Target, a) -> dict:

@@ -284,6 +284,47 @@ def attach_pins(env, store) -> list:
     return released
 
 
+FORWARDING = b"forwarding"  # CTX: this secondary keeps a mailbox for its next hops (forward.py)
+
+
+def forwarding(env, db_ctx) -> bool:
+    """Whether this site forwards the delta sets it plays (a secondary with routes)."""
+    with env.begin(db=db_ctx) as txn:
+        return txn.get(FORWARDING) == b"1"
+
+
+def forward_pin(store, n: int, bits: PagedBits):
+    """A forwarder's pin of delta set `n`, just played (receiver.play): a pinning snapshot of
+    the volume at boundary n whose interest is the delta set's blocks, prepared to be recorded
+    in play's last transaction (`forward_record`). Appended to the store's queue before that
+    commit (the caller's job): nothing writes those blocks until the commit says n is played,
+    and from then on a direct write of a later delta set or its playback copies them first."""
+    return store.prepare(f"{PIN_PREFIX}{n}", {"delta_set": n, "purpose": "forwarded delta set"},
+                         interest=bits, durable_entry=False)
+
+
+def forward_record(txn, dbs, store, snap, rec: dict, bits: PagedBits) -> None:
+    """In receiver.play's last transaction: delta set `rec` (received, now played) becomes
+    ready in this forwarder's mailbox, exactly as a cut makes one on a primary, with the
+    primary's number, generation and times, so the next hops (and an upstream bypassing
+    this site) agree on every number. `snap`: its pin (None for an empty delta set); `dbs`:
+    the handles of CTX, DELTASETS and DSBITS (no database is opened inside a transaction)."""
+    db_ctx, db_sets, db_bits = dbs
+    n = rec["number"]
+    blocks = bits.count() if bits is not None else 0
+    for page, arr in (bits.pages.items() if bits is not None else ()):
+        txn.put(K.ds_page(n, page), arr.tobytes(), db=db_bits)
+    if snap is not None:
+        store.record_new(txn, snap)
+    now = time.time_ns()
+    txn.put(K.u64(n), json.dumps({
+        "number": n, "generation": rec.get("generation", 1), "state": "ready",
+        "pinned": snap is not None, "blocks": blocks, "bytes": blocks * BS,
+        "first_change_ns": rec.get("first_change_ns", 0), "cut_ns": rec.get("cut_ns") or now,
+        "ready_ns": now, "forwarded": True}).encode(), db=db_sets)
+    txn.put(b"last_cut", K.u64(n), db=db_ctx)
+
+
 class DeltaSets:
     def __init__(self, env, clog: ChangeLogLayer, site_path: Path, layer, *,
                  capacity_bytes: int = 1 << 30, max_outstanding: int = MAX_OUTSTANDING):

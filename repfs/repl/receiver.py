@@ -40,6 +40,7 @@ from ..statefile import fsync_dir
 from ..volume import create_private, private_dir, pwrite_all, pwritev_all
 from . import keys as K
 from ..extents import runs
+from .deltaset import PIN_PREFIX, forward_pin, forward_record, forwarding
 from ..fs.format import FormatError, Superblock
 from .chunk import (
     ChunkError, data_checksum, decode_chunk, decode_copy, decode_set_header, direct_pieces,
@@ -230,6 +231,8 @@ class Receiver:
         private_dir(self.dir)
         self.db_ctx = env.open_db(K.CTX)
         self.db_in = env.open_db(K.INCOMING)
+        self.db_fwd_sets = env.open_db(K.DELTASETS)  # a forwarder's mailbox (forward.py)
+        self.db_fwd_bits = env.open_db(K.DSBITS)
         self.partial: dict | None = None  # the delta set being received
         # (delta set, fd): the partial delta set's file, kept open while it is received
         # (issue 8: an open and a close per chunk cost as much as the chunk's write)
@@ -328,8 +331,14 @@ class Receiver:
             txn.drop(self.db_in, delete=False)
             self._put(txn, "role", b"secondary")
             self._put(txn, "generation", K.u64(generation))
+            # (and how to reach it at a failover, if it said: recovery/failover.py)
             self._put(txn, "primary", json.dumps(
-                {"uuid": primary["uuid"], "site": primary["site"]}).encode())
+                {"uuid": primary["uuid"], "site": primary["site"],
+                 **{k: primary[k] for k in ("address", "group")
+                    if isinstance(primary.get(k), str)}}).encode())
+            # a fence, a restart point: of this site's time as a primary, which ends here
+            txn.delete(b"fenced", db=self.db_ctx)
+            txn.delete(b"restart_point", db=self.db_ctx)
             self._put(txn, "secondary_state", b"initial-copy")
             self._put(txn, "last_received", K.u64(0))
             self._put(txn, "last_played", K.u64(0))
@@ -738,12 +747,13 @@ class Receiver:
         decodes and verifies (a direct record with the blocks it put in the volume, read
         through `dev` or this receiver's device), is numbered in order, carries the delta
         set's generation and number, its extents are valid and disjoint, and the totals
-        match its record. Raises CorruptDeltaSet."""
+        match its record. Raises CorruptDeltaSet. Returns the delta set's blocks (PagedBits;
+        None for an initial copy)."""
         n = rec["number"]
         if rec.get("damaged"):
             raise CorruptDeltaSet(f"delta set {n}: its record in meta.lmdb is damaged")
         if not rec["chunks"]:
-            return
+            return PagedBits()
         path = self._file(rec)
         gen = rec.get("generation", self.generation)
         want_ds = 0 if rec.get("copy") else n
@@ -768,13 +778,14 @@ class Receiver:
                 "data_checksum" in rec and data_checksum(sums) != rec["data_checksum"]):
             raise CorruptDeltaSet(f"delta set {n} in {path} is damaged ({len(sums)} of "
                                   f"{rec['chunks']} chunks verify); it was not played")
+        return check.seen
 
     def play(self, rec: dict, dev) -> int:
         """Write delta set `rec` into the volume (through `dev`) and record it as played:
         all of it, after `verify`, or none of it. Runs in a worker thread while readers are
         held back, one chunk in memory at a time."""
         n = rec["number"]
-        self.verify(rec, dev)
+        bits = self.verify(rec, dev)
         with self.env.begin(write=True) as txn:
             self._put(txn, "playing", K.u64(n))
         blocks = 0
@@ -789,12 +800,37 @@ class Receiver:
                 _bound_held(dev)
                 blocks += sp.blocks
         dev.flush()
-        with self.env.begin(write=True) as txn:
-            self._put(txn, "last_played", K.u64(n))
-            txn.delete(K.u64(n), db=self.db_in)
-            txn.delete(b"playing", db=self.db_ctx)
-            self._put(txn, "last_played_ns", K.u64(time.time_ns()))
-            self._put(txn, "last_played_first_change_ns", K.u64(rec.get("first_change_ns", 0)))
+        # a forwarder (repl/forward.py): the delta set becomes ready in its own mailbox in
+        # the same transaction that records it played, pinned at this boundary
+        fwd = forwarding(self.env, self.db_ctx)
+        store = pin = None
+        if fwd and not rec.get("copy") and bits is not None and bits.count():
+            layer = dev.find_layer(SnapLayer)
+            store = layer.store
+            old = next((s for s in list(store.queue) if s.name == f"{PIN_PREFIX}{n}"), None)
+            if old is None:  # (else recorded when this playback first ended)
+                pin = forward_pin(store, n, bits)
+                with layer.lock:  # nothing writes its blocks before the commit below
+                    store.queue.append(pin)
+        try:
+            with self.env.begin(write=True) as txn:
+                self._put(txn, "last_played", K.u64(n))
+                txn.delete(K.u64(n), db=self.db_in)
+                txn.delete(b"playing", db=self.db_ctx)
+                self._put(txn, "last_played_ns", K.u64(time.time_ns()))
+                self._put(txn, "last_played_first_change_ns",
+                          K.u64(rec.get("first_change_ns", 0)))
+                if fwd and rec.get("copy"):  # the mailbox starts at the copy's boundary
+                    self._put(txn, "last_cut", K.u64(n))
+                elif fwd and (pin is not None or not bits.count()):
+                    forward_record(txn, (self.db_ctx, self.db_fwd_sets, self.db_fwd_bits),
+                                   store, pin, rec, bits)
+        except BaseException:
+            if pin is not None:
+                with layer.lock:
+                    store.queue.remove(pin)
+                store.discard_prepared(pin)
+            raise
         self._file(rec).unlink(missing_ok=True)
         self.played_blocks += blocks
         return blocks

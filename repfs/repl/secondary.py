@@ -43,6 +43,8 @@ class Secondary:
                     root_entries=svc.core.dirs.header(root).count,
                     destinations=[d["name"] for d in svc.primary.dests()
                                   if d["state"] != "stopped"] if svc.primary else [])
+        if svc.forwarder is not None:  # its next hops (forward.py): the upstream's route tree
+            info["forward"] = svc.forwarder.info()
         return info
 
     async def attach(self, primary: dict, generation: int, nblocks: int, force: bool) -> dict:
@@ -59,6 +61,8 @@ class Secondary:
                 raise ReceiveError(why)
             if svc.primary is not None:  # (its send tasks end first: writers stay ungated)
                 await svc.primary.stop_senders(*svc.primary.tasks)
+            if svc.forwarder is not None:  # what it forwarded belongs to its old copy
+                await svc.forwarder.reset()
             async with svc.ops.quiesce():
                 await trio.to_thread.run_sync(svc.core.checkpoint)
                 if svc.primary is not None:
@@ -75,6 +79,10 @@ class Secondary:
         if not self.playing and svc.supervisor.state("playback").state not in (
                 "running", "retrying", "recovering"):
             svc.nursery.start_soon(svc.supervisor.run, "playback", self.playback_loop)
+        if svc.forwarder is None:  # (a primary until now: its routes may make it forward)
+            from .forward import Forwarder
+            svc.forwarder = Forwarder(svc)
+            await svc.forwarder.run(svc.nursery)
         log.info("this site is now a secondary of %s (generation %d): its mount is read-only "
                  "and shows its earlier state until the initial copy is played",
                  primary["site"], generation)
@@ -218,6 +226,8 @@ class Secondary:
                 continue
             if self.verify.holds(rec["number"]):  # a verify compares the volume as it is
                 continue
+            if svc.forwarder is not None and svc.forwarder.playback_pause():
+                continue  # its next hops hold up the forwarded delta sets (flow control)
             pol = self.policy()
             waiting = self.receiver.incoming()
             age = (time.time_ns() - rec["received_ns"]) / 1e9
@@ -238,5 +248,8 @@ class Secondary:
                 continue
             self.svc.supervisor.ok("playback")
             self.playback_ms.append((time.monotonic() - t0) * 1000)
+            if svc.forwarder is not None:  # a delta set may be ready for the next hops
+                svc.forwarder.work.set()
+                svc.forwarder.work = trio.Event()
             del self.playback_ms[:-1000]
             self.wake.set()  # maybe more to play

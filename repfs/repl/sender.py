@@ -104,6 +104,14 @@ def retry_delay(backoff: float, failing_for: float) -> float:
     return min(backoff * 2, RETRY_FAST if failing_for < RETRY_SLOW_AFTER else RETRY_SLOW)
 
 
+def subtree(d: dict) -> int:
+    """The lowest delta set destination `d` and every site below it (when it forwards:
+    forward.py) have played, as far as this site last heard from `d`."""
+    fwd = d.get("forward") or {}
+    below = fwd.get("played")
+    return min(d["played"], below) if isinstance(below, int) else d["played"]
+
+
 class Superseded(Exception):
     """A send task's worker thread found its task cancelled (`replicate stop`, `start
     --force`): it stops at the next piece or chunk instead of sending on."""
@@ -153,7 +161,10 @@ class SendTask:
 
 
 class Primary:
-    """Replication at a primary site: owns the cut and copy loops and the send tasks."""
+    """Replication at a primary site: owns the cut and copy loops and the send tasks. (A
+    forwarder's send tasks are this class's too: forward.Forwarder, which never cuts.)"""
+
+    cuts = True  # its delta sets are cut from the change log
 
     def __init__(self, service, clog, sets):
         self.service = service
@@ -174,8 +185,11 @@ class Primary:
         self.sent_bytes = 0
         self.rate_window: list[tuple[float, int]] = []
         self.sup = service.supervisor  # contains, logs, shows and retries task failures
-        self.send_window = service.site.settings().send_window  # site.toml [repl] send_window
-        self.clog.enabled = any(d["state"] != "stopped" for d in self.dests())
+        settings = service.site.settings()
+        self.send_window = settings.send_window  # site.toml [repl] send_window
+        self.bypass_after = settings.bypass_after  # [repl] bypass_after: s before a bypass
+        if self.cuts:
+            self.clog.enabled = any(d["state"] != "stopped" for d in self.dests())
 
     # ------------------------------------------------------------------ state
 
@@ -244,8 +258,8 @@ class Primary:
     async def _cut_loop(self) -> None:
         while True:
             await trio.sleep(0.1)
-            if not self.clog.enabled:
-                continue
+            if not self.clog.enabled or not self.tasks:
+                continue  # (no destination: a new primary's log only logs, recovery/)
             if self.unready is not None:  # its "ready" commit failed: made ready now, also
                 async with self.cut_lock:  # when nothing was written since (no cut follows,
                     await self.ready_unready()  # and the send task waits for it)
@@ -403,6 +417,8 @@ class Primary:
                         continue
                     sent = await trio.to_thread.run_sync(self._send_next, client, name, me)
                     self.sup.ok(task)
+                    if self.bypassed(name):  # the forwarder answers again: it sends on
+                        await self.bypass(name, False)
                     if last_error:
                         log.info("destination %s: reachable again", name)
                         last_error = None
@@ -432,6 +448,10 @@ class Primary:
                             d.setdefault("failing_since_ns", time.time_ns())
                             self.put_dest(d)
                     client.close()
+                    if (now - failing_since >= self.bypass_after and d is not None
+                            and (d.get("forward") or {}).get("hops")
+                            and not self.bypassed(name)):
+                        await self.bypass(name, True)
                     await trio.sleep(backoff)
                     slower = retry_delay(backoff, now - failing_since)
                     if slower > RETRY_FAST >= backoff:
@@ -451,6 +471,50 @@ class Primary:
         finally:
             client.close()
 
+    # ------------------------------------------------------------------ bypass (FIG. 16 text)
+
+    def bypassed(self, name: str) -> list[str]:
+        """The destinations standing in for forwarder `name` while it does not answer."""
+        return [d["name"] for d in self.dests() if d.get("bypass_of") == name]
+
+    async def bypass(self, name: str, on: bool) -> None:
+        """Forwarder `name` stopped acknowledging (for [repl] bypass_after seconds): send
+        straight to its next hops, each from where it last said it was, until it answers
+        again (`on` False: those destinations end; the forwarder goes on from where its
+        next hops are). Delta sets are kept until the forwarder's whole subtree has played
+        them (`prune`), so the next hops are sent what they lack, never a copy."""
+        if not on:
+            names = self.bypassed(name)
+            await self.stop_senders(*names)
+            for b in names:
+                await trio.to_thread.run_sync(self.del_dest, b)
+            log.info("destination %s answers again: it forwards to its next hops itself",
+                     name)
+            return
+        d = self.dest(name)
+        if d is None or d.get("kind") != "rcp":  # (its next hops are reached by RCP)
+            return
+        fwd = d.get("forward") or {}
+        started = []
+        for hop in fwd.get("hops") or []:
+            if hop.get("state") != "replicating" or not isinstance(hop.get("site"), str):
+                continue  # (one still taking its copy from the forwarder waits for it)
+            b = f"{hop['site']} (bypassing {name})"
+            if self.dest(b) is not None or self.dest(hop["site"]) is not None:
+                continue  # (also sent to directly: nothing to stand in for)
+            rec = {"name": b, "kind": "rcp", "site": hop["site"],
+                   "group": hop.get("group") or d.get("group"), "me": d.get("me"),
+                   "state": "replicating", "acked": hop["acked"], "played": hop["played"],
+                   "bypass_of": name, "via": fwd.get("me"), "forward": hop.get("forward"),
+                   "started_ns": time.time_ns()}
+            await trio.to_thread.run_sync(self.put_dest, rec)
+            self.start_sender(self.service.nursery, b)
+            started.append(hop["site"])
+        if started:
+            log.warning("destination %s (a forwarder) has not answered for %d s: sending "
+                        "straight to its next hops %s until it does", name, self.bypass_after,
+                        ", ".join(started))
+
     def _initial_copy(self, client: ReceiverClient, name: str,
                       me: SendTask) -> None:
         """Copy the valid extents of the stamped snapshot (FIG. 11) in block order, resuming
@@ -462,6 +526,7 @@ class Primary:
         snap = self.service.store.find(d["snapshot"])
         gen = self.sets.generation
         info = client.info()
+        self._check_generation(info, d)
         self._check_follows(info, d)
         if (info.get("state") == "replicating" and info.get("generation") == gen
                 and info.get("last_received", 0) >= d["stamp"]):
@@ -527,6 +592,21 @@ class Primary:
         log.info("destination %s: initial copy done (%d blocks); the secondary plays it as "
                  "delta set %d", name, blocks, d["stamp"])
 
+    def _check_generation(self, info: dict, d: dict) -> None:
+        """Invariant 5 (in a worker thread): a destination at a newer generation than this
+        site's was failed over to (or follows a site that was). This primary is stale: it
+        fences itself (read-only, recovery/failover.py) and sends it nothing."""
+        theirs, mine = info.get("generation", 0), self.sets.generation
+        if theirs <= mine:
+            return
+        recovery = getattr(self.service, "recovery", None)
+        if recovery is not None and self.service.primary is self:
+            trio.from_thread.run(recovery.fence, d["site"], theirs,
+                                 "its receiver state says so (this site's send task)")
+        raise PermanentError(f"{d['site']} holds generation {theirs}, newer than this site's "
+                             f"{mine}: this site is a stale primary, fenced read-only (resync "
+                             f"it from the new primary)")
+
     def _check_follows(self, info: dict, d: dict) -> None:
         """The destination still follows this primary: another primary of its group (at the
         same generation: nobody failed over) may have taken it with `start --force` while
@@ -534,7 +614,9 @@ class Primary:
         primaries' blocks in one volume (review of issue 9)."""
         theirs = info.get("primary") or {}
         mine = identity(self.service, d)
-        if (theirs.get("uuid"), theirs.get("site")) != (mine["uuid"], mine["site"]):
+        via = d.get("via") or {}  # a bypass: the next hop follows the forwarder it stands in for
+        if (theirs.get("uuid"), theirs.get("site")) not in (
+                (mine["uuid"], mine["site"]), (via.get("uuid"), via.get("site"))):
             raise PermanentError(f"{d['site']} now follows {theirs.get('site') or 'no primary'}"
                                  f", not this site")
 
@@ -544,11 +626,17 @@ class Primary:
         d = self.dest(name)
         take = me.pace(client, d)  # (None: the RCP client paces its frames itself)
         info = client.info()
+        self._check_generation(info, d)
         if info.get("role") != "secondary" or info.get("state") != "replicating":
             raise PermanentError(f"{d['site']} is no longer a replicating secondary")
         self._check_follows(info, d)
         changed = (d["acked"], d["played"]) != (info["last_received"], info["last_played"])
         d["acked"], d["played"] = info["last_received"], info["last_played"]
+        fwd = info.get("forward")  # it forwards (forward.py): its next hops, their progress
+        fwd = fwd if isinstance(fwd, dict) else None
+        if fwd != d.get("forward"):
+            d["forward"] = fwd
+            changed = True
         if changed:
             self.put_dest(d)
             self.prune()  # played further: chunk files may go
@@ -599,7 +687,8 @@ class Primary:
         Not when they have only received them: a secondary that finds a received delta set
         damaged asks for it again."""
         active = [d for d in self.dests() if d["state"] != "stopped"]
-        played = min((d["played"] for d in active), default=self.sets.last_cut)
+        # (a forwarder's next hops too: they are sent to directly while it is bypassed)
+        played = min((subtree(d) for d in active), default=self.sets.last_cut)
         self.sets.prune(played, self.policy()["retention"])
 
     # ------------------------------------------------------------------ reporting

@@ -89,6 +89,9 @@ class ReplicateVerbs:
                 f"secondary must be exactly the primary's size (repfs mkfs SITE --size "
                 f"{nblocks * 4096})", "conflict")
         if info.get("generation", 0) > p.sets.generation:  # (invariant 5: before the rest)
+            recovery = getattr(svc, "recovery", None)
+            if recovery is not None:  # it learnt of a newer generation: read-only for good
+                await recovery.fence(to, info["generation"], "replicate start found it so")
             raise SnapError(f"{to} knows generation {info['generation']}, newer than this "
                             f"site's {p.sets.generation}: this site is a stale primary and "
                             f"cannot take it, not even with --force", "conflict")
@@ -177,9 +180,12 @@ class ReplicateVerbs:
             raise SnapError(f"this site holds no replication group {group!r} (repfs-admin "
                             f"group add {group} --secret-file FILE, with the file the "
                             f"destination's group was made from)", "invalid")
+        # (`address` and `group`: how the secondary reaches this primary at a failover, to
+        # fence it and ask what it cut: recovery/failover.py)
         return {"kind": "rcp", "site": to, "group": group,
                 "me": {"uuid": svc.core.sb.uuid.hex(),
-                       "site": f"{socket.gethostname()}:{svc.site.path}"}}
+                       "site": f"{socket.gethostname()}:{svc.site.path}",
+                       "address": _my_address(svc), "group": group}}
 
     async def stop(self, to: str | None) -> dict:
         svc = self.svc
@@ -253,7 +259,7 @@ class ReplicateVerbs:
     async def deltaset(self, wait: bool = True) -> dict:
         svc = self.svc
         p = self._need_primary()
-        if not svc.clog.enabled:
+        if not svc.clog.enabled or not p.tasks:  # (a new primary logs with no destination)
             raise SnapError("replication is not running (replicate start --to SITE)", "conflict")
         why = p.sets.flow_control()
         if why:
@@ -279,6 +285,18 @@ def _unprefixed(e: Exception, where: str) -> str:
     """An error's message without the destination it starts with (the caller names it)."""
     msg = str(e)
     return msg[len(where) + 2:] if msg.startswith(f"{where}: ") else msg
+
+
+def _my_address(svc) -> str | None:
+    """HOST:PORT where this site's daemon listens, as a peer on another host reaches it (a
+    wildcard address names this host)."""
+    addr = svc.site.control_address()
+    if addr is None:
+        return None
+    host, port = addr
+    if host in ("", "0.0.0.0", "::"):
+        host = socket.gethostname()
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _my_port(svc) -> int | None:
