@@ -112,6 +112,7 @@ class SiteCollector:
             yield from self._secondary(svc, st)
 
     def _primary(self, svc, st):
+        from .rcp.client import wire_bytes
         p = svc.primary
         yield _gauge("repfs_last_cut_delta_set", "Number of the last delta set cut",
                      st["last_cut_delta_set"])
@@ -144,8 +145,12 @@ class SiteCollector:
         played = GaugeMetricFamily("repfs_destination_played_delta_set", "Last delta set the "
                                    "destination played back", labels=L)
         sent = CounterMetricFamily("repfs_destination_sent_bytes", "Bytes sent to the "
-                                   "destination: delta chunks and initial-copy blocks",
-                                   labels=L)
+                                   "destination as they are before compression: delta "
+                                   "chunks and initial-copy blocks", labels=L)
+        wire = CounterMetricFamily("repfs_destination_wire_bytes", "Bytes written to the "
+                                   "destination's RCP sessions since the daemon started: "
+                                   "frames as sent, bodies after compression (RCP "
+                                   "destinations only)", labels=L)
         rate = GaugeMetricFamily("repfs_destination_send_rate_bytes_per_second", "Delta "
                                  "chunks sent to the destination, over the last 10 s",
                                  labels=L)
@@ -171,6 +176,8 @@ class SiteCollector:
             acked.add_metric([name], row["acked_delta_set"])
             played.add_metric([name], row["played_delta_set"])
             sent.add_metric([name], rec.get("sent_bytes", 0) + rec.get("copied", 0) * BS)
+            if rec.get("kind") == "rcp":
+                wire.add_metric([name], wire_bytes(rec["site"]))
             rate.add_metric([name], p.rate(name))
             task = st["tasks"].get(f"send {name}")
             retries.add_metric([name], task["errors"] if task else 0)
@@ -180,8 +187,8 @@ class SiteCollector:
                 copied.add_metric([name], cp["copied_blocks"] * BS)
                 if cp.get("total_blocks") is not None:
                     total.add_metric([name], cp["total_blocks"] * BS)
-        yield from (state, lag, unacked, acked, played, sent, rate, retries, failing, copied,
-                    total)
+        yield from (state, lag, unacked, acked, played, sent, wire, rate, retries, failing,
+                    copied, total)
 
     def _secondary(self, svc, st):
         yield _gauge("repfs_secondary_state", "1 for the receiver's current state",

@@ -4,6 +4,9 @@ where the behaviour is theirs, through the wire's state machine where it is the 
 * A damaged frame that breaks a session is explained at both ends: the secondary logs why it
   refused, and the primary's send task logs the secondary's reason (its ERROR frame, which
   the secondary drains the primary's window to deliver) with "(retrying)".
+* /metrics counts, per destination, the bytes sent as they are (repfs_destination_sent_bytes)
+  and, apart, the bytes that crossed the wire (repfs_destination_wire_bytes): far fewer for
+  compressible data, at least as many when the session is not compressed.
 * A secondary with site.toml [rcp] accept_compression = false declines zstd in the
   handshake: the primary offers it, the session agrees to nothing, every CHUNK goes raw
   (seen on the wire by a FrameProxy), and replication converges; a bad value is one line.
@@ -17,11 +20,13 @@ import pytest
 
 from repfs.rcp import wire
 from repfs.site import Site, SiteError
+from tests.t2_metrics import metrics, value
 from tests.t2_rcp import GROUP, remote_pair
 from tests.t2_rcp_compress import FrameProxy, text
+from tests.t2_repl import (admin, assert_same_tree, cut, log_tail, start_replication,
+                           wait_converged)
 from tests.t2_settings import set_setting
-from tests.t2_repl import assert_same_tree, cut, log_tail, start_replication, wait_converged
-from tests.t3_rcp_faults import TamperProxy, write_big
+from tests.t3_rcp_faults import TamperProxy, opened, wait_for, write_big
 
 
 def log_of(m) -> str:
@@ -51,25 +56,54 @@ def test_a_damaged_frame_is_explained_at_the_primary_too(mount_site):
         proxy.close()
 
 
-def test_a_secondary_can_decline_compression(mount_site):
+def sent_and_wire(m, name: str) -> tuple[float, float]:
+    """The primary's /metrics for destination `name`: (bytes sent as they are, bytes that
+    crossed the wire)."""
+    got = metrics(m.site)
+    return (value(got, "repfs_destination_sent_bytes_total", destination=name),
+            value(got, "repfs_destination_wire_bytes_total", destination=name))
+
+
+def test_wire_bytes_and_a_secondary_that_declines_compression(mount_site):
     m1, m2 = remote_pair(mount_site)
-    set_setting(m2.site, "rcp", "accept_compression", "false")  # (read at each session)
-    assert Site(m2.site).settings().accept_compression is False
     proxy = FrameProxy(m2.site)
     try:
-        start_replication(m1, m2, "--group", GROUP, to=proxy.address)
+        name = start_replication(m1, m2, "--group", GROUP, to=proxy.address)["name"]
+
+        # compressed (the default): /metrics counts the bytes as they are and, apart, the
+        # far fewer that crossed the wire
+        sent0, wire0 = sent_and_wire(m1, name)
+        assert 0 < wire0  # (the handshake and the initial copy's session)
         mark = proxy.mark()
-        (m1.path / "text").write_bytes(text(2 << 20, "declined"))
+        (m1.path / "text1").write_bytes(text(2 << 20, "compressed"))
         wait_converged(m1, m2, cut(m1))
+        sent1, wire1 = sent_and_wire(m1, name)
+        flagged = [f for f in proxy.frames[mark:] if f[0] == "CHUNK"]
+        assert flagged and all(fl & wire.FLAG_ZSTD for _, fl, _ in flagged), flagged
+        assert sent1 - sent0 >= 2 << 20, (sent0, sent1)
+        assert 0 < wire1 - wire0 < (sent1 - sent0) / 4, (sent0, sent1, wire0, wire1)
+
+        # the secondary declines compression (read at each new session: the policy off,
+        # then on again, makes two new ones; the last offers zstd and agrees to nothing)
+        set_setting(m2.site, "rcp", "accept_compression", "false")
+        assert Site(m2.site).settings().accept_compression is False
+        for compress in ("off", "on"):
+            n = opened(m2.site)
+            admin(m1.path, "replicate", "policy", "--to", name, "--compress", compress)
+            wait_for("a new session", lambda: opened(m2.site) > n)
+        last = [ln for ln in log_of(m2).splitlines()
+                if "repfs.rcp.server: RCP session " in ln and ": site " in ln][-1]
+        assert last.endswith("(protocol version 1)"), last
+        mark = proxy.mark()
+        (m1.path / "text2").write_bytes(text(2 << 20, "declined"))
+        wait_converged(m1, m2, cut(m1))
+        sent2, wire2 = sent_and_wire(m1, name)
         got = [f for f in proxy.frames[mark:] if f[0] == "CHUNK"]
         assert len(got) >= 2 and not any(fl & wire.FLAG_ZSTD for _, fl, _ in got), got
         assert sum(n for *_, n in got) >= 2 << 20
+        assert sent2 - sent1 >= 2 << 20 and wire2 - wire1 >= sent2 - sent1, \
+            (sent1, sent2, wire1, wire2)
         assert_same_tree(m1.path, m2.path)
-        sessions = [ln for ln in log_of(m2).splitlines() if "repfs.rcp.server: RCP session "
-                    in ln and "(protocol version" in ln]
-        assert sessions and all(ln.endswith("(protocol version 1)") for ln in sessions), \
-            sessions
-        assert "zstd" not in log_of(m2)
     finally:
         proxy.close()
     set_setting(m2.site, "rcp", "accept_compression", '"no"')

@@ -17,6 +17,7 @@ import collections
 import json
 import socket
 import ssl
+import threading
 import time
 from pathlib import Path
 
@@ -38,6 +39,25 @@ STATUS_OF = {"rejected": 400, "permanent": 409, "transient": 503}
 # API path -> the op of the CONTROL message that carries it {op, args: the JSON body}
 # (rcp/server.py CONTROL_ROUTES maps it back)
 CONTROL_OP_OF = {"/v1/repl/verify": "verify", "/v1/repl/failover": "failover"}
+
+
+# bytes this process has written to RCP sessions, per destination address (HOST:PORT as
+# dialled): the frames as sent, headers and control messages included, bulk bodies after
+# compression (inside TLS: before TLS's own framing). /metrics shows them beside the
+# uncompressed bytes of the destination's record (repfs_destination_wire_bytes_total).
+_wire_lock = threading.Lock()
+_wire_bytes: dict[str, int] = {}
+
+
+def wire_bytes(address: str) -> int:
+    """What this process has sent to `address` over RCP since it started (`_wire_bytes`)."""
+    with _wire_lock:
+        return _wire_bytes.get(address, 0)
+
+
+def _count_wire(address: str, n: int) -> None:
+    with _wire_lock:
+        _wire_bytes[address] = _wire_bytes.get(address, 0) + n
 
 
 class Refused(Exception):
@@ -67,15 +87,17 @@ class RcpConnection:
 
     def __init__(self, host: str, port: int, *, group: str, secret: bytes, site: str,
                  uuid: str, timeout: float = TIMEOUT, compress: bool = True, pace=None,
-                 tls=None, watch=None):
+                 tls=None, watch=None, count=None):
         """`compress`: offer zstd for the bulk bodies (the peer may refuse it); `pace`:
         called with each COPY or CHUNK frame's size before it is sent (the destination's
         bandwidth limit, which may sleep). `tls`: an ssl.SSLContext (rcp/tls.py
         client_context): the session runs inside TLS, the server's certificate signed by the
         CA and naming `host`. `watch`: called with the socket before it connects
-        (transport.open_socket: the client's abort stops connect and handshakes too)."""
+        (transport.open_socket: the client's abort stops connect and handshakes too).
+        `count`: called with the size of each piece of data written to the connection."""
         self.timeout = timeout
         self.pace = pace
+        self.count = count
         self.where = f"{host}:{port}"
         self.sock = open_socket(host, port, timeout, watch)
         if tls is not None:
@@ -133,6 +155,8 @@ class RcpConnection:
                 self.sock.sendall(data)
         except OSError as e:
             raise _Broken(f"sending {what}: {_describe(e)}") from None
+        if self.count is not None:
+            self.count(sum(map(len, data)) if isinstance(data, tuple) else len(data))
 
     def _fill(self, deadline: float) -> None:
         # (inside TLS the peer may refuse our certificate here: tls_reason says so)
@@ -269,6 +293,9 @@ class RcpReceiverClient(ReceiverClient):
         self.pace = None
         self.conn = None
 
+    def _count(self, n: int) -> None:
+        _count_wire(self.address, n)
+
     def _connect(self) -> RcpConnection:
         try:
             host, port = parse_address(self.address)
@@ -291,7 +318,8 @@ class RcpReceiverClient(ReceiverClient):
             conn = RcpConnection(host, port, group=self.group, secret=secret,
                                  site=self.name, uuid=self.uuid,
                                  timeout=self.timeout, compress=self.compress,
-                                 pace=self.pace, tls=tls, watch=self._watch)
+                                 pace=self.pace, tls=tls, watch=self._watch,
+                                 count=self._count)
         except _Broken as e:
             self._check_aborted()
             raise TransientError(f"{self.address}: {e}") from None
