@@ -4,6 +4,8 @@ where the behaviour is theirs, through the wire's state machine where it is the 
 * A damaged frame that breaks a session is explained at both ends: the secondary logs why it
   refused, and the primary's send task logs the secondary's reason (its ERROR frame, which
   the secondary drains the primary's window to deliver) with "(retrying)".
+* A secondary whose replication was stopped there (`replicate stop` at the secondary) says
+  so in status, text and JSON.
 * /metrics counts, per destination, the bytes sent as they are (repfs_destination_sent_bytes)
   and, apart, the bytes that crossed the wire (repfs_destination_wire_bytes): far fewer for
   compressible data, at least as many when the session is not compressed.
@@ -23,8 +25,8 @@ from repfs.site import Site, SiteError
 from tests.t2_metrics import metrics, value
 from tests.t2_rcp import GROUP, remote_pair
 from tests.t2_rcp_compress import FrameProxy, text
-from tests.t2_repl import (admin, assert_same_tree, cut, log_tail, start_replication,
-                           wait_converged)
+from tests.t2_repl import (admin, admin_json, api, assert_same_tree, cut, log_tail,
+                           start_replication, wait_converged)
 from tests.t2_settings import set_setting
 from tests.t3_rcp_faults import TamperProxy, opened, wait_for, write_big
 
@@ -52,6 +54,19 @@ def test_a_damaged_frame_is_explained_at_the_primary_too(mount_site):
         assert len(lines) == 1, log_tail(m1.site)
         assert "the receiver ended the session: CHUNK frame" in lines[0], lines
         assert "checksum mismatch (damaged on the wire)" in lines[0], lines
+
+        # `replicate stop` at the secondary: its status says it is stopped, not replicating
+        # (and the primary finds it no longer a replicating secondary)
+        m1.expect_log("is no longer a replicating secondary")
+        admin(m2.path, "replicate", "stop")
+        st = admin_json(m2.path, "status")
+        assert (st["role"], st["replication_state"]) == ("secondary", "stopped"), st
+        out = admin(m2.path, "status").stdout
+        line = [ln for ln in out.splitlines() if ln.startswith("replication ")]
+        assert line == [f"replication   stopped (it was replicating from "
+                        f"{st['primary']['site']})"], out
+        wait_for("the primary sees it stopped", lambda: api(m1.site, "GET", "/status")[
+            "destinations"][0]["state"] == "error")
     finally:
         proxy.close()
 

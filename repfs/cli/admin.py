@@ -417,8 +417,10 @@ def _print_status(st: dict) -> None:
                 rows.append(("cut stall", f"p50 {st['cut_stall_ms']['p50']} ms, "
                              f"p99 {st['cut_stall_ms']['p99']} ms"))
         else:
-            rows.append(("replication", f"{st['replication_state']} from "
-                         f"{(st.get('primary') or {}).get('site', '-')}"))
+            source = (st.get("primary") or {}).get("site", "-")
+            rows.append(("replication", f"stopped (it was replicating from {source})"
+                         if st["replication_state"] == "stopped"
+                         else f"{st['replication_state']} from {source}"))
             rows.append(("delta sets", f"received {st['last_received_delta_set']}, played "
                          f"{st['last_played_delta_set']}"))
         rows.append(("lag", f"{st['lag_seconds']:.1f} s"))
