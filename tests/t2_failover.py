@@ -9,9 +9,11 @@ same mount; the old primary, once it hears of the new generation, refuses writes
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -20,10 +22,10 @@ import lmdb
 
 from repfs.rcp.groups import GroupStore
 from tests.t2_repl import (
-    ADMIN, admin, admin_json, api, cut, daemon_alive, log_tail, make_pair,
+    ADMIN, admin, admin_json, api, assert_same_tree, cut, daemon_alive, log_tail, make_pair,
     start_replication, tree, wait_converged,
 )
-from tests.t4_repl_crash import kill9, remount
+from tests.t4_repl_crash import daemon_pid, kill9, remount
 
 SECRET = b"the-group-secret-of-t2-failover-0123456789"
 GROUP = "g1"
@@ -83,6 +85,18 @@ def fill(root: Path, tag: str, n: int = 4, size: int = 300_000) -> None:
     os.setxattr(root / f"{tag}-0", b"user.tag", tag.encode())
 
 
+@contextlib.contextmanager
+def no_dead_mounts(*mounts):
+    """A test that kills daemons leaves no dead mount behind if it fails midway (the
+    fixture's teardown cannot see one: os.path.ismount is False for ENOTCONN)."""
+    try:
+        yield
+    finally:
+        for m in mounts:
+            if not daemon_alive(m.site):
+                subprocess.run(["fusermount3", "-u", "-z", str(m.path)], capture_output=True)
+
+
 def snapshot_names(m) -> list[str]:
     return [s["name"] for s in api(m.site, "GET", "/snapshots")]
 
@@ -97,8 +111,12 @@ def test_failover_after_the_primary_is_killed(mount_site):
     is done; the old primary, mounted again, is fenced once its send task meets the new
     generation. Failover at a primary and at a site that never replicated is refused."""
     p = make_pair(mount_site)
-    m1, m2 = p.m1, p.m2
     fresh = mount_site("64M", name="fresh")
+    with no_dead_mounts(p.m1, p.m2):
+        _failover_after_kill(p.m1, p.m2, fresh)
+
+
+def _failover_after_kill(m1, m2, fresh):
     # bad input: not at a secondary
     for m in (m1, fresh):
         r = failover(m, check=False)
@@ -172,6 +190,12 @@ def test_failover_after_the_primary_is_killed(mount_site):
     # the new primary was not touched by it
     assert (m2.path / "new").exists() and not (m2.path / "late").exists()
     assert api(m2.site, "GET", "/status")["generation"] == 2
+    # the way back until resync exists (docs/recovery.md): a full copy onto the old primary,
+    # which ends its fence; it then follows the new primary at generation 2
+    start_replication(m2, m1, "--force", to=str(m1.site))
+    st = api(m1.site, "GET", "/status")
+    assert (st["role"], st["generation"], st["fenced"]) == ("secondary", 2, None), st
+    assert_same_tree(m2.path, m1.path)
 
 
 def test_failover_now_discards_what_is_not_played_and_reports_the_loss(mount_site):
@@ -250,7 +274,11 @@ def test_kill9_during_failover_then_failover_again(mount_site):
     again (still a secondary, receiving nothing), failover again finishes it: the same
     generation, the restart point at the last delta set received, the data byte-exact."""
     p = make_pair(mount_site)
-    m1, m2 = p.m1, p.m2
+    with no_dead_mounts(p.m1, p.m2):
+        _kill9_during_failover(p.m1, p.m2)
+
+
+def _kill9_during_failover(m1, m2):
     admin(m2.path, "replicate", "policy", "--playback-timeout", "3600")
     for i in range(3):
         fill(m1.path, f"g{i}", n=4, size=2 << 20)
@@ -258,17 +286,24 @@ def test_kill9_during_failover_then_failover_again(mount_site):
     want = tree(m1.path)
     wait_for(lambda: api(m2.site, "GET", "/status")["last_received_delta_set"] == n,
              "the delta sets received", sites=[m1.site, m2.site])
-    kill9(m1.site)  # (its mount is gone: the fence finds nobody)
-    proc = subprocess.Popen(
-        [ADMIN, "--site", str(m2.path), "failover"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # the primary's daemon stopped (SIGSTOP): the failover's request to fence it waits for
+    # an answer (up to its timeout), the failover stays at its first step, and is killed there
+    pid1 = daemon_pid(m1.site)
+    os.kill(pid1, signal.SIGSTOP)
     try:
-        wait_for(lambda: ctx(m2.site, b"failover"), "the failover to begin", sites=[m2.site])
-        kill9(m2.site)
+        proc = subprocess.Popen(
+            [ADMIN, "--site", str(m2.path), "failover"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_for(lambda: ctx(m2.site, b"failover"), "the failover to begin",
+                     sites=[m2.site])
+            kill9(m2.site)
+        finally:
+            proc.communicate(timeout=60)
     finally:
-        proc.communicate(timeout=60)
+        kill9(m1.site, pid1)  # (a stopped process dies of SIGKILL too)
     rec = json.loads(ctx(m2.site, b"failover"))
-    assert rec["step"] in ("begun", "played"), rec  # (killed mid-failover)
+    assert rec["step"] == "begun" and "fence" not in rec, rec  # (killed mid-failover)
     remount(m2)
     st = api(m2.site, "GET", "/status")
     assert st["role"] == "secondary" and st["readonly"], st
@@ -278,6 +313,15 @@ def test_kill9_during_failover_then_failover_again(mount_site):
     assert out["fence"]["state"] == "unreachable", out
     assert tree(m2.path) == want
     write(m2.path / "after", b"new primary")
-    assert api(m2.site, "GET", "/status")["generation"] == 2
-    # the old primary's dead mount goes; it is not brought back here
-    subprocess.run(["fusermount3", "-u", "-z", str(m1.path)], capture_output=True)
+    os.sync()
+    # a restart of the new primary (kill -9): read-write, generation 2, still logging
+    # the changes since the restart point
+    kill9(m2.site)
+    remount(m2)
+    st = api(m2.site, "GET", "/status")
+    assert (st["role"], st["generation"], st["readonly"]) == ("primary", 2, False), st
+    assert st["replicating"] is True and st["current_delta_set_blocks"] > 0, st
+    assert st["restart_point"]["delta_set"] == n, st
+    assert (m2.path / "after").read_bytes() == b"new primary"
+    write(m2.path / "after2", b"still writable")
+    assert "already failed over" in failover(m2).stdout
