@@ -36,6 +36,8 @@ Routes (all under /v1):
 | POST | /repl/copy, /repl/chunk | octet-stream | primary to secondary: an initial-copy record, a delta chunk |
 | POST | /failover | {"sync"?, "now"?, "dry_run"?} | `failover` at a secondary (recovery/failover.py) |
 | POST | /repl/failover | {"step", "generation", "by", "after"?} | secondary to primary at a failover: "report", "fence", "sync" |
+| POST | /resync | {"peer", "group"?, "dry_run"?} | `resync --peer` at a new primary (recovery/resync.py) |
+| POST | /repl/resync | {"step", "generation", "by", "after", "dry_run"?, "bits"?, "primary"?, "nblocks"?} | new primary to old at a resync: "blocklist", "paths" (dry run), "attach" |
 | POST | /verify | {"to", "repair"?, "wait"?} | `verify --to DEST`: compare with a secondary at a delta-set boundary (repl/verify.py) |
 | POST | /repl/verify | {"step", "at", "generation", "ranges"?} | primary to secondary: verify's hold of playback and range hashes |
 | GET | /groups | | the replication groups' names (never their secrets) |
@@ -1060,6 +1062,34 @@ class ControlServer:
                 raise HTTPError(400, f"bad failover step {_short(step)}")
             return await svc.recovery.request(step, _uint(args.get("generation"), "generation"),
                                               by, _uint(args.get("after", 0), "after"))
+        if parts == ["resync"] and method == "POST":  # (recovery/resync.py)
+            peer = args.get("peer")
+            if not isinstance(peer, str) or not 0 < len(peer) <= MAX_PATH or not peer.isprintable():
+                raise HTTPError(400, f"bad peer {_short(peer)} (want a site directory or "
+                                     "HOST:PORT)")
+            group = args.get("group")
+            if group is not None:
+                group = _lookup_name(group, "group name")
+            return await svc.resync.run(peer, group, _bool(args.get("dry_run"), "dry_run", False))
+        if parts == ["repl", "resync"] and method == "POST":  # a new primary resyncing this one
+            by = args.get("by")
+            if not isinstance(by, str) or not 0 < len(by) <= MAX_PATH or not by.isprintable():
+                raise HTTPError(400, f"bad site name (by) {_short(by)}")
+            step = args.get("step")
+            if step not in ("blocklist", "paths", "attach"):
+                raise HTTPError(400, f"bad resync step {_short(step)}")
+            req = {"step": step, "by": by,
+                   "generation": _uint(args.get("generation"), "generation"),
+                   "after": _uint(args.get("after", 0), "after"),
+                   "dry_run": _bool(args.get("dry_run"), "dry_run", False)}
+            if step == "paths":
+                if not isinstance(args.get("bits"), str):
+                    raise HTTPError(400, "want {\"bits\": a block list}")
+                req["bits"] = args["bits"]
+            if step == "attach":
+                req["primary"] = _scalar_map(args.get("primary"), "primary", 16, MAX_PATH)
+                req["nblocks"] = _uint(args.get("nblocks"), "volume size in blocks (nblocks)")
+            return await svc.resync.request(req)
         if parts == ["verify"] and method == "POST":
             to = args.get("to")
             if not isinstance(to, str) or not 0 < len(to) <= MAX_PATH or not to.isprintable():

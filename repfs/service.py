@@ -14,6 +14,7 @@ in the daemon's trio run, and every snapshot operation happens at a consistency 
 | `forwarder` | `repfs/repl/forward.py` | at a secondary: the send tasks to its next hops (routes) |
 | `verifier` | `repfs/repl/verify.py` | verify --to DEST (and, at a secondary, `secondary.verify`) |
 | `recovery` | `repfs/recovery/failover.py` | failover at a secondary; the generation fence |
+| `resync` | `repfs/recovery/resync.py` | resync --peer at a new primary; its steps at the old one |
 
 Kernel-cache invalidation after a change underneath the file system (restore, playback) is
 `repfs/fs/invalidate.py`."""
@@ -29,6 +30,7 @@ from .fs.core import FileSystem
 from .fs.ops import Operations
 from .mountopts import Remounter
 from .recovery.failover import Recovery
+from .recovery.resync import Resync
 from .site import Site
 from .snap.layer import SnapLayer
 from .snap.mounts import SnapshotMounts
@@ -77,6 +79,7 @@ class SiteService:
         self.remounter = Remounter(self)
         self.replicate = ReplicateVerbs(self)
         self.verifier = PrimaryVerify(self)
+        self.resync = Resync(self)  # (resync --peer at a new primary; its steps at an old one)
         self.recovery = Recovery(self)  # (last: a fenced site turns read-only here)
 
     async def run(self, nursery) -> None:

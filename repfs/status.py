@@ -77,6 +77,8 @@ def _dest_rows(svc, p) -> list[dict]:
                                      "last_error")}
         if d.get("bypass_of"):  # standing in for a forwarder that does not answer
             row["bypass_of"] = d["bypass_of"]
+        if d.get("resync"):  # an old primary brought up to date (recovery/resync.py)
+            row["resync"] = {**d["resync"], "copied_blocks": d.get("copied", 0)}
         if d.get("forward") is not None:
             row["hops"] = _hops(p, d["forward"])
         if d.get("failing_since_ns"):  # (unreachable since then; retried more slowly)

@@ -183,6 +183,16 @@ def _parser() -> argparse.ArgumentParser:
                          "discarded, and reported)")
     fo.add_argument("--dry-run", action="store_true",
                     help="say what would happen; change nothing")
+    rs = sub.add_parser("resync", help="at a new primary (after failover): bring the old "
+                                       "primary up to date, shipping only the blocks that "
+                                       "differ (docs/recovery.md)")
+    rs.add_argument("--peer", required=True, metavar="OLDPRIMARY",
+                    help="the old primary: its site directory, or HOST:PORT")
+    rs.add_argument("--group", help="the replication group to reach it in (default: the "
+                                    "one it replicated to this site in)")
+    rs.add_argument("--dry-run", action="store_true",
+                    help="say which blocks and files would be discarded on the old primary "
+                         "and what would cross the wire; change nothing")
     tl = sub.add_parser("tls", help="certificates for TLS (no --site needed)")
     ts = tl.add_subparsers(dest="action", required=True, parser_class=_Parser)
     ti = ts.add_parser("init", help="make a CA in DIR (if it has none) and a certificate "
@@ -489,6 +499,8 @@ def _route_rows(dests: list, depth: int = 0) -> list[list]:
         if d.get("copy_progress"):
             cp = d["copy_progress"]
             state += f" {100.0 * cp['position'] / max(1, cp['volume_blocks']):.0f}%"
+        if d.get("resync") and d["state"] in ("initial-copy", "resync-attach"):
+            state = state.replace("initial-copy", "resyncing")
         if d.get("bypass_of"):
             state += f" (bypassing {d['bypass_of']})"
         if d.get("error"):
@@ -582,6 +594,8 @@ def _main(argv) -> int:
         out = _verify(t, a)
     elif a.verb == "failover":
         out = _failover(t, a)
+    elif a.verb == "resync":
+        out = _resync(t, a)
     if a.json:
         print(json.dumps(out, indent=2))
     if a.verb == "verify" and not out["in_sync"]:
@@ -624,6 +638,43 @@ def _failover(t: Target, a) -> dict:
         print(f"damaged, not played: delta set {out['damaged']['delta_set']} "
               f"({out['damaged']['why']})")
     print(_lost_line(out.get("lost")))
+    return out
+
+
+def _resync(t: Target, a) -> dict:
+    """`resync --peer OLDPRIMARY [--group G] [--dry-run]` at a new primary
+    (repfs/recovery/resync.py)."""
+    out = call(t, "POST", "/resync", {"peer": a.peer, "group": a.group,
+                                      "dry_run": a.dry_run})
+    if a.json:
+        return out
+    if out.get("warning"):
+        print(out["warning"], file=sys.stderr)
+    if out.get("dry_run"):
+        print(f"resync of {out['peer']} (dry run: nothing changed) would:")
+        if out.get("full_copy"):
+            print(f"  copy every block in use: at most {_human(out['bytes_at_most'])}")
+        else:
+            print(f"  since delta set {out['restart_delta_set']} (the restart point): "
+                  f"{out['old_primary_changed_blocks']} blocks changed on the old primary "
+                  f"(discarded there), {out['new_primary_changed_blocks']} here")
+            print(f"  send at most {out['blocks']} blocks "
+                  f"({_human(out['bytes_at_most'])})")
+            paths = out.get("discarded_paths") or []
+            print(f"  discard on the old primary (kept in snapshot divergence-GEN there): "
+                  f"{len(paths)} files and directories" + (":" if paths else ""))
+            for path in paths:
+                print(f"    {path}")
+        return out
+    if out.get("already"):
+        print(f"{out['destination']}: resync already under way or done ({out['state']})")
+    elif out.get("full_copy"):
+        print(f"{out['destination']}: full copy started (delta set {out['stamp']})")
+    else:
+        print(f"{out['destination']}: resync started: {out['blocks']} blocks differ since "
+              f"delta set {out['restart_delta_set']}; the old primary is a secondary of this "
+              f"site and takes them as delta set {out['stamp']} (repfs-admin status: "
+              f"resyncing N%)")
     return out
 
 

@@ -251,8 +251,8 @@ class Primary:
 
     async def run(self, nursery) -> None:
         nursery.start_soon(self.sup.run, "cut", self._cut_loop)
-        for d in self.dests():
-            if d["state"] != "stopped":
+        for d in self.dests():  # (a resync waiting to attach its peer: resync goes on)
+            if d["state"] not in ("stopped", "resync-attach"):
                 self.start_sender(nursery, d["name"])
 
     async def _cut_loop(self) -> None:
@@ -539,10 +539,21 @@ class Primary:
         nblocks = layer.nblocks
         pos = info["copy"]["next_block"]
         d["copy_pos"] = pos
+        # a resync sends only the blocks that differ (recovery/resync.py): page -> bools
+        only = self.service.resync.mask(name) if d.get("resync") else None
+
+        def valid(page: int):
+            """The blocks of `page` the copy sends: valid in the snapshot (its file
+            system's bitmap), and, for a resync, in its block list."""
+            arr = layer.meta_page(snap, page)[:nblocks - page * K.PAGE_BITS]
+            if only is not None:
+                mask = only.get(page)
+                return np.zeros(0, dtype=bool) if mask is None else arr & mask[:len(arr)]
+            return arr
+
         if "copy_total" not in d:  # the blocks it sends in all (status, the progress line)
-            d["copy_total"] = sum(int(np.count_nonzero(
-                layer.meta_page(snap, p)[:nblocks - p * K.PAGE_BITS]))
-                for p in range(-(-nblocks // K.PAGE_BITS)))
+            d["copy_total"] = sum(int(np.count_nonzero(valid(p)))
+                                  for p in range(-(-nblocks // K.PAGE_BITS)))
             self.put_dest(d)
         counted = [0]  # valid blocks of the snapshot, all of which the receiver must hold
 
@@ -552,12 +563,10 @@ class Primary:
             last_save = time.monotonic()
             page = pos // K.PAGE_BITS
             for p in range(page):  # below the resume position: counted, not sent
-                counted[0] += int(np.count_nonzero(
-                    layer.meta_page(snap, p)[:nblocks - p * K.PAGE_BITS]))
+                counted[0] += int(np.count_nonzero(valid(p)))
             while page * K.PAGE_BITS < nblocks:
                 base = page * K.PAGE_BITS
-                idx = np.flatnonzero(layer.meta_page(snap, page))
-                idx = idx[idx + base < nblocks]
+                idx = np.flatnonzero(valid(page))
                 counted[0] += len(idx)
                 idx = idx[idx + base >= pos]
                 for _, first, c in runs(idx):
@@ -589,6 +598,8 @@ class Primary:
         d.update(state="replicating", acked=d["stamp"], played=d["stamp"] - 1,
                  copy_done_ns=time.time_ns())
         self.put_dest(d)
+        if d.get("resync"):  # (its block list has served)
+            self.service.resync.forget(name)
         log.info("destination %s: initial copy done (%d blocks); the secondary plays it as "
                  "delta set %d", name, blocks, d["stamp"])
 
@@ -627,6 +638,8 @@ class Primary:
         take = me.pace(client, d)  # (None: the RCP client paces its frames itself)
         info = client.info()
         self._check_generation(info, d)
+        if info.get("state") == "failover":  # (its generation is raised when it is done)
+            raise TransientError(f"{d['site']} is failing over")
         if info.get("role") != "secondary" or info.get("state") != "replicating":
             raise PermanentError(f"{d['site']} is no longer a replicating secondary")
         self._check_follows(info, d)

@@ -133,9 +133,11 @@ class ReplicateVerbs:
                     p.put_dest(d)
                 raise
 
-    async def _start_copy(self, p: Primary, name: str, base: dict) -> dict:
+    async def _start_copy(self, p: Primary, name: str, base: dict, *,
+                          extra: dict | None = None, start: bool = True) -> dict:
         """Begin the initial copy to an attached destination: its snapshot at a consistency
-        point, its record, its send task."""
+        point, its record (with `extra`: a resync's, recovery/resync.py), its send task
+        (unless not `start`)."""
         svc = self.svc
         snap_name = f"repl-init-{name}"
         if any(s.name == snap_name for s in svc.store.queue):
@@ -156,8 +158,10 @@ class ReplicateVerbs:
                 stamp = await trio.to_thread.run_sync(start_at_consistency_point)
         d = {"name": name, **base, "state": "initial-copy", "snapshot": snap_name,
              "stamp": stamp, "acked": stamp, "played": stamp,
-             "copy_pos": 0, "copied": 0, "started_ns": time.time_ns()}
+             "copy_pos": 0, "copied": 0, "started_ns": time.time_ns(), **(extra or {})}
         p.put_dest(d)
+        if not start:
+            return {"destination": name, "stamp": stamp}
         p.start_sender(svc.nursery, name)
         log.info("replication to %s (%s) started: initial copy of snapshot %s (delta set %d)",
                  name, base["site"], snap_name, stamp)

@@ -1,0 +1,477 @@
+"""Resync without a full copy (FIG. 28-29): after a failover, bring the old primary up to
+date from the new one by shipping only the blocks that differ.
+
+`repfs-admin --site NEWPRIMARY resync --peer OLDPRIMARY [--group G] [--dry-run]`, run at the
+new primary (a site that failed over: it has a restart point R, the delta set it had played
+when it took over, and its change log has run since).
+
+Which blocks differ. At boundary R both sites held the same volume (the new primary played
+exactly the old one's delta sets up to R). Since then the old primary changed the blocks of
+its delta sets after R (their block lists are kept for the retention period) and of its
+change log (what it had not cut yet: the writes failover lost); the new primary changed the
+blocks of its own delta sets after R (cut by its change log since the failover). A block in
+neither set is at R on both sites. So the new primary sends, for every block in the union,
+its own content at an intermediate point I — which for a block only the old primary changed
+is R's content (the reference's before-image from the restart-point snapshot), and for the
+others the new content — and the old primary is then exactly at I. One pass instead of the
+reference's two (before-images, then the R→I delta set): the same blocks cross the wire once.
+
+The steps, each recorded so that running resync again (or the send task, by itself) goes on
+after a kill -9 or a power cut of either side:
+
+| step | where | what | recorded |
+|---|---|---|---|
+| blocklist | old | fence itself (the newer generation asks), list the blocks changed after R | its fence |
+| intermediate point | new | a cut and snapshot `repl-init-PEER` at one consistency point (delta set I) | the destination, state `resync-attach` |
+| union | new | the old primary's list ∪ its own delta sets' block lists (R, I] | LMDB `resyncbits` |
+| attach | old | snapshot `divergence-GEN` (its state as it was: the writes failover lost stay readable), then become a secondary of the new primary expecting a copy | its role, the snapshot |
+| copy | new→old | the union's blocks valid at I, from the snapshot, in block order (resumable) | the destination `initial-copy`, the receiver's copy position |
+| play | old | the staged blocks are played as delta set I, then delta sets after I follow | as any copy |
+
+When the old primary cannot tell what it changed — its block lists are past retention, its
+change log was off, it is not of this lineage (another volume uuid), or it cut fewer delta
+sets than R — a full copy of the valid blocks is made instead, with a warning logged and
+printed (FIG. 28 steps 536-537): `replicate start --force`, resumable, with its progress.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import struct
+
+import numpy as np
+import trio
+import xxhash
+import zstandard
+
+from ..errors import DomainError
+from ..pagedbits import PAGE_BITS, PAGE_BYTES, PagedBits
+from ..repl import keys as K
+from ..repl.sender import make_client
+from ..repl.transport import PermanentError, RejectedError, TransientError
+from ..repl.verify import owners
+
+log = logging.getLogger(__name__)
+
+RESYNC_BITS = b"resyncbits"  # LMDB: destination name + NUL + page (u32) -> packed page
+DIVERGENCE_PREFIX = "divergence-"
+MAX_PATHS = 1000  # files a dry run names
+
+
+class ResyncError(DomainError):
+    default_kind = "conflict"
+
+
+# ---------------------------------------------------------------------- block lists on the wire
+
+def pack_bits(bits: PagedBits) -> str:
+    """A paged bit map as text for a JSON answer: (page u32, packed page) records,
+    zstd-compressed, base64."""
+    raw = b"".join(struct.pack(">I", p) + bits.pages[p].tobytes() for p in sorted(bits.pages))
+    return base64.b64encode(zstandard.ZstdCompressor().compress(raw)).decode()
+
+
+def unpack_bits(text, nblocks: int) -> PagedBits:
+    """`pack_bits` read back, checked against a volume of `nblocks` blocks (ValueError)."""
+    if not isinstance(text, str):
+        raise ValueError("a block list must be text")
+    npages = -(-nblocks // PAGE_BITS)
+    rec = 4 + PAGE_BYTES
+    try:
+        raw = zstandard.ZstdDecompressor().decompress(base64.b64decode(text, validate=True),
+                                                      max_output_size=npages * rec)
+    except (ValueError, zstandard.ZstdError) as e:
+        raise ValueError(f"a block list that does not decode ({e})") from None
+    if len(raw) % rec:
+        raise ValueError("a block list of torn pages")
+    bits = PagedBits()
+    for off in range(0, len(raw), rec):
+        (page,) = struct.unpack_from(">I", raw, off)
+        if page >= npages or page in bits.pages:
+            raise ValueError(f"a block list with page {page} out of place")
+        arr = np.frombuffer(raw, dtype=np.uint8, count=PAGE_BYTES, offset=off + 4).copy()
+        if page == npages - 1 and nblocks % PAGE_BITS:  # no block beyond the volume
+            tail = np.unpackbits(arr, bitorder="little")[nblocks % PAGE_BITS:]
+            if tail.any():
+                raise ValueError("a block list reaching beyond the volume")
+        if arr.any():
+            bits.pages[page] = arr
+    return bits
+
+
+GRANULE = 16  # blocks per hash of the old primary's changed blocks (64 KiB)
+MAX_GRANULES = 1 << 20  # hashes in one answer at most (16 MiB): larger granules beyond
+
+
+def granule_size(nbits: int) -> int:
+    """Blocks per granule for a block list of `nbits` blocks: GRANULE, larger for a list
+    so long that its hashes would exceed MAX_GRANULES."""
+    return max(GRANULE, -(-nbits // MAX_GRANULES))
+
+
+def granules(bits: PagedBits, g: int):
+    """The granules of a block list: runs of consecutive listed blocks, cut every `g`
+    blocks, in block order: yields (start, count). Both sites cut the same list the same
+    way."""
+    for page in sorted(bits.pages):
+        blocks = bits.page_blocks(page)
+        if not len(blocks):
+            continue
+        breaks = np.flatnonzero(np.diff(blocks) != 1) + 1
+        for run in np.split(blocks, breaks):
+            s, c = int(run[0]), len(run)
+            while c:
+                m = min(c, g)
+                yield s, m
+                s += m
+                c -= m
+
+
+def granule_hashes(bits: PagedBits, read, g: int) -> bytes:
+    """xxh3-128 of each granule's blocks as `read(start, count)` returns them, joined."""
+    out = bytearray()
+    for s, c in granules(bits, g):
+        out += xxhash.xxh3_128_digest(read(s, c))
+    return bytes(out)
+
+
+def _hashes(doc: dict, bits: PagedBits) -> tuple[int, bytes]:
+    """The granule size and hashes of a blocklist answer, checked against its block list
+    (ValueError)."""
+    g = doc.get("granule")
+    if isinstance(g, bool) or not isinstance(g, int) or g < 1:
+        raise ValueError(f"a bad granule {g!r}")
+    try:
+        digests = base64.b64decode(doc.get("hashes") or "", validate=True)
+    except ValueError:
+        raise ValueError("hashes that do not decode") from None
+    if len(digests) != 16 * sum(1 for _ in granules(bits, g)):
+        raise ValueError("hashes that do not match its block list")
+    return g, digests
+
+
+class Resync:
+    """Resync at the new primary (`run`) and its steps at the old one (`request`);
+    `SiteService.resync`."""
+
+    def __init__(self, svc):
+        self.svc = svc
+        self.env = svc.store.env
+        self.db_bits = self.env.open_db(RESYNC_BITS)  # (never inside a transaction)
+        self.lock = trio.Lock()
+
+    # ------------------------------------------------------------------ at the old primary
+
+    async def request(self, args: dict) -> dict:
+        """POST /v1/repl/resync from a new primary: "blocklist" (fence, then the blocks
+        changed after delta set `after`, with their content's hashes), "paths" (a dry run:
+        the files that own the given blocks here), "attach" (keep the divergent state in a
+        snapshot, then become its secondary, expecting the copy)."""
+        svc = self.svc
+        step, gen, by = args["step"], args["generation"], args["by"]
+        own = svc.receiver.generation
+        if step == "blocklist":
+            if svc.primary is None:
+                raise ResyncError(f"this site is a {svc.receiver.role}, not a primary: it "
+                                  f"has no history of its own to resync from")
+            if gen <= own:
+                raise ResyncError(f"a resync from generation {gen} cannot take this site, "
+                                  f"which is at generation {own} (a stale request)")
+            if not args.get("dry_run"):  # (a dry run changes nothing here either)
+                await svc.recovery.fence(by, gen, "a resync from it began")
+            bits, why = await trio.to_thread.run_sync(self._changed_since, args["after"])
+            out = {"history": bits is not None, "why": why, "generation": own,
+                   "last_cut": svc.sets.last_cut}
+            if bits is not None:
+                n = bits.count()
+                g = granule_size(n)
+                # its content, so that blocks it only marked (the change log over-marks
+                # after a crash: whole intent regions) and that still hold what the new
+                # primary has are not sent
+                hashes = await trio.to_thread.run_sync(granule_hashes, bits,
+                                                       svc.layer.read, g)
+                out.update(bits=pack_bits(bits), blocks=n, granule=g,
+                           hashes=base64.b64encode(hashes).decode())
+            return out
+        if step == "paths":  # (a dry run: what the resync would discard here)
+            try:
+                bits = unpack_bits(args.get("bits"), svc.layer.nblocks)
+            except ValueError as e:
+                raise ResyncError(f"bad block list: {e}", "invalid") from None
+            return {"paths": await trio.to_thread.run_sync(self._paths, bits)}
+        if step == "attach":
+            return await self._attach(args["primary"], gen, args["nblocks"], by)
+        raise ResyncError(f"bad resync step {step!r}", "invalid")
+
+    def _changed_since(self, after: int) -> tuple[PagedBits | None, str | None]:
+        """The blocks this (old) primary changed after boundary `after`: its delta sets'
+        block lists after it, and its change log; (None, why) when that cannot be told."""
+        svc = self.svc
+        sets, clog = svc.sets, svc.clog
+        last = sets.last_cut
+        if after > last:
+            return None, (f"this site cut delta sets up to {last} only, and the new primary "
+                          f"played up to {after}: they are not of one lineage")
+        bits = PagedBits()
+        for n in range(after + 1, last + 1):
+            rec = sets.record(n)
+            if rec is None:
+                return None, (f"the block list of delta set {n} is gone (kept for the "
+                              f"retention period only)")
+            bits.merge(sets.block_list(n))
+        if not clog.enabled:
+            return None, (f"its change log was off (no destination): what it wrote after "
+                          f"delta set {last} is not known")
+        with clog.lock:
+            bits.merge(clog.new)
+        return bits, None
+
+    def _paths(self, bits: PagedBits) -> list[str]:
+        """The files and directories that own `bits` here (what a resync discards)."""
+        blocks = np.concatenate([bits.page_blocks(p) for p in sorted(bits.pages)]
+                                or [np.zeros(0, dtype=np.int64)])
+        own = owners(self.svc.core, blocks)
+        paths = sorted({p for who in own.values() for p in who})
+        return paths[:MAX_PATHS]
+
+    async def _attach(self, primary: dict, gen: int, nblocks: int, by: str) -> dict:
+        svc = self.svc
+        r = svc.receiver
+        if not isinstance(primary, dict) or primary.get("uuid") != svc.core.sb.uuid.hex():
+            raise ResyncError("the new primary's volume is not this site's lineage (another "
+                              "volume uuid): only a full copy can resync it")
+        if gen <= r.generation:
+            raise ResyncError(f"a resync from generation {gen} cannot take this site, which "
+                              f"is at generation {r.generation} (a stale request)")
+        if r.role == "secondary":
+            theirs = r.primary() or {}
+            if (theirs.get("uuid"), theirs.get("site")) != (primary["uuid"], primary["site"]):
+                raise ResyncError(f"this site is a secondary of {theirs.get('site')}, not an "
+                                  f"old primary of {primary['site']}")
+        else:
+            name = f"{DIVERGENCE_PREFIX}{gen}"
+            if not any(s.name == name for s in svc.store.queue):
+                async with svc.ops.quiesce():
+                    await trio.to_thread.run_sync(svc.store.create, name, {
+                        "purpose": "divergence", "generation": r.generation, "by": by})
+                log.warning("resync from %s: this site's state is kept in snapshot %s (the "
+                            "writes the failover lost can be read and copied from it); the "
+                            "site becomes a secondary of %s", by, name, primary["site"])
+        return await svc.secondary.attach(primary, gen, nblocks, True)
+
+    # ------------------------------------------------------------------ at the new primary
+
+    async def run(self, peer: str, group: str | None = None, dry_run: bool = False) -> dict:
+        async with self.lock:
+            return await self._run(peer, group, dry_run)
+
+    async def _run(self, peer: str, group: str | None, dry_run: bool) -> dict:
+        svc = self.svc
+        p = svc.primary
+        rp = svc.recovery.restart_point
+        if p is None:
+            raise ResyncError("run resync at the new primary (this site is a secondary)")
+        if rp is None:
+            raise ResyncError("this site never failed over (it has no restart point): resync "
+                              "brings an old primary up to date after a failover; to make a "
+                              "new secondary use replicate start")
+        after, gen = int(rp["delta_set"]), p.sets.generation
+        if peer.startswith("/"):
+            target = await trio.to_thread.run_sync(svc.peer, peer)
+            base, name = {"kind": "local", "site": str(target.path)}, target.path.name
+        else:
+            if group is None:  # the group it followed the old primary in
+                group = ((svc.recovery.last_failover() or {}).get("primary") or {}).get("group")
+            base, name = await svc.replicate._remote(peer, group), peer
+        d = p.dest(name)
+        if d is not None and d.get("resync") and d["state"] in ("initial-copy", "replicating"):
+            return self._answer(name, d, already=True)
+        me = {"uuid": svc.core.sb.uuid.hex(), "site": base.get("me", {}).get("site")
+              or str(svc.site.path)}
+        nblocks = svc.layer.nblocks
+        client = make_client(svc, base)
+        try:
+            info = await self._call(client.info, peer)
+            if info.get("volume_blocks") != nblocks:
+                raise ResyncError(f"{peer} has a volume of {info.get('volume_blocks')} blocks, "
+                                  f"this site {nblocks}: it is not an old copy of this site")
+            if info.get("generation", 0) >= gen:
+                raise ResyncError(f"{peer} is at generation {info.get('generation')}, not older "
+                                  f"than this site's {gen}: nothing to resync")
+            resume = d is not None and d.get("state") == "resync-attach" and d.get("resync")
+            stored = resume and await trio.to_thread.run_sync(self._has_bits, name)
+            why = None
+            doc = {}
+            if not stored:
+                if info.get("uuid") != svc.core.sb.uuid.hex():
+                    why = f"{peer} holds another volume (uuid {info.get('uuid')})"
+                else:
+                    doc = await self._call(lambda: client.request("POST", "/repl/resync", {
+                        "step": "blocklist", "after": after, "generation": gen,
+                        "by": me["site"], "dry_run": dry_run}), peer)
+                    if not doc.get("history"):
+                        why = f"{peer} cannot tell what it changed: {doc.get('why')}"
+            if why is None and not stored:
+                try:
+                    theirs = await trio.to_thread.run_sync(unpack_bits, doc.get("bits"),
+                                                           nblocks)
+                    hashes = _hashes(doc, theirs)
+                except ValueError as e:
+                    raise ResyncError(f"{peer} sent {e}") from None
+                ours, why_ours = await trio.to_thread.run_sync(self._own_since, after,
+                                                               svc.sets.last_cut)
+                if ours is None:
+                    why = why_ours
+            if why is not None:
+                return await self._full_copy(peer, name, group, why, dry_run, base)
+            if dry_run:
+                ours.merge(svc.clog.new)
+                differ = await trio.to_thread.run_sync(
+                    self._union, theirs, hashes, PagedBits(), svc.layer.read)
+                both = PagedBits()
+                both.merge(differ)
+                both.merge(ours)
+                n = both.count()
+                doc["paths"] = (await self._call(lambda: client.request(
+                    "POST", "/repl/resync", {"step": "paths", "bits": pack_bits(differ),
+                                             "generation": gen, "by": me["site"]}),
+                    peer))["paths"] if differ else []
+                return {"dry_run": True, "peer": peer, "full_copy": False,
+                        "restart_delta_set": after, "generation": gen,
+                        "old_primary_changed_blocks": differ.count(),
+                        "old_primary_marked_blocks": theirs.count(),
+                        "new_primary_changed_blocks": ours.count(),
+                        "blocks": n, "bytes_at_most": n * 4096,
+                        "discarded_paths": doc.get("paths") or []}
+            async with p.dest_lock(name):
+                await p.stop_senders(name)
+                if not resume:  # the intermediate point: a cut and its snapshot
+                    await svc.replicate._start_copy(
+                        p, name, base, extra={"state": "resync-attach",
+                                              "resync": {"after": after}}, start=False)
+                d = p.dest(name)
+                if not stored:
+                    await trio.to_thread.run_sync(self._store_union, name, theirs, hashes,
+                                                  after, d)
+                total = await trio.to_thread.run_sync(self._bits_count, name)
+                log.info("resync of %s: %d blocks differ since delta set %d (restart point); "
+                         "the intermediate point is delta set %d", peer, total, after,
+                         d["stamp"])
+                await self._call(lambda: client.request("POST", "/repl/resync", {
+                    "step": "attach", "primary": me, "generation": gen, "nblocks": nblocks,
+                    "by": me["site"], "after": after}), peer)
+                d = p.dest(name)
+                d.update(state="initial-copy", resync={"after": after, "blocks": total})
+                p.put_dest(d)
+                p.start_sender(svc.nursery, name)
+            return self._answer(name, d)
+        finally:
+            client.close()
+
+    async def _call(self, fn, peer: str):
+        try:
+            return await trio.to_thread.run_sync(fn)
+        except TransientError as e:
+            raise ResyncError(f"cannot reach {peer}: {e}") from None
+        except (PermanentError, RejectedError) as e:
+            raise ResyncError(f"{peer} refused: {e}") from None
+
+    async def _full_copy(self, peer, name, group, why: str, dry_run: bool, base) -> dict:
+        svc = self.svc
+        warning = (f"WARNING: {why}; the resync of {peer} is a FULL COPY of every block in "
+                   f"use (its content is replaced)")
+        if dry_run:
+            st = svc.core.statfs()
+            return {"dry_run": True, "peer": peer, "full_copy": True, "warning": warning,
+                    "bytes_at_most": (st["f_blocks"] - st["f_bfree"]) * 4096}
+        log.warning("%s", warning)
+        local = base["kind"] == "local"
+        out = await svc.replicate.start(base["site"] if local else peer, force=True, name=name,
+                                        group=None if local else group)
+        return {**out, "peer": peer, "full_copy": True, "warning": warning}
+
+    def _own_since(self, after: int, last: int) -> tuple[PagedBits | None, str | None]:
+        """This site's changes after `after` up to delta set `last` (its block lists)."""
+        sets = self.svc.sets
+        bits = PagedBits()
+        for n in range(after + 1, last + 1):
+            if sets.record(n) is None:
+                return None, (f"this site's block list of delta set {n} is gone (kept for "
+                              f"the retention period only)")
+            bits.merge(sets.block_list(n))
+        return bits, None
+
+    def _key(self, name: str, page: int) -> bytes:
+        return name.encode() + b"\0" + K.u32(page)
+
+    def _union(self, theirs: PagedBits, hashes: tuple[int, bytes], ours: PagedBits,
+               read) -> PagedBits:
+        """The blocks to send: the old primary's changed blocks whose granule does not
+        already hold what `read` (the new primary at the intermediate point) returns, and
+        every block this site changed."""
+        g, digests = hashes
+        out = PagedBits()
+        for i, (s, c) in enumerate(granules(theirs, g)):
+            if xxhash.xxh3_128_digest(read(s, c)) != digests[16 * i: 16 * i + 16]:
+                out.set_range(s, c)
+        out.merge(ours)
+        return out
+
+    def _store_union(self, name: str, theirs: PagedBits, hashes, after: int,
+                     d: dict) -> None:
+        ours, why = self._own_since(after, d["stamp"])
+        if ours is None:
+            raise ResyncError(why)
+        svc = self.svc
+        snap = svc.store.find(d["snapshot"])  # the intermediate point
+        both = self._union(theirs, hashes, ours,
+                           lambda s, c: svc.layer.read_snapshot(snap, s, c))
+        with self.env.begin(write=True, db=self.db_bits) as txn:
+            self._drop(txn, name)
+            for page, arr in both.pages.items():
+                txn.put(self._key(name, page), arr.tobytes())
+            txn.put(name.encode() + b"\0", b"1")  # (stored whole)
+
+    def _drop(self, txn, name: str) -> None:
+        prefix = name.encode() + b"\0"
+        cur = txn.cursor()
+        if cur.set_range(prefix):
+            while cur.key().startswith(prefix):
+                if not cur.delete():
+                    break
+
+    def _has_bits(self, name: str) -> bool:
+        with self.env.begin(db=self.db_bits) as txn:
+            return txn.get(name.encode() + b"\0") is not None
+
+    def mask(self, name: str) -> dict[int, np.ndarray]:
+        """page -> the blocks of destination `name`'s resync (unpacked bools): what its
+        copy sends (sender.Primary._initial_copy)."""
+        prefix = name.encode() + b"\0"
+        out = {}
+        with self.env.begin(db=self.db_bits) as txn:
+            cur = txn.cursor()
+            if cur.set_range(prefix):
+                for key, val in cur:
+                    if not key.startswith(prefix):
+                        break
+                    if len(key) == len(prefix) + 4:
+                        page = int.from_bytes(key[len(prefix):], "big")
+                        out[page] = np.unpackbits(np.frombuffer(val, np.uint8),
+                                                  bitorder="little").astype(bool)
+        return out
+
+    def _bits_count(self, name: str) -> int:
+        return int(sum(int(a.sum()) for a in self.mask(name).values()))
+
+    def forget(self, name: str) -> None:
+        """The copy is done: its block list goes."""
+        with self.env.begin(write=True, db=self.db_bits) as txn:
+            self._drop(txn, name)
+
+    def _answer(self, name: str, d: dict, already: bool = False) -> dict:
+        return {"destination": name, "site": d.get("site"), "state": d["state"],
+                "stamp": d.get("stamp"), "restart_delta_set": (d.get("resync") or {}).get(
+                    "after"), "blocks": (d.get("resync") or {}).get("blocks"),
+                "full_copy": False, "already": already}
