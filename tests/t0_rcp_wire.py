@@ -154,8 +154,11 @@ def test_handshake_requests_answers_close():
     # the server hands up who connected, then that the session is open; the client, READY
     assert [e.type for e in s_events] == ["HELLO", "READY"]
     hello = s_events[0].body
+    # who each end is crosses only after the other end proved the secret: the client's
+    # site in AUTH, the server's in READY (HELLO and CHALLENGE carry them empty)
     assert (hello["group"], hello["site"], hello["uuid"], hello["versions"]) == (
-        GROUP, "/sites/primary", "uuid-p", [1])
+        GROUP, "", "", [1])
+    assert s.peer["site"] == "/sites/primary" and s.peer["uuid"] == "uuid-p"
     assert [e.type for e in c_events] == ["READY"]
     assert c.session == s.session == SESSION == c_events[0].body["session"]
     assert c.version == s.version == 1
@@ -602,12 +605,52 @@ def test_wrong_secret_refused_by_the_client():
     refused(c, s.take_outgoing(), "auth", "does not hold the secret")
 
 
-def test_unknown_group():
-    c = client(group="west")
-    refused(server(), c.hello(), "auth", "unknown replication group 'west'")
-    c = client(group="x\n" * 10)
-    refused(server(), c.hello(), "auth", "unknown replication group")
-    refused(server(secrets={}), client().hello(), "auth", "unknown replication group 'east'")
+def test_an_unknown_group_is_answered_as_a_wrong_secret():
+    """A group the server does not hold is not refused at HELLO: it gets a CHALLENGE of the
+    same shape as a known group's (proved with a decoy key), the client refuses it as it
+    refuses a server with another secret, and an AUTH sent anyway is refused with a wrong
+    secret's kind and message. Only the server's `detail` (its log) says the group is
+    unknown. Neither CHALLENGE names the server's site or uuid."""
+    def challenge(c, s) -> bytes:
+        feed(s, c.hello())
+        return s.take_outgoing()
+
+    known = challenge(client(), server())
+    for group, table in (("west", None), ("x\n" * 10, None), (GROUP, {})):
+        c, s = client(group=group), server(secrets=table)
+        shown = challenge(c, s)
+        assert s.state == W.AUTH_WAIT
+        assert len(shown) == len(known) and shown[:8] == known[:8]  # (type, flags, length)
+        a, b = (msgpack.unpackb(x[HEADER.size:], raw=False) for x in (shown, known))
+        assert a.keys() == b.keys() and (a["site"], a["uuid"]) == (b["site"], b["uuid"]) == (
+            "", "")
+        assert len(a["proof"]) == len(b["proof"]) and a["proof"] != b["proof"]
+        refused(c, shown, "auth", f"the peer does not hold the secret of group {group!r}")
+        # an AUTH anyway (a proof over the nonces with some secret): a wrong secret's refusal
+        auth = frame("AUTH", {"proof": proof(SECRET, CLIENT, group, c.my_nonce, s.my_nonce)},
+                     seq=2)
+        with pytest.raises(ProtocolError) as unknown:
+            feed(s, auth)
+        wrong_c, wrong_s = client(secret=b"another secret, sixteen+", group=GROUP), server(
+            secrets={GROUP: SECRET})
+        challenge(wrong_c, wrong_s)
+        with pytest.raises(ProtocolError) as wrong:
+            feed(wrong_s, frame("AUTH", {"proof": proof(b"another secret, sixteen+", CLIENT,
+                                                          GROUP, wrong_c.my_nonce,
+                                                          wrong_s.my_nonce)}, seq=2))
+        assert unknown.value.kind == wrong.value.kind == "auth"
+        assert str(unknown.value) == str(wrong.value).replace(repr(GROUP), repr(group))
+        assert unknown.value.detail.startswith("unknown replication group")
+        assert wrong.value.detail is None
+        assert s.take_outgoing() == b"" and s.session == 0  # (no READY)
+    # the client's ERROR in answer to the decoy: the server's detail says what it was
+    c, s = client(group="west"), server()
+    refused(c, challenge(c, s), "auth", "does not hold the secret")
+    with pytest.raises(ProtocolError) as e:
+        feed(s, c.error_frame("auth", "authentication failed: the client holds another "
+                                      "secret of group 'west'"))
+    assert e.value.remote and e.value.detail.startswith(
+        "unknown replication group 'west' (the peer refused: authentication failed")
 
 
 def test_a_replayed_handshake_fails():

@@ -59,9 +59,10 @@ def test_an_unreadable_group_secret_is_transient_not_unknown(tmp_path, caplog):
     site = tmp_path / "site"
     site.mkdir()
     secret = new_secret()
-    # an unknown group: refused "auth" (permanent at the primary), as before
+    # an unknown group: refused "auth" (permanent at the primary), as a wrong secret is
+    # (the server does not say which groups it holds; its log does: tests/t2_rcp.py)
     e = handshake_refusal(site, secret)
-    assert e.kind == "auth" and "unknown replication group" in str(e)
+    assert e.kind == "auth" and "does not hold the secret of group 'g1'" in str(e)
     # the group's secret file cannot be read (a directory in its place: EISDIR, as EIO or
     # EMFILE would be): "transient", naming the error, and logged
     store = GroupStore(site)

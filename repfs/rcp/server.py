@@ -128,9 +128,12 @@ class RcpServer:
         try:
             await self._session(conn, stream, peer, len(first))
         except wire.ProtocolError as e:
-            who = (f" (site {_short(conn.peer.get('site'))}, group "
+            site = conn.peer.get("site")  # (a claim, and only once the proofs are made)
+            who = (f" ({f'site {_short(site)}, ' if site else ''}group "
                    f"{_short(conn.peer.get('group'))})" if conn.peer else "")
-            self.control.refused(log, "RCP connection from %s%s refused: %s", peer, who, e)
+            # (the log says what the peer is not told: a group this site does not hold)
+            self.control.refused(log, "RCP connection from %s%s refused: %s", peer, who,
+                                 e.detail or e)
             if getattr(e, "remote", False):
                 return  # (the peer refused first: nothing to send back)
             await self._refuse(stream, conn.take_outgoing() + conn.error_frame(e.kind, str(e)))

@@ -18,11 +18,19 @@ crosses the wire (HMAC-SHA256 challenge/response; `proof`):
 
     client                                   server
     PREFACE, HELLO {versions, group, nonce,  ─▶
-                    site, uuid}
-                                             ◀─ CHALLENGE {version, nonce, proof(server), site,
-                                                           uuid}   (or ERROR, then close)
-    AUTH {proof(client)}                     ─▶
-                                             ◀─ READY {session}    (or ERROR, then close)
+                    site "", uuid ""}
+                                             ◀─ CHALLENGE {version, nonce, proof(server),
+                                                           site "", uuid ""}
+                                                           (or ERROR version, then close)
+    AUTH {proof(client), site, uuid}         ─▶
+                                             ◀─ READY {session, site, uuid}
+                                                           (or ERROR auth, then close)
+
+Nothing before the proofs tells a stranger who a site is or which groups it holds: each end
+names itself only after the other proved the secret (AUTH, READY; HELLO and CHALLENGE keep
+the keys, empty, for version-1 peers that require them), and a group the server does not
+hold gets a CHALLENGE proved with a decoy key (`_decoy_secret`), refused after AUTH as a
+wrong secret is (`ProtocolError.detail` says what it was, for the server's log).
 
 Each proof covers a role label, the group and both nonces: a proof replayed from an earlier
 handshake fails (the other side's nonce is new), and one reflected back at its maker fails (the
@@ -77,7 +85,7 @@ MAX_HANDSHAKE_BODY = 16 << 10  # any frame before READY: what an unauthenticated
 #                                an end buffer is bounded by this (and the header)
 NONCE = 32
 MAX_NAME = 255  # a group name
-MAX_SITE = 4096  # a site's name (a path) in HELLO or CHALLENGE
+MAX_SITE = 4096  # a site's name (a path) in HELLO, CHALLENGE, AUTH or READY
 MAX_VERSIONS = 64  # versions a HELLO may offer
 
 FLAG_ZSTD = 0x01  # the body is zstd-compressed (only COPY and CHUNK; "zstd" agreed)
@@ -96,10 +104,14 @@ class ProtocolError(Exception):
     ERROR frame sent back says ("protocol", "version", "auth"). `remote` is True when the
     peer itself refused (its ERROR arrived during the handshake): nothing to send back."""
 
-    def __init__(self, message: str, kind: str = "protocol", *, remote: bool = False):
+    def __init__(self, message: str, kind: str = "protocol", *, remote: bool = False,
+                 detail: str | None = None):
         super().__init__(message)
         self.kind = kind
         self.remote = remote
+        # what this end logs when it knows more than it tells the peer (a group it does not
+        # hold is refused as a wrong secret, and logged as what it is)
+        self.detail = detail
 
 
 def one_line(text, limit: int = 200) -> str:
@@ -238,6 +250,30 @@ def proof(secret: bytes, role: str, group: str, client_nonce: bytes,
     return hmac.new(secret, msg, hashlib.sha256).digest()
 
 
+_DECOY_KEY = os.urandom(32)  # this process's key for the groups it does not hold
+
+
+def _decoy_secret(group: str) -> bytes:
+    """What a server proves with for a group it does not hold: a key no one else has (made
+    from a random per-process key and the group's name), so that its CHALLENGE looks as a
+    real one does and the handshake fails only at the proofs, as with a wrong secret: an
+    unauthenticated peer learns nothing of which groups exist."""
+    return hmac.new(_DECOY_KEY, b"repfs-rcp-decoy\0" + group.encode(), hashlib.sha256).digest()
+
+
+def _identity(body: dict, name: str) -> dict:
+    """The optional `site` and `uuid` of an AUTH or READY (who the end that sent it is,
+    said once the other end proved the secret): those present, checked."""
+    out = {}
+    for key, most in (("site", MAX_SITE), ("uuid", MAX_NAME)):
+        if key in body:
+            if not isinstance(body[key], str) or len(body[key]) > most:
+                raise ProtocolError(f"{name} {key!r} is not a name of at most {most} "
+                                    "characters")
+            out[key] = body[key]
+    return out
+
+
 def _features(body: dict, name: str) -> list[str] | None:
     """The optional `features` of a HELLO or CHALLENGE (None when absent); raises on a
     malformed one."""
@@ -308,7 +344,9 @@ class Connection:
         self.version = 0
         self.session = 0
         self._new_session = session  # the number a server gives (its adapter picks it)
-        self.peer: dict = {}  # the peer's HELLO or CHALLENGE fields
+        self.peer: dict = {}  # the peer's HELLO or CHALLENGE fields, and who it is (site,
+        #                       uuid: from its AUTH or READY, after the proofs)
+        self.decoy = False  # a server answering a group it does not hold (_decoy_secret)
         self.state = PREFACE_WAIT if role == SERVER else HELLO_WAIT
         self.buf = bytearray()
         self.send_seq = 0
@@ -340,8 +378,10 @@ class Connection:
                              f"state {self.state})")
         self.my_nonce = self._nonce(NONCE)
         self.state = CHALLENGE_WAIT
+        # (site and uuid stay empty: who this end is goes in AUTH, to a server that has
+        # proved the secret; the keys stay for peers of version 1 that require them)
         hello = {"versions": list(self.versions), "group": self.group, "nonce": self.my_nonce,
-                 "site": self.site, "uuid": self.uuid}
+                 "site": "", "uuid": ""}
         if self.features:  # (absent: none; what a peer older than the field sends)
             hello["features"] = list(self.features)
         return PREFACE + self._frame("HELLO", hello)
@@ -585,8 +625,9 @@ class Connection:
         name, st = msg.type, self.state
         if name == "ERROR" and st != OPEN:
             b = msg.body
-            raise ProtocolError(f"the peer refused: {one_line(b['message'])}",
-                                one_line(b["kind"], 32), remote=True)
+            why = f"the peer refused: {one_line(b['message'])}"
+            raise ProtocolError(why, one_line(b["kind"], 32), remote=True,
+                                detail=f"{self._unknown()} ({why})" if self.decoy else None)
         if name == "CLOSE":
             self.state = CLOSED
             return msg
@@ -604,6 +645,7 @@ class Connection:
             if not 0 < s < 1 << 32 or s != msg.session:
                 raise ProtocolError(f"READY with a bad session number ({s} in the body, "
                                     f"{msg.session} in the header)")
+            self.peer = {**self.peer, **_identity(msg.body, "READY")}
             self.session = s
             self.state = OPEN
         return msg
@@ -626,17 +668,20 @@ class Connection:
                                 f"{', '.join(str(v) for v in self.versions)}", "version")
         offered = _features(b, "HELLO")
         secret = self.secrets(b["group"]) if self.secrets else None
-        if secret is None:
-            raise ProtocolError(f"unknown replication group {one_line(b['group'])!r}", "auth")
+        # a group this site does not hold is not refused here: it gets a CHALLENGE as a
+        # known one does (proved with a decoy key) and is refused after AUTH with a wrong
+        # secret's message; only this end's log says which it was
+        self.decoy = secret is None
         self.version = max(common)
         self.group = b["group"]
-        self.secret = secret
+        self.secret = _decoy_secret(self.group) if secret is None else secret
         self.peer_nonce = b["nonce"]
         self.my_nonce = self._nonce(NONCE)
+        # (site and uuid empty: who this site is goes in READY, once the client proved the
+        # secret; the keys stay for clients of version 1, which require them)
         challenge = {
-            "version": self.version, "nonce": self.my_nonce, "site": self.site,
-            "uuid": self.uuid,
-            "proof": proof(secret, SERVER, self.group, self.peer_nonce, self.my_nonce)}
+            "version": self.version, "nonce": self.my_nonce, "site": "", "uuid": "",
+            "proof": proof(self.secret, SERVER, self.group, self.peer_nonce, self.my_nonce)}
         if offered is not None:  # (a peer that offers none is told none)
             self.agreed = frozenset(f for f in self.features if f in offered)
             challenge["features"] = sorted(self.agreed)
@@ -644,13 +689,19 @@ class Connection:
         self.state = AUTH_WAIT
         return msg
 
+    def _unknown(self) -> str:
+        return f"unknown replication group {one_line(self.group)!r}"
+
     def _on_auth(self, msg: Message):
         want = proof(self.secret, CLIENT, self.group, self.peer_nonce, self.my_nonce)
-        if not hmac.compare_digest(want, msg.body["proof"]):
+        if not hmac.compare_digest(want, msg.body["proof"]) or self.decoy:
             raise ProtocolError(f"authentication failed for group {self.group!r} (wrong "
-                                "secret?)", "auth")
+                                "secret?)", "auth",
+                                detail=self._unknown() if self.decoy else None)
+        self.peer = {**self.peer, **_identity(msg.body, "AUTH")}
         self.session = self._new_session or 1
-        self.outgoing += self._frame("READY", {"session": self.session})
+        self.outgoing += self._frame("READY", {"session": self.session, "site": self.site,
+                                               "uuid": self.uuid})
         self.state = OPEN
         return Message("READY", msg.seq, {"session": self.session}, 0, self.session)
 
@@ -677,7 +728,8 @@ class Connection:
         self.version = b["version"]
         self.peer_nonce = b["nonce"]
         self.outgoing += self._frame("AUTH", {
-            "proof": proof(self.secret, CLIENT, self.group, self.my_nonce, self.peer_nonce)})
+            "proof": proof(self.secret, CLIENT, self.group, self.my_nonce, self.peer_nonce),
+            "site": self.site, "uuid": self.uuid})  # (the server proved the secret)
         self.state = READY_WAIT
         return None
 
