@@ -12,11 +12,14 @@ where the behaviour is theirs, through the wire's state machine where it is the 
 * A secondary with site.toml [rcp] accept_compression = false declines zstd in the
   handshake: the primary offers it, the session agrees to nothing, every CHUNK goes raw
   (seen on the wire by a FrameProxy), and replication converges; a bad value is one line.
+* `repfs-admin --site HOST:PORT group add` does not send a secret over plain HTTP beyond
+  loopback: one line, exit 1, no secret file made (the CLI itself, no daemon needed).
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
 
 import pytest
 
@@ -25,7 +28,7 @@ from repfs.site import Site, SiteError
 from tests.t2_metrics import metrics, value
 from tests.t2_rcp import GROUP, remote_pair
 from tests.t2_rcp_compress import FrameProxy, text
-from tests.t2_repl import (admin, admin_json, api, assert_same_tree, cut, log_tail,
+from tests.t2_repl import (ADMIN, admin, admin_json, api, assert_same_tree, cut, log_tail,
                            start_replication, wait_converged)
 from tests.t2_settings import set_setting
 from tests.t3_rcp_faults import TamperProxy, opened, wait_for, write_big
@@ -126,3 +129,26 @@ def test_wire_bytes_and_a_secondary_that_declines_compression(mount_site):
         Site(m2.site).settings()
     assert "bad [rcp] accept_compression 'no': must be true or false" in str(e.value)
     set_setting(m2.site, "rcp", "accept_compression", "true")
+
+
+def test_group_add_sends_no_secret_in_clear_beyond_loopback(tmp_path):
+    env = {**os.environ, "REPFS_TOKEN": "t" * 43}
+    secret = tmp_path / "g1.secret"
+
+    def add(target: str) -> subprocess.CompletedProcess:
+        return subprocess.run([ADMIN, "--site", target, "group", "add", "g1", "--secret-file",
+                               str(secret)], capture_output=True, text=True, env=env,
+                              timeout=60)
+    for target, shown in (("192.0.2.1:7000", "192.0.2.1:7000"),
+                          ("[2001:db8::1]:7000", "[2001:db8::1]:7000")):
+        r = add(target)
+        assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert (f"not sending the secret of group g1 to {shown} over plain HTTP (no TLS)"
+                in r.stderr), r.stderr
+        assert "copy the secret file to that host and run 'repfs-admin --site SITE group " \
+               "add g1 --secret-file FILE' there" in r.stderr, r.stderr
+        assert not secret.exists()  # (no new secret made for a request never sent)
+    # loopback, by address or by name, passes the check (nothing listens there: that error)
+    for target in ("127.0.0.1:1", "localhost:1"):
+        r = add(target)
+        assert r.returncode == 3 and "plain HTTP" not in r.stderr, r.stderr

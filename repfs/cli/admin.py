@@ -922,6 +922,23 @@ def _local_or_call(t: Target, local, method: str, path: str, body: dict | None =
         raise QuietError(f"{t.site.path}: {e.strerror or e}") from None
 
 
+def _loopback(host: str) -> bool:
+    """Whether `host` (an address, or a name: every address it resolves to) is on this
+    host's loopback, where a request in clear text never crosses a network."""
+    import ipaddress
+    import socket
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError):
+        return False
+    return bool(infos) and all(ipaddress.ip_address(i[4][0].split("%")[0]).is_loopback
+                               for i in infos)
+
+
 def _group(t: Target, a):
     from ..rcp.groups import (GROUP_RULE, GroupError, GroupStore, create_secret_file,
                               read_secret_file, remove_secret_file, valid_group)
@@ -941,6 +958,14 @@ def _group(t: Target, a):
             print(f"group {a.name} deleted from the site (the group's other sites keep it)")
         return {"group": a.name, "deleted": True}
     # add
+    if t.site is None and t.tls is None and not _loopback(t.address[0]):
+        host, port = t.address
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        raise QuietError(
+            f"group add: not sending the secret of group {a.name} to {where} over plain "
+            "HTTP (no TLS): anyone on the path could read it; copy the secret file to that "
+            f"host and run 'repfs-admin --site SITE group add {a.name} --secret-file FILE' "
+            "there (or give --tls-ca, --tls-cert and --tls-key)")
     path = a.secret_file
     try:
         created = not os.path.lexists(path)
