@@ -14,6 +14,9 @@ where the behaviour is theirs, through the wire's state machine where it is the 
   (seen on the wire by a FrameProxy), and replication converges; a bad value is one line.
 * `repfs-admin --site HOST:PORT group add` does not send a secret over plain HTTP beyond
   loopback: one line, exit 1, no secret file made (the CLI itself, no daemon needed).
+* The RCP server's batch of gathered chunks is bounded by bytes (MAX_BATCH_BYTES) as well as
+  by count: a window of 1 MiB chunks already received is stored in batches of at most 8 MiB,
+  in order, none lost (rcp/server.py _gather on a session's state machine and a real socket).
 """
 
 from __future__ import annotations
@@ -22,8 +25,10 @@ import os
 import subprocess
 
 import pytest
+import trio
 
 from repfs.rcp import wire
+from repfs.rcp.server import MAX_BATCH_BYTES, _gather
 from repfs.site import Site, SiteError
 from tests.t2_metrics import metrics, value
 from tests.t2_rcp import GROUP, remote_pair
@@ -152,3 +157,47 @@ def test_group_add_sends_no_secret_in_clear_beyond_loopback(tmp_path):
     for target in ("127.0.0.1:1", "localhost:1"):
         r = add(target)
         assert r.returncode == 3 and "plain HTTP" not in r.stderr, r.stderr
+
+
+def open_session() -> tuple[wire.Connection, wire.Connection]:
+    """A client and a server state machine through the handshake (no compression)."""
+    secret = b"a secret of the test, long enough"
+    c = wire.Connection(wire.CLIENT, group=GROUP, secret=secret, site="c", uuid="u",
+                        features=())
+    s = wire.Connection(wire.SERVER, secrets={GROUP: secret}.get, site="s", uuid="v",
+                        session=5)
+    s.receive_data(c.hello())
+    while s.next_event() is not wire.NEED_DATA:
+        pass
+    c.receive_data(s.take_outgoing())
+    while c.next_event() is not wire.NEED_DATA:
+        pass
+    s.receive_data(c.take_outgoing())
+    while s.next_event() is not wire.NEED_DATA:
+        pass
+    c.receive_data(s.take_outgoing())
+    assert c.next_event().type == "READY" and s.state == c.state == wire.OPEN
+    return c, s
+
+
+async def test_a_batch_of_gathered_chunks_is_bounded_by_bytes():
+    c, s = open_session()
+    bodies = [bytes([i]) * (1 << 20) for i in range(12)]  # (a window of 1 MiB chunks)
+    s.receive_data(b"".join(c.send("CHUNK", b) for b in bodies) + c.send("COMMIT", {
+        "header": b"h", "cut_ns": 1, "first_change_ns": 1}))
+    a, b = trio.socket.socketpair()  # (the session's socket: nothing more arrives on it)
+    with a, b:
+        async def read(limit: float):
+            with trio.move_on_after(limit):
+                data = await b.recv(1 << 20)
+                s.receive_data(data)
+                return data
+            return None
+        batches, event = [], s.next_event()
+        while event.type == "CHUNK":
+            batch, event = await _gather(s, b, read, event, 5.0)
+            batches.append([bytes(m.body) for m in batch])
+    assert event.type == "COMMIT"  # (the frame after the chunks, handed back)
+    assert [len(x) for x in batches] == [8, 4], [len(x) for x in batches]
+    assert all(sum(map(len, x)) <= MAX_BATCH_BYTES for x in batches)
+    assert [body for x in batches for body in x] == bodies  # in order, none lost

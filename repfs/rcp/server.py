@@ -319,14 +319,18 @@ class RcpServer:
 
 
 MAX_BATCH = 16  # chunks stored in one hand-off to a worker thread
+MAX_BATCH_BYTES = 8 << 20  # and their bodies' bytes: what a session holds in a batch
 
 
 async def _gather(conn, sock, read, first, limit: float) -> tuple[list, object]:
     """`first` (a CHUNK) and the CHUNKs after it that are already here (received, or in the
-    socket's buffer: never waits for the peer to send more), up to MAX_BATCH; and the frame
-    after them if it is another one (else None). A protocol error stops the gathering: the
-    chunks before it are answered, then `next_event` raises it again."""
+    socket's buffer: never waits for the peer to send more), up to MAX_BATCH chunks and
+    MAX_BATCH_BYTES of bodies (`first` alone may be larger; a chunk that would pass the
+    bound starts the next batch); and the frame after them if it is another one, or that
+    chunk (else None). A protocol error stops the gathering: the chunks before it are
+    answered, then `next_event` raises it again."""
     batch = [first]
+    size = len(first.body)
     while len(batch) < MAX_BATCH:
         try:
             event = conn.next_event()
@@ -336,9 +340,10 @@ async def _gather(conn, sock, read, first, limit: float) -> tuple[list, object]:
             if not _readable(sock) or not await read(limit):
                 break  # (nothing more yet; the end of the stream is seen again after)
             continue
-        if event.type != "CHUNK":
+        if event.type != "CHUNK" or size + len(event.body) > MAX_BATCH_BYTES:
             return batch, event
         batch.append(event)
+        size += len(event.body)
     return batch, None
 
 
