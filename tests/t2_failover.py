@@ -25,7 +25,7 @@ from tests.t2_repl import (
     ADMIN, admin, admin_json, api, assert_same_tree, cut, daemon_alive, log_tail, make_pair,
     start_replication, tree, wait_converged,
 )
-from tests.t4_repl_crash import daemon_pid, kill9, remount
+from tests.t4_repl_crash import daemon_pid, kill9, post, remount
 
 SECRET = b"the-group-secret-of-t2-failover-0123456789"
 GROUP = "g1"
@@ -187,9 +187,15 @@ def _failover_after_kill(m1, m2, fresh):
                        text=True)
     assert r.returncode != 0 and "fenced" in (r.stdout + r.stderr), r
     assert errno_of_write(m1.path / "late") == errno.EROFS
-    # the new primary was not touched by it
+    # the new primary was not touched by it, and refuses to be taken by generation 1, even
+    # with force (what replicate start --force from the old primary would ask)
     assert (m2.path / "new").exists() and not (m2.path / "late").exists()
-    assert api(m2.site, "GET", "/status")["generation"] == 2
+    st2 = api(m2.site, "GET", "/status")
+    assert st2["generation"] == 2
+    code, doc = post(m2.site, "/repl/attach", {
+        "primary": {"uuid": st2["uuid"], "site": str(m1.site)}, "generation": 1,
+        "nblocks": st2["volume_bytes"] // 4096, "force": True})
+    assert code == 409 and "older than this site's 2" in doc["error"], (code, doc)
     # the way back until resync exists (docs/recovery.md): a full copy onto the old primary,
     # which ends its fence; it then follows the new primary at generation 2
     start_replication(m2, m1, "--force", to=str(m1.site))
