@@ -377,7 +377,8 @@ class Recovery:
         # begin: no more delta sets are received
         new = dict(busy or {"generation": gen, "from_generation": r.generation,
                             "primary": prim, "started_ns": time.time_ns()})
-        new.update(step="begun", sync=sync or bool(new.get("synced")), now=now)
+        new.update(sync=sync or bool(new.get("synced")), now=now)
+        new.setdefault("step", "begun")  # (a failover cut short goes on from its step)
         if report is not None:
             new.update(synced=True, fence={"state": "fenced (--sync)"}, report=report)
 
@@ -406,9 +407,7 @@ class Recovery:
             await trio.to_thread.run_sync(self._put, FAILOVER, new)
         # play what was received (--now: discard what is not played)
         if new.get("step") == "begun":
-            damaged = None
-            if not now:
-                damaged = await self._play_all()
+            damaged = await self._play_all(copy_only=now)
             discarded = await trio.to_thread.run_sync(self._discard, r.last_played)
             if discarded:
                 log.info("failover: delta sets %s received but not played are discarded",
@@ -428,7 +427,8 @@ class Recovery:
         # promote: one durable transaction
         forwarder = getattr(svc, "forwarder", None)
         if forwarder is not None and hasattr(forwarder, "reset"):
-            await forwarder.reset()  # (what it forwarded belongs to the old generation)
+            async with forwarder.lock:  # (no next hop starts meanwhile)
+                await forwarder.reset()  # (what it forwarded belongs to the old generation)
         new.update(step="done", completed_ns=time.time_ns(),
                    lost=_lost(new.get("report"), n) if new.get("report") else
                    {"known": False, "why": (new.get("fence") or {}).get("why")})
@@ -472,14 +472,16 @@ class Recovery:
             await trio.sleep(0.1)
         return report
 
-    async def _play_all(self) -> dict | None:
-        """Play every delta set received, in order; a damaged one stops it there (it and
-        those after it are discarded: reported). Returns the damaged one's report."""
+    async def _play_all(self, copy_only: bool = False) -> dict | None:
+        """Play every delta set received, in order (`copy_only`, for --now: only an initial
+        copy received whole and not yet played, without which the volume holds nothing of
+        the primary's); a damaged one stops it there (it and those after it are discarded:
+        reported). Returns the damaged one's report."""
         svc = self.svc
         r = svc.receiver
         while True:
             rec = r.next_to_play()
-            if rec is None:
+            if rec is None or (copy_only and not rec.get("copy")):
                 return None
             try:
                 await volume_changes(svc.ops, lambda: r.play(rec, svc.clog),
