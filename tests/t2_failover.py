@@ -263,7 +263,11 @@ def test_failover_sync_over_rcp_loses_nothing(mount_site):
     want = tree(m1.path)
     m1.expect_log("fenced:")
     m1.expect_log("holds generation 2")  # (its send task stops: ERROR)
-    out = failover_json(m2, "--sync")
+    # (the secondary reached by HOST:PORT, as any verb)
+    out = json.loads(subprocess.run(
+        [ADMIN, "--site", f"127.0.0.1:{port}", "--token-file", str(m2.site / "control.token"),
+         "--json", "failover", "--sync"], capture_output=True, text=True, timeout=300,
+        check=True).stdout)
     assert out["sync"] and out["generation"] == 2 and not out["readonly"], out
     assert out["lost"]["known"] and not out["lost"]["delta_sets"], out
     assert out["lost"]["uncut_blocks"] == 0, out

@@ -44,7 +44,7 @@ from ..fs.invalidate import volume_changes
 from ..mountopts import MountOptionError, MountOptions, current_options, kernel_remount
 from ..repl import keys as K
 from ..repl.chunk import ChunkError
-from ..repl.deltaset import DeltaSets
+from ..repl.deltaset import FORWARDING, DeltaSets
 from ..repl.receiver import ReceiveError
 from ..repl.sender import Primary
 from ..repl.transport import PermanentError, ReceiverClient, RejectedError, TransientError
@@ -525,7 +525,8 @@ class Recovery:
             txn.put(b"generation", K.u64(gen), db=ctx)
             txn.put(b"last_cut", K.u64(n), db=ctx)
             txn.put(b"secondary_state", b"stopped", db=ctx)
-            for k in (b"playing", b"copy_progress", FENCED):
+            # (FORWARDING: a forwarder's mailbox ends here too)
+            for k in (b"playing", b"copy_progress", FENCED, FORWARDING):
                 txn.delete(k, db=ctx)
             txn.put(RESTART_POINT, json.dumps({"snapshot": snap, "delta_set": n,
                                                "generation": gen,
