@@ -205,9 +205,11 @@ def _failover_after_kill(m1, m2, fresh):
 
 
 def test_failover_now_discards_what_is_not_played_and_reports_the_loss(mount_site):
-    """Playback held: two delta sets received, not played. failover --now (the primary up):
-    they are discarded and reported lost with the changes never cut; the new primary shows
-    the last played boundary; the primary is fenced at once (EROFS, status says why)."""
+    """Playback held: two delta sets received, not played; then the secondary stops
+    receiving (replicate stop there) and the primary cuts a third. failover --now (the
+    primary up): the two are discarded; all three are reported lost, with the changes never
+    cut; the new primary shows the last played boundary; the primary is fenced at once
+    (EROFS, status says why)."""
     p = make_pair(mount_site)
     m1, m2 = p.m1, p.m2
     boundary = tree(m1.path)  # the initial copy, played
@@ -218,17 +220,22 @@ def test_failover_now_discards_what_is_not_played_and_reports_the_loss(mount_sit
     n2 = cut(m1)
     wait_for(lambda: api(m2.site, "GET", "/status")["last_received_delta_set"] == n2,
              "both delta sets received", sites=[m1.site, m2.site])
+    m1.expect_log("is no longer a replicating secondary")  # (its send task stops: ERROR)
+    admin(m2.path, "replicate", "stop")
+    wait_for(lambda: api(m1.site, "GET", "/status")["destinations"][0]["state"] == "error",
+             "the primary's send task to stop", sites=[m1.site])
+    fill(m1.path, "e", n=1)
+    n3 = cut(m1)  # cut, never received
     write(m1.path / "uncut", os.urandom(40_000))
     os.sync()
     played = api(m2.site, "GET", "/status")["last_played_delta_set"]
     assert played == n1 - 1
     m1.expect_log("fenced:")
-    m1.expect_log("holds generation 2")  # (its send task stops: ERROR)
     out = failover_json(m2, "--now")
     assert [x["delta_set"] for x in out["discarded"]] == [n1, n2], out
     assert out["restart_delta_set"] == played and out["fence"]["state"] == "fenced", out
     lost = out["lost"]
-    assert lost["known"] and [x["delta_set"] for x in lost["delta_sets"]] == [n1, n2], lost
+    assert lost["known"] and [x["delta_set"] for x in lost["delta_sets"]] == [n1, n2, n3], lost
     assert lost["uncut_blocks"] > 0 and lost["bytes"] >= 4096 * (
         sum(x["blocks"] for x in lost["delta_sets"]) + lost["uncut_blocks"]), lost
     assert tree(m2.path) == boundary
@@ -237,12 +244,11 @@ def test_failover_now_discards_what_is_not_played_and_reports_the_loss(mount_sit
     st1 = api(m1.site, "GET", "/status")
     assert st1["fenced"] and "holds generation 2" in st1["fenced"] and st1["readonly"], st1
     assert errno_of_write(m1.path / "late") == errno.EROFS
-    wait_for(lambda: api(m1.site, "GET", "/status")["destinations"][0]["state"] == "error",
-             "the old primary's send task to stop", sites=[m1.site])
     st2 = api(m2.site, "GET", "/status")
     assert st2["last_failover"]["lost"]["delta_sets"], st2
     r = admin(m2.path, "status")
-    assert "last failover" in r.stdout and f"lost: delta sets {n1}, {n2}" in r.stdout, r.stdout
+    assert "last failover" in r.stdout and f"lost: delta sets {n1}, {n2}, {n3}" in r.stdout, \
+        r.stdout
 
 
 def test_failover_sync_over_rcp_loses_nothing(mount_site):
