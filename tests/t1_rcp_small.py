@@ -3,7 +3,8 @@ where the behaviour is theirs, through the wire's state machine where it is the 
 
 * A damaged frame that breaks a session is explained at both ends: the secondary logs why it
   refused, and the primary's send task logs the secondary's reason (its ERROR frame, which
-  the secondary drains the primary's window to deliver) with "(retrying)".
+  the secondary drains the primary's window to deliver) with "(retrying)"; an answer
+  damaged on its way to the primary is logged there and reported to the secondary.
 * A secondary whose replication was stopped there (`replicate stop` at the secondary) says
   so in status, text and JSON.
 * /metrics counts, per destination, the bytes sent as they are (repfs_destination_sent_bytes)
@@ -43,9 +44,51 @@ def log_of(m) -> str:
     return (m.site / "repfs.log").read_text()
 
 
+class AnswerTamperProxy(TamperProxy):
+    """A TamperProxy (tests/t3_rcp_faults.py) that can also flip a bit of the next ACK the
+    server sends (`flip_answer_once`: the byte at that offset from the frame's start)."""
+
+    def __init__(self, site):
+        self.flip_answer: int | None = None
+        self.answers_flipped = 0
+        super().__init__(site)
+
+    def flip_answer_once(self, offset: int) -> None:
+        with self.cond:
+            self.flip_answer = offset
+
+    def _down(self, a, b) -> None:
+        buf = bytearray()  # (a server sends frames only: no preface)
+        try:
+            while data := a.recv(1 << 16):
+                buf += data
+                while (len(buf) >= wire.HEADER.size and len(buf) >= (
+                        n := wire.HEADER.size + wire.HEADER.unpack_from(buf)[3])):
+                    frame, buf = bytearray(buf[:n]), buf[n:]
+                    with self.cond:
+                        if self.flip_answer is not None and frame[0] == wire.BY_NAME[
+                                "ACK"].code:
+                            frame[self.flip_answer] ^= 0x08
+                            self.flip_answer = None
+                            self.answers_flipped += 1
+                    b.sendall(frame)
+            if buf:
+                b.sendall(buf)
+        except OSError:
+            pass
+        finally:
+            self.shut(a, b)
+
+
+def retrying(m, name: str) -> list[str]:
+    """The lines of the primary's log where the send task to `name` says why it retries."""
+    return [ln for ln in log_of(m).splitlines()
+            if f"destination {name}: " in ln and "(retrying)" in ln]
+
+
 def test_a_damaged_frame_is_explained_at_the_primary_too(mount_site):
     m1, m2 = remote_pair(mount_site)
-    proxy = TamperProxy(m2.site)
+    proxy = AnswerTamperProxy(m2.site)
     m2.expect_log("checksum mismatch (damaged on the wire)")
     try:
         (m1.path / "base").write_bytes(os.urandom(3000))
@@ -57,11 +100,24 @@ def test_a_damaged_frame_is_explained_at_the_primary_too(mount_site):
         assert proxy.flipped == [("CHUNK", 28 + 5000)]
         assert_same_tree(m1.path, m2.path)
         assert "refused: CHUNK frame" in log_of(m2), log_tail(m2.site)
-        lines = [ln for ln in log_of(m1).splitlines()
-                 if f"destination {proxy.address}: " in ln and "(retrying)" in ln]
+        lines = retrying(m1, proxy.address)
         assert len(lines) == 1, log_tail(m1.site)
         assert "the receiver ended the session: CHUNK frame" in lines[0], lines
         assert "checksum mismatch (damaged on the wire)" in lines[0], lines
+
+        # the other way: an answer damaged on its way to the primary is refused there, said
+        # in its log as it retries, and told to the secondary, which logs it
+        write_big(m1.path, "big2", 2)
+        proxy.flip_answer_once(wire.HEADER.size + 2)  # (in the ACK's body)
+        n = cut(m1)
+        wait_converged(m1, m2, n)
+        assert proxy.answers_flipped == 1
+        assert_same_tree(m1.path, m2.path)
+        lines = retrying(m1, proxy.address)
+        assert len(lines) == 2, log_tail(m1.site)
+        assert "RCP protocol error: ACK frame" in lines[1], lines
+        assert "checksum mismatch (damaged on the wire)" in lines[1], lines
+        assert "the peer reports ACK frame" in log_of(m2), log_tail(m2.site)
 
         # `replicate stop` at the secondary: its status says it is stopped, not replicating
         # (and the primary finds it no longer a replicating secondary)

@@ -131,7 +131,10 @@ class RcpConnection:
                            else str(e))
                     try:
                         self.sock.settimeout(1.0)
-                        self.sock.sendall(conn.error_frame(e.kind, why))
+                        frame = conn.error_frame(e.kind, why)
+                        self.sock.sendall(frame)
+                        if self.count is not None:
+                            self.count(len(frame))
                     except OSError:
                         pass
                 # (a refusal for another reason, a slow handshake say, may pass)
@@ -216,8 +219,12 @@ class RcpConnection:
             try:
                 event = self.conn.next_event()
             except wire.ProtocolError as e:
+                # an answer this end refuses (a damaged ACK, say): the session cannot go on;
+                # the receiver is told why (it logs it), and so is the send task, which logs
+                # it and reconnects (a broken connection's silent retry would hide it)
                 self.closing = True
-                raise _Broken(f"RCP protocol error: {e}") from None
+                self._complain(e)
+                raise TransientError(f"{self.where}: RCP protocol error: {e}") from None
             if event is wire.NEED_DATA:
                 self._fill(deadline)
                 continue
@@ -246,11 +253,23 @@ class RcpConnection:
                 message = f"rejected: {message}"
             return status, json.dumps({"error": message}).encode()
 
+    def _complain(self, e: wire.ProtocolError) -> None:
+        """Tell the peer why this end ends the session (best effort, never waits)."""
+        try:
+            self.sock.setblocking(False)
+            sent = self.sock.send(self.conn.error_frame(e.kind, str(e)))
+            if self.count is not None:
+                self.count(sent)
+        except OSError:
+            pass
+
     def close(self) -> None:
         if self.conn.state == wire.OPEN and not self.pending and not self.closing:
             try:  # (the peer logs why the session ended; best effort, never waits: a
                 self.sock.setblocking(False)  # send task closes it from the trio thread)
-                self.sock.send(self.conn.close_frame("done"))
+                sent = self.sock.send(self.conn.close_frame("done"))
+                if self.count is not None:
+                    self.count(sent)
             except OSError:
                 pass
         self.sock.close()
