@@ -279,7 +279,7 @@ def test_unknown_type():
     c, s = open_pair()
     refused(s, encode_frame(99, b"", session=SESSION, seq=3), "protocol",
             "unknown message type 99")
-    c, s = client(), server()
+    s = server()
     refused(s, PREFACE + encode_frame(0, b"", session=0, seq=1), "protocol",
             "unknown message type 0")
 

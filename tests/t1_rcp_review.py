@@ -23,7 +23,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import trio
 
 from repfs.control import ControlServer
 from repfs.rcp import wire
