@@ -311,7 +311,8 @@ class Connection:
     READY makes the connection OPEN. Server: `Connection(SERVER, secrets=lookup, site=...,
     uuid=...)` where `lookup(group)` returns the group's secret or None; it answers HELLO
     and AUTH itself (bytes in `outgoing`) and yields the HELLO's fields as
-    `Message("HELLO")` (so the adapter can log who connected) and then READY.
+    `Message("HELLO")` (its group, for the adapter's log) and then READY; who the client
+    is (`peer["site"]`, `peer["uuid"]`) comes with its AUTH, once it proved the secret.
 
     Events: `Message` for each frame a higher layer must see; NEED_DATA when more bytes are
     needed. `state` is one of the *_WAIT constants, OPEN or CLOSED.
