@@ -685,11 +685,13 @@ def _lost_line(lost) -> str:
         return ("lost: cannot be told (the old primary could not be asked"
                 + (f": {why})" if why else ")"))
     sets = lost.get("delta_sets") or []
-    if not sets and not lost.get("uncut_blocks"):
+    uncut = lost.get("uncut_blocks", 0)
+    if not sets and not uncut:
         return "lost: nothing (every delta set the old primary cut is here)"
-    names = ", ".join(str(x["delta_set"]) for x in sets) or "none"
-    return (f"lost: delta sets {names} and {lost.get('uncut_blocks', 0)} blocks not yet cut "
-            f"({_human(lost.get('bytes', 0))} in all)")
+    parts = [f"delta sets {', '.join(str(x['delta_set']) for x in sets)}"] if sets else []
+    if uncut:
+        parts.append(f"{uncut} blocks written on it but never cut")
+    return f"lost: {' and '.join(parts)} ({_human(lost.get('bytes', 0))} in all)"
 
 
 def _verify(t: Target, a) -> dict:

@@ -605,12 +605,13 @@ class Recovery:
                          f"({report['last_cut'] if report else '?'}), wait until it is here")
         else:
             steps.append(f"fence {pname} (read-only): it is {reach}")
-        if now:
-            steps.append(f"discard {len(waiting)} delta sets received but not played: "
-                         f"{[x['number'] for x in waiting]}")
+        names = ", ".join(str(x["number"]) for x in waiting)
+        if not waiting:
+            steps.append("play nothing: every delta set received is played")
+        elif now:
+            steps.append(f"discard the delta sets received but not played: {names}")
         else:
-            steps.append(f"play {len(waiting)} delta sets received: "
-                         f"{[x['number'] for x in waiting]}")
+            steps.append(f"play the delta sets received but not played: {names}")
         steps.append(f"snapshot {RESTART_PREFIX}{gen} (the restart point) at delta set {n}")
         steps.append(f"raise the generation to {gen}, become the primary, log changes, turn "
                      f"the mount read-write")
