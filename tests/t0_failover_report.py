@@ -52,3 +52,14 @@ def test_any_answer_is_checked_or_refused(doc, after):
     lost = _lost(rep, after)  # (never fails on a checked report)
     assert lost["known"] and lost["bytes"] == 4096 * lost["blocks"] >= 0
     assert all(x["delta_set"] > after for x in lost["delta_sets"])
+
+
+def test_a_site_failing_over_cannot_be_attached_not_even_with_force():
+    from repfs.repl.receiver import attach_refusal
+    me = {"site": "/s2", "volume_blocks": 100, "role": "secondary", "state": "failover",
+          "generation": 1, "primary": {"uuid": "a" * 32, "site": "/s1"}, "root_entries": 3,
+          "destinations": []}
+    prim = {"uuid": "a" * 32, "site": "/s1"}
+    for force in (False, True):
+        assert "failing over" in attach_refusal(me, prim, 1, 100, force)
+    assert attach_refusal({**me, "state": "stopped"}, prim, 1, 100, True) is None

@@ -386,7 +386,12 @@ class Recovery:
             with self.env.begin(write=True, db=self.db_ctx) as txn:
                 txn.put(FAILOVER, json.dumps(new).encode())
                 txn.put(b"secondary_state", b"failover")
-        async with svc.secondary.lock:  # (no chunk is being stored meanwhile)
+        async with svc.secondary.lock:  # (no chunk is stored, no attach runs meanwhile)
+            why = None if busy else self._refusal()
+            if why is None and (r.primary() or {}) != prim:
+                why = "this site was attached by another primary meanwhile"
+            if why:
+                raise FailoverError(f"{why}; nothing changed")
             await trio.to_thread.run_sync(begin)
         log.info("failover to generation %d begun (%s%s)", gen,
                  "--sync" if new["sync"] else "without --sync", ", --now" if now else "")

@@ -151,6 +151,8 @@ def attach_refusal(current: dict, primary, generation, nblocks, force: bool) -> 
         return (f"the primary's generation {generation} is older than this site's "
                 f"{current['generation']}: a stale primary cannot take it, not even with "
                 f"--force")
+    if current.get("state") == "failover":  # (recovery/failover.py: not even with --force)
+        return "this site is failing over (repfs-admin failover): it cannot be attached now"
     if force:
         return None
     if current["role"] == "secondary":
