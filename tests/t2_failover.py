@@ -13,7 +13,6 @@ import contextlib
 import errno
 import json
 import os
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ from tests.t2_repl import (
     ADMIN, admin, admin_json, api, assert_same_tree, cut, daemon_alive, log_tail, make_pair,
     start_replication, tree, wait_converged,
 )
-from tests.t4_repl_crash import daemon_pid, kill9, post, remount
+from tests.t4_repl_crash import kill9, post, remount
 
 SECRET = b"the-group-secret-of-t2-failover-0123456789"
 GROUP = "g1"
@@ -244,6 +243,11 @@ def test_failover_now_discards_what_is_not_played_and_reports_the_loss(mount_sit
     st1 = api(m1.site, "GET", "/status")
     assert st1["fenced"] and "holds generation 2" in st1["fenced"] and st1["readonly"], st1
     assert errno_of_write(m1.path / "late") == errno.EROFS
+    # a second secondary failing over to the same generation is refused by the fenced
+    # primary: it must not take over too
+    code, doc = post(m1.site, "/repl/failover", {"step": "fence", "generation": 2,
+                                                 "by": "elsewhere:/s3", "after": 0})
+    assert code == 409 and "already fenced" in doc["error"], (code, doc)
     st2 = api(m2.site, "GET", "/status")
     assert st2["last_failover"]["lost"]["delta_sets"], st2
     r = admin(m2.path, "status")
@@ -288,7 +292,8 @@ def test_failover_sync_over_rcp_loses_nothing(mount_site):
 def test_kill9_during_failover_then_failover_again(mount_site):
     """The secondary's daemon is killed while its failover plays what it received; mounted
     again (still a secondary, receiving nothing), failover again finishes it: the same
-    generation, the restart point at the last delta set received, the data byte-exact."""
+    generation, the restart point at the last delta set received, the data byte-exact. A
+    restart of the new primary keeps it the primary, writable and logging."""
     p = make_pair(mount_site)
     with no_dead_mounts(p.m1, p.m2):
         _kill9_during_failover(p.m1, p.m2)
@@ -302,27 +307,30 @@ def _kill9_during_failover(m1, m2):
     want = tree(m1.path)
     wait_for(lambda: api(m2.site, "GET", "/status")["last_received_delta_set"] == n,
              "the delta sets received", sites=[m1.site, m2.site])
-    # the primary's daemon stopped (SIGSTOP): the failover's request to fence it waits for
-    # an answer (up to its timeout), the failover stays at its first step, and is killed there
-    pid1 = daemon_pid(m1.site)
-    os.kill(pid1, signal.SIGSTOP)
+    kill9(m1.site)  # (its mount is gone: the fence finds nobody)
+    # the first delta set to play is made a FIFO (a fault injected under the daemon): the
+    # failover's playback blocks opening it, after the failover has begun, and is killed there
+    first = api(m2.site, "GET", "/status")["last_played_delta_set"] + 1
+    ds = m2.site / "save" / "incoming" / f"{first}.ds"
+    aside = ds.with_name("aside")
+    os.rename(ds, aside)
+    os.mkfifo(ds, 0o600)
+    proc = subprocess.Popen([ADMIN, "--site", str(m2.path), "failover"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        proc = subprocess.Popen(
-            [ADMIN, "--site", str(m2.path), "failover"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
-            wait_for(lambda: ctx(m2.site, b"failover"), "the failover to begin",
-                     sites=[m2.site])
-            kill9(m2.site)
-        finally:
-            proc.communicate(timeout=60)
+        wait_for(lambda: (raw := ctx(m2.site, b"failover")) and json.loads(raw)["step"]
+                 == "begun", "the failover to begin", sites=[m2.site])
+        kill9(m2.site)
     finally:
-        kill9(m1.site, pid1)  # (a stopped process dies of SIGKILL too)
+        proc.communicate(timeout=60)
+        os.unlink(ds)
+        os.rename(aside, ds)
     rec = json.loads(ctx(m2.site, b"failover"))
-    assert rec["step"] == "begun" and "fence" not in rec, rec  # (killed mid-failover)
+    assert rec["step"] == "begun" and rec["fence"]["state"] == "unreachable", rec
     remount(m2)
     st = api(m2.site, "GET", "/status")
     assert st["role"] == "secondary" and st["readonly"], st
+    assert st["replication_state"] == "failover" and st["last_played_delta_set"] < n, st
     assert st["last_failover"]["state"].startswith("in progress"), st
     out = failover_json(m2)
     assert out["generation"] == 2 and out["restart_delta_set"] == n, out

@@ -7,8 +7,8 @@ valid), in the reference's order:
 | step | what | recorded (LMDB ``replctx``) |
 |---|---|---|
 | sync (--sync only) | ask the primary to fence itself and cut its last delta set; wait until it is received | nothing here (the primary's fence is its own record; asking again is harmless) |
-| begin | stop receiving (the receiver's state turns ``failover``); the new generation is chosen | ``failover`` = {step: begun, generation, ...} |
-| fence | ask the primary to turn read-only and to report what it cut (best effort) | the answer, in ``failover`` |
+| fence (without --sync) | ask the primary to turn read-only and to report what it cut (best effort; a refusal, e.g. another secondary took over, stops the failover) | nothing here |
+| begin | stop receiving (the receiver's state turns ``failover``) | ``failover`` = {step: begun, generation, the fence's answer} |
 | play | play every delta set received (--now: discard those not played) | ``last_played`` as playback records it; step ``played`` |
 | restart point | snapshot ``restart-GEN`` stamped with the last played delta set | the snapshot |
 | promote | role ``primary``, generation GEN, ``last_cut`` = the restart point's delta set, the change log on, the restart point, step ``done``: one durable transaction | all of it |
@@ -259,6 +259,11 @@ class Recovery:
             raise FailoverError(f"this site is a {svc.receiver.role}, not a primary: it "
                                 f"cannot be fenced or synced for a failover")
         own = svc.sets.generation
+        cur = self.fenced
+        if step != "report" and cur and cur.get("peer") != by and _int(
+                cur.get("generation")) >= generation:  # (two secondaries failing over)
+            raise FailoverError(f"this site is already fenced: {cur.get('peer')} took over "
+                                f"with generation {cur.get('generation')}")
         if step != "report":
             if generation <= own:
                 raise FailoverError(f"a failover to generation {generation} cannot fence this "
@@ -371,16 +376,37 @@ class Recovery:
                                 f"(it is {r.state}); fail over without --sync")
         if dry_run:
             return await self._plan(sync, now, gen, pname, busy)
-        report = None
+        report = fence = None
         if sync and not (busy and busy.get("synced")):
             report = await self._sync(gen, pname)
+            fence = {"state": "fenced (--sync)"}
+        elif not (busy and busy.get("report")):
+            # fence the primary if it can be reached, and ask what it cut (FIG. 32 step 561;
+            # it ships what it cut until this site stops receiving: less is lost)
+            try:
+                report = await self._ask("fence", gen, r.last_played)
+                fence = {"state": "fenced"}
+                log.info("failover: %s is fenced (read-only)", pname)
+            except Unreachable as e:
+                fence = {"state": "unreachable", "why": str(e)}
+                log.info("failover: %s is unreachable (%s): it could not be fenced", pname, e)
+            except PeerRefused as e:
+                if busy is None:  # (e.g. another secondary took over: this one must not)
+                    raise FailoverError(f"{pname} refused to be fenced: {e}; nothing changed"
+                                        ) from None
+                fence = {"state": "refused", "why": str(e)}
+                log.info("failover: %s refused to be fenced: %s", pname, e)
         # begin: no more delta sets are received
         new = dict(busy or {"generation": gen, "from_generation": r.generation,
                             "primary": prim, "started_ns": time.time_ns()})
         new.update(sync=sync or bool(new.get("synced")), now=now)
         new.setdefault("step", "begun")  # (a failover cut short goes on from its step)
         if report is not None:
-            new.update(synced=True, fence={"state": "fenced (--sync)"}, report=report)
+            new["report"] = report
+        if fence is not None:
+            new["fence"] = fence
+        if sync and report is not None:
+            new["synced"] = True
 
         def begin():
             with self.env.begin(write=True, db=self.db_ctx) as txn:
@@ -397,19 +423,6 @@ class Recovery:
                  "--sync" if new["sync"] else "without --sync", ", --now" if now else "")
         async with svc.ops.quiesce_lock:  # a playback under way ends first
             pass
-        # fence the primary, if it can be reached, and ask what it cut
-        if not new.get("report"):
-            try:
-                new["report"] = await self._ask("fence", gen, r.last_played)
-                new["fence"] = {"state": "fenced"}
-                log.info("failover: %s is fenced (read-only)", pname)
-            except Unreachable as e:
-                new["fence"] = {"state": "unreachable", "why": str(e)}
-                log.info("failover: %s is unreachable (%s): it could not be fenced", pname, e)
-            except PeerRefused as e:
-                new["fence"] = {"state": "refused", "why": str(e)}
-                log.info("failover: %s refused to be fenced: %s", pname, e)
-            await trio.to_thread.run_sync(self._put, FAILOVER, new)
         # play what was received (--now: discard what is not played)
         if new.get("step") == "begun":
             damaged = await self._play_all(copy_only=now)
