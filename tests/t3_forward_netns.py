@@ -10,8 +10,9 @@ workload running, `repfs-admin verify --to F` compares P and F block by block. T
 each landing while a delta set is partly received (the victim's link slowed by tc tbf so
 that the fault lands inside the transfer):
 
-* P's link is cut mid-transfer to F (in this topology P talks to F only) and restored:
-  replication resumes, F goes on from the chunks it holds;
+* P's link is cut mid-transfer to F (in this topology P talks to F only), F restarts
+  meanwhile, the link is restored: replication resumes in a new session from the chunks F
+  holds;
 * H1's link is cut mid-transfer from F: H2 plays that delta set and the next meanwhile (not
   held back), then H1's link is restored and H1 catches up;
 * kill -9 of F mid-transfer: P sends straight to H1 and H2 after site.toml [repl]
@@ -242,17 +243,24 @@ def test_forwarder_across_namespaces_with_faults(netlab, tmp_path):
         out = admin_json(p.path, "verify", "--to", ns["f"].listen)
         assert out["in_sync"] is True, out
 
-        # 1. P's link cut while F holds part of a delta set; the workload goes on; restored
+        # 1. P's link cut while F holds part of a delta set; the workload goes on. While it
+        # is down F restarts (a clean umount and mount), so P's session is dead (its next
+        # packet meets a reset) and the transfer resumes in a new one, from F's chunks
+        again = f"destination {ns['f'].listen}: reachable again"
+        before = (p.site / "repfs.log").read_text().count(again)
         netlab.limit_rate(ns["f"], 30)  # (8 MiB take 2 s to reach F)
         big_write(p, "big1")
         n = cut_no_wait(p)
         assert partly_received(f, n), "the delta set arrived whole before the cut: too fast"
         netlab.cut_link(ns["p"])
         netlab.limit_rate(ns["f"], None)
-        time.sleep(2)
-        assert api(f.site, "GET", "/repl/receiver")["last_received"] < n
+        f.umount()
+        run_repfs("mount", f.site, f.path, "--listen", ns["f"].listen, prefix=ns["f"].nsenter)
+        r = api(f.site, "GET", "/repl/receiver")
+        assert r["last_received"] == n - 1 and r["partial"]["delta_set"] == n, r
         netlab.restore_link(ns["p"])
         wait_played(n, f, h1, h2)
+        assert (p.site / "repfs.log").read_text().count(again) > before, log_tail(p.site)
         checkpoint()
 
         # 2. H1's link cut while H1 holds part of a delta set: H2 goes on; restored
