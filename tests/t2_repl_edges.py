@@ -93,6 +93,13 @@ def test_attach_checks_primary_generation_size_and_force(mount_site):
     # once stopped, force lets another primary take it over (its copy would replace the
     # content); then that primary's older generation, and the first primary, are refused
     admin(m2.path, "replicate", "stop")
+    # (the first primary finds it stopped before another primary takes it: had it found it
+    # at the newer generation instead, it would have fenced itself, recovery/failover.py)
+    deadline = time.monotonic() + 30
+    while api(m1.site, "GET", "/status")["destinations"][0]["state"] != "error":
+        assert time.monotonic() < deadline, log_tail(m1.site)
+        time.sleep(0.1)
+    m1.expect_log("no longer a replicating secondary")
     code, doc = attach(other, gen + 5, force=True)
     assert code == 200 and doc["primary"] == other and doc["state"] == "initial-copy", doc
     assert doc["generation"] == gen + 5
@@ -100,12 +107,7 @@ def test_attach_checks_primary_generation_size_and_force(mount_site):
     assert code == 409 and f"older than this site's {gen + 5}" in doc["error"], doc
     code, doc = attach(me, gen + 5)
     assert code == 409 and "secondary of" in doc["error"], doc
-    # the first primary finds it taken and stops replicating to it, with the reason
-    deadline = time.monotonic() + 30
-    while api(m1.site, "GET", "/status")["destinations"][0]["state"] != "error":
-        assert time.monotonic() < deadline, log_tail(m1.site)
-        time.sleep(0.1)
-    m1.expect_log("no longer a replicating secondary")
+    # the first primary stopped replicating to it, with the reason
 
 
 # ----------------------------------------------------------------------------- torn states
