@@ -15,9 +15,12 @@ that the fault lands inside the transfer):
   holds;
 * H1's link is cut mid-transfer from F: H2 plays that delta set and the next meanwhile (not
   held back), then H1's link is restored and H1 catches up;
-* kill -9 of F mid-transfer: P sends straight to H1 and H2 after site.toml [repl]
-  bypass_after (1 s here) and they go on playing; F is mounted again on the same address,
-  catches up, and the bypass ends;
+* kill -9 of F while H1 holds part of a delta set from F and F part of the next from P: P
+  sends straight to H1 and H2 after site.toml [repl] bypass_after (1 s here), H1 the rest
+  of its delta set (the chunks are F's, byte for byte), and they go on playing; F is mounted
+  again on the same address, catches up, and the bypass ends. (The bypass is driven by a
+  kill, whose reset P sees at once: a link cut silently is a failure P sees only at its
+  answer timeout, 60 s, and so bypassed only that much later);
 * kill -9 of H2 mid-transfer: mounted again, it resumes.
 
 Throughout, a sampler reads each downstream site's (last received, last played): they never
