@@ -120,4 +120,8 @@ class SiteService:
             raise SnapError(f"the file system turned read-only after an error "
                             f"({self.core.error}); remount the site", "conflict")
         if self.readonly:
+            fence = self.recovery.fence_reason()  # (a peer holds a newer generation)
+            if fence:
+                raise SnapError(f"fenced: {fence}: this site is a stale primary and stays "
+                                f"read-only (resync it from the new primary)", "conflict")
             raise SnapError("the site is mounted read-only", "conflict")

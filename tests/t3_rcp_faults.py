@@ -23,6 +23,7 @@ crafted by the test, and kill -9 of the secondary; t0_rcp_wire.py the protocol i
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -34,6 +35,7 @@ from pathlib import Path
 from repfs.rcp import wire
 from repfs.rcp.client import RcpConnection
 from repfs.repl import keys as RK
+from repfs.repl.chunk import encode_chunk
 from tests.conftest import run_repfs
 from tests.t2_rcp import GROUP, SECRET, HoldingProxy, port_of, receiver, remote_pair
 from tests.t2_repl import (ADMIN, api, assert_same_tree, cut, log_tail, start_replication,
@@ -260,10 +262,10 @@ def set_generation(site: Path, generation: int) -> None:
 def test_kill9_of_the_primary_mid_transfer_then_a_stale_generation(mount_site):
     """kill -9 of the primary while a delta set is held mid-transfer: it resumes from what
     the secondary reports and nothing is received or played twice. Then the secondary learns
-    of a newer generation than its primary's (as after a failover elsewhere; the CLI has no
-    way to make this, so it is written into the stopped site's LMDB): the primary's delta
-    chunks and an ATTACH claiming the old generation are refused with the reason, logged on
-    both sides, and the secondary's state and tree stay as they were."""
+    of a newer generation than its primary's (as after a failover elsewhere, written into the
+    stopped site's LMDB): the primary learns it at its next look and fences itself (EROFS,
+    its status says why); delta chunks and an ATTACH claiming the old generation are refused
+    with the reason, and the secondary's state and tree stay as they were."""
     m1, m2, proxy = proxied_pair(mount_site)
     try:
         resume_after_kill9(m1, m2, proxy)
@@ -329,29 +331,47 @@ def stale_generation(m1, m2) -> None:
     run_repfs("mount", m2.site, m2.path, "--listen", "127.0.0.1:0")
     before, shown = receiver(m2), tree(m2.path)
     assert before["generation"] == gen + 1
-    why = f"of generation {gen}: this site is at generation {gen + 1}"
-    m1.expect_log(why)
-    write_big(m1.path, "stale", 1)
-    cut(m1)
+    # the primary's send task reads the newer generation in the secondary's state before it
+    # sends anything: a stale primary, it fences itself (invariant 5, recovery/failover.py):
+    # it sends nothing, its writers get EROFS, its log and status say why
+    newer = f"holds generation {gen + 1}, newer than this site's {gen}"
+    m1.expect_log(newer)
+    m1.expect_log("fenced:")
     d = wait_for("the destination in error", lambda: next(
         (x for x in api(m1.site, "GET", "/status")["destinations"]
          if x["state"] == "error"), None))
-    assert why in d["error"], d
+    assert newer in d["error"], d
+    st = api(m1.site, "GET", "/status")
+    assert st["fenced"] and f"holds generation {gen + 1}" in st["fenced"] and st["readonly"]
+    try:
+        write_big(m1.path, "stale", 1)
+    except OSError as e:
+        assert e.errno == errno.EROFS, e
+    else:
+        raise AssertionError("the fenced primary took a write")
+    # delta chunks and an ATTACH from the primary it follows, claiming the older generation,
+    # are refused by the secondary with the reason (each on a session of its own)
+    why = f"of generation {gen}: this site is at generation {gen + 1}"
+    chunk = encode_chunk(gen, before["last_received"] + 1, 0, [(100, 1)], bytes(4096))
+    body = {"primary": before["primary"], "generation": gen,
+            "nblocks": before["volume_blocks"], "force": False}
+    answers = []
+    for path, data, ctype in (("/v1/repl/chunk", chunk, "application/octet-stream"),
+                              ("/v1/repl/attach", json.dumps(body).encode(),
+                               "application/json")):
+        conn = RcpConnection("127.0.0.1", port_of(m2.site), group=GROUP, secret=SECRET,
+                             site="t3_rcp_faults", uuid="0" * 32, timeout=30)
+        try:
+            conn.send_request("POST", path, data, ctype)
+            answers.append(conn.read_answer())
+        finally:
+            conn.close()
+    (st, raw), (st2, raw2) = answers
+    assert st == 409 and f"rejected chunk {why}" in json.loads(raw)["error"], (st, raw)
     assert f"CHUNK refused: rejected chunk {why}" in (m2.site / "repfs.log").read_text(), \
         log_tail(m2.site)
-    # an ATTACH from the primary it follows, claiming the older generation
-    conn = RcpConnection("127.0.0.1", port_of(m2.site), group=GROUP, secret=SECRET,
-                         site="t3_rcp_faults", uuid="0" * 32, timeout=30)
-    try:
-        body = {"primary": before["primary"], "generation": gen,
-                "nblocks": before["volume_blocks"], "force": False}
-        conn.send_request("POST", "/v1/repl/attach", json.dumps(body).encode(),
-                          "application/json")
-        st, raw = conn.read_answer()
-    finally:
-        conn.close()
     older = f"the primary's generation {gen} is older than this site's {gen + 1}"
-    assert st == 409 and older in json.loads(raw)["error"], (st, raw)
+    assert st2 == 409 and older in json.loads(raw2)["error"], (st2, raw2)
     assert f"ATTACH refused: {older}" in (m2.site / "repfs.log").read_text(), log_tail(m2.site)
     assert receiver(m2) == before and tree(m2.path) == shown
     assert not (m2.path / "stale").exists()
