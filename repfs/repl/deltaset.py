@@ -41,6 +41,7 @@ import numpy as np
 
 from ..extents import runs
 from ..pagedbits import PagedBits
+from ..snap.keys import snap_key
 from . import keys as K
 from .changelog import ChangeLogLayer
 from .chunk import (
@@ -601,8 +602,14 @@ class DeltaSets:
             self._prune(played_by_all, retention_s)
             for snap in self.pins():  # a release whose delete failed before: again
                 n = snap.attrs.get("delta_set")
-                rec = self.record(n) if K.is_u64(n) else None
-                if rec is None or not rec.get("pinned"):
+                # a pin and its record commit in one transaction, so both are read in one:
+                # a forwarder's pin is queued before its playback's commit (receiver.play)
+                # and, not yet recorded, is no orphan (deleting it lost the delta set)
+                with self.env.begin() as txn:
+                    made = txn.get(snap_key(snap.id), db=self.store.db_snaps) is not None
+                    raw = txn.get(K.u64(n), db=self.db_sets) if K.is_u64(n) else None
+                rec = json.loads(raw) if raw else None
+                if made and (rec is None or not rec.get("pinned")):
                     self.layer.delete(snap)
 
     def _prune(self, played_by_all: int, retention_s: float) -> None:
