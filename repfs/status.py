@@ -103,7 +103,8 @@ def _hops(p, fwd: dict, depth: int = 0) -> list[dict]:
     """A forwarder's next hops as it reported them, with their lag as seen from this site
     (the delta sets' numbers are the same along the whole tree)."""
     out = []
-    for h in (fwd or {}).get("hops") or []:
+    hops = (fwd or {}).get("hops") if isinstance(fwd, dict) else None
+    for h in hops if isinstance(hops, list) else []:
         if not isinstance(h, dict) or not isinstance(h.get("played"), int):
             continue
         row = {"site": h.get("site"), "group": h.get("group"), "state": h.get("state"),

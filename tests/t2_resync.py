@@ -123,3 +123,4 @@ def test_resync_of_a_site_of_another_volume_is_a_full_copy_with_a_warning(mount_
         r = admin(m.path, "resync", *args, check=False)
         assert r.returncode != 0 and why in r.stderr, r
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    remount(m1)  # (the old primary back: fenced; its mount is the fixture's to end)

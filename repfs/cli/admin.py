@@ -505,12 +505,13 @@ def _route_rows(dests: list, depth: int = 0) -> list[list]:
             state += f" (bypassing {d['bypass_of']})"
         if d.get("error"):
             state += f" ({d['error']})"
-        lag = d["lag_seconds"]
-        name = d.get("name") or d["site"]
+        lag = d.get("lag_seconds")
+        name = d.get("name") or d.get("site") or "?"
         rows.append([("  " * depth + "└ " if depth else "") + name, state,
-                     d["acked_delta_set"], d["played_delta_set"],
+                     d.get("acked_delta_set"), d.get("played_delta_set"),
                      "-" if lag is None else f"{lag:.1f}s",
-                     f"{_human(d['bwlimit'])}/s" if d.get("bwlimit") else "-", d["site"]])
+                     f"{_human(d['bwlimit'])}/s" if d.get("bwlimit") else "-",
+                     d.get("site") or "-"])
         rows.extend(_route_rows(d.get("hops") or [], depth + 1))
     return rows
 

@@ -294,6 +294,20 @@ def forwarding(env, db_ctx) -> bool:
         return txn.get(FORWARDING) == b"1"
 
 
+def clear_mailbox(env) -> None:
+    """Forget every delta set of this site's mailbox and stop forwarding (one transaction):
+    a site that takes a new copy (attach) keeps nothing of what it cut or forwarded before
+    (its pins are deleted by the caller). A forwarder of the new copy starts its mailbox at
+    the boundary it forwards from (forward.py)."""
+    db_sets, db_bits, db_ctx = (env.open_db(K.DELTASETS), env.open_db(K.DSBITS),
+                                env.open_db(K.CTX))
+    with env.begin(write=True) as txn:
+        txn.drop(db_sets, delete=False)
+        txn.drop(db_bits, delete=False)
+        txn.put(FORWARDING, b"0", db=db_ctx)
+        txn.put(b"last_cut", K.u64(0), db=db_ctx)
+
+
 def forward_pin(store, n: int, bits: PagedBits):
     """A forwarder's pin of delta set `n`, just played (receiver.play): a pinning snapshot of
     the volume at boundary n whose interest is the delta set's blocks, prepared to be recorded
@@ -313,6 +327,11 @@ def forward_record(txn, dbs, store, snap, rec: dict, bits: PagedBits) -> None:
     db_ctx, db_sets, db_bits = dbs
     n = rec["number"]
     blocks = bits.count() if bits is not None else 0
+    cur = txn.cursor(db=db_bits)  # (no page of an older record of the same number survives)
+    if cur.set_range(K.ds_page(n, 0)):
+        while cur.key()[:8] == K.u64(n):
+            if not cur.delete():
+                break
     for page, arr in (bits.pages.items() if bits is not None else ()):
         txn.put(K.ds_page(n, page), arr.tobytes(), db=db_bits)
     if snap is not None:

@@ -78,6 +78,10 @@ class Forwarder(Primary):
         records in the same table: they are not this forwarder's)."""
         return [d for d in super().dests() if d.get("route")]
 
+    def dest(self, name: str) -> dict | None:
+        d = super().dest(name)
+        return d if d is not None and d.get("route") else None
+
     @property
     def on(self) -> bool:
         return forwarding(self.env, self.db_ctx)
@@ -89,13 +93,17 @@ class Forwarder(Primary):
         return {"uuid": self.service.core.sb.uuid.hex(),
                 "site": f"{socket.gethostname()}:{self.service.site.path}"}
 
-    def wanted(self) -> dict[str, str]:
-        """next hop -> group, from routes.json ({} when it cannot be read: said in status)."""
+    def wanted(self) -> dict[str, str] | None:
+        """next hop -> group, from routes.json; None when it cannot be read (said in status
+        and logged once; nothing changes until it reads again)."""
         try:
             table = Routes(self.service.site.path).table()
         except (RouteError, OSError) as e:
+            if getattr(self, "routes_error", None) != describe(e):
+                log.warning("the routes cannot be read (%s); the next hops stay as they are",
+                            describe(e))
             self.routes_error = describe(e)
-            return {}
+            return None
         self.routes_error = None
         return {hop: group for group, hops in sorted(table.items()) for hop in hops}
 
@@ -145,6 +153,14 @@ class Forwarder(Primary):
     async def _reconcile(self) -> None:
         svc = self.service
         want = await trio.to_thread.run_sync(self.wanted)
+        if want is None:
+            return
+        for hop in [h for h in self.start_errors if h not in want]:
+            del self.start_errors[hop]  # (its route is gone)
+        if self.on:  # (whatever no next hop waits for goes: also with none started yet)
+            await trio.to_thread.run_sync(self.prune)
+            if self.paused and not self.sets.flow_control():
+                self.playback_pause()  # (over: said, and cleared for status)
         r = self.receiver
         live = {d["name"]: d for d in self.dests() if d["state"] != "stopped"
                 and not d.get("bypass_of")}
@@ -189,12 +205,12 @@ class Forwarder(Primary):
         svc = self.service
 
         def flip():
+            if not on:  # (released first: a crash in between leaves nothing pinned)
+                self.sets.prune(1 << 62, self.policy()["retention"])
             with self.env.begin(write=True, db=self.db_ctx) as txn:
                 txn.put(FORWARDING, b"1" if on else b"0")
                 if on:
                     txn.put(b"last_cut", K.u64(self.receiver.last_played))
-            if not on:
-                self.sets.prune(1 << 62, self.policy()["retention"])
 
         async with svc.ops.hold_all():  # (no playback: last_played is the volume's boundary)
             await trio.to_thread.run_sync(flip)
@@ -230,10 +246,14 @@ class Forwarder(Primary):
         snap_name = f"repl-init-{hop}"
         async with svc.ops.hold_all():  # between two playbacks: the copy's boundary
             def take() -> int:
+                r = self.receiver
+                if r.role != "secondary" or r.state != "replicating" or r.last_played < 1:
+                    raise TransientError(f"this site is {r.state}: it gives next hops a "
+                                         f"copy once it replicates again")
                 old = next((s for s in list(svc.store.queue) if s.name == snap_name), None)
                 if old is not None:
                     svc.layer.delete(old)
-                stamp = self.receiver.last_played
+                stamp = r.last_played
                 svc.store.create(snap_name, {"delta_set": stamp, "purpose": "initial copy",
                                              "destination": hop})
                 return stamp
@@ -249,9 +269,10 @@ class Forwarder(Primary):
     # ------------------------------------------------------------------ becoming something else
 
     async def reset(self) -> None:
-        """This site takes a new copy (attach): what it forwarded belongs to the old one.
-        The next hops are stopped (the routes give them a new copy), the mailbox emptied.
-        Its pins are dropped by the caller (Secondary._drop_pins)."""
+        """This site takes a new copy (attach) or becomes a primary (failover): what it
+        forwarded belongs to the old one. The next hops are stopped (the routes give them a
+        new copy), the mailbox emptied. Its pins are dropped by the caller
+        (Secondary._drop_pins). The caller holds `lock` (no next hop starts meanwhile)."""
         await self.stop_senders(*self.tasks)
 
         def clear():
@@ -264,8 +285,7 @@ class Forwarder(Primary):
                     txn.delete(K.u64(rec["number"]), db=self.sets.db_sets)
                     self.sets._drop_bits(txn, rec["number"])
                 txn.put(b"last_cut", K.u64(0), db=self.db_ctx)
-        async with self.lock:
-            await trio.to_thread.run_sync(clear)
+        await trio.to_thread.run_sync(clear)
 
     def playback_pause(self) -> str | None:
         """Why the next playback must wait (the mailbox is full), else None; logged once."""

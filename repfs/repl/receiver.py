@@ -810,10 +810,11 @@ class Receiver:
             layer = dev.find_layer(SnapLayer)
             store = layer.store
             old = next((s for s in list(store.queue) if s.name == f"{PIN_PREFIX}{n}"), None)
-            if old is None:  # (else recorded when this playback first ended)
-                pin = forward_pin(store, n, bits)
-                with layer.lock:  # nothing writes its blocks before the commit below
-                    store.queue.append(pin)
+            if old is not None:  # (a stale one: this playback makes the pin of n anew)
+                layer.delete(old)
+            pin = forward_pin(store, n, bits)
+            with layer.lock:  # nothing writes its blocks before the commit below
+                store.queue.append(pin)
         try:
             with self.env.begin(write=True) as txn:
                 self._put(txn, "last_played", K.u64(n))

@@ -4,6 +4,7 @@ order (FIG. 9), each one consistent step with exactly the stale kernel caches dr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -14,7 +15,7 @@ import trio
 from ..fs.invalidate import volume_changes
 from ..tasks import describe, is_transient
 from .chunk import ChunkError
-from .deltaset import PIN_PREFIX
+from .deltaset import PIN_PREFIX, clear_mailbox
 from .receiver import ReceiveError, attach_refusal
 from .verify import PURPOSE as VERIFY_PURPOSE, SecondaryVerify
 from ..snap.store import SnapError
@@ -44,7 +45,11 @@ class Secondary:
                     destinations=[d["name"] for d in svc.primary.dests()
                                   if d["state"] != "stopped"] if svc.primary else [])
         if svc.forwarder is not None:  # its next hops (forward.py): the upstream's route tree
-            info["forward"] = svc.forwarder.info()
+            try:
+                info["forward"] = svc.forwarder.info()
+            except Exception as e:  # noqa: BLE001 - its upstream must still reach it
+                log.warning("the route tree cannot be reported: %s", describe(e))
+                info["forward"] = None
         return info
 
     async def attach(self, primary: dict, generation: int, nblocks: int, force: bool) -> dict:
@@ -61,20 +66,25 @@ class Secondary:
                 raise ReceiveError(why)
             if svc.primary is not None:  # (its send tasks end first: writers stay ungated)
                 await svc.primary.stop_senders(*svc.primary.tasks)
-            if svc.forwarder is not None:  # what it forwarded belongs to its old copy
-                await svc.forwarder.reset()
-            async with svc.ops.quiesce():
-                await trio.to_thread.run_sync(svc.core.checkpoint)
-                if svc.primary is not None:
-                    svc.clog.disable()
-                    svc.primary = None
-                    svc.sets = None
-                # the delta sets this site pinned as a primary will never be sent: their
-                # pins would copy blocks at every playback
-                await trio.to_thread.run_sync(self._drop_pins)
-                await trio.to_thread.run_sync(self.receiver.attach, primary, generation)
-                svc.core.readonly = True
-                svc.readonly = True
+            fwd = svc.forwarder
+            async with contextlib.AsyncExitStack() as stack:
+                if fwd is not None:  # what it forwarded belongs to its old copy; no next
+                    await stack.enter_async_context(fwd.lock)  # hop starts meanwhile
+                    await fwd.reset()
+                async with svc.ops.quiesce():
+                    await trio.to_thread.run_sync(svc.core.checkpoint)
+                    if svc.primary is not None:
+                        svc.clog.disable()
+                        svc.primary = None
+                        svc.sets = None
+                    # the delta sets this site pinned as a primary will never be sent: their
+                    # pins would copy blocks at every playback; its mailbox is not the one a
+                    # forwarder of the new copy keeps
+                    await trio.to_thread.run_sync(self._drop_pins)
+                    await trio.to_thread.run_sync(clear_mailbox, svc.store.env)
+                    await trio.to_thread.run_sync(self.receiver.attach, primary, generation)
+                    svc.core.readonly = True
+                    svc.readonly = True
         # (a playback loop waiting out a back-off after an error is not `playing`, but lives)
         if not self.playing and svc.supervisor.state("playback").state not in (
                 "running", "retrying", "recovering"):

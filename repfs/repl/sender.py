@@ -485,11 +485,15 @@ class Primary:
         them (`prune`), so the next hops are sent what they lack, never a copy."""
         if not on:
             names = self.bypassed(name)
+            for b in names:  # (bypasses of a bypassed forwarder's own next hops too)
+                if self.bypassed(b):
+                    await self.bypass(b, False)
             await self.stop_senders(*names)
             for b in names:
                 await trio.to_thread.run_sync(self.del_dest, b)
-            log.info("destination %s answers again: it forwards to its next hops itself",
-                     name)
+            if names:
+                log.info("destination %s answers again: it forwards to its next hops itself",
+                         name)
             return
         d = self.dest(name)
         if d is None or d.get("kind") != "rcp":  # (its next hops are reached by RCP)
@@ -507,6 +511,8 @@ class Primary:
                    "state": "replicating", "acked": hop["acked"], "played": hop["played"],
                    "bypass_of": name, "via": fwd.get("me"), "forward": hop.get("forward"),
                    "started_ns": time.time_ns()}
+            if not self.cuts:  # (a forwarder's records of its own: forward.Forwarder.dests)
+                rec["route"] = True
             await trio.to_thread.run_sync(self.put_dest, rec)
             self.start_sender(self.service.nursery, b)
             started.append(hop["site"])
@@ -625,9 +631,11 @@ class Primary:
         primaries' blocks in one volume (review of issue 9)."""
         theirs = info.get("primary") or {}
         mine = identity(self.service, d)
-        via = d.get("via") or {}  # a bypass: the next hop follows the forwarder it stands in for
-        if (theirs.get("uuid"), theirs.get("site")) not in (
-                (mine["uuid"], mine["site"]), (via.get("uuid"), via.get("site"))):
+        ok = [(mine["uuid"], mine["site"])]
+        via = d.get("via")  # a bypass: the next hop follows the forwarder it stands in for
+        if isinstance(via, dict) and via.get("uuid") and via.get("site"):
+            ok.append((via["uuid"], via["site"]))
+        if (theirs.get("uuid"), theirs.get("site")) not in ok:
             raise PermanentError(f"{d['site']} now follows {theirs.get('site') or 'no primary'}"
                                  f", not this site")
 
@@ -699,7 +707,8 @@ class Primary:
         """Release the delta sets every destination has played (runs in a worker thread).
         Not when they have only received them: a secondary that finds a received delta set
         damaged asks for it again."""
-        active = [d for d in self.dests() if d["state"] != "stopped"]
+        # (not one in error: it needs a new copy, `replicate start`, not these delta sets)
+        active = [d for d in self.dests() if d["state"] not in ("stopped", "error")]
         # (a forwarder's next hops too: they are sent to directly while it is bypassed)
         played = min((subtree(d) for d in active), default=self.sets.last_cut)
         self.sets.prune(played, self.policy()["retention"])
