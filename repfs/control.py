@@ -37,6 +37,7 @@ Routes (all under /v1):
 | POST | /failover | {"sync"?, "now"?, "dry_run"?} | `failover` at a secondary (recovery/failover.py) |
 | POST | /repl/failover | {"step", "generation", "by", "after"?} | secondary to primary at a failover: "report", "fence", "sync" |
 | POST | /resync | {"peer", "group"?, "dry_run"?} | `resync --peer` at a new primary (recovery/resync.py) |
+| POST | /switchover, /failback | {"to"} / {} | `switchover --to DEST`, `failback` at a primary (recovery/switchover.py) |
 | POST | /repl/resync | {"step", "generation", "by", "after", "dry_run"?, "bits"?, "primary"?, "nblocks"?} | new primary to old at a resync: "blocklist", "paths" (dry run), "attach" |
 | POST | /verify | {"to", "repair"?, "wait"?} | `verify --to DEST`: compare with a secondary at a delta-set boundary (repl/verify.py) |
 | POST | /repl/verify | {"step", "at", "generation", "ranges"?} | primary to secondary: verify's hold of playback and range hashes |
@@ -1060,8 +1061,15 @@ class ControlServer:
             step = args.get("step")
             if not isinstance(step, str) or len(step) > 16:
                 raise HTTPError(400, f"bad failover step {_short(step)}")
+            if step == "switchover":  # its primary asks it to take over (recovery/switchover.py)
+                return await svc.switchover.take_over(
+                    _uint(args.get("generation"), "generation"), by)
             return await svc.recovery.request(step, _uint(args.get("generation"), "generation"),
                                               by, _uint(args.get("after", 0), "after"))
+        if parts == ["switchover"] and method == "POST":  # (recovery/switchover.py)
+            return await svc.switchover.run(_lookup_name(args.get("to"), "destination name"))
+        if parts == ["failback"] and method == "POST":
+            return await svc.switchover.failback()
         if parts == ["resync"] and method == "POST":  # (recovery/resync.py)
             peer = args.get("peer")
             if not isinstance(peer, str) or not 0 < len(peer) <= MAX_PATH or not peer.isprintable():

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
+import time
 
 from tests.t2_failover import errno_of_write, fill, failover, snapshot_names, wait_for, write
 from tests.t2_repl import (admin, admin_json, api, assert_same_tree, cut, start_replication,
@@ -94,6 +96,20 @@ def test_resync_sends_only_the_blocks_that_differ_then_replication_goes_on(mount
     # resync again: already done
     again = resync_json(m2, "--peer", str(m1.site))
     assert again["already"], again
+    # failback (FIG. 30): the old primary is the primary again, generation 3, nothing lost
+    write(m2.path / "last-on-new", os.urandom(70_000))
+    r = admin(m2.path, "failback", timeout=300)
+    assert "is the primary now (generation 3)" in r.stdout, r.stdout
+    st1, st2 = api(m1.site, "GET", "/status"), api(m2.site, "GET", "/status")
+    assert (st1["role"], st1["generation"], st1["readonly"]) == ("primary", 3, False), st1
+    assert (st2["role"], st2["generation"]) == ("secondary", 3), st2
+    assert_same_tree(m1.path, m2.path)  # last-on-new included: lost nothing
+    write(m1.path / "back-home", os.urandom(60_000))
+    wait_converged(m1, m2, cut(m1))
+    assert_same_tree(m1.path, m2.path)
+    r = admin(m2.path, "failback", check=False)  # at a secondary: refused, one line
+    assert r.returncode != 0 and "secondary" in r.stderr, r
+    assert len(r.stderr.strip().splitlines()) == 1, r
 
 
 def test_resync_of_a_site_of_another_volume_is_a_full_copy_with_a_warning(mount_site):
@@ -124,3 +140,55 @@ def test_resync_of_a_site_of_another_volume_is_a_full_copy_with_a_warning(mount_
         assert r.returncode != 0 and why in r.stderr, r
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     remount(m1)  # (the old primary back: fenced; its mount is the fixture's to end)
+
+
+def test_switchover_under_a_running_writer_loses_nothing(mount_site):
+    """switchover --to while a writer fsyncs file after file on the primary: the writer
+    meets EROFS at the fence; every file it had fsync'd before is on the new primary, whole;
+    the old primary is the new one's secondary (no full copy); switching back works."""
+    m1 = mount_site("128M", name="s1")
+    m2 = mount_site("128M", name="s2")
+    start_replication(m1, m2)
+    fill(m1.path, "a", n=3)
+    wait_converged(m1, m2, cut(m1))
+    done: list[tuple[str, bytes]] = []
+    stop = threading.Event()
+
+    def writer():
+        i = 0
+        while not stop.is_set():
+            data = os.urandom(40_000)
+            try:
+                write(m1.path / f"w-{i}", data)
+            except OSError as e:
+                assert e.errno == errno.EROFS, e
+                return
+            done.append((f"w-{i}", data))
+            i += 1
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        time.sleep(0.5)
+        for m in (m1, m2):  # (each is fenced in its turn: the planned way)
+            m.expect_log("fenced")
+        r = admin(m1.path, "switchover", "--to", m2.site.name, timeout=300)
+    finally:
+        stop.set()
+        t.join(60)
+    assert "is the primary now (generation 2)" in r.stdout, r.stdout
+    assert len(done) > 0
+    for name, data in done:  # every write that returned is on the new primary
+        assert (m2.path / name).read_bytes() == data, name
+    st1 = api(m1.site, "GET", "/status")
+    assert (st1["role"], st1["generation"]) == ("secondary", 2), st1
+    d = dest(m2, m1.site.name)
+    assert d["resync"]["copied_blocks"] < 64, d  # nothing to copy: no full copy
+    assert_same_tree(m2.path, m1.path)
+    r = admin(m1.path, "switchover", "--to", m2.site.name)  # again: done already
+    assert "already switched over" in r.stdout, r.stdout
+    # and back
+    write(m2.path / "on-2", os.urandom(30_000))
+    r = admin(m2.path, "switchover", "--to", m1.site.name, timeout=300)
+    assert "generation 3" in r.stdout, r.stdout
+    assert_same_tree(m1.path, m2.path)

@@ -193,6 +193,13 @@ def _parser() -> argparse.ArgumentParser:
     rs.add_argument("--dry-run", action="store_true",
                     help="say which blocks and files would be discarded on the old primary "
                          "and what would cross the wire; change nothing")
+    sw = sub.add_parser("switchover", help="at a primary: hand the primary role to a "
+                                           "destination, losing nothing, no full copy "
+                                           "(docs/recovery.md)")
+    sw.add_argument("--to", required=True, metavar="DEST",
+                    help="the destination that takes over (its name in status)")
+    sub.add_parser("failback", help="at a primary that failed over: give the primary role "
+                                    "back to the old primary it resynced (docs/recovery.md)")
     tl = sub.add_parser("tls", help="certificates for TLS (no --site needed)")
     ts = tl.add_subparsers(dest="action", required=True, parser_class=_Parser)
     ti = ts.add_parser("init", help="make a CA in DIR (if it has none) and a certificate "
@@ -597,6 +604,19 @@ def _main(argv) -> int:
         out = _failover(t, a)
     elif a.verb == "resync":
         out = _resync(t, a)
+    elif a.verb in ("switchover", "failback"):
+        if t.timeout == TIMEOUT:  # (the peer plays the last delta set and resyncs this one)
+            t.timeout = FAILOVER_TIMEOUT
+        out = (call(t, "POST", "/switchover", {"to": a.to}) if a.verb == "switchover"
+               else call(t, "POST", "/failback", {}))
+        if not a.json:
+            if out.get("already"):
+                print(f"already switched over: this site is a secondary of {out['switched_to']}")
+            else:
+                fo = out.get("failover") or {}
+                print(f"{out['switched_to']} is the primary now (generation "
+                      f"{fo.get('generation')}); this site is its secondary")
+                print(_lost_line(fo.get("lost")))
     if a.json:
         print(json.dumps(out, indent=2))
     if a.verb == "verify" and not out["in_sync"]:

@@ -255,7 +255,7 @@ class Resync:
                 async with svc.ops.quiesce():
                     await trio.to_thread.run_sync(svc.store.create, name, {
                         "purpose": "divergence", "generation": r.generation, "by": by})
-                log.warning("resync from %s: this site's state is kept in snapshot %s (the "
+                log.info("resync from %s: this site's state is kept in snapshot %s (the "
                             "writes the failover lost can be read and copied from it); the "
                             "site becomes a secondary of %s", by, name, primary["site"])
         return await svc.secondary.attach(primary, gen, nblocks, True)
