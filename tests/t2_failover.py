@@ -201,6 +201,9 @@ def _failover_after_kill(m1, m2, fresh):
     st = api(m1.site, "GET", "/status")
     assert (st["role"], st["generation"], st["fenced"]) == ("secondary", 2, None), st
     assert_same_tree(m2.path, m1.path)
+    # the changes logged since the restart point became the first delta set of generation 2
+    # (its block list kept for the retention period: what a resync needs)
+    assert api(m2.site, "GET", "/status")["last_cut_delta_set"] == n + 1
 
 
 def test_failover_now_discards_what_is_not_played_and_reports_the_loss(mount_site):
