@@ -295,8 +295,9 @@ def test_failover_sync_over_rcp_loses_nothing(mount_site):
 def test_kill9_during_failover_then_failover_again(mount_site):
     """The secondary's daemon is killed while its failover plays what it received; mounted
     again (still a secondary, receiving nothing), failover again finishes it: the same
-    generation, the restart point at the last delta set received, the data byte-exact. A
-    restart of the new primary keeps it the primary, writable and logging."""
+    generation, the data byte-exact. The last delta set received was damaged on its disk
+    meanwhile: it is not played, the restart point is the one before, and the report says
+    so. A restart of the new primary keeps it the primary, writable and logging."""
     p = make_pair(mount_site)
     with no_dead_mounts(p.m1, p.m2):
         _kill9_during_failover(p.m1, p.m2)
@@ -304,10 +305,12 @@ def test_kill9_during_failover_then_failover_again(mount_site):
 
 def _kill9_during_failover(m1, m2):
     admin(m2.path, "replicate", "policy", "--playback-timeout", "3600")
+    boundaries = []
     for i in range(3):
         fill(m1.path, f"g{i}", n=4, size=2 << 20)
+        boundaries.append(tree(m1.path))  # (nothing writes until the cut)
         n = cut(m1)
-    want = tree(m1.path)
+    want = boundaries[-2]  # the last delta set is damaged below: never played
     wait_for(lambda: api(m2.site, "GET", "/status")["last_received_delta_set"] == n,
              "the delta sets received", sites=[m1.site, m2.site])
     kill9(m1.site)  # (its mount is gone: the fence finds nobody)
@@ -328,6 +331,13 @@ def _kill9_during_failover(m1, m2):
         proc.communicate(timeout=60)
         os.unlink(ds)
         os.rename(aside, ds)
+    # and the last one received is damaged on this site's disk (a byte of its data flipped)
+    last = m2.site / "save" / "incoming" / f"{n}.ds"
+    with open(last, "r+b") as f:
+        f.seek(last.stat().st_size - 100)
+        b = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([b[0] ^ 0x01]))
     rec = json.loads(ctx(m2.site, b"failover"))
     assert rec["step"] == "begun" and rec["fence"]["state"] == "unreachable", rec
     remount(m2)
@@ -335,8 +345,11 @@ def _kill9_during_failover(m1, m2):
     assert st["role"] == "secondary" and st["readonly"], st
     assert st["replication_state"] == "failover" and st["last_played_delta_set"] < n, st
     assert st["last_failover"]["state"].startswith("in progress"), st
+    m2.expect_log("the restart point is delta set")  # (the damaged one: ERROR)
     out = failover_json(m2)
-    assert out["generation"] == 2 and out["restart_delta_set"] == n, out
+    assert out["generation"] == 2 and out["restart_delta_set"] == n - 1, out
+    assert out["damaged"]["delta_set"] == n, out
+    assert [x["delta_set"] for x in out["discarded"]] == [n], out
     assert out["fence"]["state"] == "unreachable", out
     assert tree(m2.path) == want
     write(m2.path / "after", b"new primary")
@@ -348,7 +361,7 @@ def _kill9_during_failover(m1, m2):
     st = api(m2.site, "GET", "/status")
     assert (st["role"], st["generation"], st["readonly"]) == ("primary", 2, False), st
     assert st["replicating"] is True and st["current_delta_set_blocks"] > 0, st
-    assert st["restart_point"]["delta_set"] == n, st
+    assert st["restart_point"]["delta_set"] == n - 1, st
     assert (m2.path / "after").read_bytes() == b"new primary"
     write(m2.path / "after2", b"still writable")
     assert "already failed over" in failover(m2).stdout

@@ -81,8 +81,8 @@ def _loads(raw: bytes | None) -> dict | None:
     try:
         v = json.loads(raw)
     except ValueError:
-        return {"damaged": True}
-    return v if isinstance(v, dict) else {"damaged": True}
+        return {"unreadable": True}
+    return v if isinstance(v, dict) else {"unreadable": True}
 
 
 def _int(v, default: int = 0) -> int:
@@ -180,7 +180,7 @@ class Recovery:
                                   "generation": rp.get("generation"),
                                   "at": iso(_int(rp.get("at_ns")))} if rp else None),
                "last_failover": None}
-        if fo and not fo.get("damaged"):
+        if fo and not fo.get("unreadable"):
             out["last_failover"] = {
                 "state": "done" if fo.get("step") == "done" else f"in progress "
                          f"({fo.get('step')}): run failover again to finish it",
@@ -191,6 +191,7 @@ class Recovery:
                 "completed": iso(_int(fo.get("completed_ns"))),
                 "restart_delta_set": fo.get("restart_delta_set"),
                 "fence": fo.get("fence"), "discarded": fo.get("discarded") or [],
+                "damaged": fo.get("damaged_delta_set"),
                 "lost": fo.get("lost")}
         return out
 
@@ -351,7 +352,7 @@ class Recovery:
         svc = self.svc
         r = svc.receiver
         rec = self.last_failover()
-        if rec is not None and rec.get("damaged"):
+        if rec is not None and rec.get("unreadable"):
             rec = None
         if r.role == "primary" and rec and rec.get("step") == "done" and _int(
                 rec.get("generation")) == r.generation:
@@ -431,7 +432,8 @@ class Recovery:
                 log.info("failover: delta sets %s received but not played are discarded",
                          ", ".join(str(x["delta_set"]) for x in discarded))
             new.update(step="played", restart_delta_set=r.last_played,
-                       discarded=(new.get("discarded") or []) + discarded, damaged=damaged)
+                       discarded=(new.get("discarded") or []) + discarded,
+                       damaged_delta_set=damaged)
             await trio.to_thread.run_sync(self._put, FAILOVER, new)
         n = _int(new.get("restart_delta_set"), r.last_played)
         # the restart point
@@ -535,7 +537,7 @@ class Recovery:
             cur = txn.cursor(db=self.db_dests)
             for key, raw in list(cur):
                 d = _loads(raw) or {}
-                if d.get("state") != "stopped" and not d.get("damaged"):
+                if d.get("state") != "stopped" and not d.get("unreadable"):
                     d.update(state="stopped", error=f"stopped by the failover to generation "
                                                     f"{gen}")
                     txn.put(key, json.dumps(d).encode(), db=self.db_dests)
@@ -594,7 +596,7 @@ class Recovery:
                "restart_point": f"{RESTART_PREFIX}{_int(rec.get('generation'))}",
                "restart_delta_set": _int(rec.get("restart_delta_set")),
                "fence": rec.get("fence"), "discarded": rec.get("discarded") or [],
-               "damaged": rec.get("damaged"), "lost": rec.get("lost"),
+               "damaged": rec.get("damaged_delta_set"), "lost": rec.get("lost"),
                "readonly": svc.readonly, "already_done": already, "dry_run": dry_run}
         return out
 
