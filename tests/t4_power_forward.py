@@ -61,7 +61,7 @@ SEED = int(os.environ.get("REPFS_POWER_SEED", "0"))
 
 SIZE = "128M"
 BIG = 12 << 20  # a file overwritten whole: a delta set whose playback lasts
-NO_LONGER = "no longer holds"  # the forwarder lost a delta set its next hop asks for
+NO_LONGER = "no longer hold"  # the forwarder lost a delta set its next hop asks for
 
 
 class ListeningPowerSite(PowerSite):
@@ -207,8 +207,9 @@ def power_site(tmp_path):
 
 
 def _dead_state(site: Path) -> dict:
-    """What a cut left on the forwarder's disk: a playback recorded as running, the pins
-    recorded (repl-ds-N -> whether its save volume exists)."""
+    """The replication state on a stopped forwarder's disk (printed with each round): a
+    playback recorded as running, the pins recorded (repl-ds-N -> whether its save volume
+    exists), the delta sets it holds, its next hops' (acked, played), its last played."""
     from repfs.repl import keys as RK
     from repfs.snap import keys as SK
     env = _meta(site)
@@ -273,13 +274,16 @@ def in_use_digest(image: Path) -> str:
 
 
 def finish(p, f, h) -> None:
-    """The forwarder releases what it held; the primary verifies it; all three stop cleanly,
+    """The primary verifies the forwarder (a delta set of its own, forwarded too); the next
+    hop plays what the forwarder played, which then holds nothing; all three stop cleanly,
     the forwarder leaves no pin or save volume behind and its volume's blocks in use are its
     next hop's."""
-    _wait(lambda: not api(f.site, "GET", "/status")["forwarding"]["held_delta_sets"],
-          "the forwarder's held delta sets released", sites=(f.site,), timeout=60)
     r = admin(p.path, "verify", "--to", address(f), check=False, timeout=180)
     assert r.returncode == 0, f"verify of the forwarder: {r.stdout}{r.stderr}"
+    n = played(f.site)
+    _wait(lambda: played(h.site) >= n and not api(f.site, "GET", "/status")["forwarding"][
+        "held_delta_sets"], f"the next hop at delta set {n}, the forwarder holding nothing",
+        sites=(f.site, h.site), timeout=60)
     for m in (p, f, h):
         run_repfs("umount", m.path)
         _wait_unmounted(m.path)
@@ -413,11 +417,4 @@ def test_kill9_of_the_forwarder(mount_site):
               flush=True)
         rnd += 1
     assert inside, "no kill landed inside a playback: test too weak"
-    _wait(lambda: not api(f.site, "GET", "/status")["forwarding"]["held_delta_sets"],
-          "the forwarder's held delta sets released", sites=(f.site,), timeout=60)
-    for m in (p, f, h):
-        run_repfs("umount", m.path)
-        _wait_unmounted(m.path)
-    pins, orphans = _leftovers(f.site)
-    assert not pins and not orphans, f"left over at the forwarder: pins {pins}, save {orphans}"
-    assert in_use_digest(f.site / "volume.img") == in_use_digest(h.site / "volume.img")
+    finish(p, f, h)
