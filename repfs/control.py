@@ -39,6 +39,9 @@ Routes (all under /v1):
 | POST | /resync | {"peer", "group"?, "dry_run"?} | `resync --peer` at a new primary (recovery/resync.py) |
 | POST | /switchover, /failback | {"to"} / {} | `switchover --to DEST`, `failback` at a primary (recovery/switchover.py) |
 | POST | /repl/resync | {"step", "generation", "by", "after", "dry_run"?, "bits"?, "primary"?, "nblocks"?} | new primary to old at a resync: "blocklist", "paths" (dry run), "attach" |
+| POST | /copy | {"snapshot", "to", "base"?, "group"?, "force"?, "bwlimit"?} | `copy SNAP --to PEER` (recovery/copy.py) |
+| POST | /pull | {"from", "group"?, "min_interval"?} | `pull --from PEER` at a copy |
+| POST | /repl/pull | {"have"?, "to"} | a copy to its source at a pull: FIG. 37-38's choice, then the copy |
 | POST | /verify | {"to", "repair"?, "wait"?} | `verify --to DEST`: compare with a secondary at a delta-set boundary (repl/verify.py) |
 | POST | /repl/verify | {"step", "at", "generation", "ranges"?} | primary to secondary: verify's hold of playback and range hashes |
 | GET | /groups | | the replication groups' names (never their secrets) |
@@ -254,6 +257,13 @@ def _scalar_map(v, what: str, max_items: int, max_str: int) -> dict:
         if not ok:
             raise HTTPError(400, f"bad {what} value {_short(x)} for {k!r}: want a string of at "
                                  f"most {max_str} characters, a number, true, false or null")
+    return v
+
+
+def _peer(v, what: str) -> str:
+    """A peer site: its directory on this host, or HOST:PORT."""
+    if not isinstance(v, str) or not 0 < len(v) <= MAX_PATH or not v.isprintable():
+        raise HTTPError(400, f"bad {what} {_short(v)} (want a site directory or HOST:PORT)")
     return v
 
 
@@ -1098,6 +1108,28 @@ class ControlServer:
                 req["primary"] = _scalar_map(args.get("primary"), "primary", 16, MAX_PATH)
                 req["nblocks"] = _uint(args.get("nblocks"), "volume size in blocks (nblocks)")
             return await svc.resync.request(req)
+        if parts == ["copy"] and method == "POST":  # (recovery/copy.py)
+            to = _peer(args.get("to"), "peer (to)")
+            base = args.get("base")
+            return await svc.copies.copy(
+                _lookup_name(args.get("snapshot"), "snapshot name"), to,
+                base=None if base is None else _lookup_name(base, "snapshot name (base)"),
+                group=None if args.get("group") is None else _lookup_name(args["group"],
+                                                                          "group name"),
+                force=_bool(args.get("force"), "force", False),
+                bwlimit=_size(args.get("bwlimit"), "bandwidth limit (bwlimit)") or 0)
+        if parts == ["pull"] and method == "POST":
+            return await svc.copies.pull(
+                _peer(args.get("from"), "peer (from)"),
+                None if args.get("group") is None else _lookup_name(args["group"],
+                                                                    "group name"),
+                _seconds(args.get("min_interval"), "min_interval"))
+        if parts == ["repl", "pull"] and method == "POST":  # a copy asks its source
+            have = args.get("have")
+            if have is not None:
+                have = _scalar_map(have, "have", 8, MAX_PATH)
+            return await svc.copies.serve_pull(have, _peer(args.get("to"), "peer (to)"),
+                                               None)
         if parts == ["verify"] and method == "POST":
             to = args.get("to")
             if not isinstance(to, str) or not 0 < len(to) <= MAX_PATH or not to.isprintable():

@@ -15,6 +15,7 @@ in the daemon's trio run, and every snapshot operation happens at a consistency 
 | `verifier` | `repfs/repl/verify.py` | verify --to DEST (and, at a secondary, `secondary.verify`) |
 | `recovery` | `repfs/recovery/failover.py` | failover at a secondary; the generation fence |
 | `resync` | `repfs/recovery/resync.py` | resync --peer at a new primary; its steps at the old one |
+| `copies` | `repfs/recovery/copy.py` | copy SNAP --to PEER at a source; pull --from PEER at a copy |
 | `switchover` | `repfs/recovery/switchover.py` | switchover --to DEST and failback at a primary; taking over at DEST |
 
 Kernel-cache invalidation after a change underneath the file system (restore, playback) is
@@ -30,6 +31,7 @@ import trio
 from .fs.core import FileSystem
 from .fs.ops import Operations
 from .mountopts import Remounter
+from .recovery.copy import Copies
 from .recovery.failover import Recovery
 from .recovery.resync import Resync
 from .recovery.switchover import Switchover
@@ -82,6 +84,7 @@ class SiteService:
         self.replicate = ReplicateVerbs(self)
         self.verifier = PrimaryVerify(self)
         self.resync = Resync(self)  # (resync --peer at a new primary; its steps at an old one)
+        self.copies = Copies(self)  # (copy SNAP --to PEER, pull --from PEER: recovery/copy.py)
         self.switchover = Switchover(self)  # (switchover, failback)
         self.recovery = Recovery(self)  # (last: a fenced site turns read-only here)
 

@@ -200,6 +200,25 @@ def _parser() -> argparse.ArgumentParser:
                     help="the destination that takes over (its name in status)")
     sub.add_parser("failback", help="at a primary that failed over: give the primary role "
                                     "back to the old primary it resynced (docs/recovery.md)")
+    cp = sub.add_parser("copy", help="ship a snapshot (or its changes since an older one) "
+                                     "to another site (fs_copy; docs/recovery.md)")
+    cp.add_argument("snapshot", metavar="SNAP", help="the snapshot to copy")
+    cp.add_argument("--to", required=True, metavar="PEER",
+                    help="the site that gets it: its site directory, or HOST:PORT")
+    cp.add_argument("--base", metavar="OLDER",
+                    help="send only the blocks changed since snapshot OLDER, of which PEER "
+                         "holds a copy from this site")
+    cp.add_argument("--group", help="the replication group to reach a HOST:PORT peer in")
+    cp.add_argument("--force", action="store_true",
+                    help="replace the content of a peer that holds files or replicates")
+    cp.add_argument("--bwlimit", metavar="RATE", help="bytes per second (10M, 512K)")
+    pl = sub.add_parser("pull", help="at a copy: bring it up to its source's youngest snapshot "
+                                     "(only the changed blocks while the source holds this "
+                                     "copy's snapshot; docs/recovery.md)")
+    pl.add_argument("--from", required=True, dest="peer", metavar="PEER",
+                    help="the source: its site directory")
+    pl.add_argument("--min-interval", type=_seconds, metavar="SECONDS",
+                    help="ask only if the last update or check is older than this (Tmin)")
     tl = sub.add_parser("tls", help="certificates for TLS (no --site needed)")
     ts = tl.add_subparsers(dest="action", required=True, parser_class=_Parser)
     ti = ts.add_parser("init", help="make a CA in DIR (if it has none) and a certificate "
@@ -604,6 +623,8 @@ def _main(argv) -> int:
         out = _failover(t, a)
     elif a.verb == "resync":
         out = _resync(t, a)
+    elif a.verb in ("copy", "pull"):
+        out = _copy(t, a)
     elif a.verb in ("switchover", "failback"):
         if t.timeout == TIMEOUT:  # (the peer plays the last delta set and resyncs this one)
             t.timeout = FAILOVER_TIMEOUT
@@ -696,6 +717,43 @@ def _resync(t: Target, a) -> dict:
               f"delta set {out['restart_delta_set']}; the old primary is a secondary of this "
               f"site and takes them as delta set {out['stamp']} (repfs-admin status: "
               f"resyncing N%)")
+    return out
+
+
+def _copy(t: Target, a) -> dict:
+    """`copy SNAP [--base OLDER] --to PEER` at a source, `pull --from PEER` at a copy
+    (repfs/recovery/copy.py)."""
+    if t.timeout == TIMEOUT:  # (the command waits while the copy crosses the wire)
+        t.timeout = FAILOVER_TIMEOUT
+    if a.verb == "copy":
+        body = {"snapshot": a.snapshot, "to": a.to if ":" in a.to and not a.to.startswith(
+            "/") else os.path.abspath(a.to), "base": a.base, "group": a.group,
+                "force": a.force}
+        rate = _bwlimit(a.bwlimit)
+        if rate:
+            body["bwlimit"] = rate
+        out = call(t, "POST", "/copy", body)
+    else:
+        out = call(t, "POST", "/pull", {"from": os.path.abspath(a.peer),
+                                        "min_interval": a.min_interval})
+    if a.json:
+        return out
+    if out.get("decision") == "not due":
+        print(f"not asked: the copy (snapshot {out['snapshot']}) was updated or checked less "
+              f"than --min-interval ago; next check in {out['next_check_in']} s")
+    elif out.get("decision") == "current":
+        print(f"up to date: this site holds the source's youngest snapshot {out['snapshot']}")
+    elif out.get("already"):
+        print(f"{out['to']} already holds snapshot {out['snapshot']} from this site")
+    else:
+        how = {"delta": "its changes only", "full": "a full copy (this copy's snapshot is "
+               "no longer held at the source)"}.get(out.get("decision"), "")
+        what = (f"the changes since {out['base']}" if out.get("base") else "every block in use")
+        print(f"snapshot {out['snapshot']} copied to {out['to']} ({how or what}): "
+              f"{out['sent_blocks']} blocks sent"
+              + (f", resumed at block {out['resumed_at_block']}" if out.get("resumed_at_block")
+                 else "")
+              + ("" if out.get("state") == "copied" else "; the peer is still playing it"))
     return out
 
 

@@ -52,6 +52,8 @@ BS = 4096
 COPY_FILE = "copy.ds"
 COPY_SYNC_BYTES = 64 << 20  # the staged copy is made durable (and its position saved) this often
 WAITING_BITMAP_BYTES = 16 << 20  # bitmap block images kept for the delta sets not yet played
+# what a snapshot copy's attach says of it (recovery/copy.py), kept as "copy_pending"
+COPY_FIELDS = ("copy_snapshot", "copy_id", "copy_created_ns", "copy_base", "copy_base_id")
 
 
 class ReceiveError(DomainError):
@@ -319,7 +321,17 @@ class Receiver:
             "copy": ({"next_block": self.copy["check"].next,
                       "blocks": self.copy["check"].blocks}
                      if self.copy else None),
+            # a snapshot copy (recovery/copy.py): the one played, the one being received
+            "copied": self._json("copied"), "copy_pending": self._json("copy_pending"),
         }
+
+    def _json(self, name: str) -> dict | None:
+        """A JSON record of the replication context (None: none, or damaged)."""
+        try:
+            v = json.loads(self._get(name) or b"null")
+        except ValueError:
+            return None
+        return v if isinstance(v, dict) else None
 
     # ------------------------------------------------------------------ becoming a secondary
 
@@ -338,6 +350,14 @@ class Receiver:
                 {"uuid": primary["uuid"], "site": primary["site"],
                  **{k: primary[k] for k in ("address", "group")
                     if isinstance(primary.get(k), str)}}).encode())
+            # a copy of one of its snapshots (recovery/copy.py): what it is, recorded as
+            # "copied" when it is played; until then the last copy played stays recorded
+            pending = {k: primary[k] for k in COPY_FIELDS if k in primary}
+            if pending:
+                self._put(txn, "copy_pending", json.dumps(pending).encode())
+            else:
+                txn.delete(b"copy_pending", db=self.db_ctx)
+                txn.delete(b"copied", db=self.db_ctx)
             # a fence, a restart point: of this site's time as a primary, which ends here
             txn.delete(b"fenced", db=self.db_ctx)
             txn.delete(b"restart_point", db=self.db_ctx)
@@ -788,6 +808,7 @@ class Receiver:
         held back, one chunk in memory at a time."""
         n = rec["number"]
         bits = self.verify(rec, dev)
+        copied = self._json("copy_pending") if rec.get("copy") else None
         with self.env.begin(write=True) as txn:
             self._put(txn, "playing", K.u64(n))
         blocks = 0
@@ -823,6 +844,11 @@ class Receiver:
                 self._put(txn, "last_played_ns", K.u64(time.time_ns()))
                 self._put(txn, "last_played_first_change_ns",
                           K.u64(rec.get("first_change_ns", 0)))
+                if copied is not None:  # a snapshot copy (recovery/copy.py) is in place:
+                    copied["played_ns"] = time.time_ns()  # this site holds it, and no
+                    self._put(txn, "copied", json.dumps(copied).encode())  # delta sets
+                    self._put(txn, "secondary_state", b"copied")  # follow
+                    txn.delete(b"copy_pending", db=self.db_ctx)
                 if fwd and rec.get("copy"):  # the mailbox starts at the copy's boundary
                     self._put(txn, "last_cut", K.u64(n))
                 elif fwd and (pin is not None or not bits.count()):
