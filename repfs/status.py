@@ -14,7 +14,7 @@ def site_status(svc) -> dict:
     st = core.statfs()
     sb = core.sb
     snaps = svc.snapshots.list()
-    return {
+    out = {
         "site": str(svc.site.path),
         "label": sb.label,
         "uuid": sb.uuid.hex(),
@@ -52,6 +52,49 @@ def site_status(svc) -> dict:
         # and what it lost (repfs/recovery/failover.py)
         **svc.recovery.status(),
     }
+    out["peers"] = peers(out)
+    return out
+
+
+def peers(st: dict) -> list[dict]:
+    """"Is my data safe": every peer this site knows, with its generation (as last heard)
+    and its state in one word or phrase — replicating, initial copy N%, resyncing N%, full
+    copy N% (warning: history lost), fenced, stale, error — from a status report `st`."""
+    out = []
+    if st.get("role") == "secondary":
+        prim = st.get("primary") or {}
+        out.append({"peer": prim.get("site"), "role": "primary",
+                    "generation": st.get("generation"),
+                    "state": f"this site {st.get('replication_state')} from it"})
+    for d in st.get("destinations") or []:
+        state = d.get("state")
+        cp = d.get("copy_progress") or {}
+        total = cp.get("total_blocks")
+        pct = (f" {100.0 * cp.get('copied_blocks', 0) / total:.0f}%" if total else
+               "" if not cp else " 0%")
+        if state == "initial-copy":
+            if d.get("history_lost"):
+                state = f"full copy{pct} (warning: history lost: {d['history_lost']})"
+            elif d.get("resync"):
+                state = f"resyncing{pct}"
+            else:
+                state = f"initial copy{pct}"
+        elif state == "resync-attach":
+            state = "resyncing 0%"
+        elif state == "error":
+            older = (d.get("peer_generation") or 0) < (st.get("generation") or 0)
+            state = ("stale (an older generation): " if older and d.get("peer_generation")
+                     else "error: ") + str(d.get("error"))
+        if d.get("bypass_of"):
+            state += f" (bypassing {d['bypass_of']})"
+        out.append({"peer": d.get("site"), "role": "secondary",
+                    "generation": d.get("peer_generation"), "state": state,
+                    "played_delta_set": d.get("played_delta_set"),
+                    "lag_seconds": d.get("lag_seconds")})
+    if st.get("fenced"):
+        out.append({"peer": None, "role": "newer primary", "generation": None,
+                    "state": st["fenced"]})
+    return out
 
 
 def repl_status(svc) -> dict:
@@ -83,6 +126,9 @@ def _dest_rows(svc, p) -> list[dict]:
             row["hops"] = _hops(p, d["forward"])
         if d.get("failing_since_ns"):  # (unreachable since then; retried more slowly)
             row["failing_seconds"] = round((time.time_ns() - d["failing_since_ns"]) / 1e9, 1)
+        for k in ("peer_generation", "history_lost"):  # (what it last said; a full copy's
+            if d.get(k) is not None:                   # reason when history was lost)
+                row[k] = d[k]
         row.update(acked_delta_set=d["acked"], played_delta_set=d["played"],
                    lag_seconds=round(p.lag(d), 3) if d["state"] != "stopped" else None,
                    # its own policy (replicate policy --to NAME): bytes/s, 0 for none

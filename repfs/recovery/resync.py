@@ -232,7 +232,9 @@ class Resync:
         blocks = np.concatenate([bits.page_blocks(p) for p in sorted(bits.pages)]
                                 or [np.zeros(0, dtype=np.int64)])
         own = owners(self.svc.core, blocks)
-        paths = sorted({p for who in own.values() for p in who})
+        # (files and directories whose content differs; not "inode of ...", whose inode
+        # shares a table block with a changed one, nor the fixed areas)
+        paths = sorted({p for who in own.values() for p in who if p.startswith("/")})
         return paths[:MAX_PATHS]
 
     async def _attach(self, primary: dict, gen: int, nblocks: int, by: str) -> dict:
@@ -287,8 +289,10 @@ class Resync:
         d = p.dest(name)
         if d is not None and d.get("resync") and d["state"] in ("initial-copy", "replicating"):
             return self._answer(name, d, already=True)
-        me = {"uuid": svc.core.sb.uuid.hex(), "site": base.get("me", {}).get("site")
-              or str(svc.site.path)}
+        # (a remote one: with this site's address and group, which the old primary records
+        # so that a later failover or switchover there can reach this site)
+        me = dict(base.get("me") or {"uuid": svc.core.sb.uuid.hex(),
+                                     "site": str(svc.site.path)})
         nblocks = svc.layer.nblocks
         client = make_client(svc, base)
         try:
@@ -306,6 +310,12 @@ class Resync:
             if not stored:
                 if info.get("uuid") != svc.core.sb.uuid.hex():
                     why = f"{peer} holds another volume (uuid {info.get('uuid')})"
+                elif info.get("role") != "primary":
+                    theirs = (info.get("primary") or {}).get("site")
+                    why = (f"{peer} is a {info.get('role')}" + (f" of {theirs}" if theirs
+                                                                else "") +
+                           ", not an old primary: it has no history of its own to resync "
+                           "from")
                 else:
                     doc = await self._call(lambda: client.request("POST", "/repl/resync", {
                         "step": "blocklist", "after": after, "generation": gen,
@@ -389,6 +399,10 @@ class Resync:
         local = base["kind"] == "local"
         out = await svc.replicate.start(base["site"] if local else peer, force=True, name=name,
                                         group=None if local else group)
+        d = svc.primary.dest(out.get("destination", name))
+        if d is not None:  # (status: "full copy N% (warning: history lost: ...)")
+            d["history_lost"] = why
+            await trio.to_thread.run_sync(svc.primary.put_dest, d)
         return {**out, "peer": peer, "full_copy": True, "warning": warning}
 
     def _own_since(self, after: int, last: int) -> tuple[PagedBits | None, str | None]:

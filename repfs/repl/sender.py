@@ -658,6 +658,9 @@ class Primary:
         if fwd != d.get("forward"):
             d["forward"] = fwd
             changed = True
+        if info.get("generation") != d.get("peer_generation"):  # (status: its peers)
+            d["peer_generation"] = info.get("generation")
+            changed = True
         if changed:
             self.put_dest(d)
             self.prune()  # played further: chunk files may go
