@@ -493,6 +493,11 @@ def _print_status(st: dict) -> None:
     for q in st.get("quarantined_delta_sets") or []:
         print(f"delta set {q['delta_set']} quarantined at {q['at']} ({q['reason']}); kept in "
               f"{q['file']}, asked for again")
+    if st.get("peers"):  # "is my data safe": every peer, its generation and state
+        print()
+        print(_table([[p.get("peer") or "-", p.get("role"), p.get("generation") or "-",
+                       p.get("state")] for p in st["peers"]],
+                     ["PEER", "ROLE", "GENERATION", "STATE"]))
     fwd = st.get("forwarding") or {}
     for title, dests in (("DESTINATION", st.get("destinations")),
                          ("NEXT HOP", fwd.get("next_hops"))):
@@ -705,8 +710,10 @@ def _resync(t: Target, a) -> dict:
             paths = out.get("discarded_paths") or []
             print(f"  discard on the old primary (kept in snapshot divergence-GEN there): "
                   f"{len(paths)} files and directories" + (":" if paths else ""))
-            for path in paths:
+            for path in paths[:40]:
                 print(f"    {path}")
+            if len(paths) > 40:
+                print(f"    ... and {len(paths) - 40} more (--json lists them all)")
         return out
     if out.get("already"):
         print(f"{out['destination']}: resync already under way or done ({out['state']})")
