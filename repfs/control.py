@@ -28,6 +28,7 @@ Routes (all under /v1):
 | DELETE | /snapshots/NAME | | delete it |
 | POST | /snapshots/NAME/restore | | restore the live file system to it, online |
 | POST | /snapshots/NAME/mount | {"mountpoint"} | mount it read-only |
+| POST | /snapshots/NAME/clone | {"newsite", "label"?} | a new, independent site NEWSITE (a directory on this host) from it (recovery/clone.py) |
 | POST | /remount | {"options"?, "readonly"?} | `mount -o remount,...` (mountopts.py) |
 | GET | /snapshots/NAME/diff?to=OTHER&paths=1 | | changed blocks (and paths) from NAME to OTHER (default: live) |
 | POST | /replicate/start, /stop, /policy, /deltaset | JSON | the `replicate` verbs (docs/replication.md) |
@@ -977,6 +978,14 @@ class ControlServer:
             elif len(parts) == 3 and parts[2] == "mount" and method == "POST":
                 mp = _path(args.get("mountpoint"), "mountpoint")
                 return await svc.mounts.mount(_lookup_name(parts[1]), mp)
+            elif len(parts) == 3 and parts[2] == "clone" and method == "POST":
+                newsite = _path(args.get("newsite"), "new site directory (newsite)")
+                label = args.get("label")
+                if label is not None and (not isinstance(label, str) or not label.isprintable()
+                                          or len(label.encode()) > 64):
+                    raise HTTPError(400, f"bad label {_short(label)}: at most 64 bytes of "
+                                         "printable UTF-8")
+                return await svc.cloner.clone(_lookup_name(parts[1]), newsite, label)
             elif len(parts) == 3 and parts[2] == "diff" and method == "GET":
                 to = query.get("to") or None
                 to = None if to in (None, "live") else _lookup_name(to)

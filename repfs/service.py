@@ -17,6 +17,7 @@ in the daemon's trio run, and every snapshot operation happens at a consistency 
 | `resync` | `repfs/recovery/resync.py` | resync --peer at a new primary; its steps at the old one |
 | `copies` | `repfs/recovery/copy.py` | copy SNAP --to PEER at a source; pull --from PEER at a copy |
 | `switchover` | `repfs/recovery/switchover.py` | switchover --to DEST and failback at a primary; taking over at DEST |
+| `cloner` | `repfs/recovery/clone.py` | snapshot clone NAME NEWSITE: a new, independent site from a snapshot |
 
 Kernel-cache invalidation after a change underneath the file system (restore, playback) is
 `repfs/fs/invalidate.py`."""
@@ -31,6 +32,7 @@ import trio
 from .fs.core import FileSystem
 from .fs.ops import Operations
 from .mountopts import Remounter
+from .recovery.clone import Cloner
 from .recovery.copy import Copies
 from .recovery.failover import Recovery
 from .recovery.resync import Resync
@@ -86,6 +88,7 @@ class SiteService:
         self.resync = Resync(self)  # (resync --peer at a new primary; its steps at an old one)
         self.copies = Copies(self)  # (copy SNAP --to PEER, pull --from PEER: recovery/copy.py)
         self.switchover = Switchover(self)  # (switchover, failback)
+        self.cloner = Cloner(self)  # (snapshot clone NAME NEWSITE)
         self.recovery = Recovery(self)  # (last: a fenced site turns read-only here)
 
     async def run(self, nursery) -> None:

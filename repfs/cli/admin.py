@@ -107,6 +107,12 @@ def _parser() -> argparse.ArgumentParser:
     m = ss.add_parser("mount", help="mount a snapshot read-only")
     m.add_argument("name")
     m.add_argument("mountpoint")
+    cl = ss.add_parser("clone", help="make a new, independent, writable site from a snapshot "
+                                     "(DR drills; replication goes on)")
+    cl.add_argument("name")
+    cl.add_argument("newsite", metavar="NEWSITE",
+                    help="the new site's directory on the daemon's host (absent or empty)")
+    cl.add_argument("--label", help="the clone's volume label (default: the snapshot's)")
     df = ss.add_parser("diff", help="what changed from snapshot L to snapshot M (or live)")
     df.add_argument("older")
     df.add_argument("younger", nargs="?", help="a younger snapshot (default: the live file system)")
@@ -608,6 +614,23 @@ def _main(argv) -> int:
             if not a.json:
                 print(f"snapshot {a.name} mounted read-only at {out['mountpoint']} "
                       f"(unmount with: repfs umount {out['mountpoint']})")
+        elif act == "clone":
+            if a.label is not None and (len(a.label.encode(errors="surrogateescape")) > 64
+                                        or not a.label.isprintable()):
+                raise QuietError(f"bad --label {a.label!r}: at most 64 bytes of printable "
+                                 "UTF-8", 2)
+            if t.timeout == TIMEOUT:  # (it copies every valid block of the snapshot)
+                t.timeout = FAILOVER_TIMEOUT
+            body = {"newsite": os.path.abspath(a.newsite)}
+            if a.label is not None:
+                body["label"] = a.label
+            out = call(t, "POST", f"/snapshots/{quote(a.name, safe='')}/clone", body)
+            if not a.json:
+                print(f"cloned snapshot {a.name} into {out['clone']}: {out['blocks']} blocks "
+                      f"({out['bytes'] / 2**20:.1f} MiB) in {out['seconds']:.1f} s; "
+                      f"volume uuid {out['uuid']} (a new site: primary, no destinations, no "
+                      f"snapshots)")
+                print(f"mount it with: repfs mount {out['clone']} MOUNTPOINT")
         elif act == "diff":
             q = f"?to={quote(a.younger, safe='')}" if a.younger else "?to=live"
             q += "&paths=0" if a.no_paths else ""

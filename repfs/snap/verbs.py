@@ -45,9 +45,18 @@ class SnapshotVerbs:
                 log.warning("cannot delete %s, left by %s that did not finish: %s (the "
                             "next one tries again)", snap.name, what, e)
 
+    def _check_may_snapshot(self) -> None:
+        """A writable site takes and deletes its snapshots; so does a secondary, between two
+        playbacks (quiesce holds playback off), e.g. to clone one for a DR drill while it
+        goes on replicating (recovery/clone.py)."""
+        svc = self.svc
+        if svc.receiver.role == "secondary" and svc.core.error is None:
+            return
+        svc.check_writable()
+
     async def create(self, name: str, attrs: dict | None = None) -> dict:
         svc = self.svc
-        svc.check_writable()
+        self._check_may_snapshot()
         if isinstance(name, str) and name.startswith("repl-"):
             raise SnapError(f"bad snapshot name {name!r}: names starting with 'repl-' are "
                             f"replication's own")
@@ -66,7 +75,7 @@ class SnapshotVerbs:
     async def delete(self, name: str, internal: bool = False) -> dict:
         svc = self.svc
         if not internal:
-            svc.check_writable()
+            self._check_may_snapshot()
             if isinstance(name, str) and name.startswith("repl-"):
                 raise SnapError(f"snapshot {name!r} belongs to replication (it is released "
                                 f"when every destination has it; replicate stop releases "
@@ -75,6 +84,9 @@ class SnapshotVerbs:
         if name in self._pins:
             raise SnapError(f"snapshot {name!r} pins a diff that is running; it goes when the "
                             "diff ends", "conflict")
+        if not internal and svc.cloner.holds(name):
+            raise SnapError(f"snapshot {name!r} is being cloned (snapshot clone); delete it "
+                            "when the clone is done", "conflict")
         await svc.mounts.wait_unmounted(name)
         async with svc.ops.quiesce():
             moved = await trio.to_thread.run_sync(svc.layer.delete, snap)
