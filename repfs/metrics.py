@@ -106,6 +106,23 @@ class SiteCollector:
         yield _gauge("repfs_outstanding_delta_sets", "Delta sets held: not yet released by "
                      "every destination (a secondary: received, not yet played)",
                      len(st.get("outstanding_delta_sets") or []))
+        # recovery (repfs/recovery/): "is my data safe", as status's PEER table says it
+        yield _gauge("repfs_fenced", "1 while this site is fenced: a peer holds a newer "
+                     "generation, and it accepts no writes", int(bool(st.get("fenced"))))
+        rp = st.get("restart_point") or {}
+        yield _gauge("repfs_restart_point_delta_set", "The delta set of the last failover's "
+                     "restart point", rp.get("delta_set"))
+        lost = ((st.get("last_failover") or {}).get("lost")) or {}
+        yield _gauge("repfs_failover_lost_delta_sets", "Delta sets the last failover lost "
+                     "(cut on the old primary, never received); absent when it cannot be told",
+                     len(lost.get("delta_sets") or []) if lost.get("known") else None)
+        peers = GaugeMetricFamily("repfs_peer_generation", "Each peer's generation as this "
+                                  "site last heard it", labels=["peer", "role", "state"])
+        for row in st.get("peers") or []:
+            if isinstance(row.get("generation"), int):
+                peers.add_metric([str(row.get("peer")), str(row.get("role")),
+                                  str(row.get("state"))[:80]], row["generation"])
+        yield peers
         if role == "primary" and "destinations" in st:
             yield from self._primary(svc, st)
         elif role == "secondary" and "replication_state" in st:

@@ -19,6 +19,7 @@ import time
 from tests.t2_failover import errno_of_write, fill, failover, snapshot_names, wait_for, write
 from tests.t2_repl import (admin, admin_json, api, assert_same_tree, cut, start_replication,
                           tree, wait_converged)
+from tests.t2_metrics import metrics, value
 from tests.t4_repl_crash import kill9, remount
 
 
@@ -63,6 +64,13 @@ def test_resync_sends_only_the_blocks_that_differ_then_replication_goes_on(mount
     remount(m1)
     wait_for(lambda: api(m1.site, "GET", "/status")["fenced"], "the fence", sites=[m1.site])
     assert errno_of_write(m1.path / "late") == errno.EROFS
+    # status and /metrics say it: fenced, and the new primary's generation
+    assert value(metrics(m1.site), "repfs_fenced") == 1
+    assert value(metrics(m2.site), "repfs_fenced") == 0
+    assert value(metrics(m2.site), "repfs_restart_point_delta_set") > 0
+    st1 = api(m1.site, "GET", "/status")
+    assert any(p["role"] == "newer primary" and "generation 2" in p["state"]
+               for p in st1["peers"]), st1["peers"]
 
     plan = resync_json(m2, "--peer", str(m1.site), "--dry-run")
     assert plan["dry_run"] and not plan["full_copy"], plan
