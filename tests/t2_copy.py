@@ -12,11 +12,13 @@ compared with the tree the source's mount showed when the snapshot was taken.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
 
-from tests.t2_failover import fill, no_dead_mounts, wait_for, write
+from repfs.rcp.groups import GroupStore
+from tests.t2_failover import GROUP, SECRET, fill, no_dead_mounts, wait_for, write
 from tests.t2_repl import ADMIN, admin, admin_json, api, daemon_alive, tree, tree_diff
 from tests.t4_repl_crash import kill9, remount
 
@@ -162,3 +164,22 @@ def test_kill9_of_the_receiver_mid_copy_then_reissue_resumes(mount_site):
     assert out["resumed_at_block"] and out["resumed_at_block"] > (3 << 20) // 4096 - 64, out
     assert 0 < out["sent_blocks"] < out["blocks"], out
     same_tree(m2.path, want)
+
+
+def test_copy_over_rcp(mount_site):
+    """A full copy then an incremental one to a site reached by HOST:PORT (RCP on loopback)."""
+    m1 = mount_site("256M", "--listen", "127.0.0.1:0", name="src")
+    m2 = mount_site("256M", "--listen", "127.0.0.1:0", name="copy")
+    for m in (m1, m2):
+        GroupStore(m.site).add(GROUP, SECRET)
+    port = json.loads((m2.site / "control.json").read_text())["port"]
+    fill(m1.path, "a", n=3)
+    snap(m1, "v1")
+    copy(m1, "v1", "--to", f"127.0.0.1:{port}", "--group", GROUP)
+    fill(m1.path, "b", n=1)
+    snap(m1, "v2")
+    want = tree(m1.path)
+    out = copy(m1, "v2", "--base", "v1", "--to", f"127.0.0.1:{port}", "--group", GROUP)
+    assert out["sent_blocks"] == diff_blocks(m1, "v1", "v2"), out
+    same_tree(m2.path, want)
+    assert "needs --group" in refused(m1, "copy", "v2", "--to", f"127.0.0.1:{port}")
