@@ -22,6 +22,9 @@ import subprocess
 import threading
 from pathlib import Path
 
+import pytest
+
+from repfs.cli.admin import main as admin_main
 from repfs.site import Site
 from tests.conftest import fsck_clean
 from tests.t2_repl import (
@@ -185,16 +188,21 @@ def test_clone_on_a_primary_and_on_a_secondary_while_replicating(mount_site, tmp
     assert (c.path / "written-in-the-clone").exists()
 
 
-def _refused(target, *args, rc: int = 1, needle: str) -> str:
-    r = admin(target, "snapshot", "clone", *args, check=False)
-    assert r.returncode == rc, (r.returncode, r.stdout, r.stderr)
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and needle in lines[0], r.stderr
-    assert "internal error" not in r.stderr
+def _refused(capsys, target, *args, rc: int = 1, needle: str) -> str:
+    """`repfs-admin --site TARGET snapshot clone ARGS` refused: exit status `rc` and one line
+    naming the problem. (The CLI's own main, in this process: no interpreter start per case.)"""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as ei:
+        admin_main(["--site", str(target), "snapshot", "clone", *map(str, args)])
+    out, err = capsys.readouterr()
+    assert ei.value.code == rc, (ei.value.code, out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], err
+    assert "internal error" not in err
     return lines[0]
 
 
-def test_clone_bad_input_leaves_nothing(mount_site, tmp_path):
+def test_clone_bad_input_leaves_nothing(mount_site, tmp_path, capsys):
     m = mount_site("64M", name="src")
     Workload(m.path, "bad").run(20)
     (m.path / "data").write_bytes(os.urandom(1 << 20))
@@ -204,17 +212,17 @@ def test_clone_bad_input_leaves_nothing(mount_site, tmp_path):
     (out / "full").mkdir()
     (out / "full" / "x").write_text("x")
     (out / "file").write_text("x")
-    _refused(m.path, "nope", out / "c", needle="no snapshot named 'nope'")
-    _refused(m.path, "s1", out / "full", needle="exists and is not empty")
-    _refused(m.path, "s1", out / "file", needle="exists and is not a directory")
-    _refused(m.path, "s1", m.site / "c", needle="inside the site")
-    _refused(m.path, "s1", m.site, needle="inside the site")
-    _refused(m.path, "s1", m.path / "c", needle="on the site's own mount")
-    _refused(m.path, "s1", out / "no" / "c", needle="does not exist")
-    _refused(m.path, "s1", out / "c", "--label", "x" * 65, rc=2, needle="bad --label")
+    _refused(capsys, m.path, "nope", out / "c", needle="no snapshot named 'nope'")
+    _refused(capsys, m.path, "s1", out / "full", needle="exists and is not empty")
+    _refused(capsys, m.path, "s1", out / "file", needle="exists and is not a directory")
+    _refused(capsys, m.path, "s1", m.site / "c", needle="inside the site")
+    _refused(capsys, m.path, "s1", m.site, needle="inside the site")
+    _refused(capsys, m.path, "s1", m.path / "c", needle="on the site's own mount")
+    _refused(capsys, m.path, "s1", out / "no" / "c", needle="does not exist")
+    _refused(capsys, m.path, "s1", out / "c", "--label", "x" * 65, rc=2, needle="bad --label")
     # a leftover that is not a clone's is refused; a clone's own (a crash) is replaced
     (out / "c.partial").mkdir()
-    _refused(m.path, "s1", out / "c", needle="is not a clone's leftover")
+    _refused(capsys, m.path, "s1", out / "c", needle="is not a clone's leftover")
     (out / "c.partial" / "clone-origin.json").write_text("{}")
     (out / "c.partial" / "volume.img").write_bytes(bytes(4096))
     assert sorted(os.listdir(out)) == ["c.partial", "file", "full"]
@@ -223,12 +231,12 @@ def test_clone_bad_input_leaves_nothing(mount_site, tmp_path):
     small.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8M", "tmpfs", small], check=True)
     try:
-        _refused(m.path, "s1", small / "c", needle="not enough space")
+        _refused(capsys, m.path, "s1", small / "c", needle="not enough space")
         subprocess.run(["umount", small], check=True)
         # room for the blocks, not for the files: ENOSPC once the blocks are copied
         subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64M,nr_inodes=6", "tmpfs", small],
                        check=True)
-        _refused(m.path, "s1", small / "c", needle="No space left on device")
+        _refused(capsys, m.path, "s1", small / "c", needle="No space left on device")
         assert os.listdir(small) == []  # the partial clone is gone
     finally:
         subprocess.run(["umount", small], check=False)
