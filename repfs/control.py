@@ -42,7 +42,7 @@ Routes (all under /v1):
 | POST | /repl/resync | {"step", "generation", "by", "after", "dry_run"?, "bits"?, "primary"?, "nblocks"?} | new primary to old at a resync: "blocklist", "paths" (dry run), "attach" |
 | POST | /copy | {"snapshot", "to", "base"?, "group"?, "force"?, "bwlimit"?} | `copy SNAP --to PEER` (recovery/copy.py) |
 | POST | /pull | {"from", "group"?, "min_interval"?} | `pull --from PEER` at a copy |
-| POST | /repl/pull | {"have"?, "to"} | a copy to its source at a pull: FIG. 37-38's choice, then the copy |
+| POST | /repl/pull | {"have"?, "to", "group"?} | a copy to its source at a pull: FIG. 37-38's choice, then the copy |
 | POST | /verify | {"to", "repair"?, "wait"?} | `verify --to DEST`: compare with a secondary at a delta-set boundary (repl/verify.py) |
 | POST | /repl/verify | {"step", "at", "generation", "ranges"?} | primary to secondary: verify's hold of playback and range hashes |
 | GET | /groups | | the replication groups' names (never their secrets) |
@@ -1137,8 +1137,10 @@ class ControlServer:
             have = args.get("have")
             if have is not None:
                 have = _scalar_map(have, "have", 8, MAX_PATH)
-            return await svc.copies.serve_pull(have, _peer(args.get("to"), "peer (to)"),
-                                               None)
+            group = args.get("group")
+            return await svc.copies.serve_pull(
+                have, _peer(args.get("to"), "peer (to)"),
+                None if group is None else _lookup_name(group, "group name"))
         if parts == ["verify"] and method == "POST":
             to = args.get("to")
             if not isinstance(to, str) or not 0 < len(to) <= MAX_PATH or not to.isprintable():

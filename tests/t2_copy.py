@@ -183,3 +183,12 @@ def test_copy_over_rcp(mount_site):
     assert out["sent_blocks"] == diff_blocks(m1, "v1", "v2"), out
     same_tree(m2.path, want)
     assert "needs --group" in refused(m1, "copy", "v2", "--to", f"127.0.0.1:{port}")
+    # a pull over RCP: the source is asked at its address and pushes back to the copy's
+    src = f"127.0.0.1:{json.loads((m1.site / 'control.json').read_text())['port']}"
+    fill(m1.path, "c", n=1)
+    snap(m1, "v3")
+    want = tree(m1.path)
+    out = admin_json(m2.path, "pull", "--from", src, "--group", GROUP)
+    assert out["decision"] == "delta" and out["sent_blocks"] == diff_blocks(m1, "v2", "v3"), out
+    same_tree(m2.path, want)
+    assert admin_json(m2.path, "pull", "--from", src, "--group", GROUP)["decision"] == "current"

@@ -222,7 +222,9 @@ def _parser() -> argparse.ArgumentParser:
                                      "(only the changed blocks while the source holds this "
                                      "copy's snapshot; docs/recovery.md)")
     pl.add_argument("--from", required=True, dest="peer", metavar="PEER",
-                    help="the source: its site directory")
+                    help="the source: its site directory, or HOST:PORT")
+    pl.add_argument("--group", help="the replication group to reach a HOST:PORT source in "
+                                    "(this site must listen: repfs mount --listen)")
     pl.add_argument("--min-interval", type=_seconds, metavar="SECONDS",
                     help="ask only if the last update or check is older than this (Tmin)")
     tl = sub.add_parser("tls", help="certificates for TLS (no --site needed)")
@@ -764,8 +766,9 @@ def _copy(t: Target, a) -> dict:
             body["bwlimit"] = rate
         out = call(t, "POST", "/copy", body)
     else:
-        out = call(t, "POST", "/pull", {"from": os.path.abspath(a.peer),
-                                        "min_interval": a.min_interval})
+        out = call(t, "POST", "/pull", {
+            "from": a.peer if ":" in a.peer and not a.peer.startswith("/")
+            else os.path.abspath(a.peer), "group": a.group, "min_interval": a.min_interval})
     if a.json:
         return out
     if out.get("decision") == "not due":

@@ -38,7 +38,8 @@ TYPE_OF = {"/v1/repl/receiver": "INFO", "/v1/repl/attach": "ATTACH", "/v1/repl/c
 STATUS_OF = {"rejected": 400, "permanent": 409, "transient": 503}
 # API path -> the op of the CONTROL message that carries it {op, args: the JSON body}
 # (rcp/server.py CONTROL_ROUTES maps it back)
-CONTROL_OP_OF = {"/v1/repl/verify": "verify", "/v1/repl/failover": "failover",
+CONTROL_OP_OF = {"/v1/repl/pull": "pull",  # (a copy asks its source: recovery/copy.py)
+                 "/v1/repl/verify": "verify", "/v1/repl/failover": "failover",
                  "/v1/repl/resync": "resync"}
 
 

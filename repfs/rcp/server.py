@@ -47,7 +47,8 @@ ROUTES = {
 }
 # CONTROL {op, args}: op -> (method, API path) of the HTTP route that takes args as its JSON
 # body (rcp/client.py CONTROL_OP_OF)
-CONTROL_ROUTES = {"verify": (b"POST", b"/v1/repl/verify"),
+CONTROL_ROUTES = {"pull": (b"POST", b"/v1/repl/pull"),  # (recovery/copy.py)
+                  "verify": (b"POST", b"/v1/repl/verify"),
                   "failover": (b"POST", b"/v1/repl/failover"),  # (recovery/failover.py)
                   "resync": (b"POST", b"/v1/repl/resync")}  # (recovery/resync.py)
 UPLOADS = ("COPY", "CHUNK")

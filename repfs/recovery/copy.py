@@ -45,6 +45,7 @@ from ..errors import DomainError
 from ..extents import runs
 from ..repl import keys as K
 from ..repl.sender import BS, COPY_PIECE, MIN_BWLIMIT, TokenBucket, identity, make_client
+from ..repl.verbs import _my_address
 from ..repl.transport import PermanentError, ReceiverClient, RejectedError, TransientError
 from ..snap.diff import changed_blocks
 
@@ -313,9 +314,23 @@ class Copies:
                 raise CopyError(f"this site's copy came from {src.get('site')}, not {peer}")
             client = ReceiverClient(source, timeout=3600.0)  # (it copies, then answers)
             me = str(svc.site.path)
-        else:
-            raise CopyError("pull --from HOST:PORT is not built yet: run copy SNAP --base Q "
-                            "--to THIS at the source", "invalid")
+        else:  # over RCP: the source pushes the copy back to this site's own address
+            client = make_client(svc, await svc.replicate._remote(peer, group))
+            client.timeout = 3600.0  # (it copies, then answers)
+            try:
+                theirs = await self._call(client.info, peer)
+            except BaseException:
+                client.close()
+                raise
+            if theirs.get("uuid") != src.get("uuid") or not str(src.get("site")).endswith(
+                    f":{theirs.get('site')}"):
+                client.close()
+                raise CopyError(f"this site's copy came from {src.get('site')}, not {peer}")
+            me = _my_address(svc)
+            if me is None:
+                client.close()
+                raise CopyError("this site does not listen (repfs mount --listen): its "
+                                "source cannot reach it with the copy")
         now = time.time_ns()
         last = (copied or {}).get("checked_ns") or (copied or {}).get("played_ns") or 0
         if min_interval is not None and copied and (now - last) / 1e9 < min_interval:
@@ -328,7 +343,7 @@ class Copies:
             doc = await self._call(lambda: client.request(
                 "POST", "/repl/pull", {"have": have and {
                     k: have.get(k) for k in ("copy_snapshot", "copy_id", "copy_created_ns")},
-                    "to": me}), peer)
+                    "to": me, "group": group}), peer)
         finally:
             client.close()
         if doc.get("decision") == "current":  # step 646: the time of the last update
