@@ -70,7 +70,8 @@ def test_copy_incremental_copy_and_pull(mount_site):
     assert full["state"] == "copied" and full["base"] is None, full
     same_tree(m2.path, t1)
     st = api(m2.site, "GET", "/status")
-    assert st["role"] == "secondary", st
+    assert st["role"] == "secondary" and st["replication_state"] == "copied", st
+    assert "copied from it" in admin(m2.path, "status").stdout
     assert errno_of(lambda: write(m2.path / "x", b"x")) is not None  # read-only
 
     # changes: part of a file, a new file, a file gone, a rename

@@ -97,11 +97,14 @@ class Copies:
                             f"snapshot list)", "not_found") from None
 
     async def copy(self, snapshot: str, to: str, *, base: str | None = None,
-                   group: str | None = None, force: bool = False, bwlimit: int = 0) -> dict:
+                   group: str | None = None, force: bool = False, bwlimit: int = 0,
+                   update: bool = False) -> dict:
+        """Copy snapshot `snapshot` (only its delta from `base`) to `to`; `update`: only if
+        `to` already holds a copy from this site (a pull)."""
         async with self.lock:
-            return await self._copy(snapshot, to, base, group, force, bwlimit)
+            return await self._copy(snapshot, to, base, group, force, bwlimit, update)
 
-    async def _copy(self, snapshot, to, base, group, force, bwlimit) -> dict:
+    async def _copy(self, snapshot, to, base, group, force, bwlimit, update) -> dict:
         svc = self.svc
         store = svc.store
         snap = self._find(snapshot, "the snapshot to copy")
@@ -142,6 +145,8 @@ class Copies:
             ours = (theirs.get("uuid"), theirs.get("site")) == (me["uuid"], me["site"]) and (
                 info.get("role") == "secondary")
             pending, copied = info.get("copy_pending"), info.get("copied")
+            if update and not (ours and (copied or pending)):
+                raise CopyError(f"{to} holds no copy from this site: a pull only updates one")
             state = info.get("state")
             if ours and state == "copied" and is_copy_of(copied, snap):
                 return self._answer(snap, older, to, 0, 0, None, already=True)
@@ -289,7 +294,8 @@ class Copies:
         held = next((s for s in vs[:-1] if is_copy_of(have, s)), None)
         # step 648 (Q is too old: not held here any more): the youngest, whole; step 649:
         # the delta Q -> youngest
-        out = await self.copy(young.name, to, base=held.name if held else None, group=group)
+        out = await self.copy(young.name, to, base=held.name if held else None, group=group,
+                              update=True)
         return {**out, "decision": "delta" if held else "full"}
 
     # ------------------------------------------------------------------ at a copy
