@@ -56,7 +56,8 @@ GiB = 1 << 30
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 SECTIONS = ("snap", "repl", "smallio", "stall", "rss")
-EXTRA_SECTIONS = ("rcp",)  # only with --only: issue 9's rcp.py (network namespaces, 4-15 min)
+EXTRA_SECTIONS = ("rcp", "recovery")  # only with --only: issue 9's rcp.py (network
+# namespaces, 4-15 min), issue 10's recovery.py (resync vs full copy and rsync, failover time)
 
 # ----------------------------------------------------------------------------- what we start
 
@@ -762,6 +763,41 @@ def sec_rcp(root: Path, a, rows: list[Row], raw: dict) -> None:
         raise RuntimeError(f"rcp.py exited {rc} (see its output above)")
 
 
+# ----------------------------------------------------------------------------- recovery (issue 10)
+
+def sec_recovery(root: Path, a, rows: list[Row], raw: dict) -> None:
+    """tools/bench/recovery.py in a child process (its own sites; its output goes to this
+    log), its table turned into rows."""
+    out = root / "recovery.json"
+    cmd = [sys.executable, str(HERE / "recovery.py"), *(["--quick"] if a.quick else []),
+           "--tmpdir", str(root), "--json", str(out)]
+    c = subprocess.Popen(cmd)
+    _children.append(c)
+    rc = c.wait()
+    _children.remove(c)
+    res = json.loads(out.read_text())
+    raw.update(res)
+    for title, value, ratio, target, unit in res.get("table", []):
+        key = "recovery_" + "".join(ch if ch.isalnum() else "_" for ch in title.lower())[:40]
+        if value is None:
+            rows.append(Row("recovery", key, title.split(":")[0], "", kind="info", error=title))
+        elif target == "<= 1.05":
+            rows.append(Row("recovery", key, title, "x", kind="max", target=1.05, value=value))
+        elif target == ">= 10":
+            rows.append(Row("recovery", key, title, "x", kind="ratio>=", target=10.0,
+                            value=value, base=1.0))
+        elif target == "< 1":  # (seconds, shown in ms)
+            rows.append(Row("recovery", key, title, "ms", kind="lt", target=1000.0,
+                            value=value * 1000,
+                            note=f"{ratio:.2f}x the first size's" if ratio else ""))
+        elif unit == "s" and value < 10:
+            rows.append(Row("recovery", key, title, "ms", kind="info", value=value * 1000))
+        else:
+            rows.append(Row("recovery", key, title, unit, kind="info", value=value))
+    if rc != 0:
+        raise RuntimeError(f"recovery.py exited {rc} (see its output above)")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -771,7 +807,7 @@ def main(argv=None) -> int:
                    "round, a 1 GiB delta set for the RSS row")
     p.add_argument("--only", default=",".join(SECTIONS),
                    help="comma-separated subset of " + ",".join(SECTIONS + EXTRA_SECTIONS)
-                   + " (rcp only when named)")
+                   + " (rcp and recovery only when named)")
     p.add_argument("--rounds", type=int, help="rounds of the throughput comparisons and "
                    "of the stall runs (median; default 2, --quick 1)")
     p.add_argument("--rss-mib", type=int, help="size of the delta set for the RSS row in MiB "
@@ -828,7 +864,8 @@ def main(argv=None) -> int:
     raw: dict = {}
     fns = {"snap": (sec_snap, SNAP_ROWS), "repl": (sec_repl, REPL_ROWS),
            "smallio": (sec_smallio, SMALL_ROWS), "stall": (sec_stall, STALL_ROWS),
-           "rss": (sec_rss, None), "rcp": (sec_rcp, [("rcp_run", "rcp.py", "", "info", None)])}
+           "rss": (sec_rss, None), "rcp": (sec_rcp, [("rcp_run", "rcp.py", "", "info", None)]),
+           "recovery": (sec_recovery, [("recovery_run", "recovery.py", "", "info", None)])}
     interrupted = False
     try:
         for name in SECTIONS + EXTRA_SECTIONS:
