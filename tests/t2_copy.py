@@ -20,12 +20,14 @@ import time
 from repfs.rcp.groups import GroupStore
 from tests.t2_failover import GROUP, SECRET, fill, no_dead_mounts, wait_for, write
 from tests.t2_repl import ADMIN, admin, admin_json, api, daemon_alive, tree, tree_diff
-from tests.t4_repl_crash import kill9, remount
+from tests.t4_repl_crash import kill9, post, remount
 
 
 def snap(m, name: str) -> None:
+    """A snapshot at the source (through its control port: the CLI is tested elsewhere)."""
     os.sync()
-    admin(m.path, "snapshot", "create", name)
+    status, out = post(m.site, "/snapshots", {"name": name})
+    assert status == 200, out
 
 
 def copy(m, *args) -> dict:
@@ -33,7 +35,7 @@ def copy(m, *args) -> dict:
 
 
 def diff_blocks(m, older: str, younger: str) -> int:
-    return admin_json(m.path, "snapshot", "diff", older, younger, "--no-paths")["changed_blocks"]
+    return api(m.site, "GET", f"/snapshots/{older}/diff?to={younger}&paths=0")["changed_blocks"]
 
 
 def same_tree(path, want: dict, grace: float = 3.0) -> None:
