@@ -28,11 +28,11 @@ from repfs.cli.admin import main as admin_main
 from repfs.site import Site
 from tests.conftest import fsck_clean
 from tests.t2_repl import (
-    NO_AUTO_CUT, admin, admin_json, assert_same_tree, cut, start_replication, tree,
+    NO_AUTO_CUT, admin, admin_json, api, assert_same_tree, cut, start_replication, tree,
     wait_converged, Workload,
 )
 
-BIG = 4 << 20  # bytes of each big file (overwritten in place under the snapshots)
+BIG = 2 << 20  # bytes of each big file (overwritten in place under the snapshots)
 
 
 class Writer(threading.Thread):
@@ -127,7 +127,7 @@ def check_clone(mount_site, newsite: Path, want: dict, source_uuid: str, *,
         f.write(b"x" * 8192)
     os.sync()
     assert (m.path / "written-in-the-clone").read_bytes() == b"drill" * 1000
-    st = admin_json(m.path, "status")
+    st = api(m.site, "GET", "/status")
     assert st["uuid"] == sb.uuid.hex()
     assert (st["role"], st["generation"], st["destinations"], st["snapshots"]) == (
         "primary", 1, [], []), st
@@ -140,12 +140,12 @@ def test_clone_on_a_primary_and_on_a_secondary_while_replicating(mount_site, tmp
     admin(m1.path, "replicate", "policy", *NO_AUTO_CUT)
     start_replication(m1, m2)
     (m1.path / "tree").mkdir()
-    Workload(m1.path / "tree", "clone").run(40)
+    Workload(m1.path / "tree", "clone").run(30)
     for i in range(3):
         (m1.path / f"big{i}").write_bytes(random.Random(i).randbytes(BIG))
     wait_converged(m1, m2, cut(m1))
-    uuid = admin_json(m1.path, "status")["uuid"]
-    assert admin_json(m2.path, "status")["uuid"] == uuid  # a replica: the same lineage
+    uuid = api(m1.site, "GET", "/status")["uuid"]
+    assert api(m2.site, "GET", "/status")["uuid"] == uuid  # a replica: the same lineage
     admin(m1.path, "replicate", "policy", "--timeout", "0.3")  # cuts go on by themselves
     w = Writer(m1.path)
     w.start()
@@ -167,7 +167,7 @@ def test_clone_on_a_primary_and_on_a_secondary_while_replicating(mount_site, tmp
         want_s = tree(m2.path)
         admin(m2.path, "snapshot", "create", "drill-s")
         w.resume()
-        played = admin_json(m2.path, "status")["last_played_delta_set"]
+        played = api(m2.site, "GET", "/status")["last_played_delta_set"]
         out = admin_json(m2.path, "snapshot", "clone", "drill-s", tmp_path / "clone-s",
                          "--label", "drill on s")
         assert out["clone"] == str(tmp_path / "clone-s") and out["snapshot"] == "drill-s"
@@ -182,7 +182,7 @@ def test_clone_on_a_primary_and_on_a_secondary_while_replicating(mount_site, tmp
     assert want_p != want_s  # (the writer changed the tree between the two snapshots)
     check_clone(mount_site, tmp_path / "clone-p", want_p, uuid)
     c = check_clone(mount_site, tmp_path / "clone-s", want_s, uuid, label="drill on s")
-    assert out["uuid"] == admin_json(c.path, "status")["uuid"]
+    assert out["uuid"] == api(c.site, "GET", "/status")["uuid"]
     # the secondary's snapshot goes like any other; the clone is independent of it
     admin(m2.path, "snapshot", "delete", "drill-s")
     assert (c.path / "written-in-the-clone").exists()

@@ -33,6 +33,7 @@ would.
 
 from __future__ import annotations
 
+import collections
 import errno
 import fcntl
 import json
@@ -91,10 +92,11 @@ class Cloner:
     def __init__(self, svc):
         self.svc = svc
         self.running: dict[Path, str] = {}  # NEWSITE.partial -> the snapshot it is read from
+        self._held: collections.Counter = collections.Counter()  # snapshot -> clones of it
 
     def holds(self, name: str) -> bool:
         """Whether a clone is reading snapshot `name` now (it cannot be deleted meanwhile)."""
-        return name in self.running.values()
+        return self._held[name] > 0
 
     async def clone(self, name: str, newsite: str, label: str | None = None) -> dict:
         svc = self.svc
@@ -106,7 +108,19 @@ class Cloner:
                              f"and clone that")
         if snap.state != "ok":
             raise CloneError(f"snapshot {name!r} is being deleted", "conflict")
+        self._held[name] += 1  # (from here on `snapshot delete` refuses it)
+        try:
+            return await self._clone(snap, newsite, label)
+        finally:
+            self._held[name] -= 1
+            if not self._held[name]:
+                del self._held[name]
+
+    async def _clone(self, snap, newsite: str, label: str | None) -> dict:
+        name = snap.name
         target, partial, used = await trio.to_thread.run_sync(self._check, snap, newsite)
+        if partial in self.running:
+            raise CloneError(f"a clone into {target} is under way", "conflict")
         self.running[partial] = name
         stop = threading.Event()
         done = threading.Event()
@@ -294,7 +308,11 @@ class Cloner:
             if snap not in layer.store.queue:
                 raise CloneError(f"snapshot {snap.name!r} was deleted during the clone",
                                  "conflict")
-            valid = layer.meta_page(snap, page)[:nblocks - base]
+            try:
+                valid = layer.meta_page(snap, page)[:nblocks - base]
+            except ValueError:  # (store.position: it left the queue since the check above)
+                raise CloneError(f"snapshot {snap.name!r} was deleted during the clone",
+                                 "conflict") from None
             for _, first, c in runs(np.flatnonzero(valid)):
                 s = base + first
                 while c:
