@@ -40,9 +40,9 @@ Routes (all under /v1):
 | POST | /resync | {"peer", "group"?, "dry_run"?} | `resync --peer` at a new primary (recovery/resync.py) |
 | POST | /switchover, /failback | {"to"} / {} | `switchover --to DEST`, `failback` at a primary (recovery/switchover.py) |
 | POST | /repl/resync | {"step", "generation", "by", "after", "dry_run"?, "bits"?, "primary"?, "nblocks"?} | new primary to old at a resync: "blocklist", "paths" (dry run), "attach" |
-| POST | /copy | {"snapshot", "to", "base"?, "group"?, "force"?, "bwlimit"?} | `copy SNAP --to PEER` (recovery/copy.py) |
-| POST | /pull | {"from", "group"?, "min_interval"?} | `pull --from PEER` at a copy |
-| POST | /repl/pull | {"have"?, "to", "group"?} | a copy to its source at a pull: FIG. 37-38's choice, then the copy |
+| POST | /copy | {"snapshot", "to", "base"?, "group"?, "force"?, "bwlimit"?, "dry_run"?} | `copy SNAP --to PEER` (recovery/copy.py) |
+| POST | /pull | {"from", "group"?, "min_interval"?, "dry_run"?} | `pull --from PEER` at a copy |
+| POST | /repl/pull | {"have"?, "to", "group"?, "dry_run"?} | a copy to its source at a pull: FIG. 37-38's choice, then the copy |
 | POST | /verify | {"to", "repair"?, "wait"?} | `verify --to DEST`: compare with a secondary at a delta-set boundary (repl/verify.py) |
 | POST | /repl/verify | {"step", "at", "generation", "ranges"?} | primary to secondary: verify's hold of playback and range hashes |
 | GET | /groups | | the replication groups' names (never their secrets) |
@@ -1126,13 +1126,15 @@ class ControlServer:
                 group=None if args.get("group") is None else _lookup_name(args["group"],
                                                                           "group name"),
                 force=_bool(args.get("force"), "force", False),
-                bwlimit=_size(args.get("bwlimit"), "bandwidth limit (bwlimit)") or 0)
+                bwlimit=_size(args.get("bwlimit"), "bandwidth limit (bwlimit)") or 0,
+                dry_run=_bool(args.get("dry_run"), "dry_run", False))
         if parts == ["pull"] and method == "POST":
             return await svc.copies.pull(
                 _peer(args.get("from"), "peer (from)"),
                 None if args.get("group") is None else _lookup_name(args["group"],
                                                                     "group name"),
-                _seconds(args.get("min_interval"), "min_interval"))
+                _seconds(args.get("min_interval"), "min_interval"),
+                _bool(args.get("dry_run"), "dry_run", False))
         if parts == ["repl", "pull"] and method == "POST":  # a copy asks its source
             have = args.get("have")
             if have is not None:
@@ -1140,7 +1142,8 @@ class ControlServer:
             group = args.get("group")
             return await svc.copies.serve_pull(
                 have, _peer(args.get("to"), "peer (to)"),
-                None if group is None else _lookup_name(group, "group name"))
+                None if group is None else _lookup_name(group, "group name"),
+                _bool(args.get("dry_run"), "dry_run", False))
         if parts == ["verify"] and method == "POST":
             to = args.get("to")
             if not isinstance(to, str) or not 0 < len(to) <= MAX_PATH or not to.isprintable():

@@ -85,6 +85,10 @@ def test_copy_incremental_copy_and_pull(mount_site):
     os.rename(m1.path / "a-6", m1.path / "d" / "a-6")
     snap(m1, "v2")
     t2 = tree(m1.path)
+    plan = copy(m1, "v2", "--base", "v1", "--to", m2.site, "--dry-run")
+    assert plan["dry_run"] and plan["sent_blocks"] == diff_blocks(m1, "v1", "v2"), plan
+    assert "'v1'" in plan["replaces"], plan
+    same_tree(m2.path, t1)  # (nothing changed)
     inc = copy(m1, "v2", "--base", "v1", "--to", m2.site)
     # exactly the snapshot delta v1 -> v2 (FIG. 39-40): what changed and is in use in v2
     assert inc["sent_blocks"] == inc["blocks"] == diff_blocks(m1, "v1", "v2"), inc
@@ -109,8 +113,11 @@ def test_copy_incremental_copy_and_pull(mount_site):
     fill(m1.path, "c", n=2, size=150_000)
     snap(m1, "v3")
     t3 = tree(m1.path)
+    plan = admin_json(m2.path, "pull", "--from", m1.site, "--dry-run")
+    assert plan["decision"] == "delta" and plan["dry_run"], plan
     out = admin_json(m2.path, "pull", "--from", m1.site)
     assert out["decision"] == "delta" and out["base"] == "v2", out
+    assert plan["sent_blocks"] == out["sent_blocks"], (plan, out)
     assert out["sent_blocks"] == diff_blocks(m1, "v2", "v3"), out
     same_tree(m2.path, t3)
     out = admin_json(m2.path, "pull", "--from", m1.site)

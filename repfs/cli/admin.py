@@ -218,6 +218,8 @@ def _parser() -> argparse.ArgumentParser:
     cp.add_argument("--force", action="store_true",
                     help="replace the content of a peer that holds files or replicates")
     cp.add_argument("--bwlimit", metavar="RATE", help="bytes per second (10M, 512K)")
+    cp.add_argument("--dry-run", action="store_true",
+                    help="check, and say how many blocks would be sent; change nothing")
     pl = sub.add_parser("pull", help="at a copy: bring it up to its source's youngest snapshot "
                                      "(only the changed blocks while the source holds this "
                                      "copy's snapshot; docs/recovery.md)")
@@ -227,6 +229,8 @@ def _parser() -> argparse.ArgumentParser:
                                     "(this site must listen: repfs mount --listen)")
     pl.add_argument("--min-interval", type=_seconds, metavar="SECONDS",
                     help="ask only if the last update or check is older than this (Tmin)")
+    pl.add_argument("--dry-run", action="store_true",
+                    help="say what the source would send; change nothing")
     tl = sub.add_parser("tls", help="certificates for TLS (no --site needed)")
     ts = tl.add_subparsers(dest="action", required=True, parser_class=_Parser)
     ti = ts.add_parser("init", help="make a CA in DIR (if it has none) and a certificate "
@@ -760,7 +764,7 @@ def _copy(t: Target, a) -> dict:
     if a.verb == "copy":
         body = {"snapshot": a.snapshot, "to": a.to if ":" in a.to and not a.to.startswith(
             "/") else os.path.abspath(a.to), "base": a.base, "group": a.group,
-                "force": a.force}
+                "force": a.force, "dry_run": a.dry_run}
         rate = _bwlimit(a.bwlimit)
         if rate:
             body["bwlimit"] = rate
@@ -768,7 +772,8 @@ def _copy(t: Target, a) -> dict:
     else:
         out = call(t, "POST", "/pull", {
             "from": a.peer if ":" in a.peer and not a.peer.startswith("/")
-            else os.path.abspath(a.peer), "group": a.group, "min_interval": a.min_interval})
+            else os.path.abspath(a.peer), "group": a.group, "min_interval": a.min_interval,
+            "dry_run": a.dry_run})
     if a.json:
         return out
     if out.get("decision") == "not due":
@@ -778,9 +783,15 @@ def _copy(t: Target, a) -> dict:
         print(f"up to date: this site holds the source's youngest snapshot {out['snapshot']}")
     elif out.get("already"):
         print(f"{out['to']} already holds snapshot {out['snapshot']} from this site")
+    elif out.get("dry_run"):
+        how = {"delta": "its changes only", "full": "a full copy"}.get(out.get("decision"))
+        what = (f"the changes since {out['base']}" if out.get("base") else "every block in use")
+        print(f"copy of snapshot {out['snapshot']} to {out['to']} (dry run: nothing changed) "
+              f"would send {out['sent_blocks']} of {out['blocks']} blocks ({how or what}), "
+              f"replacing {out['replaces']}")
     else:
-        how = {"delta": "its changes only", "full": "a full copy (this copy's snapshot is "
-               "no longer held at the source)"}.get(out.get("decision"), "")
+        how = {"delta": "its changes only", "full": "a full copy: this copy's snapshot is "
+               "no longer held at the source"}.get(out.get("decision"), "")
         what = (f"the changes since {out['base']}" if out.get("base") else "every block in use")
         print(f"snapshot {out['snapshot']} copied to {out['to']} ({how or what}): "
               f"{out['sent_blocks']} blocks sent"

@@ -98,13 +98,16 @@ class Copies:
 
     async def copy(self, snapshot: str, to: str, *, base: str | None = None,
                    group: str | None = None, force: bool = False, bwlimit: int = 0,
-                   update: bool = False) -> dict:
+                   update: bool = False, dry_run: bool = False) -> dict:
         """Copy snapshot `snapshot` (only its delta from `base`) to `to`; `update`: only if
-        `to` already holds a copy from this site (a pull)."""
+        `to` already holds a copy from this site (a pull); `dry_run`: check, count the
+        blocks it would send, change nothing."""
         async with self.lock:
-            return await self._copy(snapshot, to, base, group, force, bwlimit, update)
+            return await self._copy(snapshot, to, base, group, force, bwlimit, update,
+                                    dry_run)
 
-    async def _copy(self, snapshot, to, base, group, force, bwlimit, update) -> dict:
+    async def _copy(self, snapshot, to, base, group, force, bwlimit, update,
+                    dry_run) -> dict:
         svc = self.svc
         store = svc.store
         snap = self._find(snapshot, "the snapshot to copy")
@@ -156,6 +159,15 @@ class Copies:
                       and state in ("initial-copy", "replicating"))
             if not resume:
                 self._refusal(info, to, snap, older, ours, copied, gen, force)
+            if dry_run:
+                at = (info.get("copy") or {}).get("next_block", 0) if resume else 0
+                total, todo = await trio.to_thread.run_sync(self._count, snap, older, at)
+                return {**self._answer(snap, older, to, todo, total, at), "dry_run": True,
+                        "state": "not copied (dry run)",
+                        "replaces": _what(copied) if ours else (
+                            f"a {info.get('role')} ({info.get('state')}) holding "
+                            f"{info.get('root_entries', 0)} entries in its root")}
+            if not resume:
                 await self._call(lambda: client.attach(
                     {**me, **ident}, gen, nblocks,
                     force or older is not None or ours), to)
@@ -214,6 +226,14 @@ class Copies:
         for page in range(-(-nblocks // K.PAGE_BITS)):
             arr = layer.meta_page(snap, page)[:nblocks - page * K.PAGE_BITS]
             yield np.flatnonzero(arr).astype(np.int64) + page * K.PAGE_BITS
+
+    def _count(self, snap, older, at: int) -> tuple[int, int]:
+        """(blocks in the copy, those from block `at` on)."""
+        total = todo = 0
+        for blocks in self._plan(snap, older):
+            total += len(blocks)
+            todo += int(np.count_nonzero(blocks >= at))
+        return total, todo
 
     def _send(self, client: ReceiverClient, snap, older, at: int, gen: int,
               bwlimit: int) -> tuple[int, int]:
@@ -281,7 +301,8 @@ class Copies:
                 "blocks": total, "resumed_at_block": at or None, "already": already,
                 "state": "copied" if played else "playing"}
 
-    async def serve_pull(self, have: dict | None, to: str, group: str | None) -> dict:
+    async def serve_pull(self, have: dict | None, to: str, group: str | None,
+                         dry_run: bool = False) -> dict:
         """POST /v1/repl/pull from a copy at version `have` (its "copied" record): FIG.
         37-38 at this (the network file server's) side."""
         vs = versions(self.svc.store)
@@ -295,13 +316,13 @@ class Copies:
         # step 648 (Q is too old: not held here any more): the youngest, whole; step 649:
         # the delta Q -> youngest
         out = await self.copy(young.name, to, base=held.name if held else None, group=group,
-                              update=True)
+                              update=True, dry_run=dry_run)
         return {**out, "decision": "delta" if held else "full"}
 
     # ------------------------------------------------------------------ at a copy
 
     async def pull(self, peer: str, group: str | None = None,
-                   min_interval: float | None = None) -> dict:
+                   min_interval: float | None = None, dry_run: bool = False) -> dict:
         """`pull --from PEER`: bring this site's copy up to PEER's youngest snapshot."""
         svc = self.svc
         r = svc.receiver
@@ -349,10 +370,10 @@ class Copies:
             doc = await self._call(lambda: client.request(
                 "POST", "/repl/pull", {"have": have and {
                     k: have.get(k) for k in ("copy_snapshot", "copy_id", "copy_created_ns")},
-                    "to": me, "group": group}), peer)
+                    "to": me, "group": group, "dry_run": dry_run}), peer)
         finally:
             client.close()
-        if doc.get("decision") == "current":  # step 646: the time of the last update
+        if doc.get("decision") == "current" and not dry_run:  # step 646: the time of the last update
             await trio.to_thread.run_sync(self._checked, now)
         log.info("pull from %s: %s (snapshot %s, %d blocks sent)", peer, doc.get("decision"),
                  doc.get("snapshot"), doc.get("sent_blocks", 0))
