@@ -118,7 +118,7 @@ class Cloner:
 
     async def _clone(self, snap, newsite: str, label: str | None) -> dict:
         name = snap.name
-        target, partial, used = await trio.to_thread.run_sync(self._check, snap, newsite)
+        target, partial = await trio.to_thread.run_sync(self._check, snap, newsite)
         if partial in self.running:
             raise CloneError(f"a clone into {target} is under way", "conflict")
         self.running[partial] = name
@@ -128,14 +128,12 @@ class Cloner:
 
         def work():
             try:
-                box["value"] = self._build(snap, target, partial, used, label, stop)
+                box["value"] = self._build(snap, target, partial, label, stop)
             except BaseException as e:  # noqa: BLE001 - handed to the trio task
                 box["error"] = e
             finally:
                 done.set()
         try:
-            log.info("cloning snapshot %s into %s (%d valid blocks, %s)", name, target,
-                     used, _size(used * BS))
             try:
                 await trio.to_thread.run_sync(work, abandon_on_cancel=True)
             except trio.Cancelled:
@@ -158,8 +156,8 @@ class Cloner:
 
     # ------------------------------------------------------------------ checks
 
-    def _check(self, snap, newsite: str) -> tuple[Path, Path, int]:
-        """(NEWSITE, NEWSITE.partial, the snapshot's valid blocks), or CloneError. In a worker
+    def _check(self, snap, newsite: str) -> tuple[Path, Path]:
+        """(NEWSITE, NEWSITE.partial), or CloneError. In a worker
         thread: the paths may lie on FUSE mounts (our own included, which the trio loop
         serves)."""
         svc = self.svc
@@ -216,7 +214,8 @@ class Cloner:
             shutil.rmtree(partial)
             fsync_dir(parent)
         sb = Superblock.unpack(svc.layer.read_snapshot(snap, 0, 1))
-        used = sb.nblocks - sb.free_blocks  # (exact at every commit; a snapshot is one)
+        # (an upper bound: the superblock counts the whole inode table as in use)
+        used = sb.nblocks - sb.free_blocks
         st = os.statvfs(parent)
         free = st.f_bavail * st.f_frsize
         need = used * BS + ROOM
@@ -224,11 +223,11 @@ class Cloner:
             raise CloneError(f"not enough space in {parent} for the clone: it needs "
                              f"{_size(need)} (the snapshot's valid blocks), {_size(free)} "
                              f"free", "conflict")
-        return target, partial, used
+        return target, partial
 
     # ------------------------------------------------------------------ the copy
 
-    def _build(self, snap, target: Path, partial: Path, used: int, label: str | None,
+    def _build(self, snap, target: Path, partial: Path, label: str | None,
                stop: threading.Event) -> dict:
         t0 = time.monotonic()
         layer = self.svc.layer
@@ -251,7 +250,7 @@ class Cloner:
             fsync_dir(partial.parent)  # (the leftover is found after a crash)
             vol = Volume.create(partial / "volume.img", nblocks)
             sb = Superblock.unpack(layer.read_snapshot(snap, 0, 1))
-            copied = self._copy(snap, vol, nblocks, used, target, stop)
+            copied = self._copy(snap, vol, nblocks, target, stop)
             stale = Journal(partial / "journal")  # an empty redo log, as mkfs leaves it
             stale.clear()
             stale.close()
@@ -296,24 +295,32 @@ class Cloner:
                 except OSError:
                     pass
 
-    def _copy(self, snap, vol: Volume, nblocks: int, used: int, target: Path,
+    def _copy(self, snap, vol: Volume, nblocks: int, target: Path,
               stop: threading.Event) -> int:
         """Write the snapshot's valid blocks but block 0 into `vol`, in block order, a run at
         a time (holes elsewhere). Returns the blocks copied, block 0 included."""
         layer = self.svc.layer
-        copied = 0
-        last = time.monotonic()
-        for page in range(-(-nblocks // BITS_PER_PAGE)):
-            base = page * BITS_PER_PAGE
+        npages = -(-nblocks // BITS_PER_PAGE)
+
+        def valid(page: int) -> np.ndarray:
+            """The blocks of bitmap page `page` in use in the snapshot."""
             if snap not in layer.store.queue:
                 raise CloneError(f"snapshot {snap.name!r} was deleted during the clone",
                                  "conflict")
             try:
-                valid = layer.meta_page(snap, page)[:nblocks - base]
+                return layer.meta_page(snap, page)[:nblocks - page * BITS_PER_PAGE]
             except ValueError:  # (store.position: it left the queue since the check above)
                 raise CloneError(f"snapshot {snap.name!r} was deleted during the clone",
                                  "conflict") from None
-            for _, first, c in runs(np.flatnonzero(valid)):
+        # the exact count, for the progress lines (the superblock's is an upper bound)
+        total = sum(int(np.count_nonzero(valid(p))) for p in range(npages))
+        log.info("cloning snapshot %s into %s: %d blocks in use (%s)", snap.name, target,
+                 total, _size(total * BS))
+        copied = 0
+        last = time.monotonic()
+        for page in range(npages):
+            base = page * BITS_PER_PAGE
+            for _, first, c in runs(np.flatnonzero(valid(page))):
                 s = base + first
                 while c:
                     if stop.is_set():
@@ -333,5 +340,6 @@ class Cloner:
                     if now - last >= PROGRESS_EVERY:
                         last = now
                         log.info("clone of snapshot %s into %s: %d of %d blocks (%.0f%%)",
-                                 snap.name, target, copied, used, 100.0 * copied / max(used, 1))
+                                 snap.name, target, copied, total,
+                                 100.0 * copied / max(total, 1))
         return copied
