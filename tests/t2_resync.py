@@ -115,9 +115,9 @@ def test_resync_sends_only_the_blocks_that_differ_then_replication_goes_on(mount
     write(m1.path / "back-home", os.urandom(60_000))
     wait_converged(m1, m2, cut(m1))
     assert_same_tree(m1.path, m2.path)
-    r = admin(m2.path, "failback", check=False)  # at a secondary: refused, one line
-    assert r.returncode != 0 and "secondary" in r.stderr, r
-    assert len(r.stderr.strip().splitlines()) == 1, r
+    # failback again at the site that failed back (now m1's secondary): done, it says so
+    r = admin(m2.path, "failback")
+    assert r.stdout.startswith("already switched over: this site is a secondary of"), r
 
 
 def test_resync_of_a_site_of_another_volume_is_a_full_copy_with_a_warning(mount_site):
@@ -147,6 +147,9 @@ def test_resync_of_a_site_of_another_volume_is_a_full_copy_with_a_warning(mount_
         r = admin(m.path, "resync", *args, check=False)
         assert r.returncode != 0 and why in r.stderr, r
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    r = admin(other.path, "failback", check=False)  # a secondary that never failed over
+    assert r.returncode != 0 and "secondary" in r.stderr, r
+    assert len(r.stderr.strip().splitlines()) == 1, r
     remount(m1)  # (the old primary back: fenced; its mount is the fixture's to end)
 
 

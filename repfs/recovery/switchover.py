@@ -61,6 +61,9 @@ class Switchover:
         """Switch over to the old primary this site resynced (after its failover)."""
         p = self.svc.primary
         if p is None:
+            done = self._failed_back()
+            if done is not None:  # (re-issued after an error: the old primary finished it)
+                return done
             raise SwitchoverError(self._not_primary())
         back = [d for d in p.dests() if d.get("resync") and d["state"] != "stopped"]
         if not back:
@@ -70,6 +73,21 @@ class Switchover:
             raise SwitchoverError("several resynced destinations: name one with "
                                   f"switchover --to ({', '.join(d['name'] for d in back)})")
         return await self.run(back[0]["name"])
+
+    def _failed_back(self) -> dict | None:
+        """At a secondary: the answer to a failback that happened (this site took over from
+        its primary by failover, and follows that site again at a newer generation), else
+        None."""
+        r = self.svc.receiver
+        fo = self.svc.recovery.last_failover() or {}
+        prim, old = r.primary() or {}, fo.get("primary") or {}
+        gen = fo.get("generation")
+        if (r.role == "secondary" and fo.get("step") == "done" and isinstance(gen, int)
+                and r.generation > gen and prim.get("uuid") == old.get("uuid")
+                and prim.get("site") is not None and prim.get("site") == old.get("site")):
+            return {"switched_to": prim.get("address") or prim["site"], "already": True,
+                    "role": r.role, "generation": r.generation}
+        return None
 
     def _not_primary(self) -> str:
         r = self.svc.receiver
