@@ -31,8 +31,8 @@ from tests.conftest import run_repfs
 from tests.netns import netlab  # noqa: F401 (the fixture)
 from tests.t2_failover import errno_of_write, snapshot_names, wait_for, write
 from tests.t2_metrics import metrics, value
-from tests.t2_repl import (ADMIN, NO_AUTO_CUT, Workload, admin, admin_json, api, cut, daemon_alive,
-                           tree, tree_diff)
+from tests.t2_repl import (ADMIN, NO_AUTO_CUT, Workload, admin, admin_json, api, cut,
+                           daemon_alive, log_tail, tree, tree_diff)
 from tests.t3_rcp_netns import GROUP, SECRET
 from tests.t4_repl_crash import kill9
 
@@ -280,3 +280,105 @@ def test_whole_cycle(netlab, tmp_path):
     out = admin_json(mp.path, "verify", "--to", name, timeout=300)  # block by block
     assert out["in_sync"] is True, out
     phase("done")
+
+
+def copying(m, name: str, beyond: int = 0) -> dict | None:
+    """Destination `name`'s row while its resync copy is under way and has sent more than
+    `beyond` blocks (None otherwise)."""
+    d = dest(m, name)
+    copied = (d.get("resync") or {}).get("copied_blocks", 0)
+    return d if d["state"] == "initial-copy" and copied > beyond else None
+
+
+def test_sync_failover_and_kills_during_resync_and_failback(netlab, tmp_path):
+    """failover --sync across namespaces loses nothing; the resync's copy goes on after a
+    kill -9 of the old primary's daemon (its receiver) and then of the new primary's (its
+    sender) in the middle of it, by itself; a failback whose initiator is killed -9 once the
+    other side took over is finished by the other side, and re-issuing it says it is done."""
+    T0[0] = time.monotonic()
+    pn, mp, sn, ms = sites(netlab, tmp_path, size="128M")
+    mp.expect_log(FENCED_LOG)  # (fenced by --sync: the planned way)
+    ms.expect_log("holds generation 3")  # (fenced by the failback)
+    files(mp.path, "b", 6, 400_000)
+    start(mp, sn.listen)
+    wl = Workload(mp.path, "recovery-netns-sync")
+    wl.run(10)
+    converge(mp, ms, sn.listen)
+    wl.run(10)
+    files(mp.path, "uncut", 2, 100_000)  # written, never cut: --sync ships it
+    os.sync()
+    phase("replicating")
+
+    # failover --sync: P turns read-only, cuts and ships its last delta set: nothing is lost
+    out = admin_json(ms.path, "failover", "--sync", timeout=300)
+    assert (out["role"], out["generation"], out["sync"]) == ("primary", 2, True), out
+    assert out["fence"]["state"] == "fenced (--sync)", out
+    assert out["lost"]["known"] and out["lost"]["blocks"] == 0, out
+    got, want = tree(ms.path), tree(mp.path)
+    assert got == want, "; ".join(tree_diff(want, got))
+    st = api(mp.site, "GET", "/status")
+    assert FENCED_LOG in st["fenced"] and st["readonly"], st
+    assert errno_of_write(mp.path / "refused") == errno.EROFS
+    phase("failed over --sync")
+
+    # S writes enough for the resync's copy to take a while over a slowed link
+    admin(ms.path, "replicate", "policy", *NO_AUTO_CUT)
+    files(ms.path, "new", 3, 4 << 20)
+    os.sync()
+    on_s = tree(ms.path)
+    netlab.limit_rate(sn, 16)  # (12 MiB take ~6 s)
+    r = admin(ms.path, "resync", "--peer", pn.listen, timeout=300)
+    assert "resync started" in r.stdout, r.stdout
+    # kill -9 of the old primary (receiving the copy) in the middle of it
+    k1 = wait_for(lambda: copying(ms, pn.listen, 600), "the copy under way", timeout=60,
+                  sites=[ms.site])["resync"]["copied_blocks"]
+    kill9(mp.site)
+    remount_in(pn, mp)
+    phase("P killed, remounted")
+    # then kill -9 of the new primary (sending it), once the copy went on
+    k2 = wait_for(lambda: copying(ms, pn.listen, k1 + 600), "the copy to go on",
+                  timeout=60, sites=[ms.site, mp.site])["resync"]["copied_blocks"]
+    kill9(ms.site)
+    remount_in(sn, ms)
+    phase("S killed, remounted")
+    netlab.limit_rate(sn, None)
+    d = wait_for(lambda: (x := dest(ms, pn.listen))["state"] == "replicating" and x,
+                 "the resync to finish", timeout=120, sites=[mp.site, ms.site])
+    wait_for(lambda: played(mp) >= d["acked_delta_set"], "P to play the resync",
+             sites=[mp.site])
+    got = tree(mp.path)
+    assert got == on_s, "; ".join(tree_diff(on_s, got))
+    # each time it went on from where the receiver held the copy whole, not from the start
+    assert d["resync"]["copied_blocks"] - d["resync"]["blocks"] < 600, (d, k1, k2)
+    phase("resynced")
+
+    # failback; its initiator S is killed -9 once P took over (P waits for S's last delta
+    # set, slowed down): P finishes by itself, and failback again says it is done
+    converge(ms, mp, pn.listen)  # (what S's change log over-marked after its kill is sent)
+    write(ms.path / "last-on-s", os.urandom(200 * BS))  # (below a drain's floor)
+    last = tree(ms.path)
+    netlab.limit_rate(sn, 2)  # (the last delta set takes ~3 s)
+    proc = subprocess.Popen([ADMIN, "--site", str(ms.path), "failback"], text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: "waiting for its last delta set" in (mp.site / "repfs.log")
+                 .read_text(), "P to wait for S's last delta set", timeout=60,
+                 sites=[mp.site, ms.site])
+        kill9(ms.site)
+    finally:
+        out, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0, (out, err)
+    phase("S killed in failback")
+    remount_in(sn, ms)
+    netlab.limit_rate(sn, None)
+    wait_for(lambda: api(ms.site, "GET", "/status")["role"] == "secondary",
+             "P to finish the failback", timeout=60, sites=[mp.site, ms.site])
+    stp, sts = api(mp.site, "GET", "/status"), api(ms.site, "GET", "/status")
+    assert (stp["role"], stp["generation"], stp["readonly"]) == ("primary", 3, False), stp
+    assert (sts["role"], sts["generation"]) == ("secondary", 3), sts
+    got = tree(mp.path)
+    assert got == last, "; ".join(tree_diff(last, got))
+    # failback again (after its error): it is done, it says so
+    r = admin(ms.path, "failback")
+    assert "already switched over" in r.stdout, r.stdout
+    phase("failed back")
