@@ -204,8 +204,10 @@ class Copies:
                                 f"site (it holds {_what(copied) if ours else 'none from here'})"
                                 f": copy {snap.name} without --base for a full copy")
             return
-        if force or (ours and info.get("state") in ("copied", "initial-copy")):
-            return  # (a copy of this site's is replaced by a newer one)
+        state = info.get("state")
+        if force or (ours and (state == "copied" or (
+                state == "initial-copy" and info.get("copy_pending")))):
+            return  # (a copy of this site's, or one begun, is replaced by a newer one)
         if info.get("role") == "secondary" and info.get("state") in (
                 "replicating", "initial-copy"):
             raise CopyError(f"{to} is a replicating secondary; --force replaces its content")
