@@ -7,6 +7,7 @@ network-namespace topology is tests/t3_rcp_netns.py's.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import time
 
@@ -80,6 +81,23 @@ def test_forwarder_stores_plays_and_forwards_and_is_bypassed_while_down(mount_si
     # each hop follows the forwarder, not the primary
     for h in (h1, h2):
         assert status(h.path)["primary"]["site"].endswith(str(f.site)), status(h.path)
+
+    # the forwarder hangs (SIGSTOP: its connections stay open, nothing answers, no error
+    # comes before the 60 s answer timeout): bypassed after bypass_after all the same
+    fpid = int((f.site / "repfs.pid").read_text().split()[0])
+    p.expect_log("sending straight to its next hops")
+    os.kill(fpid, signal.SIGSTOP)
+    try:
+        (p.path / "hung").write_bytes(os.urandom(100_000))
+        n1 = cut(p)
+        wait_played(n1, h1, h2, timeout=20)
+    finally:
+        os.kill(fpid, signal.SIGCONT)
+    wait_played(n1, f, timeout=60)  # (it catches up; the bypass ends)
+    deadline = time.monotonic() + 90
+    while any(d.get("bypass_of") for d in status(p.path)["destinations"]):
+        assert time.monotonic() < deadline, status(p.path)["destinations"]
+        time.sleep(0.2)
 
     # the forwarder dies: the primary sends straight to its next hops meanwhile
     fport = port_of(f.site)

@@ -366,3 +366,48 @@ def test_forwarder_across_namespaces_with_faults(netlab, tmp_path):
         # where F's chunks stopped, and the two senders' chunks never disagreed
         assert not per_second(x.site, r"RCP session \d+ from .*: \w+ refused: "), \
             log_tail(x.site)
+
+
+def test_a_silently_cut_forwarder_is_bypassed_after_bypass_after(netlab, tmp_path):
+    """F's link goes down without a reset (packets dropped): no error reaches P before its
+    60 s answer timeout, yet P sends straight to F's next hop once F has shown no progress
+    for [repl] bypass_after with a delta set to send (Primary._watch_forwarders); when the
+    link is back, F catches up and the bypass ends."""
+    ns = {name: netlab.add_site(name) for name in ("p", "f", "h1")}
+    for name in ns:
+        run_repfs("mkfs", tmp_path / name, "--size", "64M")
+    toml = tmp_path / "p" / "site.toml"
+    toml.write_text(toml.read_text().replace("bypass_after = 30", "bypass_after = 2"))
+    m = {name: netlab.mount_in(s, tmp_path / name, tmp_path / f"{name}-mnt")
+         for name, s in ns.items()}
+    p, f, h1 = m["p"], m["f"], m["h1"]
+    for x in m.values():
+        GroupStore(x.site).add(GROUP, SECRET)
+    admin(p.path, "replicate", "policy", "--timeout", "3600", "--hwm", "100G")
+    p.expect_log("sending straight to its next hops")
+    (p.path / "a").write_bytes(os.urandom(200_000))
+    admin(p.path, "replicate", "start", "--to", ns["f"].listen, "--group", GROUP)
+    admin_at(ns["f"].listen, f.site, "route", "add", GROUP, ns["h1"].listen)
+    n = cut(p)
+    wait_played(n, f, h1)
+    wait_for("P to see F's next hop", lambda: tree_rows(
+        status(p.path)["destinations"]).get(ns["h1"].listen), 30)
+    # cut while F is partly through receiving a delta set: P waits on an answer that never
+    # comes (its link slowed so that the cut lands inside the transfer)
+    netlab.limit_rate(ns["f"], 8)
+    big_write(p, "b", 8)
+    n = cut_no_wait(p)
+    assert partly_received(f, n), "the delta set arrived whole before the cut"
+    netlab.cut_link(ns["f"])
+    try:
+        t0 = time.monotonic()
+        wait_played(n, h1, timeout=45)
+        took = time.monotonic() - t0
+    finally:
+        netlab.limit_rate(ns["f"], None)
+        netlab.restore_link(ns["f"])
+    assert took < 45, took
+    wait_played(n, f, timeout=120)
+    wait_for("the bypass to end", lambda: not any(
+        d.get("bypass_of") for d in status(p.path)["destinations"]), 120)
+    same_trees(p, f, h1)

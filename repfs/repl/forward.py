@@ -138,6 +138,7 @@ class Forwarder(Primary):
             if d["state"] not in ("stopped", "error"):
                 self.start_sender(nursery, d["name"])
         nursery.start_soon(self.sup.run, "routes", self._routes_loop)
+        nursery.start_soon(self.sup.run, "bypass", self._watch_forwarders)  # (hops forward)
 
     async def _routes_loop(self) -> None:
         while self.receiver.role == "secondary":

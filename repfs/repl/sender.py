@@ -183,6 +183,10 @@ class Primary:
         self.cut_latency = Latencies()
         self.unready: int | None = None  # a delta set cut whose "ready" commit failed
         self.sent_bytes = 0
+        # destination -> when it last showed progress (an answer, a chunk's room in the
+        # window): a forwarder silent for [repl] bypass_after is bypassed, also when its link
+        # died silently and no error comes before the 60 s answer timeout (_watch_forwarders)
+        self.progress: dict[str, float] = {}
         self.rate_window: list[tuple[float, int]] = []
         self.sup = service.supervisor  # contains, logs, shows and retries task failures
         settings = service.site.settings()
@@ -250,6 +254,7 @@ class Primary:
     # ------------------------------------------------------------------ loops
 
     async def run(self, nursery) -> None:
+        nursery.start_soon(self.sup.run, "bypass", self._watch_forwarders)
         nursery.start_soon(self.sup.run, "cut", self._cut_loop)
         for d in self.dests():  # (a resync waiting to attach its peer: resync goes on)
             if d["state"] not in ("stopped", "resync-attach"):
@@ -473,6 +478,26 @@ class Primary:
 
     # ------------------------------------------------------------------ bypass (FIG. 16 text)
 
+    async def _watch_forwarders(self) -> None:
+        """Bypass a forwarder that has shown no progress for [repl] bypass_after seconds
+        while it lacks a delta set this site holds: its send task may be waiting out a
+        silent link's timeouts (60 s per answer) before it sees any error."""
+        while True:
+            await trio.sleep(1.0)
+            now = time.monotonic()
+            for d in await trio.to_thread.run_sync(self.dests):
+                name = d["name"]
+                if d["acked"] >= self.sets.last_cut:  # (nothing to send: nothing to wait for)
+                    self.progress.pop(name, None)
+                    continue
+                if (d["state"] != "replicating" or not (d.get("forward") or {}).get("hops")
+                        or name not in self.tasks):
+                    continue
+                since = self.progress.setdefault(name, now)
+                if now - since >= self.bypass_after and not self.bypassed(name):
+                    log.info("destination %s: no progress for %.0f s", name, now - since)
+                    await self.bypass(name, True)
+
     def bypassed(self, name: str) -> list[str]:
         """The destinations standing in for forwarder `name` while it does not answer."""
         return [d["name"] for d in self.dests() if d.get("bypass_of") == name]
@@ -645,6 +670,7 @@ class Primary:
         d = self.dest(name)
         take = me.pace(client, d)  # (None: the RCP client paces its frames itself)
         info = client.info()
+        self.progress[name] = time.monotonic()
         self._check_generation(info, d)
         if info.get("state") == "failover":  # (its generation is raised when it is done)
             raise TransientError(f"{d['site']} is failing over")
@@ -683,6 +709,7 @@ class Primary:
             # as the header's checksum covers every chunk
             for number, raw in enumerate(stream.chunks()):
                 me.check()
+                self.progress[name] = time.monotonic()  # (the window had room: answers come)
                 if number >= skip:
                     sent[0] += len(raw)
                     if take is not None:
