@@ -158,10 +158,9 @@ def test_clone_on_a_primary_and_on_a_secondary_while_replicating(mount_site, tmp
         before = w.steps
         clone(m1.path, "drill-p", tmp_path / "clone-p")
         assert w.steps > before, "the writer did not run during the clone: test too weak"
-        # the secondary kept converging meanwhile
+        # the secondary kept converging meanwhile (its tree is compared at the end)
         w.pause()
         wait_converged(m1, m2, cut(m1))
-        assert_same_tree(m1.path, m2.path)
         # 2. a snapshot taken on the secondary (between two playbacks), cloned while it
         # receives and plays
         want_s = tree(m2.path)
