@@ -155,11 +155,12 @@ def test_kill9_of_the_receiver_mid_copy_then_reissue_resumes(mount_site):
 
     with no_dead_mounts(m2):
         proc = subprocess.Popen([ADMIN, "--site", str(m1.path), "copy", "s", "--to",
-                                 str(m2.site), "--bwlimit", "4M"],
+                                 str(m2.site), "--bwlimit", "2M"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             wait_for(lambda: staged() > 768,
                      "the copy to be under way", sites=[m1.site, m2.site])
+            assert "is being copied" in refused(m1, "snapshot", "delete", "s")
             m2.expect_log("")  # (killed: its log may end anyhow)
             kill9(m2.site)
             _, err = proc.communicate(timeout=120)

@@ -86,6 +86,11 @@ class Copies:
     def __init__(self, svc):
         self.svc = svc
         self.lock = trio.Lock()  # one copy at a time from this site
+        self._held: set[str] = set()  # the snapshots the running copy reads
+
+    def holds(self, name: str) -> bool:
+        """Snapshot `name` is being copied (`snapshot delete` refuses it meanwhile)."""
+        return name in self._held
 
     # ------------------------------------------------------------------ at the source
 
@@ -103,8 +108,12 @@ class Copies:
         `to` already holds a copy from this site (a pull); `dry_run`: check, count the
         blocks it would send, change nothing."""
         async with self.lock:
-            return await self._copy(snapshot, to, base, group, force, bwlimit, update,
-                                    dry_run)
+            self._held = {snapshot} | ({base} if base else set())
+            try:
+                return await self._copy(snapshot, to, base, group, force, bwlimit, update,
+                                        dry_run)
+            finally:
+                self._held = set()
 
     async def _copy(self, snapshot, to, base, group, force, bwlimit, update,
                     dry_run) -> dict:

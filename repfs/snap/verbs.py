@@ -87,6 +87,9 @@ class SnapshotVerbs:
         if not internal and svc.cloner.holds(name):
             raise SnapError(f"snapshot {name!r} is being cloned (snapshot clone); delete it "
                             "when the clone is done", "conflict")
+        if not internal and svc.copies.holds(name):  # (recovery/copy.py)
+            raise SnapError(f"snapshot {name!r} is being copied to another site (copy); "
+                            "delete it when the copy is done", "conflict")
         await svc.mounts.wait_unmounted(name)
         async with svc.ops.quiesce():
             moved = await trio.to_thread.run_sync(svc.layer.delete, snap)
