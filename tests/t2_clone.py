@@ -218,6 +218,15 @@ def test_clone_bad_input_leaves_nothing(mount_site, tmp_path, capsys):
     _refused(capsys, m.path, "s1", m.site, needle="inside the site")
     _refused(capsys, m.path, "s1", m.path / "c", needle="on the site's own mount")
     _refused(capsys, m.path, "s1", out / "no" / "c", needle="does not exist")
+    smnt = tmp_path / "smnt"
+    smnt.mkdir()
+    admin(m.path, "snapshot", "mount", "s1", smnt)
+    try:
+        _refused(capsys, m.path, "s1", smnt / "c", needle="on the mount of snapshot s1")
+    finally:
+        subprocess.run(["repfs", "umount", smnt], check=False)
+        if os.path.ismount(smnt):
+            subprocess.run(["fusermount3", "-u", "-z", smnt], check=False)
     _refused(capsys, m.path, "s1", out / "c", "--label", "x" * 65, rc=2, needle="bad --label")
     # a leftover that is not a clone's is refused; a clone's own (a crash) is replaced
     (out / "c.partial").mkdir()

@@ -118,7 +118,10 @@ class Cloner:
 
     async def _clone(self, snap, newsite: str, label: str | None) -> dict:
         name = snap.name
-        target, partial = await trio.to_thread.run_sync(self._check, snap, newsite)
+        mounts = {"the site's own mount": self.svc.mountpoint,  # (read here, not in a thread)
+                  **{f"the mount of snapshot {n}": m
+                     for n, m in self.svc.mounts.mountpoints().items()}}
+        target, partial = await trio.to_thread.run_sync(self._check, snap, newsite, mounts)
         if partial in self.running:
             raise CloneError(f"a clone into {target} is under way", "conflict")
         self.running[partial] = name
@@ -156,10 +159,9 @@ class Cloner:
 
     # ------------------------------------------------------------------ checks
 
-    def _check(self, snap, newsite: str) -> tuple[Path, Path]:
-        """(NEWSITE, NEWSITE.partial), or CloneError. In a worker
-        thread: the paths may lie on FUSE mounts (our own included, which the trio loop
-        serves)."""
+    def _check(self, snap, newsite: str, mounts: dict[str, str]) -> tuple[Path, Path]:
+        """(NEWSITE, NEWSITE.partial), or CloneError. In a worker thread: the paths may lie
+        on FUSE mounts (our own included, which the trio loop serves)."""
         svc = self.svc
         if not isinstance(newsite, str) or not newsite.startswith("/") or "\0" in newsite:
             raise CloneError(f"bad NEWSITE {newsite!r}: want an absolute path")
@@ -179,14 +181,12 @@ class Cloner:
         site = svc.site.path
         if target == site or site in target.parents:
             raise CloneError(f"cannot clone into {p}: it is inside the site {site}")
-        mounts = {"the site's own mount": svc.mountpoint,
-                  **{f"the mount of snapshot {n}": m
-                     for n, m in svc.mounts.mountpoints().items()}}
         pdev = os.stat(parent).st_dev
         for what, m in mounts.items():
             m = Path(m)
             try:
-                on = (target == m or m in target.parents or os.stat(m).st_dev == pdev)
+                on = (target == m or m in target.parents  # (below: reached by a symlink)
+                      or (os.path.ismount(m) and os.stat(m).st_dev == pdev))
             except OSError:
                 on = target == m or m in target.parents
             if on:
