@@ -147,14 +147,14 @@ def test_whole_cycle(netlab, tmp_path):
     base = files(mp.path, "b", 16, 400_000)  # what both hold: ~6.4 MB, never sent again
     (mp.path / "wl").mkdir()
     wl = Workload(mp.path / "wl", "recovery-netns")
-    wl.run(15)
+    wl.run(10)
     phase("written")
     start(mp, sn.listen)
     phase("started")
-    wl.run(15)
+    wl.run(10)
     converge(mp, ms, sn.listen)
     same(mp, ms)
-    wl.run(15)
+    wl.run(10)
     restart = converge(mp, ms, sn.listen)  # R: the boundary S will take over at
     boundary = tree(mp.path)
     same(mp, ms)
@@ -271,9 +271,9 @@ def test_whole_cycle(netlab, tmp_path):
     same(mp, ms)
     phase("replicating P -> S")
     netlab.cut_link(sn)
-    wl.run(10)
+    wl.run(8)
     cut(mp)
-    wl.run(5)
+    wl.run(4)
     netlab.restore_link(sn)
     converge(mp, ms, name)
     same(mp, ms)
@@ -302,9 +302,9 @@ def test_sync_failover_and_kills_during_resync_and_failback(netlab, tmp_path):
     files(mp.path, "b", 6, 400_000)
     start(mp, sn.listen)
     wl = Workload(mp.path, "recovery-netns-sync")
-    wl.run(10)
+    wl.run(8)
     converge(mp, ms, sn.listen)
-    wl.run(10)
+    wl.run(8)
     files(mp.path, "uncut", 2, 100_000)  # written, never cut: --sync ships it
     os.sync()
     phase("replicating")
@@ -339,6 +339,15 @@ def test_sync_failover_and_kills_during_resync_and_failback(netlab, tmp_path):
     k2 = wait_for(lambda: copying(ms, pn.listen, k1 + 600), "the copy to go on",
                   timeout=60, sites=[ms.site, mp.site])["resync"]["copied_blocks"]
     kill9(ms.site)
+    # a second failover, at the old primary, before the resync finished: refused (it holds
+    # neither its primary's state nor, once the copy is played, its own: nothing to take
+    # over with), in one line, and nothing changes
+    r = admin(mp.path, "failover", check=False)
+    assert r.returncode == 1 and "holds no copy of its primary yet" in r.stderr, r
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    st = api(mp.site, "GET", "/status")
+    assert (st["role"], st["generation"], st["replication_state"]) == \
+        ("secondary", 2, "initial-copy"), st
     remount_in(sn, ms)
     phase("S killed, remounted")
     netlab.limit_rate(sn, None)
@@ -365,6 +374,8 @@ def test_sync_failover_and_kills_during_resync_and_failback(netlab, tmp_path):
                  .read_text(), "P to wait for S's last delta set", timeout=60,
                  sites=[mp.site, ms.site])
         kill9(ms.site)
+        assert "failover done" not in (mp.site / "repfs.log").read_text().split(
+            "waiting for its last delta set")[-1], "the kill came too late"
     finally:
         out, err = proc.communicate(timeout=120)
     assert proc.returncode != 0, (out, err)
