@@ -283,11 +283,17 @@ class Cloner:
             what = f" ({e.filename})" if e.filename else ""
             raise CloneError(f"cannot make the clone {target}: {e.strerror or e}{what}",
                              "failed") from None
-        finally:
-            if vol is not None:
-                vol.close()
-            if lock_fd is not None:
-                os.close(lock_fd)
+        finally:  # (closes may fail too, on a failing disk: the first error is the one told)
+            try:
+                if vol is not None:
+                    vol.close()
+            except OSError:
+                pass
+            try:
+                if lock_fd is not None:
+                    os.close(lock_fd)
+            except OSError:
+                pass
             if made and not renamed:  # ours (made by this call): leave nothing behind
                 shutil.rmtree(partial, ignore_errors=True)
                 try:
