@@ -15,7 +15,19 @@ tests/netns.py; every verb and every delta set, block list and copy crosses the 
   written on both sides, allowing for the file system's metadata and the granules of P's
   over-marking change log, far from the volume's used blocks. `failback`: P is the primary
   again (generation 3), nothing S held is lost; replication P -> S goes on as before,
-  across a cut of S's link.
+  across a cut of S's link, and `verify` finds the two volumes equal block by block.
+* `test_sync_failover_and_kills_during_resync_and_failback`: `failover --sync` loses
+  nothing (S shows P's tree with what P wrote and never cut). The resync's copy (slowed by
+  tc tbf) is cut short by a kill -9 of P's daemon, then of S's: each time it goes on by
+  itself, from where P held the copy whole. While S is dead, a second failover, at P (S's
+  secondary, its copy not yet played) is refused in one line, changing nothing: it holds
+  no consistent state of S's to take over with. `failback`, its initiator S killed -9 while
+  P waits for S's last delta set (slowed): P finishes by itself once S is back (P primary
+  of generation 3 with S's last tree, S its secondary), and `failback` again says it is
+  done.
+
+Budget: ~80 s for the file on the loaded 2-core machine; ~15 s of it is the failover's wait
+for the answer of a primary whose link is cut (failover.PEER_TIMEOUT).
 """
 
 from __future__ import annotations
@@ -26,13 +38,15 @@ import os
 import subprocess
 import time
 
+import pytest
+
 from repfs.rcp.groups import GroupStore
 from tests.conftest import run_repfs
 from tests.netns import netlab  # noqa: F401 (the fixture)
 from tests.t2_failover import errno_of_write, snapshot_names, wait_for, write
 from tests.t2_metrics import metrics, value
 from tests.t2_repl import (ADMIN, NO_AUTO_CUT, Workload, admin, admin_json, api, cut,
-                           daemon_alive, log_tail, tree, tree_diff)
+                           daemon_alive, tree, tree_diff)
 from tests.t3_rcp_netns import GROUP, SECRET
 from tests.t4_repl_crash import kill9
 
@@ -104,16 +118,27 @@ def remount_in(ns, m) -> None:
     run_repfs("mount", m.site, m.path, "--listen", ns.listen, prefix=ns.nsenter)
 
 
-def sites(netlab, tmp_path, size: str = "256M"):
-    """P (primary) and S (its secondary over RCP, group GROUP), each in its namespace; no
-    delta set is cut unless asked. Returns (p ns, P mount, s ns, S mount)."""
-    pn, sn = netlab.add_site("p"), netlab.add_site("s")
-    mp = netlab.mount_in(pn, tmp_path / "p", tmp_path / "p-mnt", size=size)
-    ms = netlab.mount_in(sn, tmp_path / "s", tmp_path / "s-mnt", size=size)
-    for m in (mp, ms):
-        GroupStore(m.site).add(GROUP, SECRET)
-    admin(mp.path, "replicate", "policy", *NO_AUTO_CUT)
-    return pn, mp, sn, ms
+@pytest.fixture
+def sites(netlab, tmp_path):
+    """sites(size) -> (p ns, P mount, s ns, S mount): P (primary) and S (its secondary to be,
+    over RCP, group GROUP), each in its namespace; no delta set is cut unless asked. A mount
+    whose daemon a failed test left dead is lazily unmounted before netlab's teardown."""
+    made = []
+
+    def make(size: str = "256M"):
+        pn, sn = netlab.add_site("p"), netlab.add_site("s")
+        mp = netlab.mount_in(pn, tmp_path / "p", tmp_path / "p-mnt", size=size)
+        ms = netlab.mount_in(sn, tmp_path / "s", tmp_path / "s-mnt", size=size)
+        made.extend((mp, ms))
+        for m in (mp, ms):
+            GroupStore(m.site).add(GROUP, SECRET)
+        admin(mp.path, "replicate", "policy", *NO_AUTO_CUT)
+        return pn, mp, sn, ms
+
+    yield make
+    for m in made:
+        if not daemon_alive(m.site):
+            subprocess.run(["fusermount3", "-u", "-z", str(m.path)], capture_output=True)
 
 
 def start(mp, to: str) -> None:
@@ -138,9 +163,9 @@ def overwrite(path, offset: int, size: int) -> int:
     return blocks(offset % BS + size)
 
 
-def test_whole_cycle(netlab, tmp_path):
+def test_whole_cycle(netlab, sites, tmp_path):
     T0[0] = time.monotonic()
-    pn, mp, sn, ms = sites(netlab, tmp_path)
+    pn, mp, sn, ms = sites()
     mp.expect_log(FENCED_LOG)  # (its WARNING, and its send task's ERROR: a stale primary)
     ms.expect_log("holds generation 3")  # (fenced by the failback: the planned way)
     phase("sites")
@@ -252,8 +277,18 @@ def test_whole_cycle(netlab, tmp_path):
     assert copied * 10 < vfs.f_blocks - vfs.f_bfree, (copied, vfs)  # not the volume
     assert s_blocks * BS * 0.9 <= wire <= copied * BS * 1.05 + (256 << 10), (wire, copied)
 
-    # failback: P is the primary again; everything S held is there
+    # failback: P is the primary again; everything S held is there. Asked while P's daemon
+    # is down (killed -9), it stops with an error and changes nothing; asked again once P is
+    # back, it goes on
     write(ms.path / "last-on-s", os.urandom(70_000))
+    kill9(mp.site)
+    r = admin(ms.path, "failback", check=False, timeout=300)
+    assert r.returncode != 0 and "run switchover again" in r.stderr, r
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    st = api(ms.site, "GET", "/status")
+    assert (st["role"], st["generation"], st["readonly"]) == ("primary", 2, False), st
+    write(ms.path / "after-the-error", os.urandom(30_000))  # (S still takes writes)
+    remount_in(pn, mp)
     last = tree(ms.path)
     r = admin(ms.path, "failback", timeout=300)
     assert "is the primary now (generation 3)" in r.stdout, r.stdout
@@ -290,13 +325,13 @@ def copying(m, name: str, beyond: int = 0) -> dict | None:
     return d if d["state"] == "initial-copy" and copied > beyond else None
 
 
-def test_sync_failover_and_kills_during_resync_and_failback(netlab, tmp_path):
+def test_sync_failover_and_kills_during_resync_and_failback(netlab, sites):
     """failover --sync across namespaces loses nothing; the resync's copy goes on after a
     kill -9 of the old primary's daemon (its receiver) and then of the new primary's (its
     sender) in the middle of it, by itself; a failback whose initiator is killed -9 once the
     other side took over is finished by the other side, and re-issuing it says it is done."""
     T0[0] = time.monotonic()
-    pn, mp, sn, ms = sites(netlab, tmp_path, size="128M")
+    pn, mp, sn, ms = sites("128M")
     mp.expect_log(FENCED_LOG)  # (fenced by --sync: the planned way)
     ms.expect_log("holds generation 3")  # (fenced by the failback)
     files(mp.path, "b", 6, 400_000)
