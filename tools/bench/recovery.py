@@ -12,7 +12,7 @@ Sections (`--only`):
   resync    a primary P and its secondary S (sites on this host; with --transport rcp, over
             RCP on 127.0.0.1, fixed ports) on volumes of --size filled with 4 MiB files up to
             --fill of the volume; the initial copy; S is stopped (unmounted), P overwrites
-            --change (1%) of the volume's blocks in 64 KiB runs at random 4 KiB-aligned
+            --change (1%) of the volume's blocks in --run-kib (64 KiB) runs at random 4 KiB-aligned
             offsets of random files (fsync), half of them before a cut (a delta set S never
             gets), half after (only in P's change log); then P dies (variant `crash`:
             kill -9, its change log over-marks whole intent regions) or stops cleanly
@@ -316,9 +316,10 @@ def resync_round(root: Path, a, variant: str, rcp: bool, out: dict) -> dict:
     k = int(nblocks * a.change)
     s.down()  # the secondary stops: what P cuts and writes now, it never gets
     hr = block_hashes(s.site / "volume.img")
-    r["old_written_blocks"] = change(p.mnt, files, k // 2, rng)
+    rb = a.run_kib // 4
+    r["old_written_blocks"] = change(p.mnt, files, k // 2, rng, rb)
     p.admin("replicate", "deltaset")
-    r["old_written_blocks"] += change(p.mnt, files, k - k // 2, rng)
+    r["old_written_blocks"] += change(p.mnt, files, k - k // 2, rng, rb)
     os.sync()
     if variant == "crash":
         kill9(p)
@@ -326,7 +327,7 @@ def resync_round(root: Path, a, variant: str, rcp: bool, out: dict) -> dict:
         p.down()
     s.mount()
     r["failover_s"], _ = timed_admin(s, "failover")
-    r["new_written_blocks"] = change(s.mnt, files, k, rng)
+    r["new_written_blocks"] = change(s.mnt, files, k, rng, rb)
     os.sync()
     remount(p)
     wait_for(lambda: p.status().get("fenced"), "the old primary's fence", limit=120)
@@ -539,6 +540,8 @@ def main(argv=None) -> int:
                    "filled with files (default 0.5)")
     p.add_argument("--change", type=float, default=0.01, help="resync: fraction of the "
                    "volume's blocks overwritten on each side (default 0.01)")
+    p.add_argument("--run-kib", type=int, default=64, help="resync: each overwrite's size "
+                   "in KiB, a multiple of 4 up to 4096 (default 64: 16 blocks)")
     p.add_argument("--variants", default=None, help="resync: crash,clean (default both; "
                    "--quick crash)")
     p.add_argument("--transport", default="local", help="resync: local,rcp (default local)")
@@ -573,6 +576,8 @@ def main(argv=None) -> int:
     a.fo_rounds = a.fo_rounds or (2 if a.quick else 5)
     if not 0 < a.fill < 0.95 or not 0 < a.change < 0.2 or a.fo_rounds < 1 or not a.fo_sizes:
         p.error("--fill must be in (0, 0.95), --change in (0, 0.2), --fo-rounds >= 1")
+    if a.run_kib % 4 or not 4 <= a.run_kib <= 4096:
+        p.error("--run-kib must be a multiple of 4 in [4, 4096]")
     if a.size % (4 * MiB):
         p.error("--size must be a multiple of 4 MiB")
 
@@ -584,7 +589,8 @@ def main(argv=None) -> int:
             f"load:    {rcpb.loadavg()} (1/5/15 min load average at the start)",
             f"tmpdir:  {root}",
             f"resync:  {human(a.size)} volumes, fill {a.fill:.0%}, change {a.change:.1%} each "
-            f"side, variants {','.join(a.variants)}, transport {a.transport}",
+            f"side in {a.run_kib} KiB writes, variants {','.join(a.variants)}, transport "
+            f"{a.transport}",
             f"failover: sizes {', '.join(human(x) for x in a.fo_sizes)}, {a.fo_rounds} rounds"]
     for line in head:
         log(line)
