@@ -41,6 +41,7 @@ import time
 import pytest
 
 from repfs.rcp.groups import GroupStore
+from repfs.repl.sender import COPY_PIECE
 from tests.conftest import run_repfs
 from tests.netns import netlab  # noqa: F401 (the fixture)
 from tests.t2_failover import errno_of_write, snapshot_names, wait_for, write
@@ -51,6 +52,7 @@ from tests.t3_rcp_netns import GROUP, SECRET
 from tests.t4_repl_crash import kill9
 
 BS = 4096
+WINDOW = 2  # S's [repl] send_window in the kill test: records in flight, sent again at most
 FENCED_LOG = "holds generation 2"  # the old primary's WARNING when it fences itself
 
 
@@ -120,13 +122,19 @@ def remount_in(ns, m) -> None:
 
 @pytest.fixture
 def sites(netlab, tmp_path):
-    """sites(size) -> (p ns, P mount, s ns, S mount): P (primary) and S (its secondary to be,
+    """sites(size, s_window) -> (p ns, P mount, s ns, S mount): P (primary) and S (its secondary,
     over RCP, group GROUP), each in its namespace; no delta set is cut unless asked. A mount
     whose daemon a failed test left dead is lazily unmounted before netlab's teardown."""
     made = []
 
-    def make(size: str = "256M"):
+    def make(size: str = "256M", s_window: int | None = None):
         pn, sn = netlab.add_site("p"), netlab.add_site("s")
+        if s_window is not None:  # S's site.toml [repl] send_window (the default is 8)
+            run_repfs("mkfs", tmp_path / "s", "--size", size)
+            toml = tmp_path / "s" / "site.toml"
+            assert "send_window = 8\n" in toml.read_text()
+            toml.write_text(toml.read_text().replace("send_window = 8\n",
+                                                     f"send_window = {s_window}\n"))
         mp = netlab.mount_in(pn, tmp_path / "p", tmp_path / "p-mnt", size=size)
         ms = netlab.mount_in(sn, tmp_path / "s", tmp_path / "s-mnt", size=size)
         made.extend((mp, ms))
@@ -331,7 +339,7 @@ def test_sync_failover_and_kills_during_resync_and_failback(netlab, sites):
     sender) in the middle of it, by itself; a failback whose initiator is killed -9 once the
     other side took over is finished by the other side, and re-issuing it says it is done."""
     T0[0] = time.monotonic()
-    pn, mp, sn, ms = sites("128M")
+    pn, mp, sn, ms = sites("128M", s_window=WINDOW)
     mp.expect_log(FENCED_LOG)  # (fenced by --sync: the planned way)
     ms.expect_log("holds generation 3")  # (fenced by the failback)
     files(mp.path, "b", 6, 400_000)
@@ -365,13 +373,16 @@ def test_sync_failover_and_kills_during_resync_and_failback(netlab, sites):
     r = admin(ms.path, "resync", "--peer", pn.listen, timeout=300)
     assert "resync started" in r.stdout, r.stdout
     # kill -9 of the old primary (receiving the copy) in the middle of it
-    k1 = wait_for(lambda: copying(ms, pn.listen, 600), "the copy under way", timeout=60,
+    k1 = wait_for(lambda: copying(ms, pn.listen, 900), "the copy under way", timeout=60,
                   sites=[ms.site])["resync"]["copied_blocks"]
     kill9(mp.site)
     remount_in(pn, mp)
+    # P kept what it held whole (at most the records in flight were lost)
+    pos = api(mp.site, "GET", "/repl/receiver")["copy"]["next_block"]
+    assert pos > 0, pos
     phase("P killed, remounted")
     # then kill -9 of the new primary (sending it), once the copy went on
-    k2 = wait_for(lambda: copying(ms, pn.listen, k1 + 600), "the copy to go on",
+    k2 = wait_for(lambda: copying(ms, pn.listen, k1 + 900), "the copy to go on",
                   timeout=60, sites=[ms.site, mp.site])["resync"]["copied_blocks"]
     kill9(ms.site)
     # a second failover, at the old primary, before the resync finished: refused (it holds
@@ -392,8 +403,10 @@ def test_sync_failover_and_kills_during_resync_and_failback(netlab, sites):
              sites=[mp.site])
     got = tree(mp.path)
     assert got == on_s, "; ".join(tree_diff(on_s, got))
-    # each time it went on from where the receiver held the copy whole, not from the start
-    assert d["resync"]["copied_blocks"] - d["resync"]["blocks"] < 600, (d, k1, k2)
+    # each time it went on from where P held the copy whole: sent again, at most the
+    # records in flight at each kill (the window, and one being read)
+    again = d["resync"]["copied_blocks"] - d["resync"]["blocks"]
+    assert again <= 2 * (WINDOW + 1) * COPY_PIECE, (d, k1, k2)
     phase("resynced")
 
     # failback; its initiator S is killed -9 once P took over (P waits for S's last delta
