@@ -51,6 +51,8 @@ def site_status(svc) -> dict:
         # fenced (a peer holds a newer generation), the restart point, the last failover
         # and what it lost (repfs/recovery/failover.py)
         **svc.recovery.status(),
+        # a snapshot copy this site is sending now (recovery/copy.py), or None
+        "copy": svc.copies.progress,
     }
     out["peers"] = peers(out)
     return out

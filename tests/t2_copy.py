@@ -161,6 +161,9 @@ def test_kill9_of_the_receiver_mid_copy_then_reissue_resumes(mount_site):
             wait_for(lambda: staged() > 768,
                      "the copy to be under way", sites=[m1.site, m2.site])
             assert "is being copied" in refused(m1, "snapshot", "delete", "s")
+            cp = api(m1.site, "GET", "/status")["copy"]  # its progress
+            assert cp["snapshot"] == "s" and 0 < cp["sent_blocks"] < cp["blocks"], cp
+            assert "copying snapshot s to" in admin(m1.path, "status").stdout
             m2.expect_log("")  # (killed: its log may end anyhow)
             kill9(m2.site)
             _, err = proc.communicate(timeout=120)
@@ -172,6 +175,7 @@ def test_kill9_of_the_receiver_mid_copy_then_reissue_resumes(mount_site):
         remount(m2)
     assert daemon_alive(m1.site)
     out = copy(m1, "s", "--to", m2.site)
+    assert api(m1.site, "GET", "/status")["copy"] is None
     assert out["resumed_at_block"] and out["resumed_at_block"] > (3 << 20) // 4096 - 64, out
     assert 0 < out["sent_blocks"] < out["blocks"], out
     same_tree(m2.path, want)

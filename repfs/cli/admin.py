@@ -505,6 +505,13 @@ def _print_status(st: dict) -> None:
     for q in st.get("quarantined_delta_sets") or []:
         print(f"delta set {q['delta_set']} quarantined at {q['at']} ({q['reason']}); kept in "
               f"{q['file']}, asked for again")
+    cp = st.get("copy")  # a snapshot copy being sent (repfs/recovery/copy.py)
+    if cp:
+        n = cp["blocks_to_send"]
+        print(f"copying snapshot {cp['snapshot']}"
+              + (f" (its changes since {cp['base']})" if cp.get("base") else "")
+              + f" to {cp['to']}: {cp['sent_blocks']} of {n} blocks sent"
+              + (f" ({100 * cp['sent_blocks'] / n:.0f}%)" if n else ""))
     if st.get("peers"):  # "is my data safe": every peer, its generation and state
         print()
         print(_table([[p.get("peer") or "-", p.get("role"), p.get("generation") or "-",

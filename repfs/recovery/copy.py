@@ -87,6 +87,8 @@ class Copies:
         self.svc = svc
         self.lock = trio.Lock()  # one copy at a time from this site
         self._held: set[str] = set()  # the snapshots the running copy reads
+        # the copy being sent (status "copy"): snapshot, base, to, sent_blocks, blocks
+        self.progress: dict | None = None
 
     def holds(self, name: str) -> bool:
         """Snapshot `name` is being copied (`snapshot delete` refuses it meanwhile)."""
@@ -114,6 +116,7 @@ class Copies:
                                         dry_run)
             finally:
                 self._held = set()
+                self.progress = None
 
     async def _copy(self, snapshot, to, base, group, force, bwlimit, update,
                     dry_run) -> dict:
@@ -192,7 +195,7 @@ class Copies:
                     log.info("copy of snapshot %s to %s resumes at block %d", snap.name, to,
                              at)
                 sent, total = await trio.to_thread.run_sync(
-                    self._send, client, snap, older, at, gen, bwlimit)
+                    self._send, client, snap, older, at, gen, bwlimit, to)
                 await self._call(lambda: client.start_playback(1, gen, total), to)
             done = await self._wait_played(client, to, snap)
             log.info("copy of snapshot %s to %s %s: %d blocks sent%s", snap.name, to,
@@ -247,7 +250,7 @@ class Copies:
         return total, todo
 
     def _send(self, client: ReceiverClient, snap, older, at: int, gen: int,
-              bwlimit: int) -> tuple[int, int]:
+              bwlimit: int, to: str) -> tuple[int, int]:
         """In a worker thread: the copy records from block `at` on (the peer holds those
         below); returns (blocks sent, blocks in the copy)."""
         layer = self.svc.layer
@@ -257,12 +260,24 @@ class Copies:
             client.pace = bucket.take
         else:
             take = bucket.take
+        # (a delta's block list is one array: made once, not again for the count)
+        cached = list(self._plan(snap, older)) if older is not None else None
+
+        def plan():
+            return iter(cached) if cached is not None else self._plan(snap, older)
+
+        total = todo = 0
+        for blocks in plan():
+            total += len(blocks)
+            todo += int(np.count_nonzero(blocks >= at))
         sent = [0]
-        total = [0]
+        prog = self.progress = {"snapshot": snap.name, "base": older.name if older else None,
+                                "to": to, "resumed_at_block": at or None,
+                                "sent_blocks": 0, "blocks_to_send": todo, "blocks": total}
+        last = [time.monotonic()]
 
         def pieces():
-            for blocks in self._plan(snap, older):
-                total[0] += len(blocks)
+            for blocks in plan():
                 blocks = blocks[blocks >= at]
                 for _, s, c in runs(blocks):
                     while c:
@@ -271,6 +286,11 @@ class Copies:
                             take(m * BS)
                         yield gen, s, layer.read_snapshot(snap, s, m)
                         sent[0] += m
+                        prog["sent_blocks"] = sent[0]
+                        if time.monotonic() - last[0] >= 10:  # (a long copy: its progress)
+                            last[0] = time.monotonic()
+                            log.info("copy of snapshot %s to %s: %d of %d blocks sent",
+                                     snap.name, prog["to"], sent[0], todo)
                         s += m
                         c -= m
 
@@ -282,7 +302,7 @@ class Copies:
                             f"what it received: re-issue the command to continue") from None
         except (PermanentError, RejectedError) as e:
             raise CopyError(f"the peer refused the copy: {e}") from None
-        return sent[0], total[0]
+        return sent[0], total
 
     async def _wait_played(self, client, to: str, snap) -> bool:
         """Until the peer has played the copy (True), or PLAYED_WAIT (False)."""
