@@ -1116,6 +1116,9 @@ class ControlServer:
             if step == "attach":
                 req["primary"] = _scalar_map(args.get("primary"), "primary", 16, MAX_PATH)
                 req["nblocks"] = _uint(args.get("nblocks"), "volume size in blocks (nblocks)")
+                req["keep"] = _bool(args.get("keep"), "keep", True)
+            if step == "blocklist":
+                req["first_page"] = _uint(args.get("first_page", 0), "first_page", 1 << 32)
             return await svc.resync.request(req)
         if parts == ["copy"] and method == "POST":  # (recovery/copy.py)
             to = _peer(args.get("to"), "peer (to)")

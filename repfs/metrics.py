@@ -120,8 +120,11 @@ class SiteCollector:
                                   "site last heard it", labels=["peer", "role", "state"])
         for row in st.get("peers") or []:
             if isinstance(row.get("generation"), int):
-                peers.add_metric([str(row.get("peer")), str(row.get("role")),
-                                  str(row.get("state"))[:80]], row["generation"])
+                # (the state's first word: replicating, resyncing, full, stale, error, ...;
+                # no percentage or message in a label, each would make a new series)
+                word = str(row.get("state") or "").split(" ", 1)[0].strip(":") or "unknown"
+                peers.add_metric([str(row.get("peer")), str(row.get("role")), word],
+                                 row["generation"])
         yield peers
         if role == "primary" and "destinations" in st:
             yield from self._primary(svc, st)

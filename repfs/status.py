@@ -54,7 +54,12 @@ def site_status(svc) -> dict:
         # a snapshot copy this site is sending now (recovery/copy.py), or None
         "copy": svc.copies.progress,
     }
-    out["peers"] = peers(out)
+    try:
+        out["peers"] = peers(out)
+    except Exception as e:  # noqa: BLE001 - a report must not fail on what it reports
+        from .tasks import describe
+        out["peers"] = [{"peer": None, "role": None, "generation": None,
+                         "state": f"cannot report: {describe(e)}"}]
     return out
 
 

@@ -343,6 +343,10 @@ class Recovery:
                     f"failover is run at a secondary to make it the primary")
         if r.role != "secondary":
             return f"this site's role is {r.role!r} (damaged?): it cannot fail over"
+        if r.state == "copied":  # (recovery/copy.py: a snapshot's copy follows nobody)
+            src = (r.primary() or {}).get("site")
+            return (f"this site holds a copy of a snapshot of {src}, not a replica: it has "
+                    f"no primary to take over from (mount it and write, or clone it)")
         if r.state == "initial-copy" or (r.last_played == 0 and r.next_to_play() is None):
             return ("this site holds no copy of its primary yet (its initial copy is not "
                     "played): there is nothing to take over")

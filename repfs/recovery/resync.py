@@ -37,6 +37,7 @@ printed (FIG. 28 steps 536-537): `replicate start --force`, resumable, with its 
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import struct
 
@@ -101,7 +102,10 @@ def unpack_bits(text, nblocks: int) -> PagedBits:
 
 
 GRANULE = 16  # blocks per hash of the old primary's changed blocks (64 KiB)
-MAX_GRANULES = 1 << 20  # hashes in one answer at most (16 MiB): larger granules beyond
+MAX_GRANULES = 1 << 20  # hashes for one resync at most (16 MiB): larger granules beyond
+ANSWER_BYTES = 40 << 10  # a blocklist answer's bits and hashes, before base64: it travels
+#                          as one RCP control answer (at most 64 KiB: rcp/wire.py), so a
+#                          long list comes a few pages of the volume at a time
 
 
 def granule_size(nbits: int) -> int:
@@ -175,12 +179,11 @@ class Resync:
             if svc.primary is None:
                 raise ResyncError(f"this site is a {svc.receiver.role}, not a primary: it "
                                   f"has no history of its own to resync from")
-            if gen <= own:
-                raise ResyncError(f"a resync from generation {gen} cannot take this site, "
-                                  f"which is at generation {own} (a stale request)")
+            self._check_newer(gen)
             if not args.get("dry_run"):  # (a dry run changes nothing here either)
                 await svc.recovery.fence(by, gen, "a resync from it began")
-            bits, why = await trio.to_thread.run_sync(self._changed_since, args["after"])
+            async with svc.primary.cut_lock:  # (no cut moves blocks between the two reads)
+                bits, why = await trio.to_thread.run_sync(self._changed_since, args["after"])
             out = {"history": bits is not None, "why": why, "generation": own,
                    "last_cut": svc.sets.last_cut}
             if bits is not None:
@@ -188,11 +191,10 @@ class Resync:
                 g = granule_size(n)
                 # its content, so that blocks it only marked (the change log over-marks
                 # after a crash: whole intent regions) and that still hold what the new
-                # primary has are not sent
-                hashes = await trio.to_thread.run_sync(granule_hashes, bits,
-                                                       svc.layer.read, g)
-                out.update(bits=pack_bits(bits), blocks=n, granule=g,
-                           hashes=base64.b64encode(hashes).decode())
+                # primary has are not sent; a part of the list at a time (`first_page`)
+                part, nxt = await trio.to_thread.run_sync(
+                    self._part, bits, g, args.get("first_page", 0))
+                out.update(blocks=n, granule=g, next_page=nxt, **part)
             return out
         if step == "paths":  # (a dry run: what the resync would discard here)
             try:
@@ -201,8 +203,44 @@ class Resync:
                 raise ResyncError(f"bad block list: {e}", "invalid") from None
             return {"paths": await trio.to_thread.run_sync(self._paths, bits)}
         if step == "attach":
-            return await self._attach(args["primary"], gen, args["nblocks"], by)
+            return await self._attach(args["primary"], gen, args["nblocks"], by,
+                                      args.get("keep", True))
         raise ResyncError(f"bad resync step {step!r}", "invalid")
+
+    def _check_newer(self, gen: int) -> None:
+        """A request of generation `gen` may take this site only if `gen` is newer than
+        its own and than any it was fenced by (a site fenced by generation 3 does not
+        follow a stale generation 2)."""
+        own = self.svc.receiver.generation
+        fenced = (self.svc.recovery.fenced or {}).get("generation") or 0
+        fenced = fenced if isinstance(fenced, int) else 0
+        if gen <= own or gen < fenced:
+            raise ResyncError(f"a resync from generation {gen} cannot take this site, which "
+                              f"is at generation {own}" + (f" and was fenced by generation "
+                                                           f"{fenced}" if fenced > own else "")
+                              + " (a stale request)")
+
+    def _part(self, bits: PagedBits, g: int, first: int) -> tuple[dict, int | None]:
+        """The pages of `bits` from `first` on, with their granules' hashes, as many as
+        fit in ANSWER_BYTES (at least one); and the next page to ask for (None: done)."""
+        svc = self.svc
+        part = PagedBits()
+        digests = bytearray()
+        size = 0
+        pages = sorted(p for p in bits.pages if p >= first)
+        for i, page in enumerate(pages):
+            one = PagedBits()
+            one.pages[page] = bits.pages[page]
+            h = granule_hashes(one, svc.layer.read, g)
+            z = len(zstandard.ZstdCompressor().compress(bits.pages[page].tobytes())) + 4
+            if part.pages and size + len(h) + z > ANSWER_BYTES:
+                return ({"bits": pack_bits(part), "hashes": base64.b64encode(digests).decode(),
+                         "first_page": first}, page)
+            part.pages[page] = bits.pages[page]
+            digests += h
+            size += len(h) + z  # (the pages compressed together take no more)
+        return ({"bits": pack_bits(part), "hashes": base64.b64encode(digests).decode(),
+                 "first_page": first}, None)
 
     def _changed_since(self, after: int) -> tuple[PagedBits | None, str | None]:
         """The blocks this (old) primary changed after boundary `after`: its delta sets'
@@ -237,21 +275,22 @@ class Resync:
         paths = sorted({p for who in own.values() for p in who if p.startswith("/")})
         return paths[:MAX_PATHS]
 
-    async def _attach(self, primary: dict, gen: int, nblocks: int, by: str) -> dict:
+    async def _attach(self, primary: dict, gen: int, nblocks: int, by: str,
+                      keep: bool = True) -> dict:
         svc = self.svc
         r = svc.receiver
         if not isinstance(primary, dict) or primary.get("uuid") != svc.core.sb.uuid.hex():
             raise ResyncError("the new primary's volume is not this site's lineage (another "
                               "volume uuid): only a full copy can resync it")
-        if gen <= r.generation:
-            raise ResyncError(f"a resync from generation {gen} cannot take this site, which "
-                              f"is at generation {r.generation} (a stale request)")
         if r.role == "secondary":
             theirs = r.primary() or {}
             if (theirs.get("uuid"), theirs.get("site")) != (primary["uuid"], primary["site"]):
                 raise ResyncError(f"this site is a secondary of {theirs.get('site')}, not an "
                                   f"old primary of {primary['site']}")
-        else:
+            if gen == r.generation and r.state in ("initial-copy", "replicating"):
+                return r.info()  # attached already (the answer was lost): nothing to redo
+        self._check_newer(gen)
+        if r.role != "secondary" and keep:  # (nothing of its own differs: no snapshot)
             name = f"{DIVERGENCE_PREFIX}{gen}"
             if not any(s.name == name for s in svc.store.queue):
                 async with svc.ops.quiesce():
@@ -300,14 +339,29 @@ class Resync:
             if info.get("volume_blocks") != nblocks:
                 raise ResyncError(f"{peer} has a volume of {info.get('volume_blocks')} blocks, "
                                   f"this site {nblocks}: it is not an old copy of this site")
-            if info.get("generation", 0) >= gen:
+            resume = bool(d is not None and d.get("state") == "resync-attach"
+                          and d.get("resync"))
+            theirs_now = info.get("primary") or {}
+            attached = (resume and info.get("role") == "secondary"
+                        and info.get("generation") == gen
+                        and (theirs_now.get("uuid"), theirs_now.get("site")) ==
+                        (me["uuid"], me["site"]))  # (its answer to the attach was lost)
+            if info.get("generation", 0) >= gen and not attached:
                 raise ResyncError(f"{peer} is at generation {info.get('generation')}, not older "
                                   f"than this site's {gen}: nothing to resync")
-            resume = d is not None and d.get("state") == "resync-attach" and d.get("resync")
-            stored = resume and await trio.to_thread.run_sync(self._has_bits, name)
+            marker = (await trio.to_thread.run_sync(self._marker, name)) if resume else None
+            stored = marker is not None and marker.get("stamp") == d.get("stamp")
+            if dry_run and (stored or attached):
+                raise ResyncError(f"a resync of {peer} is under way (its blocks are chosen: "
+                                  f"{await trio.to_thread.run_sync(self._bits_count, name)}); "
+                                  f"run resync without --dry-run to go on")
             why = None
             doc = {}
             if not stored:
+                if attached:
+                    raise ResyncError(f"{peer} follows this site already but the blocks to "
+                                      f"send were not kept; resync it with a full copy: "
+                                      f"replicate start --to {peer} --force")
                 if info.get("uuid") != svc.core.sb.uuid.hex():
                     why = f"{peer} holds another volume (uuid {info.get('uuid')})"
                 elif info.get("role") != "primary":
@@ -317,18 +371,11 @@ class Resync:
                            ", not an old primary: it has no history of its own to resync "
                            "from")
                 else:
-                    doc = await self._call(lambda: client.request("POST", "/repl/resync", {
-                        "step": "blocklist", "after": after, "generation": gen,
-                        "by": me["site"], "dry_run": dry_run}), peer)
+                    doc = await self._blocklist(client, peer, after, gen, me, dry_run)
                     if not doc.get("history"):
                         why = f"{peer} cannot tell what it changed: {doc.get('why')}"
             if why is None and not stored:
-                try:
-                    theirs = await trio.to_thread.run_sync(unpack_bits, doc.get("bits"),
-                                                           nblocks)
-                    hashes = _hashes(doc, theirs)
-                except ValueError as e:
-                    raise ResyncError(f"{peer} sent {e}") from None
+                theirs, hashes = doc["theirs"], doc["hashes"]
                 ours, why_ours = await trio.to_thread.run_sync(self._own_since, after,
                                                                svc.sets.last_cut)
                 if ours is None:
@@ -343,20 +390,18 @@ class Resync:
                 both.merge(differ)
                 both.merge(ours)
                 n = both.count()
-                doc["paths"] = (await self._call(lambda: client.request(
-                    "POST", "/repl/resync", {"step": "paths", "bits": pack_bits(differ),
-                                             "generation": gen, "by": me["site"]}),
-                    peer))["paths"] if differ else []
+                paths = await self._paths_of(client, peer, differ, gen, me)
                 return {"dry_run": True, "peer": peer, "full_copy": False,
                         "restart_delta_set": after, "generation": gen,
                         "old_primary_changed_blocks": differ.count(),
                         "old_primary_marked_blocks": theirs.count(),
                         "new_primary_changed_blocks": ours.count(),
                         "blocks": n, "bytes_at_most": n * 4096,
-                        "discarded_paths": doc.get("paths") or []}
+                        "discarded_paths": paths}
             async with p.dest_lock(name):
                 await p.stop_senders(name)
                 if not resume:  # the intermediate point: a cut and its snapshot
+                    await trio.to_thread.run_sync(self.forget, name)  # (an older resync's)
                     await svc.replicate._start_copy(
                         p, name, base, extra={"state": "resync-attach",
                                               "resync": {"after": after}}, start=False)
@@ -364,13 +409,16 @@ class Resync:
                 if not stored:
                     await trio.to_thread.run_sync(self._store_union, name, theirs, hashes,
                                                   after, d)
+                marker = await trio.to_thread.run_sync(self._marker, name)
                 total = await trio.to_thread.run_sync(self._bits_count, name)
                 log.info("resync of %s: %d blocks differ since delta set %d (restart point); "
                          "the intermediate point is delta set %d", peer, total, after,
                          d["stamp"])
-                await self._call(lambda: client.request("POST", "/repl/resync", {
-                    "step": "attach", "primary": me, "generation": gen, "nblocks": nblocks,
-                    "by": me["site"], "after": after}), peer)
+                if not attached:
+                    await self._call(lambda: client.request("POST", "/repl/resync", {
+                        "step": "attach", "primary": me, "generation": gen,
+                        "nblocks": nblocks, "by": me["site"], "after": after,
+                        "keep": bool(marker.get("differ", 1))}), peer)
                 d = p.dest(name)
                 d.update(state="initial-copy", resync={"after": after, "blocks": total})
                 p.put_dest(d)
@@ -378,6 +426,53 @@ class Resync:
             return self._answer(name, d)
         finally:
             client.close()
+
+    async def _blocklist(self, client, peer: str, after: int, gen: int, me: dict,
+                         dry_run: bool) -> dict:
+        """The old primary's block list and granule hashes, asked a part at a time (each
+        answer fits an RCP control answer); {"history": False, "why"} when it cannot tell."""
+        theirs, digests, first, g = PagedBits(), bytearray(), 0, None
+        nblocks = self.svc.layer.nblocks
+        for _ in range(-(-nblocks // PAGE_BITS) + 1):
+            doc = await self._call(lambda: client.request("POST", "/repl/resync", {
+                "step": "blocklist", "after": after, "generation": gen, "by": me["site"],
+                "dry_run": dry_run, "first_page": first}), peer)
+            if not doc.get("history"):
+                return doc
+            try:
+                part = await trio.to_thread.run_sync(unpack_bits, doc.get("bits"), nblocks)
+                gran, h = _hashes(doc, part)
+                if g is not None and gran != g or any(p < first or p in theirs.pages
+                                                      for p in part.pages):
+                    raise ValueError("a part of its block list out of place")
+            except ValueError as e:
+                raise ResyncError(f"{peer} sent {e}") from None
+            g = gran
+            theirs.pages.update(part.pages)
+            digests += h
+            nxt = doc.get("next_page")
+            if nxt is None:
+                return {"history": True, "theirs": theirs, "hashes": (g, bytes(digests))}
+            if not isinstance(nxt, int) or nxt <= first:
+                raise ResyncError(f"{peer} sent a bad next page {nxt!r}")
+            first = nxt
+        raise ResyncError(f"{peer} sent its block list in too many parts")
+
+    async def _paths_of(self, client, peer: str, bits: PagedBits, gen: int,
+                        me: dict) -> list[str]:
+        """The old primary's files that own `bits` (a dry run), asked a few pages at a time
+        (each request fits an RCP control message)."""
+        out: set[str] = set()
+        pages = sorted(bits.pages)
+        for i in range(0, len(pages), 8):
+            part = PagedBits()
+            for p in pages[i:i + 8]:
+                part.pages[p] = bits.pages[p]
+            doc = await self._call(lambda: client.request("POST", "/repl/resync", {
+                "step": "paths", "bits": pack_bits(part), "generation": gen,
+                "by": me["site"]}), peer)
+            out.update(x for x in doc.get("paths") or [] if isinstance(x, str))
+        return sorted(out)[:MAX_PATHS]
 
     async def _call(self, fn, peer: str):
         try:
@@ -439,13 +534,18 @@ class Resync:
             raise ResyncError(why)
         svc = self.svc
         snap = svc.store.find(d["snapshot"])  # the intermediate point
-        both = self._union(theirs, hashes, ours,
-                           lambda s, c: svc.layer.read_snapshot(snap, s, c))
+        read = lambda s, c: svc.layer.read_snapshot(snap, s, c)  # noqa: E731 (at I)
+        differ = self._union(theirs, hashes, PagedBits(), read)
+        both = PagedBits()
+        both.merge(differ)
+        both.merge(ours)
         with self.env.begin(write=True, db=self.db_bits) as txn:
             self._drop(txn, name)
             for page, arr in both.pages.items():
                 txn.put(self._key(name, page), arr.tobytes())
-            txn.put(name.encode() + b"\0", b"1")  # (stored whole)
+            # (stored whole, for this intermediate point)
+            txn.put(name.encode() + b"\0", json.dumps({"stamp": d["stamp"], "after": after,
+                                                        "differ": differ.count()}).encode())
 
     def _drop(self, txn, name: str) -> None:
         prefix = name.encode() + b"\0"
@@ -455,9 +555,16 @@ class Resync:
                 if not cur.delete():
                     break
 
-    def _has_bits(self, name: str) -> bool:
+    def _marker(self, name: str) -> dict | None:
+        """The stored union's record: the intermediate point it was made for (`stamp`) and
+        how many of the old primary's blocks differ (`differ`); None: none stored whole."""
         with self.env.begin(db=self.db_bits) as txn:
-            return txn.get(name.encode() + b"\0") is not None
+            raw = txn.get(name.encode() + b"\0")
+        try:
+            doc = json.loads(raw) if raw else None
+        except ValueError:
+            return None
+        return doc if isinstance(doc, dict) else None
 
     def mask(self, name: str) -> dict[int, np.ndarray]:
         """page -> the blocks of destination `name`'s resync (unpacked bools): what its

@@ -65,7 +65,8 @@ class Switchover:
             if done is not None:  # (re-issued after an error: the old primary finished it)
                 return done
             raise SwitchoverError(self._not_primary())
-        back = [d for d in p.dests() if d.get("resync") and d["state"] != "stopped"]
+        back = [d for d in p.dests() if d.get("resync")
+                and d["state"] in ("replicating", "initial-copy")]
         if not back:
             raise SwitchoverError("no old primary to fail back to: this site has resynced "
                                   "none (repfs-admin resync --peer OLDPRIMARY first)")
@@ -177,6 +178,13 @@ class Switchover:
                                   f"asks at {generation}")
         if r.role == "secondary" and by != prim.get("site"):
             raise SwitchoverError(f"this site follows {prim.get('site')}, not {by}")
+        if r.role == "primary" and (by != prim.get("site") or generation != fo.get(
+                "from_generation") or fo.get("step") != "done"):
+            # (taken over already: only its old primary, at the generation it had, may ask
+            # again, to finish the resync; anything else is stale: invariant 5)
+            raise SwitchoverError(f"this site is a primary (generation {r.generation}); a "
+                                  f"switchover asked by {by} at generation {generation} is "
+                                  f"not its old primary's")
         out = await svc.recovery.failover(sync=r.role == "secondary")
         peer = prim.get("address") or prim.get("site")
         if not isinstance(peer, str):

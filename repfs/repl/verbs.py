@@ -210,7 +210,10 @@ class ReplicateVerbs:
                 p.put_dest(d)
                 if any(s.name == d.get("snapshot") for s in svc.store.queue):
                     await svc.snapshots.delete(d["snapshot"], internal=True)
-        if not any(d["state"] != "stopped" for d in p.dests()):
+        # (after a failover the change log runs from the restart point on, destinations or
+        # not: a resync needs every change since; recovery/failover.py)
+        if not any(d["state"] != "stopped" for d in p.dests()) and (
+                svc.recovery.restart_point is None):
             async with p.cut_lock:
                 svc.clog.disable()
             # no destination is left to ship to: release what the delta sets pinned
