@@ -55,9 +55,13 @@ from tests.t2_repl import NO_AUTO_CUT, Workload, admin, api, log_lines, tree, tr
 from tests.t4_power import PowerSite, _stable_tree, _wait_dead, _wait_unmounted
 from tests.t4_repl_crash import _interrupted, _meta, kill9, post
 
-ROUNDS = int(os.environ.get("REPFS_POWER_ROUNDS", "1"))
+ROUNDS = max(1, int(os.environ.get("REPFS_POWER_ROUNDS", "1")))  # (0: as 1)
 KILL_ROUNDS = int(os.environ.get("REPFS_CRASH_ROUNDS", "4"))
 SEED = int(os.environ.get("REPFS_POWER_SEED", "0"))
+# the kill -9 loop with the primary's bypass (docs/replication.md, "Forwarders"): it sends
+# straight to the next hop after 1 s without the forwarder, which stays down 2-6 s while
+# the primary goes on cutting (a soak option: each round takes longer)
+BYPASS = os.environ.get("REPFS_FORWARD_BYPASS") == "1"
 
 SIZE = "128M"
 BIG = 12 << 20  # a file overwritten whole: a delta set whose playback lasts
@@ -161,7 +165,7 @@ def converge(p, f, h) -> int:
     return n
 
 
-def three_sites(power_site, mount_site, on_powerfs: bool = True):
+def three_sites(power_site, mount_site, on_powerfs: bool = True, bypass_after: int = 86400):
     """Primary (plain directory), forwarder and next hop (on powerfs if `on_powerfs`), all
     holding the group; the primary replicates to the forwarder, the forwarder routes to the
     next hop, and both have played their initial copies."""
@@ -176,9 +180,10 @@ def three_sites(power_site, mount_site, on_powerfs: bool = True):
         h = mount_site(SIZE, "--listen", "127.0.0.1:0", name="hop")
     for m in (p, f, h):
         GroupStore(m.site).add(GROUP, SECRET)
-    # the primary never bypasses the forwarder here: its own forwarding is what is tested
+    # the primary bypasses the forwarder only if asked: its own forwarding is what is tested
     toml = p.site / "site.toml"
-    toml.write_text(toml.read_text().replace("bypass_after = 30", "bypass_after = 86400"))
+    toml.write_text(toml.read_text().replace("bypass_after = 30",
+                                             f"bypass_after = {bypass_after}"))
     p.umount()
     run_repfs("mount", p.site, p.path, "--listen", "127.0.0.1:0")
     admin(p.path, "replicate", "policy", *NO_AUTO_CUT)
@@ -347,9 +352,9 @@ def test_power_cuts_at_the_forwarder(power_site, mount_site):
                 if out["delta_set"] in (st["playing_delta_set"], st["last_played_delta_set"]):
                     break
         elif path is not None:
-            got = f.pf.wait_frozen(15)
+            got = f.pf.wait_frozen(10)
         else:
-            time.sleep(rng.uniform(0.5, 3.0))
+            time.sleep(rng.uniform(0.3, 2.0))
         if not f.pf.stats()["frozen"]:  # (timed, or not reached in time: a cut now)
             f.pf.freeze(rng.choice(["none", "random"]), rng.randrange(1 << 30))
         if (got is not None or path is None) and phase != PLAYBACK:
@@ -381,7 +386,10 @@ def test_power_cuts_at_the_forwarder(power_site, mount_site):
 
 def test_kill9_of_the_forwarder(mount_site):
     rng = random.Random(9201 + SEED)
-    p, f, h = three_sites(None, mount_site, on_powerfs=False)
+    p, f, h = three_sites(None, mount_site, on_powerfs=False,
+                          bypass_after=1 if BYPASS else 86400)
+    if BYPASS:
+        p.expect_log("sending straight to its next hops")
     fport = port_of(f.site)
     inside = rnd = 0
     # random moments; then (until one lands inside a playback, at most 3 times) a kill as
@@ -409,6 +417,10 @@ def test_kill9_of_the_forwarder(mount_site):
                        capture_output=True)
         _wait_dead(pid)
         _wait_unmounted(f.path)
+        if BYPASS:  # the next hop fed by the primary meanwhile
+            more = Churn(p, rng.randrange(1 << 30))
+            time.sleep(rng.uniform(2.0, 6.0))
+            more.stop()
         run_repfs("mount", f.site, f.path, "--listen", f"127.0.0.1:{fport}")
         inside += _interrupted(f.site) > before
         n = converge(p, f, h)
