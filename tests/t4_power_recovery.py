@@ -23,13 +23,19 @@ what survived, and `repfs fsck` of the site must be clean (PowerSite.power_cut).
   resync run again completes, and the old primary equals the new one (contents, metadata,
   inode numbers). The round ends with a switchover back, for the next round; at the end every
   divergence snapshot still reads its state.
+* Resync by a new primary on powerfs (the old primary a plain site): the same rounds, the
+  cut at the new primary as the old one attaches (once divergence-GEN shows there), at its
+  meta.lmdb (the destination `resync-attach`, the intermediate point's cut and snapshot, the
+  block list), at the intermediate point's save volume, or at a random moment. After it:
+  fsck clean, every change fsync'd on the new primary is there, resync run again completes
+  and the trees are equal.
 
 Where each cut landed is read from the dead site's disk (the failover record's step, the
 restart or divergence snapshot, the role) and printed; the suite requires at least one cut
 in the middle of a failover and one in the middle of a resync.
 
-REPFS_POWER_ROUNDS multiplies the rounds (the suite: 2 failover cuts, 3 resync cuts);
-`SOAK=recovery tools/soak 0 N` runs many. REPFS_POWER_SEED varies the random choices.
+REPFS_POWER_ROUNDS multiplies the rounds (the suite: 2 failover cuts, 3 at the old primary
+and 2 at the new one during resync; N: every phase N times); `SOAK=recovery tools/soak 0 N`. REPFS_POWER_SEED varies the random choices.
 """
 
 from __future__ import annotations
@@ -253,27 +259,32 @@ def test_power_cuts_during_failover(power_site, mount_site):
 # ----------------------------------------------------------------------------- resync
 
 
-def test_power_cuts_of_the_old_primary_during_resync(power_site, mount_site):
-    rng = random.Random(10501 + SEED)
-    print(f"REPFS_POWER_SEED={SEED} REPFS_POWER_ROUNDS={ROUNDS}")  # shown if it fails
-    old = power_site("old")
-    old.create(SIZE)
-    old.mount()
-    new = mount_site(SIZE, name="new")
-    new.expect_log("fenced")  # (fenced by each switchover back)
-    admin(old.path, "replicate", "policy", *NO_AUTO_CUT)
-    fill(old.path, "base", n=3, size=200_000)
-    start_replication(old, new)
-    plan = [RESYNC_PHASES[i % len(RESYNC_PHASES)]
-            for i in range(SUITE_RESYNC * ROUNDS if ROUNDS == 1
-                           else len(RESYNC_PHASES) * ROUNDS)]
-    divergent: dict[str, dict] = {}  # divergence-GEN -> the old primary's state it keeps
+def _dest_on_disk(site: Path, name: str) -> str | None:
+    """The state of destination `name` in a stopped primary's table (None: none)."""
+    from repfs.repl import keys as RK
+    env = _meta(site)
+    try:
+        with env.begin() as txn:
+            for _, raw in txn.cursor(db=env.open_db(RK.DESTS, txn=txn, create=False)):
+                d = json.loads(raw)
+                if d.get("name") == name:
+                    return d.get("state")
+    finally:
+        env.close()
+    return None
+
+
+def _resync_rounds(old, new, victim, phases: list, rng: random.Random) -> tuple:
+    """Rounds of: `old`, the primary of `new`, ships a delta set and writes more (never cut);
+    `new` fails over (fencing `old`) and writes; `resync --peer OLD` at `new` while the power
+    of `victim` (one of them, on powerfs) is cut; the checks; a switchover back. Returns (where the
+    cuts landed: counts, the divergence snapshots made on `old` -> the state each keeps)."""
+    divergent: dict[str, dict] = {}
     where: dict[str, int] = {}
-    for rnd, phase in enumerate(plan):
-        # old is the primary of new here: a delta set shipped, then writes never cut
+    for rnd, phase in enumerate(phases):
         fill(old.path, f"r{rnd}-cut", n=2, size=200_000)
         wait_converged(old, new, cut(old))
-        fill(old.path, f"r{rnd}-lost", n=2, size=200_000)
+        fill(old.path, f"r{rnd}-lost", n=2, size=200_000)  # lost by the failover
         with open(old.path / "base-2", "r+b") as f:
             f.seek(rng.randrange(0, 200_000, 4096))
             f.write(b"diverged on the old primary" * 200)
@@ -289,30 +300,42 @@ def test_power_cuts_of_the_old_primary_during_resync(power_site, mount_site):
             os.fsync(f.fileno())
         wait_for(lambda: _status(old)["fenced"], "the old primary's fence", sites=[old.site])
         div_want = hash_tree(old.path)
+        new_want = hash_tree(new.path)  # (every change on it was fsync'd)
         name, path, ops, skip = phase
         if path is not None:
-            old.pf.arm_cut(path, ops, skip=rng.randrange(skip), keep=rng.choice(KEEP),
-                           seed=rng.randrange(1 << 30))
+            victim.pf.arm_cut(path, ops, skip=rng.randrange(skip), keep=rng.choice(KEEP),
+                              seed=rng.randrange(1 << 30))
         if name == "copy and playback":  # (the copy lasts: the cut lands inside it)
-            old.pf.add_fault("site/volume.img|site/save/incoming/*", "write", count=None,
-                             delay=0.03)
+            victim.pf.add_fault("site/volume.img|site/save/incoming/*", "write", count=None,
+                                delay=0.03)
         req = Request(new.site, "POST", "/resync", {"peer": str(old.site)})
-        got = _arm_or_wait(old, phase, rng)
-        out = old.power_cut()
-        req.join(60)
-        dead = _on_disk(old.site)
         snap = f"divergence-{gen}"
-        step = ("attached" if dead["role"] == "secondary" else
-                "divergence snapshot taken" if snap in dead["snapshots"] else "before attach")
+        if name == ATTACH:  # (the old primary takes its divergence snapshot, then attaches)
+            wait_for(lambda: snap in [x["name"] for x in api(old.site, "GET", "/snapshots")],
+                     f"{snap} on the old primary", timeout=60, sites=[old.site])
+            victim.pf.freeze(rng.choice(KEEP), rng.randrange(1 << 30))
+        got = None if name == ATTACH else _arm_or_wait(victim, phase, rng)
+        out = victim.power_cut()
+        req.join(60)
+        dead = _on_disk(victim.site)
+        if victim is old:
+            step = ("attached" if dead["role"] == "secondary" else "divergence snapshot "
+                    "taken" if snap in dead["snapshots"] else "before attach")
+        else:
+            step = f"destination {_dest_on_disk(new.site, old.site.name)}"
+            if step == "destination resync-attach" and _status(old)["role"] == "secondary":
+                step += " (the old primary attached)"
         where[step] = where.get(step, 0) + 1
         print(f"round {rnd}: {name}: {'aimed' if got else 'timed'} cut {out}; resync answer "
-              f"{req.status} {req.reply}; on disk {dead}", flush=True)
-        if snap in dead["snapshots"]:
+              f"{req.status} {req.reply}; on disk {dead}: {step}", flush=True)
+        if victim is old and snap in dead["snapshots"]:
             kept = _snapshot_tree(old.site, snap)
             assert kept == div_want, (f"{name}: {snap} does not hold the old primary's "
-                                      f"divergent state: {sorted(set(kept.items()) ^ set(div_want.items()))[:6]}")
-            divergent[snap] = div_want
-        old.mount()
+                                      f"divergent state: "
+                                      f"{sorted(set(kept.items()) ^ set(div_want.items()))[:6]}")
+        victim.mount()
+        if victim is new:
+            assert hash_tree(new.path) == new_want, f"{name}: the new primary lost fsync'd data"
         _resync(new, old)
         snaps = [x["name"] for x in api(old.site, "GET", "/snapshots")]
         assert snap in snaps, snaps
@@ -320,6 +343,31 @@ def test_power_cuts_of_the_old_primary_during_resync(power_site, mount_site):
         _switch(new, old)
         wait_converged(old, new, cut(old))
     print(f"where the cuts landed: {where}")
+    return where, divergent
+
+
+def _plan(phases: list, suite: int) -> list:
+    return [phases[i % len(phases)]
+            for i in range(suite * ROUNDS if ROUNDS == 1 else len(phases) * ROUNDS)]
+
+
+def _old_and_new(old, new) -> None:
+    """`old` replicating to `new`, with a few files."""
+    admin(old.path, "replicate", "policy", *NO_AUTO_CUT)
+    fill(old.path, "base", n=3, size=200_000)
+    start_replication(old, new)
+
+
+def test_power_cuts_of_the_old_primary_during_resync(power_site, mount_site):
+    rng = random.Random(10501 + SEED)
+    print(f"REPFS_POWER_SEED={SEED} REPFS_POWER_ROUNDS={ROUNDS}")  # shown if it fails
+    old = power_site("old")
+    old.create(SIZE)
+    old.mount()
+    new = mount_site(SIZE, name="new")
+    new.expect_log("fenced")  # (fenced by each switchover back)
+    _old_and_new(old, new)
+    where, divergent = _resync_rounds(old, new, old, _plan(RESYNC_PHASES, SUITE_RESYNC), rng)
     assert set(where) - {"before attach"}, f"no cut landed in the middle of a resync: {where}"
     # a clean end; every divergence snapshot still reads the state it kept
     run_repfs("umount", old.path)
@@ -330,3 +378,33 @@ def test_power_cuts_of_the_old_primary_during_resync(power_site, mount_site):
         assert _snapshot_tree(old.site, snap) == want, f"{snap} changed"
     assert not [ln for ln in log_lines(old.site) if "Traceback" in ln]
     old.pf.stop()
+
+
+# (new, at the new primary: the intermediate point - a cut and snapshot repl-init-PEER -,
+# the union's block list and the destination's record, up to the attach)
+ATTACH = "as the old primary attaches"
+NEW_PRIMARY_PHASES = [
+    (ATTACH, None, None, 0),  # (once divergence-GEN shows on the old primary)
+    ("meta.lmdb (destination, intermediate point, block list)", "site/meta.lmdb/*",
+     "write|fsync", 16),
+    ("intermediate point's save volume", "site/save/*.save|site/save", "create|fsyncdir", 1),
+    ("random moment", None, None, 0),
+]
+SUITE_NEW_PRIMARY = 2
+
+
+def test_power_cuts_of_the_new_primary_during_resync(power_site, mount_site):
+    rng = random.Random(10601 + SEED)
+    print(f"REPFS_POWER_SEED={SEED} REPFS_POWER_ROUNDS={ROUNDS}")  # shown if it fails
+    old = mount_site(SIZE, name="old")
+    old.expect_log("fenced")  # (fenced by each failover)
+    new = power_site("new")
+    new.create(SIZE)
+    new.mount()
+    _old_and_new(old, new)
+    where, _ = _resync_rounds(old, new, new, _plan(NEW_PRIMARY_PHASES, SUITE_NEW_PRIMARY),
+                              rng)
+    assert set(where) - {"destination None", "destination stopped"}, (
+        f"no cut landed after the intermediate point was recorded: {where}")
+    new.finish()
+    new.pid = None
