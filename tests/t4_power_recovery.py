@@ -31,11 +31,12 @@ what survived, and `repfs fsck` of the site must be clean (PowerSite.power_cut).
   and the trees are equal.
 
 Where each cut landed is read from the dead site's disk (the failover record's step, the
-restart or divergence snapshot, the role) and printed; the suite requires at least one cut
-in the middle of a failover and one in the middle of a resync.
+restart or divergence snapshot, the role, the new primary's destination record) and printed;
+each test requires at least one cut in the middle of its procedure.
 
 REPFS_POWER_ROUNDS multiplies the rounds (the suite: 2 failover cuts, 3 at the old primary
-and 2 at the new one during resync; N: every phase N times); `SOAK=recovery tools/soak 0 N`. REPFS_POWER_SEED varies the random choices.
+and 2 at the new one during resync; N: every phase N times); `SOAK=recovery tools/soak 0 N`.
+REPFS_POWER_SEED varies the random choices.
 """
 
 from __future__ import annotations
