@@ -430,8 +430,11 @@ def test_sync_failover_and_kills_during_resync_and_failback(netlab, sites):
     phase("S killed in failback")
     remount_in(sn, ms)
     netlab.limit_rate(sn, None)
-    wait_for(lambda: api(ms.site, "GET", "/status")["role"] == "secondary",
-             "P to finish the failback", timeout=60, sites=[mp.site, ms.site])
+    # (a status read while S is being attached may show it a secondary of generation 2 for
+    # a moment: its primary's objects are gone before its attach's transaction)
+    wait_for(lambda: (s := api(ms.site, "GET", "/status"))["role"] == "secondary"
+             and s["generation"] == 3, "P to finish the failback", timeout=60,
+             sites=[mp.site, ms.site])
     stp, sts = api(mp.site, "GET", "/status"), api(ms.site, "GET", "/status")
     assert (stp["role"], stp["generation"], stp["readonly"]) == ("primary", 3, False), stp
     assert (sts["role"], sts["generation"]) == ("secondary", 3), sts
