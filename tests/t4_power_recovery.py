@@ -7,8 +7,8 @@ what survived, and `repfs fsck` of the site must be clean (PowerSite.power_cut).
 * Failover at a secondary on powerfs (its primary, a plain site, stays up and is fenced). The
   secondary's volume is slowed down so that delta sets are received but not yet played when
   the failover starts; the cut lands while the failover plays them, takes the restart-point
-  snapshot or promotes (aimed at the volume's writes, at the restart point's save volume, at
-  meta.lmdb, or at a random moment). After it: the site mounts, `failover` run again
+  snapshot or promotes (aimed at the volume's writes, at meta.lmdb's syncs once the restart
+  point's save volume is made, at that save volume, at meta.lmdb, or at a random moment). After it: the site mounts, `failover` run again
   completes; the new primary's tree is exactly the old primary's at the last delta-set
   boundary it had received (nothing received is lost, nothing else is there); the generation
   was raised once; a file fsync'd after the failover returned survives a later cut. The round
@@ -62,8 +62,10 @@ KEEP = ("none", "random")
 
 # (name, path glob, ops, skip range) of a cut at the secondary while it fails over; None: a
 # cut at a random moment
+PROMOTE = "as it promotes"
 FAILOVER_PHASES = [
     ("play", "site/volume.img", "write|fsync", 6),
+    (PROMOTE, None, None, 0),  # (meta.lmdb's syncs once restart-GEN's save volume is made)
     ("restart point", "site/save/*.save|site/save", "create|fsyncdir", 1),
     ("meta.lmdb (played, restart point, promote)", "site/meta.lmdb/*", "write|fsync", 12),
     ("random moment", None, None, 0),
@@ -181,9 +183,7 @@ def test_power_cuts_during_failover(power_site, mount_site):
     fill(p.path, "base", n=3, size=200_000)
     start_replication(p, s)
     wait_converged(p, s, cut(p))
-    plan = [FAILOVER_PHASES[i % len(FAILOVER_PHASES)]
-            for i in range(SUITE_FAILOVER * ROUNDS if ROUNDS == 1
-                           else len(FAILOVER_PHASES) * ROUNDS)]
+    plan = _plan(FAILOVER_PHASES, SUITE_FAILOVER)
     where: dict[str, int] = {}
     for rnd, phase in enumerate(plan):
         # p primary, s its secondary, played up to p's last cut
@@ -213,7 +213,18 @@ def test_power_cuts_during_failover(power_site, mount_site):
         if path is not None:
             s.pf.arm_cut(path, ops, skip=rng.randrange(skip), keep=rng.choice(KEEP),
                          seed=rng.randrange(1 << 30))
-        got = _arm_or_wait(s, phase, rng)
+        if name == PROMOTE:  # the restart point's save volume made: then its record's
+            # commit, then the promotion's (the cut before the 2nd or 3rd sync of meta.lmdb)
+            seen = s.pf.add_fault("site/save/*.save", "create", count=0)
+            deadline = time.monotonic() + 60
+            while not s.pf.stats()["seen"].get(str(seen)):
+                assert time.monotonic() < deadline, "no restart point was taken"
+                time.sleep(0.001)
+            s.pf.arm_cut("site/meta.lmdb/*", "fsync", skip=rng.randrange(1, 3),
+                         keep=rng.choice(KEEP), seed=rng.randrange(1 << 30))
+        got = _arm_or_wait(s, phase, rng) if name != PROMOTE else s.pf.wait_frozen(30)
+        if not s.pf.stats()["frozen"]:
+            s.pf.freeze(rng.choice(KEEP), rng.randrange(1 << 30))
         out = s.power_cut()
         req.join(30)
         dead = _on_disk(s.site)
