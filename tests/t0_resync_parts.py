@@ -71,3 +71,28 @@ def test_a_damaged_list_is_refused():
         pass
     else:
         raise AssertionError("a block beyond the volume was accepted")
+
+
+def test_each_block_is_read_once_across_the_parts():
+    """The page that does not fit a part is left to the next one unread: the old primary
+    reads (and hashes) its marked blocks once, not the first page of every part twice."""
+    bits = PagedBits()
+    for page in range(6):  # whole pages marked: about one page's hashes fill an answer
+        bits.set_range(page * PAGE_BITS, PAGE_BITS)
+    g = granule_size(bits.count())
+    reads: dict[int, int] = {}
+
+    def read(start: int, count: int) -> bytes:
+        for b in range(start, start + count):
+            reads[b] = reads.get(b, 0) + 1
+        return content(start, count)
+
+    r = Resync.__new__(Resync)
+    r.svc = SimpleNamespace(layer=SimpleNamespace(read=read))
+    first, answers = 0, 0
+    while first is not None:
+        _, first = r._part(bits, g, first)
+        answers += 1
+    assert answers > 1
+    assert len(reads) == bits.count()
+    assert set(reads.values()) == {1}, sorted(set(reads.values()))

@@ -228,12 +228,13 @@ class Resync:
         digests = bytearray()
         size = 0
         pages = sorted(p for p in bits.pages if p >= first)
-        for i, page in enumerate(pages):
+        for page in pages:
             one = PagedBits()
             one.pages[page] = bits.pages[page]
-            h = granule_hashes(one, svc.layer.read, g)
+            n = 16 * sum(1 for _ in granules(one, g))  # (its hashes' size, before reading it:
+            # a page that does not fit is read by the next part only)
             z = len(zstandard.ZstdCompressor().compress(bits.pages[page].tobytes())) + 4
-            if part.pages and size + len(h) + z > ANSWER_BYTES:
+            if part.pages and size + n + z > ANSWER_BYTES:
                 return ({"bits": pack_bits(part), "hashes": base64.b64encode(digests).decode(),
                          "first_page": first}, page)
             part.pages[page] = bits.pages[page]
