@@ -238,8 +238,8 @@ class Resync:
                 return ({"bits": pack_bits(part), "hashes": base64.b64encode(digests).decode(),
                          "first_page": first}, page)
             part.pages[page] = bits.pages[page]
-            digests += h
-            size += len(h) + z  # (the pages compressed together take no more)
+            digests += granule_hashes(one, svc.layer.read, g)
+            size += n + z  # (the pages compressed together take no more)
         return ({"bits": pack_bits(part), "hashes": base64.b64encode(digests).decode(),
                  "first_page": first}, None)
 
