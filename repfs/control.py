@@ -39,7 +39,7 @@ Routes (all under /v1):
 | POST | /repl/failover | {"step", "generation", "by", "after"?} | secondary to primary at a failover: "report", "fence", "sync" |
 | POST | /resync | {"peer", "group"?, "dry_run"?} | `resync --peer` at a new primary (recovery/resync.py) |
 | POST | /switchover, /failback | {"to"} / {} | `switchover --to DEST`, `failback` at a primary (recovery/switchover.py) |
-| POST | /repl/resync | {"step", "generation", "by", "after", "dry_run"?, "bits"?, "primary"?, "nblocks"?} | new primary to old at a resync: "blocklist", "paths" (dry run), "attach" |
+| POST | /repl/resync | {"step", "generation", "by", "after", "dry_run"?, "first_page"?, "bits"?, "primary"?, "nblocks"?, "keep"?} | new primary to old at a resync: "blocklist" (in parts), "blockhashes", "paths" (dry run), "attach" |
 | POST | /copy | {"snapshot", "to", "base"?, "group"?, "force"?, "bwlimit"?, "dry_run"?} | `copy SNAP --to PEER` (recovery/copy.py) |
 | POST | /pull | {"from", "group"?, "min_interval"?, "dry_run"?} | `pull --from PEER` at a copy |
 | POST | /repl/pull | {"have"?, "to", "group"?, "dry_run"?} | a copy to its source at a pull: FIG. 37-38's choice, then the copy |
@@ -1103,13 +1103,13 @@ class ControlServer:
             if not isinstance(by, str) or not 0 < len(by) <= MAX_PATH or not by.isprintable():
                 raise HTTPError(400, f"bad site name (by) {_short(by)}")
             step = args.get("step")
-            if step not in ("blocklist", "paths", "attach"):
+            if step not in ("blocklist", "blockhashes", "paths", "attach"):
                 raise HTTPError(400, f"bad resync step {_short(step)}")
             req = {"step": step, "by": by,
                    "generation": _uint(args.get("generation"), "generation"),
                    "after": _uint(args.get("after", 0), "after"),
                    "dry_run": _bool(args.get("dry_run"), "dry_run", False)}
-            if step == "paths":
+            if step in ("paths", "blockhashes"):
                 if not isinstance(args.get("bits"), str):
                     raise HTTPError(400, "want {\"bits\": a block list}")
                 req["bits"] = args["bits"]
