@@ -56,7 +56,7 @@ from tests.t4_power import PowerSite, _stable_tree, _wait_dead, _wait_unmounted
 from tests.t4_repl_crash import _interrupted, _meta, kill9, post
 
 ROUNDS = max(1, int(os.environ.get("REPFS_POWER_ROUNDS", "1")))  # (0: as 1)
-KILL_ROUNDS = int(os.environ.get("REPFS_CRASH_ROUNDS", "4"))
+KILL_ROUNDS = int(os.environ.get("REPFS_CRASH_ROUNDS", "2"))  # (the soak: many)
 SEED = int(os.environ.get("REPFS_POWER_SEED", "0"))
 # the kill -9 loop with the primary's bypass (docs/replication.md, "Forwarders"): it sends
 # straight to the next hop after 1 s without the forwarder, which stays down 2-6 s while
