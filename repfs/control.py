@@ -367,6 +367,30 @@ _REASONS = {400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 405: "Met
             503: "Service Unavailable"}
 
 
+async def send_and_linger(stream, data: bytes, send_timeout: float) -> None:
+    """Send the last bytes of a connection (an error reply, an RCP ERROR), then read and drop
+    what the peer still sends for a moment (at most LINGER s and LINGER_BYTES) before it is
+    closed: closing with unread data resets the connection, and the peer would lose what was
+    sent. Both transports end a refused connection so (this and rcp/server.py)."""
+    with trio.move_on_after(min(send_timeout, LINGER)):
+        try:
+            await stream.send_all(data)
+            if hasattr(stream, "send_eof"):  # (not inside TLS)
+                await stream.send_eof()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            return
+    with trio.move_on_after(LINGER):
+        dropped = 0
+        try:
+            while dropped < LINGER_BYTES:
+                data = await stream.receive_some(65536)
+                if not data:
+                    break
+                dropped += len(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+
+
 def raw_reply(status: int, message: str) -> bytes:
     """A whole error reply that closes the connection, written without h11 (which may be in an
     error state, or never have seen a request)."""
@@ -698,23 +722,7 @@ class ControlServer:
         """Send a closing error reply, then read and drop what the peer still sends for a
         moment, so that closing with unread data does not reset the connection before the
         peer has read the reply."""
-        with trio.move_on_after(min(self.send_timeout, LINGER)):
-            try:
-                await stream.send_all(raw_reply(status, message))
-                if hasattr(stream, "send_eof"):  # (not inside TLS)
-                    await stream.send_eof()
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                return
-        with trio.move_on_after(LINGER):
-            dropped = 0
-            try:
-                while dropped < LINGER_BYTES:
-                    data = await stream.receive_some(65536)
-                    if not data:
-                        break
-                    dropped += len(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                pass
+        await send_and_linger(stream, raw_reply(status, message), self.send_timeout)
 
     async def _connection(self, stream, first: bytes = b"") -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)

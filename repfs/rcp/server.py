@@ -149,24 +149,8 @@ class RcpServer:
         pipelined chunks) before it is closed: closing with unread data resets the
         connection, and a primary still sending its window (or a proxy between) would lose
         the ERROR, and with it the reason it logs."""
-        from ..control import LINGER, LINGER_BYTES
-        with trio.move_on_after(min(self.control.send_timeout, LINGER)):
-            try:
-                await stream.send_all(frames)
-                if hasattr(stream, "send_eof"):  # (not inside TLS)
-                    await stream.send_eof()
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                return
-        with trio.move_on_after(LINGER):
-            dropped = 0
-            try:
-                while dropped < LINGER_BYTES:
-                    data = await stream.receive_some(65536)
-                    if not data:
-                        break
-                    dropped += len(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                pass
+        from ..control import send_and_linger
+        await send_and_linger(stream, frames, self.control.send_timeout)
 
     async def _session(self, conn, stream, peer: str, got: int) -> None:
         ctl = self.control

@@ -46,6 +46,7 @@ from ..extents import runs
 from ..repl import keys as K
 from ..repl.sender import BS, COPY_PIECE, MIN_BWLIMIT, TokenBucket, identity, make_client
 from ..repl.verbs import _my_address
+from .resync import call_peer
 from ..repl.transport import PermanentError, ReceiverClient, RejectedError, TransientError
 from ..snap.diff import changed_blocks
 
@@ -317,13 +318,7 @@ class Copies:
         return False
 
     async def _call(self, fn, peer: str):
-        try:
-            return await trio.to_thread.run_sync(fn)
-        except TransientError as e:
-            raise CopyError(f"cannot reach {peer}: {e} (re-issue the command to continue)"
-                            ) from None
-        except (PermanentError, RejectedError) as e:
-            raise CopyError(f"{peer} refused: {e}") from None
+        return await call_peer(fn, peer, CopyError, " (re-issue the command to continue)")
 
     def _answer(self, snap, older, to, sent, total, at, *, already=False,
                 played=True) -> dict:

@@ -65,6 +65,18 @@ class ResyncError(DomainError):
     default_kind = "conflict"
 
 
+async def call_peer(fn, peer: str, error, unreachable_hint: str = ""):
+    """`fn()` (a call on a peer's client) in a worker thread, its transport errors as one
+    line of `error`: "cannot reach PEER: ..." (transient), "PEER refused: ..." (permanent or
+    rejected). Shared by resync and copy (recovery/copy.py)."""
+    try:
+        return await trio.to_thread.run_sync(fn)
+    except TransientError as e:
+        raise error(f"cannot reach {peer}: {e}{unreachable_hint}") from None
+    except (PermanentError, RejectedError) as e:
+        raise error(f"{peer} refused: {e}") from None
+
+
 # ---------------------------------------------------------------------- block lists on the wire
 
 def pack_bits(bits: PagedBits) -> str:
@@ -495,12 +507,7 @@ class Resync:
         return sorted(out)[:MAX_PATHS]
 
     async def _call(self, fn, peer: str):
-        try:
-            return await trio.to_thread.run_sync(fn)
-        except TransientError as e:
-            raise ResyncError(f"cannot reach {peer}: {e}") from None
-        except (PermanentError, RejectedError) as e:
-            raise ResyncError(f"{peer} refused: {e}") from None
+        return await call_peer(fn, peer, ResyncError)
 
     async def _full_copy(self, peer, name, group, why: str, dry_run: bool, base) -> dict:
         svc = self.svc
